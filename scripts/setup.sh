@@ -1,0 +1,32 @@
+#!/bin/bash
+# Install what the project, its demo and its tests need on Debian 12 (as root), and
+# the project itself into ./.venv. Idempotent: a second run only checks.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+APT_PACKAGES=(
+  python3 python3-venv python3-dev gcc
+  containerd runc
+  docker-registry skopeo umoci apache2-utils
+  golang-go golang-github-containerd-containerd-dev
+  podman fuse-overlayfs fuse3 libfuse2
+  busybox-static
+  ca-certificates
+)
+
+missing=()
+for p in "${APT_PACKAGES[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if ((${#missing[@]})); then
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update
+  apt-get install -y --no-install-recommends "${missing[@]}"
+fi
+
+# The packages start nothing here (no systemd); tests and the demo run their own instances.
+if [ ! -x .venv/bin/python ]; then
+  python3 -m venv .venv
+fi
+.venv/bin/python -m pip install --quiet --upgrade pip
+.venv/bin/python -m pip install --quiet -e '.[test,zstd]'

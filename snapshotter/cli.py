@@ -1,0 +1,71 @@
+"""`cvmfs-snapshotter [serve] ...` (DESIGN §4); no subcommand means serve."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from cvmfs_common.logs import setup_logging
+
+from .config import ConfigError, add_serve_arguments, serve_config
+
+log = logging.getLogger("cvmfs-snapshotter")
+
+COMMANDS = ("serve", "pull")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="cvmfs-snapshotter",
+        description="containerd proxy snapshotter serving image layers from CernVM-FS repositories",
+    )
+    sub = parser.add_subparsers(dest="command")
+    serve = sub.add_parser("serve", help="serve containerd's snapshots API on a unix socket (default)")
+    add_serve_arguments(serve)
+    try:
+        from .pull_cli import add_pull_parser
+    except ImportError:  # the pull command is optional until it exists
+        pass
+    else:
+        add_pull_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] not in COMMANDS + ("-h", "--help"):
+        argv.insert(0, "serve")
+    args = build_parser().parse_args(argv)
+    if args.command == "serve":
+        return run_serve(args)
+    return args.func(args)
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    try:
+        cfg = serve_config(args)
+    except ConfigError as e:
+        print(f"cvmfs-snapshotter: {e}", file=sys.stderr)
+        return 2
+    setup_logging(cfg.log_level, cfg.log_format)
+    from .core import Snapshotter
+    from .server import SocketInUse, serve
+
+    remote = None
+    try:
+        from .remote import build_remote_layers
+    except ImportError:
+        pass
+    else:
+        remote = build_remote_layers(cfg)
+    snapshotter = Snapshotter(cfg.root, remote)
+    try:
+        return serve(cfg, snapshotter)
+    except SocketInUse as e:
+        log.error("%s", e)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,31 @@
+"""Prometheus metrics of the snapshotter, in a registry of its own (no global state)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.rpc_seconds = Histogram(
+            "cvmfs_snapshotter_rpc_seconds",
+            "Time to answer one snapshots.v1 RPC",
+            ["method", "code"],
+            registry=self.registry,
+            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+        )
+        self.remote_layers = Counter(
+            "cvmfs_snapshotter_remote_layers_total",
+            "Layer prepares answered from a repository, by result (hit, miss, unavailable)",
+            ["result"],
+            registry=self.registry,
+        )
+
+    def observe(self, method: str, code: str, seconds: float) -> None:
+        self.rpc_seconds.labels(method, code).observe(seconds)
+
+    def serve(self, address: str) -> None:
+        """Expose /metrics on HOST:PORT (a daemon thread)."""
+        host, _, port = address.rpartition(":")
+        start_http_server(int(port), addr=host.strip("[]") or "127.0.0.1", registry=self.registry)

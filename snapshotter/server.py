@@ -1,0 +1,86 @@
+"""The unix-socket gRPC server: socket hygiene, signals, clean shutdown."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import stat
+import threading
+from concurrent import futures
+from pathlib import Path
+
+import grpc
+
+from cvmfs_api.containerd.services.snapshots.v1 import snapshots_pb2_grpc as pb_grpc
+
+from .config import ServeConfig
+from .core import Snapshotter
+from .metrics import Metrics
+from .service import SnapshotsService
+
+log = logging.getLogger(__name__)
+
+
+class SocketInUse(RuntimeError):
+    pass
+
+
+def prepare_socket_path(path: Path) -> None:
+    """Create parent dirs and replace a stale socket; refuse to steal a live one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(st.st_mode):
+        raise SocketInUse(f"{path} exists and is not a socket; refusing to replace it")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.settimeout(1.0)
+        probe.connect(str(path))
+    except OSError:
+        os.unlink(path)  # nobody listens: a crashed predecessor's socket
+        return
+    finally:
+        probe.close()
+    raise SocketInUse(f"another process is serving on {path}")
+
+
+def build_server(cfg: ServeConfig, snapshotter: Snapshotter, metrics: Metrics | None) -> grpc.Server:
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=16, thread_name_prefix="rpc"),
+        options=[("grpc.max_receive_message_length", 16 << 20), ("grpc.so_reuseport", 0)],
+    )
+    pb_grpc.add_SnapshotsServicer_to_server(SnapshotsService(snapshotter, metrics), server)
+    prepare_socket_path(cfg.address)
+    server.add_insecure_port(f"unix:{cfg.address}")
+    return server
+
+
+def serve(cfg: ServeConfig, snapshotter: Snapshotter) -> int:
+    metrics = Metrics()
+    if cfg.metrics_address:
+        metrics.serve(cfg.metrics_address)
+    server = build_server(cfg, snapshotter, metrics)
+    stop = threading.Event()
+
+    def on_signal(signum: int, _frame: object) -> None:
+        log.info("received %s, shutting down", signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    server.start()
+    os.chmod(cfg.address, 0o660)
+    log.info("serving containerd snapshots on %s (root %s)", cfg.address, cfg.root)
+    stop.wait()
+    server.stop(grace=5).wait()
+    snapshotter.close()
+    try:
+        os.unlink(cfg.address)
+    except FileNotFoundError:
+        pass
+    log.info("stopped")
+    return 0

@@ -1,0 +1,374 @@
+"""Snapshot metadata in sqlite (WAL): one transaction per RPC, indexed lookups only.
+
+One global keyspace: containerd's metadata layer already namespaces the keys it
+sends, and its garbage collector walks and removes without a namespace.
+Keys are opaque strings; they never become paths (directories are named by id).
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Callable, Iterator, Sequence
+
+from .errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+from .filters import EQUAL, Filter, Selector
+from .model import Info, Kind, Lower, Snapshot, Usage
+
+SCHEMA_VERSION = 1
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS snapshots (
+    id          INTEGER PRIMARY KEY AUTOINCREMENT,  -- never reused: ids name directories
+    key         TEXT NOT NULL UNIQUE,
+    parent_id   INTEGER REFERENCES snapshots(id),
+    kind        INTEGER NOT NULL,
+    created     INTEGER NOT NULL,                   -- ns since the epoch
+    updated     INTEGER NOT NULL,
+    size        INTEGER NOT NULL DEFAULT 0,         -- usage, fixed at commit
+    inodes      INTEGER NOT NULL DEFAULT 0,
+    source      TEXT,                               -- NULL: local dir; else a repository dir
+    whole_stack INTEGER NOT NULL DEFAULT 0          -- 1: source is the full root fs (a chain dir)
+);
+CREATE INDEX IF NOT EXISTS snapshots_parent ON snapshots(parent_id);
+CREATE TABLE IF NOT EXISTS labels (
+    snapshot_id INTEGER NOT NULL REFERENCES snapshots(id) ON DELETE CASCADE,
+    name        TEXT NOT NULL,
+    value       TEXT NOT NULL,
+    PRIMARY KEY (snapshot_id, name)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS labels_name_value ON labels(name, value);
+"""
+
+# The lowers of a snapshot, nearest first, stopping below a whole-stack (chain) dir.
+_CHAIN_SQL = """
+WITH RECURSIVE chain(id, parent_id, source, whole, depth) AS (
+    SELECT id, parent_id, source, whole_stack, 0 FROM snapshots WHERE id = ?
+    UNION ALL
+    SELECT s.id, s.parent_id, s.source, s.whole_stack, c.depth + 1
+    FROM snapshots s JOIN chain c ON s.id = c.parent_id WHERE c.whole = 0
+)
+SELECT id, source FROM chain ORDER BY depth
+"""
+
+_INFO_SQL = """
+SELECT s.id, s.key, p.key, s.kind, s.created, s.updated
+FROM snapshots s LEFT JOIN snapshots p ON p.id = s.parent_id
+"""
+
+
+@dataclass(frozen=True)
+class NewSnapshot:
+    """What Prepare/View created: the row id and the stack its mounts need."""
+
+    snapshot: Snapshot
+    info: Info
+
+
+def _now_ns() -> int:
+    return time.time_ns()
+
+
+class Store:
+    """sqlite-backed metadata; safe to use from the gRPC server's worker threads."""
+
+    def __init__(self, path: str) -> None:
+        self._path = path
+        self._local = threading.local()
+        db = self._conn()
+        db.executescript(_SCHEMA)  # runs in its own implicit transaction
+        db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+
+    # -- connection and transactions -------------------------------------------------
+
+    def _conn(self) -> sqlite3.Connection:
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = sqlite3.connect(self._path, timeout=30, isolation_level=None, check_same_thread=True)
+            conn.execute("PRAGMA journal_mode = WAL")
+            # NORMAL in WAL mode is crash-safe (no corruption); a power loss may drop the
+            # last transactions, and Cleanup removes the directories they left behind.
+            conn.execute("PRAGMA synchronous = NORMAL")
+            conn.execute("PRAGMA foreign_keys = ON")
+            self._local.conn = conn
+        return conn
+
+    @contextmanager
+    def _tx(self, write: bool = True) -> Iterator[sqlite3.Connection]:
+        db = self._conn()
+        db.execute("BEGIN IMMEDIATE" if write else "BEGIN")
+        try:
+            yield db
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        else:
+            db.execute("COMMIT")
+
+    def close(self) -> None:
+        conn = getattr(self._local, "conn", None)
+        if conn is not None:
+            conn.close()
+            self._local.conn = None
+
+    # -- helpers inside a transaction --------------------------------------------------
+
+    @staticmethod
+    def _row(db: sqlite3.Connection, key: str) -> tuple[int, int, int | None]:
+        row = db.execute("SELECT id, kind, parent_id FROM snapshots WHERE key = ?", (key,)).fetchone()
+        if row is None:
+            raise NotFound(f"snapshot {key!r} does not exist")
+        return row
+
+    @staticmethod
+    def _labels(db: sqlite3.Connection, snapshot_id: int) -> dict[str, str]:
+        return dict(db.execute("SELECT name, value FROM labels WHERE snapshot_id = ?", (snapshot_id,)))
+
+    @staticmethod
+    def _set_labels(db: sqlite3.Connection, snapshot_id: int, labels: dict[str, str]) -> None:
+        db.execute("DELETE FROM labels WHERE snapshot_id = ?", (snapshot_id,))
+        db.executemany(
+            "INSERT INTO labels (snapshot_id, name, value) VALUES (?, ?, ?)",
+            [(snapshot_id, k, v) for k, v in labels.items()],
+        )
+
+    def _info(self, db: sqlite3.Connection, snapshot_id: int) -> Info:
+        row = db.execute(_INFO_SQL + " WHERE s.id = ?", (snapshot_id,)).fetchone()
+        return Info(row[1], row[2] or "", Kind(row[3]), row[4], row[5], self._labels(db, snapshot_id))
+
+    @staticmethod
+    def _lowers(db: sqlite3.Connection, snapshot_id: int) -> tuple[Lower, ...]:
+        return tuple(Lower(i, s) for i, s in db.execute(_CHAIN_SQL, (snapshot_id,)))
+
+    # -- operations, one transaction each ------------------------------------------------
+
+    def create(
+        self,
+        key: str,
+        parent: str,
+        kind: Kind,
+        labels: dict[str, str],
+        make_dirs: Callable[[int, tuple[Lower, ...]], None],
+    ) -> NewSnapshot:
+        """Insert an active/view snapshot; `make_dirs(id, lowers)` runs inside the
+        transaction, so the row only becomes visible once its directories exist."""
+        if not key:
+            raise InvalidArgument("snapshot key must not be empty")
+        with self._tx() as db:
+            if db.execute("SELECT 1 FROM snapshots WHERE key = ?", (key,)).fetchone():
+                raise AlreadyExists(f"snapshot {key!r} already exists")
+            parent_id = None
+            if parent:
+                row = db.execute("SELECT id, kind FROM snapshots WHERE key = ?", (parent,)).fetchone()
+                if row is None:
+                    raise NotFound(f"parent snapshot {parent!r} does not exist")
+                if row[1] != Kind.COMMITTED:
+                    raise InvalidArgument(f"parent {parent!r} is not a committed snapshot")
+                parent_id = row[0]
+            now = _now_ns()
+            cur = db.execute(
+                "INSERT INTO snapshots (key, parent_id, kind, created, updated) VALUES (?, ?, ?, ?, ?)",
+                (key, parent_id, int(kind), now, now),
+            )
+            snapshot_id = int(cur.lastrowid)
+            self._set_labels(db, snapshot_id, labels)
+            lowers = self._lowers(db, parent_id) if parent_id is not None else ()
+            make_dirs(snapshot_id, lowers)
+        return NewSnapshot(
+            Snapshot(snapshot_id, kind, lowers),
+            Info(key, parent, kind, now, now, dict(labels)),
+        )
+
+    def create_committed_remote(
+        self,
+        name: str,
+        parent: str,
+        labels: dict[str, str],
+        source: str,
+        whole_stack: bool,
+        make_link: Callable[[int], None],
+    ) -> Info:
+        """Insert a committed snapshot whose content is a repository directory."""
+        with self._tx() as db:
+            if db.execute("SELECT 1 FROM snapshots WHERE key = ?", (name,)).fetchone():
+                raise AlreadyExists(f"snapshot {name!r} already exists")
+            parent_id = None
+            if parent:
+                row = db.execute("SELECT id, kind FROM snapshots WHERE key = ?", (parent,)).fetchone()
+                if row is None:
+                    raise NotFound(f"parent snapshot {parent!r} does not exist")
+                if row[1] != Kind.COMMITTED:
+                    raise InvalidArgument(f"parent {parent!r} is not a committed snapshot")
+                parent_id = row[0]
+            now = _now_ns()
+            cur = db.execute(
+                "INSERT INTO snapshots (key, parent_id, kind, created, updated, source, whole_stack)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (name, parent_id, int(Kind.COMMITTED), now, now, source, int(whole_stack)),
+            )
+            snapshot_id = int(cur.lastrowid)
+            self._set_labels(db, snapshot_id, labels)
+            make_link(snapshot_id)
+        return Info(name, parent, Kind.COMMITTED, now, now, dict(labels))
+
+    def snapshot(self, key: str) -> Snapshot:
+        """An active or view snapshot with its lowers (for Mounts)."""
+        with self._tx(write=False) as db:
+            snapshot_id, kind, parent_id = self._row(db, key)
+            if kind == Kind.COMMITTED:
+                raise FailedPrecondition(f"snapshot {key!r} is committed, not active or view")
+            lowers = self._lowers(db, parent_id) if parent_id is not None else ()
+        return Snapshot(snapshot_id, Kind(kind), lowers)
+
+    def lookup(self, key: str) -> tuple[int, Kind, Usage]:
+        with self._tx(write=False) as db:
+            row = db.execute("SELECT id, kind, size, inodes FROM snapshots WHERE key = ?", (key,)).fetchone()
+        if row is None:
+            raise NotFound(f"snapshot {key!r} does not exist")
+        return row[0], Kind(row[1]), Usage(row[2], row[3])
+
+    def commit(self, name: str, key: str, labels: dict[str, str], usage: Usage) -> int:
+        """Turn active `key` into committed `name`; labels are replaced, not inherited."""
+        if not name:
+            raise InvalidArgument("commit name must not be empty")
+        with self._tx() as db:
+            snapshot_id, kind, _ = self._row(db, key)
+            if kind != Kind.ACTIVE:
+                raise FailedPrecondition(f"snapshot {key!r} is not active")
+            if db.execute("SELECT 1 FROM snapshots WHERE key = ?", (name,)).fetchone():
+                raise AlreadyExists(f"snapshot {name!r} already exists")
+            now = _now_ns()
+            db.execute(
+                "UPDATE snapshots SET key = ?, kind = ?, created = ?, updated = ?, size = ?, inodes = ?"
+                " WHERE id = ?",
+                (name, int(Kind.COMMITTED), now, now, usage.size, usage.inodes, snapshot_id),
+            )
+            self._set_labels(db, snapshot_id, labels)
+        return snapshot_id
+
+    def remove(self, key: str) -> tuple[int, Kind]:
+        with self._tx() as db:
+            snapshot_id, kind, _ = self._row(db, key)
+            if db.execute("SELECT 1 FROM snapshots WHERE parent_id = ? LIMIT 1", (snapshot_id,)).fetchone():
+                raise FailedPrecondition(f"cannot remove snapshot {key!r}: it has children")
+            db.execute("DELETE FROM labels WHERE snapshot_id = ?", (snapshot_id,))
+            db.execute("DELETE FROM snapshots WHERE id = ?", (snapshot_id,))
+        return snapshot_id, Kind(kind)
+
+    def stat(self, key: str) -> Info:
+        with self._tx(write=False) as db:
+            snapshot_id, _, _ = self._row(db, key)
+            return self._info(db, snapshot_id)
+
+    def update(self, name: str, labels: dict[str, str], fieldpaths: Sequence[str]) -> Info:
+        """Update labels as containerd's metastore does: no paths replaces all labels,
+        `labels` replaces all, `labels.KEY` sets or (absent in `labels`) deletes one."""
+        with self._tx() as db:
+            snapshot_id, _, _ = self._row(db, name)
+            current = self._labels(db, snapshot_id)
+            if not fieldpaths:
+                current = dict(labels)
+            for path in fieldpaths:
+                if path == "labels":
+                    current = dict(labels)
+                elif path.startswith("labels."):
+                    label = path[len("labels.") :]
+                    if label in labels:
+                        current[label] = labels[label]
+                    else:
+                        current.pop(label, None)
+                else:
+                    raise InvalidArgument(f"cannot update {path!r} field on snapshot {name!r}")
+            self._set_labels(db, snapshot_id, current)
+            db.execute("UPDATE snapshots SET updated = ? WHERE id = ?", (_now_ns(), snapshot_id))
+            return self._info(db, snapshot_id)
+
+    def walk(self, flt: Filter) -> list[Info]:
+        """All snapshots matching the filter; equality selectors use the indexes."""
+        with self._tx(write=False) as db:
+            ids = self._candidate_ids(db, flt)
+            if ids is None:
+                rows = db.execute(_INFO_SQL).fetchall()
+                label_rows = db.execute("SELECT snapshot_id, name, value FROM labels").fetchall()
+            else:
+                rows, label_rows = [], []
+                for snapshot_id in sorted(ids):
+                    rows.extend(db.execute(_INFO_SQL + " WHERE s.id = ?", (snapshot_id,)))
+                    label_rows.extend(
+                        (snapshot_id, n, v)
+                        for n, v in db.execute("SELECT name, value FROM labels WHERE snapshot_id = ?", (snapshot_id,))
+                    )
+        labels: dict[int, dict[str, str]] = {}
+        for snapshot_id, name, value in label_rows:
+            labels.setdefault(snapshot_id, {})[name] = value
+        result = []
+        for snapshot_id, key, parent, kind, created, updated in rows:
+            info = Info(key, parent or "", Kind(kind), created, updated, labels.get(snapshot_id, {}))
+            if flt.matches(_field_lookup(info)):
+                result.append(info)
+        return result
+
+    @staticmethod
+    def _candidate_ids(db: sqlite3.Connection, flt: Filter) -> set[int] | None:
+        """Ids that may match, when every alternative has an indexed equality; else None."""
+        if not flt.alternatives:
+            return None
+        ids: set[int] = set()
+        for conjunction in flt.alternatives:
+            selector = next((s for s in conjunction if _indexable(s)), None)
+            if selector is None:
+                return None
+            ids.update(_ids_for(db, selector))
+        return ids
+
+    def all_ids(self) -> set[int]:
+        with self._tx(write=False) as db:
+            return {row[0] for row in db.execute("SELECT id FROM snapshots")}
+
+
+def _indexable(s: Selector) -> bool:
+    if s.operator != EQUAL:
+        return False
+    path = s.fieldpath
+    if len(path) == 1 and path[0] in ("name", "parent"):
+        return s.value != ""  # parent=="" means "no parent": not in the index
+    return len(path) >= 2 and path[0] == "labels"
+
+
+def _ids_for(db: sqlite3.Connection, s: Selector) -> list[int]:
+    head = s.fieldpath[0]
+    if head == "name":
+        sql, args = "SELECT id FROM snapshots WHERE key = ?", (s.value,)
+    elif head == "parent":
+        sql = "SELECT c.id FROM snapshots c JOIN snapshots p ON c.parent_id = p.id WHERE p.key = ?"
+        args = (s.value,)
+    else:
+        sql = "SELECT snapshot_id FROM labels WHERE name = ? AND value = ?"
+        args = (".".join(s.fieldpath[1:]), s.value)
+    return [row[0] for row in db.execute(sql, args)]
+
+
+def _field_lookup(info: Info):
+    """containerd's adaptSnapshot: the fields a snapshot filter can name."""
+
+    def lookup(path: Sequence[str]) -> tuple[str, bool]:
+        if not path:
+            return "", False
+        head = path[0]
+        if head == "kind":
+            return info.kind.filter_name, True
+        if head == "name":
+            return info.name, True
+        if head == "parent":
+            return info.parent, True
+        if head == "labels":
+            if not info.labels:
+                return "", False
+            value = info.labels.get(".".join(path[1:]))
+            return (value, True) if value is not None else ("", False)
+        return "", False
+
+    return lookup
