@@ -6,6 +6,6 @@ here=$(cd "$(dirname "$0")" && pwd)
 top=$(dirname "$here")
 cd "$here"
 protos=$(find cvmfs_api -name '*.proto' | sort)
-python3 -m grpc_tools.protoc -I . --python_out="$top" --grpc_python_out="$top" --pyi_out="$top" $protos
+"${PYTHON:-$top/.venv/bin/python}" -m grpc_tools.protoc -I . --python_out="$top" --grpc_python_out="$top" --pyi_out="$top" $protos
 # Make every generated directory a regular package so setuptools finds it.
 find "$top/cvmfs_api" -type d -exec sh -c 'for d; do [ -f "$d/__init__.py" ] || : > "$d/__init__.py"; done' sh {} +
