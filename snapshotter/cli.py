@@ -9,6 +9,7 @@ import sys
 from cvmfs_common.logs import setup_logging
 
 from .config import ConfigError, add_serve_arguments, serve_config
+from .pull_cli import add_pull_parser
 
 log = logging.getLogger("cvmfs-snapshotter")
 
@@ -23,12 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command")
     serve = sub.add_parser("serve", help="serve containerd's snapshots API on a unix socket (default)")
     add_serve_arguments(serve)
-    try:
-        from .pull_cli import add_pull_parser
-    except ImportError:  # the pull command is optional until it exists
-        pass
-    else:
-        add_pull_parser(sub)
+    add_pull_parser(sub)
     return parser
 
 
@@ -52,13 +48,9 @@ def run_serve(args: argparse.Namespace) -> int:
     from .core import Snapshotter
     from .server import SocketInUse, serve
 
-    remote = None
-    try:
-        from .remote import build_remote_layers
-    except ImportError:
-        pass
-    else:
-        remote = build_remote_layers(cfg)
+    from .remote import build_remote_layers
+
+    remote = build_remote_layers(cfg.repositories, cfg.stat_timeout, cfg.lookup_cache_ttl)
     snapshotter = Snapshotter(cfg.root, remote)
     try:
         return serve(cfg, snapshotter)

@@ -6,35 +6,30 @@ them together and is what service.py exposes over gRPC. No grpc here.
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol, Sequence
+from typing import Sequence
 
-from .errors import AlreadyExists, InvalidArgument
+from .errors import AlreadyExists, InvalidArgument, Unavailable
 from .filters import FilterSyntaxError, parse_all
 from .fs import SnapshotDirs, disk_usage, overlay_supports_index
 from .model import Info, Kind, Lower, Mount, Usage
-from .store import Store
+from .remote import (
+    CRI_LAYER_DIGEST_LABEL,
+    CVMFS_LAYER_DIGEST_LABEL,
+    SNAPSHOT_REF_LABEL,
+    SOURCE_LABEL,
+    LayerRequest,
+    RemoteLayers,
+    next_ducc_ids,
+)
+from .repository import RepositoryUnavailable
+from .store import Lineage, Store
 
 log = logging.getLogger(__name__)
-
-SNAPSHOT_REF_LABEL = "containerd.io/snapshot.ref"
-
-
-@dataclass(frozen=True)
-class RemoteLayer:
-    """A repository directory that can stand in for a layer snapshot."""
-
-    source: str
-    whole_stack: bool  # True: a chain dir, the complete root fs on its own
-
-
-class RemoteLayers(Protocol):
-    """Finds repository content for a layer containerd is about to unpack."""
-
-    def find(self, labels: dict[str, str], parent_sources: Sequence[str | None]) -> RemoteLayer | None: ...
-
 
 class Snapshotter:
     def __init__(self, root: Path, remote: RemoteLayers | None = None) -> None:
@@ -46,34 +41,117 @@ class Snapshotter:
 
     def close(self) -> None:
         self.store.close()
+        if self.remote is not None:
+            self.remote.close()
 
     # -- Prepare / View ----------------------------------------------------------------
 
     def prepare(self, key: str, parent: str, labels: dict[str, str]) -> list[Mount]:
+        lineage = self._lineage(parent, labels)
         if self.remote is not None and SNAPSHOT_REF_LABEL in labels:
-            self._try_remote(key, parent, labels)
-        return self._create(key, parent, Kind.ACTIVE, labels)
+            self._try_remote(parent, labels, lineage)
+        return self._create(key, parent, Kind.ACTIVE, labels, lineage)
 
     def view(self, key: str, parent: str, labels: dict[str, str]) -> list[Mount]:
-        return self._create(key, parent, Kind.VIEW, labels)
+        return self._create(key, parent, Kind.VIEW, labels, None)
 
-    def _create(self, key: str, parent: str, kind: Kind, labels: dict[str, str]) -> list[Mount]:
+    def _create(
+        self, key: str, parent: str, kind: Kind, labels: dict[str, str], lineage: Lineage | None
+    ) -> list[Mount]:
         def make_dirs(snapshot_id: int, lowers: tuple[Lower, ...]) -> None:
-            parent_dir = self.dirs.lower_dir(lowers[0].id, lowers[0].source) if lowers else None
-            self.dirs.create(snapshot_id, kind, parent_dir)
+            self.dirs.create(snapshot_id, kind, self._root_attributes(lowers))
 
-        created = self.store.create(key, parent, kind, labels, make_dirs)
+        created = self.store.create(key, parent, kind, labels, make_dirs, lineage)
         return self.dirs.mounts(created.snapshot)
 
-    def _try_remote(self, key: str, parent: str, labels: dict[str, str]) -> None:
-        """Serve the layer from a repository: create the committed snapshot named by
-        the ref label with exactly this parent and answer ALREADY_EXISTS (DESIGN §3)."""
-        raise NotImplementedError  # filled in by the remote-layers work
+    def _root_attributes(self, lowers: tuple[Lower, ...]) -> tuple[int, int, int] | None:
+        """Mode and owner of the stack's "/" (the upper dir must carry them)."""
+        if not lowers:
+            return None
+        top = lowers[0]
+        path = self.dirs.lower_dir(top.id, top.source)
+        if top.source is not None and self.remote is not None:
+            repo = self.remote.repository_for(path)
+            if repo is not None:
+                try:
+                    return repo.stat_mode_owner(path)
+                except (RepositoryUnavailable, OSError) as e:
+                    raise Unavailable(f"repository directory {path} is not available: {e}") from None
+        try:
+            st = os.stat(path)
+        except OSError as e:
+            raise Unavailable(f"lower directory {path} is not available: {e}") from None
+        return st.st_mode, st.st_uid, st.st_gid
+
+    def _lineage(self, parent: str, labels: dict[str, str]) -> Lineage:
+        """Chain ids this snapshot will stand for, kept so children can be looked up."""
+        chain_id = labels.get(SNAPSHOT_REF_LABEL)
+        digest = labels.get(CVMFS_LAYER_DIGEST_LABEL) or labels.get(CRI_LAYER_DIGEST_LABEL)
+        parent_ducc = None
+        if parent:
+            facts = self.store.parent_facts(parent)
+            if facts is not None and facts.lineage.ducc_chain:
+                parent_ducc = tuple(facts.lineage.ducc_chain.split(" "))
+        try:
+            ducc = next_ducc_ids(parent_ducc, bool(parent), digest)
+        except ValueError:
+            ducc = None
+        return Lineage(chain_id, " ".join(ducc) if ducc else None)
+
+    def _try_remote(self, parent: str, labels: dict[str, str], lineage: Lineage) -> None:
+        """Serve the layer from a repository: create a committed snapshot carrying the
+        ref label with exactly this parent, then answer ALREADY_EXISTS (DESIGN §3);
+        containerd finds it with a List filter on (ref, parent)."""
+        assert self.remote is not None
+        ref = labels[SNAPSHOT_REF_LABEL]
+        facts = self.store.parent_facts(parent) if parent else None
+        if parent and (facts is None or facts.kind != Kind.COMMITTED):
+            return  # the normal path reports the bad parent
+        digest = labels.get(CVMFS_LAYER_DIGEST_LABEL) or labels.get(CRI_LAYER_DIGEST_LABEL)
+        ducc = tuple(lineage.ducc_chain.split(" ")) if lineage.ducc_chain else None
+        request = LayerRequest(ref, digest, bool(parent), facts.lineage.chain_id if facts else None, ducc)
+        match = self.remote.find(request)
+        if match is None:
+            log.info("layer %s (%s) not in any repository: normal pull", ref, digest or "digest unknown")
+            return
+        name = remote_snapshot_name(ref, parent)
+        remote_labels = {k: v for k, v in labels.items() if k.startswith("containerd.io/snapshot")}
+        remote_labels[SOURCE_LABEL] = match.source
+        try:
+            self.store.create_committed_remote(
+                name,
+                parent,
+                remote_labels,
+                match.source,
+                match.whole_stack,
+                lambda snapshot_id: self.dirs.link_remote(snapshot_id, match.source),
+                lineage,
+            )
+            log.info("layer %s served from %s", ref, match.source)
+        except AlreadyExists:
+            pass  # the same layer on the same parent, e.g. from another namespace
+        raise AlreadyExists(f"target snapshot {ref!r} exists in repository {match.repository}")
 
     # -- the rest --------------------------------------------------------------------
 
     def mounts(self, key: str) -> list[Mount]:
-        return self.dirs.mounts(self.store.snapshot(key))
+        snap = self.store.snapshot(key)
+        self._revalidate(key, snap.lowers)
+        return self.dirs.mounts(snap)
+
+    def _revalidate(self, key: str, lowers: Sequence[Lower]) -> None:
+        """Repository dirs can vanish (unpublished, unmounted): fail clearly, never hang."""
+        if self.remote is None:
+            return
+        for lower in lowers:
+            if lower.source is None:
+                continue
+            try:
+                ok = self.remote.is_available(lower.source)
+            except RepositoryUnavailable as e:
+                raise Unavailable(f"snapshot {key!r}: {e}") from None
+            if not ok:
+                raise Unavailable(f"snapshot {key!r}: repository directory {lower.source} is gone")
 
     def commit(self, name: str, key: str, labels: dict[str, str]) -> None:
         snapshot_id, kind, _ = self.store.lookup(key)
@@ -110,4 +188,8 @@ class Snapshotter:
             log.info("cleanup removed %d orphaned entries", len(removed))
 
 
-__all__ = ["Snapshotter", "RemoteLayer", "RemoteLayers", "AlreadyExists"]
+
+
+def remote_snapshot_name(ref: str, parent: str) -> str:
+    """Unique per (ref, parent): the same chainID can come back under another parent key."""
+    return f"cvmfs-remote/{ref}/{hashlib.sha256(parent.encode()).hexdigest()[:32]}"

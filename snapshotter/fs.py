@@ -58,7 +58,7 @@ class SnapshotDirs:
 
     # -- creation and removal --------------------------------------------------------
 
-    def create(self, snapshot_id: int, kind: Kind, parent_dir: str | None) -> None:
+    def create(self, snapshot_id: int, kind: Kind, root_attrs: tuple[int, int, int] | None) -> None:
         """Create <id>/fs (and work) under a temporary name, then rename into place,
         so a crash never leaves a half-made snapshot dir under its final name."""
         final = self.snapshots / str(snapshot_id)
@@ -70,11 +70,11 @@ class SnapshotDirs:
         tmp.mkdir(mode=0o700)
         fs = tmp / "fs"
         fs.mkdir(mode=0o755)
-        if parent_dir is not None:
+        if root_attrs is not None:
             # The upper dir's attributes are what overlay shows for "/": copy the parent's.
-            st = os.stat(parent_dir)
-            os.chmod(fs, stat.S_IMODE(st.st_mode))
-            os.lchown(fs, st.st_uid, st.st_gid)
+            mode, uid, gid = root_attrs
+            os.lchown(fs, uid, gid)
+            os.chmod(fs, stat.S_IMODE(mode))
         if kind == Kind.ACTIVE:
             (tmp / "work").mkdir(mode=0o711)
         os.rename(tmp, final)

@@ -31,7 +31,9 @@ CREATE TABLE IF NOT EXISTS snapshots (
     size        INTEGER NOT NULL DEFAULT 0,         -- usage, fixed at commit
     inodes      INTEGER NOT NULL DEFAULT 0,
     source      TEXT,                               -- NULL: local dir; else a repository dir
-    whole_stack INTEGER NOT NULL DEFAULT 0          -- 1: source is the full root fs (a chain dir)
+    whole_stack INTEGER NOT NULL DEFAULT 0,         -- 1: source is the full root fs (a chain dir)
+    chain_id    TEXT,                               -- OCI chainID (the snapshot.ref label), kept on commit
+    ducc_chain  TEXT                                -- "ducc1 ducc2" chain ids, when the layer digests are known
 );
 CREATE INDEX IF NOT EXISTS snapshots_parent ON snapshots(parent_id);
 CREATE TABLE IF NOT EXISTS labels (
@@ -66,6 +68,23 @@ class NewSnapshot:
 
     snapshot: Snapshot
     info: Info
+
+
+@dataclass(frozen=True)
+class Lineage:
+    """Which image chain a snapshot stands for, when containerd told us (labels)."""
+
+    chain_id: str | None = None
+    ducc_chain: str | None = None
+
+
+@dataclass(frozen=True)
+class ParentFacts:
+    """What remote lookups need to know of a parent snapshot."""
+
+    kind: Kind
+    lineage: Lineage
+    top_dir: str | None  # the directory the parent's nearest lower shows (None: local)
 
 
 def _now_ns() -> int:
@@ -152,6 +171,7 @@ class Store:
         kind: Kind,
         labels: dict[str, str],
         make_dirs: Callable[[int, tuple[Lower, ...]], None],
+        lineage: "Lineage | None" = None,
     ) -> NewSnapshot:
         """Insert an active/view snapshot; `make_dirs(id, lowers)` runs inside the
         transaction, so the row only becomes visible once its directories exist."""
@@ -169,9 +189,11 @@ class Store:
                     raise InvalidArgument(f"parent {parent!r} is not a committed snapshot")
                 parent_id = row[0]
             now = _now_ns()
+            lin = lineage or Lineage()
             cur = db.execute(
-                "INSERT INTO snapshots (key, parent_id, kind, created, updated) VALUES (?, ?, ?, ?, ?)",
-                (key, parent_id, int(kind), now, now),
+                "INSERT INTO snapshots (key, parent_id, kind, created, updated, chain_id, ducc_chain)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (key, parent_id, int(kind), now, now, lin.chain_id, lin.ducc_chain),
             )
             snapshot_id = int(cur.lastrowid)
             self._set_labels(db, snapshot_id, labels)
@@ -190,6 +212,7 @@ class Store:
         source: str,
         whole_stack: bool,
         make_link: Callable[[int], None],
+        lineage: "Lineage | None" = None,
     ) -> Info:
         """Insert a committed snapshot whose content is a repository directory."""
         with self._tx() as db:
@@ -204,15 +227,25 @@ class Store:
                     raise InvalidArgument(f"parent {parent!r} is not a committed snapshot")
                 parent_id = row[0]
             now = _now_ns()
+            lin = lineage or Lineage()
             cur = db.execute(
-                "INSERT INTO snapshots (key, parent_id, kind, created, updated, source, whole_stack)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (name, parent_id, int(Kind.COMMITTED), now, now, source, int(whole_stack)),
+                "INSERT INTO snapshots (key, parent_id, kind, created, updated, source, whole_stack, chain_id,"
+                " ducc_chain) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (name, parent_id, int(Kind.COMMITTED), now, now, source, int(whole_stack), lin.chain_id,
+                 lin.ducc_chain),
             )
             snapshot_id = int(cur.lastrowid)
             self._set_labels(db, snapshot_id, labels)
             make_link(snapshot_id)
         return Info(name, parent, Kind.COMMITTED, now, now, dict(labels))
+
+    def parent_facts(self, key: str) -> ParentFacts | None:
+        row = self._conn().execute(
+            "SELECT kind, chain_id, ducc_chain, source FROM snapshots WHERE key = ?", (key,)
+        ).fetchone()
+        if row is None:
+            return None
+        return ParentFacts(Kind(row[0]), Lineage(row[1], row[2]), row[3])
 
     def snapshot(self, key: str) -> Snapshot:
         """An active or view snapshot with its lowers (for Mounts)."""

@@ -1,0 +1,133 @@
+"""Which repository directory, if any, may stand in for a layer (DESIGN §2a, §3).
+
+A layer dir (`.layers/<xx>/<hex>/layerfs`) is an overlay lower ONLY when its
+layers.json says whiteouts none|overlay AND it has no `parent-chain` or that equals
+the chain below AND its diffID continues the parent's chain to exactly the chainID
+containerd asked for. Otherwise (raw whiteouts, DUCC-written, other parent) the chain
+dir (`.chains/<xx>/<id>`, by OCI chainID or DUCC's ids) serves as the snapshot's whole
+lower stack. With neither, containerd pulls and unpacks the layer as usual. A deleted
+file never reappears and a directory never changes its mode.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+from cvmfs_common.digest import InvalidDigest, ducc2_chain_ids, ducc_chain_ids, parse_digest
+
+from .repository import BoundedRepository, RepositoryUnavailable
+
+log = logging.getLogger(__name__)
+
+SNAPSHOT_REF_LABEL = "containerd.io/snapshot.ref"
+CRI_LAYER_DIGEST_LABEL = "containerd.io/snapshot/cri.layer-digest"
+CVMFS_LAYER_DIGEST_LABEL = "containerd.io/snapshot/cvmfs.layer-digest"
+SOURCE_LABEL = "containerd.io/snapshot/cvmfs.source"
+
+
+@dataclass(frozen=True)
+class LayerRequest:
+    """What containerd asks for, plus what we know of the parent."""
+
+    chain_id: str  # the snapshot.ref label: OCI chainID of the stack up to this layer
+    layer_digest: str | None  # compressed blob digest, when CRI or our pull told us
+    has_parent: bool
+    parent_chain_id: str | None
+    ducc_ids: tuple[str, str] | None  # (DUCC 1, DUCC 2) chain ids up to this layer
+
+
+@dataclass(frozen=True)
+class RemoteMatch:
+    source: str
+    whole_stack: bool  # a chain dir: the complete root fs on its own
+    repository: Path
+
+
+def oci_chain(parent_chain_id: str | None, diff_id: str) -> str:
+    if parent_chain_id is None:
+        return diff_id
+    return "sha256:" + hashlib.sha256(f"{parent_chain_id} {diff_id}".encode()).hexdigest()
+
+
+def next_ducc_ids(parent: tuple[str, str] | None, has_parent: bool, layer_digest: str | None) -> tuple[str, str] | None:
+    """Extend the parent's DUCC chain ids by one layer (None when unknowable)."""
+    if layer_digest is None or (has_parent and parent is None):
+        return None
+    if not has_parent:
+        return ducc_chain_ids([layer_digest])[0], ducc2_chain_ids([layer_digest])[0]
+    d1 = "sha256:" + hashlib.sha256(f"{parent[0]} {layer_digest}".encode()).hexdigest()
+    d2 = "sha256:" + hashlib.sha256(
+        f"{parse_digest(parent[1]).hex} {parse_digest(layer_digest).hex}".encode()
+    ).hexdigest()
+    return d1, d2
+
+
+@dataclass
+class RemoteLayers:
+    repositories: Sequence[BoundedRepository]
+
+    def repository_for(self, path: str) -> BoundedRepository | None:
+        return next((r for r in self.repositories if r.owns(path)), None)
+
+    def find(self, req: LayerRequest) -> RemoteMatch | None:
+        try:
+            parse_digest(req.chain_id)
+            if req.layer_digest is not None:
+                parse_digest(req.layer_digest)
+        except InvalidDigest as e:
+            log.warning("not looking up a layer with a malformed digest: %s", e)
+            return None
+        for repo in self.repositories:
+            try:
+                match = self._find_in(repo, req)
+            except RepositoryUnavailable as e:
+                log.warning("%s; trying the next repository or the normal pull", e)
+                continue
+            if match is not None:
+                return match
+        return None
+
+    def _find_in(self, repo: BoundedRepository, req: LayerRequest) -> RemoteMatch | None:
+        if req.layer_digest is not None:
+            presence = repo.layer(req.layer_digest)
+            if presence is not None:
+                meta = presence.metadata
+                if meta is None:
+                    log.debug("layer %s: %s; trying its chain", req.layer_digest, presence.metadata_error)
+                elif not meta.serves_as_overlay_lower:
+                    log.debug("layer %s has %s whiteouts; trying its chain", req.layer_digest, meta.whiteouts)
+                elif meta.parent_chain is not None and meta.parent_chain != req.parent_chain_id:
+                    log.debug("layer %s was completed on chain %s, not %s", req.layer_digest, meta.parent_chain,
+                              req.parent_chain_id)
+                elif req.has_parent and req.parent_chain_id is None:
+                    log.debug("layer %s: parent chain unknown; trying its chain", req.layer_digest)
+                elif oci_chain(req.parent_chain_id, meta.diff_digest) != req.chain_id:
+                    log.warning("layer %s: diffID %s does not give chain %s; not serving it", req.layer_digest,
+                                meta.diff_digest, req.chain_id)
+                else:
+                    return RemoteMatch(str(presence.layerfs), False, repo.root)
+        candidates = [req.chain_id] + list(req.ducc_ids or ())
+        for chain in candidates:
+            path = repo.chain(chain)
+            if path is not None:
+                return RemoteMatch(str(path), True, repo.root)
+        return None
+
+    def is_available(self, source: str) -> bool:
+        """Is a directory we serve still there? Raises RepositoryUnavailable on a hang."""
+        repo = self.repository_for(source)
+        if repo is None:
+            return Path(source).is_dir()
+        return repo.is_dir(source)
+
+    def close(self) -> None:
+        for r in self.repositories:
+            r.close()
+
+
+def build_remote_layers(repositories: Sequence[str], timeout: float, cache_ttl: float) -> RemoteLayers:
+    return RemoteLayers([BoundedRepository(Path(p), timeout, cache_ttl) for p in repositories])

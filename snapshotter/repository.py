@@ -1,0 +1,110 @@
+"""What a repository has, answered within a bounded time.
+
+A hung FUSE mount (an unreachable CVMFS server) blocks `stat` in the kernel, and a
+Python thread stuck there cannot be cancelled. So every file-system question about a
+repository runs on that repository's own single worker thread; the RPC waits at most
+`timeout` seconds. While a question is stuck, the repository is "unavailable" and later
+questions fail at once instead of queueing behind it; when the stuck call returns, the
+repository is healthy again. Answers are cached for a short time: containerd asks about
+the same layers for every container start.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, TypeVar
+
+from cvmfs_common.layout import LayerPresence, RepositoryLayout, find_chain, find_layer
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+class RepositoryUnavailable(Exception):
+    """The repository did not answer in time (or is still stuck on an earlier question)."""
+
+
+@dataclass
+class BoundedRepository:
+    """One repository root with its prober thread and lookup cache."""
+
+    root: Path
+    timeout: float = 2.0
+    cache_ttl: float = 5.0
+    clock: Callable[[], float] = time.monotonic
+    _executor: ThreadPoolExecutor = field(init=False, repr=False)
+    _stuck: Future | None = field(default=None, init=False, repr=False)
+    _cache: dict[tuple[str, str], tuple[float, object]] = field(default_factory=dict, init=False, repr=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.root = Path(self.root)
+        self.layout = RepositoryLayout(self.root)
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"probe-{self.root.name}")
+
+    @property
+    def healthy(self) -> bool:
+        with self._lock:
+            return self._stuck is None or self._stuck.done()
+
+    def _run(self, what: str, fn: Callable[[], T]) -> T:
+        with self._lock:
+            if self._stuck is not None and not self._stuck.done():
+                raise RepositoryUnavailable(f"{self.root} is not answering (an earlier lookup is still stuck)")
+            self._stuck = None
+            future = self._executor.submit(fn)
+        try:
+            return future.result(timeout=self.timeout)
+        except FutureTimeout:
+            with self._lock:
+                self._stuck = future
+            log.warning("repository %s did not answer %s within %.1fs; falling back", self.root, what, self.timeout)
+            raise RepositoryUnavailable(f"{self.root} did not answer {what} within {self.timeout:g}s") from None
+
+    def _cached(self, kind: str, key: str, fn: Callable[[], T]) -> T:
+        now = self.clock()
+        with self._lock:
+            hit = self._cache.get((kind, key))
+            if hit is not None and hit[0] > now:
+                return hit[1]  # type: ignore[return-value]
+        value = self._run(f"{kind} {key}", fn)
+        with self._lock:
+            if len(self._cache) > 10_000:  # bounded: drop expired entries
+                self._cache = {k: v for k, v in self._cache.items() if v[0] > now}
+            self._cache[(kind, key)] = (now + self.cache_ttl, value)
+        return value
+
+    # -- questions -----------------------------------------------------------------
+
+    def layer(self, digest: str) -> LayerPresence | None:
+        return self._cached("layer", digest, lambda: find_layer(self.layout, digest))
+
+    def chain(self, chain_id: str) -> Path | None:
+        return self._cached("chain", chain_id, lambda: find_chain(self.layout, chain_id))
+
+    def is_dir(self, path: str) -> bool:
+        """Is a directory we serve from still there? (Mounts re-validates with this.)"""
+        return self._cached("dir", path, lambda: Path(path).is_dir())
+
+    def stat_mode_owner(self, path: str) -> tuple[int, int, int]:
+        import os
+
+        def probe() -> tuple[int, int, int]:
+            st = os.stat(path)
+            return st.st_mode, st.st_uid, st.st_gid
+
+        return self._cached("stat", path, probe)
+
+    def owns(self, path: str) -> bool:
+        root = str(self.root).rstrip("/") + "/"
+        return path.startswith(root)
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)

@@ -1,0 +1,190 @@
+"""Remote-layer decisions (DESIGN §2a) on a repository written with the layout module."""
+
+import hashlib
+import threading
+from pathlib import Path
+
+import pytest
+
+from cvmfs_common.digest import chain_ids, ducc_chain_ids
+from cvmfs_common.layout import LayerMetadata, RepositoryLayout, write_layers_json
+from snapshotter.core import Snapshotter, remote_snapshot_name
+from snapshotter.errors import AlreadyExists, Unavailable
+from snapshotter.remote import CVMFS_LAYER_DIGEST_LABEL, SNAPSHOT_REF_LABEL, build_remote_layers
+
+
+def d(text: str) -> str:
+    return "sha256:" + hashlib.sha256(text.encode()).hexdigest()
+
+
+BLOBS = [d("blob0"), d("blob1"), d("blob2")]
+DIFFS = [d("diff0"), d("diff1"), d("diff2")]
+CHAINS = chain_ids(DIFFS)
+
+
+def publish_layer(layout: RepositoryLayout, i: int, whiteouts="overlay", parent_chain=None) -> Path:
+    fs = layout.layerfs(BLOBS[i])
+    fs.mkdir(parents=True)
+    (fs / f"file{i}").write_text(str(i))
+    layout.layers_json(BLOBS[i]).parent.mkdir(parents=True)
+    meta = LayerMetadata(DIFFS[i][7:], BLOBS[i], DIFFS[i], 10, whiteouts, parent_chain=parent_chain)
+    write_layers_json(layout.layers_json(BLOBS[i]), meta)
+    return fs
+
+
+def publish_chain(layout: RepositoryLayout, chain: str) -> Path:
+    p = layout.chain_dir(chain)
+    p.mkdir(parents=True)
+    (p / "from-chain").write_text(chain)
+    return p
+
+
+@pytest.fixture
+def repo(tmp_path):
+    return RepositoryLayout(tmp_path / "repo")
+
+
+@pytest.fixture
+def make_sn(tmp_path):
+    made = []
+
+    def make(*roots, timeout=2.0):
+        s = Snapshotter(tmp_path / f"root{len(made)}", build_remote_layers([str(r) for r in roots], timeout, 5.0))
+        made.append(s)
+        return s
+
+    yield make
+    for s in made:
+        s.close()
+
+
+def prepare_layer(sn: Snapshotter, i: int, parent: str) -> bool:
+    """Like containerd's unpacker; True when served remotely (ALREADY_EXISTS)."""
+    labels = {SNAPSHOT_REF_LABEL: CHAINS[i], CVMFS_LAYER_DIGEST_LABEL: BLOBS[i]}
+    key = f"ns/{i}/extract-x {CHAINS[i]}"
+    try:
+        sn.prepare(key, parent, labels)
+    except AlreadyExists:
+        return True
+    sn.commit(f"ns/{i}/{CHAINS[i]}", key, {})
+    return False
+
+
+def remote_name(sn, i, parent):
+    found = sn.walk([f'labels."{SNAPSHOT_REF_LABEL}"=={CHAINS[i]},parent=="{parent}"'])
+    assert len(found) == 1
+    return found[0].name
+
+
+def test_layers_served_and_stacked(repo, make_sn):
+    dirs = [publish_layer(repo, i) for i in range(3)]
+    sn = make_sn(repo.root)
+    parent = ""
+    for i in range(3):
+        assert prepare_layer(sn, i, parent)
+        name = remote_name(sn, i, parent)
+        assert name == remote_snapshot_name(CHAINS[i], parent)
+        assert sn.stat(name).parent == parent
+        parent = name
+    (m,) = sn.prepare("container", parent, {})
+    lowers = next(o for o in m.options if o.startswith("lowerdir=")).split("=", 1)[1].split(":")
+    assert [str(Path(p).resolve()) for p in lowers] == [str(x) for x in reversed(dirs)]
+
+
+def test_raw_whiteouts_use_the_chain_as_whole_stack(repo, make_sn):
+    publish_layer(repo, 0)
+    publish_layer(repo, 1, whiteouts="raw")
+    chain_dir = publish_chain(repo, CHAINS[1])
+    sn = make_sn(repo.root)
+    assert prepare_layer(sn, 0, "")
+    p0 = remote_name(sn, 0, "")
+    assert prepare_layer(sn, 1, p0)
+    p1 = remote_name(sn, 1, p0)
+    (m,) = sn.view("v", p1, {})
+    assert m.type == "bind" and Path(m.source) == chain_dir  # the chain alone, not layer 0 below it
+
+
+def test_ducc_written_repository_uses_ducc_chain_ids(repo, make_sn):
+    # DUCC: no whiteouts field (unknown) and .chains named by its own ids.
+    for i in range(2):
+        fs = repo.layerfs(BLOBS[i])
+        fs.mkdir(parents=True)
+    ducc = ducc_chain_ids(BLOBS[:2])
+    publish_chain(repo, ducc[0])
+    publish_chain(repo, ducc[1])
+    sn = make_sn(repo.root)
+    assert prepare_layer(sn, 0, "")
+    p0 = remote_name(sn, 0, "")
+    assert prepare_layer(sn, 1, p0)
+    p1 = remote_name(sn, 1, p0)
+    (m,) = sn.view("v", p1, {})
+    assert Path(m.source) == repo.chain_dir(ducc[1])
+
+
+def test_parent_chain_mismatch_falls_back(repo, make_sn):
+    publish_layer(repo, 0)
+    publish_layer(repo, 1, parent_chain=d("some other chain"))
+    sn = make_sn(repo.root)
+    assert prepare_layer(sn, 0, "")
+    p0 = remote_name(sn, 0, "")
+    assert not prepare_layer(sn, 1, p0)  # normal unpack path
+
+
+def test_parent_chain_match_is_served(repo, make_sn):
+    publish_layer(repo, 0)
+    publish_layer(repo, 1, parent_chain=CHAINS[0])
+    sn = make_sn(repo.root)
+    assert prepare_layer(sn, 0, "")
+    assert prepare_layer(sn, 1, remote_name(sn, 0, ""))
+
+
+def test_mixed_local_and_remote_layers(repo, make_sn):
+    publish_layer(repo, 1)  # only the middle layer is published
+    sn = make_sn(repo.root)
+    assert not prepare_layer(sn, 0, "")
+    assert prepare_layer(sn, 1, f"ns/0/{CHAINS[0]}")
+    p1 = remote_name(sn, 1, f"ns/0/{CHAINS[0]}")
+    assert not prepare_layer(sn, 2, p1)
+
+
+def test_repositories_tried_in_order(tmp_path, make_sn):
+    first, second = RepositoryLayout(tmp_path / "a"), RepositoryLayout(tmp_path / "b")
+    publish_layer(second, 0)
+    sn = make_sn(first.root, second.root)
+    assert prepare_layer(sn, 0, "")
+    info = sn.stat(remote_name(sn, 0, ""))
+    assert info.labels["containerd.io/snapshot/cvmfs.source"].startswith(str(second.root))
+
+
+def test_same_layer_twice_reuses_the_remote_snapshot(repo, make_sn):
+    publish_layer(repo, 0)
+    sn = make_sn(repo.root)
+    assert prepare_layer(sn, 0, "")
+    assert prepare_layer(sn, 0, "")
+    assert len(sn.walk([f'labels."{SNAPSHOT_REF_LABEL}"=={CHAINS[0]}'])) == 1
+
+
+def test_vanished_repository_dir_fails_mounts_clearly(repo, make_sn):
+    fs = publish_layer(repo, 0)
+    sn = make_sn(repo.root)
+    assert prepare_layer(sn, 0, "")
+    sn.prepare("c", remote_name(sn, 0, ""), {})
+    fs.rename(fs.with_name("gone"))
+    sn.remote.repositories[0]._cache.clear()
+    with pytest.raises(Unavailable, match="gone"):
+        sn.mounts("c")
+
+
+def test_hung_repository_falls_back_within_timeout(repo, make_sn, monkeypatch):
+    publish_layer(repo, 0)
+    sn = make_sn(repo.root, timeout=0.3)
+    release = threading.Event()
+    import snapshotter.repository as repository_mod
+
+    monkeypatch.setattr(repository_mod, "find_layer", lambda layout, digest: release.wait(30))
+    try:
+        assert not prepare_layer(sn, 0, "")  # fell back to the normal path
+        assert not sn.remote.repositories[0].healthy
+        assert not prepare_layer(sn, 1, f"ns/0/{CHAINS[0]}")  # fails fast while stuck
+    finally:
+        release.set()
