@@ -125,7 +125,9 @@ class ContainerdClient:
                 sent += len(chunk)
             requests.put(
                 content_pb2.WriteContentRequest(
-                    action=content_pb2.COMMIT, ref=ref, total=size, expected=digest, labels=labels or {}
+                    # offset must be where we are: containerd truncates on offset 0
+                    action=content_pb2.COMMIT, ref=ref, total=size, offset=size, expected=digest,
+                    labels=labels or {},
                 )
             )
             next(responses)

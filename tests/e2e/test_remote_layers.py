@@ -1,0 +1,156 @@
+"""Remote layers through the real stack: containerd 1.6 + cvmfs-snapshotter + docker-registry.
+
+Proof of "no download": blob GETs in the registry's access log, with the blobs of the
+published layers deleted from the registry, and a containerd root of the test's own."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from cvmfs_common.layout import RepositoryLayout
+from tests.e2e.repo_writer import publish_ducc_style, publish_layers
+from tests.fixtures.tree import LISTING_COMMAND, compare_trees, parse_listing
+
+pytestmark = pytest.mark.e2e
+
+SNAPSHOTTER_BIN = Path(sys.executable).with_name("cvmfs-snapshotter")
+
+
+def cvmfs_pull(cd, ref: str, namespace: str = "default") -> subprocess.CompletedProcess:
+    res = subprocess.run(
+        [str(SNAPSHOTTER_BIN), "pull", "--containerd-address", str(cd.address), "--namespace", namespace,
+         "--plain-http", ref],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert res.returncode == 0, f"pull failed: {res.stdout}\n{res.stderr}"
+    return res
+
+
+@pytest.fixture
+def own_registry(registry_factory, push_standard_images):
+    reg = registry_factory()
+    return reg, push_standard_images(reg)
+
+
+@pytest.fixture
+def repo(e2e_base, tmp_path_factory):
+    from tests.fixtures.workdirs import new_workdir
+
+    return RepositoryLayout(new_workdir("repo-", e2e_base))
+
+
+def check_tree(cd, image, namespace="default"):
+    out = cd.run(image.ref, *LISTING_COMMAND, namespace=namespace).stdout
+    problems = compare_trees(image.tree, parse_listing(out))
+    assert not problems, "\n".join(problems)
+
+
+def test_image_fully_in_repository_starts_with_no_download(own_registry, repo, snapshotter_factory,
+                                                          containerd_factory):
+    reg, images = own_registry
+    img = images.multilayer
+    publish_layers(reg.host, img, repo, range(len(img.layers)))
+    for digest in img.layers:
+        reg.delete_blob_files(digest)  # any download attempt would now fail
+    sn = snapshotter_factory(repositories=[repo.root])
+    cd = containerd_factory(sn.address)
+    reg.clear_log()
+    res = cvmfs_pull(cd, img.ref)
+    assert f"{len(img.layers)} layers from the repository, 0 downloaded" in res.stderr
+    check_tree(cd, img)
+    assert reg.blob_get_count() == 1  # the config only
+    # Every committed snapshot containerd knows is served from the repository.
+    assert len([s for s in cd.snapshots() if s["kind"] == "Committed"]) == len(img.layers)
+    # containerd's GC cleans up after `ctr image rm`.
+    cd.ctr("image", "rm", "--sync", img.ref)
+    assert [s for s in cd.snapshots() if s["kind"] == "Committed"] == []
+
+
+def test_half_the_layers_in_the_repository(own_registry, repo, snapshotter_factory, containerd_factory):
+    reg, images = own_registry
+    img = images.multilayer
+    publish_layers(reg.host, img, repo, [0, 2])
+    sn = snapshotter_factory(repositories=[repo.root])
+    cd = containerd_factory(sn.address)
+    reg.clear_log()
+    res = cvmfs_pull(cd, img.ref)
+    assert "2 layers from the repository, 1 downloaded" in res.stderr, res.stderr
+    assert reg.blob_get_count(img.layers[1]) == 1
+    assert reg.blob_get_count(img.layers[0]) == reg.blob_get_count(img.layers[2]) == 0
+    check_tree(cd, img)
+
+
+def test_image_not_in_repository_is_pulled_normally(own_registry, repo, snapshotter_factory, containerd_factory):
+    reg, images = own_registry
+    img = images.multilayer_docker
+    sn = snapshotter_factory(repositories=[repo.root])
+    cd = containerd_factory(sn.address)
+    reg.clear_log()
+    res = cvmfs_pull(cd, img.ref)
+    assert f"0 layers from the repository, {len(img.layers)} downloaded" in res.stderr
+    assert all(reg.blob_get_count(d) == 1 for d in img.layers)
+    check_tree(cd, img)
+
+
+def test_same_image_in_two_namespaces(own_registry, repo, snapshotter_factory, containerd_factory):
+    reg, images = own_registry
+    img = images.multilayer
+    publish_layers(reg.host, img, repo, range(len(img.layers)))
+    sn = snapshotter_factory(repositories=[repo.root])
+    cd = containerd_factory(sn.address)
+    reg.clear_log()
+    for ns in ("one", "two"):
+        res = cvmfs_pull(cd, img.ref, namespace=ns)
+        assert f"{len(img.layers)} layers from the repository" in res.stderr
+        check_tree(cd, img, namespace=ns)
+    assert all(reg.blob_get_count(d) == 0 for d in img.layers)
+
+
+def test_ducc_written_repository_keeps_deleted_files_deleted(own_registry, repo, snapshotter_factory,
+                                                           containerd_factory):
+    reg, images = own_registry
+    img = images.multilayer
+    publish_ducc_style(reg.host, img, repo)
+    # The raw layer dirs hold `.wh.` files: served as lowers they would show deleted files.
+    assert list(repo.layerfs(img.layers[1]).rglob(".wh.*"))
+    sn = snapshotter_factory(repositories=[repo.root])
+    cd = containerd_factory(sn.address)
+    reg.clear_log()
+    res = cvmfs_pull(cd, img.ref)
+    assert f"{len(img.layers)} layers from the repository" in res.stderr
+    assert all(reg.blob_get_count(d) == 0 for d in img.layers)
+    check_tree(cd, img)  # whiteouted files absent, opaque dir content, modes as expected
+
+
+def test_restart_keeps_remote_snapshots(own_registry, repo, snapshotter_factory, containerd_factory):
+    reg, images = own_registry
+    img = images.multilayer
+    publish_layers(reg.host, img, repo, range(len(img.layers)))
+    sn = snapshotter_factory(repositories=[repo.root])
+    cd = containerd_factory(sn.address)
+    cvmfs_pull(cd, img.ref)
+    sn.restart()
+    cd.restart()
+    cd.wait_snapshotter_ready()
+    check_tree(cd, img)
+
+
+def test_vanished_repository_dir_gives_clear_error(own_registry, repo, snapshotter_factory, containerd_factory):
+    reg, images = own_registry
+    img = images.multilayer
+    publish_layers(reg.host, img, repo, range(len(img.layers)))
+    sn = snapshotter_factory(repositories=[repo.root], extra_args=["--lookup-cache-ttl", "0"])
+    cd = containerd_factory(sn.address)
+    cvmfs_pull(cd, img.ref)
+    top = repo.layerfs(img.layers[-1])
+    top.rename(top.with_name("moved-away"))
+    start = time.monotonic()
+    res = cd.run(img.ref, "/bin/true", check=False)
+    assert res.returncode != 0
+    assert f"repository directory {top}" in res.stderr, res.stderr
+    assert time.monotonic() - start < 60

@@ -1,0 +1,36 @@
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from publisher.treeview import tree_snapshot
+
+
+@pytest.fixture
+def repo(tmp_path: Path) -> Path:
+    """A repository root with its .tmp/ work area."""
+    root = tmp_path / "repo"
+    (root / ".tmp").mkdir(parents=True)
+    return root
+
+
+@pytest.fixture
+def work(repo: Path) -> Path:
+    """Where a layer is unpacked (does not exist yet)."""
+    return repo / ".tmp" / "layer-work"
+
+
+@pytest.fixture
+def outside(tmp_path: Path):
+    """A directory a hostile layer would love to write into; checked unchanged afterwards."""
+    victim = tmp_path / "outside"
+    (victim / "etc").mkdir(parents=True)
+    (victim / "etc" / "passwd").write_text("root:x:0:0::/root:/bin/sh\n")
+    before = tree_snapshot(victim)
+    yield victim
+    assert tree_snapshot(victim) == before
+
+
+requires_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (chown, mknod, trusted xattrs)")
