@@ -8,6 +8,8 @@ holds more than a few chunks in memory. Pipeline (each stage a file-like with `r
 from __future__ import annotations
 
 import hashlib
+import queue
+import threading
 import zlib
 from collections.abc import Callable
 from typing import Protocol
@@ -170,6 +172,66 @@ class TarEndPadding:
             self._data_end = self._pos
             return bytes(missing)
         return b""
+
+
+class ReadAhead:
+    """Runs `source` (download, digest, decompression, diffID) in a thread, ahead of the
+    consumer, through a bounded queue: zlib, hashlib and the file writes all release the
+    GIL, so inflating overlaps with writing files. At most `depth` chunks are in flight.
+    close() stops the thread and joins it; the source must not be touched before that."""
+
+    _EOF = object()
+
+    def __init__(self, source: Readable, depth: int = 8) -> None:
+        self._source = source
+        self._queue: queue.Queue[object] = queue.Queue(maxsize=depth)
+        self._stop = threading.Event()
+        self._buf = memoryview(b"")
+        self._done = False
+        self._thread = threading.Thread(target=self._pump, name="layer-read-ahead", daemon=True)
+        self._thread.start()
+
+    def _pump(self) -> None:
+        item: object
+        try:
+            while not self._stop.is_set():
+                item = self._source.read(CHUNK)
+                if not item:
+                    break
+                self._put(item)
+            item = self._EOF
+        except BaseException as exc:  # handed to the consumer, raised there
+            item = exc
+        self._put(item)
+
+    def _put(self, item: object) -> None:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+
+    def read(self, size: int = -1, /) -> bytes:
+        if not self._buf:
+            if self._done:
+                return b""
+            item = self._queue.get()
+            if item is self._EOF:
+                self._done = True
+                return b""
+            if isinstance(item, BaseException):
+                self._done = True
+                raise item
+            assert isinstance(item, bytes)
+            self._buf = memoryview(item)
+        n = len(self._buf) if size is None or size < 0 else min(size, len(self._buf))
+        out, self._buf = self._buf[:n].tobytes(), self._buf[n:]
+        return out
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
 
 
 def sniff_compression(head: bytes) -> str:

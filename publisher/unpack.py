@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import shutil
 import tarfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,8 +23,8 @@ from cvmfs_common.digest import Digest, parse_digest
 
 from .layererrors import DigestMismatchError, HostileLayerError, LayerError
 from .lowers import LowerView
-from .streams import (HashingReader, StreamError, StreamTooLarge, TarEndPadding, drain,
-                      drain_expect_zeros, open_decompressed)
+from .streams import (HashingReader, ReadAhead, StreamError, StreamTooLarge, TarEndPadding,
+                      drain, drain_expect_zeros, open_decompressed)
 from .tarsafety import HeaderTooLarge, Limits, limited_tarinfo
 from .treewriter import EntryCounts, SkippedEntry, TreeWriter
 from .whiteouts import WhiteoutMode
@@ -90,13 +90,15 @@ def _unpack(blob: BinaryIO, work: Path, layer: str, expected_diff: Digest | None
             media_type: str | None, mode: WhiteoutMode, lowers: LowerView, limits: Limits,
             owners: bool) -> UnpackResult:
     raw = HashingReader(blob, limit=limits.max_total_bytes)
+    ahead: ReadAhead | None = None
     root_fd = os.open(work, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
     writer = TreeWriter(root_fd, work, layer, mode, lowers, limits, owners)
     try:
-        with _as_layer_errors(layer, writer, raw):
+        with _as_layer_errors(layer, writer, raw, lambda: ahead and ahead.close()):
             stream, compression = open_decompressed(raw, media_type)
             plain = HashingReader(stream, limit=limits.max_total_bytes)
-            padded = TarEndPadding(plain)
+            ahead = ReadAhead(plain)
+            padded = TarEndPadding(ahead)
             tar = tarfile.open(fileobj=padded, mode="r|", bufsize=_TAR_BUFSIZE,  # type: ignore[call-overload]
                                tarinfo=limited_tarinfo(limits.max_header_bytes),
                                encoding="utf-8", errors="surrogateescape")
@@ -111,9 +113,12 @@ def _unpack(blob: BinaryIO, work: Path, layer: str, expected_diff: Digest | None
             # is a member tarfile could not parse (it stops silently at a bad header).
             if drain_expect_zeros(tar.fileobj):  # type: ignore[arg-type]
                 raise LayerError(layer, "unparsable data after the last tar member")
+            ahead.close()
             if drain_expect_zeros(raw):
                 raise LayerError(layer, "trailing data after the compressed stream")
     finally:
+        if ahead is not None:
+            ahead.close()
         writer.close()
         os.close(root_fd)
     got = f"sha256:{raw.hexdigest()}"
@@ -134,7 +139,8 @@ def _unpack(blob: BinaryIO, work: Path, layer: str, expected_diff: Digest | None
 
 
 @contextmanager
-def _as_layer_errors(layer: str, writer: TreeWriter, raw: HashingReader) -> Iterator[None]:
+def _as_layer_errors(layer: str, writer: TreeWriter, raw: HashingReader,
+                     stop_reader: Callable[[], object]) -> Iterator[None]:
     """One place mapping low-level failures to LayerError naming layer and member. A
     corrupt download shows up as a broken stream first: then report the digest mismatch."""
     try:
@@ -143,7 +149,9 @@ def _as_layer_errors(layer: str, writer: TreeWriter, raw: HashingReader) -> Iter
         except LayerError:
             raise
         except (StreamTooLarge, HeaderTooLarge) as exc:
-            raise HostileLayerError(layer, str(exc), writer.member) from exc
+            # The stream is read ahead: name no member, say where the writer was.
+            where = f" (after member {writer.member!r})" if writer.member else ""
+            raise HostileLayerError(layer, f"{exc}{where}") from exc
         except (StreamError, tarfile.TarError, EOFError) as exc:
             where = f" (after member {writer.member!r})" if writer.member else ""
             raise LayerError(layer, f"malformed layer: {exc}{where}") from exc
@@ -151,6 +159,7 @@ def _as_layer_errors(layer: str, writer: TreeWriter, raw: HashingReader) -> Iter
             raise LayerError(layer, str(exc), writer.member) from exc
     except LayerError as err:
         if not isinstance(err, DigestMismatchError):
+            stop_reader()       # the read-ahead thread must let go of `raw` first
             _raise_if_corrupt(layer, raw, err)
         raise
 

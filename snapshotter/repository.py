@@ -14,7 +14,8 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+import queue
+from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,7 +40,7 @@ class BoundedRepository:
     timeout: float = 2.0
     cache_ttl: float = 5.0
     clock: Callable[[], float] = time.monotonic
-    _executor: ThreadPoolExecutor = field(init=False, repr=False)
+    _jobs: queue.SimpleQueue = field(default_factory=queue.SimpleQueue, init=False, repr=False)
     _stuck: Future | None = field(default=None, init=False, repr=False)
     _cache: dict[tuple[str, str], tuple[float, object]] = field(default_factory=dict, init=False, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
@@ -47,7 +48,22 @@ class BoundedRepository:
     def __post_init__(self) -> None:
         self.root = Path(self.root)
         self.layout = RepositoryLayout(self.root)
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"probe-{self.root.name}")
+        # A daemon thread, not a ThreadPoolExecutor: executor threads are joined at exit,
+        # so a thread stuck in a hung FUSE stat would keep the process from stopping.
+        threading.Thread(target=self._work, name=f"probe-{self.root.name}", daemon=True).start()
+
+    def _work(self) -> None:
+        while True:
+            job = self._jobs.get()
+            if job is None:
+                return
+            future, fn = job
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                future.set_result(fn())
+            except BaseException as e:  # noqa: BLE001 - handed to the waiting RPC
+                future.set_exception(e)
 
     @property
     def healthy(self) -> bool:
@@ -59,7 +75,8 @@ class BoundedRepository:
             if self._stuck is not None and not self._stuck.done():
                 raise RepositoryUnavailable(f"{self.root} is not answering (an earlier lookup is still stuck)")
             self._stuck = None
-            future = self._executor.submit(fn)
+            future: Future = Future()
+            self._jobs.put((future, fn))
         try:
             return future.result(timeout=self.timeout)
         except FutureTimeout:
@@ -107,4 +124,4 @@ class BoundedRepository:
         return path.startswith(root)
 
     def close(self) -> None:
-        self._executor.shutdown(wait=False, cancel_futures=True)
+        self._jobs.put(None)

@@ -68,22 +68,37 @@ def parse_results(output: str) -> dict[str, str]:
     return {m[2]: m[1] for m in map(_RESULT.match, output.splitlines()) if m}
 
 
-def failure_report(output: str, failed: list[str]) -> str:
-    """Each failed subtest with the lines `go test -v` printed under its --- FAIL line."""
-    lines = output.splitlines()
+_MARKER = re.compile(r"^\s*(?:=== (?:RUN|CONT|PAUSE|NAME)\s+|--- (?:PASS|FAIL|SKIP): )(\S+)")
+_LOGPATH = re.compile(r"cvmfs-snapshotter log: (\S+?)\"?(?:\s|$)")
+
+
+def sections(output: str) -> dict[str, list[str]]:
+    """Output lines grouped by the (sub)test `go test -v` said they belong to."""
+    out: dict[str, list[str]] = {}
+    current = ""
+    for line in output.splitlines():
+        m = _MARKER.match(line)
+        if m:
+            current = m[1]
+        out.setdefault(current, []).append(line)
+    return out
+
+
+def failure_report(output: str, failed: list[str], log_limit: int = 2500) -> str:
+    """Per failed subtest: what the suite printed, and the tail of its snapshotter's log."""
+    by_test = sections(output)
     parts = []
     for name in failed:
-        for i, line in enumerate(lines):
-            if re.match(rf"^\s*--- FAIL: {re.escape(name)} \(", line):
-                indent = len(line) - len(line.lstrip())
-                body = []
-                for nxt in lines[i + 1:]:
-                    if nxt.strip() and (len(nxt) - len(nxt.lstrip())) <= indent:
-                        break
-                    body.append(nxt)
-                text = "\n".join(body)
-                parts.append(f"{line.strip()}\n{text[:3000]}")
-                break
+        lines = by_test.get(name, [])
+        text = "\n".join(lines)
+        logs = ""
+        for path in dict.fromkeys(_LOGPATH.findall(text)):
+            try:
+                content = Path(path).read_text(errors="replace")
+            except OSError:
+                continue
+            logs += f"\n  [snapshotter log {path}, tail]\n" + content[-log_limit:]
+        parts.append(f"=== {name}\n{text[-6000:]}{logs}")
     return "\n\n".join(parts)
 
 

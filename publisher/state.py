@@ -1,0 +1,378 @@
+"""The publisher's sqlite state: the source of truth for convert, gc and check.
+
+    wishlist_entries --< tag_entries >-- tags >-- images --< image_layers >-- layers
+
+* ``wishlist_entries``: an input line (reference as written, may be a tag glob) and
+  one platform; first/last seen.
+* ``tags``: a concrete tag (or pinned digest) of a registry/repository for one
+  platform, where its link lives (``platform_dir``: '' = repository root, else the
+  ``.platforms/`` dir), what it pointed at when last published (``top_digest`` =
+  what a HEAD returns, an index or a manifest; ``manifest_digest`` = the platform's
+  image) and the last error. A tag row with ``manifest_digest`` set has a link,
+  ``.metadata`` and podman entry in the repository.
+* ``images``: one image manifest (config digest, platform, top chain).
+* ``image_layers``: its layers bottom first with the OCI chainID up to each.
+* ``layers``: one published ``.layers/<xx>/<hex>`` dir and what its layers.json says.
+* ``runs``: one line per command run (for loop/metrics).
+
+Times are unix seconds (REAL). gc (issue 7) can find tags no entry has seen for a
+while (``tags.last_seen``), images no tag points at (``images`` minus
+``tags.manifest_digest``), and layers/chains no image uses (``image_layers``).
+One connection, used by one thread; WAL so readers (check, metrics) never block.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+SCHEMA_VERSION = 1
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (
+    key   TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS wishlist_entries (
+    id         INTEGER PRIMARY KEY,
+    reference  TEXT NOT NULL,          -- registry/repo[:tag|glob][@digest], no scheme
+    platform   TEXT NOT NULL,          -- os/arch[/variant]
+    source     TEXT NOT NULL,          -- FILE:LINE it was last read from
+    first_seen REAL NOT NULL,
+    last_seen  REAL NOT NULL,
+    UNIQUE (reference, platform)
+);
+CREATE TABLE IF NOT EXISTS images (
+    manifest_digest TEXT PRIMARY KEY,
+    config_digest   TEXT NOT NULL,
+    media_type      TEXT NOT NULL,
+    platform        TEXT NOT NULL,
+    top_chain       TEXT NOT NULL,     -- OCI chainID of all layers: .flat points at it
+    first_seen      REAL NOT NULL,
+    last_seen       REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS images_config ON images (config_digest);
+CREATE TABLE IF NOT EXISTS tags (
+    id              INTEGER PRIMARY KEY,
+    registry        TEXT NOT NULL,     -- as written (the link path uses it)
+    repository      TEXT NOT NULL,
+    tag             TEXT NOT NULL,     -- a tag, or sha256:<hex> for a digest reference
+    platform        TEXT NOT NULL,
+    platform_dir    TEXT NOT NULL,     -- '' = repository root, else .platforms/<dir>
+    top_digest      TEXT,              -- what the tag resolved to (index or manifest)
+    manifest_digest TEXT REFERENCES images (manifest_digest),
+    first_seen      REAL NOT NULL,
+    last_seen       REAL NOT NULL,     -- last run whose wishlist named it
+    published_at    REAL,              -- last time its link/.metadata were (re)written
+    last_error      TEXT,
+    last_error_at   REAL,
+    UNIQUE (registry, repository, tag, platform)
+);
+CREATE INDEX IF NOT EXISTS tags_manifest ON tags (manifest_digest);
+CREATE TABLE IF NOT EXISTS tag_entries (
+    tag_id   INTEGER NOT NULL REFERENCES tags (id) ON DELETE CASCADE,
+    entry_id INTEGER NOT NULL REFERENCES wishlist_entries (id) ON DELETE CASCADE,
+    PRIMARY KEY (tag_id, entry_id)
+);
+CREATE TABLE IF NOT EXISTS layers (
+    digest       TEXT PRIMARY KEY,     -- compressed blob digest = .layers/<xx>/<hex>
+    diff_id      TEXT NOT NULL,
+    size         INTEGER NOT NULL,     -- compressed
+    diff_size    INTEGER NOT NULL,
+    whiteouts    TEXT,                 -- none | overlay | raw (NULL: unknown)
+    parent_chain TEXT,
+    first_seen   REAL NOT NULL,
+    last_seen    REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS image_layers (
+    manifest_digest TEXT NOT NULL REFERENCES images (manifest_digest) ON DELETE CASCADE,
+    position        INTEGER NOT NULL,  -- 0 = bottom
+    layer_digest    TEXT NOT NULL REFERENCES layers (digest),
+    chain_id        TEXT NOT NULL,     -- .chains/<xx>/<hex> up to and including this layer
+    PRIMARY KEY (manifest_digest, position)
+);
+CREATE INDEX IF NOT EXISTS image_layers_layer ON image_layers (layer_digest);
+CREATE INDEX IF NOT EXISTS image_layers_chain ON image_layers (chain_id);
+CREATE TABLE IF NOT EXISTS runs (
+    id        INTEGER PRIMARY KEY,
+    command   TEXT NOT NULL,
+    started   REAL NOT NULL,
+    finished  REAL,
+    new       INTEGER NOT NULL DEFAULT 0,
+    updated   INTEGER NOT NULL DEFAULT 0,
+    unchanged INTEGER NOT NULL DEFAULT 0,
+    failed    INTEGER NOT NULL DEFAULT 0,
+    skipped   INTEGER NOT NULL DEFAULT 0,
+    bytes     INTEGER NOT NULL DEFAULT 0
+);
+"""
+
+
+class StateError(RuntimeError):
+    """The state database cannot be used (wrong repository, newer schema, ...)."""
+
+
+@dataclass(frozen=True)
+class TagKey:
+    registry: str
+    repository: str
+    tag: str
+    platform: str  # os/arch[/variant]
+
+    def __str__(self) -> str:
+        return f"{self.registry}/{self.repository}:{self.tag} ({self.platform})"
+
+
+@dataclass(frozen=True)
+class TagRecord:
+    id: int
+    key: TagKey
+    platform_dir: str
+    top_digest: str | None
+    manifest_digest: str | None
+    config_digest: str | None
+    last_error: str | None
+
+    @property
+    def published(self) -> bool:
+        return self.manifest_digest is not None
+
+
+@dataclass(frozen=True)
+class LayerRecord:
+    digest: str
+    diff_id: str
+    size: int
+    diff_size: int
+    whiteouts: str | None
+    parent_chain: str | None
+    chain_id: str
+
+
+@dataclass(frozen=True)
+class ImageRecord:
+    manifest_digest: str
+    config_digest: str
+    media_type: str
+    platform: str
+    layers: Sequence[LayerRecord]  # bottom first
+
+    @property
+    def top_chain(self) -> str:
+        return self.layers[-1].chain_id
+
+
+@dataclass
+class RunCounts:
+    new: int = 0
+    updated: int = 0
+    unchanged: int = 0
+    failed: int = 0
+    skipped: int = 0
+    bytes: int = 0
+
+
+class State:
+    """The state database. ``State.open(path, repository_root)``; use as a context manager."""
+
+    def __init__(self, conn: sqlite3.Connection, path: Path) -> None:
+        self.conn = conn
+        self.path = path
+
+    @classmethod
+    def open(cls, path: str | os.PathLike[str], repository_root: str | os.PathLike[str]) -> "State":
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        conn = sqlite3.connect(path, timeout=30, isolation_level=None)
+        try:
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: durable at checkpoints, never corrupt
+            conn.execute("PRAGMA foreign_keys=ON")
+            conn.execute("PRAGMA busy_timeout=30000")
+            state = cls(conn, path)
+            with state.transaction():
+                # executescript() would COMMIT on its own: run the statements one by one.
+                for stmt in _statements(_SCHEMA):
+                    conn.execute(stmt)
+                state._check_meta(Path(os.path.abspath(repository_root)))
+        except BaseException:
+            conn.close()
+            raise
+        return state
+
+    def close(self) -> None:
+        self.conn.close()
+
+    def __enter__(self) -> "State":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        self.conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield self.conn
+        except BaseException:
+            self.conn.execute("ROLLBACK")
+            raise
+        self.conn.execute("COMMIT")
+
+    def _check_meta(self, root: Path) -> None:
+        rows = dict(self.conn.execute("SELECT key, value FROM meta").fetchall())
+        version = int(rows.get("schema_version", SCHEMA_VERSION))
+        if version > SCHEMA_VERSION:
+            raise StateError(f"{self.path}: schema version {version} is newer than this publisher's {SCHEMA_VERSION}")
+        known = rows.get("repository_root")
+        if known is not None and known != str(root):
+            raise StateError(f"{self.path} belongs to repository {known}, not {root}; give --state-db for this repository")
+        self.conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+        self.conn.execute("INSERT OR IGNORE INTO meta (key, value) VALUES ('repository_root', ?)", (str(root),))
+
+    # -- runs -----------------------------------------------------------------
+    def begin_run(self, command: str, now: float | None = None) -> int:
+        with self.transaction():
+            cur = self.conn.execute("INSERT INTO runs (command, started) VALUES (?, ?)", (command, now or time.time()))
+            return int(cur.lastrowid)  # type: ignore[arg-type]
+
+    def finish_run(self, run_id: int, counts: RunCounts, now: float | None = None) -> None:
+        with self.transaction():
+            self.conn.execute(
+                "UPDATE runs SET finished=?, new=?, updated=?, unchanged=?, failed=?, skipped=?, bytes=? WHERE id=?",
+                (now or time.time(), counts.new, counts.updated, counts.unchanged, counts.failed, counts.skipped,
+                 counts.bytes, run_id),
+            )
+
+    # -- wishlist entries -------------------------------------------------------
+    def upsert_entry(self, reference: str, platform: str, source: str, now: float | None = None) -> int:
+        now = now or time.time()
+        with self.transaction():
+            self.conn.execute(
+                "INSERT INTO wishlist_entries (reference, platform, source, first_seen, last_seen) VALUES (?, ?, ?, ?, ?) "
+                "ON CONFLICT (reference, platform) DO UPDATE SET source=excluded.source, last_seen=excluded.last_seen",
+                (reference, platform, source, now, now),
+            )
+            row = self.conn.execute(
+                "SELECT id FROM wishlist_entries WHERE reference=? AND platform=?", (reference, platform)
+            ).fetchone()
+        return int(row[0])
+
+    # -- tags ---------------------------------------------------------------------
+    def tag(self, key: TagKey) -> TagRecord | None:
+        row = self.conn.execute(
+            "SELECT t.id, t.platform_dir, t.top_digest, t.manifest_digest, i.config_digest, t.last_error "
+            "FROM tags t LEFT JOIN images i ON i.manifest_digest = t.manifest_digest "
+            "WHERE t.registry=? AND t.repository=? AND t.tag=? AND t.platform=?",
+            (key.registry, key.repository, key.tag, key.platform),
+        ).fetchone()
+        if row is None:
+            return None
+        return TagRecord(row[0], key, row[1], row[2], row[3], row[4], row[5])
+
+    def _ensure_tag(self, key: TagKey, platform_dir: str, now: float) -> int:
+        self.conn.execute(
+            "INSERT INTO tags (registry, repository, tag, platform, platform_dir, first_seen, last_seen) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (registry, repository, tag, platform) DO UPDATE SET last_seen=excluded.last_seen",
+            (key.registry, key.repository, key.tag, key.platform, platform_dir, now, now),
+        )
+        row = self.conn.execute(
+            "SELECT id FROM tags WHERE registry=? AND repository=? AND tag=? AND platform=?",
+            (key.registry, key.repository, key.tag, key.platform),
+        ).fetchone()
+        return int(row[0])
+
+    def _link_entry(self, tag_id: int, entry_id: int | None) -> None:
+        if entry_id is not None:
+            self.conn.execute("INSERT OR IGNORE INTO tag_entries (tag_id, entry_id) VALUES (?, ?)", (tag_id, entry_id))
+
+    def touch_tag(self, key: TagKey, platform_dir: str, entry_id: int | None, now: float | None = None) -> None:
+        """The tag is still wanted and unchanged: only the times move (no repository work)."""
+        now = now or time.time()
+        with self.transaction():
+            tag_id = self._ensure_tag(key, platform_dir, now)
+            self._link_entry(tag_id, entry_id)
+            self.conn.execute("UPDATE tags SET last_error=NULL, last_error_at=NULL WHERE id=?", (tag_id,))
+            self.conn.execute(
+                "UPDATE images SET last_seen=? WHERE manifest_digest=(SELECT manifest_digest FROM tags WHERE id=?)",
+                (now, tag_id),
+            )
+
+    def record_failure(self, key: TagKey, platform_dir: str, entry_id: int | None, error: str,
+                       now: float | None = None) -> None:
+        """Keep what was published (a failed update leaves the old image in place)."""
+        now = now or time.time()
+        with self.transaction():
+            tag_id = self._ensure_tag(key, platform_dir, now)
+            self._link_entry(tag_id, entry_id)
+            self.conn.execute("UPDATE tags SET last_error=?, last_error_at=? WHERE id=?", (error[:4000], now, tag_id))
+
+    def record_published(self, key: TagKey, platform_dir: str, entry_id: int | None, top_digest: str,
+                         image: ImageRecord, now: float | None = None) -> None:
+        """One transaction: the image, its layers, and the tag now pointing at it."""
+        now = now or time.time()
+        with self.transaction():
+            for layer in image.layers:
+                self.conn.execute(
+                    "INSERT INTO layers (digest, diff_id, size, diff_size, whiteouts, parent_chain, first_seen, last_seen) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (digest) DO UPDATE SET "
+                    "whiteouts=excluded.whiteouts, parent_chain=excluded.parent_chain, last_seen=excluded.last_seen",
+                    (layer.digest, layer.diff_id, layer.size, layer.diff_size, layer.whiteouts, layer.parent_chain, now, now),
+                )
+            self.conn.execute(
+                "INSERT INTO images (manifest_digest, config_digest, media_type, platform, top_chain, first_seen, last_seen) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (manifest_digest) DO UPDATE SET last_seen=excluded.last_seen",
+                (image.manifest_digest, image.config_digest, image.media_type, image.platform, image.top_chain, now, now),
+            )
+            self.conn.execute("DELETE FROM image_layers WHERE manifest_digest=?", (image.manifest_digest,))
+            self.conn.executemany(
+                "INSERT INTO image_layers (manifest_digest, position, layer_digest, chain_id) VALUES (?, ?, ?, ?)",
+                [(image.manifest_digest, i, l.digest, l.chain_id) for i, l in enumerate(image.layers)],
+            )
+            tag_id = self._ensure_tag(key, platform_dir, now)
+            self._link_entry(tag_id, entry_id)
+            self.conn.execute(
+                "UPDATE tags SET platform_dir=?, top_digest=?, manifest_digest=?, published_at=?, "
+                "last_error=NULL, last_error_at=NULL WHERE id=?",
+                (platform_dir, top_digest, image.manifest_digest, now, tag_id),
+            )
+
+    # -- queries (check/gc build on these) ---------------------------------------------
+    def published_tags(self) -> list[TagRecord]:
+        rows = self.conn.execute(
+            "SELECT t.id, t.registry, t.repository, t.tag, t.platform, t.platform_dir, t.top_digest, "
+            "t.manifest_digest, i.config_digest, t.last_error FROM tags t "
+            "JOIN images i ON i.manifest_digest = t.manifest_digest ORDER BY t.registry, t.repository, t.tag, t.platform"
+        ).fetchall()
+        return [TagRecord(r[0], TagKey(r[1], r[2], r[3], r[4]), r[5], r[6], r[7], r[8], r[9]) for r in rows]
+
+    def image_layers(self, manifest_digest: str) -> list[LayerRecord]:
+        rows = self.conn.execute(
+            "SELECT l.digest, l.diff_id, l.size, l.diff_size, l.whiteouts, l.parent_chain, il.chain_id "
+            "FROM image_layers il JOIN layers l ON l.digest = il.layer_digest "
+            "WHERE il.manifest_digest=? ORDER BY il.position",
+            (manifest_digest,),
+        ).fetchall()
+        return [LayerRecord(*r) for r in rows]
+
+    def counts(self) -> dict[str, int]:
+        return {
+            table: int(self.conn.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0])
+            for table in ("wishlist_entries", "tags", "images", "layers", "image_layers", "runs")
+        }
+
+
+def _statements(script: str) -> list[str]:
+    out: list[str] = []
+    buf: list[str] = []
+    for line in script.splitlines():
+        buf.append(line)
+        if sqlite3.complete_statement("\n".join(buf)):
+            out.append("\n".join(buf).strip())
+            buf = []
+    return [s for s in out if s]
