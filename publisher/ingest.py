@@ -19,7 +19,7 @@ from pathlib import Path
 from cvmfs_common.digest import parse_digest
 from cvmfs_common.layout import (LAYERFS, LAYERS_JSON, METADATA_DIR, ORIGIN_JSON, LayerMetadata, RepositoryLayout,
                                  exchange_dirs, find_layer, origin_json_bytes, publish_dir, read_origin_json,
-                                 remove_tree, syncfs, write_origin_json)
+                                 remove_tree, syncfs)
 from cvmfs_common.reference import Reference
 from cvmfs_common.registry import RegistryClient
 
@@ -192,11 +192,9 @@ class LayerIngester:
                 current = []
             if config_digest in current:
                 return False
-            tmp = self.layout.tmp_dir
-            tmp.mkdir(parents=True, exist_ok=True)
             # via the layout: the temp file lives under .tmp, never next to the real one
             self.layout.atomic_write_file(path, origin_json_bytes(current + [config_digest]))
             return True
 
 
-__all__ = ["LayerConflict", "LayerSpec", "Ingested", "LayerIngester", "PrivateUnpack", "write_origin_json"]
+__all__ = ["LayerConflict", "LayerSpec", "Ingested", "LayerIngester", "PrivateUnpack"]

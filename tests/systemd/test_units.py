@@ -1,0 +1,48 @@
+"""The systemd units pass `systemd-analyze verify` and keep containerd's view of our paths."""
+
+import configparser
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+UNITS = Path(__file__).resolve().parents[2] / "systemd"
+VENV_BIN = Path(sys.executable).parent
+
+
+def _unit(name: str) -> configparser.ConfigParser:
+    cp = configparser.ConfigParser(strict=False, interpolation=None)
+    cp.optionxform = str
+    cp.read(UNITS / name)
+    return cp
+
+
+@pytest.mark.parametrize("name", ["cvmfs-snapshotter.service", "cvmfs-publisher.service"])
+def test_systemd_analyze_verify(name, tmp_path):
+    if shutil.which("systemd-analyze") is None:
+        pytest.skip("systemd-analyze not installed")
+    # Point ExecStart at this venv so verify can check the binary exists.
+    text = (UNITS / name).read_text().replace("/opt/cvmfs-images/.venv/bin", str(VENV_BIN))
+    unit = tmp_path / name
+    unit.write_text(text)
+    res = subprocess.run(["systemd-analyze", "verify", str(unit)], capture_output=True, text=True)
+    problems = [line for line in (res.stdout + res.stderr).splitlines() if name in line or "error" in line.lower()]
+    assert res.returncode == 0 and not problems, res.stdout + res.stderr
+
+
+def test_snapshotter_unit_keeps_paths_valid_for_containerd():
+    svc = _unit("cvmfs-snapshotter.service")
+    assert "containerd.service" in svc["Unit"]["Before"]
+    assert svc["Service"].get("PrivateTmp", "no") == "no"
+    assert svc["Service"].get("PrivateMounts", "no") == "no"
+    assert "ProtectSystem" not in svc["Service"]
+    assert svc["Service"]["RuntimeDirectory"] == "containerd-cvmfs-grpc"
+    assert "/tmp" not in svc["Service"]["ExecStart"]
+
+
+def test_publisher_unit_runs_loop_outside_cvmfs():
+    svc = _unit("cvmfs-publisher.service")
+    assert " loop " in svc["Service"]["ExecStart"]
+    assert not svc["Service"]["WorkingDirectory"].startswith("/cvmfs")
