@@ -48,12 +48,19 @@ def run_serve(args: argparse.Namespace) -> int:
     from .core import Snapshotter
     from .server import SocketInUse, serve
 
+    from .metrics import Metrics
     from .remote import build_remote_layers
 
-    remote = build_remote_layers(cfg.repositories, cfg.stat_timeout, cfg.lookup_cache_ttl)
-    snapshotter = Snapshotter(cfg.root, remote)
+    metrics = Metrics()
+    remote = build_remote_layers(
+        cfg.repositories,
+        cfg.stat_timeout,
+        cfg.lookup_cache_ttl,
+        on_failure=lambda root: metrics.probe_failures.labels(root).inc(),
+    )
+    snapshotter = Snapshotter(cfg.root, remote, metrics)
     try:
-        return serve(cfg, snapshotter)
+        return serve(cfg, snapshotter, metrics)
     except SocketInUse as e:
         log.error("%s", e)
         return 1

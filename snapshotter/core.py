@@ -16,6 +16,7 @@ from typing import Sequence
 from .errors import AlreadyExists, InvalidArgument, Unavailable
 from .filters import FilterSyntaxError, parse_all
 from .fs import SnapshotDirs, disk_usage, overlay_supports_index
+from .metrics import Metrics
 from .model import Info, Kind, Lower, Mount, Usage
 from .remote import (
     CRI_LAYER_DIGEST_LABEL,
@@ -32,8 +33,9 @@ from .store import Lineage, Store
 log = logging.getLogger(__name__)
 
 class Snapshotter:
-    def __init__(self, root: Path, remote: RemoteLayers | None = None) -> None:
+    def __init__(self, root: Path, remote: RemoteLayers | None = None, metrics: Metrics | None = None) -> None:
         self.root = Path(root)
+        self.metrics = metrics
         options = ("index=off",) if overlay_supports_index() else ()
         self.dirs = SnapshotDirs(self.root, options)
         self.store = Store(str(self.root / "metadata.db"))
@@ -62,7 +64,12 @@ class Snapshotter:
             self.dirs.create(snapshot_id, kind, self._root_attributes(lowers))
 
         created = self.store.create(key, parent, kind, labels, make_dirs, lineage)
+        self._count("snapshots", kind.filter_name)
         return self.dirs.mounts(created.snapshot)
+
+    def _count(self, counter: str, label: str) -> None:
+        if self.metrics is not None:
+            getattr(self.metrics, counter).labels(label).inc()
 
     def _root_attributes(self, lowers: tuple[Lower, ...]) -> tuple[int, int, int] | None:
         """Mode and owner of the stack's "/" (the upper dir must carry them)."""
@@ -111,6 +118,7 @@ class Snapshotter:
         ducc = tuple(lineage.ducc_chain.split(" ")) if lineage.ducc_chain else None
         request = LayerRequest(ref, digest, bool(parent), facts.lineage.chain_id if facts else None, ducc)
         match = self.remote.find(request)
+        self._count("remote_layers", "hit" if match is not None else "miss")
         if match is None:
             log.info("layer %s (%s) not in any repository: normal pull", ref, digest or "digest unknown")
             return
@@ -127,6 +135,7 @@ class Snapshotter:
                 lambda snapshot_id: self.dirs.link_remote(snapshot_id, match.source),
                 lineage,
             )
+            self._count("snapshots", "remote")
             log.info("layer %s served from %s", ref, match.source)
         except AlreadyExists:
             pass  # the same layer on the same parent, e.g. from another namespace

@@ -22,6 +22,19 @@ class Metrics:
             registry=self.registry,
         )
 
+        self.probe_failures = Counter(
+            "cvmfs_snapshotter_repository_probe_failures_total",
+            "Repository lookups that timed out or found the repository stuck",
+            ["repository"],
+            registry=self.registry,
+        )
+        self.snapshots = Counter(
+            "cvmfs_snapshotter_snapshots_created_total",
+            "Snapshots created, by kind (active, view, remote)",
+            ["kind"],
+            registry=self.registry,
+        )
+
     def observe(self, method: str, code: str, seconds: float) -> None:
         self.rpc_seconds.labels(method, code).observe(seconds)
 

@@ -15,7 +15,7 @@ import hashlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 from cvmfs_common.digest import InvalidDigest, ducc2_chain_ids, ducc_chain_ids, parse_digest
 
@@ -129,5 +129,9 @@ class RemoteLayers:
             r.close()
 
 
-def build_remote_layers(repositories: Sequence[str], timeout: float, cache_ttl: float) -> RemoteLayers:
-    return RemoteLayers([BoundedRepository(Path(p), timeout, cache_ttl) for p in repositories])
+def build_remote_layers(
+    repositories: Sequence[str], timeout: float, cache_ttl: float, on_failure: Callable[[str], None] | None = None
+) -> RemoteLayers:
+    return RemoteLayers(
+        [BoundedRepository(Path(p), timeout, cache_ttl, on_failure=on_failure) for p in repositories]
+    )

@@ -40,6 +40,7 @@ class BoundedRepository:
     timeout: float = 2.0
     cache_ttl: float = 5.0
     clock: Callable[[], float] = time.monotonic
+    on_failure: Callable[[str], None] | None = None  # called with the root on a timeout
     _jobs: queue.SimpleQueue = field(default_factory=queue.SimpleQueue, init=False, repr=False)
     _stuck: Future | None = field(default=None, init=False, repr=False)
     _cache: dict[tuple[str, str], tuple[float, object]] = field(default_factory=dict, init=False, repr=False)
@@ -73,6 +74,7 @@ class BoundedRepository:
     def _run(self, what: str, fn: Callable[[], T]) -> T:
         with self._lock:
             if self._stuck is not None and not self._stuck.done():
+                self._report_failure()
                 raise RepositoryUnavailable(f"{self.root} is not answering (an earlier lookup is still stuck)")
             self._stuck = None
             future: Future = Future()
@@ -82,8 +84,13 @@ class BoundedRepository:
         except FutureTimeout:
             with self._lock:
                 self._stuck = future
+            self._report_failure()
             log.warning("repository %s did not answer %s within %.1fs; falling back", self.root, what, self.timeout)
             raise RepositoryUnavailable(f"{self.root} did not answer {what} within {self.timeout:g}s") from None
+
+    def _report_failure(self) -> None:
+        if self.on_failure is not None:
+            self.on_failure(str(self.root))
 
     def _cached(self, kind: str, key: str, fn: Callable[[], T]) -> T:
         now = self.clock()

@@ -59,8 +59,7 @@ def build_server(cfg: ServeConfig, snapshotter: Snapshotter, metrics: Metrics | 
     return server
 
 
-def serve(cfg: ServeConfig, snapshotter: Snapshotter) -> int:
-    metrics = Metrics()
+def serve(cfg: ServeConfig, snapshotter: Snapshotter, metrics: Metrics) -> int:
     if cfg.metrics_address:
         metrics.serve(cfg.metrics_address)
     server = build_server(cfg, snapshotter, metrics)

@@ -1,0 +1,249 @@
+"""``convert``: keep a repository in sync with wishlist entries.
+
+    expand tag globs (tag lists)  ->  HEAD every tag (in parallel)
+      -> unchanged (state knows that digest, and its manifest.json is there): nothing
+      -> otherwise resolve, fetch config, publish (image.py), record in the state
+
+A re-sync with nothing changed costs one HEAD per tag: no manifest GET, no blob
+GET, no write to the repository. Every tag and platform is one item; a failing
+item is recorded and reported, never stops the others.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from cvmfs_common.layout import RepositoryLayout
+from cvmfs_common.reference import Reference
+from cvmfs_common.registry import ManifestError, NotFound, Platform, RegistryClient, ResolvedImage
+
+from .image import ImagePublisher, Placement
+from .ingest import LayerIngester
+from .progress import ItemResult, Progress, Summary
+from .runlock import exclusive, lock_path_for
+from .state import State, TagKey
+from .wishlist import WishlistEntry
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ConvertOptions:
+    jobs: int = 4
+    podman_store: bool = True
+    whiteouts: str = "overlay"  # the local backend converts whiteouts (DESIGN §2a)
+
+
+@dataclass(frozen=True)
+class Target:
+    """One concrete tag (or digest) for one platform."""
+
+    reference: Reference
+    platform: Platform
+    default: bool
+    entry_id: int | None
+
+    @property
+    def key(self) -> TagKey:
+        registry, repository, tag = self.reference.link_components
+        return TagKey(registry, repository, tag, str(self.platform))
+
+    @property
+    def name(self) -> str:
+        return f"{self.reference.spelling} ({self.platform})"
+
+
+def _ref_key(ref: Reference) -> tuple:
+    return (ref.registry, ref.repository, ref.tag, ref.digest)
+
+
+@dataclass
+class Converter:
+    layout: RepositoryLayout
+    state: State
+    client: RegistryClient
+    options: ConvertOptions = field(default_factory=ConvertOptions)
+    progress: Progress = field(default_factory=lambda: Progress(live=False))
+
+    def __post_init__(self) -> None:
+        podman = None
+        if self.options.podman_store:
+            try:
+                from .podman_store import PodmanStore
+            except ImportError as e:  # a partial install: publish everything else
+                log.warning("podman store disabled: %s", e)
+            else:
+                podman = PodmanStore
+        self.ingester = LayerIngester(self.layout, self.client, whiteouts=self.options.whiteouts,
+                                      on_bytes=self.progress.add_bytes)
+        self.publisher = ImagePublisher(self.layout, self.ingester, jobs=self.options.jobs, podman_store=podman)
+
+    # -- the run ---------------------------------------------------------------------------
+    def run(self, entries: Sequence[WishlistEntry], default_platform: Platform, command: str = "convert") -> Summary:
+        summary = Summary()
+        run_id = self.state.begin_run(command)
+        try:
+            targets = self._expand(entries, default_platform, summary)
+            heads = self._heads(targets)
+            for i, target in enumerate(targets, 1):
+                self.progress.start_item(f"{i}/{len(targets)}", target.name)
+                result = self._one(target, heads[_ref_key(target.reference)])
+                self.progress.clear()
+                summary.add(result)
+                level = logging.ERROR if result.outcome == "failed" else logging.INFO
+                log.log(level, "[%d/%d] %s: %s%s", i, len(targets), result.name, result.outcome,
+                        f" ({result.detail})" if result.detail else "")
+        finally:
+            self.progress.clear()
+            self.state.finish_run(run_id, summary.run_counts())
+        return summary
+
+    def _pool(self, n: int) -> ThreadPoolExecutor:
+        return ThreadPoolExecutor(max_workers=max(1, min(self.options.jobs, n)), thread_name_prefix="registry")
+
+    def _expand(self, entries: Sequence[WishlistEntry], default: Platform, summary: Summary) -> list[Target]:
+        """Entries -> concrete targets (globs via the tag list), deduplicated."""
+        expanded: dict[int, list[Reference] | Exception] = {}
+        globs = [(i, e) for i, e in enumerate(entries) if e.reference.is_glob]
+        if globs:
+            with self._pool(len(globs)) as pool:
+                futures = {i: pool.submit(self.client.expand, e.reference) for i, e in globs}
+            for i, fut in futures.items():
+                try:
+                    expanded[i] = fut.result()
+                except Exception as e:  # noqa: BLE001 - reported per entry
+                    expanded[i] = e
+        targets: dict[tuple, Target] = {}
+        for i, entry in enumerate(entries):
+            refs = expanded.get(i, [entry.reference])
+            for plat in entry.platforms:
+                entry_id = self.state.upsert_entry(entry.reference.spelling, str(plat), entry.source)
+                name = f"{entry.reference.spelling} ({plat})"
+                if isinstance(refs, Exception):
+                    summary.add(ItemResult(name, "failed", f"listing tags: {refs}"))
+                    log.error("%s: listing tags failed: %s", name, refs)
+                    continue
+                if not refs:
+                    summary.add(ItemResult(name, "skipped", "no tag matches"))
+                    log.warning("%s (%s): no tag matches", name, entry.source)
+                    continue
+                for ref in refs:
+                    key = _ref_key(ref) + (str(plat),)
+                    if key not in targets:
+                        targets[key] = Target(ref, plat, plat == default, entry_id)
+        return list(targets.values())
+
+    def _heads(self, targets: Sequence[Target]) -> dict[tuple, str | Exception]:
+        """What every tag points at now: one HEAD per tag (none for pinned digests)."""
+        refs = {_ref_key(t.reference): t.reference for t in targets}
+        out: dict[tuple, str | Exception] = {}
+        todo = {k: r for k, r in refs.items() if r.digest is None}
+        for k, r in refs.items():
+            if r.digest is not None:
+                out[k] = r.digest
+        if todo:
+            with self._pool(len(todo)) as pool:
+                futures = {k: pool.submit(self.client.head_manifest, r) for k, r in todo.items()}
+            for k, fut in futures.items():
+                try:
+                    digest = fut.result()
+                    out[k] = digest if digest is not None else NotFound(todo[k], "tag not found (HEAD 404)")
+                except Exception as e:  # noqa: BLE001 - reported per item
+                    out[k] = e
+        return out
+
+    # -- one item --------------------------------------------------------------------------
+    def _placement(self, target: Target) -> Placement:
+        if target.default:
+            return Placement(self.layout, "")
+        p = target.platform
+        return Placement(self.layout.for_platform(p.os, p.architecture, p.variant), p.dir_name)
+
+    def _one(self, target: Target, head: str | Exception) -> ItemResult:
+        started = time.monotonic()
+        key = target.key
+        placement = self._placement(target)
+        try:
+            if isinstance(head, Exception):
+                raise head
+            known = self.state.tag(key)
+            if (known is not None and known.published and known.top_digest == head
+                    and known.platform_dir == placement.platform_dir
+                    and placement.layout.manifest_json(key.registry, key.repository, key.tag).is_file()):
+                self.state.touch_tag(key, placement.platform_dir, target.entry_id)
+                return ItemResult(target.name, "unchanged", seconds=time.monotonic() - started)
+            image = self._resolve(target, head)
+            if image is None:
+                return ItemResult(target.name, "skipped", f"no image for {target.platform}")
+            config_bytes, config = self.client.fetch_config(image)
+            if image.platform is None and not _config_matches(config, target.platform):
+                found = f"{config.get('os')}/{config.get('architecture')}"
+                if not target.default:
+                    return ItemResult(target.name, "skipped", f"single-platform image is {found}")
+                log.warning("%s: the image is %s, not %s; publishing it for the default platform",
+                            target.name, found, target.platform)
+            published = self.publisher.publish(target.reference, image, config_bytes, config, placement,
+                                               str(target.platform))
+            self.state.record_published(key, placement.platform_dir, target.entry_id, head, published.record)
+        except Exception as e:  # noqa: BLE001 - one failing image never stops the others
+            log.debug("%s failed", target.name, exc_info=True)
+            try:
+                self.state.record_failure(key, placement.platform_dir, target.entry_id, str(e))
+            except Exception:  # noqa: BLE001 - the report matters more
+                log.exception("recording the failure of %s", target.name)
+            return ItemResult(target.name, "failed", f"{type(e).__name__}: {e}", seconds=time.monotonic() - started)
+        if known is None or known.manifest_digest is None:
+            outcome = "new"
+        elif known.manifest_digest != image.manifest_digest:
+            outcome = "updated"
+        else:
+            outcome = "unchanged"  # e.g. an index changed but not this platform's image
+        detail = f"{image.manifest_digest[:19]}, {len(image.layers)} layers"
+        return ItemResult(target.name, outcome, detail, published.layers_fetched,
+                          published.bytes_fetched + len(config_bytes), time.monotonic() - started)
+
+    def _resolve(self, target: Target, head: str) -> ResolvedImage | None:
+        """The image for the platform, read by the digest the HEAD returned (so a tag
+        moving meanwhile cannot mix two images); None when an index lacks a
+        non-default platform."""
+        try:
+            return self.client.resolve(target.reference.with_digest(head), target.platform)
+        except ManifestError as e:
+            if not target.default and "no manifest for platform" in str(e):
+                return None
+            raise
+
+
+def _config_matches(config: dict, platform: Platform) -> bool:
+    os_name, arch = config.get("os"), config.get("architecture")
+    if not os_name or not arch:
+        return True  # nothing to contradict
+    return platform.matches(Platform(str(os_name), str(arch), config.get("variant") or None))
+
+
+# -- entry point used by the CLI ----------------------------------------------------------
+def default_state_db(root: Path) -> Path:
+    """``/var/lib/cvmfs-publisher/<repository name>/state.db``: outside the repository
+    (CVMFS would publish it) and on local disk."""
+    return Path("/var/lib/cvmfs-publisher") / (Path(os.path.abspath(root)).name or "root") / "state.db"
+
+
+def convert(entries: Sequence[WishlistEntry], default_platform: Platform, *, root: Path, state_db: Path,
+            client: RegistryClient, options: ConvertOptions, progress: Progress, command: str) -> Summary:
+    """Lock, clean ``.tmp/`` (work a crash left), run, and return the summary."""
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    layout = RepositoryLayout(root)
+    with exclusive(lock_path_for(state_db)):
+        removed = layout.clean_tmp()
+        if removed:
+            log.info("removed %d unfinished work dirs from %s (an earlier run was interrupted)", removed,
+                     layout.tmp_dir)
+        with State.open(state_db, root) as state:
+            return Converter(layout, state, client, options, progress).run(entries, default_platform, command)

@@ -1,0 +1,143 @@
+"""The real `cvmfs-snapshotter serve` process: socket hygiene, status codes, metrics, signals."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import grpc
+import pytest
+from google.protobuf import field_mask_pb2
+
+from cvmfs_api.containerd.services.snapshots.v1 import snapshots_pb2 as pb
+from cvmfs_api.containerd.services.snapshots.v1 import snapshots_pb2_grpc as pb_grpc
+from tests.fixtures._proc import free_port
+from tests.fixtures.snapshotter import SnapshotterProcess
+
+
+@pytest.fixture
+def proc(tmp_path):
+    port = free_port()
+    p = SnapshotterProcess(tmp_path / "sn", extra_args=["--metrics-address", f"127.0.0.1:{port}"])
+    p.start()
+    p.metrics_port = port
+    yield p
+    p.stop()
+
+
+@pytest.fixture
+def stub(proc):
+    with grpc.insecure_channel(f"unix:{proc.address}") as ch:
+        yield pb_grpc.SnapshotsStub(ch)
+
+
+def code_of(fn, *args) -> grpc.StatusCode:
+    with pytest.raises(grpc.RpcError) as e:
+        fn(*args)
+    return e.value.code()
+
+
+def test_socket_is_0660(proc):
+    assert stat.S_IMODE(os.stat(proc.address).st_mode) == 0o660
+
+
+def test_malformed_requests_get_the_right_codes(stub):
+    assert code_of(stub.Prepare, pb.PrepareSnapshotRequest(key="")) == grpc.StatusCode.INVALID_ARGUMENT
+    assert code_of(stub.Prepare, pb.PrepareSnapshotRequest(key="k", parent="nope")) == grpc.StatusCode.NOT_FOUND
+    assert code_of(stub.Stat, pb.StatSnapshotRequest(key="nope")) == grpc.StatusCode.NOT_FOUND
+    assert code_of(stub.Mounts, pb.MountsRequest(key="nope")) == grpc.StatusCode.NOT_FOUND
+    assert code_of(stub.Remove, pb.RemoveSnapshotRequest(key="nope")) == grpc.StatusCode.NOT_FOUND
+    assert code_of(stub.Usage, pb.UsageRequest(key="nope")) == grpc.StatusCode.NOT_FOUND
+    stub.Prepare(pb.PrepareSnapshotRequest(key="k"))
+    assert code_of(stub.Prepare, pb.PrepareSnapshotRequest(key="k")) == grpc.StatusCode.ALREADY_EXISTS
+    assert code_of(stub.Commit, pb.CommitSnapshotRequest(key="k", name="")) == grpc.StatusCode.INVALID_ARGUMENT
+    bad_update = pb.UpdateSnapshotRequest(info=pb.Info(name="k"), update_mask=field_mask_pb2.FieldMask(paths=["kind"]))
+    assert code_of(stub.Update, bad_update) == grpc.StatusCode.INVALID_ARGUMENT
+    for garbage in ["name==", "labels.\"x", "name=~x", "\x00"]:
+        req = pb.ListSnapshotsRequest(filters=[garbage])
+        assert code_of(lambda r: list(stub.List(r)), req) == grpc.StatusCode.INVALID_ARGUMENT, garbage
+    # Still serving after all of that.
+    assert stub.Stat(pb.StatSnapshotRequest(key="k")).info.name == "k"
+
+
+def test_metrics_endpoint(proc, stub):
+    stub.Prepare(pb.PrepareSnapshotRequest(key="m"))
+    with pytest.raises(grpc.RpcError):
+        stub.Stat(pb.StatSnapshotRequest(key="missing"))
+    text = urllib.request.urlopen(f"http://127.0.0.1:{proc.metrics_port}/metrics", timeout=10).read().decode()
+    assert 'cvmfs_snapshotter_rpc_seconds_count{code="OK",method="Prepare"} 1.0' in text
+    assert 'cvmfs_snapshotter_rpc_seconds_count{code="NOT_FOUND",method="Stat"} 1.0' in text
+    assert 'cvmfs_snapshotter_snapshots_created_total{kind="active"} 1.0' in text
+
+
+def test_sigterm_stops_cleanly_and_removes_socket(proc):
+    proc._proc.send_signal(signal.SIGTERM)
+    assert proc._proc.wait(20) == 0
+    assert not proc.address.exists()
+
+
+def test_stale_socket_is_replaced_live_one_is_not(tmp_path):
+    sock_path = tmp_path / "sn" / "snapshotter.sock"
+    sock_path.parent.mkdir(parents=True)
+    stale = socket.socket(socket.AF_UNIX)
+    stale.bind(str(sock_path))
+    stale.close()  # a socket file nobody listens on: what a crash leaves
+    p = SnapshotterProcess(tmp_path / "sn").start()
+    try:
+        second = subprocess.run(
+            [sys.executable, "-m", "snapshotter", "serve", "--root", str(tmp_path / "other"),
+             "--address", str(p.address)],
+            capture_output=True, text=True, timeout=60,
+        )
+        assert second.returncode == 1
+        assert "another process is serving" in second.stderr
+        with grpc.insecure_channel(f"unix:{p.address}") as ch:
+            list(pb_grpc.SnapshotsStub(ch).List(pb.ListSnapshotsRequest(), timeout=10))
+    finally:
+        p.stop()
+
+
+def test_kill9_then_restart_serves_and_cleanup_removes_orphans(tmp_path):
+    p = SnapshotterProcess(tmp_path / "sn").start()
+    with grpc.insecure_channel(f"unix:{p.address}") as ch:
+        s = pb_grpc.SnapshotsStub(ch)
+        s.Prepare(pb.PrepareSnapshotRequest(key="a"))
+        s.Commit(pb.CommitSnapshotRequest(key="a", name="base"))
+        s.Prepare(pb.PrepareSnapshotRequest(key="c", parent="base"))
+    p.kill9()
+    (p.root / "snapshots" / "99").mkdir()  # as if a crash hit between mkdir and the row commit
+    p.start()
+    with grpc.insecure_channel(f"unix:{p.address}") as ch:
+        s = pb_grpc.SnapshotsStub(ch)
+        (m,) = s.Mounts(pb.MountsRequest(key="c")).mounts
+        assert m.type == "overlay"
+        s.Cleanup(pb.CleanupRequest())
+    p.stop()
+    assert sorted(os.listdir(p.root / "snapshots")) == ["1", "2"]
+
+
+def test_config_file_and_flags(tmp_path):
+    from snapshotter.cli import build_parser
+    from snapshotter.config import ConfigError, serve_config
+
+    cfg_file = tmp_path / "config.toml"
+    cfg_file.write_text('root = "/var/lib/x"\nrepository = "unpacked.cern.ch"\nstat-timeout = "3s"\n')
+    args = build_parser().parse_args(["serve", "--config", str(cfg_file), "--address", "/run/x.sock"])
+    cfg = serve_config(args)
+    assert (str(cfg.root), str(cfg.address), cfg.repositories, cfg.stat_timeout) == (
+        "/var/lib/x", "/run/x.sock", ["/cvmfs/unpacked.cern.ch"], 3.0)
+    cfg_file.write_text('repositories = ["/a", "/b"]\nabsolute-mountpoint = "/c"\n')
+    assert serve_config(build_parser().parse_args(["serve", "--config", str(cfg_file)])).repositories == [
+        "/a", "/b", "/c"]
+    cfg_file.write_text("bogus = 1\n")
+    with pytest.raises(ConfigError, match="unknown keys"):
+        serve_config(build_parser().parse_args(["serve", "--config", str(cfg_file)]))
+    with pytest.raises(ConfigError, match="does not exist"):
+        serve_config(build_parser().parse_args(["serve", "--config", str(tmp_path / "missing.toml")]))
