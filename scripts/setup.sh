@@ -8,7 +8,7 @@ APT_PACKAGES=(
   python3 python3-venv python3-dev gcc
   containerd runc
   docker-registry skopeo umoci apache2-utils
-  golang-go golang-github-containerd-containerd-dev
+  golang-go golang-github-containerd-containerd-dev golang-github-gotestyourself-gotest.tools-dev
   podman fuse-overlayfs fuse3 libfuse2
   busybox-static
   ca-certificates

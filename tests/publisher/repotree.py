@@ -1,0 +1,67 @@
+"""Reading a published repository back, for the publisher's tests."""
+from __future__ import annotations
+
+import contextlib
+import os
+import stat
+import subprocess
+import tempfile
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+from tests.fixtures.tree import ObservedTree, TreeEntry
+
+_TYPES = ((stat.S_ISDIR, "dir"), (stat.S_ISREG, "file"), (stat.S_ISLNK, "symlink"),
+          (stat.S_ISCHR, "char"), (stat.S_ISBLK, "block"), (stat.S_ISFIFO, "fifo"))
+
+
+def observed_tree(root: Path) -> ObservedTree:
+    """A directory read like the fixtures read a container (tests.fixtures.tree)."""
+    entries: dict[str, TreeEntry] = {}
+    inodes: dict[str, int] = {}
+    top = os.fspath(root)
+    for dirpath, dirnames, filenames in os.walk(top):
+        for name in dirnames + filenames:
+            path = os.path.join(dirpath, name)
+            st = os.lstat(path)
+            kind = next((n for test, n in _TYPES if test(st.st_mode)), "other")
+            rel = "/" + os.path.relpath(path, top)
+            entries[rel] = TreeEntry(kind, stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid,
+                                     st.st_size if kind == "file" else None,
+                                     os.readlink(path) if kind == "symlink" else None)
+            inodes[rel] = st.st_ino
+    return ObservedTree(entries, inodes)
+
+
+def fs_state(root: Path, skip: Sequence[str] = (".tmp",)) -> dict[str, tuple]:
+    """Every entry's identity and change times: equal snapshots = nothing was written."""
+    out: dict[str, tuple] = {}
+    top = os.fspath(root)
+    for dirpath, dirnames, filenames in os.walk(top):
+        rel_dir = os.path.relpath(dirpath, top)
+        if rel_dir == ".":
+            dirnames[:] = [d for d in dirnames if d not in skip]
+        for name in [*dirnames, *filenames, ""]:
+            path = os.path.join(dirpath, name) if name else dirpath
+            st = os.lstat(path)
+            out[os.path.relpath(path, top)] = (st.st_ino, st.st_mode, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+    return out
+
+
+@contextlib.contextmanager
+def overlay_mount(lowers_top_first: Sequence[Path]) -> Iterator[Path]:
+    """A read-only kernel overlay of layer dirs, stacked as the snapshotter stacks them."""
+    with tempfile.TemporaryDirectory(prefix="ovl-") as mnt:
+        lowers = [os.fspath(p) for p in lowers_top_first]
+        if len(lowers) == 1:  # overlay wants two lowers without an upper: an empty bottom one
+            empty = Path(mnt + "-empty")
+            empty.mkdir()
+            lowers.append(os.fspath(empty))
+        subprocess.run(["mount", "-t", "overlay", "overlay", "-o", "ro,lowerdir=" + ":".join(lowers), mnt],
+                       check=True, capture_output=True, text=True)
+        try:
+            yield Path(mnt)
+        finally:
+            subprocess.run(["umount", mnt], check=True)
+            if len(lowers_top_first) == 1:
+                os.rmdir(mnt + "-empty")
