@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import statistics
 import sys
 import time
@@ -79,8 +78,8 @@ def main(argv: list[str] | None = None) -> int:
             ref = f"{registry.host}/{NAME}:{TAG}"
             pull_times.append(timed(lambda: (puller("pull", "--quiet", "--tls-verify=false", ref),
                                              puller.run(ref, *cmd))))
-            for p in (store, puller):  # keep disk use flat across runs
-                shutil.rmtree(p.workdir, ignore_errors=True)
+            for p in (store, puller):  # keep disk use flat (podman leaves graph/overlay mounted)
+                remove_workdir(p.workdir)
         store_s, pull_s = statistics.median(store_times), statistics.median(pull_times)
         print(f"image: busybox + {args.payload_mb} MiB payload, {blob_bytes / 2**20:.1f} MiB of blobs, "
               f"{args.runs} runs each, fresh graphroot every time")

@@ -62,7 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("convert-image", help="convert one image (no wishlist)")
     p.add_argument("image", metavar="REF")
     p.add_argument("--platform", action="append", default=[], metavar="OS/ARCH[/VARIANT]",
-                   help="repeatable; the first is the default platform (default: the host's)")
+                   help="repeatable; the first must be the repository's default platform "
+                        "(default: the repository's default platform, or the host's for a new repository)")
     _common(p)
     for name, what in (("loop", "convert periodically and on registry push events"),
                        ("gc", "remove what no wishlist needs any more"), ("check", "verify the repository")):
@@ -78,11 +79,11 @@ def _entries_from_image(args: argparse.Namespace) -> tuple[list[WishlistEntry], 
     except InvalidReference as e:
         raise UsageError(str(e)) from None
     try:
-        plats = [Platform.parse(p) for p in args.platform] or [Platform.host()]
+        plats = list(dict.fromkeys(Platform.parse(p) for p in args.platform))
     except ValueError as e:
         raise UsageError(str(e)) from None
-    plats = list(dict.fromkeys(plats))
-    return [WishlistEntry(ref, tuple(plats), "<command line>")], plats[0]
+    # No --platform: the repository's default platform (decided once the state is open).
+    return [WishlistEntry(ref, tuple(plats), "<command line>")], (plats[0] if plats else None)
 
 
 def _client(args: argparse.Namespace) -> RegistryClient:
@@ -112,7 +113,7 @@ def run_convert(args: argparse.Namespace) -> int:
             raise UsageError("convert-image needs --repository-root")
     state_db = args.state_db or default_state_db(root)
     options = ConvertOptions(jobs=args.jobs, podman_store=not args.no_podman_store)
-    progress = Progress()
+    progress = Progress(live=None if args.log_format == "text" else False)  # no live line amid JSON logs
     log.info("%s: %d wishlist entries into %s (state %s)", args.command, len(entries), root, state_db)
     with _client(args) as client:
         summary = convert(entries, default, root=root, state_db=state_db, client=client, options=options,

@@ -16,7 +16,7 @@ import os
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from cvmfs_common.layout import RepositoryLayout
@@ -173,6 +173,9 @@ class Converter:
             if isinstance(head, Exception):
                 raise head
             known = self.state.tag(key)
+            if known is not None and known.absent_digest == head:
+                self.state.touch_tag(key, placement.platform_dir, target.entry_id)
+                return ItemResult(target.name, "skipped", f"no image for {target.platform}; unchanged")
             if (known is not None and known.published and known.top_digest == head
                     and known.platform_dir == placement.platform_dir
                     and placement.layout.manifest_json(key.registry, key.repository, key.tag).is_file()):
@@ -180,11 +183,13 @@ class Converter:
                 return ItemResult(target.name, "unchanged", seconds=time.monotonic() - started)
             image = self._resolve(target, head)
             if image is None:
+                self.state.record_absent(key, placement.platform_dir, target.entry_id, head)
                 return ItemResult(target.name, "skipped", f"no image for {target.platform}")
             config_bytes, config = self.client.fetch_config(image)
             if image.platform is None and not _config_matches(config, target.platform):
                 found = f"{config.get('os')}/{config.get('architecture')}"
                 if not target.default:
+                    self.state.record_absent(key, placement.platform_dir, target.entry_id, head)
                     return ItemResult(target.name, "skipped", f"single-platform image is {found}")
                 log.warning("%s: the image is %s, not %s; publishing it for the default platform",
                             target.name, found, target.platform)
@@ -204,7 +209,8 @@ class Converter:
             outcome = "updated"
         else:
             outcome = "unchanged"  # e.g. an index changed but not this platform's image
-        detail = f"{image.manifest_digest[:19]}, {len(image.layers)} layers"
+        n = len(image.layers)
+        detail = f"{image.manifest_digest[:19]}, {n} layer{'' if n == 1 else 's'}"
         return ItemResult(target.name, outcome, detail, published.layers_fetched,
                           published.bytes_fetched + len(config_bytes), time.monotonic() - started)
 
@@ -234,9 +240,12 @@ def default_state_db(root: Path) -> Path:
     return Path("/var/lib/cvmfs-publisher") / (Path(os.path.abspath(root)).name or "root") / "state.db"
 
 
-def convert(entries: Sequence[WishlistEntry], default_platform: Platform, *, root: Path, state_db: Path,
+def convert(entries: Sequence[WishlistEntry], default_platform: Platform | None, *, root: Path, state_db: Path,
             client: RegistryClient, options: ConvertOptions, progress: Progress, command: str) -> Summary:
-    """Lock, clean ``.tmp/`` (work a crash left), run, and return the summary."""
+    """Lock, clean ``.tmp/`` (work a crash left), run, and return the summary.
+
+    ``default_platform`` None: the one the repository already has (else the host's);
+    entries without platforms get the default one."""
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     layout = RepositoryLayout(root)
@@ -246,4 +255,9 @@ def convert(entries: Sequence[WishlistEntry], default_platform: Platform, *, roo
             log.info("removed %d unfinished work dirs from %s (an earlier run was interrupted)", removed,
                      layout.tmp_dir)
         with State.open(state_db, root) as state:
+            if default_platform is None:
+                recorded = state.default_platform(None)
+                default_platform = Platform.parse(recorded) if recorded else Platform.host()
+            state.default_platform(str(default_platform))
+            entries = [e if e.platforms else replace(e, platforms=(default_platform,)) for e in entries]
             return Converter(layout, state, client, options, progress).run(entries, default_platform, command)

@@ -115,7 +115,11 @@ class ImagePublisher:
                 chains: Sequence[str]) -> tuple[list[Ingested], int, int]:
         done: dict[int, Ingested] = {}
         todo: list[tuple[LayerSpec, bool]] = []  # (spec, replace an unusable dir)
+        first: dict[str, LayerSpec] = {}  # an image may carry one blob twice (empty layers)
         for spec in specs:
+            if spec.digest in first:
+                continue
+            first[spec.digest] = spec
             meta, why = self.ingester.present(spec)
             if meta is not None:
                 done[spec.index] = Ingested(spec, meta, self.layout.layerfs(spec.digest), 0)
@@ -149,18 +153,22 @@ class ImagePublisher:
         for spec in specs:
             parent_chain = chains[spec.index - 1] if spec.index else None
             layer = done.get(spec.index)
-            if layer is None:  # deferred: needs the parent chain as its lower
-                layer = self.ingester.ingest(ref, spec, config_digest=image.config_digest,
-                                             lowers=[parent] if parent else [], parent_chain=parent_chain,
-                                             replace_invalid=os.path.lexists(self.layout.layer_dir(spec.digest)))
-                assert layer is not None
+            if layer is None:
+                meta, _ = self.ingester.present(spec)
+                if meta is not None:  # published meanwhile, e.g. for an earlier position
+                    layer = Ingested(spec, meta, self.layout.layerfs(spec.digest), 0)
+                else:  # deferred: needs the parent chain as its lower
+                    layer = self.ingester.ingest(ref, spec, config_digest=image.config_digest,
+                                                 lowers=[parent] if parent else [], parent_chain=parent_chain,
+                                                 replace_invalid=os.path.lexists(self.layout.layer_dir(spec.digest)))
+                    assert layer is not None
+                    fetched += 1
+                    nbytes += layer.downloaded
                 done[spec.index] = layer
-                fetched += 1
-                nbytes += layer.downloaded
             parent, extra = self._chain(ref, spec, layer, chains[spec.index], parent, parent_chain)
             nbytes += extra
-        for spec in specs:
-            self.ingester.add_origin(spec.digest, image.config_digest)
+        for digest in first:
+            self.ingester.add_origin(digest, image.config_digest)
         return [done[s.index] for s in specs], fetched, nbytes
 
     def _chain(self, ref: Reference, spec: LayerSpec, layer: Ingested, chain_id: str, parent: Path | None,
@@ -185,6 +193,8 @@ class ImagePublisher:
     # -- names ---------------------------------------------------------------------------
     def _flat(self, config_digest: str, top_chain: Path) -> None:
         flat = self.layout.flat_dir(config_digest)
+        if flat.is_dir() and not flat.is_symlink():
+            return  # a full copy (DUCC, or the cvmfs backend's template transaction): complete already
         target = relative_link_target(flat, top_chain)
         if _readlink(flat) != target:
             self.layout.atomic_symlink(target, flat)
@@ -208,7 +218,8 @@ class ImagePublisher:
             manifest_digest=image.manifest_digest,
             manifest_bytes=image.manifest_bytes,
             names=podman_names(ref),
-            layers=[PodmanLayer(l.spec.diff_id, l.spec.digest, l.spec.size, l.meta.diff_size, l.layerfs) for l in layers],
+            layers=[PodmanLayer(l.spec.diff_id, l.spec.digest, l.spec.size, l.meta.diff_size, l.layerfs)
+                    for l in layers],
         ))
 
     def _metadata(self, ref: Reference, image: ResolvedImage, config_bytes: bytes, placement: Placement) -> None:

@@ -111,12 +111,13 @@ class PodmanStore:
         layers = {entry["id"]: entry for entry in self.layers()}
         for image in self.images():
             iid = image.get("id", "?")
-            chain, top = [], image.get("layer")
-            while top:
+            seen: set[str] = set()
+            top = image.get("layer")
+            while top and top not in seen:  # seen: a corrupt parent loop must not hang us
                 if top not in layers:
                     problems.append(f"image {iid}: layer {top} is not in layers.json")
                     break
-                chain.append(top)
+                seen.add(top)
                 top = layers[top].get("parent")
             for key in image.get("big-data-names", []):
                 if not (self.big_data_dir(iid) / fmt.big_data_file_name(key)).is_file():
@@ -227,7 +228,8 @@ class PodmanStore:
         # podman opens the lock files read-only and fails when they are missing.
         for d in (self.root, self.root / fmt.IMAGES_DIR, self.root / fmt.LAYERS_DIR, self._link_dir):
             d.mkdir(parents=True, exist_ok=True)
-            os.chmod(d, _DIR_MODE)
+            if stat.S_IMODE(d.stat().st_mode) != _DIR_MODE:  # a no-op chmod still copies up on CVMFS
+                os.chmod(d, _DIR_MODE)
         for lock in (self.root / fmt.IMAGES_DIR / fmt.IMAGES_LOCK,
                      self.root / fmt.LAYERS_DIR / fmt.LAYERS_LOCK):
             if not lock.exists():
@@ -311,11 +313,12 @@ class PodmanStore:
         if set(layers) - needed:
             self._write_json(self.layers_json, [e for lid, e in layers.items() if lid in needed])
         shorts = {_read_text(self.layer_dir(lid) / "link") for lid in needed}
+        # Dot names are not ours to sweep (e.g. the cvmfs backend's .cvmfscatalog).
         for entry in _scandir(self.root / fmt.DRIVER_DIR):
-            if entry.name != fmt.LINK_DIR and entry.name not in needed:
+            if entry.name not in needed and entry.name != fmt.LINK_DIR and not entry.name.startswith("."):
                 remove_tree(Path(entry.path))
         for entry in _scandir(self._link_dir):
-            if entry.name not in shorts:
+            if entry.name not in shorts and not entry.name.startswith("."):
                 os.unlink(entry.path)
         keep_images = {i.get("id") for i in images} | {fmt.IMAGES_JSON, fmt.IMAGES_LOCK}
         for entry in _scandir(self.root / fmt.IMAGES_DIR):

@@ -69,6 +69,7 @@ CREATE TABLE IF NOT EXISTS tags (
     first_seen      REAL NOT NULL,
     last_seen       REAL NOT NULL,     -- last run whose wishlist named it
     published_at    REAL,              -- last time its link/.metadata were (re)written
+    absent_digest   TEXT,              -- top digest known to have no image for this platform
     last_error      TEXT,
     last_error_at   REAL,
     UNIQUE (registry, repository, tag, platform)
@@ -137,6 +138,7 @@ class TagRecord:
     manifest_digest: str | None
     config_digest: str | None
     last_error: str | None
+    absent_digest: str | None = None
 
     @property
     def published(self) -> bool:
@@ -231,9 +233,26 @@ class State:
             raise StateError(f"{self.path}: schema version {version} is newer than this publisher's {SCHEMA_VERSION}")
         known = rows.get("repository_root")
         if known is not None and known != str(root):
-            raise StateError(f"{self.path} belongs to repository {known}, not {root}; give --state-db for this repository")
-        self.conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+            raise StateError(f"{self.path} belongs to repository {known}, not {root}; "
+                             "give --state-db for this repository")
+        self.conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('schema_version', ?)",
+                          (str(SCHEMA_VERSION),))
         self.conn.execute("INSERT OR IGNORE INTO meta (key, value) VALUES ('repository_root', ?)", (str(root),))
+
+    def default_platform(self, proposed: str | None) -> str | None:
+        """The repository's default platform (its links live at the root): recorded by
+        the first run; a run wanting another one is refused (it would re-point links).
+        With ``proposed`` None, returns what is recorded (None if nothing yet)."""
+        row = self.conn.execute("SELECT value FROM meta WHERE key='default_platform'").fetchone()
+        if row is not None:
+            if proposed is not None and row[0] != proposed:
+                raise StateError(f"{self.path}: this repository's default platform is {row[0]}, not {proposed}; "
+                                 "list it first in `platforms` (or --platform)")
+            return str(row[0])
+        if proposed is not None:
+            with self.transaction():
+                self.conn.execute("INSERT INTO meta (key, value) VALUES ('default_platform', ?)", (proposed,))
+        return proposed
 
     # -- runs -----------------------------------------------------------------
     def begin_run(self, command: str, now: float | None = None) -> int:
@@ -254,7 +273,8 @@ class State:
         now = now or time.time()
         with self.transaction():
             self.conn.execute(
-                "INSERT INTO wishlist_entries (reference, platform, source, first_seen, last_seen) VALUES (?, ?, ?, ?, ?) "
+                "INSERT INTO wishlist_entries (reference, platform, source, first_seen, last_seen) "
+                "VALUES (?, ?, ?, ?, ?) "
                 "ON CONFLICT (reference, platform) DO UPDATE SET source=excluded.source, last_seen=excluded.last_seen",
                 (reference, platform, source, now, now),
             )
@@ -266,19 +286,20 @@ class State:
     # -- tags ---------------------------------------------------------------------
     def tag(self, key: TagKey) -> TagRecord | None:
         row = self.conn.execute(
-            "SELECT t.id, t.platform_dir, t.top_digest, t.manifest_digest, i.config_digest, t.last_error "
-            "FROM tags t LEFT JOIN images i ON i.manifest_digest = t.manifest_digest "
+            "SELECT t.id, t.platform_dir, t.top_digest, t.manifest_digest, i.config_digest, t.last_error, "
+            "t.absent_digest FROM tags t LEFT JOIN images i ON i.manifest_digest = t.manifest_digest "
             "WHERE t.registry=? AND t.repository=? AND t.tag=? AND t.platform=?",
             (key.registry, key.repository, key.tag, key.platform),
         ).fetchone()
         if row is None:
             return None
-        return TagRecord(row[0], key, row[1], row[2], row[3], row[4], row[5])
+        return TagRecord(row[0], key, row[1], row[2], row[3], row[4], row[5], row[6])
 
     def _ensure_tag(self, key: TagKey, platform_dir: str, now: float) -> int:
         self.conn.execute(
             "INSERT INTO tags (registry, repository, tag, platform, platform_dir, first_seen, last_seen) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (registry, repository, tag, platform) DO UPDATE SET last_seen=excluded.last_seen",
+            "VALUES (?, ?, ?, ?, ?, ?, ?) "
+            "ON CONFLICT (registry, repository, tag, platform) DO UPDATE SET last_seen=excluded.last_seen",
             (key.registry, key.repository, key.tag, key.platform, platform_dir, now, now),
         )
         row = self.conn.execute(
@@ -303,6 +324,17 @@ class State:
                 (now, tag_id),
             )
 
+    def record_absent(self, key: TagKey, platform_dir: str, entry_id: int | None, top_digest: str,
+                      now: float | None = None) -> None:
+        """The tag (as of ``top_digest``) has no image for this platform: the next run
+        skips it after the HEAD, without fetching anything."""
+        now = now or time.time()
+        with self.transaction():
+            tag_id = self._ensure_tag(key, platform_dir, now)
+            self._link_entry(tag_id, entry_id)
+            self.conn.execute("UPDATE tags SET absent_digest=?, last_error=NULL, last_error_at=NULL WHERE id=?",
+                              (top_digest, tag_id))
+
     def record_failure(self, key: TagKey, platform_dir: str, entry_id: int | None, error: str,
                        now: float | None = None) -> None:
         """Keep what was published (a failed update leaves the old image in place)."""
@@ -319,15 +351,19 @@ class State:
         with self.transaction():
             for layer in image.layers:
                 self.conn.execute(
-                    "INSERT INTO layers (digest, diff_id, size, diff_size, whiteouts, parent_chain, first_seen, last_seen) "
+                    "INSERT INTO layers "
+                    "(digest, diff_id, size, diff_size, whiteouts, parent_chain, first_seen, last_seen) "
                     "VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (digest) DO UPDATE SET "
                     "whiteouts=excluded.whiteouts, parent_chain=excluded.parent_chain, last_seen=excluded.last_seen",
-                    (layer.digest, layer.diff_id, layer.size, layer.diff_size, layer.whiteouts, layer.parent_chain, now, now),
+                    (layer.digest, layer.diff_id, layer.size, layer.diff_size, layer.whiteouts, layer.parent_chain,
+                     now, now),
                 )
             self.conn.execute(
-                "INSERT INTO images (manifest_digest, config_digest, media_type, platform, top_chain, first_seen, last_seen) "
+                "INSERT INTO images "
+                "(manifest_digest, config_digest, media_type, platform, top_chain, first_seen, last_seen) "
                 "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (manifest_digest) DO UPDATE SET last_seen=excluded.last_seen",
-                (image.manifest_digest, image.config_digest, image.media_type, image.platform, image.top_chain, now, now),
+                (image.manifest_digest, image.config_digest, image.media_type, image.platform, image.top_chain,
+                 now, now),
             )
             self.conn.execute("DELETE FROM image_layers WHERE manifest_digest=?", (image.manifest_digest,))
             self.conn.executemany(
@@ -338,7 +374,7 @@ class State:
             self._link_entry(tag_id, entry_id)
             self.conn.execute(
                 "UPDATE tags SET platform_dir=?, top_digest=?, manifest_digest=?, published_at=?, "
-                "last_error=NULL, last_error_at=NULL WHERE id=?",
+                "absent_digest=NULL, last_error=NULL, last_error_at=NULL WHERE id=?",
                 (platform_dir, top_digest, image.manifest_digest, now, tag_id),
             )
 
@@ -347,7 +383,8 @@ class State:
         rows = self.conn.execute(
             "SELECT t.id, t.registry, t.repository, t.tag, t.platform, t.platform_dir, t.top_digest, "
             "t.manifest_digest, i.config_digest, t.last_error FROM tags t "
-            "JOIN images i ON i.manifest_digest = t.manifest_digest ORDER BY t.registry, t.repository, t.tag, t.platform"
+            "JOIN images i ON i.manifest_digest = t.manifest_digest "
+            "ORDER BY t.registry, t.repository, t.tag, t.platform"
         ).fetchall()
         return [TagRecord(r[0], TagKey(r[1], r[2], r[3], r[4]), r[5], r[6], r[7], r[8], r[9]) for r in rows]
 

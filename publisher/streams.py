@@ -32,6 +32,28 @@ class StreamTooLarge(StreamError):
     pass
 
 
+class SourceFailed(Exception):
+    """Reading the blob itself failed (network, disk): carries the original exception, so
+    the caller sees that one and not a layer error (it may want to retry)."""
+
+    def __init__(self, original: BaseException) -> None:
+        super().__init__(str(original))
+        self.original = original
+
+
+class SourceReader:
+    """Marks failures of the underlying blob stream as SourceFailed."""
+
+    def __init__(self, inner: Readable) -> None:
+        self._inner = inner
+
+    def read(self, size: int = -1, /) -> bytes:
+        try:
+            return self._inner.read(size)
+        except Exception as exc:
+            raise SourceFailed(exc) from exc
+
+
 class HashingReader:
     """Passes reads through, hashing and counting every byte; enforces an optional size cap
     (a decompression bomb stops here instead of filling the disk)."""

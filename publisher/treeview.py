@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .lowers import read_xattrs
-from .whiteouts import OPAQUE, OPAQUE_XATTR, OVERLAY_XATTR_PREFIX, NameKind, classify, whited_out_name
+from .whiteouts import OPAQUE_XATTR, OVERLAY_XATTR_PREFIX, NameKind, classify, whited_out_name
 
 _TYPES = ((stat.S_ISREG, "file"), (stat.S_ISDIR, "dir"), (stat.S_ISLNK, "symlink"),
           (stat.S_ISCHR, "char"), (stat.S_ISBLK, "block"), (stat.S_ISFIFO, "fifo"),
@@ -143,4 +143,4 @@ def diff_trees(a: dict[str, EntryInfo], b: dict[str, EntryInfo],
     return out
 
 
-__all__ = ["EntryInfo", "tree_snapshot", "merge_view", "diff_trees", "entry_info", "OPAQUE"]
+__all__ = ["EntryInfo", "tree_snapshot", "merge_view", "diff_trees", "entry_info"]

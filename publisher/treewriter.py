@@ -145,6 +145,7 @@ class TreeWriter:
                 raise self.hostile("the layer root is not a directory")
             _drop_stale_xattrs(self.root_fd, member)
             self._apply_dir_attrs(self.root_fd, member)
+            self._implicit.pop((), None)
             self._dir_times[()] = times
             self.counts.dirs += 1
             return
@@ -175,6 +176,9 @@ class TreeWriter:
         if member.islnk():
             self._hardlink(parts, member)
             return
+        if member.isreg() and not 0 <= member.size <= self.limits.max_total_bytes - self.file_bytes:
+            raise self.hostile(f"declared size {member.size} exceeds the limit of "
+                               f"{self.limits.max_total_bytes} bytes for the layer")
         parent_fd, pparts = self._dir(parts[:-1], create=True, mtime=times[1])
         name = parts[-1]
         parts = pparts + (name,)
@@ -193,9 +197,6 @@ class TreeWriter:
     # ---------------------------------------------------------------- entry kinds
     def _file(self, tar: tarfile.TarFile, parent_fd: int, name: str, member: tarfile.TarInfo,
               times: tuple[int, int]) -> None:
-        if member.size < 0 or member.size > self.limits.max_total_bytes - self.file_bytes:
-            raise self.hostile(f"declared size {member.size} exceeds the limit of "
-                               f"{self.limits.max_total_bytes} bytes for the layer")
         fd = os.open(name, _FILE_FLAGS, 0o600, dir_fd=parent_fd)
         try:
             self._copy_data(tar, member, fd)
@@ -363,12 +364,19 @@ class TreeWriter:
         os.fchmod(fd, _DEFAULT_DIR_MODE)
 
     def _init_root(self, mtime: int) -> None:
-        """The root as overlay would show it below this layer, until a `./` entry says more."""
+        """A layer without a `./` entry leaves the root unchanged (OCI changeset
+        semantics, as umoci applies them): it takes the chain's root, else 0755 root:root."""
         self._root_attrs_done = True
         lower = self.lowers.lookup(()) if self.lowers else None
         if lower is not None:
             self._copy_lower_attrs(self.root_fd, lower)
             self._dir_times[()] = (lower.st.st_atime_ns, lower.st.st_mtime_ns)
+            st = lower.st
+            if (stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid) != (_DEFAULT_DIR_MODE, 0, 0) \
+                    or lower.xattrs():
+                # Only an unusual root ties the layer to its chain (mtimes aside, every
+                # chain root looks the same: 0755 root:root).
+                self._implicit[()] = True
         else:
             self._default_dir_attrs(self.root_fd)
             self._dir_times[()] = (mtime, mtime)

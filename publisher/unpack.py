@@ -23,8 +23,9 @@ from cvmfs_common.digest import Digest, parse_digest
 
 from .layererrors import DigestMismatchError, HostileLayerError, LayerError
 from .lowers import LowerView
-from .streams import (HashingReader, ReadAhead, StreamError, StreamTooLarge, TarEndPadding,
-                      drain, drain_expect_zeros, open_decompressed)
+from .streams import (HashingReader, ReadAhead, SourceFailed, SourceReader, StreamError,
+                      StreamTooLarge, TarEndPadding, drain, drain_expect_zeros,
+                      open_decompressed)
 from .tarsafety import HeaderTooLarge, Limits, limited_tarinfo
 from .treewriter import EntryCounts, SkippedEntry, TreeWriter
 from .whiteouts import WhiteoutMode
@@ -89,7 +90,7 @@ def unpack_layer(blob: BinaryIO, workdir: os.PathLike[str] | str, *,
 def _unpack(blob: BinaryIO, work: Path, layer: str, expected_diff: Digest | None,
             media_type: str | None, mode: WhiteoutMode, lowers: LowerView, limits: Limits,
             owners: bool) -> UnpackResult:
-    raw = HashingReader(blob, limit=limits.max_total_bytes)
+    raw = HashingReader(SourceReader(blob), limit=limits.max_total_bytes)
     ahead: ReadAhead | None = None
     root_fd = os.open(work, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
     writer = TreeWriter(root_fd, work, layer, mode, lowers, limits, owners)
@@ -148,6 +149,8 @@ def _as_layer_errors(layer: str, writer: TreeWriter, raw: HashingReader,
             yield
         except LayerError:
             raise
+        except SourceFailed as exc:
+            raise exc.original
         except (StreamTooLarge, HeaderTooLarge) as exc:
             # The stream is read ahead: name no member, say where the writer was.
             where = f" (after member {writer.member!r})" if writer.member else ""
@@ -158,8 +161,8 @@ def _as_layer_errors(layer: str, writer: TreeWriter, raw: HashingReader,
         except (OSError, ValueError) as exc:
             raise LayerError(layer, str(exc), writer.member) from exc
     except LayerError as err:
-        if not isinstance(err, DigestMismatchError):
-            stop_reader()       # the read-ahead thread must let go of `raw` first
+        stop_reader()           # the read-ahead thread must let go of `raw` first
+        if not isinstance(err, (DigestMismatchError, HostileLayerError)):
             _raise_if_corrupt(layer, raw, err)
         raise
 

@@ -131,7 +131,8 @@ def parse_wishlist(text: str, source: str = "<wishlist>", *, host_platform: Plat
     chk = _Checker(source)
     root = _compose(text, source)
     if root is None:
-        raise WishlistError([Problem(source, None, "empty file (want a mapping with " + ", ".join(REQUIRED_KEYS) + ")")])
+        want = ", ".join(REQUIRED_KEYS)
+        raise WishlistError([Problem(source, None, f"empty file (want a mapping with {want})")])
     if not isinstance(root, yaml.MappingNode):
         raise WishlistError([Problem(source, _line(root), "top level must be a mapping of keys to values")])
 
@@ -210,7 +211,8 @@ def _platforms(chk: _Checker, item: tuple[yaml.Node, yaml.Node] | None, host: Pl
     return tuple(out) or (host,)
 
 
-def _inputs(chk: _Checker, item: tuple[yaml.Node, yaml.Node] | None, platforms: tuple[Platform, ...]) -> list[WishlistEntry]:
+def _inputs(chk: _Checker, item: tuple[yaml.Node, yaml.Node] | None,
+            platforms: tuple[Platform, ...]) -> list[WishlistEntry]:
     if item is None:
         return []
     node = item[1]
@@ -230,7 +232,9 @@ def _inputs(chk: _Checker, item: tuple[yaml.Node, yaml.Node] | None, platforms: 
         try:
             ref = parse_reference(text)
         except InvalidReference as e:
-            chk.add(inode, f"input[{i}]: invalid image reference: {e}")
+            detail = str(e).removeprefix(f"{text!r}: ")
+            msg = f"input[{i}]: invalid image reference {text!r}"
+            chk.add(inode, msg if repr(text) in detail else f"{msg} ({detail})")
             continue
         entry = WishlistEntry(ref, platforms, f"{chk.source}:{_line(inode)}")
         if entry.key in seen:
@@ -260,7 +264,8 @@ def merge_wishlists(files: Iterable[WishlistFile]) -> Wishlist:
     repos = {f.cvmfs_repo for f in files}
     if len(repos) > 1:
         where = ", ".join(f"{f.path} says {f.cvmfs_repo!r}" for f in files)
-        problems.append(Problem(files[0].path, None, f"wishlists name different cvmfs_repo values ({where}); convert them separately"))
+        problems.append(Problem(files[0].path, None,
+                                f"wishlists name different cvmfs_repo values ({where}); convert them separately"))
     given = [f for f in files if f.platforms_given]
     default = given[0].platforms[0] if given else files[0].platforms[0]
     for f in given:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 from cvmfs_common.logs import setup_logging
@@ -60,10 +61,16 @@ def run_serve(args: argparse.Namespace) -> int:
     )
     snapshotter = Snapshotter(cfg.root, remote, metrics)
     try:
-        return serve(cfg, snapshotter, metrics)
+        rc = serve(cfg, snapshotter, metrics)
     except SocketInUse as e:
         log.error("%s", e)
-        return 1
+        rc = 1
+    # Exit now: interpreter shutdown would join worker threads, and one stuck in a
+    # hung FUSE request (a dead repository) could hold the process for minutes.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(rc)
 
 
 if __name__ == "__main__":

@@ -76,7 +76,7 @@ func TestCvmfsSnapshotter(t *testing.T) {
 		cmd := exec.Command(base[0], args...)
 		cmd.Stdout = logFile
 		cmd.Stderr = logFile
-		// Own process group: a SIGTERM to us must not race the harness' cleanup.
+		// Own process group, so a hung snapshotter can be killed with its children.
 		cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
 		if err := cmd.Start(); err != nil {
 			logFile.Close()
@@ -95,7 +95,8 @@ func TestCvmfsSnapshotter(t *testing.T) {
 				}
 				return nil
 			case <-time.After(15 * time.Second):
-				_ = cmd.Process.Kill()
+				// The whole group: a wrapper script's children must not outlive the test.
+				_ = syscall.Kill(-cmd.Process.Pid, syscall.SIGKILL)
 				<-exited
 				logFile.Close()
 				return fmt.Errorf("snapshotter did not stop within 15s of SIGTERM; log:\n%s", readLog(logPath))

@@ -9,6 +9,7 @@ import os
 import shutil
 import stat
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -306,7 +307,7 @@ def graphroot_usage(podman: Podman) -> tuple[int, list[str]]:
 
 
 @pytest.fixture(scope="module")
-def podman_base() -> Path:
+def podman_base() -> Iterator[Path]:
     _needs_podman()
     base = new_workdir("podman-t-")
     yield base
@@ -348,6 +349,8 @@ def test_podman_lists_the_images_by_name(podman: Podman, overlay_repo: Repositor
     ml = standard_images.multilayer
     podman.run("multilayer:v1", "/bin/true")
     podman.run(f"docker.io/library/multilayer@{ml.manifest_digest}", "/bin/true")
+    mld = standard_images.multilayer_docker  # same config: the same image, its second manifest
+    podman.run(f"docker.io/{mld.name}@{mld.manifest_digest}", "/bin/true")
     assert PodmanStore(overlay_repo).check() == []
 
 
@@ -439,9 +442,7 @@ def test_raw_whiteouts_through_fuse_overlayfs(podman_fuse: Podman, raw_repo: Rep
     assert layer_dirs == []
 
 
-def test_a_missing_layer_breaks_only_its_image(podman_base: Path, standard_images: StandardImages,
-                                               tmp_path: Path) -> None:
-    _needs_podman()
+def test_a_missing_layer_breaks_only_its_image(podman_base: Path, standard_images: StandardImages) -> None:
     root = new_workdir("repo-missing-", podman_base)
     layout = build_repo(root, standard_images, ["tagged:1.1", "tagged:2.0"], "overlay")
     pm = Podman(new_workdir("podman-missing-", podman_base), stores=[layout.podman_store])
@@ -453,3 +454,18 @@ def test_a_missing_layer_breaks_only_its_image(podman_base: Path, standard_image
     assert pm.run(names_of(one)[0], "/bin/cat", "/version").stdout.strip() == "1.1"
     problems = PodmanStore(layout).check()
     assert len(problems) == 1 and two.layers[-1] in problems[0]
+
+
+def test_store_on_a_read_only_mount(podman_base: Path, overlay_repo: RepositoryLayout,
+                                    standard_images: StandardImages) -> None:
+    """As on /cvmfs: podman must not need to write anything into the store."""
+    ro = new_workdir("ro-", podman_base)
+    subprocess.run(["mount", "--bind", str(overlay_repo.root), str(ro)], check=True)
+    try:
+        subprocess.run(["mount", "-o", "remount,bind,ro", str(ro)], check=True)
+        pm = Podman(new_workdir("podman-ro-", podman_base), stores=[ro / "podmanStore"])
+        img = standard_images.multilayer
+        observed = parse_listing(pm.run(names_of(img)[0], *LISTING_COMMAND).stdout)
+        assert compare_trees(img.tree, observed, ignore=PODMAN_MOUNTS) == []
+    finally:
+        subprocess.run(["umount", str(ro)], check=True)

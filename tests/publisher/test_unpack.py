@@ -296,8 +296,26 @@ def test_root_takes_the_chain_root_unless_the_layer_has_one(work: Path, tmp_path
     lower = tmp_path / "chain"
     lower.mkdir()
     os.chmod(lower, 0o751)
-    unpack(blob([reg("a")]), work, lowers=[lower])
+    r = unpack(blob([reg("a")]), work, lowers=[lower])
     assert stat.S_IMODE(os.stat(work).st_mode) == 0o751
+    assert r.implicit_parents == ("/",) and r.depends_on_parent_chain
+
+
+def test_a_usual_chain_root_does_not_tie_the_layer(work: Path, tmp_path: Path) -> None:
+    lower = tmp_path / "chain"
+    lower.mkdir(mode=0o755)
+    os.chmod(lower, 0o755)
+    os.utime(lower, ns=(5, 7_000_000_000))
+    r = unpack(blob([reg("a")]), work, lowers=[lower])
+    assert r.implicit_parents == () and os.stat(work).st_mtime_ns == 7_000_000_000
+
+
+def test_an_explicit_root_entry_wins(work: Path, tmp_path: Path) -> None:
+    lower = tmp_path / "chain"
+    lower.mkdir()
+    os.chmod(lower, 0o700)
+    r = unpack(blob([dir_(".", mode=0o755), reg("a")]), work, lowers=[lower])
+    assert stat.S_IMODE(os.stat(work).st_mode) == 0o755 and r.implicit_parents == ()
 
 
 # ------------------------------------------------------------------------- hostile layers
@@ -487,3 +505,52 @@ def test_missing_end_blocks_after_a_header_only_member(work: Path) -> None:
 def test_file_data_cut_short_is_an_error(repo: Path, work: Path) -> None:
     b = blob_of_tar(_cut_tar([reg("a", b"1"), reg("b", b"x" * 1000)], 0)[:-10])
     _assert_rejected(repo, work, b, LayerError, match="unexpected end")
+
+
+def test_symlink_xattrs_are_set_on_the_link_itself(work: Path) -> None:
+    ti, data = sym("l", "/nonexistent/target")
+    ti.pax_headers = {"SCHILY.xattr.trusted.note": "on-link"}
+    unpack(blob([(ti, data)]), work)
+    assert os.getxattr(work / "l", "trusted.note", follow_symlinks=False) == b"on-link"
+
+
+def test_a_failing_download_propagates_unchanged(repo: Path, work: Path) -> None:
+    b = blob([reg(f"f{i}", os.urandom(100_000)) for i in range(30)], "none")
+
+    class Broken(io.BytesIO):
+        def read(self, n: int = -1) -> bytes:
+            if self.tell() > 1_000_000:
+                raise ConnectionResetError("peer went away")
+            return super().read(n)
+
+    with pytest.raises(ConnectionResetError):
+        unpack_layer(Broken(b.data), work, digest=b.digest)
+    assert list((repo / ".tmp").iterdir()) == []
+
+
+def test_unpack_without_owners(work: Path) -> None:
+    r = unpack(blob([reg("f", b"x", uid=123, gid=456)]), work, preserve_owners=False)
+    st = os.stat(work / "f")
+    assert (st.st_uid, st.st_gid) == (0, 0) and r.counts.files == 1
+
+
+@pytest.mark.parametrize("fmt", ["gnu", "posix"])
+def test_sparse_members_written_by_gnu_tar(work: Path, tmp_path: Path, fmt: str) -> None:
+    import shutil
+    import subprocess
+    if shutil.which("tar") is None:
+        pytest.skip("GNU tar not installed")
+    src = tmp_path / "src"
+    src.mkdir()
+    with open(src / "sparse", "wb") as f:
+        f.write(b"head")
+        f.seek(5 << 20)
+        f.write(b"tail")
+    out = tmp_path / "sparse.tar"
+    subprocess.run(["tar", "--sparse", f"--format={fmt}", "-cf", str(out), "-C", str(src), "sparse"],
+                   check=True)
+    b = blob_of_tar(out.read_bytes())
+    unpack(b, work)
+    data = (work / "sparse").read_bytes()
+    assert len(data) == (5 << 20) + 4 and data[:4] == b"head" and data[-4:] == b"tail"
+    assert data[4:-4].count(0) == len(data) - 8

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import urllib.request
-from pathlib import Path
 
 from cvmfs_common.digest import chain_ids
 from cvmfs_common.layout import (LayerMetadata, RepositoryLayout, publish_dir, read_layers_json,

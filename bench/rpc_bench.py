@@ -1,0 +1,182 @@
+#!/usr/bin/env python3
+"""Snapshot RPC load shaped like containerd's unpacker, through containerd's snapshots API:
+snapshotter=overlayfs (containerd's built-in) vs snapshotter=cvmfs-snapshotter (our proxy).
+
+    sudo .venv/bin/python bench/rpc_bench.py                  # 200 layers x 3 rounds
+    sudo .venv/bin/python bench/rpc_bench.py --layers 50 --rounds 1
+
+Each side has a containerd of its own. Per layer: Prepare (key `extract-<unique> <chainID>`,
+parent = the previous chainID, label containerd.io/snapshot.ref) → Mounts → write
+--files small files into the upper dir (not timed) → Commit (name = chainID) → Stat; then
+--lists List calls over all; then Remove all, top first. Each round holds a lease (as the
+unpacker does) and deletes it with sync=True, so containerd's GC has removed the backend's
+snapshots before the next round starts; rounds alternate sides.
+Prints p50/p99 per method and, LAST, the ratios cvmfs/overlayfs (target <= 1.0x).
+Nothing is asserted.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import secrets
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Callable
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import grpc  # noqa: E402
+
+from bench.benchlib import fmt_ms, machine, percentile, ratio, require_root, workdir  # noqa: E402
+from cvmfs_api.containerd.services.leases.v1 import leases_pb2, leases_pb2_grpc  # noqa: E402
+from cvmfs_api.containerd.services.snapshots.v1 import snapshots_pb2 as pb  # noqa: E402
+from cvmfs_api.containerd.services.snapshots.v1 import snapshots_pb2_grpc as pb_grpc  # noqa: E402
+from tests.fixtures.containerd import Containerd  # noqa: E402
+from tests.fixtures.snapshotter import SnapshotterProcess  # noqa: E402
+
+METHODS = ("Prepare", "Mounts", "Commit", "Stat", "List", "Remove")
+REF_LABEL = "containerd.io/snapshot.ref"
+NAMESPACE = "bench"
+Samples = dict[str, list[float]]
+
+
+def chain_ids(n: int, seed: str) -> list[str]:
+    return ["sha256:" + hashlib.sha256(f"{seed}/{i}".encode()).hexdigest() for i in range(n)]
+
+
+def upper_dir(mounts) -> str:
+    """Where the unpacker would write: the bind source or the overlay upperdir."""
+    m = mounts[0]
+    if m.type == "bind":
+        return m.source
+    return next(o.split("=", 1)[1] for o in m.options if o.startswith("upperdir="))
+
+
+class Client:
+    """The same Python client for both sides: containerd's socket, `snapshotter` set."""
+
+    def __init__(self, address: Path, snapshotter: str) -> None:
+        self.channel = grpc.insecure_channel(f"unix://{address}")
+        self.stub = pb_grpc.SnapshotsStub(self.channel)
+        self.leases = leases_pb2_grpc.LeasesStub(self.channel)
+        self.snapshotter = snapshotter
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def timed(self, samples: Samples, method: str, call: Callable[[], object]) -> object:
+        start = time.perf_counter()
+        out = call()
+        samples[method].append(time.perf_counter() - start)
+        return out
+
+    def round(self, samples: Samples, layers: int, files: int, lists: int) -> None:
+        """One image's worth of layers under a lease, as the unpacker holds one (without
+        it, containerd's GC collects unreferenced snapshots while we work)."""
+        lease = f"bench-{secrets.token_hex(6)}"
+        ns = (("containerd-namespace", NAMESPACE),)
+        self.leases.Create(leases_pb2.CreateRequest(id=lease), metadata=ns)
+        try:
+            self._round(samples, layers, files, lists, ns + (("containerd-lease", lease),))
+        finally:
+            # sync: containerd's GC removes the backend's snapshots before this returns,
+            # so the next round does not share the CPU with it.
+            self.leases.Delete(leases_pb2.DeleteRequest(id=lease, sync=True), metadata=ns)
+
+    def _round(self, samples: Samples, layers: int, files: int, lists: int, md: tuple) -> None:
+        s = self.snapshotter
+        chains = chain_ids(layers, secrets.token_hex(8))
+        parent = ""
+        for chain in chains:
+            key = f"extract-{time.time_ns()}-{secrets.token_urlsafe(6)} {chain}"
+            self.timed(samples, "Prepare", lambda: self.stub.Prepare(
+                pb.PrepareSnapshotRequest(snapshotter=s, key=key, parent=parent, labels={REF_LABEL: chain}),
+                metadata=md))
+            resp = self.timed(samples, "Mounts", lambda: self.stub.Mounts(
+                pb.MountsRequest(snapshotter=s, key=key), metadata=md))
+            upper = upper_dir(resp.mounts)
+            for i in range(files):
+                with open(os.path.join(upper, f"f{i}"), "wb") as f:
+                    f.write(b"x" * 100)
+            self.timed(samples, "Commit", lambda: self.stub.Commit(
+                pb.CommitSnapshotRequest(snapshotter=s, name=chain, key=key, labels={REF_LABEL: chain}),
+                metadata=md))
+            self.timed(samples, "Stat", lambda: self.stub.Stat(
+                pb.StatSnapshotRequest(snapshotter=s, key=chain), metadata=md))
+            parent = chain
+        for _ in range(lists):
+            n = self.timed(samples, "List", lambda: sum(len(r.info) for r in self.stub.List(
+                pb.ListSnapshotsRequest(snapshotter=s), metadata=md)))
+            assert n == layers, f"List gave {n} snapshots, expected {layers}"
+        for chain in reversed(chains):
+            self.timed(samples, "Remove", lambda: self.stub.Remove(
+                pb.RemoveSnapshotRequest(snapshotter=s, key=chain), metadata=md))
+
+
+def overlay_backend_count(cd: Containerd) -> int:
+    snaps = cd.root / "io.containerd.snapshotter.v1.overlayfs" / "snapshots"
+    return len(list(snaps.iterdir())) if snaps.exists() else 0
+
+
+def report(overlay: Samples, cvmfs: Samples) -> None:
+    print(f"\n{'method':8} {'n':>5} | {'overlayfs p50':>13} {'p99':>8} | {'cvmfs p50':>9} {'p99':>8}   (ms)")
+    for m in METHODS:
+        o, c = overlay[m], cvmfs[m]
+        print(f"{m:8} {len(c):5} | {fmt_ms(percentile(o, 50)):>13} {fmt_ms(percentile(o, 99))} | "
+              f"{fmt_ms(percentile(c, 50)):>9} {fmt_ms(percentile(c, 99))}")
+    total_o = sum(sum(v) for v in overlay.values())
+    total_c = sum(sum(v) for v in cvmfs.values())
+    print(f"total RPC time: overlayfs {total_o:.2f}s, cvmfs {total_c:.2f}s")
+    print(f"\nmachine: {machine()}")
+    print("ratios cvmfs-snapshotter / overlayfs (target <= 1.0x):")
+    for m in METHODS:
+        print(f"  {m:8} p50 {ratio(percentile(cvmfs[m], 50), percentile(overlay[m], 50)):>6}"
+              f"   p99 {ratio(percentile(cvmfs[m], 99), percentile(overlay[m], 99)):>6}")
+    print(f"  {'all':8} total {ratio(total_c, total_o)}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--layers", type=int, default=200)
+    ap.add_argument("--rounds", type=int, default=3, help="rounds per side, alternating")
+    ap.add_argument("--files", type=int, default=10, help="small files written per layer (not timed)")
+    ap.add_argument("--lists", type=int, default=10, help="List calls per round")
+    ap.add_argument("--log-level", default="info", help="the snapshotter's --log-level")
+    ap.add_argument("--keep", action="store_true")
+    args = ap.parse_args(argv)
+    require_root()
+
+    with workdir("bench-rpc-", args.keep) as base:
+        sn = SnapshotterProcess(base / "sn", extra_args=["--log-level", args.log_level]).start()
+        cd_overlay = Containerd(base / "cd-o", base / "no-proxy.sock", log_level="warn").start()
+        cd_cvmfs = Containerd(base / "cd-c", sn.address, log_level="warn").start()
+        clients = {"overlayfs": Client(cd_overlay.address, "overlayfs"),
+                   "cvmfs": Client(cd_cvmfs.address, "cvmfs-snapshotter")}
+        samples: dict[str, Samples] = {k: defaultdict(list) for k in clients}
+        try:
+            # One warm-up layer each (connections, containerd's lazy proxy dial), not counted.
+            for name, client in clients.items():
+                client.round(defaultdict(list), 2, 0, 1)
+            for r in range(args.rounds):
+                for name, client in clients.items():
+                    start = time.monotonic()
+                    client.round(samples[name], args.layers, args.files, args.lists)
+                    print(f"round {r + 1} {name}: {time.monotonic() - start:.1f}s", file=sys.stderr)
+            left = {"overlayfs": overlay_backend_count(cd_overlay), "cvmfs": len(sn.list_snapshots())}
+            if any(left.values()):
+                print(f"warning: snapshots left in the backends after GC: {left}", file=sys.stderr)
+        finally:
+            for c in clients.values():
+                c.close()
+            cd_cvmfs.stop()
+            cd_overlay.stop()
+            sn.stop()
+    report(samples["overlayfs"], samples["cvmfs"])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

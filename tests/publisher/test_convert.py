@@ -1,0 +1,288 @@
+"""`cvmfs-publisher convert` against the real registry with the standard images."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from cvmfs_common.digest import chain_ids, sha256_of
+from cvmfs_common.layout import RepositoryLayout, read_layers_json, read_origin_json
+from publisher.state import State
+from publisher.treeview import diff_trees, tree_snapshot
+from tests.fixtures.images import BuiltImage, StandardImages, host_arch
+from tests.fixtures.tree import compare_trees
+
+from .clirun import CliResult, run_cli, write_wishlist
+from .conftest import requires_root
+from .repotree import fs_state, observed_tree, overlay_mount
+
+pytestmark = requires_root
+
+OTHER_ARCH = "arm64" if host_arch() != "arm64" else "amd64"
+MISSING = "test/does-not-exist:nope"
+
+
+@dataclass
+class Published:
+    root: Path
+    state_db: Path
+    wishlists: list[Path]
+    images: StandardImages
+    first: CliResult
+
+    @property
+    def layout(self) -> RepositoryLayout:
+        return RepositoryLayout(self.root)
+
+    def convert(self) -> CliResult:
+        return run_cli("convert", *self.wishlists, "--repository-root", self.root, "--state-db", self.state_db,
+                       "--jobs", "3")
+
+
+def image_by_name(images: StandardImages, name: str) -> BuiltImage:
+    if name.startswith("tagged/"):
+        return images.tagged[name.split("/", 1)[1]]
+    if name.startswith("multiarch/"):
+        arch = host_arch() if name.endswith("native") else OTHER_ARCH
+        return images.multiarch.images[f"linux/{arch}"]
+    return getattr(images, name)
+
+
+IMAGES = ["multilayer", "multilayer_docker", "tagged/1.0", "tagged/1.1", "tagged/2.0", "multiarch/native",
+          "multiarch/other"]
+
+
+@pytest.fixture(scope="module")
+def published(standard_images: StandardImages, tmp_path_factory: pytest.TempPathFactory) -> Published:
+    base = tmp_path_factory.mktemp("convert")
+    host = standard_images.multilayer.host
+    main = write_wishlist(base / "main.yaml", [
+        f"{host}/test/multilayer:v1",
+        f"http://{host}/test/multilayer-docker:v1",
+        f"{host}/test/tagged:*",
+        f"{host}/{MISSING}",
+    ])
+    multi = write_wishlist(base / "multi.yaml", [f"{host}/test/multiarch:v1", f"{host}/test/multilayer:v1"],
+                           platforms=[f"linux/{host_arch()}", f"linux/{OTHER_ARCH}"])
+    p = Published(base / "repo", base / "state" / "state.db", [main, multi], standard_images, CliResult(0, ""))
+    p.first = p.convert()
+    return p
+
+
+def flat_of(p: Published, img: BuiltImage) -> Path:
+    return p.layout.flat_dir(img.config_digest)
+
+
+# ------------------------------------------------------------------------------ the run
+
+def test_failing_image_does_not_stop_the_others(published: Published) -> None:
+    assert published.first.rc == 1, published.first.stdout
+    out = published.first.stdout
+    # multilayer is single-platform: its OTHER_ARCH item is skipped, not failed
+    assert "9 images: 7 new, 0 updated, 0 unchanged, 1 failed, 1 skipped" in out, out
+    assert f"FAILED {published.images.multilayer.host}/{MISSING}" in out
+    for name in IMAGES:
+        assert flat_of(published, image_by_name(published.images, name)).is_dir(), name
+
+
+# ------------------------------------------------------------------------------ trees
+
+@pytest.mark.parametrize("name", IMAGES)
+def test_flat_tree_is_the_image(published: Published, name: str) -> None:
+    img = image_by_name(published.images, name)
+    flat = flat_of(published, img)
+    assert flat.is_symlink() and not os.path.isabs(os.readlink(flat))
+    assert compare_trees(img.tree, observed_tree(flat), ignore=frozenset()) == []
+
+
+@pytest.mark.parametrize("name", IMAGES)
+def test_overlay_stack_of_layers_equals_flat(published: Published, name: str) -> None:
+    img = image_by_name(published.images, name)
+    lowers = [published.layout.layerfs(d) for d in reversed(img.layers)]
+    flat = tree_snapshot(flat_of(published, img).resolve())
+    with overlay_mount(lowers) as mnt:
+        stacked = tree_snapshot(mnt)
+    assert diff_trees(flat, stacked) == []
+
+
+@pytest.mark.parametrize("name", ["multilayer", "tagged/1.0", "tagged/1.1", "tagged/2.0"])
+def test_flat_tree_equals_umoci_unpack(published: Published, name: str, tmp_path: Path) -> None:
+    img = image_by_name(published.images, name)
+    layout_dir = published.images.layout
+    tag = "multilayer"
+    if name.startswith("tagged/"):
+        layout_dir, tag = layout_dir.parent / "umoci-layout", img.tag
+    bundle = tmp_path / "bundle"
+    subprocess.run(["umoci", "unpack", "--image", f"{layout_dir}:{tag}", str(bundle)], check=True,
+                   capture_output=True)
+    theirs = tree_snapshot(bundle / "rootfs")
+    ours = tree_snapshot(flat_of(published, img).resolve())
+    # umoci gives the root and omitted parents its own times; everything else must agree.
+    assert diff_trees(theirs, ours, ignore=("mtime_ns",)) == []
+
+
+def test_hardlinks_whiteouts_and_odd_modes(published: Published) -> None:
+    flat = flat_of(published, published.images.multilayer)
+    assert os.stat(flat / "hl/base-file").st_ino == os.stat(flat / "hl/cross").st_ino
+    assert os.stat(flat / "hl/original").st_ino == os.stat(flat / "hl/link1").st_ino
+    for gone in ("data/delete-me.txt", "data/subdir", "opaque/old1", "opaque/sub", "links/dangling"):
+        assert not os.path.lexists(flat / gone), gone
+    assert (flat / "opaque/new1").read_text() == "new1\n"
+    assert os.stat(flat / "usr/bin/suid-tool").st_mode & 0o7777 == 0o4755
+    st = os.stat(flat / "opt/app")
+    assert (st.st_mode & 0o7777, st.st_uid, st.st_gid) == (0o750, 1000, 1000)
+
+
+# ------------------------------------------------------------------------------ metadata
+
+def test_layer_metadata_records_whiteouts_parent_chain_and_origin(published: Published) -> None:
+    img = published.images.multilayer
+    lay = published.layout
+    metas = [read_layers_json(lay.layers_json(d)) for d in img.layers]
+    assert [m.diff_digest for m in metas] == img.diff_ids
+    assert metas[0].whiteouts == "none" and metas[0].parent_chain is None
+    # the second layer's whiteouts sit in /data and /links, which it omits; the third
+    # omits /opt/app, /usr/bin, /data, /links: both completed on their parent chain
+    chains = chain_ids(img.diff_ids)
+    assert metas[1].whiteouts == "overlay" and metas[1].parent_chain == chains[0]
+    assert metas[2].whiteouts == "overlay" and metas[2].parent_chain == chains[1]
+    st = os.stat(lay.layerfs(img.layers[2]) / "opt/app")
+    assert (st.st_mode & 0o7777, st.st_uid) == (0o750, 1000)
+    # the OCI and the Docker manifest share config and layers: one origin
+    assert read_origin_json(lay.origin_json(img.layers[0])) == [img.config_digest]
+    for d in img.layers:
+        assert (lay.layer_dir(d) / ".metadata").stat().st_mode & 0o777 == 0o755
+
+
+def test_links_metadata_and_platforms(published: Published) -> None:
+    lay = published.layout
+    img = published.images.multilayer
+    link = lay.link_path(img.host, img.name, img.tag)
+    assert not os.path.isabs(os.readlink(link))
+    assert os.path.realpath(link) == os.path.realpath(lay.chain_dir(chain_ids(img.diff_ids)[-1]))
+    manifest = lay.manifest_json(img.host, img.name, img.tag).read_bytes()
+    assert sha256_of(manifest) == img.manifest_digest
+    assert sha256_of((lay.manifest_json(img.host, img.name, img.tag).parent / "config.json").read_bytes()) \
+        == img.config_digest
+    for tag, t in published.images.tagged.items():
+        assert os.path.realpath(lay.link_path(t.host, t.name, tag)) == os.path.realpath(lay.flat_dir(t.config_digest))
+
+    native = image_by_name(published.images, "multiarch/native")
+    other = image_by_name(published.images, "multiarch/other")
+    assert (lay.link_path(native.host, native.name, "v1") / "platform").read_text() == host_arch() + "\n"
+    plat = lay.for_platform("linux", OTHER_ARCH)
+    assert (plat.link_path(other.host, other.name, "v1") / "platform").read_text() == OTHER_ARCH + "\n"
+    assert sha256_of(plat.manifest_json(other.host, other.name, "v1").read_bytes()) == other.manifest_digest
+    assert not lay.manifest_json(img.host, "test/does-not-exist", "nope").exists()
+
+
+def test_podman_store_lists_images_with_names(published: Published) -> None:
+    images = json.loads((published.layout.podman_store / "overlay-images/images.json").read_text())
+    names = {n for i in images for n in i.get("names", [])}
+    host = published.images.multilayer.host
+    assert f"{host}/test/multilayer:v1" in names and f"{host}/test/tagged:2.0" in names
+    other = json.loads((published.layout.for_platform("linux", OTHER_ARCH).podman_store
+                        / "overlay-images/images.json").read_text())
+    assert [i["id"] for i in other] == [image_by_name(published.images, "multiarch/other").config_digest[7:]]
+
+
+def test_state_records_tags_images_layers(published: Published) -> None:
+    with State.open(published.state_db, published.root) as st:
+        tags = {(t.key.repository, t.key.tag, t.key.platform): t for t in st.published_tags()}
+        img = published.images.multilayer
+        t = tags[(img.name, "v1", f"linux/{host_arch()}")]
+        assert (t.manifest_digest, t.config_digest, t.platform_dir) == (img.manifest_digest, img.config_digest, "")
+        layers = st.image_layers(img.manifest_digest)
+        assert [l.digest for l in layers] == img.layers
+        assert [l.chain_id for l in layers] == chain_ids(img.diff_ids)
+        other = tags[("test/multiarch", "v1", f"linux/{OTHER_ARCH}")]
+        assert other.platform_dir == f"linux-{OTHER_ARCH}"
+        assert len(tags) == 7
+        failed = st.conn.execute("SELECT last_error FROM tags WHERE repository='test/does-not-exist'").fetchone()
+        assert "not found" in failed[0]
+
+
+# ------------------------------------------------------------------------------ re-sync
+
+def test_resync_without_change_is_head_only_and_writes_nothing(published: Published, registry) -> None:
+    before = fs_state(published.root)
+    registry.clear_log()
+    again = published.convert()
+    assert again.rc == 1  # the missing tag is still missing
+    assert "9 images: 0 new, 0 updated, 7 unchanged, 1 failed, 1 skipped" in again.stdout, again.stdout
+    assert registry.blob_get_count() == 0
+    assert registry.manifest_get_count() == 0
+    heads = [e for e in registry.access_log() if e.method == "HEAD" and "/manifests/" in e.path]
+    assert len(heads) == 7  # one per tag (the two platforms of multiarch share one)
+    assert fs_state(published.root) == before
+    assert not any(published.layout.tmp_dir.iterdir())
+
+
+def test_default_platform_is_one_per_repository(published: Published, capsys) -> None:
+    img = published.images.multiarch
+    res = run_cli("convert-image", img.ref, "--platform", f"linux/{OTHER_ARCH}", "--repository-root",
+                  published.root, "--state-db", published.state_db)
+    assert res.rc == 2
+    assert f"default platform is linux/{host_arch()}, not linux/{OTHER_ARCH}" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------ other runs
+
+def test_moved_tag_switches_link(registry, tmp_path: Path) -> None:
+    from tests.fixtures.images import Pusher
+    from tests.fixtures.layers import Entry, Layer
+    from tests.fixtures.oci_layout import ImageConfig, OciLayout, Platform
+
+    oci = OciLayout(tmp_path / "layout")
+    pusher = Pusher(registry.host)
+    for version in ("one", "two"):
+        layers = [Layer.from_entries([Entry.dir("/etc"), Entry.file("/etc/version", version + "\n")])]
+        oci.tag(version, oci.add_image(layers, ImageConfig(platform=Platform("linux", host_arch()))))
+    root, db = tmp_path / "repo", tmp_path / "state.db"
+    ref = f"{registry.host}/moving/app:latest"
+    lay = RepositoryLayout(root)
+    link = lay.link_path(registry.host, "moving/app", "latest")
+
+    pusher.copy(oci.root, "one", "moving/app", "latest")
+    first = run_cli("convert-image", ref, "--repository-root", root, "--state-db", db)
+    assert first.rc == 0 and "1 new" in first.stdout, first.stdout
+    assert (link / "etc/version").read_text() == "one\n"
+    old_target = os.readlink(link)
+
+    pusher.copy(oci.root, "two", "moving/app", "latest")
+    second = run_cli("convert-image", ref, "--repository-root", root, "--state-db", db)
+    assert second.rc == 0 and "1 updated" in second.stdout, second.stdout
+    assert (link / "etc/version").read_text() == "two\n"
+    assert os.readlink(link) != old_target
+    two = pusher.describe("moving/app", "latest")
+    assert sha256_of(lay.manifest_json(registry.host, "moving/app", "latest").read_bytes()) == two.manifest_digest
+    images = json.loads((lay.podman_store / "overlay-images/images.json").read_text())
+    owners = [i["id"] for i in images if ref in i.get("names", [])]
+    assert owners == [two.config_digest[7:]]
+
+
+def test_convert_image_of_missing_tag_fails(registry, tmp_path: Path) -> None:
+    res = run_cli("convert-image", f"{registry.host}/{MISSING}", "--repository-root", tmp_path / "repo",
+                  "--state-db", tmp_path / "state.db", "--no-podman-store")
+    assert res.rc == 1
+    assert "1 failed" in res.stdout and "not found" in res.stdout
+
+
+def test_invalid_wishlist_exits_2_naming_file_and_line(tmp_path: Path, capsys) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("version: 1\nuser: u\ncvmfs_repo: r\noutput_format: o\ninput:\n  - 'UPPER/Case:x'\n")
+    res = run_cli("convert", bad, "--repository-root", tmp_path / "repo", "--state-db", tmp_path / "s.db")
+    assert res.rc == 2
+    err = capsys.readouterr().err
+    assert f"{bad}:6: input[0]: invalid image reference 'UPPER/Case:x' (invalid repository name" in err, err
+    assert not (tmp_path / "repo").exists()
+
+
+def test_not_yet_implemented_commands(tmp_path: Path, capsys) -> None:
+    for cmd in ("loop", "gc", "check"):
+        assert run_cli(cmd, "--repository-root", tmp_path).rc == 2
+        assert "not yet implemented" in capsys.readouterr().err
