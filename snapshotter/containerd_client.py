@@ -9,10 +9,11 @@ from __future__ import annotations
 import datetime as dt
 import queue
 import threading
+import time
 import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import grpc
 from google.protobuf import field_mask_pb2
@@ -86,9 +87,35 @@ class ContainerdClient:
             raise
 
     def write_content(
-        self, digest: str, size: int, chunks: Iterable[bytes], labels: dict[str, str] | None = None
+        self, digest: str, size: int, chunks: Iterable[bytes] | Callable[[], Iterable[bytes]],
+        labels: dict[str, str] | None = None, lock_wait: float = 600.0,
     ) -> bool:
         """Stream a blob into the content store; False if it was already there.
+
+        Another writer of the same blob holds containerd's ref lock (UNAVAILABLE): wait
+        with backoff, as containerd's own fetcher does, until it is done or we may write.
+        `chunks` may be a callable so a retry can start the stream again.
+        """
+        deadline = time.monotonic() + lock_wait
+        delay = 0.05
+        while True:
+            stream = chunks() if callable(chunks) else chunks
+            try:
+                return self._write_content_once(digest, size, stream, labels)
+            except grpc.RpcError as e:
+                if e.code() != grpc.StatusCode.UNAVAILABLE or time.monotonic() > deadline:
+                    raise
+            if self.content_exists(digest):
+                return False
+            if not callable(chunks) and not isinstance(chunks, (list, tuple)):
+                raise RuntimeError(f"content {digest} is locked by another writer and cannot be retried")
+            time.sleep(delay)
+            delay = min(delay * 2, 2.0)
+
+    def _write_content_once(
+        self, digest: str, size: int, chunks: Iterable[bytes], labels: dict[str, str] | None
+    ) -> bool:
+        """One attempt of the lock-step Write stream.
 
         containerd's Write is a lock-step stream (one response per request), so the
         requests come from a queue fed only after each response: no unbounded buffering.
@@ -176,12 +203,19 @@ class ContainerdClient:
             raise
         return list(resp.mounts)
 
-    def commit_snapshot(self, snapshotter: str, name: str, key: str, labels: dict[str, str] | None = None) -> None:
-        self.snapshots.Commit(
-            snapshots_pb2.CommitSnapshotRequest(snapshotter=snapshotter, name=name, key=key, labels=labels or {}),
-            metadata=self.metadata(),
-            timeout=self.timeout,
-        )
+    def commit_snapshot(self, snapshotter: str, name: str, key: str, labels: dict[str, str] | None = None) -> bool:
+        """False when `name` already exists (another pull of a shared layer won the race)."""
+        try:
+            self.snapshots.Commit(
+                snapshots_pb2.CommitSnapshotRequest(snapshotter=snapshotter, name=name, key=key, labels=labels or {}),
+                metadata=self.metadata(),
+                timeout=self.timeout,
+            )
+        except grpc.RpcError as e:
+            if e.code() == grpc.StatusCode.ALREADY_EXISTS:
+                return False
+            raise
+        return True
 
     def remove_snapshot(self, snapshotter: str, key: str) -> None:
         try:

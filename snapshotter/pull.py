@@ -16,6 +16,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, TextIO
 
+import grpc
+
 from cvmfs_common.digest import chain_ids
 from cvmfs_common.registry import Platform, RegistryClient, ResolvedImage
 
@@ -100,25 +102,8 @@ def pull_image(
         parent = ""
         for i, (layer, chain) in enumerate(zip(image.layers, chains), start=1):
             tag = f"layer {i}/{len(image.layers)} {layer.digest[:19]}"
-            if client.stat_snapshot(snapshotter, chain):
-                result.already_present += 1
-                progress.say(f"  {tag}: already unpacked")
-                parent = chain
-                continue
-            key = f"extract-{unique_key_part()} {chain}"
-            labels = {SNAPSHOT_REF_LABEL: chain, CVMFS_LAYER_DIGEST_LABEL: layer.digest}
-            mounts = client.prepare_snapshot(snapshotter, key, parent, labels)
-            if mounts is None:
-                result.from_repository += 1
-                progress.say(f"  {tag}: from the repository, no download")
-            else:
-                try:
-                    _download_and_apply(client, registry, ref, layer, mounts, progress, tag, result)
-                    client.commit_snapshot(snapshotter, chain, key, {SNAPSHOT_REF_LABEL: chain})
-                except BaseException:
-                    client.remove_snapshot(snapshotter, key)
-                    raise
-                result.downloaded += 1
+            _with_retries(lambda: _layer(client, registry, ref, snapshotter, layer, chain, parent, tag, progress,
+                                         result), progress, tag)
             parent = chain
         client.put_image(name, image.media_type, image.manifest_digest, len(image.manifest_bytes), {})
     result.seconds = time.monotonic() - started
@@ -128,6 +113,47 @@ def pull_image(
         f"{result.already_present} already present"
     )
     return result
+
+
+def _with_retries(step: Callable[[], None], progress: Progress, tag: str, attempts: int = 5) -> None:
+    """containerd answers UNAVAILABLE while it re-dials a restarted snapshotter: retry."""
+    for attempt in range(1, attempts + 1):
+        try:
+            return step()
+        except grpc.RpcError as e:
+            if e.code() != grpc.StatusCode.UNAVAILABLE or attempt == attempts:
+                raise
+            progress.say(f"  {tag}: snapshotter unavailable ({e.details()}), retrying")
+            time.sleep(0.5 * attempt)
+
+
+def _layer(client: ContainerdClient, registry: RegistryClient, ref, snapshotter: str, layer, chain: str,
+           parent: str, tag: str, progress: Progress, result: PullResult) -> None:
+    """One layer, as containerd's unpacker does it: served remotely, present, or unpacked."""
+    if client.stat_snapshot(snapshotter, chain):
+        result.already_present += 1
+        progress.say(f"  {tag}: already unpacked")
+        return
+    key = f"extract-{unique_key_part()} {chain}"
+    labels = {SNAPSHOT_REF_LABEL: chain, CVMFS_LAYER_DIGEST_LABEL: layer.digest}
+    mounts = client.prepare_snapshot(snapshotter, key, parent, labels)
+    if mounts is None:
+        result.from_repository += 1
+        progress.say(f"  {tag}: from the repository, no download")
+        return
+    try:
+        _download_and_apply(client, registry, ref, layer, mounts, progress, tag, result)
+        committed = client.commit_snapshot(snapshotter, chain, key, {SNAPSHOT_REF_LABEL: chain})
+    except BaseException:
+        try:
+            client.remove_snapshot(snapshotter, key)
+        except grpc.RpcError:
+            log.warning("could not remove %s after a failed unpack; containerd's GC will", key)
+        raise
+    if not committed:  # a concurrent pull unpacked the same layer first: use theirs
+        client.remove_snapshot(snapshotter, key)
+        progress.say(f"  {tag}: unpacked concurrently by another pull")
+    result.downloaded += 1
 
 
 def _download_and_apply(client, registry, ref, layer, mounts, progress: Progress, tag: str, result: PullResult) -> None:
@@ -143,7 +169,10 @@ def _download_and_apply(client, registry, ref, layer, mounts, progress: Progress
                 last[0] = now
                 progress.say(f"  {tag}: {done[0] / 1e6:.1f}/{layer.size / 1e6:.1f} MB")
 
-        chunks = _counting(registry.iter_blob(ref, layer.digest, layer.size), count)
+        def chunks():
+            done[0] = 0
+            return _counting(registry.iter_blob(ref, layer.digest, layer.size), count)
+
         client.write_content(layer.digest, layer.size, chunks, {})
         progress.say(f"  {tag}: downloaded {done[0] / 1e6:.1f} MB")
     client.apply(layer.media_type, layer.digest, layer.size, mounts)

@@ -1,0 +1,184 @@
+#!/usr/bin/env python3
+"""Cold start of an image whose layers are all in the repository:
+`cvmfs-snapshotter pull` + `ctr run` vs plain `ctr image pull` + `ctr run` with overlayfs,
+and vs a warm run of the already-unpacked image.
+
+    sudo .venv/bin/python bench/coldstart_bench.py                 # 1 GiB, 20 000 files, 5+1 layers
+    sudo .venv/bin/python bench/coldstart_bench.py --size-gb 0.1   # quick: 100 MiB, 2 000 files
+
+The image (fixed seed: the fixtures' static busybox as the bottom layer, then --layers
+generated layers), a registry storage holding it and a repository holding its unpacked
+layers (tests/e2e/repo_writer.publish_layers, i.e. the publisher's unpacker) are built
+once and cached under bench/out/. Every cold run gets a containerd with an empty root of
+its own (and, on our side, a snapshotter with an empty root); only the timed commands
+are timed, not starting the daemons. --drop-caches drops the page cache before each cold
+run (the whole machine's: other work slows down for a moment).
+Prints the ratios LAST (targets: >= 20x faster than the overlayfs pull; <= 2x a warm run).
+Nothing is asserted.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.benchlib import OUT, drop_caches, machine, require_root, run, workdir  # noqa: E402
+from bench.bigimage import BigImage, Spec, build_layout  # noqa: E402
+from cvmfs_common.layout import RepositoryLayout  # noqa: E402
+from tests.e2e.repo_writer import publish_layers  # noqa: E402
+from tests.fixtures.containerd import Containerd  # noqa: E402
+from tests.fixtures.registry import Registry  # noqa: E402
+from tests.fixtures.snapshotter import SnapshotterProcess, snapshotter_command  # noqa: E402
+
+CMD = "/bin/true"
+
+
+@dataclass
+class Inputs:
+    image: BigImage
+    registry: Registry
+    repository: Path
+
+
+def prepare_inputs(spec: Spec, out: Path) -> Inputs:
+    """Build (or reuse) the image, push it to a registry with a cached storage, and
+    unpack its layers into a cached repository."""
+    out.mkdir(parents=True, exist_ok=True)
+    meta = out / "image.json"
+    if meta.exists():
+        image = BigImage.from_json(meta.read_text())
+    else:
+        t0 = time.monotonic()
+        print(f"building {spec.name} (once; cached in {out})", file=sys.stderr)
+        image = build_layout(out / "layout", spec)
+        meta.write_text(image.to_json())
+        print(f"  built in {time.monotonic() - t0:.0f}s", file=sys.stderr)
+    registry = Registry(out / "registry").start()
+    image.host = registry.host
+    pushed = out / "registry" / ".pushed"
+    if not pushed.exists():
+        run(["skopeo", "copy", "--quiet", "--dest-tls-verify=false",
+             f"oci:{out / 'layout'}:{image.tag}", f"docker://{image.ref}"])
+        pushed.touch()
+    repo = out / "repo"
+    done = out / "repo.complete"
+    if not done.exists():
+        t0 = time.monotonic()
+        print("unpacking the layers into the repository (once)", file=sys.stderr)
+        if repo.exists():
+            run(["rm", "-rf", str(repo)])
+        repo.mkdir()
+        publish_layers(registry.host, image, RepositoryLayout(repo), range(len(image.layers)))
+        done.touch()
+        print(f"  unpacked in {time.monotonic() - t0:.0f}s", file=sys.stderr)
+    return Inputs(image, registry, repo)
+
+
+def timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def ctr_run(cd: Containerd, ref: str, snapshotter: str) -> None:
+    cd.ctr("run", "--rm", "--snapshotter", snapshotter, ref, f"b-{uuid.uuid4().hex[:10]}", CMD, timeout=1800)
+
+
+def cvmfs_side(base: Path, inputs: Inputs, drop: bool) -> dict[str, float]:
+    sn = SnapshotterProcess(base / "sn", repositories=[inputs.repository],
+                            extra_args=["--log-level", "warning"]).start()
+    cd = Containerd(base / "cd", sn.address, log_level="warn").start()
+    ref = inputs.image.ref
+    try:
+        if drop:
+            drop_caches()
+        inputs.registry.clear_log()
+        pull = [*snapshotter_command(), "pull", "--containerd-address", str(cd.address), "--plain-http", ref]
+        out: list[str] = []
+        t_pull = timed(lambda: out.append(run(pull, timeout=1800).stderr))
+        t_run = timed(lambda: ctr_run(cd, ref, "cvmfs-snapshotter"))
+        t_warm = timed(lambda: ctr_run(cd, ref, "cvmfs-snapshotter"))
+        n = len(inputs.image.layers)
+        if f"{n} layers from the repository, 0 downloaded" not in out[0]:
+            print(f"warning: not every layer came from the repository:\n{out[0]}", file=sys.stderr)
+        blob_gets = inputs.registry.blob_get_count()
+        return {"pull": t_pull, "run": t_run, "cold": t_pull + t_run, "warm": t_warm, "blob_gets": blob_gets}
+    finally:
+        cd.cleanup_tasks()
+        cd.stop()
+        sn.stop()
+
+
+def overlay_side(base: Path, inputs: Inputs, drop: bool) -> dict[str, float]:
+    cd = Containerd(base / "cdo", base / "no-proxy.sock", log_level="warn").start()
+    ref = inputs.image.ref
+    try:
+        if drop:
+            drop_caches()
+        inputs.registry.clear_log()
+        t_pull = timed(lambda: cd.ctr("image", "pull", "--plain-http", "--snapshotter", "overlayfs", ref,
+                                      timeout=3600))
+        t_run = timed(lambda: ctr_run(cd, ref, "overlayfs"))
+        t_warm = timed(lambda: ctr_run(cd, ref, "overlayfs"))
+        blob_gets = inputs.registry.blob_get_count()
+        return {"pull": t_pull, "run": t_run, "cold": t_pull + t_run, "warm": t_warm, "blob_gets": blob_gets}
+    finally:
+        cd.cleanup_tasks()
+        cd.stop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--size-gb", type=float, default=1.0, help="unpacked size of the generated layers (GiB)")
+    ap.add_argument("--files", type=int, help="files in the generated layers (default 20 000 per GiB)")
+    ap.add_argument("--layers", type=int, default=5, help="generated layers (plus the busybox layer)")
+    ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--runs", type=int, default=1, help="cold runs per side (alternating)")
+    ap.add_argument("--drop-caches", action="store_true", help="drop the page cache before each cold run")
+    ap.add_argument("--keep", action="store_true", help="keep the containerd/snapshotter work dirs")
+    args = ap.parse_args(argv)
+    require_root()
+    files = args.files if args.files is not None else max(int(20_000 * args.size_gb), 100)
+    spec = Spec(args.size_gb, files, args.layers, args.seed)
+    inputs = prepare_inputs(spec, OUT / spec.name)
+    img = inputs.image
+    print(f"image {img.ref}: {len(img.layers)} layers, {img.unpacked_bytes / 2**30:.2f} GiB unpacked, "
+          f"{img.files} entries, {img.blob_bytes / 2**30:.2f} GiB compressed")
+    results: dict[str, list[dict[str, float]]] = {"cvmfs": [], "overlayfs": []}
+    try:
+        for i in range(args.runs):
+            order = ("cvmfs", "overlayfs") if i % 2 == 0 else ("overlayfs", "cvmfs")
+            for side in order:
+                with workdir(f"bench-cs-{side[:2]}-", args.keep) as base:
+                    fn = cvmfs_side if side == "cvmfs" else overlay_side
+                    r = fn(base, inputs, args.drop_caches)
+                results[side].append(r)
+                print(f"run {i + 1} {side:9}: pull {r['pull']:7.2f}s  run {r['run']:6.2f}s  "
+                      f"warm run {r['warm']:5.2f}s  blob GETs {r['blob_gets']:.0f}", file=sys.stderr)
+    finally:
+        inputs.registry.stop()
+
+    def med(side: str, key: str) -> float:
+        return statistics.median(r[key] for r in results[side])
+
+    print(f"\n{'':22} {'cvmfs-snapshotter':>18} {'overlayfs':>10}   (seconds, median of {args.runs})")
+    for key, label in (("pull", "pull"), ("run", "first ctr run"), ("cold", "cold start (pull+run)"),
+                       ("warm", "warm ctr run"), ("blob_gets", "registry blob GETs")):
+        print(f"{label:22} {med('cvmfs', key):18.2f} {med('overlayfs', key):10.2f}")
+    print(f"\nmachine: {machine()}")
+    print(f"image: {img.unpacked_bytes / 2**30:.2f} GiB unpacked, {img.files} entries, {len(img.layers)} layers")
+    speedup = med("overlayfs", "cold") / med("cvmfs", "cold")
+    vs_warm = med("cvmfs", "cold") / med("overlayfs", "warm")
+    print(f"cold start speedup, overlayfs pull+run / cvmfs pull+run: {speedup:.1f}x (target >= 20x)")
+    print(f"cvmfs cold start / warm run of the unpacked image:      {vs_warm:.2f}x (target <= 2x)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,108 @@
+"""Robustness under load and faults, through the real stack."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import grpc
+import pytest
+
+from cvmfs_api.containerd.services.snapshots.v1 import snapshots_pb2 as pb
+from cvmfs_api.containerd.services.snapshots.v1 import snapshots_pb2_grpc as pb_grpc
+from cvmfs_common.layout import RepositoryLayout
+from tests.e2e.repo_writer import publish_layers
+from tests.e2e.test_remote_layers import SNAPSHOTTER_BIN, cvmfs_pull
+from tests.fixtures.tree import LISTING_COMMAND, compare_trees, parse_listing
+from tests.fixtures.workdirs import new_workdir
+
+pytestmark = pytest.mark.e2e
+
+
+def backend_state(sn) -> tuple[set[str], set[str], set[str]]:
+    """(keys in sqlite via List, snapshot dirs, l/ links) of our snapshotter."""
+    with grpc.insecure_channel(f"unix:{sn.address}") as ch:
+        stub = pb_grpc.SnapshotsStub(ch)
+        keys = {i.name for r in stub.List(pb.ListSnapshotsRequest(), timeout=30) for i in r.info}
+    return keys, set(os.listdir(sn.root / "snapshots")), set(os.listdir(sn.root / "l"))
+
+
+def test_eight_concurrent_pulls_of_images_sharing_layers(registry_factory, push_standard_images, e2e_base,
+                                                        snapshotter_factory, containerd_factory):
+    reg = registry_factory()
+    images = push_standard_images(reg)
+    repo = RepositoryLayout(new_workdir("repo-", e2e_base))
+    publish_layers(reg.host, images.multilayer, repo, [0])  # a shared base layer from the repository
+    sn = snapshotter_factory(repositories=[repo.root])
+    cd = containerd_factory(sn.address)
+    refs = [images.multilayer.ref, images.multilayer_docker.ref, *[i.ref for i in images.tagged.values()]]
+    jobs = [(refs[i % len(refs)], f"ns{i % 3}") for i in range(8)]
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(lambda job: cvmfs_pull(cd, job[0], namespace=job[1]), jobs))
+    assert all(r.returncode == 0 for r in results)
+    for ref, ns in {(r, n) for r, n in jobs}:
+        img = next(i for i in [images.multilayer, images.multilayer_docker, *images.tagged.values()] if i.ref == ref)
+        out = cd.run(ref, *LISTING_COMMAND, namespace=ns).stdout
+        assert not compare_trees(img.tree, parse_listing(out)), ref
+
+
+def test_thousand_cycles_leak_nothing(snapshotter):
+    with grpc.insecure_channel(f"unix:{snapshotter.address}") as ch:
+        s = pb_grpc.SnapshotsStub(ch)
+        s.Prepare(pb.PrepareSnapshotRequest(key="base-a"))
+        s.Commit(pb.CommitSnapshotRequest(key="base-a", name="base"))
+        for i in range(1000):
+            s.Prepare(pb.PrepareSnapshotRequest(key=f"a{i}", parent="base"))
+            s.Commit(pb.CommitSnapshotRequest(key=f"a{i}", name=f"c{i}"))
+            s.View(pb.ViewSnapshotRequest(key=f"v{i}", parent=f"c{i}"))
+            s.Remove(pb.RemoveSnapshotRequest(key=f"v{i}"))
+            s.Remove(pb.RemoveSnapshotRequest(key=f"c{i}"))
+    keys, dirs, links = backend_state(snapshotter)
+    assert keys == {"base"}
+    assert dirs == {"1"} and links == {"1"}
+
+
+def test_kill9_during_pull_then_restart_and_rerun(registry, standard_images, snapshotter_factory,
+                                                 containerd_factory):
+    img = standard_images.multilayer_docker
+    sn = snapshotter_factory(extra_args=["--log-level", "debug"])  # logs every RPC
+    cd = containerd_factory(sn.address)
+    pull = subprocess.Popen(
+        [str(SNAPSHOTTER_BIN), "pull", "--containerd-address", str(cd.address), "--plain-http", img.ref],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    # Kill the snapshotter as soon as the pull has started preparing layers.
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and "Prepare" not in sn.log() and pull.poll() is None:
+        time.sleep(0.01)
+    sn.kill9()
+    pull.wait(120)
+    sn.start()
+    cd.wait_snapshotter_ready()
+    cvmfs_pull(cd, img.ref)
+    out = cd.run(img.ref, *LISTING_COMMAND).stdout
+    assert not compare_trees(img.tree, parse_listing(out))
+    # containerd's GC after removing the image, then Cleanup: no orphans left.
+    cd.ctr("image", "rm", "--sync", img.ref)
+    with grpc.insecure_channel(f"unix:{sn.address}") as ch:
+        pb_grpc.SnapshotsStub(ch).Cleanup(pb.CleanupRequest(), timeout=60)
+    keys, dirs, links = backend_state(sn)
+    assert keys == set(), keys
+    assert dirs == set() and links == set(), (dirs, links)
+
+
+def test_containerd_restart_under_running_snapshotter(registry, standard_images, snapshotter_factory,
+                                                      containerd_factory):
+    img = standard_images.multilayer
+    sn = snapshotter_factory()
+    cd = containerd_factory(sn.address)
+    cvmfs_pull(cd, img.ref)
+    for _ in range(2):
+        cd.restart()
+        cd.wait_snapshotter_ready()
+        out = cd.run(img.ref, *LISTING_COMMAND).stdout
+        assert not compare_trees(img.tree, parse_listing(out))
+    assert sn.running
