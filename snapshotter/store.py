@@ -143,6 +143,20 @@ class Store:
         return row
 
     @staticmethod
+    def _new_row_checks(db: sqlite3.Connection, key: str, parent: str) -> int | None:
+        """containerd's rules for a new snapshot; returns the parent's id."""
+        if db.execute("SELECT 1 FROM snapshots WHERE key = ?", (key,)).fetchone():
+            raise AlreadyExists(f"snapshot {key!r} already exists")
+        if not parent:
+            return None
+        row = db.execute("SELECT id, kind FROM snapshots WHERE key = ?", (parent,)).fetchone()
+        if row is None:
+            raise NotFound(f"parent snapshot {parent!r} does not exist")
+        if row[1] != Kind.COMMITTED:
+            raise InvalidArgument(f"parent {parent!r} is not a committed snapshot")
+        return row[0]
+
+    @staticmethod
     def _labels(db: sqlite3.Connection, snapshot_id: int) -> dict[str, str]:
         return dict(db.execute("SELECT name, value FROM labels WHERE snapshot_id = ?", (snapshot_id,)))
 
@@ -178,16 +192,7 @@ class Store:
         if not key:
             raise InvalidArgument("snapshot key must not be empty")
         with self._tx() as db:
-            if db.execute("SELECT 1 FROM snapshots WHERE key = ?", (key,)).fetchone():
-                raise AlreadyExists(f"snapshot {key!r} already exists")
-            parent_id = None
-            if parent:
-                row = db.execute("SELECT id, kind FROM snapshots WHERE key = ?", (parent,)).fetchone()
-                if row is None:
-                    raise NotFound(f"parent snapshot {parent!r} does not exist")
-                if row[1] != Kind.COMMITTED:
-                    raise InvalidArgument(f"parent {parent!r} is not a committed snapshot")
-                parent_id = row[0]
+            parent_id = self._new_row_checks(db, key, parent)
             now = _now_ns()
             lin = lineage or Lineage()
             cur = db.execute(
@@ -216,16 +221,7 @@ class Store:
     ) -> Info:
         """Insert a committed snapshot whose content is a repository directory."""
         with self._tx() as db:
-            if db.execute("SELECT 1 FROM snapshots WHERE key = ?", (name,)).fetchone():
-                raise AlreadyExists(f"snapshot {name!r} already exists")
-            parent_id = None
-            if parent:
-                row = db.execute("SELECT id, kind FROM snapshots WHERE key = ?", (parent,)).fetchone()
-                if row is None:
-                    raise NotFound(f"parent snapshot {parent!r} does not exist")
-                if row[1] != Kind.COMMITTED:
-                    raise InvalidArgument(f"parent {parent!r} is not a committed snapshot")
-                parent_id = row[0]
+            parent_id = self._new_row_checks(db, name, parent)
             now = _now_ns()
             lin = lineage or Lineage()
             cur = db.execute(
