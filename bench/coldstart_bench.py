@@ -13,6 +13,9 @@ once and cached under bench/out/. Every cold run gets a containerd with an empty
 its own (and, on our side, a snapshotter with an empty root); only the timed commands
 are timed, not starting the daemons. --drop-caches drops the page cache before each cold
 run (the whole machine's: other work slows down for a moment).
+A third side (skip with --no-cri) is Kubernetes' path: a CRI PullImage through
+containerd's CRI plugin (its unpacker asks our snapshotter for every layer) from an
+already-connected client, as the kubelet is, then `ctr run` in CRI's namespace.
 Prints the ratios LAST (targets: >= 20x faster than the overlayfs pull; <= 2x a warm run).
 Nothing is asserted.
 """
@@ -28,11 +31,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.benchlib import OUT, drop_caches, machine, require_root, run, workdir  # noqa: E402
+import grpc  # noqa: E402
+
+from bench.benchlib import compiled_bytecode, OUT, drop_caches, machine, require_root, run, workdir  # noqa: E402
 from bench.bigimage import BigImage, Spec, build_layout  # noqa: E402
 from cvmfs_common.layout import RepositoryLayout  # noqa: E402
 from tests.e2e.repo_writer import publish_layers  # noqa: E402
-from tests.fixtures.containerd import Containerd  # noqa: E402
+from cvmfs_api.cri.runtime.v1 import api_pb2, api_pb2_grpc  # noqa: E402
+from tests.fixtures.containerd import Containerd, CriOptions  # noqa: E402
 from tests.fixtures.registry import Registry  # noqa: E402
 from tests.fixtures.snapshotter import SnapshotterProcess, snapshotter_command  # noqa: E402
 
@@ -86,8 +92,9 @@ def timed(fn) -> float:
     return time.perf_counter() - start
 
 
-def ctr_run(cd: Containerd, ref: str, snapshotter: str) -> None:
-    cd.ctr("run", "--rm", "--snapshotter", snapshotter, ref, f"b-{uuid.uuid4().hex[:10]}", CMD, timeout=1800)
+def ctr_run(cd: Containerd, ref: str, snapshotter: str, namespace: str = "default") -> None:
+    cd.ctr("run", "--rm", "--snapshotter", snapshotter, ref, f"b-{uuid.uuid4().hex[:10]}", CMD,
+           namespace=namespace, timeout=1800)
 
 
 def cvmfs_side(base: Path, inputs: Inputs, drop: bool) -> dict[str, float]:
@@ -110,6 +117,35 @@ def cvmfs_side(base: Path, inputs: Inputs, drop: bool) -> dict[str, float]:
         blob_gets = inputs.registry.blob_get_count()
         return {"pull": t_pull, "run": t_run, "cold": t_pull + t_run, "warm": t_warm, "blob_gets": blob_gets}
     finally:
+        cd.cleanup_tasks()
+        cd.stop()
+        sn.stop()
+
+
+def cri_side(base: Path, inputs: Inputs, drop: bool) -> dict[str, float]:
+    """Kubernetes' path: CRI PullImage (containerd's own unpacker asks our snapshotter for
+    each layer; no `cvmfs-snapshotter pull` process), from a client that is already
+    connected as the kubelet is, then `ctr run` in CRI's namespace."""
+    sn = SnapshotterProcess(base / "sn", repositories=[inputs.repository],
+                            extra_args=["--log-level", "warning"]).start()
+    cri = CriOptions(plain_http_registries=[inputs.registry.host])
+    cd = Containerd(base / "cd", sn.address, cri=cri, log_level="warn").start()
+    ref = inputs.image.ref
+    channel = grpc.insecure_channel(f"unix:{cd.address}")
+    try:
+        stub = api_pb2_grpc.ImageServiceStub(channel)
+        grpc.channel_ready_future(channel).result(timeout=30)
+        if drop:
+            drop_caches()
+        inputs.registry.clear_log()
+        request = api_pb2.PullImageRequest(image=api_pb2.ImageSpec(image=ref))
+        t_pull = timed(lambda: stub.PullImage(request, timeout=1800))
+        t_run = timed(lambda: ctr_run(cd, ref, "cvmfs-snapshotter", "k8s.io"))
+        t_warm = timed(lambda: ctr_run(cd, ref, "cvmfs-snapshotter", "k8s.io"))
+        blob_gets = inputs.registry.blob_get_count()
+        return {"pull": t_pull, "run": t_run, "cold": t_pull + t_run, "warm": t_warm, "blob_gets": blob_gets}
+    finally:
+        channel.close()
         cd.cleanup_tasks()
         cd.stop()
         sn.stop()
@@ -141,23 +177,27 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--runs", type=int, default=1, help="cold runs per side (alternating)")
     ap.add_argument("--drop-caches", action="store_true", help="drop the page cache before each cold run")
+    ap.add_argument("--no-cri", action="store_true", help="skip the CRI PullImage side (Kubernetes' path)")
     ap.add_argument("--keep", action="store_true", help="keep the containerd/snapshotter work dirs")
     args = ap.parse_args(argv)
     require_root()
+    compiled_bytecode()
     files = args.files if args.files is not None else max(int(20_000 * args.size_gb), 100)
     spec = Spec(args.size_gb, files, args.layers, args.seed)
     inputs = prepare_inputs(spec, OUT / spec.name)
     img = inputs.image
     print(f"image {img.ref}: {len(img.layers)} layers, {img.unpacked_bytes / 2**30:.2f} GiB unpacked, "
           f"{img.files} entries, {img.blob_bytes / 2**30:.2f} GiB compressed")
-    results: dict[str, list[dict[str, float]]] = {"cvmfs": [], "overlayfs": []}
+    sides = {"cvmfs": cvmfs_side, "overlayfs": overlay_side}
+    if not args.no_cri:
+        sides["cvmfs-cri"] = cri_side
+    results: dict[str, list[dict[str, float]]] = {side: [] for side in sides}
     try:
         for i in range(args.runs):
-            order = ("cvmfs", "overlayfs") if i % 2 == 0 else ("overlayfs", "cvmfs")
+            order = list(sides) if i % 2 == 0 else list(reversed(sides))
             for side in order:
                 with workdir(f"bench-cs-{side[:2]}-", args.keep) as base:
-                    fn = cvmfs_side if side == "cvmfs" else overlay_side
-                    r = fn(base, inputs, args.drop_caches)
+                    r = sides[side](base, inputs, args.drop_caches)
                 results[side].append(r)
                 print(f"run {i + 1} {side:9}: pull {r['pull']:7.2f}s  run {r['run']:6.2f}s  "
                       f"warm run {r['warm']:5.2f}s  blob GETs {r['blob_gets']:.0f}", file=sys.stderr)
@@ -167,16 +207,22 @@ def main(argv: list[str] | None = None) -> int:
     def med(side: str, key: str) -> float:
         return statistics.median(r[key] for r in results[side])
 
-    print(f"\n{'':22} {'cvmfs-snapshotter':>18} {'overlayfs':>10}   (seconds, median of {args.runs})")
+    labels = {"cvmfs": "cvmfs pull", "overlayfs": "overlayfs", "cvmfs-cri": "cvmfs via CRI"}
+    print(f"\n{'':22} " + " ".join(f"{labels[s]:>14}" for s in sides) + f"   (seconds, median of {args.runs})")
     for key, label in (("pull", "pull"), ("run", "first ctr run"), ("cold", "cold start (pull+run)"),
                        ("warm", "warm ctr run"), ("blob_gets", "registry blob GETs")):
-        print(f"{label:22} {med('cvmfs', key):18.2f} {med('overlayfs', key):10.2f}")
+        print(f"{label:22} " + " ".join(f"{med(s, key):14.2f}" for s in sides))
     print(f"\nmachine: {machine()}")
     print(f"image: {img.unpacked_bytes / 2**30:.2f} GiB unpacked, {img.files} entries, {len(img.layers)} layers")
-    speedup = med("overlayfs", "cold") / med("cvmfs", "cold")
-    vs_warm = med("cvmfs", "cold") / med("overlayfs", "warm")
-    print(f"cold start speedup, overlayfs pull+run / cvmfs pull+run: {speedup:.1f}x (target >= 20x)")
-    print(f"cvmfs cold start / warm run of the unpacked image:      {vs_warm:.2f}x (target <= 2x)")
+    warm = med("overlayfs", "warm")
+    print(f"cold start speedup, overlayfs pull+run / cvmfs-snapshotter pull+run: "
+          f"{med('overlayfs', 'cold') / med('cvmfs', 'cold'):.1f}x (target >= 20x)")
+    print(f"cvmfs-snapshotter pull+run / warm run of the unpacked image:          "
+          f"{med('cvmfs', 'cold') / warm:.2f}x (target <= 2x)")
+    if "cvmfs-cri" in sides:
+        print(f"CRI PullImage+run (no pull process) / warm run of the unpacked image: "
+              f"{med('cvmfs-cri', 'cold') / warm:.2f}x; speedup vs overlayfs "
+              f"{med('overlayfs', 'cold') / med('cvmfs-cri', 'cold'):.1f}x")
     return 0
 
 

@@ -11,6 +11,12 @@ parent = the previous chainID, label containerd.io/snapshot.ref) → Mounts → 
 --lists List calls over all; then Remove all, top first. Each round holds a lease (as the
 unpacker does) and deletes it with sync=True, so containerd's GC has removed the backend's
 snapshots before the next round starts; rounds alternate sides.
+
+A third side (skip with --no-null) is bench/nullsnapshotter.py behind its own containerd:
+a Python snapshots server doing nothing but dict updates. It separates the cost of the
+proxy hop itself (containerd → unix socket → grpcio) from our own work. Our snapshotter
+gets an (empty) repository, so every Prepare also runs its repository lookup, as on a
+node where the repository is mounted but lacks the layer.
 Prints p50/p99 per method and, LAST, the ratios cvmfs/overlayfs (target <= 1.0x).
 Nothing is asserted.
 """
@@ -20,6 +26,7 @@ import argparse
 import hashlib
 import os
 import secrets
+import subprocess
 import sys
 import time
 from collections import defaultdict
@@ -30,12 +37,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import grpc  # noqa: E402
 
-from bench.benchlib import fmt_ms, machine, percentile, ratio, require_root, workdir  # noqa: E402
+from bench.benchlib import compiled_bytecode, fmt_ms, machine, percentile, ratio, require_root, workdir  # noqa: E402
 from cvmfs_api.containerd.services.leases.v1 import leases_pb2, leases_pb2_grpc  # noqa: E402
 from cvmfs_api.containerd.services.snapshots.v1 import snapshots_pb2 as pb  # noqa: E402
 from cvmfs_api.containerd.services.snapshots.v1 import snapshots_pb2_grpc as pb_grpc  # noqa: E402
 from tests.fixtures.containerd import Containerd  # noqa: E402
-from tests.fixtures.snapshotter import SnapshotterProcess  # noqa: E402
+from tests.fixtures._proc import terminate, wait_until  # noqa: E402
+from tests.fixtures.snapshotter import SnapshotterProcess, unix_socket_answers  # noqa: E402
 
 METHODS = ("Prepare", "Mounts", "Commit", "Stat", "List", "Remove")
 REF_LABEL = "containerd.io/snapshot.ref"
@@ -121,21 +129,27 @@ def overlay_backend_count(cd: Containerd) -> int:
     return len(list(snaps.iterdir())) if snaps.exists() else 0
 
 
-def report(overlay: Samples, cvmfs: Samples) -> None:
-    print(f"\n{'method':8} {'n':>5} | {'overlayfs p50':>13} {'p99':>8} | {'cvmfs p50':>9} {'p99':>8}   (ms)")
+def report(samples: dict[str, Samples]) -> None:
+    sides = list(samples)
+    head = " | ".join(f"{side + ' p50':>14} {'p99':>8}" for side in sides)
+    print(f"\n{'method':8} {'n':>5} | {head}   (ms)")
     for m in METHODS:
-        o, c = overlay[m], cvmfs[m]
-        print(f"{m:8} {len(c):5} | {fmt_ms(percentile(o, 50)):>13} {fmt_ms(percentile(o, 99))} | "
-              f"{fmt_ms(percentile(c, 50)):>9} {fmt_ms(percentile(c, 99))}")
-    total_o = sum(sum(v) for v in overlay.values())
-    total_c = sum(sum(v) for v in cvmfs.values())
-    print(f"total RPC time: overlayfs {total_o:.2f}s, cvmfs {total_c:.2f}s")
+        cells = " | ".join(f"{fmt_ms(percentile(samples[side][m], 50)):>14} {fmt_ms(percentile(samples[side][m], 99))}"
+                           for side in sides)
+        print(f"{m:8} {len(samples['cvmfs'][m]):5} | {cells}")
+    totals = {side: sum(sum(v) for v in samples[side].values()) for side in sides}
+    print("total RPC time: " + ", ".join(f"{side} {t:.2f}s" for side, t in totals.items()))
     print(f"\nmachine: {machine()}")
-    print("ratios cvmfs-snapshotter / overlayfs (target <= 1.0x):")
-    for m in METHODS:
-        print(f"  {m:8} p50 {ratio(percentile(cvmfs[m], 50), percentile(overlay[m], 50)):>6}"
-              f"   p99 {ratio(percentile(cvmfs[m], 99), percentile(overlay[m], 99)):>6}")
-    print(f"  {'all':8} total {ratio(total_c, total_o)}")
+    pairs = [("cvmfs", "overlayfs", "cvmfs-snapshotter / overlayfs (target <= 1.0x)")]
+    if "null-proxy" in samples:
+        pairs = [("null-proxy", "overlayfs", "null Python proxy / overlayfs (the proxy hop alone)"),
+                 ("cvmfs", "null-proxy", "cvmfs-snapshotter / null Python proxy (our own work)")] + pairs
+    for a, b, title in pairs:
+        print(f"ratios {title}:")
+        for m in METHODS:
+            print(f"  {m:8} p50 {ratio(percentile(samples[a][m], 50), percentile(samples[b][m], 50)):>6}"
+                  f"   p99 {ratio(percentile(samples[a][m], 99), percentile(samples[b][m], 99)):>6}")
+        print(f"  {'all':8} total {ratio(totals[a], totals[b])}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -144,37 +158,51 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=3, help="rounds per side, alternating")
     ap.add_argument("--files", type=int, default=10, help="small files written per layer (not timed)")
     ap.add_argument("--lists", type=int, default=10, help="List calls per round")
+    ap.add_argument("--no-null", action="store_true", help="skip the null Python proxy (the hop floor)")
     ap.add_argument("--log-level", default="info", help="the snapshotter's --log-level")
     ap.add_argument("--keep", action="store_true")
     args = ap.parse_args(argv)
     require_root()
+    compiled_bytecode()
 
     with workdir("bench-rpc-", args.keep) as base:
-        sn = SnapshotterProcess(base / "sn", extra_args=["--log-level", args.log_level]).start()
-        cd_overlay = Containerd(base / "cd-o", base / "no-proxy.sock", log_level="warn").start()
-        cd_cvmfs = Containerd(base / "cd-c", sn.address, log_level="warn").start()
-        clients = {"overlayfs": Client(cd_overlay.address, "overlayfs"),
-                   "cvmfs": Client(cd_cvmfs.address, "cvmfs-snapshotter")}
-        samples: dict[str, Samples] = {k: defaultdict(list) for k in clients}
+        repo = base / "repo"  # a mounted repository that has none of these layers: lookups miss
+        repo.mkdir()
+        sn = SnapshotterProcess(base / "sn", repositories=[repo], extra_args=["--log-level", args.log_level])
+        sn.start()
+        daemons: list = [sn]
+        null = None
         try:
-            # One warm-up layer each (connections, containerd's lazy proxy dial), not counted.
-            for name, client in clients.items():
+            cds = {"overlayfs": Containerd(base / "cd-o", base / "no-proxy.sock", log_level="warn")}
+            if not args.no_null:
+                null = subprocess.Popen([sys.executable, str(Path(__file__).with_name("nullsnapshotter.py")),
+                                         str(base / "null.sock"), str(base / "null-scratch")])
+                wait_until(lambda: unix_socket_answers(base / "null.sock"), 30, "null proxy", null)
+                cds["null-proxy"] = Containerd(base / "cd-n", base / "null.sock", log_level="warn")
+            cds["cvmfs"] = Containerd(base / "cd-c", sn.address, log_level="warn")
+            for cd in cds.values():
+                daemons.append(cd.start())
+            clients = {name: Client(cd.address, "overlayfs" if name == "overlayfs" else "cvmfs-snapshotter")
+                       for name, cd in cds.items()}
+            samples: dict[str, Samples] = {k: defaultdict(list) for k in clients}
+            # A short warm-up round each (connections, containerd's lazy proxy dial), not counted.
+            for client in clients.values():
                 client.round(defaultdict(list), 2, 0, 1)
             for r in range(args.rounds):
                 for name, client in clients.items():
                     start = time.monotonic()
                     client.round(samples[name], args.layers, args.files, args.lists)
                     print(f"round {r + 1} {name}: {time.monotonic() - start:.1f}s", file=sys.stderr)
-            left = {"overlayfs": overlay_backend_count(cd_overlay), "cvmfs": len(sn.list_snapshots())}
+            left = {"overlayfs": overlay_backend_count(cds["overlayfs"]), "cvmfs": len(sn.list_snapshots())}
             if any(left.values()):
                 print(f"warning: snapshots left in the backends after GC: {left}", file=sys.stderr)
-        finally:
             for c in clients.values():
                 c.close()
-            cd_cvmfs.stop()
-            cd_overlay.stop()
-            sn.stop()
-    report(samples["overlayfs"], samples["cvmfs"])
+        finally:
+            for d in reversed(daemons):
+                d.stop()
+            terminate(null)
+    report(samples)
     return 0
 
 

@@ -11,22 +11,29 @@ import argparse
 import logging
 import os
 import sys
+import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+from cvmfs_common.durations import parse_duration
 from cvmfs_common.logs import setup_logging
 from cvmfs_common.reference import InvalidReference, parse_reference
 from cvmfs_common.registry import Credentials, Platform, RegistryClient
 
+from .backend import Backend, BackendError, make_backend
 from .convert import ConvertOptions, convert, default_state_db
 from .progress import Progress
 from .runlock import Busy
-from .state import StateError
+from .state import State, StateError
 from .wishlist import WishlistEntry, WishlistError, load_wishlists
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .thin import ThinSettings
 
 log = logging.getLogger("cvmfs-publisher")
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
-NOT_YET = {"loop": "issue 7", "gc": "issue 7", "check": "issue 7"}
+NOT_YET: dict[str, str] = {}  # command -> the issue that brings it
 
 
 class UsageError(Exception):
@@ -38,7 +45,10 @@ def _common(p: argparse.ArgumentParser) -> None:
     g.add_argument("--repository-root", metavar="DIR", type=Path,
                    help="repository to write (default for convert: /cvmfs/<cvmfs_repo of the wishlist>)")
     g.add_argument("--backend", choices=("local", "cvmfs"), default="local",
-                   help="local: a plain directory (default); cvmfs: cvmfs_server transactions (not yet)")
+                   help="local: a plain directory (default); cvmfs: every image in one cvmfs_server "
+                        "transaction, the repository root being /cvmfs/<name> (docs/cvmfs-backend.md)")
+    g.add_argument("--no-thin-image", action="store_true",
+                   help="do not push thin images to the wishlist's output_format")
     g.add_argument("--state-db", metavar="PATH", type=Path,
                    help="sqlite state (default: /var/lib/cvmfs-publisher/<repository name>/state.db)")
     g.add_argument("--jobs", metavar="N", type=int, default=4, help="layers fetched/unpacked in parallel (default 4)")
@@ -65,12 +75,133 @@ def build_parser() -> argparse.ArgumentParser:
                    help="repeatable; the first must be the repository's default platform "
                         "(default: the repository's default platform, or the host's for a new repository)")
     _common(p)
-    for name, what in (("loop", "convert periodically and on registry push events"),
-                       ("gc", "remove what no wishlist needs any more"), ("check", "verify the repository")):
-        p = sub.add_parser(name, help=f"{what} (not yet implemented)")
-        p.add_argument("args", nargs="*", help=argparse.SUPPRESS)
-        _common(p)
+    _maintenance_parsers(sub)
     return parser
+
+
+# -- loop, gc, check (issue 7) --------------------------------------------------------------
+def _duration(text: str) -> float:
+    try:
+        return parse_duration(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _maintenance_parsers(sub) -> None:
+    p = sub.add_parser("loop", help="convert periodically, and at once on registry push events")
+    p.add_argument("wishlists", nargs="+", metavar="WISHLIST", type=Path)
+    g = p.add_argument_group("loop options")
+    g.add_argument("--interval", metavar="DURATION", type=_duration, default="10m",
+                   help="start a round (re-read the wishlists, convert what moved) this often (default 10m)")
+    g.add_argument("--backoff", metavar="DURATION", type=_duration, default="30s",
+                   help="retry a round with failures after this, doubling up to --interval (default 30s)")
+    g.add_argument("--listen", metavar="HOST:PORT",
+                   help="accept registry push notifications (POST, any path) and convert pushed tags at once")
+    g.add_argument("--metrics-address", metavar="HOST:PORT", help="serve Prometheus metrics on /metrics")
+    _common(p)
+    p = sub.add_parser("gc", help="remove what no wishlist wants any more")
+    g = p.add_argument_group("gc options")
+    g.add_argument("--older-than", metavar="DURATION", type=_duration, default="30d",
+                   help="grace period: keep what a wishlist named (or a tag used) this recently (default 30d)")
+    g.add_argument("--dry-run", action="store_true", help="only report what would be removed")
+    g.add_argument("--lock-wait", metavar="DURATION", type=_duration, default="1h",
+                   help="wait this long for a running convert or loop round (default 1h)")
+    _common(p)
+    p = sub.add_parser("check", help="verify the repository against the state")
+    g = p.add_argument_group("check options")
+    g.add_argument("--lock-wait", metavar="DURATION", type=_duration, default="1h",
+                   help="wait this long for a running convert or loop round (default 1h)")
+    _common(p)
+
+
+def _existing_state(args: argparse.Namespace) -> tuple[Path, Path]:
+    if args.repository_root is None:
+        raise UsageError(f"{args.command} needs --repository-root")
+    root = args.repository_root
+    state_db = args.state_db or default_state_db(root)
+    if not state_db.is_file():
+        raise UsageError(f"no state database {state_db}: nothing was converted into {root} (or give --state-db)")
+    return root, state_db
+
+
+def run_loop(args: argparse.Namespace) -> int:
+    from .loop import ListenError, Loop, LoopSettings, loop_lock_path, serve
+    from .metrics import PublisherMetrics
+    from .webhook import parse_address
+
+    if args.jobs < 1:
+        raise UsageError("--jobs must be at least 1")
+    if args.interval <= 0:
+        raise UsageError("--interval must be more than 0")
+    for option, value in (("--listen", args.listen), ("--metrics-address", args.metrics_address)):
+        if value is not None:
+            try:
+                parse_address(value)
+            except ValueError as e:
+                raise UsageError(f"{option}: {e}") from None
+    wishlist = load_wishlists(args.wishlists)  # invalid at start: exit 2; later: the last valid one is kept
+    root = args.repository_root or Path("/cvmfs") / wishlist.cvmfs_repos[0]
+    backend = _backend(args, root, wishlist.cvmfs_repos[0])
+    state_db = args.state_db or default_state_db(root)
+    options = ConvertOptions(jobs=args.jobs, podman_store=not args.no_podman_store)
+    thin_cache: dict[tuple, object] = {}
+
+    def thin_for(wl) -> "ThinSettings | None":
+        key = tuple((f.path, f.user, f.output_format) for f in wl.files)
+        if key not in thin_cache:  # once per wishlist content, not per round (it may warn)
+            thin_cache.clear()
+            thin_cache[key] = _thin_settings(args, wl)
+        return thin_cache[key]  # type: ignore[return-value]
+
+    log.info("loop: %s into %s (state %s), every %.0f s%s", ", ".join(map(str, args.wishlists)), root, state_db,
+             args.interval, f", push events on {args.listen}" if args.listen else "")
+    with _client(args) as client:
+        def convert_fn(wl, entries, default, progress, command):
+            started = time.time()
+            try:
+                return convert(entries, default, root=root, state_db=state_db, client=client, options=options,
+                               progress=progress, command=command, backend=backend, thin=thin_for(wl))
+            except BaseException:
+                _mark_interrupted(state_db, root, command, started)
+                raise
+
+        loop = Loop(LoopSettings(args.wishlists, args.interval, args.backoff), convert_fn, wishlist,
+                    metrics=PublisherMetrics() if args.metrics_address else None,
+                    live_progress=None if args.log_format == "text" else False)
+        try:
+            serve(loop, lock_path=loop_lock_path(state_db), listen=args.listen,
+                  metrics_address=args.metrics_address)
+        except ListenError as e:
+            raise UsageError(str(e)) from None
+    return EXIT_OK
+
+
+def _mark_interrupted(state_db: Path, root: Path, command: str, since: float) -> None:
+    """A run that ended part-way did not see every tag: gc must not trust it."""
+    try:
+        with State.open(state_db, root) as state:
+            state.mark_interrupted(command, since)
+    except Exception:  # noqa: BLE001 - e.g. the state itself is what failed
+        log.debug("could not mark the %s run as interrupted", command, exc_info=True)
+
+
+def run_gc(args: argparse.Namespace) -> int:
+    from .gc import collect
+
+    root, state_db = _existing_state(args)
+    report = collect(root, state_db, older_than=args.older_than, dry_run=args.dry_run,
+                     podman=not args.no_podman_store, lock_wait=args.lock_wait, backend=_backend(args, root, None))
+    print(report.render(), flush=True)
+    return EXIT_OK if report.ok else EXIT_FAILED
+
+
+def run_check(args: argparse.Namespace) -> int:
+    from .check import check
+
+    root, state_db = _existing_state(args)
+    report = check(root, state_db, podman=not args.no_podman_store, lock_wait=args.lock_wait)
+    print(report.render(), flush=True)
+    return EXIT_OK if report.ok else EXIT_FAILED
 
 
 def _entries_from_image(args: argparse.Namespace) -> tuple[list[WishlistEntry], Platform]:
@@ -96,9 +227,28 @@ def _client(args: argparse.Namespace) -> RegistryClient:
     return RegistryClient(credentials=creds, insecure_registries=args.insecure_registry)
 
 
+def _backend(args: argparse.Namespace, root: Path, cvmfs_repo: str | None) -> Backend:
+    try:
+        return make_backend(args.backend, root, cvmfs_repo=cvmfs_repo)
+    except BackendError as e:
+        raise UsageError(str(e)) from None
+
+
+def _thin_settings(args: argparse.Namespace, wishlist) -> "ThinSettings | None":
+    """Thin images when the wishlist has output_format, not --no-thin-image, and the
+    password DUCC sites set is there (without it: a warning, no thin images)."""
+    from .thin import PASSWORD_ENV, ThinSettings
+
+    if args.no_thin_image or not any(f.output_format for f in wishlist.files):
+        return None
+    password = os.environ.get(PASSWORD_ENV)
+    if not password:
+        log.warning("no thin images: $%s is not set (set it, or give --no-thin-image)", PASSWORD_ENV)
+        return None
+    return ThinSettings.from_wishlist(wishlist, password)
+
+
 def run_convert(args: argparse.Namespace) -> int:
-    if args.backend != "local":
-        raise UsageError(f"backend {args.backend!r} is not implemented yet (use --backend local)")
     if args.jobs < 1:
         raise UsageError("--jobs must be at least 1")
     root = args.repository_root
@@ -107,17 +257,20 @@ def run_convert(args: argparse.Namespace) -> int:
         entries, default = wishlist.entries, wishlist.default_platform
         if root is None:
             root = Path("/cvmfs") / wishlist.cvmfs_repos[0]
+        thin = _thin_settings(args, wishlist)
+        backend = _backend(args, root, wishlist.cvmfs_repos[0])
     else:
         entries, default = _entries_from_image(args)
         if root is None:
             raise UsageError("convert-image needs --repository-root")
+        thin, backend = None, _backend(args, root, None)
     state_db = args.state_db or default_state_db(root)
     options = ConvertOptions(jobs=args.jobs, podman_store=not args.no_podman_store)
     progress = Progress(live=None if args.log_format == "text" else False)  # no live line amid JSON logs
     log.info("%s: %d wishlist entries into %s (state %s)", args.command, len(entries), root, state_db)
     with _client(args) as client:
         summary = convert(entries, default, root=root, state_db=state_db, client=client, options=options,
-                          progress=progress, command=args.command)
+                          progress=progress, command=args.command, backend=backend, thin=thin)
     print(summary.render(), flush=True)
     return EXIT_OK if summary.ok else EXIT_FAILED
 
@@ -130,8 +283,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"cvmfs-publisher: {args.command} is not yet implemented ({NOT_YET[args.command]})", file=sys.stderr)
         return EXIT_USAGE
     try:
-        return run_convert(args)
-    except (UsageError, WishlistError, StateError, Busy) as e:
+        return {"loop": run_loop, "gc": run_gc, "check": run_check}.get(args.command, run_convert)(args)
+    except (UsageError, WishlistError, StateError, Busy, BackendError) as e:
         print(f"cvmfs-publisher: {e}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:

@@ -14,21 +14,26 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from cvmfs_common.layout import RepositoryLayout
 from cvmfs_common.reference import Reference
 from cvmfs_common.registry import ManifestError, NotFound, Platform, RegistryClient, ResolvedImage
 
+from .backend import Backend
 from .image import ImagePublisher, Placement
 from .ingest import LayerIngester
 from .progress import ItemResult, Progress, Summary
 from .runlock import exclusive, lock_path_for
 from .state import State, TagKey
 from .wishlist import WishlistEntry
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .thin import ThinSettings
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +53,7 @@ class Target:
     platform: Platform
     default: bool
     entry_id: int | None
+    entry_key: tuple | None = None  # the WishlistEntry.key it came from (thin images)
 
     @property
     def key(self) -> TagKey:
@@ -70,8 +76,13 @@ class Converter:
     client: RegistryClient
     options: ConvertOptions = field(default_factory=ConvertOptions)
     progress: Progress = field(default_factory=lambda: Progress(live=False))
+    backend: Backend | None = None  # None: the local backend
+    # called with every item's result once its unit is published (thin images); may replace it
+    post_item: Callable[[Target, ItemResult], ItemResult] | None = None
 
     def __post_init__(self) -> None:
+        if self.backend is None:
+            self.backend = Backend(self.layout.root)
         podman = None
         if self.options.podman_store:
             try:
@@ -82,7 +93,12 @@ class Converter:
                 podman = PodmanStore
         self.ingester = LayerIngester(self.layout, self.client, whiteouts=self.options.whiteouts,
                                       on_bytes=self.progress.add_bytes)
-        self.publisher = ImagePublisher(self.layout, self.ingester, jobs=self.options.jobs, podman_store=podman)
+        self.publisher = ImagePublisher(self.layout, self.ingester, jobs=self.options.jobs, podman_store=podman,
+                                        flat_writer=self._write_flat if self.backend.flat_copy else None)
+
+    def _write_flat(self, flat: Path, top_chain: Path) -> None:
+        assert self.backend is not None
+        self.backend.write_flat(self.layout, flat, top_chain)
 
     # -- the run ---------------------------------------------------------------------------
     def run(self, entries: Sequence[WishlistEntry], default_platform: Platform, command: str = "convert") -> Summary:
@@ -94,6 +110,8 @@ class Converter:
             for i, target in enumerate(targets, 1):
                 self.progress.start_item(f"{i}/{len(targets)}", target.name)
                 result = self._one(target, heads[_ref_key(target.reference)])
+                if self.post_item is not None:
+                    result = self.post_item(target, result)
                 self.progress.clear()
                 summary.add(result)
                 level = logging.ERROR if result.outcome == "failed" else logging.INFO
@@ -136,7 +154,7 @@ class Converter:
                 for ref in refs:
                     key = _ref_key(ref) + (str(plat),)
                     if key not in targets:
-                        targets[key] = Target(ref, plat, plat == default, entry_id)
+                        targets[key] = Target(ref, plat, plat == default, entry_id, entry.key)
         return list(targets.values())
 
     def _heads(self, targets: Sequence[Target]) -> dict[tuple, str | Exception]:
@@ -193,8 +211,12 @@ class Converter:
                     return ItemResult(target.name, "skipped", f"single-platform image is {found}")
                 log.warning("%s: the image is %s, not %s; publishing it for the default platform",
                             target.name, found, target.platform)
-            published = self.publisher.publish(target.reference, image, config_bytes, config, placement,
-                                               str(target.platform))
+            assert self.backend is not None
+            # One unit of work (cvmfs: one transaction); recorded only once it is published.
+            with self.backend.unit(target.name):
+                published = self.publisher.publish(target.reference, image, config_bytes, config, placement,
+                                                   str(target.platform))
+                self.backend.after_image(self.layout, published.record, placement)
             self.state.record_published(key, placement.platform_dir, target.entry_id, head, published.record)
         except Exception as e:  # noqa: BLE001 - one failing image never stops the others
             log.debug("%s failed", target.name, exc_info=True)
@@ -241,16 +263,21 @@ def default_state_db(root: Path) -> Path:
 
 
 def convert(entries: Sequence[WishlistEntry], default_platform: Platform | None, *, root: Path, state_db: Path,
-            client: RegistryClient, options: ConvertOptions, progress: Progress, command: str) -> Summary:
-    """Lock, clean ``.tmp/`` (work a crash left), run, and return the summary.
+            client: RegistryClient, options: ConvertOptions, progress: Progress, command: str,
+            backend: Backend | None = None, thin: "ThinSettings | None" = None) -> Summary:
+    """Lock, recover (backend: clean ``.tmp/``, abort a transaction a crash left open),
+    run, and return the summary.
 
     ``default_platform`` None: the one the repository already has (else the host's);
-    entries without platforms get the default one."""
+    entries without platforms get the default one. ``thin``: push thin images
+    (publisher/thin.py) for the default platform's images."""
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     layout = RepositoryLayout(root)
+    backend = backend or Backend(root)
+    options = replace(options, whiteouts=backend.whiteouts)
     with exclusive(lock_path_for(state_db)):
-        removed = layout.clean_tmp()
+        removed = backend.start(layout)
         if removed:
             log.info("removed %d unfinished work dirs from %s (an earlier run was interrupted)", removed,
                      layout.tmp_dir)
@@ -260,4 +287,10 @@ def convert(entries: Sequence[WishlistEntry], default_platform: Platform | None,
                 default_platform = Platform.parse(recorded) if recorded else Platform.host()
             state.default_platform(str(default_platform))
             entries = [e if e.platforms else replace(e, platforms=(default_platform,)) for e in entries]
-            return Converter(layout, state, client, options, progress).run(entries, default_platform, command)
+            post_item = None
+            if thin is not None:
+                from .thin import ThinPublisher
+
+                post_item = ThinPublisher(thin, state, layout, client.insecure_registries).after_item
+            return Converter(layout, state, client, options, progress, backend, post_item).run(
+                entries, default_platform, command)

@@ -79,11 +79,15 @@ def podman_names(ref: Reference) -> list[str]:
 
 class ImagePublisher:
     def __init__(self, layout: RepositoryLayout, ingester: LayerIngester, *, jobs: int = 4,
-                 podman_store: Callable[[RepositoryLayout], object] | None = None) -> None:
+                 podman_store: Callable[[RepositoryLayout], object] | None = None,
+                 flat_writer: Callable[[Path, Path], None] | None = None) -> None:
         self.layout = layout
         self.ingester = ingester
         self.jobs = max(1, jobs)
         self.podman_store = podman_store  # PodmanStore class (or None: --no-podman-store)
+        # flat_writer(flat, top_chain) makes .flat/<xx>/<config> a directory copy (cvmfs
+        # backend); None: a relative symlink to the top chain (local backend).
+        self.flat_writer = flat_writer
 
     # -- the whole image ---------------------------------------------------------------
     def publish(self, ref: Reference, image: ResolvedImage, config_bytes: bytes, config: dict,
@@ -195,6 +199,9 @@ class ImagePublisher:
         flat = self.layout.flat_dir(config_digest)
         if flat.is_dir() and not flat.is_symlink():
             return  # a full copy (DUCC, or the cvmfs backend's template transaction): complete already
+        if self.flat_writer is not None:
+            self.flat_writer(flat, top_chain)
+            return
         target = relative_link_target(flat, top_chain)
         if _readlink(flat) != target:
             self.layout.atomic_symlink(target, flat)

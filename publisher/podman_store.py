@@ -174,6 +174,27 @@ class PodmanStore:
             self._write_json(self.images_json, images)
             self._sweep(images, {e["id"]: e for e in self.layers()})
 
+    def remove_names(self, names: "set[str] | list[str]") -> None:
+        """Take names away from whatever image has them (gc: tags no wishlist wants any
+        more); the images stay (``remove_image`` drops one)."""
+        drop = set(names)
+        if not drop or not self.images_json.exists():
+            return
+        with self._locked():
+            images = self.images()
+            changed = False
+            for image in images:
+                old = image.get("names") or []
+                kept = [n for n in old if n not in drop]
+                if kept != old:
+                    changed = True
+                    if kept:
+                        image["names"] = kept
+                    else:
+                        image.pop("names", None)
+            if changed:
+                self._write_json(self.images_json, images)
+
     # -- internals ------------------------------------------------------------------
     def _plan(self, image: PodmanImage) -> tuple[str, list[_LayerPlan], list[str]]:
         """Validate the image and work out its layer ids, links and lower files."""

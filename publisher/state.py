@@ -13,7 +13,8 @@
 * ``images``: one image manifest (config digest, platform, top chain).
 * ``image_layers``: its layers bottom first with the OCI chainID up to each.
 * ``layers``: one published ``.layers/<xx>/<hex>`` dir and what its layers.json says.
-* ``runs``: one line per command run (for loop/metrics).
+* ``runs``: one line per command run (for loop/metrics); ``interrupted_runs``: those
+  that stopped part-way (gc trusts only complete runs over whole wishlists).
 
 Times are unix seconds (REAL). gc (issue 7) can find tags no entry has seen for a
 while (``tags.last_seen``), images no tag points at (``images`` minus
@@ -111,6 +112,9 @@ CREATE TABLE IF NOT EXISTS runs (
     skipped   INTEGER NOT NULL DEFAULT 0,
     bytes     INTEGER NOT NULL DEFAULT 0
 );
+CREATE TABLE IF NOT EXISTS interrupted_runs (  -- stopped part-way: did not see every tag (gc)
+    run_id INTEGER PRIMARY KEY REFERENCES runs (id) ON DELETE CASCADE
+);
 """
 
 
@@ -167,6 +171,31 @@ class ImageRecord:
     @property
     def top_chain(self) -> str:
         return self.layers[-1].chain_id
+
+
+# Runs that go over whole wishlists (a loop round is one); gc trusts what they touched.
+FULL_RUN_COMMANDS = ("convert", "loop")
+
+
+@dataclass(frozen=True)
+class TagRow:
+    """A tags row as gc sees it (published or not)."""
+
+    id: int
+    key: TagKey
+    platform_dir: str
+    top_digest: str | None
+    manifest_digest: str | None
+    config_digest: str | None
+    last_seen: float
+
+
+@dataclass(frozen=True)
+class ImageRow:
+    manifest_digest: str
+    config_digest: str
+    platform: str
+    last_seen: float
 
 
 @dataclass
@@ -402,6 +431,64 @@ class State:
             table: int(self.conn.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0])
             for table in ("wishlist_entries", "tags", "images", "layers", "image_layers", "runs")
         }
+
+    # -- gc and check (issue 7): whole-table reads, one write --------------------------
+    def last_full_run(self) -> float | None:
+        """When the latest FINISHED run over whole wishlists (convert, a loop round) started:
+        a tag it did not touch is no longer named by any wishlist."""
+        marks = ", ".join("?" * len(FULL_RUN_COMMANDS))
+        row = self.conn.execute(
+            f"SELECT MAX(started) FROM runs WHERE finished IS NOT NULL AND command IN ({marks}) "
+            "AND id NOT IN (SELECT run_id FROM interrupted_runs)", FULL_RUN_COMMANDS
+        ).fetchone()
+        return None if row[0] is None else float(row[0])
+
+    def mark_interrupted(self, command: str, since: float) -> None:
+        """Runs of ``command`` started at or after ``since`` ended part-way (stopped, or
+        an error escaped): gc must not take them for a full look at the wishlists."""
+        with self.transaction():
+            self.conn.execute(
+                "INSERT OR IGNORE INTO interrupted_runs (run_id) SELECT id FROM runs WHERE command=? AND started>=?",
+                (command, since))
+
+    def tag_rows(self) -> list[TagRow]:
+        rows = self.conn.execute(
+            "SELECT t.id, t.registry, t.repository, t.tag, t.platform, t.platform_dir, t.top_digest, "
+            "t.manifest_digest, i.config_digest, t.last_seen FROM tags t "
+            "LEFT JOIN images i ON i.manifest_digest = t.manifest_digest ORDER BY t.id"
+        ).fetchall()
+        return [TagRow(r[0], TagKey(r[1], r[2], r[3], r[4]), r[5], r[6], r[7], r[8], r[9]) for r in rows]
+
+    def image_rows(self) -> list[ImageRow]:
+        rows = self.conn.execute(
+            "SELECT manifest_digest, config_digest, platform, last_seen FROM images ORDER BY manifest_digest"
+        ).fetchall()
+        return [ImageRow(*r) for r in rows]
+
+    def image_layer_rows(self) -> list[tuple[str, int, str, str]]:
+        """(manifest digest, position, layer digest, chainID) of every image, bottom first."""
+        return [tuple(r) for r in self.conn.execute(
+            "SELECT manifest_digest, position, layer_digest, chain_id FROM image_layers "
+            "ORDER BY manifest_digest, position")]
+
+    def layer_rows(self) -> dict[str, float]:
+        """Every recorded layer digest and when an image last needed it."""
+        return {r[0]: float(r[1]) for r in self.conn.execute("SELECT digest, last_seen FROM layers")}
+
+    def stale_entries(self, before: float) -> list[tuple[int, str, str]]:
+        """(id, reference, platform) of wishlist entries last read before ``before``."""
+        return [tuple(r) for r in self.conn.execute(
+            "SELECT id, reference, platform FROM wishlist_entries WHERE last_seen < ? ORDER BY id", (before,))]
+
+    def forget(self, *, tag_ids: Sequence[int] = (), manifests: Sequence[str] = (), layers: Sequence[str] = (),
+               entry_ids: Sequence[int] = ()) -> None:
+        """gc: drop rows whose files are gone, in one transaction (tags before the images
+        they point at, images before their layers)."""
+        with self.transaction():
+            self.conn.executemany("DELETE FROM tags WHERE id=?", [(i,) for i in tag_ids])
+            self.conn.executemany("DELETE FROM images WHERE manifest_digest=?", [(m,) for m in manifests])
+            self.conn.executemany("DELETE FROM layers WHERE digest=?", [(d,) for d in layers])
+            self.conn.executemany("DELETE FROM wishlist_entries WHERE id=?", [(i,) for i in entry_ids])
 
 
 def _statements(script: str) -> list[str]:

@@ -28,7 +28,7 @@ from .remote import (
     next_ducc_ids,
 )
 from .repository import RepositoryUnavailable
-from .store import Lineage, Store
+from .store import Lineage, ParentFacts, Store
 
 log = logging.getLogger(__name__)
 
@@ -49,9 +49,10 @@ class Snapshotter:
     # -- Prepare / View ----------------------------------------------------------------
 
     def prepare(self, key: str, parent: str, labels: dict[str, str]) -> list[Mount]:
-        lineage = self._lineage(parent, labels)
+        facts = self.store.parent_facts(parent) if parent else None  # read once, used twice
+        lineage = self._lineage(parent, labels, facts)
         if self.remote is not None and SNAPSHOT_REF_LABEL in labels:
-            self._try_remote(parent, labels, lineage)
+            self._try_remote(parent, labels, lineage, facts)
         return self._create(key, parent, Kind.ACTIVE, labels, lineage)
 
     def view(self, key: str, parent: str, labels: dict[str, str]) -> list[Mount]:
@@ -90,28 +91,25 @@ class Snapshotter:
             raise Unavailable(f"lower directory {path} is not available: {e}") from None
         return st.st_mode, st.st_uid, st.st_gid
 
-    def _lineage(self, parent: str, labels: dict[str, str]) -> Lineage:
+    def _lineage(self, parent: str, labels: dict[str, str], facts: ParentFacts | None) -> Lineage:
         """Chain ids this snapshot will stand for, kept so children can be looked up."""
         chain_id = labels.get(SNAPSHOT_REF_LABEL)
         digest = labels.get(CVMFS_LAYER_DIGEST_LABEL) or labels.get(CRI_LAYER_DIGEST_LABEL)
         parent_ducc = None
-        if parent:
-            facts = self.store.parent_facts(parent)
-            if facts is not None and facts.lineage.ducc_chain:
-                parent_ducc = tuple(facts.lineage.ducc_chain.split(" "))
+        if parent and facts is not None and facts.lineage.ducc_chain:
+            parent_ducc = tuple(facts.lineage.ducc_chain.split(" "))
         try:
             ducc = next_ducc_ids(parent_ducc, bool(parent), digest)
         except ValueError:
             ducc = None
         return Lineage(chain_id, " ".join(ducc) if ducc else None)
 
-    def _try_remote(self, parent: str, labels: dict[str, str], lineage: Lineage) -> None:
+    def _try_remote(self, parent: str, labels: dict[str, str], lineage: Lineage, facts: ParentFacts | None) -> None:
         """Serve the layer from a repository: create a committed snapshot carrying the
         ref label with exactly this parent, then answer ALREADY_EXISTS (DESIGN §3);
         containerd finds it with a List filter on (ref, parent)."""
         assert self.remote is not None
         ref = labels[SNAPSHOT_REF_LABEL]
-        facts = self.store.parent_facts(parent) if parent else None
         if parent and (facts is None or facts.kind != Kind.COMMITTED):
             return  # the normal path reports the bad parent
         digest = labels.get(CVMFS_LAYER_DIGEST_LABEL) or labels.get(CRI_LAYER_DIGEST_LABEL)
@@ -166,6 +164,10 @@ class Snapshotter:
         snapshot_id, kind, _ = self.store.lookup(key)
         # Measure outside the transaction: a big upper dir takes a while to walk.
         usage = disk_usage(self.dirs.fs_dir(snapshot_id)) if kind == Kind.ACTIVE else Usage(0, 0)
+        if kind == Kind.ACTIVE:
+            # Before the row says "committed": a committed snapshot always has its link.
+            # Should the commit fail, an active snapshot keeps a harmless link until Remove.
+            self.dirs.link_committed(snapshot_id)
         self.store.commit(name, key, labels, usage)
 
     def remove(self, key: str) -> None:

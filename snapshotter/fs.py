@@ -6,7 +6,10 @@
 
 Every overlay lower is named `<root>/l/<id>`: the lowers then share one short common
 prefix, so containerd's option compaction (chdir into the prefix) keeps even 128-layer
-mounts within a page. Mounts are performed by containerd, never here.
+mounts within a page. Only committed snapshots are lowers, so a local snapshot gets its
+link when it is committed, not when it is prepared: creating an inode is the dearest
+step of a Prepare, and most active snapshots (container root file systems) are never
+committed. Mounts are performed by containerd, never here.
 """
 
 from __future__ import annotations
@@ -40,17 +43,20 @@ class SnapshotDirs:
         self.links = self.root / "l"
         for d in (self.root, self.snapshots, self.links):
             d.mkdir(mode=0o700 if d == self.root else 0o755, parents=True, exist_ok=True)
+        # str() of a Path is not free; mount options name up to hundreds of lowers.
+        self._snapshots_str = str(self.snapshots)
+        self._links_str = str(self.links)
 
     # -- paths ----------------------------------------------------------------------
 
     def fs_dir(self, snapshot_id: int) -> str:
-        return f"{self.snapshots}/{snapshot_id}/fs"
+        return f"{self._snapshots_str}/{snapshot_id}/fs"
 
     def work_dir(self, snapshot_id: int) -> str:
-        return f"{self.snapshots}/{snapshot_id}/work"
+        return f"{self._snapshots_str}/{snapshot_id}/work"
 
     def link(self, snapshot_id: int) -> str:
-        return f"{self.links}/{snapshot_id}"
+        return f"{self._links_str}/{snapshot_id}"
 
     def lower_dir(self, snapshot_id: int, source: str | None) -> str:
         """The real directory a lower shows (for bind mounts and stat)."""
@@ -78,7 +84,14 @@ class SnapshotDirs:
         if kind == Kind.ACTIVE:
             (tmp / "work").mkdir(mode=0o711)
         os.rename(tmp, final)
-        self._replace_link(snapshot_id, f"../snapshots/{snapshot_id}/fs")
+
+    def link_committed(self, snapshot_id: int) -> None:
+        """The lower link of a local snapshot being committed (see the module doc)."""
+        target = f"../snapshots/{snapshot_id}/fs"
+        try:
+            os.symlink(target, self.link(snapshot_id))
+        except FileExistsError:  # left by a failed commit or an older version: replace it
+            self._replace_link(snapshot_id, target)
 
     def link_remote(self, snapshot_id: int, source: str) -> None:
         self._replace_link(snapshot_id, source)

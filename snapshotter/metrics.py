@@ -8,6 +8,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_
 class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
+        self._rpc_children: dict[tuple[str, str], object] = {}
         self.rpc_seconds = Histogram(
             "cvmfs_snapshotter_rpc_seconds",
             "Time to answer one snapshots.v1 RPC",
@@ -36,7 +37,10 @@ class Metrics:
         )
 
     def observe(self, method: str, code: str, seconds: float) -> None:
-        self.rpc_seconds.labels(method, code).observe(seconds)
+        child = self._rpc_children.get((method, code))
+        if child is None:  # labels() takes a lock and builds a key on every call: once per pair
+            child = self._rpc_children[(method, code)] = self.rpc_seconds.labels(method, code)
+        child.observe(seconds)
 
     def serve(self, address: str) -> None:
         """Expose /metrics on HOST:PORT (a daemon thread)."""

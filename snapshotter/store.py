@@ -19,6 +19,7 @@ from .filters import EQUAL, Filter, Selector
 from .model import Info, Kind, Lower, Snapshot, Usage
 
 SCHEMA_VERSION = 1
+STACK_CACHE_SIZE = 256  # lower stacks of committed snapshots kept in memory
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS snapshots (
@@ -61,6 +62,15 @@ SELECT s.id, s.key, p.key, s.kind, s.created, s.updated
 FROM snapshots s LEFT JOIN snapshots p ON p.id = s.parent_id
 """
 
+# Stat in one statement: the snapshot, its parent's key and one row per label.
+_STAT_SQL = """
+SELECT s.key, p.key, s.kind, s.created, s.updated, l.name, l.value
+FROM snapshots s
+LEFT JOIN snapshots p ON p.id = s.parent_id
+LEFT JOIN labels l ON l.snapshot_id = s.id
+WHERE s.key = ?
+"""
+
 
 @dataclass(frozen=True)
 class NewSnapshot:
@@ -97,6 +107,7 @@ class Store:
     def __init__(self, path: str) -> None:
         self._path = path
         self._local = threading.local()
+        self._stacks: dict[int, tuple[Lower, ...]] = {}  # see _lowers
         db = self._conn()
         db.executescript(_SCHEMA)  # runs in its own implicit transaction
         db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
@@ -114,6 +125,11 @@ class Store:
             conn.execute("PRAGMA foreign_keys = ON")
             self._local.conn = conn
         return conn
+
+    # Reads that fit in ONE statement run without BEGIN/COMMIT: a statement is its own
+    # consistent read transaction, and each sqlite3 call (which releases and re-takes
+    # the GIL) is a measurable part of a Stat, which containerd calls once per snapshot
+    # for every List.
 
     @contextmanager
     def _tx(self, write: bool = True) -> Iterator[sqlite3.Connection]:
@@ -161,20 +177,34 @@ class Store:
         return dict(db.execute("SELECT name, value FROM labels WHERE snapshot_id = ?", (snapshot_id,)))
 
     @staticmethod
-    def _set_labels(db: sqlite3.Connection, snapshot_id: int, labels: dict[str, str]) -> None:
-        db.execute("DELETE FROM labels WHERE snapshot_id = ?", (snapshot_id,))
-        db.executemany(
-            "INSERT INTO labels (snapshot_id, name, value) VALUES (?, ?, ?)",
-            [(snapshot_id, k, v) for k, v in labels.items()],
-        )
+    def _set_labels(db: sqlite3.Connection, snapshot_id: int, labels: dict[str, str], new: bool = False) -> None:
+        """Replace the labels (`new`: a row inserted in this transaction has none yet)."""
+        if not new:
+            db.execute("DELETE FROM labels WHERE snapshot_id = ?", (snapshot_id,))
+        if labels:
+            db.executemany(
+                "INSERT INTO labels (snapshot_id, name, value) VALUES (?, ?, ?)",
+                [(snapshot_id, k, v) for k, v in labels.items()],
+            )
 
     def _info(self, db: sqlite3.Connection, snapshot_id: int) -> Info:
         row = db.execute(_INFO_SQL + " WHERE s.id = ?", (snapshot_id,)).fetchone()
         return Info(row[1], row[2] or "", Kind(row[3]), row[4], row[5], self._labels(db, snapshot_id))
 
-    @staticmethod
-    def _lowers(db: sqlite3.Connection, snapshot_id: int) -> tuple[Lower, ...]:
-        return tuple(Lower(i, s) for i, s in db.execute(_CHAIN_SQL, (snapshot_id,)))
+    def _lowers(self, db: sqlite3.Connection, snapshot_id: int) -> tuple[Lower, ...]:
+        """The stack a child of committed `snapshot_id` sees, nearest first. It never
+        changes while that snapshot exists (ids are never reused, a parent cannot be
+        removed while it has children, source and whole_stack are never updated), so it
+        is cached: a 200-layer chain is a 200-step recursive query per Prepare/Mounts."""
+        hit = self._stacks.get(snapshot_id)
+        if hit is not None:
+            return hit
+        lowers = tuple(Lower(i, s) for i, s in db.execute(_CHAIN_SQL, (snapshot_id,)))
+        if lowers:
+            if len(self._stacks) >= STACK_CACHE_SIZE:
+                self._stacks.clear()
+            self._stacks[snapshot_id] = lowers
+        return lowers
 
     # -- operations, one transaction each ------------------------------------------------
 
@@ -201,7 +231,7 @@ class Store:
                 (key, parent_id, int(kind), now, now, lin.chain_id, lin.ducc_chain),
             )
             snapshot_id = int(cur.lastrowid)
-            self._set_labels(db, snapshot_id, labels)
+            self._set_labels(db, snapshot_id, labels, new=True)
             lowers = self._lowers(db, parent_id) if parent_id is not None else ()
             make_dirs(snapshot_id, lowers)
         return NewSnapshot(
@@ -231,7 +261,7 @@ class Store:
                  lin.ducc_chain),
             )
             snapshot_id = int(cur.lastrowid)
-            self._set_labels(db, snapshot_id, labels)
+            self._set_labels(db, snapshot_id, labels, new=True)
             make_link(snapshot_id)
         return Info(name, parent, Kind.COMMITTED, now, now, dict(labels))
 
@@ -245,16 +275,17 @@ class Store:
 
     def snapshot(self, key: str) -> Snapshot:
         """An active or view snapshot with its lowers (for Mounts)."""
-        with self._tx(write=False) as db:
-            snapshot_id, kind, parent_id = self._row(db, key)
-            if kind == Kind.COMMITTED:
-                raise FailedPrecondition(f"snapshot {key!r} is committed, not active or view")
-            lowers = self._lowers(db, parent_id) if parent_id is not None else ()
+        db = self._conn()
+        snapshot_id, kind, parent_id = self._row(db, key)
+        if kind == Kind.COMMITTED:
+            raise FailedPrecondition(f"snapshot {key!r} is committed, not active or view")
+        lowers = self._lowers(db, parent_id) if parent_id is not None else ()
+        if parent_id is not None and not lowers:  # removed (with its child) meanwhile
+            raise NotFound(f"snapshot {key!r} does not exist")
         return Snapshot(snapshot_id, Kind(kind), lowers)
 
     def lookup(self, key: str) -> tuple[int, Kind, Usage]:
-        with self._tx(write=False) as db:
-            row = db.execute("SELECT id, kind, size, inodes FROM snapshots WHERE key = ?", (key,)).fetchone()
+        row = self._conn().execute("SELECT id, kind, size, inodes FROM snapshots WHERE key = ?", (key,)).fetchone()
         if row is None:
             raise NotFound(f"snapshot {key!r} does not exist")
         return row[0], Kind(row[1]), Usage(row[2], row[3])
@@ -288,9 +319,12 @@ class Store:
         return snapshot_id, Kind(kind)
 
     def stat(self, key: str) -> Info:
-        with self._tx(write=False) as db:
-            snapshot_id, _, _ = self._row(db, key)
-            return self._info(db, snapshot_id)
+        rows = self._conn().execute(_STAT_SQL, (key,)).fetchall()
+        if not rows:
+            raise NotFound(f"snapshot {key!r} does not exist")
+        name, parent, kind, created, updated = rows[0][:5]
+        labels = {row[5]: row[6] for row in rows if row[5] is not None}
+        return Info(name, parent or "", Kind(kind), created, updated, labels)
 
     def update(self, name: str, labels: dict[str, str], fieldpaths: Sequence[str]) -> Info:
         """Update labels as containerd's metastore does: no paths replaces all labels,

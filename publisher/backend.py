@@ -1,0 +1,104 @@
+"""Where the repository lives and how a unit of work reaches it (DESIGN §5).
+
+    backend = make_backend("cvmfs", root)      # or "local"
+    with exclusive(lock):
+        backend.start(layout)                   # recover from a crash, clean .tmp/
+        with backend.unit("image registry/repo:tag"):
+            ... write the repository ...         # layers, chains, flat, links, metadata
+            backend.after_image(layout, record, placement)
+        # only now record in the state: the unit is published
+
+* ``local`` -- a plain directory. ``unit()`` does nothing (every step is already
+  an atomic rename), whiteouts are converted to overlay form, ``.flat`` entries
+  are relative symlinks to the top chain.
+* ``cvmfs`` -- :class:`publisher.cvmfs_backend.CvmfsBackend`: every unit inside
+  ``cvmfs_server transaction`` ... ``publish`` (``abort -f`` on failure), raw
+  whiteouts, ``.cvmfscatalog`` markers, ``.flat`` entries as real directories.
+
+A unit of work is one image publish (convert) or one gc run. Units never nest.
+Everything that writes the repository must happen inside a unit; reading it is
+allowed at any time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from cvmfs_common.layout import RepositoryLayout
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .image import Placement
+    from .state import ImageRecord
+
+log = logging.getLogger(__name__)
+
+BACKENDS = ("local", "cvmfs")
+
+
+class BackendError(RuntimeError):
+    """The backend refused or failed a step (e.g. ``cvmfs_server publish`` failed)."""
+
+
+class Backend:
+    """The local backend; the base of the others."""
+
+    name = "local"
+    whiteouts = "overlay"  # how layer dirs store deletions (DESIGN §2a)
+    flat_copy = False      # .flat/<xx>/<config>: False = relative symlink to the top chain
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(os.path.abspath(root))
+
+    def start(self, layout: RepositoryLayout) -> int:
+        """At start, under the publisher lock: make the repository usable after a
+        crash. Returns the number of leftover work entries removed from ``.tmp/``."""
+        return layout.clean_tmp()
+
+    @contextlib.contextmanager
+    def unit(self, what: str) -> Iterator[None]:
+        """One unit of work (one image publish, one gc run)."""
+        yield
+
+    def after_image(self, layout: RepositoryLayout, record: "ImageRecord", placement: "Placement") -> None:
+        """Inside the unit, after an image's files are in place (cvmfs: catalog markers)."""
+
+    def write_flat(self, layout: RepositoryLayout, flat: Path, top_chain: Path) -> None:
+        """Make ``flat`` a complete directory copy of ``top_chain`` (only when ``flat_copy``)."""
+        raise NotImplementedError(f"the {self.name} backend links .flat entries")
+
+    def describe(self) -> str:
+        return f"{self.name} backend at {self.root}"
+
+
+LocalBackend = Backend
+
+
+def make_backend(name: str, root: Path, *, cvmfs_repo: str | None = None,
+                 cvmfs_server: str | None = None) -> Backend:
+    """The backend for ``--backend NAME``.
+
+    cvmfs: the repository name is the root's last component (``/cvmfs/NAME``); a
+    different ``cvmfs_repo`` (the wishlist's) is refused -- publishing into one
+    repository while the transaction is opened on another would write outside any
+    transaction. ``cvmfs_server``: the command (default ``$CVMFS_SERVER`` or
+    ``cvmfs_server`` on PATH).
+    """
+    if name == "local":
+        return Backend(root)
+    if name == "cvmfs":
+        from .cvmfs_backend import CvmfsBackend
+
+        repo = Path(os.path.abspath(root)).name
+        if cvmfs_repo is not None and cvmfs_repo != repo:
+            raise BackendError(f"--backend cvmfs: the repository root {root} is repository {repo!r}, "
+                               f"but the wishlist names cvmfs_repo {cvmfs_repo!r}")
+        return CvmfsBackend(root, repo, command=cvmfs_server or os.environ.get("CVMFS_SERVER") or "cvmfs_server")
+    raise BackendError(f"unknown backend {name!r} (known: {', '.join(BACKENDS)})")
+
+
+__all__ = ["BACKENDS", "Backend", "BackendError", "LocalBackend", "make_backend"]

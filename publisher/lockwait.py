@@ -1,0 +1,39 @@
+"""Waiting for the run lock (runlock.py) instead of giving up at once.
+
+gc and check take the same exclusive lock a convert (or a loop round) holds while it
+builds, so they never see, let alone remove, an image half-way through publishing.
+A loop holds the lock only during a round, so they wait for the round to end.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+
+from .runlock import Busy, exclusive
+
+log = logging.getLogger(__name__)
+
+
+@contextmanager
+def exclusive_waiting(path: Path, wait: float, poll: float = 0.5) -> Iterator[None]:
+    """Hold ``path``'s lock; wait up to ``wait`` seconds for it (Busy afterwards)."""
+    deadline = time.monotonic() + wait
+    told = False
+    with ExitStack() as stack:
+        while True:
+            try:
+                stack.enter_context(exclusive(path))
+                break
+            except Busy:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise
+                if not told:
+                    log.info("another cvmfs-publisher holds %s; waiting up to %.0f s", path, wait)
+                    told = True
+                time.sleep(min(poll, left))
+        yield

@@ -1,0 +1,287 @@
+"""``loop``: keep a repository in sync, unattended.
+
+    round: re-read the wishlists -> convert (lock, HEAD per tag, publish what moved)
+    then wait for the next round (--interval, start to start), a registry push event
+    (--listen), or a stop signal
+
+* One thread does all the work, so two rounds (or a round and a push conversion)
+  never overlap; pushes arriving during a round are queued and converted after it.
+* A round with failures (registry down, network, full disk, a broken image: each
+  logged with the image by the converter) is retried after --backoff, doubling up to
+  --interval; a round that finds another publisher (gc, a manual convert) holding the
+  lock waits for it. Only a signal ends the loop.
+* SIGTERM/SIGINT: stop before the next image (the current one completes), exit 0. A
+  second signal interrupts at once (still crash-safe: the next run cleans ``.tmp/``).
+* Push events (webhook.py) name a registry host, repository and tag; a tag some
+  wishlist entry names (a glob matches too) is converted at once, with that entry's
+  platforms, so a push is live within seconds instead of at the next round.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+import queue
+import signal
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from cvmfs_common.registry import Platform
+
+from .metrics import PublisherMetrics
+from .progress import Progress, Summary
+from .runlock import Busy, exclusive
+from .webhook import PushEvent, WebhookListener
+from .wishlist import Wishlist, WishlistEntry, WishlistError, load_wishlists
+
+log = logging.getLogger(__name__)
+
+BUSY_RETRY = 2.0  # seconds between tries while another publisher holds the lock
+WAIT_SLICE = 0.5  # the longest a stop request waits to be noticed when idle
+
+# (wishlist, its entries to convert, default platform, progress, command) -> summary;
+# raises Busy when another publisher holds the lock
+ConvertFn = Callable[[Wishlist, Sequence[WishlistEntry], Platform, Progress, str], Summary]
+
+
+class ListenError(RuntimeError):
+    """The webhook or metrics address cannot be listened on."""
+
+
+class _Stop(Exception):
+    """A stop was requested: raised before the next image starts."""
+
+
+class _StoppableProgress(Progress):
+    """The converter announces every image through ``start_item`` before it touches it:
+    the one place to stop between two images without reaching into the converter."""
+
+    def __init__(self, should_stop: Callable[[], bool], live: bool | None) -> None:
+        super().__init__(live=live)
+        self._should_stop = should_stop
+
+    def start_item(self, position: str, name: str) -> None:
+        if self._should_stop():
+            raise _Stop()
+        super().start_item(position, name)
+
+
+def loop_lock_path(state_db: Path) -> Path:
+    """Held for a loop's whole life: a second loop on the same state refuses to start."""
+    return state_db.with_name(state_db.name + ".loop.lock")
+
+
+def _host_key(host: str) -> str:
+    host = host.lower()
+    for default in (":443", ":80"):
+        if host.endswith(default):
+            return host[: -len(default)]
+    return host
+
+
+def wanted_by(event: PushEvent, entries: Sequence[WishlistEntry]) -> list[WishlistEntry]:
+    """The wishlist entries a push concerns, each narrowed to the pushed tag."""
+    out: list[WishlistEntry] = []
+    host = _host_key(event.host)
+    for entry in entries:
+        ref = entry.reference
+        if ref.repository != event.repository or host not in {_host_key(ref.registry), _host_key(ref.api_host)}:
+            continue
+        if ref.digest is not None:  # pinned: only a push of that very manifest matters
+            if event.digest == ref.digest:
+                out.append(entry)
+        elif event.tag is not None and ref.tag is not None and fnmatch.fnmatchcase(event.tag, ref.tag):
+            out.append(WishlistEntry(ref.with_tag(event.tag), entry.platforms, entry.source))
+    return out
+
+
+@dataclass(frozen=True)
+class LoopSettings:
+    wishlists: Sequence[Path]
+    interval: float  # seconds, start to start
+    backoff: float  # first retry delay after a failing round; doubles up to interval
+
+
+class Loop:
+    def __init__(self, settings: LoopSettings, convert: ConvertFn, wishlist: Wishlist, *,
+                 metrics: PublisherMetrics | None = None, live_progress: bool | None = False) -> None:
+        self.settings = settings
+        self._convert = convert
+        self._wishlist = wishlist  # the last valid one
+        self.metrics = metrics
+        self._live = live_progress
+        self.stopping = False  # set from signal handlers: a plain flag, no locks there
+        self._signals = 0
+        self._events: queue.SimpleQueue[PushEvent] = queue.SimpleQueue()
+        self._pending: dict[PushEvent, None] = {}
+        self._pending_at = 0.0
+        self._next_round = 0.0
+        self._failures = 0
+        self.rounds = 0
+
+    # -- called from other threads / signal handlers ---------------------------------
+    def push(self, events: Sequence[PushEvent]) -> None:
+        for ev in events:
+            self._events.put(ev)
+
+    def request_stop(self, signum: int = signal.SIGTERM, _frame: object = None) -> None:
+        self._signals += 1
+        self.stopping = True
+        if self._signals > 1:
+            raise KeyboardInterrupt  # asked twice: do not wait for the current image
+
+    # -- the loop ------------------------------------------------------------------------
+    def run(self) -> None:
+        self._next_round = time.monotonic()
+        while not self.stopping:
+            now = time.monotonic()
+            if self._pending and now >= self._pending_at:
+                self._pushes()
+            elif now >= self._next_round:
+                self._round()
+            else:
+                wake = min(self._next_round, self._pending_at) if self._pending else self._next_round
+                self._wait(wake - now)
+        log.info("loop stopped after %d rounds", self.rounds)
+
+    def _wait(self, timeout: float) -> None:
+        try:
+            ev = self._events.get(timeout=max(0.0, min(timeout, WAIT_SLICE)))
+        except queue.Empty:
+            return
+        if not self._pending:
+            self._pending_at = time.monotonic()
+        self._pending[ev] = None
+        while True:  # whatever else arrived with it
+            try:
+                self._pending[self._events.get_nowait()] = None
+            except queue.Empty:
+                return
+
+    def _progress(self) -> Progress:
+        return _StoppableProgress(lambda: self.stopping, self._live)
+
+    def _read_wishlists(self) -> Wishlist:
+        try:
+            self._wishlist = load_wishlists(self.settings.wishlists)
+        except WishlistError as e:
+            log.error("the wishlists are invalid now; going on with the last valid ones:\n%s", e)
+            self._fail_kind("wishlist")
+        return self._wishlist
+
+    def _fail_kind(self, kind: str) -> None:
+        if self.metrics is not None:
+            self.metrics.failures.labels(kind).inc()
+
+    def _run(self, wishlist: Wishlist, entries: Sequence[WishlistEntry], command: str) -> Summary | str:
+        """One convert call; a Summary, or "busy" / "stopped" / "error"."""
+        try:
+            return self._convert(wishlist, entries, wishlist.default_platform, self._progress(), command)
+        except _Stop:
+            log.info("stop requested: stopped between two images")
+            return "stopped"
+        except Busy as e:
+            log.info("%s; trying again in %.0f s", e, BUSY_RETRY)
+            return "busy"
+        except Exception:  # noqa: BLE001 - the loop outlives any one failure
+            log.exception("%s failed", command)
+            self._fail_kind("round")
+            return "error"
+
+    def _round(self) -> None:
+        started = time.monotonic()
+        self._next_round = started + self.settings.interval
+        wishlist = self._read_wishlists()
+        n = self.rounds + 1
+        log.info("round %d: %d wishlist entries", n, len(wishlist.entries))
+        result = self._run(wishlist, wishlist.entries, "loop")
+        if result == "stopped":
+            return
+        if result == "busy":
+            self._next_round = time.monotonic() + BUSY_RETRY
+            return
+        self.rounds = n
+        ok = isinstance(result, Summary) and result.ok
+        if isinstance(result, Summary):
+            for line in result.render().splitlines():
+                log.log(logging.INFO if result.ok else logging.WARNING, "round %d: %s", n, line.strip())
+            if self.metrics is not None:
+                self.metrics.record(result, full_round=True)
+        if ok:
+            self._failures = 0
+        else:
+            self._retry_soon(after_round=True)
+
+    def _retry_soon(self, after_round: bool) -> None:
+        """Something failed: the next round comes after the backoff (a push conversion
+        that failed keeps an earlier planned round)."""
+        self._failures += 1
+        delay = min(self.settings.interval, self.settings.backoff * 2 ** (self._failures - 1))
+        retry = time.monotonic() + delay
+        self._next_round = retry if after_round else min(self._next_round, retry)
+        log.info("failures: next round in %.0f s", self._next_round - time.monotonic())
+
+    def _pushes(self) -> None:
+        events = list(self._pending)
+        self._pending.clear()
+        wishlist = self._read_wishlists()
+        entries: dict[tuple, WishlistEntry] = {}
+        for ev in events:
+            wanted = wanted_by(ev, wishlist.entries)
+            if self.metrics is not None:
+                self.metrics.pushes.labels("yes" if wanted else "no").inc()
+            if not wanted:
+                log.info("push of %s: no wishlist names it", ev)
+            for entry in wanted:
+                old = entries.get(entry.key)
+                plats = entry.platforms if old is None else \
+                    old.platforms + tuple(p for p in entry.platforms if p not in old.platforms)
+                entries[entry.key] = WishlistEntry(entry.reference, plats, entry.source)
+        if not entries:
+            return
+        started = time.monotonic()
+        result = self._run(wishlist, list(entries.values()), "loop-push")
+        if result == "busy":
+            for ev in events:
+                self._pending[ev] = None
+            self._pending_at = time.monotonic() + BUSY_RETRY
+            return
+        if isinstance(result, Summary):
+            names = ", ".join(e.reference.spelling for e in entries.values())
+            log.info("pushed %s: %s (%.1f s)", names, result.render().splitlines()[0], time.monotonic() - started)
+            for line in result.render().splitlines()[1:]:
+                log.warning("pushed: %s", line.strip())
+            if self.metrics is not None:
+                self.metrics.record(result, full_round=False)
+            if result.ok:
+                return
+        if result != "stopped":
+            self._retry_soon(after_round=False)  # the next round retries it
+
+
+def serve(loop: Loop, *, lock_path: Path, listen: str | None = None, metrics_address: str | None = None) -> None:
+    """Run ``loop`` until a signal: one loop per state (``lock_path``), the webhook
+    listener and the metrics endpoint around it. Raises Busy if another loop runs,
+    ListenError if an address cannot be listened on."""
+    with exclusive(lock_path):
+        try:
+            if metrics_address and loop.metrics is not None:
+                host, port = loop.metrics.serve(metrics_address)
+                log.info("metrics on http://%s:%d/metrics", host, port)
+            listener = WebhookListener(listen, loop.push).start() if listen else None
+        except OSError as e:  # e.g. the port is taken
+            raise ListenError(f"cannot listen on {e.filename or listen or metrics_address}: {e.strerror or e}") from e
+        handlers: dict[int, object] = {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                handlers[sig] = signal.signal(sig, loop.request_stop)
+        try:
+            loop.run()
+        finally:
+            for sig, old in handlers.items():
+                signal.signal(sig, old)  # type: ignore[arg-type]
+            if listener is not None:
+                listener.stop()

@@ -1,0 +1,82 @@
+"""Prometheus metrics of ``loop --metrics-address HOST:PORT``, in a registry of their own."""
+
+from __future__ import annotations
+
+import builtins
+import time
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
+
+from .progress import OUTCOMES, Summary
+from .webhook import parse_address
+
+# What an item's error was (ItemResult.detail starts with the exception's type name).
+FAILURE_KINDS = ("network", "registry", "not_found", "auth", "image", "disk", "wishlist", "round", "other")
+_KIND_BY_TYPE = {
+    "RetriesExhausted": "network",
+    "RegistryError": "registry",
+    "DigestMismatch": "registry",
+    "NotFound": "not_found",
+    "AuthenticationError": "auth",
+    "ManifestError": "image",
+    "ImageError": "image",
+    "PodmanStoreError": "image",
+    "LayerError": "image",
+    "HostileLayerError": "image",
+    "DigestMismatchError": "image",
+}
+
+
+def failure_kind(detail: str) -> str:
+    if detail.startswith("listing tags:"):
+        return "registry"
+    name = detail.split(":", 1)[0].strip()
+    if name in _KIND_BY_TYPE:
+        return _KIND_BY_TYPE[name]
+    exc = getattr(builtins, name, None)
+    if isinstance(exc, type) and issubclass(exc, OSError):
+        return "disk"
+    return "other"
+
+
+class PublisherMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.images = Counter("cvmfs_publisher_images_total",
+                              "Images (one tag, one platform) handled, by result", ["result"], registry=self.registry)
+        self.layers = Counter("cvmfs_publisher_layers_ingested_total", "Layers downloaded and unpacked",
+                              registry=self.registry)
+        self.bytes = Counter("cvmfs_publisher_downloaded_bytes_total", "Bytes downloaded from registries",
+                             registry=self.registry)
+        self.failures = Counter("cvmfs_publisher_failures_total", "Failures, by kind", ["kind"],
+                                registry=self.registry)
+        self.pushes = Counter("cvmfs_publisher_push_events_total",
+                              "Registry push notifications, by whether a wishlist names the tag", ["matched"],
+                              registry=self.registry)
+        self.last_success = Gauge("cvmfs_publisher_last_success_timestamp_seconds",
+                                  "When the last round without failures ended (unix time)", registry=self.registry)
+        for outcome in OUTCOMES:
+            self.images.labels(outcome)
+        for kind in FAILURE_KINDS:
+            self.failures.labels(kind)
+        for matched in ("yes", "no"):
+            self.pushes.labels(matched)
+
+    def record(self, summary: Summary, full_round: bool) -> None:
+        for r in summary.results:
+            self.images.labels(r.outcome).inc()
+            if r.outcome == "failed":
+                self.failures.labels(failure_kind(r.detail)).inc()
+        self.layers.inc(summary.layers_fetched)
+        self.bytes.inc(summary.bytes)
+        if full_round and summary.ok:
+            self.last_success.set(time.time())
+
+    def serve(self, address: str) -> tuple[str, int]:
+        """Expose /metrics on HOST:PORT (a daemon thread); returns the bound address."""
+        host, port = parse_address(address)
+        started = start_http_server(port, addr=host, registry=self.registry)
+        if not started:  # prometheus_client < 0.19 returns nothing
+            return host, port
+        bound = started[0].server_address
+        return str(bound[0]), int(bound[1])
