@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import platform
-import statistics
 import subprocess
 import sys
 from contextlib import contextmanager
@@ -28,10 +27,6 @@ def percentile(values: Sequence[float], p: float) -> float:
     ordered = sorted(values)
     rank = max(1, -(-len(ordered) * p // 100))  # ceil(n * p / 100), at least 1
     return ordered[int(rank) - 1]
-
-
-def median(values: Sequence[float]) -> float:
-    return statistics.median(values)
 
 
 def fmt_ms(seconds: float) -> str:

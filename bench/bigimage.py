@@ -1,8 +1,7 @@
-"""A big test image, built locally from a fixed seed and cached under bench/out/:
-the fixtures' static-busybox root as the first layer, then N layers of generated files
-(half random bytes, half compressible text), written straight to an OCI image layout
-without holding a layer in memory. Also a registry storage and a repository holding the
-image's unpacked layers, both cached next to it (a marker file says "complete")."""
+"""A big test image built locally from a fixed seed (coldstart_bench.py caches it under
+bench/out/): the fixtures' static-busybox root as the first layer, then N layers of
+generated files (half random bytes, half compressible text), written straight into an
+OCI image layout without holding a layer in memory."""
 from __future__ import annotations
 
 import gzip
@@ -13,7 +12,7 @@ import os
 import random
 import shutil
 import tarfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import BinaryIO
 
@@ -49,10 +48,9 @@ class BigImage:
     layers: list[str]      # compressed blob digests, bottom first
     diff_ids: list[str]
     unpacked_bytes: int
-    files: int
+    files: int             # tar entries: files and directories
     blob_bytes: int
     host: str = ""
-    extra: dict = field(default_factory=dict)
 
     @property
     def ref(self) -> str:
@@ -69,7 +67,8 @@ class BigImage:
 
     @classmethod
     def from_json(cls, text: str) -> "BigImage":
-        return cls(**json.loads(text))
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in json.loads(text).items() if k in known})
 
 
 class _HashingWriter:

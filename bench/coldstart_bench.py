@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import grpc  # noqa: E402
 
-from bench.benchlib import compiled_bytecode, OUT, drop_caches, machine, require_root, run, workdir  # noqa: E402
+from bench.benchlib import OUT, compiled_bytecode, drop_caches, machine, require_root, run, workdir  # noqa: E402
 from bench.bigimage import BigImage, Spec, build_layout  # noqa: E402
 from cvmfs_common.layout import RepositoryLayout  # noqa: E402
 from tests.e2e.repo_writer import publish_layers  # noqa: E402
