@@ -5,7 +5,9 @@
     python bench/unpack_bench.py --size-mb 50 --repeat 5
     python bench/unpack_bench.py --blob layer.tar.gz
 
-Both sides end with sync(2) so the page cache flush is paid by both. Prints the time
+Both sides end with sync(2) so the page cache flush is paid by both. Both write to a fresh
+loop-mounted ext4 (bench/publib.py scratch_fs; --dir to write elsewhere). The publisher's
+whole ingest path (download, layer dir) is measured by ingest_bench.py. Prints the time
 ratio ours/tar (median of --repeat runs) and our peak RSS (measured in a child process, so
 blob generation does not count). Nothing is asserted: numbers depend on the machine.
 """
@@ -18,7 +20,6 @@ import io
 import json
 import os
 import random
-import resource
 import shutil
 import statistics
 import subprocess
@@ -79,7 +80,11 @@ def run_ours(blob: Path, dest: Path) -> None:
         result = unpack_layer(f, dest, digest=digest)
     os.sync()
     seconds = time.perf_counter() - start
-    print(json.dumps({"seconds": seconds, "maxrss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
+    # VmHWM, not ru_maxrss: that would include this bench's own RSS at fork (Linux keeps it
+    # across exec), i.e. the blob generator's buffers
+    hwm = next(int(l.split()[1]) for l in Path("/proc/self/status").read_text().splitlines()
+               if l.startswith("VmHWM:"))
+    print(json.dumps({"seconds": seconds, "maxrss_kb": hwm,
                       "entries": result.entries, "diff_size": result.diff_size}))
 
 
@@ -111,14 +116,22 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--blob", type=Path, help="use this gzip layer instead of generating one")
     ap.add_argument("--repeat", type=int, default=3)
-    ap.add_argument("--dir", type=Path, default=None, help="scratch dir (default: a temp dir)")
+    ap.add_argument("--dir", type=Path, default=None,
+                    help="scratch dir (default: a fresh loop-mounted ext4, bench/publib.py)")
     ap.add_argument("--run-ours", nargs=2, metavar=("BLOB", "DEST"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.run_ours:
         run_ours(Path(args.run_ours[0]), Path(args.run_ours[1]))
         return 0
 
-    scratch = Path(tempfile.mkdtemp(prefix="unpack-bench-", dir=args.dir))
+    sys.path.insert(0, str(REPO))
+    from bench.publib import scratch_fs  # a fresh ext4: see publib.scratch_fs for why
+
+    with scratch_fs(2 + 3 * args.size_mb / 1024, args.dir) as fs:
+        return _main(args, Path(tempfile.mkdtemp(prefix="unpack-bench-", dir=fs)))
+
+
+def _main(args: argparse.Namespace, scratch: Path) -> int:
     try:
         blob = args.blob
         if blob is None:

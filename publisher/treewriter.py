@@ -12,13 +12,13 @@ import shutil
 import stat
 import tarfile
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .layererrors import HostileLayerError, LayerError
 from .lowers import LowerEntry, LowerView
-from .streams import CHUNK
+from .streams import CHUNK, TarSource
 from .tarsafety import Limits, UnsafePath, member_parts, member_times_ns, member_xattrs
 from .whiteouts import (OPAQUE_XATTR, OVERLAY_XATTR_PREFIX, NameKind, WhiteoutMode, classify,
                         whited_out_name)
@@ -30,6 +30,7 @@ _FILE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXE
 _FD_CACHE = 64            # open parent dirs kept; members usually arrive grouped by directory
 _MAX_HOPS = 40            # lower-chain symlinks followed for one path (Linux: 40)
 _ZEROS = bytes(CHUNK)     # an all-zero chunk becomes a hole
+_HOLE_MIN = 64 << 10      # ... and so does an all-zero piece of the stream this long
 _FATAL_XATTR_ERRNOS = frozenset((errno.EIO, errno.EDQUOT, errno.EROFS, errno.EBADF))
 _DEFAULT_DIR_MODE = 0o755
 
@@ -93,6 +94,7 @@ class TreeWriter:
     saw_whiteouts: bool = False
     followed_lower_symlinks: list[str] = field(default_factory=list)
     member: str | None = None
+    source: TarSource | None = None   # file data straight from the stream (else tarfile's)
     _fds: OrderedDict[Parts, int] = field(default_factory=OrderedDict)
     _dir_times: dict[Parts, tuple[int, int]] = field(default_factory=dict)
     _implicit: dict[Parts, bool] = field(default_factory=dict)   # dir -> attrs from a lower
@@ -209,22 +211,29 @@ class TreeWriter:
         self.counts.files += 1
 
     def _copy_data(self, tar: tarfile.TarFile, member: tarfile.TarInfo, fd: int) -> None:
-        src = tar.extractfile(member)
-        assert src is not None
+        if self.source is not None and not member.issparse():
+            self.source.seek(member.offset_data)
+            pieces: Iterator[memoryview | bytes] = self.source.pieces(member.size)
+        else:
+            src = tar.extractfile(member)
+            assert src is not None
+            pieces = iter(lambda: src.read(CHUNK), b"")
         written = 0
         hole = False
-        while chunk := src.read(CHUNK):
-            if len(chunk) == CHUNK and chunk == _ZEROS:
-                os.lseek(fd, CHUNK, os.SEEK_CUR)   # keep sparse images sparse
+        for piece in pieces:
+            n = len(piece)
+            if n >= _HOLE_MIN and not piece[0] and not piece[-1] and _all_zeros(piece):
+                os.lseek(fd, n, os.SEEK_CUR)   # keep sparse images sparse
                 hole = True
             else:
-                view = memoryview(chunk)
+                view = piece if isinstance(piece, memoryview) else memoryview(piece)
                 while view:
                     view = view[os.write(fd, view):]
                 hole = False
-            written += len(chunk)
+            written += n
         if written != member.size:
-            raise self.bad(f"file data ends after {written} of {member.size} bytes")
+            raise self.bad(f"malformed layer: unexpected end of data "
+                           f"(file data ends after {written} of {member.size} bytes)")
         if hole:
             os.ftruncate(fd, written)
 
@@ -495,6 +504,11 @@ def _drop_stale_xattrs(fd: int, member: tarfile.TarInfo) -> None:
     for stale in set(os.listxattr(fd)) - set(member_xattrs(member)):
         if not stale.startswith(OVERLAY_XATTR_PREFIX):
             os.removexattr(fd, stale)
+
+
+def _all_zeros(piece: memoryview | bytes) -> bool:
+    n = len(piece)
+    return bytes(piece) == (_ZEROS if n == CHUNK else bytes(n))   # memcmp, not per element
 
 
 def _lstat_at(dir_fd: int, name: str) -> os.stat_result | None:

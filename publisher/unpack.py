@@ -24,18 +24,13 @@ from cvmfs_common.digest import Digest, parse_digest
 from .layererrors import DigestMismatchError, HostileLayerError, LayerError
 from .lowers import LowerView
 from .streams import (HashingReader, ReadAhead, SourceFailed, SourceReader, StreamError,
-                      StreamTooLarge, TarEndPadding, drain, drain_expect_zeros,
-                      open_decompressed)
+                      StreamTooLarge, TarSource, drain, drain_expect_zeros, open_decompressed)
 from .tarsafety import HeaderTooLarge, Limits, limited_tarinfo
 from .treewriter import EntryCounts, SkippedEntry, TreeWriter
 from .whiteouts import WhiteoutMode
 
 __all__ = ["unpack_layer", "UnpackResult", "Limits", "EntryCounts", "SkippedEntry",
            "LayerError", "HostileLayerError", "DigestMismatchError", "WhiteoutMode"]
-
-# tarfile's own stream buffer: it re-slices this buffer on every small read, so it is kept
-# moderate; the big (1 MiB) reads happen below it, in our readers.
-_TAR_BUFSIZE = 64 << 10
 
 
 @dataclass(frozen=True)
@@ -99,20 +94,23 @@ def _unpack(blob: BinaryIO, work: Path, layer: str, expected_diff: Digest | None
             stream, compression = open_decompressed(raw, media_type)
             plain = HashingReader(stream, limit=limits.max_total_bytes)
             ahead = ReadAhead(plain)
-            padded = TarEndPadding(ahead)
-            tar = tarfile.open(fileobj=padded, mode="r|", bufsize=_TAR_BUFSIZE,  # type: ignore[call-overload]
+            source = TarSource(ahead.chunk)
+            writer.source = source
+            # "r:" over our forward-only TarSource: tarfile parses headers from it, file data
+            # bypasses tarfile (TreeWriter writes the source's pieces), no stream buffer.
+            tar = tarfile.open(fileobj=source, mode="r:",  # type: ignore[call-overload]
                                tarinfo=limited_tarinfo(limits.max_header_bytes),
                                encoding="utf-8", errors="surrogateescape")
             while (member := tar.next()) is not None:
-                tar.members.clear()     # stream mode would keep every TarInfo in memory
+                tar.members.clear()     # tarfile would keep every TarInfo in memory
                 writer.add(tar, member)
                 if member.isreg() and not member.issparse():
-                    padded.member_data_ends(member.offset_data + member.size)
+                    source.member_data_ends(member.offset_data + member.size)
             writer.member = None
             writer.finish()
             # After the end-of-archive marker only zero padding may follow: anything else
             # is a member tarfile could not parse (it stops silently at a bad header).
-            if drain_expect_zeros(tar.fileobj):  # type: ignore[arg-type]
+            if drain_expect_zeros(source):
                 raise LayerError(layer, "unparsable data after the last tar member")
             ahead.close()
             if drain_expect_zeros(raw):
