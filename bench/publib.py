@@ -276,10 +276,10 @@ class RssPoller:
 @contextmanager
 def scratch_fs(size_gib: float, use_dir: Path | None = None) -> Iterator[Path]:
     """Where the benches write: a fresh ext4 (with a journal, as a release manager's disk
-    has) in a sparse image file under bench/out, loop-mounted for this run only.
+    has) in an image file under bench/out, loop-mounted for this run only.
 
     Why not the machine's own file system: this VM's root is ext4 WITHOUT a journal, where
-    the inode allocator skips inodes deleted in the last 60-300 s (`recently_deleted()`,
+    the inode allocator skips inodes deleted in the last 60-360 s (`recently_deleted()`,
     which perf shows at >50% of `tar -xzf`'s time after a few rounds), so creating a file
     gets slower with every tree a bench removed, and whichever side runs after a removal
     loses: run-to-run swings of 4x. `use_dir` (--scratch-dir) writes there instead."""
@@ -291,8 +291,8 @@ def scratch_fs(size_gib: float, use_dir: Path | None = None) -> Iterator[Path]:
     image, mnt = OUT / "scratch-fs.img", OUT / "scratch-fs"
     subprocess.run(["umount", str(mnt)], capture_output=True)  # left over by an interrupted run
     image.unlink(missing_ok=True)
-    with image.open("wb") as f:
-        f.truncate(int(size_gib * (1 << 30)))
+    with image.open("wb") as f:  # allocated up front: the first side must not pay for it
+        os.posix_fallocate(f.fileno(), 0, int(size_gib * (1 << 30)))
     subprocess.run(["mkfs.ext4", "-q", "-F", "-E", "lazy_itable_init=0,lazy_journal_init=0", str(image)],
                    check=True, capture_output=True)
     mnt.mkdir(exist_ok=True)
