@@ -21,7 +21,8 @@ done
 if ((${#missing[@]})); then
   export DEBIAN_FRONTEND=noninteractive
   apt-get update
-  apt-get install -y --no-install-recommends "${missing[@]}"
+  # With recommends: the configuration every test here ran against.
+  apt-get install -y "${missing[@]}"
 fi
 
 # The packages start nothing here (no systemd); tests and the demo run their own instances.
