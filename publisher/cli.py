@@ -2,7 +2,7 @@
 
 Exit codes: 0 everything converted (or unchanged); 1 at least one image failed;
 2 nothing was attempted (bad wishlist or options, another publisher running,
-a command not implemented yet).
+or a lock held by another run).
 """
 
 from __future__ import annotations
@@ -33,7 +33,6 @@ if TYPE_CHECKING:  # pragma: no cover
 log = logging.getLogger("cvmfs-publisher")
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
-NOT_YET: dict[str, str] = {}  # command -> the issue that brings it
 
 
 class UsageError(Exception):
@@ -79,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-# -- loop, gc, check (issue 7) --------------------------------------------------------------
+# -- loop, gc, check ----------------------------------------------------------------------
 def _duration(text: str) -> float:
     try:
         return parse_duration(text)
@@ -279,9 +278,6 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.log_level, args.log_format)
     os.umask(0o022)  # the repository is read by everyone on every node
-    if args.command in NOT_YET:
-        print(f"cvmfs-publisher: {args.command} is not yet implemented ({NOT_YET[args.command]})", file=sys.stderr)
-        return EXIT_USAGE
     try:
         return {"loop": run_loop, "gc": run_gc, "check": run_check}.get(args.command, run_convert)(args)
     except (UsageError, WishlistError, StateError, Busy, BackendError) as e:

@@ -16,7 +16,7 @@
 * ``runs``: one line per command run (for loop/metrics); ``interrupted_runs``: those
   that stopped part-way (gc trusts only complete runs over whole wishlists).
 
-Times are unix seconds (REAL). gc (issue 7) can find tags no entry has seen for a
+Times are unix seconds (REAL). gc can find tags no entry has seen for a
 while (``tags.last_seen``), images no tag points at (``images`` minus
 ``tags.manifest_digest``), and layers/chains no image uses (``image_layers``).
 One connection, used by one thread; WAL so readers (check, metrics) never block.
@@ -432,7 +432,7 @@ class State:
             for table in ("wishlist_entries", "tags", "images", "layers", "image_layers", "runs")
         }
 
-    # -- gc and check (issue 7): whole-table reads, one write --------------------------
+    # -- gc and check: whole-table reads, one write --------------------------
     def last_full_run(self) -> float | None:
         """When the latest FINISHED run over whole wishlists (convert, a loop round) started:
         a tag it did not touch is no longer named by any wishlist."""
