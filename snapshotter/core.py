@@ -49,20 +49,32 @@ class Snapshotter:
     # -- Prepare / View ----------------------------------------------------------------
 
     def prepare(self, key: str, parent: str, labels: dict[str, str]) -> list[Mount]:
-        facts = self.store.parent_facts(parent) if parent else None  # read once, used twice
+        facts = self.store.parent_facts(parent) if parent else None  # read once, used thrice
         lineage = self._lineage(parent, labels, facts)
         if self.remote is not None and SNAPSHOT_REF_LABEL in labels:
             self._try_remote(parent, labels, lineage, facts)
-        return self._create(key, parent, Kind.ACTIVE, labels, lineage)
+        return self._create(key, parent, Kind.ACTIVE, labels, lineage, facts)
 
     def view(self, key: str, parent: str, labels: dict[str, str]) -> list[Mount]:
-        return self._create(key, parent, Kind.VIEW, labels, None)
+        facts = self.store.parent_facts(parent) if parent else None
+        return self._create(key, parent, Kind.VIEW, labels, None, facts)
 
     def _create(
-        self, key: str, parent: str, kind: Kind, labels: dict[str, str], lineage: Lineage | None
+        self,
+        key: str,
+        parent: str,
+        kind: Kind,
+        labels: dict[str, str],
+        lineage: Lineage | None,
+        facts: ParentFacts | None,
     ) -> list[Mount]:
+        # Stat the parent's dir before the write transaction: on a slow repository the
+        # (bounded) stat must not hold the database lock. A bad parent is reported by
+        # store.create, which re-checks everything inside the transaction.
+        root_attrs = self._root_attributes(facts) if facts is not None and facts.kind == Kind.COMMITTED else None
+
         def make_dirs(snapshot_id: int, lowers: tuple[Lower, ...]) -> None:
-            self.dirs.create(snapshot_id, kind, self._root_attributes(lowers))
+            self.dirs.create(snapshot_id, kind, root_attrs if lowers else None)
 
         created = self.store.create(key, parent, kind, labels, make_dirs, lineage)
         self._count("snapshots", kind.filter_name)
@@ -72,13 +84,10 @@ class Snapshotter:
         if self.metrics is not None:
             getattr(self.metrics, counter).labels(label).inc()
 
-    def _root_attributes(self, lowers: tuple[Lower, ...]) -> tuple[int, int, int] | None:
-        """Mode and owner of the stack's "/" (the upper dir must carry them)."""
-        if not lowers:
-            return None
-        top = lowers[0]
-        path = self.dirs.lower_dir(top.id, top.source)
-        if top.source is not None and self.remote is not None:
+    def _root_attributes(self, parent: ParentFacts) -> tuple[int, int, int]:
+        """Mode and owner of the stack's "/", i.e. of the parent's dir (the upper dir must carry them)."""
+        path = self.dirs.lower_dir(parent.id, parent.source)
+        if parent.source is not None and self.remote is not None:
             repo = self.remote.repository_for(path)
             if repo is not None:
                 try:

@@ -90,11 +90,12 @@ class Lineage:
 
 @dataclass(frozen=True)
 class ParentFacts:
-    """What remote lookups need to know of a parent snapshot."""
+    """What Prepare needs to know of a parent snapshot."""
 
+    id: int
     kind: Kind
     lineage: Lineage
-    top_dir: str | None  # the directory the parent's nearest lower shows (None: local)
+    source: str | None  # the repository dir it shows (None: our own snapshots/<id>/fs)
 
 
 def _now_ns() -> int:
@@ -267,11 +268,11 @@ class Store:
 
     def parent_facts(self, key: str) -> ParentFacts | None:
         row = self._conn().execute(
-            "SELECT kind, chain_id, ducc_chain, source FROM snapshots WHERE key = ?", (key,)
+            "SELECT id, kind, chain_id, ducc_chain, source FROM snapshots WHERE key = ?", (key,)
         ).fetchone()
         if row is None:
             return None
-        return ParentFacts(Kind(row[0]), Lineage(row[1], row[2]), row[3])
+        return ParentFacts(row[0], Kind(row[1]), Lineage(row[2], row[3]), row[4])
 
     def snapshot(self, key: str) -> Snapshot:
         """An active or view snapshot with its lowers (for Mounts)."""
