@@ -25,7 +25,6 @@ ingesting a 2 GB layer). Nothing is asserted.
 from __future__ import annotations
 
 import argparse
-import os
 import subprocess
 import sys
 import time

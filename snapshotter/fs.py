@@ -14,12 +14,12 @@ committed. Mounts are performed by containerd, never here.
 
 from __future__ import annotations
 
-import errno
 import os
-import shutil
 import stat
 from dataclasses import dataclass
 from pathlib import Path
+
+from cvmfs_common.layout import remove_tree
 
 from .model import Kind, Mount, Snapshot, Usage
 
@@ -149,25 +149,6 @@ class SnapshotDirs:
             return [Mount("bind", self.lower_dir(lower.id, lower.source), ("ro", "rbind"))]
         options.append("lowerdir=" + ":".join(self.link(lower.id) for lower in snap.lowers))
         return [Mount("overlay", "overlay", tuple(options))]
-
-
-def remove_tree(path: Path) -> None:
-    """rmtree that also handles read-only dirs left by containers (chmod and retry)."""
-
-    def onerror(func, p, exc_info):  # noqa: ANN001 - shutil's callback signature
-        err = exc_info[1]
-        if isinstance(err, FileNotFoundError):
-            return
-        if isinstance(err, PermissionError) or getattr(err, "errno", None) == errno.EACCES:
-            os.chmod(os.path.dirname(p), 0o700)
-            func(p)
-            return
-        raise err
-
-    if path.is_symlink() or path.is_file():
-        path.unlink()
-    else:
-        shutil.rmtree(path, onerror=onerror)
 
 
 def disk_usage(path: str) -> Usage:

@@ -15,34 +15,6 @@ from cvmfs_common.registry import RegistryClient
 from publisher.unpack import unpack_layer
 
 
-class _IterReader:
-    """A file-like view of a chunk iterator (the unpacker reads a stream)."""
-
-    def __init__(self, chunks) -> None:
-        self._chunks = iter(chunks)
-        self._buf = b""
-
-    def read(self, n: int = -1) -> bytes:
-        while n < 0 or len(self._buf) < n:
-            try:
-                self._buf += next(self._chunks)
-            except StopIteration:
-                break
-        if n < 0:
-            out, self._buf = self._buf, b""
-        else:
-            out, self._buf = self._buf[:n], self._buf[n:]
-        return out
-
-    def readinto(self, b) -> int:
-        data = self.read(len(b))
-        b[: len(data)] = data
-        return len(data)
-
-    def readable(self) -> bool:
-        return True
-
-
 def publish_layers(host: str, image, layout: RepositoryLayout, indices, whiteouts: str = "overlay") -> None:
     """Unpack the image's layers `indices` into `.layers/` with layers.json (bottom first)."""
     client = RegistryClient(insecure_registries=[host])
@@ -53,7 +25,7 @@ def publish_layers(host: str, image, layout: RepositoryLayout, indices, whiteout
             digest = image.layers[i]
             lowers = [layout.layerfs(image.layers[j]) for j in reversed(range(i))]
             work = Path(tempfile.mkdtemp(dir=layout.tmp_dir)) / "layerfs"
-            reader = _IterReader(client.iter_blob(f"{host}/{image.name}", digest))
+            reader = client.open_blob(f"{host}/{image.name}", digest)
             result = unpack_layer(reader, work, digest=digest, diff_id=image.diff_ids[i], whiteouts=whiteouts,
                                   lowers=[p for p in lowers if p.is_dir()])
             target = layout.layerfs(digest)

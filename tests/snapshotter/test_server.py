@@ -8,9 +8,7 @@ import socket
 import stat
 import subprocess
 import sys
-import time
 import urllib.request
-from pathlib import Path
 
 import grpc
 import pytest
