@@ -102,6 +102,19 @@ def test_stale_socket_is_replaced_live_one_is_not(tmp_path):
         p.stop()
 
 
+def test_second_process_on_the_same_root_is_refused(proc, tmp_path):
+    second = subprocess.run(
+        [sys.executable, "-m", "snapshotter", "serve", "--root", str(proc.root),
+         "--address", str(tmp_path / "other.sock")],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert second.returncode == 1
+    assert f"another cvmfs-snapshotter is using the root directory {proc.root}" in second.stderr
+    assert "Traceback" not in second.stderr
+    with grpc.insecure_channel(f"unix:{proc.address}") as ch:
+        list(pb_grpc.SnapshotsStub(ch).List(pb.ListSnapshotsRequest(), timeout=10))
+
+
 def test_kill9_then_restart_serves_and_cleanup_removes_orphans(tmp_path):
     p = SnapshotterProcess(tmp_path / "sn").start()
     with grpc.insecure_channel(f"unix:{p.address}") as ch:
