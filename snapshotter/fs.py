@@ -241,23 +241,71 @@ class SnapshotDirs:
 
 
 def disk_usage(path: str) -> Usage:
-    """Like containerd's fs.DiskUsage: blocks of each inode counted once, root included."""
+    """Like containerd's fs.DiskUsage: blocks of each inode counted once, root included.
+
+    Walks fd-relative with one open directory at a time and no recursion: a container
+    can build a tree far deeper than the recursion limit, and its paths exceed PATH_MAX."""
     seen: set[int] = set()
     size = 0
-    stack = [path]
-    while stack:
-        current = stack.pop()
-        try:
-            st = os.lstat(current)
-        except FileNotFoundError:
-            continue
+
+    def count(st: os.stat_result) -> None:
+        nonlocal size
         if st.st_ino not in seen:
             seen.add(st.st_ino)
             size += st.st_blocks * 512
-        if stat.S_ISDIR(st.st_mode):
+
+    try:
+        top = os.lstat(path)
+    except FileNotFoundError:
+        return Usage(0, 0)
+    count(top)
+    if stat.S_ISDIR(top.st_mode):
+        _walk_dirs(path, top, count)
+    return Usage(size=size, inodes=len(seen))
+
+
+def _open_dir(name: str, dir_fd: int | None = None) -> int:
+    return os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+
+
+def _walk_dirs(path: str, top: os.stat_result, visit) -> None:
+    """`visit(lstat)` for every entry below `path`, depth first; climbs back with "..",
+    checking it is the directory it came from."""
+    fd = _open_dir(path)
+    try:
+        frames = [(top, _scan(fd, visit))]  # per level: its stat, its subdirs still to visit
+        while frames:
+            _, subdirs = frames[-1]
+            if subdirs:
+                try:
+                    child = _open_dir(subdirs.pop(), dir_fd=fd)
+                except (FileNotFoundError, NotADirectoryError):  # gone or replaced meanwhile
+                    continue
+                os.close(fd)
+                fd = child
+                frames.append((os.fstat(fd), _scan(fd, visit)))
+                continue
+            frames.pop()
+            if frames:
+                parent = _open_dir("..", dir_fd=fd)
+                os.close(fd)
+                fd = parent
+                st, expected = os.fstat(fd), frames[-1][0]
+                if (st.st_dev, st.st_ino) != (expected.st_dev, expected.st_ino):
+                    raise OSError(f"{path}: a directory was moved while its usage was measured")
+    finally:
+        os.close(fd)
+
+
+def _scan(fd: int, visit) -> list[str]:
+    subdirs = []
+    with os.scandir(fd) as it:
+        for entry in it:
             try:
-                with os.scandir(current) as it:
-                    stack.extend(entry.path for entry in it)
+                st = entry.stat(follow_symlinks=False)
             except FileNotFoundError:
                 continue
-    return Usage(size=size, inodes=len(seen))
+            visit(st)
+            if stat.S_ISDIR(st.st_mode):
+                subdirs.append(entry.name)
+    return subdirs

@@ -8,6 +8,7 @@ import pytest
 from snapshotter.core import Snapshotter
 from snapshotter.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from snapshotter.model import Kind
+from tests.snapshotter.deep_tree import make_chain, remove_everything
 
 
 @pytest.fixture
@@ -253,3 +254,16 @@ def test_one_process_per_root(tmp_path):
         Snapshotter(tmp_path / "root")
     first.close()
     Snapshotter(tmp_path / "root").close()
+
+
+def test_usage_of_a_5000_level_tree(sn):
+    (m,) = sn.prepare("k", "", {})
+    make_chain(m.source, 5000)
+    try:
+        usage = sn.usage("k")
+        assert usage.inodes == 1 + 5000 + 1  # the root, the dirs, the file
+        assert usage.size >= 10_000
+        sn.commit("c", "k", {})  # measures the same way
+        assert sn.usage("c") == usage
+    finally:
+        remove_everything(os.path.join(m.source, "d"))  # pytest's own clean-up recurses
