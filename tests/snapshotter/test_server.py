@@ -152,3 +152,36 @@ def test_config_file_and_flags(tmp_path):
         serve_config(build_parser().parse_args(["serve", "--config", str(cfg_file)]))
     with pytest.raises(ConfigError, match="does not exist"):
         serve_config(build_parser().parse_args(["serve", "--config", str(tmp_path / "missing.toml")]))
+
+
+def test_catastrophic_regex_filter_does_not_freeze_other_rpcs(stub):
+    """`(a+)+$` against a long label backtracks for ever in Python's re (holding the GIL,
+    so every RPC froze); RE2 answers in linear time and other RPCs keep answering."""
+    import threading
+    import time
+
+    stub.Prepare(pb.PrepareSnapshotRequest(key="victim", labels={"a": "a" * 4000 + "b"}))
+    result: dict = {}
+
+    def redos() -> None:
+        start = time.monotonic()
+        try:
+            result["names"] = [i.name for r in stub.List(
+                pb.ListSnapshotsRequest(filters=['labels.a~="(a+)+$"']), timeout=60) for i in r.info]
+        except grpc.RpcError as e:
+            result["error"] = e.code().name
+        result["seconds"] = time.monotonic() - start
+
+    thread = threading.Thread(target=redos)
+    thread.start()
+    latencies = []
+    while thread.is_alive() or len(latencies) < 20:
+        start = time.monotonic()
+        stub.Stat(pb.StatSnapshotRequest(key="victim"), timeout=60)
+        latencies.append(time.monotonic() - start)
+    thread.join()
+    assert result.get("names") == [], result
+    assert result["seconds"] < 30, result  # generous: the machine is shared
+    assert max(latencies) < 10, max(latencies)
+    bad = pb.ListSnapshotsRequest(filters=['labels.a~="(?=lookahead)"'])
+    assert code_of(lambda r: list(stub.List(r)), bad) == grpc.StatusCode.INVALID_ARGUMENT
