@@ -15,6 +15,7 @@ from typing import Sequence
 from .errors import AlreadyExists, InvalidArgument, Unavailable
 from .filters import FilterSyntaxError, parse_all
 from .fs import Doomed, SnapshotDirs, disk_usage, overlay_supports_index
+from .labels import validate_labels
 from .metrics import Metrics
 from .model import Info, Kind, Lower, Mount, Usage
 from .remote import (
@@ -54,6 +55,7 @@ class Snapshotter:
     # -- Prepare / View ----------------------------------------------------------------
 
     def prepare(self, key: str, parent: str, labels: dict[str, str]) -> list[Mount]:
+        validate_labels(labels)
         facts = self.store.parent_facts(parent) if parent else None  # read once, used thrice
         lineage = self._lineage(parent, labels, facts)
         if self.remote is not None and SNAPSHOT_REF_LABEL in labels:
@@ -61,6 +63,7 @@ class Snapshotter:
         return self._create(key, parent, Kind.ACTIVE, labels, lineage, facts)
 
     def view(self, key: str, parent: str, labels: dict[str, str]) -> list[Mount]:
+        validate_labels(labels)
         facts = self.store.parent_facts(parent) if parent else None
         return self._create(key, parent, Kind.VIEW, labels, None, facts)
 
@@ -180,6 +183,7 @@ class Snapshotter:
                 raise Unavailable(f"snapshot {key!r}: repository directory {lower.source} is gone")
 
     def commit(self, name: str, key: str, labels: dict[str, str]) -> None:
+        validate_labels(labels)
         snapshot_id, kind, _ = self.store.lookup(key)
         # Measure outside the transaction: a big upper dir takes a while to walk.
         usage = disk_usage(self.dirs.fs_dir(snapshot_id)) if kind == Kind.ACTIVE else Usage(0, 0)
@@ -209,6 +213,7 @@ class Snapshotter:
         return self.store.stat(key)
 
     def update(self, info: Info, fieldpaths: Sequence[str]) -> Info:
+        validate_labels(info.labels)
         return self.store.update(info.name, info.labels, fieldpaths)
 
     def walk(self, filters: Sequence[str]) -> list[Info]:

@@ -185,3 +185,38 @@ def test_catastrophic_regex_filter_does_not_freeze_other_rpcs(stub):
     assert max(latencies) < 10, max(latencies)
     bad = pb.ListSnapshotsRequest(filters=['labels.a~="(?=lookahead)"'])
     assert code_of(lambda r: list(stub.List(r)), bad) == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_labels_are_limited_like_containerd(stub):
+    largest = {"k": "v" * 4095}  # key + value = 4096 bytes: allowed
+    stub.Prepare(pb.PrepareSnapshotRequest(key="ok", labels=largest))
+    assert stub.Stat(pb.StatSnapshotRequest(key="ok")).info.labels == largest
+    too_big = {"k": "é" * 2048}  # 1 + 4096 bytes (UTF-8), 2049 characters
+    for call, req in [
+        (stub.Prepare, pb.PrepareSnapshotRequest(key="big", labels=too_big)),
+        (stub.View, pb.ViewSnapshotRequest(key="big", labels=too_big)),
+        (stub.Commit, pb.CommitSnapshotRequest(key="ok", name="c", labels=too_big)),
+        (stub.Update, pb.UpdateSnapshotRequest(info=pb.Info(name="ok", labels=too_big))),
+    ]:
+        with pytest.raises(grpc.RpcError) as e:
+            call(req)
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "label key and value length (4097 bytes) greater than maximum size (4096 bytes)" in e.value.details()
+    assert code_of(stub.Stat, pb.StatSnapshotRequest(key="big")) == grpc.StatusCode.NOT_FOUND
+    assert stub.Stat(pb.StatSnapshotRequest(key="ok")).info.labels == largest
+
+
+def test_list_batches_by_size_within_the_default_message_limit(stub):
+    """Five snapshots of ~3.6 MB of labels each: 100-entry batches made an 18 MB message
+    that a client with gRPC's default 4 MiB limit cannot receive."""
+    heavy = {f"l{j:04d}": "x" * 4000 for j in range(900)}
+    for i in range(5):
+        stub.Prepare(pb.PrepareSnapshotRequest(key=f"heavy{i}", labels=heavy), timeout=60)
+    for i in range(250):
+        stub.Prepare(pb.PrepareSnapshotRequest(key=f"light{i}"), timeout=60)
+    responses = list(stub.List(pb.ListSnapshotsRequest(), timeout=120))  # default 4 MiB receive limit
+    names = [i.name for r in responses for i in r.info]
+    assert sorted(names) == sorted([f"heavy{i}" for i in range(5)] + [f"light{i}" for i in range(250)])
+    assert all(r.ByteSize() < 4 << 20 for r in responses)
+    assert all(len(r.info) <= 100 for r in responses)
+    assert len(responses) >= 5 + 3  # each heavy one alone, the light ones in batches of 100
