@@ -60,6 +60,7 @@ def run_serve(args: argparse.Namespace) -> int:
         cfg.lookup_cache_ttl,
         on_failure=lambda root: metrics.probe_failures.labels(root).inc(),
     )
+    remote.warn_about_missing_roots()
     try:
         snapshotter = Snapshotter(cfg.root, remote, metrics)
         rc = serve(cfg, snapshotter, metrics)

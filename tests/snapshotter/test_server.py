@@ -220,3 +220,67 @@ def test_list_batches_by_size_within_the_default_message_limit(stub):
     assert all(r.ByteSize() < 4 << 20 for r in responses)
     assert all(len(r.info) <= 100 for r in responses)
     assert len(responses) >= 5 + 3  # each heavy one alone, the light ones in batches of 100
+
+
+BAD_CONFIGS = [
+    ("root = 5", "root must be a string, not an integer (5)"),
+    ('repositories = "/a"', "repositories must be an array of paths"),
+    ("repositories = [1]", "repositories must be an array of paths"),
+    ("repository = 1", "repository must be a string, not an integer"),
+    ("stat-timeout = true", "stat-timeout must be a duration"),
+    ("stat-timeout = 0", "stat-timeout must be greater than 0"),
+    ('stat-timeout = "0s"', "stat-timeout must be greater than 0"),
+    ("stat-timeout = -1", "stat-timeout"),
+    ('stat-timeout = "-1s"', "stat-timeout: not a duration"),
+    ("lookup-cache-ttl = []", "lookup-cache-ttl must be a duration"),
+    ('log-format = "xml"', "log-format must be one of text, json, not 'xml'"),
+    ("log-level = 5", "log-level must be a string"),
+    ('log-level = "loud"', "log-level must be one of debug, info, warning, error"),
+    ("metrics-address = 9102", "metrics-address must be a string"),
+    ('metrics-address = "localhost"', "metrics-address must be HOST:PORT"),
+    ("root = ", "not valid TOML"),
+]
+
+
+def _serve(tmp_path, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "snapshotter", "serve", "--root", str(tmp_path / "root"),
+         "--address", str(tmp_path / "s.sock"), *args],
+        capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL,
+    )
+
+
+@pytest.mark.parametrize("text, message", BAD_CONFIGS)
+def test_bad_config_file_is_a_clear_error(tmp_path, text, message):
+    cfg = tmp_path / "config.toml"
+    cfg.write_text(text + "\n")
+    res = _serve(tmp_path, "--config", str(cfg))
+    assert res.returncode == 2, res.stderr
+    assert "Traceback" not in res.stderr
+    assert f"{cfg}: " in res.stderr and message in res.stderr, res.stderr
+    assert not (tmp_path / "s.sock").exists()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--stat-timeout", "0"], "--stat-timeout must be greater than 0"),
+    (["--stat-timeout=-1"], "--stat-timeout: not a duration"),
+    (["--lookup-cache-ttl", "soon"], "--lookup-cache-ttl: not a duration"),
+    (["--metrics-address", "9102"], "--metrics-address must be HOST:PORT"),
+    (["--log-format", "xml"], "invalid choice: 'xml'"),
+])
+def test_bad_flags_are_a_clear_error(tmp_path, args, message):
+    res = _serve(tmp_path, *args)
+    assert res.returncode == 2, res.stderr
+    assert "Traceback" not in res.stderr
+    assert message in res.stderr, res.stderr
+
+
+def test_missing_repository_is_a_warning_not_a_refusal(tmp_path):
+    missing = tmp_path / "cvmfs" / "unpacked.cern.ch"
+    p = SnapshotterProcess(tmp_path / "sn", repositories=[missing]).start()
+    try:
+        with grpc.insecure_channel(f"unix:{p.address}") as ch:
+            list(pb_grpc.SnapshotsStub(ch).List(pb.ListSnapshotsRequest(), timeout=10))
+        assert f"repository {missing} does not exist (yet)" in p.log()
+    finally:
+        p.stop()
