@@ -84,7 +84,7 @@ class Snapshotter:
         stale: list[Doomed] = []
 
         def make_dirs(snapshot_id: int, lowers: tuple[Lower, ...]) -> None:
-            stale.extend(self.dirs.create(snapshot_id, kind, root_attrs if lowers else None))
+            self.dirs.create(snapshot_id, kind, root_attrs if lowers else None, stale)
 
         try:
             created = self.store.create(key, parent, kind, labels, make_dirs, lineage)
@@ -195,7 +195,7 @@ class Snapshotter:
     def remove(self, key: str) -> None:
         detached: list[Doomed] = []
         try:
-            self.store.remove(key, lambda snapshot_id: detached.extend(self.dirs.detach(snapshot_id)))
+            self.store.remove(key, lambda snapshot_id: self.dirs.detach(snapshot_id, detached))
         except BaseException:
             self.dirs.reattach(detached)  # the row is still there: give it its dir back
             raise
@@ -231,15 +231,16 @@ class Snapshotter:
 
     def cleanup(self) -> None:
         # Decided and renamed away under the write lock, deleted after it (see fs.py).
-        doomed = self.store.with_all_ids_locked(self.dirs.doom_orphans)
-        failures = self._delete(doomed)
+        doomed: list[Doomed] = []
+        try:
+            self.store.with_all_ids_locked(lambda ids: self.dirs.doom_orphans(ids, doomed))
+        finally:
+            failures = self._delete(doomed)  # even after a failure midway: they are orphans
         if len(doomed) > len(failures):
             log.info("cleanup removed %d orphaned entries", len(doomed) - len(failures))
         if failures:
             path, error = failures[0]
             raise CleanupIncomplete(f"could not remove {len(failures)} orphaned entries, e.g. {path}: {error}")
-
-
 
 
 def remote_snapshot_name(ref: str, parent: str) -> str:

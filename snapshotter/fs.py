@@ -104,11 +104,12 @@ class SnapshotDirs:
     # contents of "doomed" entries (renamed to rm-*, owned by the one caller that doomed
     # or claimed them) are deleted outside, where it may take long.
 
-    def create(self, snapshot_id: int, kind: Kind, root_attrs: tuple[int, int, int] | None) -> list[Doomed]:
+    def create(
+        self, snapshot_id: int, kind: Kind, root_attrs: tuple[int, int, int] | None, doomed: list[Doomed]
+    ) -> None:
         """Create <id>/fs (and work) under a temporary name, then rename into place,
-        so a crash never leaves a half-made snapshot dir under its final name. Returns
-        what a crash had left under these names, doomed: the caller deletes it."""
-        doomed = []
+        so a crash never leaves a half-made snapshot dir under its final name. What a
+        crash had left under these names is added to `doomed`: the caller deletes it."""
         final = self.snapshots / str(snapshot_id)
         tmp = self.snapshots / f"{_NEW_PREFIX}{snapshot_id}"
         for stale in (final, tmp):  # left by a crash before its row was committed: never in use
@@ -125,7 +126,6 @@ class SnapshotDirs:
         if kind == Kind.ACTIVE:
             (tmp / "work").mkdir(mode=0o711)
         os.rename(tmp, final)
-        return doomed
 
     def link_committed(self, snapshot_id: int) -> None:
         """The lower link of a local snapshot being committed (see the module doc)."""
@@ -148,14 +148,12 @@ class SnapshotDirs:
         os.symlink(target, tmp)
         os.rename(tmp, link)
 
-    def detach(self, snapshot_id: int) -> list[Doomed]:
-        """Doom a snapshot's dir and link (its row is being deleted in the same
-        transaction); `reattach` undoes this should that transaction fail."""
-        return [
-            self._doom(path)
-            for path in (self.link(snapshot_id), f"{self._snapshots_str}/{snapshot_id}")
-            if os.path.lexists(path)
-        ]
+    def detach(self, snapshot_id: int, doomed: list[Doomed]) -> None:
+        """Doom a snapshot's link and dir into `doomed` (its row is being deleted in the
+        same transaction); `reattach` undoes this should that transaction fail."""
+        for path in (self.link(snapshot_id), f"{self._snapshots_str}/{snapshot_id}"):
+            if os.path.lexists(path):
+                doomed.append(self._doom(path))
 
     def reattach(self, doomed: list[Doomed]) -> None:
         for d in doomed:
@@ -165,12 +163,12 @@ class SnapshotDirs:
                 log.error("could not put %s back to %s: %s", d.path, d.origin, e)
             self._release(d)
 
-    def doom_orphans(self, known_ids: set[int]) -> list[Doomed]:
+    def doom_orphans(self, known_ids: set[int], doomed: list[Doomed]) -> None:
         """Doom every entry no snapshot owns. Must run in the store's write transaction
         with `known_ids` read in it: no creation is then half done, so a `new-*` dir, a
         dir or link whose id has no row, an unowned `rm-*` is a crash's (or an earlier
-        failed deletion's) leftover. `rm-*` entries a live Remove/Cleanup owns are skipped."""
-        doomed = []
+        failed deletion's) leftover. `rm-*` entries a live Remove/Cleanup owns are skipped.
+        Adds to `doomed` as it goes: the caller deletes them even after a failure midway."""
         with os.scandir(self.snapshots) as it:
             entries = list(it)
         for entry in entries:
@@ -189,7 +187,6 @@ class SnapshotDirs:
         for entry in entries:
             if not (entry.name.isdigit() and int(entry.name) in known_ids):
                 doomed.append(self._doom(entry.path))
-        return doomed
 
     def delete(self, doomed: list[Doomed]) -> list[tuple[str, Exception]]:
         """Delete doomed entries (outside any transaction); returns the failures, which

@@ -267,3 +267,23 @@ def test_usage_of_a_5000_level_tree(sn):
         assert sn.usage("c") == usage
     finally:
         remove_everything(os.path.join(m.source, "d"))  # pytest's own clean-up recurses
+
+
+def test_failed_remove_transaction_gives_the_snapshot_its_dir_back(sn, monkeypatch):
+    committed(sn, "a", content={"f": "x"})
+    real_detach = sn.dirs.detach
+
+    def detach_then_fail(snapshot_id, doomed):
+        real_detach(snapshot_id, doomed)
+        raise OSError(28, "No space left on device")  # the transaction rolls back
+
+    monkeypatch.setattr(sn.dirs, "detach", detach_then_fail)
+    with pytest.raises(OSError):
+        sn.remove("a")
+    monkeypatch.undo()
+    assert sn.stat("a").name == "a"
+    assert Path(sn.root / "l" / "1" / "f").read_text() == "x"  # link and dir are back
+    assert sorted(os.listdir(sn.root / "snapshots")) == ["1"]
+    sn.cleanup()
+    (m,) = sn.view("v", "a", {})
+    assert Path(m.source, "f").read_text() == "x"
