@@ -47,6 +47,7 @@ def run_serve(args: argparse.Namespace) -> int:
         return 2
     setup_logging(cfg.log_level, cfg.log_format)
     from .core import Snapshotter
+    from .fs import RootInUse
     from .server import SocketInUse, serve
 
     from .metrics import Metrics
@@ -59,11 +60,15 @@ def run_serve(args: argparse.Namespace) -> int:
         cfg.lookup_cache_ttl,
         on_failure=lambda root: metrics.probe_failures.labels(root).inc(),
     )
-    snapshotter = Snapshotter(cfg.root, remote, metrics)
+    remote.warn_about_missing_roots()
     try:
+        snapshotter = Snapshotter(cfg.root, remote, metrics)
         rc = serve(cfg, snapshotter, metrics)
-    except SocketInUse as e:
+    except (SocketInUse, RootInUse) as e:
         log.error("%s", e)
+        rc = 1
+    except OSError as e:  # e.g. a root or socket dir we may not create: no traceback
+        log.error("cannot serve: %s", e)
         rc = 1
     # Exit now: interpreter shutdown would join worker threads, and one stuck in a
     # hung FUSE request (a dead repository) could hold the process for minutes.

@@ -51,40 +51,88 @@ _KEYS = {
 }
 
 
+LOG_LEVELS = ("debug", "info", "warning", "error")
+LOG_FORMATS = ("text", "json")
+
+_TOML_TYPES = {bool: "a boolean", int: "an integer", float: "a number", str: "a string", list: "an array",
+               dict: "a table"}
+
+
+def _type_name(value: object) -> str:
+    return next((name for t, name in _TOML_TYPES.items() if type(value) is t), type(value).__name__)
+
+
+def _string(data: dict, key: str, where: str) -> str:
+    value = data[key]
+    if not isinstance(value, str):
+        raise ConfigError(f"{where}: {key} must be a string, not {_type_name(value)} ({value!r})")
+    return value
+
+
+def _duration(value: object, key: str, where: str, allow_zero: bool) -> float:
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        raise ConfigError(f"{where}: {key} must be a duration like \"2s\", not {_type_name(value)} ({value!r})")
+    try:
+        seconds = parse_duration(value)
+    except ValueError as e:
+        raise ConfigError(f"{where}: {key}: {e}") from None
+    if seconds < 0 or (seconds == 0 and not allow_zero):
+        raise ConfigError(f"{where}: {key} must be {'at least 0' if allow_zero else 'greater than 0'}, not {value!r}")
+    return seconds
+
+
+def _choice(value: str, key: str, where: str, choices: tuple[str, ...]) -> str:
+    if value.lower() not in choices:
+        raise ConfigError(f"{where}: {key} must be one of {', '.join(choices)}, not {value!r}")
+    return value.lower()
+
+
+def _host_port(value: str, key: str, where: str) -> str:
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or int(port) > 65535:
+        raise ConfigError(f"{where}: {key} must be HOST:PORT, e.g. 127.0.0.1:9102, not {value!r}")
+    return value
+
+
 def load_toml(path: Path, cfg: ServeConfig) -> None:
+    """Read the TOML file into `cfg`; every problem is a ConfigError naming the file and key."""
     try:
         with open(path, "rb") as f:
             data = tomllib.load(f)
     except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"{path}: {e}") from None
+        raise ConfigError(f"{path}: not valid TOML: {e}") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read the config file: {e.strerror}") from None
     unknown = set(data) - _KEYS
     if unknown:
         raise ConfigError(f"{path}: unknown keys {sorted(unknown)} (known: {sorted(_KEYS)})")
-    try:
-        if "root" in data:
-            cfg.root = Path(data["root"])
-        if "address" in data:
-            cfg.address = Path(data["address"])
-        repos: list[str] = []
-        if "repositories" in data:
-            if not isinstance(data["repositories"], list):
-                raise ConfigError(f"{path}: repositories must be a list of paths")
-            repos.extend(str(p) for p in data["repositories"])
-        if "absolute-mountpoint" in data:
-            repos.append(str(data["absolute-mountpoint"]))
-        elif "repository" in data:
-            repos.append(f"/cvmfs/{data['repository']}")
-        if repos:
-            cfg.repositories = repos
-        if "stat-timeout" in data:
-            cfg.stat_timeout = parse_duration(data["stat-timeout"])
-        if "lookup-cache-ttl" in data:
-            cfg.lookup_cache_ttl = parse_duration(data["lookup-cache-ttl"])
-        cfg.log_level = str(data.get("log-level", cfg.log_level))
-        cfg.log_format = str(data.get("log-format", cfg.log_format))
-        cfg.metrics_address = data.get("metrics-address", cfg.metrics_address)
-    except ValueError as e:
-        raise ConfigError(f"{path}: {e}") from None
+    where = str(path)
+    if "root" in data:
+        cfg.root = Path(_string(data, "root", where))
+    if "address" in data:
+        cfg.address = Path(_string(data, "address", where))
+    repos: list[str] = []
+    if "repositories" in data:
+        value = data["repositories"]
+        if not isinstance(value, list) or not all(isinstance(p, str) for p in value):
+            raise ConfigError(f"{where}: repositories must be an array of paths (strings), not {value!r}")
+        repos.extend(value)
+    if "absolute-mountpoint" in data:
+        repos.append(_string(data, "absolute-mountpoint", where))
+    elif "repository" in data:
+        repos.append(f"/cvmfs/{_string(data, 'repository', where)}")
+    if repos:
+        cfg.repositories = repos
+    if "stat-timeout" in data:
+        cfg.stat_timeout = _duration(data["stat-timeout"], "stat-timeout", where, allow_zero=False)
+    if "lookup-cache-ttl" in data:
+        cfg.lookup_cache_ttl = _duration(data["lookup-cache-ttl"], "lookup-cache-ttl", where, allow_zero=True)
+    if "log-level" in data:
+        cfg.log_level = _choice(_string(data, "log-level", where), "log-level", where, LOG_LEVELS)
+    if "log-format" in data:
+        cfg.log_format = _choice(_string(data, "log-format", where), "log-format", where, LOG_FORMATS)
+    if "metrics-address" in data:
+        cfg.metrics_address = _host_port(_string(data, "metrics-address", where), "metrics-address", where)
 
 
 def add_serve_arguments(p: argparse.ArgumentParser) -> None:
@@ -98,34 +146,35 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--stat-timeout", help="bound on one repository lookup, e.g. 2s (default 2s)")
     p.add_argument("--lookup-cache-ttl", help="how long a repository answer is reused (default 5s)")
-    p.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
-    p.add_argument("--log-format", choices=["text", "json"])
+    p.add_argument("--log-level", choices=LOG_LEVELS)
+    p.add_argument("--log-format", choices=LOG_FORMATS)
     p.add_argument("--metrics-address", help="HOST:PORT to serve Prometheus /metrics on")
 
 
 def serve_config(args: argparse.Namespace) -> ServeConfig:
     cfg = ServeConfig()
     config_path = Path(args.config) if args.config else Path(DEFAULT_CONFIG)
-    if args.config and not config_path.is_file():
+    if args.config and not config_path.exists():
         raise ConfigError(f"config file {config_path} does not exist")
-    if config_path.is_file():
+    if args.config or config_path.exists():
         load_toml(config_path, cfg)
-    try:
-        if args.root:
-            cfg.root = Path(args.root)
-        if args.address:
-            cfg.address = Path(args.address)
-        if args.repository:
-            cfg.repositories = list(args.repository)
-        if args.stat_timeout:
-            cfg.stat_timeout = parse_duration(args.stat_timeout)
-        if args.lookup_cache_ttl:
-            cfg.lookup_cache_ttl = parse_duration(args.lookup_cache_ttl)
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
+    if args.root:
+        cfg.root = Path(args.root)
+    if args.address:
+        cfg.address = Path(args.address)
+    if args.repository:
+        cfg.repositories = list(args.repository)
+    if args.stat_timeout is not None:
+        cfg.stat_timeout = _duration(args.stat_timeout, "--stat-timeout", "command line", allow_zero=False)
+    if args.lookup_cache_ttl is not None:
+        cfg.lookup_cache_ttl = _duration(args.lookup_cache_ttl, "--lookup-cache-ttl", "command line", allow_zero=True)
     cfg.log_level = args.log_level or cfg.log_level
     cfg.log_format = args.log_format or cfg.log_format
-    cfg.metrics_address = args.metrics_address or cfg.metrics_address
+    if args.metrics_address:
+        cfg.metrics_address = _host_port(args.metrics_address, "--metrics-address", "command line")
     if not cfg.root.is_absolute() or not cfg.address.is_absolute():
-        raise ConfigError("root and address must be absolute paths (containerd resolves mounts from them)")
+        raise ConfigError(
+            f"root and address must be absolute paths (containerd resolves mounts from them), "
+            f"not {str(cfg.root)!r} and {str(cfg.address)!r}"
+        )
     return cfg

@@ -14,7 +14,8 @@ from typing import Sequence
 
 from .errors import AlreadyExists, InvalidArgument, Unavailable
 from .filters import FilterSyntaxError, parse_all
-from .fs import SnapshotDirs, disk_usage, overlay_supports_index
+from .fs import Doomed, SnapshotDirs, disk_usage, overlay_supports_index
+from .labels import validate_labels
 from .metrics import Metrics
 from .model import Info, Kind, Lower, Mount, Usage
 from .remote import (
@@ -31,6 +32,11 @@ from .store import Lineage, ParentFacts, Store
 
 log = logging.getLogger(__name__)
 
+
+class CleanupIncomplete(RuntimeError):
+    """Some orphans could not be deleted (an INTERNAL error; the next Cleanup retries)."""
+
+
 class Snapshotter:
     def __init__(self, root: Path, remote: RemoteLayers | None = None, metrics: Metrics | None = None) -> None:
         self.root = Path(root)
@@ -42,12 +48,14 @@ class Snapshotter:
 
     def close(self) -> None:
         self.store.close()
+        self.dirs.close()
         if self.remote is not None:
             self.remote.close()
 
     # -- Prepare / View ----------------------------------------------------------------
 
     def prepare(self, key: str, parent: str, labels: dict[str, str]) -> list[Mount]:
+        validate_labels(labels)
         facts = self.store.parent_facts(parent) if parent else None  # read once, used thrice
         lineage = self._lineage(parent, labels, facts)
         if self.remote is not None and SNAPSHOT_REF_LABEL in labels:
@@ -55,6 +63,7 @@ class Snapshotter:
         return self._create(key, parent, Kind.ACTIVE, labels, lineage, facts)
 
     def view(self, key: str, parent: str, labels: dict[str, str]) -> list[Mount]:
+        validate_labels(labels)
         facts = self.store.parent_facts(parent) if parent else None
         return self._create(key, parent, Kind.VIEW, labels, None, facts)
 
@@ -72,10 +81,15 @@ class Snapshotter:
         # store.create, which re-checks everything inside the transaction.
         root_attrs = self._root_attributes(facts) if facts is not None and facts.kind == Kind.COMMITTED else None
 
-        def make_dirs(snapshot_id: int, lowers: tuple[Lower, ...]) -> None:
-            self.dirs.create(snapshot_id, kind, root_attrs if lowers else None)
+        stale: list[Doomed] = []
 
-        created = self.store.create(key, parent, kind, labels, make_dirs, lineage)
+        def make_dirs(snapshot_id: int, lowers: tuple[Lower, ...]) -> None:
+            self.dirs.create(snapshot_id, kind, root_attrs if lowers else None, stale)
+
+        try:
+            created = self.store.create(key, parent, kind, labels, make_dirs, lineage)
+        finally:
+            self._delete(stale)
         self._count("snapshots", kind.filter_name)
         return self.dirs.mounts(created.snapshot)
 
@@ -169,23 +183,37 @@ class Snapshotter:
                 raise Unavailable(f"snapshot {key!r}: repository directory {lower.source} is gone")
 
     def commit(self, name: str, key: str, labels: dict[str, str]) -> None:
+        validate_labels(labels)
         snapshot_id, kind, _ = self.store.lookup(key)
         # Measure outside the transaction: a big upper dir takes a while to walk.
         usage = disk_usage(self.dirs.fs_dir(snapshot_id)) if kind == Kind.ACTIVE else Usage(0, 0)
-        if kind == Kind.ACTIVE:
-            # Before the row says "committed": a committed snapshot always has its link.
-            # Should the commit fail, an active snapshot keeps a harmless link until Remove.
-            self.dirs.link_committed(snapshot_id)
-        self.store.commit(name, key, labels, usage)
+        # The link is made in the commit's transaction, before the row says "committed":
+        # a committed snapshot always has its link. Should the commit fail, the active
+        # snapshot keeps a harmless link until Remove.
+        self.store.commit(name, key, labels, usage, self.dirs.link_committed)
 
     def remove(self, key: str) -> None:
-        snapshot_id, _ = self.store.remove(key)
-        self.dirs.remove(snapshot_id)
+        detached: list[Doomed] = []
+        try:
+            self.store.remove(key, lambda snapshot_id: self.dirs.detach(snapshot_id, detached))
+        except BaseException:
+            self.dirs.reattach(detached)  # the row is still there: give it its dir back
+            raise
+        self._delete(detached)
+
+    def _delete(self, doomed: list[Doomed]) -> list[tuple[str, Exception]]:
+        """Delete doomed entries; a failure is logged and left to the next Cleanup (as
+        containerd does: the snapshot is gone, its directory is garbage)."""
+        failures = self.dirs.delete(doomed)
+        for path, error in failures:
+            log.warning("could not remove %s (Cleanup retries): %s", path, error)
+        return failures
 
     def stat(self, key: str) -> Info:
         return self.store.stat(key)
 
     def update(self, info: Info, fieldpaths: Sequence[str]) -> Info:
+        validate_labels(info.labels)
         return self.store.update(info.name, info.labels, fieldpaths)
 
     def walk(self, filters: Sequence[str]) -> list[Info]:
@@ -202,11 +230,17 @@ class Snapshotter:
         return disk_usage(self.dirs.fs_dir(snapshot_id))
 
     def cleanup(self) -> None:
-        removed = self.dirs.cleanup(self.store.all_ids())
-        if removed:
-            log.info("cleanup removed %d orphaned entries", len(removed))
-
-
+        # Decided and renamed away under the write lock, deleted after it (see fs.py).
+        doomed: list[Doomed] = []
+        try:
+            self.store.with_all_ids_locked(lambda ids: self.dirs.doom_orphans(ids, doomed))
+        finally:
+            failures = self._delete(doomed)  # even after a failure midway: they are orphans
+        if len(doomed) > len(failures):
+            log.info("cleanup removed %d orphaned entries", len(doomed) - len(failures))
+        if failures:
+            path, error = failures[0]
+            raise CleanupIncomplete(f"could not remove {len(failures)} orphaned entries, e.g. {path}: {error}")
 
 
 def remote_snapshot_name(ref: str, parent: str) -> str:

@@ -11,13 +11,19 @@
 Several filter strings are OR-ed; the selectors inside one string are AND-ed.
 A selector without operator tests for presence. This module knows nothing of
 snapshots: `match` takes a callable mapping a field path to (value, present).
+
+`~=` patterns are RE2 (Go's regexp syntax, what containerd uses): matching takes linear
+time, so no pattern can hold the process (Python's `re` backtracks, and holds the GIL while
+it does: one `(a+)+$` froze every RPC). A pattern RE2 rejects is a syntax error here,
+where containerd would log it and match nothing.
 """
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
+
+import re2
 
 Lookup = Callable[[Sequence[str]], tuple[str, bool]]
 
@@ -36,7 +42,7 @@ class Selector:
     fieldpath: tuple[str, ...]
     operator: str = PRESENT
     value: str = ""
-    regex: re.Pattern[str] | None = field(default=None, compare=False)
+    regex: Any = field(default=None, compare=False)  # compiled RE2 pattern for "~="
 
     def matches(self, lookup: Lookup) -> bool:
         value, present = lookup(self.fieldpath)
@@ -116,13 +122,17 @@ class _Parser:
             return Selector(tuple(path))
         op = self.operator()
         value = self.value(allow_alt_quotes=op == MATCHES)
-        regex = None
-        if op == MATCHES:
-            try:
-                regex = re.compile(value)
-            except re.error:
-                regex = None  # containerd logs and never matches
+        regex = self._regex(value) if op == MATCHES else None
         return Selector(tuple(path), op, value, regex)
+
+    def _regex(self, pattern: str) -> Any:
+        options = re2.Options()
+        options.log_errors = False  # RE2 would print to stderr; we raise instead
+        try:
+            return re2.compile(pattern, options)
+        except re2.error as e:
+            detail = e.args[0].decode(errors="replace") if e.args and isinstance(e.args[0], bytes) else str(e)
+            raise self._error(f"invalid regular expression {pattern!r}: {detail}") from None
 
     def fieldpath(self) -> list[str]:
         path = [self.field()]

@@ -14,8 +14,12 @@ committed. Mounts are performed by containerd, never here.
 
 from __future__ import annotations
 
+import fcntl
+import logging
 import os
 import stat
+import threading
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,7 +28,22 @@ from cvmfs_common.layout import remove_tree
 from .model import Kind, Mount, Snapshot, Usage
 
 _NEW_PREFIX = "new-"
-_REMOVED_PREFIX = "rm-"
+_DOOMED_PREFIX = "rm-"
+LOCK_FILE = "lock"
+
+log = logging.getLogger(__name__)
+
+
+class RootInUse(RuntimeError):
+    """Another process serves from the same root directory."""
+
+
+@dataclass(frozen=True)
+class Doomed:
+    """An entry renamed to an rm-* name, to be deleted by whoever holds it."""
+
+    path: str
+    origin: str  # where it was (to put it back when the transaction fails)
 
 
 def overlay_supports_index() -> bool:
@@ -43,9 +62,24 @@ class SnapshotDirs:
         self.links = self.root / "l"
         for d in (self.root, self.snapshots, self.links):
             d.mkdir(mode=0o700 if d == self.root else 0o755, parents=True, exist_ok=True)
+        # One process per root: Cleanup tells a crash's rm-* leftovers from the ones a
+        # live Remove is deleting by the claims of this process, so there must be no other.
+        self._lock_fd = os.open(self.root / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self._lock_fd)
+            raise RootInUse(f"another cvmfs-snapshotter is using the root directory {self.root}") from None
+        self._claimed: set[str] = set()  # rm-* names some thread of ours is deleting
+        self._claims_lock = threading.Lock()
         # str() of a Path is not free; mount options name up to hundreds of lowers.
         self._snapshots_str = str(self.snapshots)
         self._links_str = str(self.links)
+
+    def close(self) -> None:
+        if self._lock_fd >= 0:
+            os.close(self._lock_fd)
+            self._lock_fd = -1
 
     # -- paths ----------------------------------------------------------------------
 
@@ -63,16 +97,24 @@ class SnapshotDirs:
         return source if source is not None else self.fs_dir(snapshot_id)
 
     # -- creation and removal --------------------------------------------------------
+    #
+    # Every name under snapshots/ and l/ is created, renamed or given up only inside the
+    # store's write transaction (the callers run these methods from it): a Cleanup, which
+    # decides in such a transaction too, then sees rows and names that agree. Only the
+    # contents of "doomed" entries (renamed to rm-*, owned by the one caller that doomed
+    # or claimed them) are deleted outside, where it may take long.
 
-    def create(self, snapshot_id: int, kind: Kind, root_attrs: tuple[int, int, int] | None) -> None:
+    def create(
+        self, snapshot_id: int, kind: Kind, root_attrs: tuple[int, int, int] | None, doomed: list[Doomed]
+    ) -> None:
         """Create <id>/fs (and work) under a temporary name, then rename into place,
-        so a crash never leaves a half-made snapshot dir under its final name."""
+        so a crash never leaves a half-made snapshot dir under its final name. What a
+        crash had left under these names is added to `doomed`: the caller deletes it."""
         final = self.snapshots / str(snapshot_id)
-        if final.exists():  # left by a crash before its row was committed: never in use
-            remove_tree(final)
         tmp = self.snapshots / f"{_NEW_PREFIX}{snapshot_id}"
-        if tmp.exists():
-            remove_tree(tmp)
+        for stale in (final, tmp):  # left by a crash before its row was committed: never in use
+            if os.path.lexists(stale):
+                doomed.append(self._doom(str(stale)))
         tmp.mkdir(mode=0o700)
         fs = tmp / "fs"
         fs.mkdir(mode=0o755)
@@ -106,32 +148,76 @@ class SnapshotDirs:
         os.symlink(target, tmp)
         os.rename(tmp, link)
 
-    def remove(self, snapshot_id: int) -> None:
-        """Remove a snapshot's dirs after its row is gone (a crash here leaves an orphan
-        that Cleanup removes)."""
-        try:
-            os.unlink(self.link(snapshot_id))
-        except FileNotFoundError:
-            pass
-        final = self.snapshots / str(snapshot_id)
-        if not final.exists():
-            return
-        doomed = self.snapshots / f"{_REMOVED_PREFIX}{snapshot_id}"
-        os.rename(final, doomed)
-        remove_tree(doomed)
+    def detach(self, snapshot_id: int, doomed: list[Doomed]) -> None:
+        """Doom a snapshot's link and dir into `doomed` (its row is being deleted in the
+        same transaction); `reattach` undoes this should that transaction fail."""
+        for path in (self.link(snapshot_id), f"{self._snapshots_str}/{snapshot_id}"):
+            if os.path.lexists(path):
+                doomed.append(self._doom(path))
 
-    def cleanup(self, known_ids: set[int]) -> list[str]:
-        """Remove every directory and link no snapshot owns; returns what was removed."""
-        removed = []
-        for entry in os.scandir(self.snapshots):
+    def reattach(self, doomed: list[Doomed]) -> None:
+        for d in doomed:
+            try:
+                os.rename(d.path, d.origin)
+            except OSError as e:  # the next Cleanup deletes it; the row is then without dir
+                log.error("could not put %s back to %s: %s", d.path, d.origin, e)
+            self._release(d)
+
+    def doom_orphans(self, known_ids: set[int], doomed: list[Doomed]) -> None:
+        """Doom every entry no snapshot owns. Must run in the store's write transaction
+        with `known_ids` read in it: no creation is then half done, so a `new-*` dir, a
+        dir or link whose id has no row, an unowned `rm-*` is a crash's (or an earlier
+        failed deletion's) leftover. `rm-*` entries a live Remove/Cleanup owns are skipped.
+        Adds to `doomed` as it goes: the caller deletes them even after a failure midway."""
+        with os.scandir(self.snapshots) as it:
+            entries = list(it)
+        for entry in entries:
+            if entry.name.isdigit() and int(entry.name) in known_ids:
+                continue
+            if entry.name.startswith(_DOOMED_PREFIX):
+                with self._claims_lock:
+                    if entry.name in self._claimed:
+                        continue  # being deleted by its owner
+                    self._claimed.add(entry.name)
+                doomed.append(Doomed(entry.path, entry.path))
+            else:
+                doomed.append(self._doom(entry.path))
+        with os.scandir(self.links) as it:
+            entries = list(it)
+        for entry in entries:
             if not (entry.name.isdigit() and int(entry.name) in known_ids):
-                remove_tree(Path(entry.path))
-                removed.append(entry.path)
-        for entry in os.scandir(self.links):
-            if not (entry.name.isdigit() and int(entry.name) in known_ids):
-                os.unlink(entry.path)
-                removed.append(entry.path)
-        return removed
+                doomed.append(self._doom(entry.path))
+
+    def delete(self, doomed: list[Doomed]) -> list[tuple[str, Exception]]:
+        """Delete doomed entries (outside any transaction); returns the failures, which
+        stay as unowned rm-* entries for the next Cleanup."""
+        failures = []
+        for d in doomed:
+            try:
+                remove_tree(Path(d.path))
+            except Exception as e:  # noqa: BLE001 - reported by the caller, retried by Cleanup
+                failures.append((d.path, e))
+            finally:
+                self._release(d)
+        return failures
+
+    def _doom(self, path: str) -> Doomed:
+        """Rename `path` to a unique rm-* name under snapshots/ owned by the caller.
+        Unique, because an id that never committed is handed out again after a crash."""
+        name = f"{_DOOMED_PREFIX}{os.path.basename(path)}-{uuid.uuid4().hex[:12]}"
+        with self._claims_lock:
+            self._claimed.add(name)
+        doomed = Doomed(f"{self._snapshots_str}/{name}", path)
+        try:
+            os.rename(path, doomed.path)
+        except BaseException:
+            self._release(doomed)
+            raise
+        return doomed
+
+    def _release(self, d: Doomed) -> None:
+        with self._claims_lock:
+            self._claimed.discard(os.path.basename(d.path))
 
     # -- mounts ----------------------------------------------------------------------
 
@@ -152,23 +238,71 @@ class SnapshotDirs:
 
 
 def disk_usage(path: str) -> Usage:
-    """Like containerd's fs.DiskUsage: blocks of each inode counted once, root included."""
+    """Like containerd's fs.DiskUsage: blocks of each inode counted once, root included.
+
+    Walks fd-relative with one open directory at a time and no recursion: a container
+    can build a tree far deeper than the recursion limit, and its paths exceed PATH_MAX."""
     seen: set[int] = set()
     size = 0
-    stack = [path]
-    while stack:
-        current = stack.pop()
-        try:
-            st = os.lstat(current)
-        except FileNotFoundError:
-            continue
+
+    def count(st: os.stat_result) -> None:
+        nonlocal size
         if st.st_ino not in seen:
             seen.add(st.st_ino)
             size += st.st_blocks * 512
-        if stat.S_ISDIR(st.st_mode):
+
+    try:
+        top = os.lstat(path)
+    except FileNotFoundError:
+        return Usage(0, 0)
+    count(top)
+    if stat.S_ISDIR(top.st_mode):
+        _walk_dirs(path, top, count)
+    return Usage(size=size, inodes=len(seen))
+
+
+def _open_dir(name: str, dir_fd: int | None = None) -> int:
+    return os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+
+
+def _walk_dirs(path: str, top: os.stat_result, visit) -> None:
+    """`visit(lstat)` for every entry below `path`, depth first; climbs back with "..",
+    checking it is the directory it came from."""
+    fd = _open_dir(path)
+    try:
+        frames = [(top, _scan(fd, visit))]  # per level: its stat, its subdirs still to visit
+        while frames:
+            _, subdirs = frames[-1]
+            if subdirs:
+                try:
+                    child = _open_dir(subdirs.pop(), dir_fd=fd)
+                except (FileNotFoundError, NotADirectoryError):  # gone or replaced meanwhile
+                    continue
+                os.close(fd)
+                fd = child
+                frames.append((os.fstat(fd), _scan(fd, visit)))
+                continue
+            frames.pop()
+            if frames:
+                parent = _open_dir("..", dir_fd=fd)
+                os.close(fd)
+                fd = parent
+                st, expected = os.fstat(fd), frames[-1][0]
+                if (st.st_dev, st.st_ino) != (expected.st_dev, expected.st_ino):
+                    raise OSError(f"{path}: a directory was moved while its usage was measured")
+    finally:
+        os.close(fd)
+
+
+def _scan(fd: int, visit) -> list[str]:
+    subdirs = []
+    with os.scandir(fd) as it:
+        for entry in it:
             try:
-                with os.scandir(current) as it:
-                    stack.extend(entry.path for entry in it)
+                st = entry.stat(follow_symlinks=False)
             except FileNotFoundError:
                 continue
-    return Usage(size=size, inodes=len(seen))
+            visit(st)
+            if stat.S_ISDIR(st.st_mode):
+                subdirs.append(entry.name)
+    return subdirs

@@ -124,6 +124,19 @@ class RemoteLayers:
             return Path(source).is_dir()
         return repo.is_dir(source)
 
+    def warn_about_missing_roots(self) -> None:
+        """Log each repository root that is not there (yet): an autofs /cvmfs mounts on
+        first access and a repository may be published later, so this never refuses."""
+        for repo in self.repositories:
+            try:
+                present = repo.is_dir(str(repo.root))
+            except RepositoryUnavailable as e:
+                log.warning("repository %s: %s; layers are pulled normally while it does not answer", repo.root, e)
+                continue
+            if not present:
+                log.warning("repository %s does not exist (yet); layers are pulled normally until it appears",
+                            repo.root)
+
     def close(self) -> None:
         for r in self.repositories:
             r.close()

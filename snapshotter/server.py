@@ -71,7 +71,13 @@ def serve(cfg: ServeConfig, snapshotter: Snapshotter, metrics: Metrics) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    server.start()
+    # The socket is created by start(): with this umask it is 0660 from its first moment
+    # (a client may connect before the chmod below would run).
+    old_umask = os.umask(0o117)
+    try:
+        server.start()
+    finally:
+        os.umask(old_umask)
     os.chmod(cfg.address, 0o660)
     log.info("serving containerd snapshots on %s (root %s)", cfg.address, cfg.root)
     stop.wait()

@@ -34,7 +34,8 @@ _STATUS = {
     errors.Unavailable: grpc.StatusCode.UNAVAILABLE,
 }
 
-LIST_BATCH = 100  # infos per List message, as containerd's own service sends them
+LIST_BATCH = 100  # at most this many infos per List message, as containerd's own service sends them
+LIST_BATCH_BYTES = 1 << 20  # and about this many bytes: well under gRPC's default 4 MiB limit
 
 
 def _mounts(mounts: list[Mount]) -> list[mount_pb2.Mount]:
@@ -46,6 +47,23 @@ def info_to_pb(info: Info) -> pb.Info:
     msg.created_at.FromNanoseconds(info.created_ns)
     msg.updated_at.FromNanoseconds(info.updated_ns)
     return msg
+
+
+def list_batches(infos: list[Info]) -> Iterator[list[pb.Info]]:
+    """Infos in batches of at most LIST_BATCH entries and LIST_BATCH_BYTES serialized bytes
+    (an info larger than that on its own goes alone: it cannot be split)."""
+    batch: list[pb.Info] = []
+    size = 0
+    for info in infos:
+        msg = info_to_pb(info)
+        n = msg.ByteSize() + 6  # the repeated field's tag and length prefix
+        if batch and (len(batch) >= LIST_BATCH or size + n > LIST_BATCH_BYTES):
+            yield batch
+            batch, size = [], 0
+        batch.append(msg)
+        size += n
+    if batch:
+        yield batch
 
 
 def _namespace(context: grpc.ServicerContext) -> str:
@@ -119,8 +137,8 @@ class SnapshotsService(pb_grpc.SnapshotsServicer):
 
     def List(self, request, context) -> Iterator[pb.ListSnapshotsResponse]:  # noqa: N802
         infos = self._call("List", context, ",".join(request.filters), lambda: self.sn.walk(list(request.filters)))
-        for i in range(0, len(infos), LIST_BATCH):
-            yield pb.ListSnapshotsResponse(info=[info_to_pb(x) for x in infos[i : i + LIST_BATCH]])
+        for batch in list_batches(infos):
+            yield pb.ListSnapshotsResponse(info=batch)
 
     def Usage(self, request, context):  # noqa: N802
         usage = self._call("Usage", context, request.key, lambda: self.sn.usage(request.key))

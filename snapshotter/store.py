@@ -12,11 +12,13 @@ import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterator, Sequence, TypeVar
 
 from .errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from .filters import EQUAL, Filter, Selector
 from .model import Info, Kind, Lower, Snapshot, Usage
+
+T = TypeVar("T")
 
 SCHEMA_VERSION = 1
 STACK_CACHE_SIZE = 256  # lower stacks of committed snapshots kept in memory
@@ -141,8 +143,12 @@ class Store:
         except BaseException:
             db.execute("ROLLBACK")
             raise
-        else:
+        try:
             db.execute("COMMIT")
+        except BaseException:
+            if db.in_transaction:  # e.g. an I/O error: never leave the connection mid-transaction
+                db.execute("ROLLBACK")
+            raise
 
     def close(self) -> None:
         conn = getattr(self._local, "conn", None)
@@ -291,8 +297,11 @@ class Store:
             raise NotFound(f"snapshot {key!r} does not exist")
         return row[0], Kind(row[1]), Usage(row[2], row[3])
 
-    def commit(self, name: str, key: str, labels: dict[str, str], usage: Usage) -> int:
-        """Turn active `key` into committed `name`; labels are replaced, not inherited."""
+    def commit(
+        self, name: str, key: str, labels: dict[str, str], usage: Usage, make_link: Callable[[int], None]
+    ) -> int:
+        """Turn active `key` into committed `name`; labels are replaced, not inherited.
+        `make_link(id)` runs inside the transaction, once the commit is known to be valid."""
         if not name:
             raise InvalidArgument("commit name must not be empty")
         with self._tx() as db:
@@ -301,6 +310,7 @@ class Store:
                 raise FailedPrecondition(f"snapshot {key!r} is not active")
             if db.execute("SELECT 1 FROM snapshots WHERE key = ?", (name,)).fetchone():
                 raise AlreadyExists(f"snapshot {name!r} already exists")
+            make_link(snapshot_id)
             now = _now_ns()
             db.execute(
                 "UPDATE snapshots SET key = ?, kind = ?, created = ?, updated = ?, size = ?, inodes = ?"
@@ -310,13 +320,16 @@ class Store:
             self._set_labels(db, snapshot_id, labels)
         return snapshot_id
 
-    def remove(self, key: str) -> tuple[int, Kind]:
+    def remove(self, key: str, detach: Callable[[int], None]) -> tuple[int, Kind]:
+        """Delete a snapshot's row; `detach(id)` runs inside the transaction (it gives
+        up the snapshot's directory names, which Cleanup then never sees row-less)."""
         with self._tx() as db:
             snapshot_id, kind, _ = self._row(db, key)
             if db.execute("SELECT 1 FROM snapshots WHERE parent_id = ? LIMIT 1", (snapshot_id,)).fetchone():
                 raise FailedPrecondition(f"cannot remove snapshot {key!r}: it has children")
             db.execute("DELETE FROM labels WHERE snapshot_id = ?", (snapshot_id,))
             db.execute("DELETE FROM snapshots WHERE id = ?", (snapshot_id,))
+            detach(snapshot_id)
         return snapshot_id, Kind(kind)
 
     def stat(self, key: str) -> Info:
@@ -388,9 +401,11 @@ class Store:
             ids.update(_ids_for(db, selector))
         return ids
 
-    def all_ids(self) -> set[int]:
-        with self._tx(write=False) as db:
-            return {row[0] for row in db.execute("SELECT id FROM snapshots")}
+    def with_all_ids_locked(self, fn: Callable[[set[int]], T]) -> T:
+        """`fn(every snapshot id)` inside a write transaction: no snapshot is created or
+        removed until it returns (as containerd's overlay snapshotter scans for Cleanup)."""
+        with self._tx() as db:
+            return fn({row[0] for row in db.execute("SELECT id FROM snapshots")})
 
 
 def _indexable(s: Selector) -> bool:

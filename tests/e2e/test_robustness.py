@@ -17,6 +17,7 @@ from tests.e2e.repo_writer import publish_layers
 from tests.e2e.test_remote_layers import SNAPSHOTTER_BIN, cvmfs_pull
 from tests.fixtures.tree import LISTING_COMMAND, compare_trees, parse_listing
 from tests.fixtures.workdirs import new_workdir
+from tests.snapshotter.deep_tree import remove_everything
 
 pytestmark = pytest.mark.e2e
 
@@ -104,3 +105,40 @@ def test_containerd_restart_under_running_snapshotter(registry, standard_images,
         out = cd.run(img.ref, *LISTING_COMMAND).stdout
         assert not compare_trees(img.tree, parse_listing(out))
     assert sn.running
+
+
+DEEP = 5000  # levels; 1 500 already broke the recursive rmtree
+
+
+def test_container_with_a_5000_level_tree_is_removed_and_cleaned_up(registry, standard_images,
+                                                                     snapshotter_factory, containerd_factory):
+    """A container builds a 5000-level tree in its upper dir; containerd removes the
+    container and (GC) its snapshot, then our Cleanup: every step succeeds, nothing is left."""
+    img = standard_images.multilayer
+    sn = snapshotter_factory()
+    cd = containerd_factory(sn.address)
+    cd.pull(img.ref)
+    # Built bottom-up by moving the chain one level down each time: paths stay short
+    # (a shell's `cd` down the chain needs getcwd and PATH_MAX-long names).
+    script = (f"mkdir d; i=1; while [ $i -lt {DEEP} ]; do mkdir n && mv d n/ && mv n d || exit 1; i=$((i+1)); done;"
+              " echo depth $i")
+    try:
+        out = cd.run(img.ref, "/bin/sh", "-c", script, container_id="deep").stdout
+        assert f"depth {DEEP}" in out
+        # The container is gone; GC (synchronous with --sync) removes every snapshot from
+        # our backend through Remove, then calls Cleanup.
+        cd.ctr("image", "rm", "--sync", img.ref)
+        keys, dirs, links = backend_state(sn)
+        assert keys == set(), f"Remove did not remove {keys}"
+        with grpc.insecure_channel(f"unix:{sn.address}") as ch:
+            pb_grpc.SnapshotsStub(ch).Cleanup(pb.CleanupRequest(), timeout=300)
+        keys, dirs, links = backend_state(sn)
+        assert dirs == set() and links == set(), (dirs, links)
+        assert "Traceback" not in sn.log(), sn.log()[-3000:]
+    finally:
+        # Leave nothing that the fixtures' (recursive) clean-up cannot remove.
+        for entry in os.scandir(sn.root / "snapshots"):
+            try:
+                remove_everything(entry.path)
+            except FileNotFoundError:  # removed meanwhile by containerd's GC
+                pass

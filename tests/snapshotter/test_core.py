@@ -8,6 +8,7 @@ import pytest
 from snapshotter.core import Snapshotter
 from snapshotter.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from snapshotter.model import Kind
+from tests.snapshotter.deep_tree import make_chain, remove_everything
 
 
 @pytest.fixture
@@ -163,6 +164,7 @@ def test_cleanup_removes_orphans_only(sn):
     committed(sn, "a")
     (sn.root / "snapshots" / "77").mkdir()
     (sn.root / "snapshots" / "new-78").mkdir()
+    (sn.root / "snapshots" / "rm-79-0123456789ab" / "fs").mkdir(parents=True)  # a Remove's, killed mid-delete
     os.symlink("../snapshots/77/fs", sn.root / "l" / "77")
     sn.cleanup()
     assert os.listdir(sn.root / "snapshots") == ["1"]
@@ -188,3 +190,100 @@ def test_orphan_dir_with_next_id_is_replaced(sn):
     (stale / "junk").write_text("x")
     (m,) = sn.prepare("k", "", {})
     assert os.listdir(m.source) == []
+
+
+def test_cleanup_leaves_a_live_removal_alone(sn, monkeypatch):
+    """A Remove deleting its (renamed) dir outside the lock while a Cleanup runs: the
+    Cleanup must neither delete it under the Remove's feet nor fail."""
+    import threading
+
+    import snapshotter.fs as fs_module
+
+    sn.prepare("k", "", {})
+    started, release = threading.Event(), threading.Event()
+    real_remove_tree = fs_module.remove_tree
+    deleting: list[str] = []
+
+    def slow_remove_tree(path):
+        deleting.append(os.path.basename(path))
+        started.set()
+        assert release.wait(30)
+        real_remove_tree(path)
+
+    monkeypatch.setattr(fs_module, "remove_tree", slow_remove_tree)
+    remover = threading.Thread(target=sn.remove, args=("k",))
+    remover.start()
+    assert started.wait(30)
+    monkeypatch.setattr(fs_module, "remove_tree", real_remove_tree)
+    assert deleting[0].startswith("rm-1-")
+    sn.cleanup()  # sees rm-1-… owned by the Remove: skips it
+    assert os.listdir(sn.root / "snapshots") == deleting
+    release.set()
+    remover.join(30)
+    assert os.listdir(sn.root / "snapshots") == []
+
+
+def test_failed_deletion_is_retried_by_cleanup(sn, monkeypatch):
+    import snapshotter.fs as fs_module
+    from snapshotter.core import CleanupIncomplete
+
+    sn.prepare("k", "", {})
+    real_remove_tree = fs_module.remove_tree
+
+    def failing(path):
+        raise OSError(5, "Input/output error", str(path))
+
+    monkeypatch.setattr(fs_module, "remove_tree", failing)
+    sn.remove("k")  # the snapshot is gone; its dir is left as an rm-* entry
+    with pytest.raises(NotFound):
+        sn.stat("k")
+    (left,) = os.listdir(sn.root / "snapshots")
+    assert left.startswith("rm-1-")
+    with pytest.raises(CleanupIncomplete, match="could not remove 1 orphaned entries"):
+        sn.cleanup()
+    monkeypatch.setattr(fs_module, "remove_tree", real_remove_tree)
+    sn.cleanup()
+    assert os.listdir(sn.root / "snapshots") == []
+
+
+def test_one_process_per_root(tmp_path):
+    from snapshotter.fs import RootInUse
+
+    first = Snapshotter(tmp_path / "root")
+    with pytest.raises(RootInUse, match="another cvmfs-snapshotter is using"):
+        Snapshotter(tmp_path / "root")
+    first.close()
+    Snapshotter(tmp_path / "root").close()
+
+
+def test_usage_of_a_5000_level_tree(sn):
+    (m,) = sn.prepare("k", "", {})
+    make_chain(m.source, 5000)
+    try:
+        usage = sn.usage("k")
+        assert usage.inodes == 1 + 5000 + 1  # the root, the dirs, the file
+        assert usage.size >= 10_000
+        sn.commit("c", "k", {})  # measures the same way
+        assert sn.usage("c") == usage
+    finally:
+        remove_everything(os.path.join(m.source, "d"))  # pytest's own clean-up recurses
+
+
+def test_failed_remove_transaction_gives_the_snapshot_its_dir_back(sn, monkeypatch):
+    committed(sn, "a", content={"f": "x"})
+    real_detach = sn.dirs.detach
+
+    def detach_then_fail(snapshot_id, doomed):
+        real_detach(snapshot_id, doomed)
+        raise OSError(28, "No space left on device")  # the transaction rolls back
+
+    monkeypatch.setattr(sn.dirs, "detach", detach_then_fail)
+    with pytest.raises(OSError):
+        sn.remove("a")
+    monkeypatch.undo()
+    assert sn.stat("a").name == "a"
+    assert Path(sn.root / "l" / "1" / "f").read_text() == "x"  # link and dir are back
+    assert sorted(os.listdir(sn.root / "snapshots")) == ["1"]
+    sn.cleanup()
+    (m,) = sn.view("v", "a", {})
+    assert Path(m.source, "f").read_text() == "x"

@@ -63,3 +63,17 @@ def test_presence_on_empty_labels_is_false():
 def test_syntax_errors(bad):
     with pytest.raises(FilterSyntaxError):
         parse_all([bad])
+
+
+@pytest.mark.parametrize("pattern", ["(", "a{1001}", "(?=x)", "\\1(a)", "a**"])
+def test_patterns_re2_rejects_are_syntax_errors(pattern):
+    with pytest.raises(FilterSyntaxError, match="invalid regular expression"):
+        parse_all([f"name~={pattern!r}".replace("'", '"')])
+
+
+def test_regex_matching_takes_linear_time():
+    # Python's re needs ~2^n steps for this; RE2 answers at once (bounded in the
+    # process test; here only the semantics: no match, and a match where one exists).
+    flt = parse_all(['labels.a~="(a+)+$"'])
+    assert flt.matches(lookup_for({}, {"a": "a" * 4000 + "b"})) is False
+    assert flt.matches(lookup_for({}, {"a": "b" + "a" * 4000})) is True
