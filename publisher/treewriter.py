@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import errno
 import os
-import shutil
 import stat
 import tarfile
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from cvmfs_common.fdtree import remove_tree_at
 
 from .layererrors import HostileLayerError, LayerError
 from .lowers import LowerEntry, LowerView
@@ -471,7 +472,7 @@ class TreeWriter:
         """Remove an earlier entry a new one replaces; True if it was our whiteout device."""
         if stat.S_ISDIR(st.st_mode):
             self._forget_below(parts)
-            shutil.rmtree(name, dir_fd=parent_fd)
+            remove_tree_at(parent_fd, name)
         else:
             os.unlink(name, dir_fd=parent_fd)
         if parts in self._wh_devices:
