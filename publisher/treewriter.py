@@ -137,7 +137,7 @@ class TreeWriter:
         if self.entries > self.limits.max_entries:
             raise self.hostile(f"more than {self.limits.max_entries} entries")
         try:
-            parts = member_parts(member.name, self.limits.max_path_length)
+            parts = member_parts(member.name, self.limits.max_member_name)
         except UnsafePath as exc:
             raise self.hostile(str(exc)) from None
         times = member_times_ns(member)
@@ -269,7 +269,7 @@ class TreeWriter:
 
     def _hardlink(self, parts: Parts, member: tarfile.TarInfo) -> None:
         try:
-            target = member_parts(member.linkname, self.limits.max_path_length)
+            target = member_parts(member.linkname, self.limits.max_member_name)
         except UnsafePath as exc:
             raise self.hostile(f"hard link target {member.linkname!r}: {exc}") from None
         if not target:
