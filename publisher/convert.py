@@ -197,8 +197,11 @@ class Converter:
             if (known is not None and known.published and known.top_digest == head
                     and known.platform_dir == placement.platform_dir
                     and placement.layout.manifest_json(key.registry, key.repository, key.tag).is_file()):
-                self.state.touch_tag(key, placement.platform_dir, target.entry_id)
-                return ItemResult(target.name, "unchanged", seconds=time.monotonic() - started)
+                damage = self._damage(known.manifest_digest)
+                if damage is None:
+                    self.state.touch_tag(key, placement.platform_dir, target.entry_id)
+                    return ItemResult(target.name, "unchanged", seconds=time.monotonic() - started)
+                log.warning("%s: %s; publishing it again", target.name, damage)
             image = self._resolve(target, head)
             if image is None:
                 self.state.record_absent(key, placement.platform_dir, target.entry_id, head)
@@ -235,6 +238,18 @@ class Converter:
         detail = f"{image.manifest_digest[:19]}, {n} layer{'' if n == 1 else 's'}"
         return ItemResult(target.name, outcome, detail, published.layers_fetched,
                           published.bytes_fetched + len(config_bytes), time.monotonic() - started)
+
+    def _damage(self, manifest_digest: str | None) -> str | None:
+        """What of a published image's content is not there (a layer dir without
+        layerfs/ or layers.json, a chain dir gone), or None: a few stats per image."""
+        for layer in self.state.image_layers(manifest_digest or ""):
+            for what, path in ((f"layer {layer.digest}", self.layout.layerfs(layer.digest)),
+                               (f"chain {layer.chain_id}", self.layout.chain_dir(layer.chain_id))):
+                if not path.is_dir():
+                    return f"{what}: {os.path.relpath(path, self.layout.root)} is missing"
+            if not self.layout.layers_json(layer.digest).is_file():
+                return f"layer {layer.digest}: its layers.json is missing"
+        return None
 
     def _resolve(self, target: Target, head: str) -> ResolvedImage | None:
         """The image for the platform, read by the digest the HEAD returned (so a tag
