@@ -27,8 +27,7 @@ from cvmfs_common.layout import (CHAINS_DIR, FLAT_DIR, LAYERFS, LAYERS_DIR, LAYE
 from . import podman_format as fmt
 from .gc import placement, podman_name_choices
 from .image import CONFIG_JSON
-from .lockwait import exclusive_waiting
-from .runlock import lock_path_for
+from .lockwait import run_locks_waiting
 from .state import LayerRecord, State, TagRecord
 
 log = logging.getLogger(__name__)
@@ -288,7 +287,7 @@ def _scandir(path: Path) -> list[os.DirEntry]:
 def check(root: Path, state_db: Path, *, podman: bool = True, lock_wait: float = 0.0) -> CheckReport:
     started = time.monotonic()
     layout = RepositoryLayout(root)
-    with exclusive_waiting(lock_path_for(state_db), lock_wait), State.open(state_db, root) as state:
+    with run_locks_waiting(state_db, root, lock_wait), State.open(state_db, root) as state:
         report = _Checker(layout, state, podman).run()
     report.seconds = time.monotonic() - started
     return report

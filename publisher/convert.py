@@ -28,7 +28,7 @@ from .backend import Backend
 from .image import ImagePublisher, Placement
 from .ingest import LayerIngester
 from .progress import ItemResult, Progress, Summary
-from .runlock import exclusive, lock_path_for
+from .runlock import exclusive, exclusive_repository, lock_path_for
 from .state import State, TagKey
 from .wishlist import WishlistEntry
 
@@ -291,7 +291,7 @@ def convert(entries: Sequence[WishlistEntry], default_platform: Platform | None,
     layout = RepositoryLayout(root)
     backend = backend or Backend(root)
     options = replace(options, whiteouts=backend.whiteouts)
-    with exclusive(lock_path_for(state_db)):
+    with exclusive(lock_path_for(state_db)), exclusive_repository(root):
         removed = backend.start(layout)
         if removed:
             log.info("removed %d unfinished work dirs from %s (an earlier run was interrupted)", removed,

@@ -38,9 +38,8 @@ from cvmfs_common.reference import Reference
 
 from .backend import Backend
 from .image import podman_names
-from .lockwait import exclusive_waiting
+from .lockwait import run_locks_waiting
 from .progress import human_bytes
-from .runlock import lock_path_for
 from .state import ImageRow, State, TagKey, TagRow
 
 log = logging.getLogger(__name__)
@@ -276,7 +275,7 @@ def collect(root: Path, state_db: Path, *, older_than: float, dry_run: bool, pod
     layout = RepositoryLayout(root)
     backend = backend or Backend(layout.root)
     started = time.monotonic()
-    with exclusive_waiting(lock_path_for(state_db), lock_wait), State.open(state_db, root) as state:
+    with run_locks_waiting(state_db, root, lock_wait), State.open(state_db, root) as state:
         plan = make_plan(state, time.time() if now is None else now, older_than)
         report = GcReport(plan, dry_run)
         tag_paths = []
