@@ -67,6 +67,8 @@ RESERVED_TOP_LEVEL = frozenset(
 Whiteouts = Literal["none", "overlay", "raw"]
 WHITEOUT_MODES: frozenset[str] = frozenset({"none", "overlay", "raw"})
 
+NAME_MAX = 255  # bytes in one path component (Linux file systems)
+
 _PLATFORM_PART_RE = re.compile(r"[a-z0-9_]{1,32}")
 
 
@@ -205,7 +207,14 @@ class RepositoryLayout:
         if registry.lower() in RESERVED_TOP_LEVEL:
             raise LayoutError(f"registry name collides with the layout: {registry!r}")
         validate_repository(repository)
-        return registry, repository, _check_tag(tag)
+        tag = _check_tag(tag)
+        for part in [registry, *f"{repository}:{tag}".split("/")]:
+            n = len(part.encode())
+            if n > NAME_MAX:
+                # Valid for a registry, but no file system takes it as a link or directory name.
+                raise LayoutError(f"name {part[:80]!r}... is {n} bytes: too long for a file name "
+                                  f"({NAME_MAX} bytes at most) in {registry}/{repository}:{tag[:80]}")
+        return registry, repository, tag
 
     def link_path(self, registry: str, repository: str, tag: str) -> Path:
         """``<image_root>/<registry>/<repo>:<tag>`` -- the relative symlink to .flat."""

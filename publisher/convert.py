@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from cvmfs_common.layout import RepositoryLayout
-from cvmfs_common.reference import Reference
+from cvmfs_common.reference import InvalidReference, Reference
 from cvmfs_common.registry import ManifestError, NotFound, Platform, RegistryClient, ResolvedImage
 
 from .backend import Backend
@@ -131,7 +131,7 @@ class Converter:
         globs = [(i, e) for i, e in enumerate(entries) if e.reference.is_glob]
         if globs:
             with self._pool(len(globs)) as pool:
-                futures = {i: pool.submit(self.client.expand, e.reference) for i, e in globs}
+                futures = {i: pool.submit(self._glob_tags, e) for i, e in globs}
             for i, fut in futures.items():
                 try:
                     expanded[i] = fut.result()
@@ -156,6 +156,18 @@ class Converter:
                     if key not in targets:
                         targets[key] = Target(ref, plat, plat == default, entry_id, entry.key)
         return list(targets.values())
+
+    def _glob_tags(self, entry: WishlistEntry) -> list[Reference]:
+        """The tags a glob entry matches; a tag the registry lists that is not a valid tag
+        is skipped with a warning (it cannot be pulled or linked), not the whole entry."""
+        refs = []
+        for tag in self.client.match_tags(entry.reference):
+            try:
+                refs.append(entry.reference.with_tag(tag))
+            except InvalidReference as e:
+                log.warning("%s (%s): skipping %r from the registry's tag list: %s", entry.reference.spelling,
+                            entry.source, tag[:200], e)
+        return refs
 
     def _heads(self, targets: Sequence[Target]) -> dict[tuple, str | Exception]:
         """What every tag points at now: one HEAD per tag (none for pinned digests)."""
@@ -188,6 +200,8 @@ class Converter:
         key = target.key
         placement = self._placement(target)
         try:
+            # Names the file system cannot hold fail here, before anything is fetched or written.
+            placement.layout.image_metadata_dir(key.registry, key.repository, key.tag)
             if isinstance(head, Exception):
                 raise head
             known = self.state.tag(key)

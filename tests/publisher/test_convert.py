@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,9 +15,10 @@ from cvmfs_common.layout import RepositoryLayout, read_layers_json, read_origin_
 from publisher.state import State
 from publisher.treeview import diff_trees, tree_snapshot
 from tests.fixtures.images import BuiltImage, StandardImages, host_arch
+from tests.fixtures.layers import Entry, Layer
 from tests.fixtures.tree import compare_trees
 
-from .clirun import CliResult, run_cli, write_wishlist
+from .clirun import CliResult, push_image, run_cli, run_proc, write_wishlist
 from .conftest import requires_root
 from .repotree import fs_state, observed_tree, overlay_mount
 
@@ -289,3 +291,30 @@ def test_maintenance_commands_need_their_arguments(tmp_path: Path, capsys) -> No
     for cmd in ("gc", "check"):  # test_gc.py, test_check.py
         assert run_cli(cmd, "--state-db", tmp_path / "state.db").rc == 2
         assert f"{cmd} needs --repository-root" in capsys.readouterr().err
+
+
+def test_a_glob_skips_invalid_tags_of_the_tag_list(registry, tmp_path: Path) -> None:
+    img = push_image(registry.host, tmp_path, "glob/invalid", "v1", [Layer.from_entries([Entry.file("/a", "a")])])
+    # The registry lists whatever its storage has: plant tags no client could push.
+    tags = registry.storage / "docker/registry/v2/repositories/glob/invalid/_manifests/tags"
+    for bad in ("-dash-first", "x" * 200):
+        shutil.copytree(tags / "v1", tags / bad)
+    root = tmp_path / "repo"
+    wishlist = write_wishlist(tmp_path / "w.yaml", [f"{registry.host}/glob/invalid:*"])
+    res = run_proc("convert", wishlist, "--repository-root", root, "--state-db", tmp_path / "s.db")
+    assert res.rc == 0 and "1 new" in res.stdout and "0 failed" in res.stdout, res.stdout + res.stderr
+    assert "skipping '-dash-first' from the registry's tag list" in res.stderr, res.stderr
+    assert f"skipping '{'x' * 200}'" in res.stderr
+    assert os.path.islink(RepositoryLayout(root).link_path(registry.host, "glob/invalid", img.tag))
+
+
+def test_a_name_too_long_for_the_file_system_fails_before_any_write(registry, tmp_path: Path) -> None:
+    name, tag = "long/" + "n" * 200, "t" * 100  # "<repo>:<tag>" is one 301-byte file name
+    push_image(registry.host, tmp_path, name, tag, [Layer.from_entries([Entry.file("/a", "a")])])
+    root = tmp_path / "repo"
+    res = run_proc("convert-image", f"{registry.host}/{name}:{tag}", "--repository-root", root,
+                   "--state-db", tmp_path / "s.db")
+    assert res.rc == 1 and "1 failed" in res.stdout, res.stdout + res.stderr
+    assert "is 301 bytes: too long for a file name (255 bytes at most)" in res.stdout, res.stdout
+    assert "0 layers fetched" in res.stdout
+    assert list(root.iterdir()) == []  # no layer, chain, .flat, link or metadata
