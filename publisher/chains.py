@@ -27,7 +27,7 @@ from cvmfs_common.digest import Digest, parse_digest
 from cvmfs_common.fdtree import DirCursor, proc_path
 from cvmfs_common.layout import RepositoryLayout, find_chain, publish_dir, remove_tree, syncfs
 
-from .whiteouts import OPAQUE_XATTR, OVERLAY_XATTR_PREFIX, NameKind, classify, is_whiteout_device, whited_out_name
+from .whiteouts import OPAQUE_XATTR, OVERLAY_XATTR_PREFIXES, NameKind, classify, is_whiteout_device, whited_out_name
 
 _COPY_CHUNK = 1 << 20
 
@@ -92,7 +92,7 @@ def _xattrs(target: int | str) -> dict[str, bytes]:
         raise
     out: dict[str, bytes] = {}
     for name in names:
-        if name.startswith(OVERLAY_XATTR_PREFIX):
+        if name.startswith(OVERLAY_XATTR_PREFIXES):
             continue
         try:
             out[name] = os.getxattr(target, name, **nofollow)

@@ -21,7 +21,7 @@ from .layererrors import HostileLayerError, LayerError
 from .lowers import LowerEntry, LowerView
 from .streams import CHUNK, TarSource
 from .tarsafety import Limits, UnsafePath, member_parts, member_times_ns, member_xattrs
-from .whiteouts import (OPAQUE_XATTR, OVERLAY_XATTR_PREFIX, NameKind, WhiteoutMode, classify,
+from .whiteouts import (OPAQUE_XATTR, OVERLAY_XATTR_PREFIX, OVERLAY_XATTR_PREFIXES, NameKind, WhiteoutMode, classify,
                         whited_out_name)
 
 Parts = tuple[str, ...]
@@ -344,7 +344,7 @@ class TreeWriter:
 
     def _set_xattrs(self, member: tarfile.TarInfo, setx: Callable[[str, bytes], None]) -> None:
         for name, value in member_xattrs(member).items():
-            if name.startswith(OVERLAY_XATTR_PREFIX):
+            if name.startswith(OVERLAY_XATTR_PREFIXES):
                 # Would forge whiteouts/redirects in a lower layer: never taken from a tar.
                 self.skip(f"xattr {name} not allowed")
                 continue

@@ -20,6 +20,7 @@ from tests.fixtures.tree import compare_trees
 
 from .clirun import CliResult, push_image, run_cli, run_proc, write_wishlist
 from .conftest import requires_root
+from .layertar import dir_, reg, tar_bytes
 from .repotree import fs_state, observed_tree, overlay_mount
 
 pytestmark = requires_root
@@ -318,3 +319,23 @@ def test_a_name_too_long_for_the_file_system_fails_before_any_write(registry, tm
     assert "is 301 bytes: too long for a file name (255 bytes at most)" in res.stdout, res.stdout
     assert "0 layers fetched" in res.stdout
     assert list(root.iterdir()) == []  # no layer, chain, .flat, link or metadata
+
+
+@requires_root
+def test_overlay_xattrs_of_a_tar_are_dropped_user_namespace_too(registry, tmp_path: Path) -> None:
+    forged = {"user.overlay.opaque": b"y", "user.overlay.redirect": b"/etc", "trusted.overlay.opaque": b"y",
+              "user.kept": b"1"}
+    tar = tar_bytes([dir_("data", xattrs=forged), reg("data/file", b"x", xattrs=forged)])
+    img = push_image(registry.host, tmp_path, "xattrs/forged", "v1",
+                     [Layer.from_entries([Entry.dir("/data"), Entry.file("/data/below", "b")]), Layer(tar)])
+    root = tmp_path / "repo"
+    lay = RepositoryLayout(root)
+    res = run_proc("convert-image", img.ref, "--repository-root", root, "--state-db", tmp_path / "s.db")
+    assert res.rc == 0, res.stdout + res.stderr
+    for name in ("user.overlay.opaque", "user.overlay.redirect", "trusted.overlay.opaque"):
+        assert f"skipped data: xattr {name} not allowed" in res.stderr, res.stderr
+    chain = lay.chain_dir(img.chain_ids()[-1])
+    for top in (lay.layerfs(img.layers[1]), chain):
+        for path in (top / "data", top / "data/file"):
+            assert os.listxattr(path) == ["user.kept"], (path, os.listxattr(path))
+    assert (chain / "data/below").read_text() == "b"  # no opaque dir forged over the lower one
