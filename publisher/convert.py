@@ -205,6 +205,7 @@ class Converter:
             if isinstance(head, Exception):
                 raise head
             known = self.state.tag(key)
+            damage = None
             if known is not None and known.absent_digest == head:
                 self.state.touch_tag(key, placement.platform_dir, target.entry_id)
                 return ItemResult(target.name, "skipped", f"no image for {target.platform}; unchanged")
@@ -244,12 +245,13 @@ class Converter:
             return ItemResult(target.name, "failed", f"{type(e).__name__}: {e}", seconds=time.monotonic() - started)
         if known is None or known.manifest_digest is None:
             outcome = "new"
-        elif known.manifest_digest != image.manifest_digest:
-            outcome = "updated"
+        elif known.manifest_digest != image.manifest_digest or damage is not None:
+            outcome = "updated"  # or repaired: its content was incomplete
         else:
             outcome = "unchanged"  # e.g. an index changed but not this platform's image
         n = len(image.layers)
-        detail = f"{image.manifest_digest[:19]}, {n} layer{'' if n == 1 else 's'}"
+        detail = f"{image.manifest_digest[:19]}, {n} layer{'' if n == 1 else 's'}" + (
+            f"; repaired: {damage}" if damage is not None else "")
         return ItemResult(target.name, outcome, detail, published.layers_fetched,
                           published.bytes_fetched + len(config_bytes), time.monotonic() - started)
 

@@ -138,8 +138,9 @@ def test_a_lost_layerfs_is_found_by_check_and_repaired_by_the_next_convert(stand
     assert any(l.startswith(f"PROBLEM {os.path.relpath(stray, root)}: layerfs is missing") for l in lines), lines
 
     again = run_proc("convert", wishlist, *args)
-    assert again.rc == 0, again.stdout + again.stderr
+    assert again.rc == 0 and "1 updated" in again.stdout, again.stdout + again.stderr
     assert f"layer {victim}: .layers/" in again.stderr and "publishing it again" in again.stderr, again.stderr
+    assert "repaired: layer" in again.stderr
     assert lay.layerfs(victim).is_dir() and os.listdir(lay.layerfs(victim))
     remove_tree(stray)
     res = run_proc("check", *args)
