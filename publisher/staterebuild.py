@@ -25,8 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cvmfs_common.digest import InvalidDigest, chain_ids, parse_digest, sha256_of
-from cvmfs_common.layout import (MANIFEST_JSON, METADATA_DIR, PLATFORMS_DIR, LayerMetadata, MetadataError,
-                                 RepositoryLayout, read_layers_json)
+from cvmfs_common.layout import MANIFEST_JSON, LayerMetadata, MetadataError, RepositoryLayout, read_layers_json
 from cvmfs_common.registry import Platform
 
 from .image import CONFIG_JSON
