@@ -5,7 +5,7 @@ import os
 from pathlib import Path
 
 from cvmfs_common.layout import RepositoryLayout
-from publisher.runlock import exclusive_repository, repository_lock_path
+from publisher.runlock import LOCK_DIR_ENV, exclusive_repository, repository_lock_path
 from tests.fixtures.images import BuiltImage
 
 from .clirun import popen_cli, run_cli, run_proc, write_wishlist
@@ -13,7 +13,10 @@ from .conftest import requires_root
 from .test_crash import _wait_for_work, big_image  # noqa: F401 (fixture)
 
 
-def test_the_lock_is_one_per_repository_whatever_its_spelling(tmp_path: Path) -> None:
+def test_the_lock_is_one_per_repository_whatever_its_spelling(tmp_path: Path, monkeypatch) -> None:
+    assert repository_lock_path(tmp_path).parent == tmp_path.parent / "repository-locks"  # conftest
+    monkeypatch.delenv(LOCK_DIR_ENV)
+    assert repository_lock_path(tmp_path).parent == Path("/run/lock")
     (tmp_path / "repo").mkdir()
     os.symlink("repo", tmp_path / "alias")
     assert repository_lock_path(tmp_path / "repo") == repository_lock_path(tmp_path / "alias")
