@@ -34,15 +34,14 @@ import errno
 import json
 import os
 import re
-import shutil
 import stat
-import sys
 import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from . import fdtree
 from .digest import Digest, InvalidDigest, parse_digest, parse_hex
 from .reference import InvalidReference, validate_registry, validate_repository, validate_tag
 
@@ -67,6 +66,8 @@ RESERVED_TOP_LEVEL = frozenset(
 
 Whiteouts = Literal["none", "overlay", "raw"]
 WHITEOUT_MODES: frozenset[str] = frozenset({"none", "overlay", "raw"})
+
+NAME_MAX = 255  # bytes in one path component (Linux file systems)
 
 _PLATFORM_PART_RE = re.compile(r"[a-z0-9_]{1,32}")
 
@@ -206,7 +207,14 @@ class RepositoryLayout:
         if registry.lower() in RESERVED_TOP_LEVEL:
             raise LayoutError(f"registry name collides with the layout: {registry!r}")
         validate_repository(repository)
-        return registry, repository, _check_tag(tag)
+        tag = _check_tag(tag)
+        for part in [registry, *f"{repository}:{tag}".split("/")]:
+            n = len(part.encode())
+            if n > NAME_MAX:
+                # Valid for a registry, but no file system takes it as a link or directory name.
+                raise LayoutError(f"name {part[:80]!r}... is {n} bytes: too long for a file name "
+                                  f"({NAME_MAX} bytes at most) in {registry}/{repository}:{tag[:80]}")
+        return registry, repository, tag
 
     def link_path(self, registry: str, repository: str, tag: str) -> Path:
         """``<image_root>/<registry>/<repo>:<tag>`` -- the relative symlink to .flat."""
@@ -608,38 +616,22 @@ def relative_link_target(from_link: Path, to_path: Path) -> str:
     return os.path.relpath(os.path.abspath(to_path), os.path.dirname(os.path.abspath(from_link)))
 
 
-def _make_writable_and_retry(func, path, _exc) -> None:  # shutil.rmtree onerror/onexc
-    # Unpacked layers contain read-only dirs; without root we must chmod the
-    # parent before unlinking inside it.
-    parent = os.path.dirname(path)
-    try:
-        os.chmod(parent, stat.S_IRWXU | os.stat(parent).st_mode)
-        if os.path.isdir(path) and not os.path.islink(path):
-            os.chmod(path, stat.S_IRWXU | os.stat(path).st_mode)
-    except OSError:
-        pass
-    func(path)
-
-
 def remove_tree(path: Path) -> None:
-    """rmtree that copes with read-only directories and never follows symlinks."""
-    path = Path(path)
-    if path.is_symlink() or not path.is_dir():
-        path.unlink(missing_ok=True)
-        return
-    if sys.version_info >= (3, 12):
-        shutil.rmtree(path, onexc=_make_writable_and_retry)
-    else:
-        shutil.rmtree(path, onerror=_make_writable_and_retry)
+    """rm -rf that copes with read-only directories, never follows symlinks and
+    works at any depth (fd-relative and iterative: cvmfs_common.fdtree)."""
+    fdtree.remove_tree(path)
 
 
 def clean_tmp(tmp_dir: Path) -> int:
     """Remove every entry under ``tmp_dir`` (work left by a crash); returns the count."""
-    tmp_dir = Path(tmp_dir)
     try:
-        entries = list(os.scandir(tmp_dir))
+        fd = fdtree.open_dir_at(None, tmp_dir)
     except FileNotFoundError:
         return 0
-    for entry in entries:
-        remove_tree(Path(entry.path))
-    return len(entries)
+    try:
+        names = os.listdir(fd)
+        for name in names:
+            fdtree.remove_tree_at(fd, name)
+    finally:
+        os.close(fd)
+    return len(names)

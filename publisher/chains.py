@@ -24,10 +24,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cvmfs_common.digest import Digest, parse_digest
+from cvmfs_common.fdtree import DirCursor, proc_path
 from cvmfs_common.layout import RepositoryLayout, find_chain, publish_dir, remove_tree, syncfs
 
-from .lowers import read_xattrs
-from .whiteouts import OPAQUE_XATTR, NameKind, classify, is_whiteout_device, whited_out_name
+from .whiteouts import OPAQUE_XATTR, OVERLAY_XATTR_PREFIXES, NameKind, classify, is_whiteout_device, whited_out_name
 
 _COPY_CHUNK = 1 << 20
 
@@ -42,56 +42,129 @@ class ChainStats:
     deleted: int = 0
 
 
-@dataclass
+@dataclass(frozen=True)
 class _Source:
-    path: Path
+    """An entry of a source dir: its name in the directory ``dir_fd`` (valid while
+    the walk is in that directory) and its lstat."""
+
+    dir_fd: int
+    name: str
     st: os.stat_result
 
 
-def _scan(path: Path | None) -> dict[str, _Source]:
-    if path is None:
+@dataclass(frozen=True)
+class _Child:
+    """A subdirectory still to merge: its name, where its attributes come from
+    (True: upper), and which sources have it as a directory."""
+
+    name: str
+    from_upper: bool
+    in_upper: bool
+    in_lower: bool
+
+
+def _scan(cur: DirCursor) -> dict[str, _Source]:
+    if not cur.present:
         return {}
+    assert cur.fd is not None
     out: dict[str, _Source] = {}
-    with os.scandir(path) as it:
+    with os.scandir(cur.fd) as it:
         for e in it:
-            out[e.name] = _Source(Path(e.path), e.stat(follow_symlinks=False))
+            out[e.name] = _Source(cur.fd, e.name, e.stat(follow_symlinks=False))
     return out
 
 
-def _is_opaque(path: Path) -> bool:
+def _is_opaque(fd: int) -> bool:
     try:
-        return os.getxattr(path, OPAQUE_XATTR, follow_symlinks=False) == b"y"
+        return os.getxattr(fd, OPAQUE_XATTR) == b"y"
     except OSError:
         return False
 
 
+def _xattrs(target: int | str) -> dict[str, bytes]:
+    """xattrs minus overlay's own, of an open dir (fd) or a non-dir (a /proc/self/fd path)."""
+    nofollow = {} if isinstance(target, int) else {"follow_symlinks": False}
+    try:
+        names = os.listxattr(target, **nofollow)
+    except OSError as e:
+        if e.errno in (errno.ENOTSUP, errno.EOPNOTSUPP):
+            return {}
+        raise
+    out: dict[str, bytes] = {}
+    for name in names:
+        if name.startswith(OVERLAY_XATTR_PREFIXES):
+            continue
+        try:
+            out[name] = os.getxattr(target, name, **nofollow)
+        except OSError as e:
+            if e.errno != errno.ENODATA:
+                raise
+    return out
+
+
 @dataclass
 class ChainMerger:
-    """Writes ``lower`` (a chain dir, or None) + ``upper`` (a layer dir) into ``out``."""
+    """Writes ``lower`` (a chain dir, or None) + ``upper`` (a layer dir) into ``out``.
+
+    Any depth: one open directory per tree (cvmfs_common.fdtree cursors moving by
+    name), an explicit stack of what is left to do, no absolute paths below the top.
+    """
 
     preserve_owners: bool = field(default_factory=lambda: os.geteuid() == 0)
-    link: LinkFn = os.link  # injectable: tests force EMLINK
+    # link(src_name, dst_name, *, src_dir_fd, dst_dir_fd, follow_symlinks): injectable, tests force EMLINK
+    link: LinkFn = os.link
     stats: ChainStats = field(default_factory=ChainStats)
-    _copies: dict[tuple[int, int], Path] = field(default_factory=dict)
-    _dir_times: list[tuple[Path, int, int]] = field(default_factory=list)
+    _copies: dict[tuple[int, int], tuple[int, str]] = field(default_factory=dict)  # inode -> (dir fd, name)
 
     def merge(self, out: Path, lower: Path | None, upper: Path) -> ChainStats:
-        top = _Source(upper, os.lstat(upper))
-        self._mkdir(out, top)
-        stack: list[tuple[Path, Path | None, Path | None]] = [(out, lower, upper)]
-        while stack:
-            self._merge_dir(*stack.pop(), stack)
-        # Directory times last: creating entries inside changed them.
-        for path, atime, mtime in reversed(self._dir_times):
-            os.utime(path, ns=(atime, mtime), follow_symlinks=False)
+        os.mkdir(out, 0o700)
+        with DirCursor.open(out) as dst, DirCursor.open(lower) as low, DirCursor.open(upper) as up:
+            try:
+                self._walk(dst, low, up)
+            finally:
+                for fd, _ in self._copies.values():
+                    os.close(fd)
+                self._copies.clear()
         return self.stats
 
-    def _merge_dir(self, out: Path, lower: Path | None, upper: Path | None,
-                   stack: list[tuple[Path, Path | None, Path | None]]) -> None:
+    def _walk(self, dst: DirCursor, low: DirCursor, up: DirCursor) -> None:
+        assert dst.fd is not None and up.fd is not None
+        self._dir_attrs(dst.fd, up.fd)
+        # One frame per directory on the current path: its subdirectories left, its times.
+        frames: list[tuple[list[_Child], tuple[int, int]]] = []
+        frames.append((self._merge_dir(dst, low, up), _times(os.fstat(up.fd))))
+        while frames:
+            todo, times = frames[-1]
+            if not todo:
+                # Directory times last: creating entries inside changed them.
+                assert dst.fd is not None
+                os.utime(dst.fd, ns=times)
+                frames.pop()
+                if frames:
+                    dst.up()
+                    low.up()
+                    up.up()
+                continue
+            child = todo.pop()
+            up.down(child.name if child.in_upper else None)
+            low.down(child.name if child.in_lower else None)
+            src = up if child.from_upper else low
+            if not src.present:  # replaced by something else since the scan
+                raise OSError(errno.ESTALE, f"directory {child.name!r} of a source changed during the merge")
+            assert dst.fd is not None and src.fd is not None
+            os.mkdir(child.name, 0o700, dir_fd=dst.fd)
+            dst.down(child.name)
+            assert dst.fd is not None
+            self._dir_attrs(dst.fd, src.fd)
+            frames.append((self._merge_dir(dst, low, up), _times(os.fstat(src.fd))))
+
+    def _merge_dir(self, dst: DirCursor, low: DirCursor, up: DirCursor) -> list[_Child]:
+        """Place the non-directories of one directory; returns its subdirectories."""
+        assert dst.fd is not None
         plain: dict[str, _Source] = {}
         deleted: set[str] = set()
-        opaque = upper is not None and _is_opaque(upper)
-        for name, src in _scan(upper).items():
+        opaque = up.present and up.fd is not None and _is_opaque(up.fd)
+        for name, src in _scan(up).items():
             kind = classify(name)
             if kind is NameKind.OPAQUE:
                 opaque = True
@@ -103,88 +176,91 @@ class ChainMerger:
                 deleted.add(name)
             else:
                 plain[name] = src
-        below = {} if opaque else _scan(lower)
+        below = {} if opaque else _scan(low)
         if opaque:
             self.stats.deleted += 1
-        for name in sorted(plain.keys() | below.keys()):
-            dst = out / name
+        subdirs: list[_Child] = []
+        for name in sorted(plain.keys() | below.keys(), reverse=True):  # popped in order
             if name in plain:
                 src = plain[name]
                 if stat.S_ISDIR(src.st.st_mode):
-                    self._mkdir(dst, src)
-                    low = below.get(name) if name not in deleted else None
-                    merge_lower = low.path if low is not None and stat.S_ISDIR(low.st.st_mode) else None
-                    stack.append((dst, merge_lower, src.path))
+                    low_src = below.get(name) if name not in deleted else None
+                    merge_lower = low_src is not None and stat.S_ISDIR(low_src.st.st_mode)
+                    subdirs.append(_Child(name, True, True, merge_lower))
                 else:
-                    self._place(src, dst)
+                    self._place(src, dst.fd, name)
             elif name in deleted:
                 self.stats.deleted += 1
             else:
                 src = below[name]
                 if stat.S_ISDIR(src.st.st_mode):
-                    self._mkdir(dst, src)
-                    stack.append((dst, src.path, None))
+                    subdirs.append(_Child(name, False, False, True))
                 else:
-                    self._place(src, dst)
+                    self._place(src, dst.fd, name)
+        return subdirs
 
     # -- entries -----------------------------------------------------------------------
-    def _mkdir(self, dst: Path, src: _Source) -> None:
-        os.mkdir(dst, 0o700)
-        fd = os.open(dst, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
-        try:
-            self._attrs(fd, src, lambda n, v: os.setxattr(fd, n, v), lambda m: os.fchmod(fd, m),
-                        lambda u, g: os.fchown(fd, u, g))
-        finally:
-            os.close(fd)
-        self._dir_times.append((dst, src.st.st_atime_ns, src.st.st_mtime_ns))
+    def _dir_attrs(self, fd: int, src_fd: int) -> None:
+        st = os.fstat(src_fd)
+        self._attrs(st, _xattrs(src_fd), lambda n, v: os.setxattr(fd, n, v), lambda m: os.fchmod(fd, m),
+                    lambda u, g: os.fchown(fd, u, g))
         self.stats.dirs += 1
 
-    def _place(self, src: _Source, dst: Path) -> None:
+    def _place(self, src: _Source, out_fd: int, name: str) -> None:
         key = (src.st.st_dev, src.st.st_ino)
-        target = self._copies.get(key, src.path)  # keep hardlink groups together after a copy
+        # keep hardlink groups together after a copy
+        from_fd, from_name = self._copies.get(key, (src.dir_fd, src.name))
         try:
-            self.link(target, dst, follow_symlinks=False)
+            self.link(from_name, name, src_dir_fd=from_fd, dst_dir_fd=out_fd, follow_symlinks=False)
             self.stats.linked += 1
             return
         except OSError as e:
             if e.errno != errno.EMLINK:
                 raise
-        self._copy(src, dst)
-        self._copies[key] = dst
+        self._copy(src, out_fd, name)
+        self._copies[key] = (os.dup(out_fd), name)
         self.stats.copied += 1
 
-    def _copy(self, src: _Source, dst: Path) -> None:
+    def _copy(self, src: _Source, out_fd: int, name: str) -> None:
         mode = src.st.st_mode
+        times = _times(src.st)
         if stat.S_ISLNK(mode):
-            os.symlink(os.readlink(src.path), dst)
-            self._attrs(None, src, lambda n, v: os.setxattr(dst, n, v, follow_symlinks=False), None,
-                        lambda u, g: os.chown(dst, u, g, follow_symlinks=False))
-            os.utime(dst, ns=(src.st.st_atime_ns, src.st.st_mtime_ns), follow_symlinks=False)
+            os.symlink(os.readlink(src.name, dir_fd=src.dir_fd), name, dir_fd=out_fd)
+            dst = proc_path(out_fd, name)  # no lsetxattr with a dir fd
+            self._attrs(src.st, _xattrs(proc_path(src.dir_fd, src.name)),
+                        lambda n, v: os.setxattr(dst, n, v, follow_symlinks=False), None,
+                        lambda u, g: os.chown(name, u, g, dir_fd=out_fd, follow_symlinks=False))
+            os.utime(name, ns=times, dir_fd=out_fd, follow_symlinks=False)
             return
         if not stat.S_ISREG(mode):
-            raise OSError(errno.EINVAL, f"cannot copy {stat.filemode(mode)} entry", str(src.path))
-        fin = os.open(src.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            raise OSError(errno.EINVAL, f"cannot copy {stat.filemode(mode)} entry", src.name)
+        fin = os.open(src.name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=src.dir_fd)
         try:
-            fout = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+            fout = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
+                           dir_fd=out_fd)
             try:
                 _copy_data(fin, fout, src.st.st_size)
-                self._attrs(fout, src, lambda n, v: os.setxattr(fout, n, v), lambda m: os.fchmod(fout, m),
-                            lambda u, g: os.fchown(fout, u, g))
-                os.utime(fout, ns=(src.st.st_atime_ns, src.st.st_mtime_ns))
+                self._attrs(src.st, _xattrs(fin), lambda n, v: os.setxattr(fout, n, v),
+                            lambda m: os.fchmod(fout, m), lambda u, g: os.fchown(fout, u, g))
+                os.utime(fout, ns=times)
             finally:
                 os.close(fout)
         finally:
             os.close(fin)
 
-    def _attrs(self, fd: int | None, src: _Source, setx: Callable[[str, bytes], None],
+    def _attrs(self, st: os.stat_result, xattrs: dict[str, bytes], setx: Callable[[str, bytes], None],
                chmod: Callable[[int], None] | None, chown: Callable[[int, int], None]) -> None:
         # chown first (clears setuid and capabilities), xattrs, chmod last (ACLs rewrite group bits).
         if self.preserve_owners:
-            chown(src.st.st_uid, src.st.st_gid)
-        for name, value in read_xattrs(src.path, skip_overlay=True).items():
+            chown(st.st_uid, st.st_gid)
+        for name, value in xattrs.items():
             setx(name, value)
         if chmod is not None:
-            chmod(stat.S_IMODE(src.st.st_mode))
+            chmod(stat.S_IMODE(st.st_mode))
+
+
+def _times(st: os.stat_result) -> tuple[int, int]:
+    return st.st_atime_ns, st.st_mtime_ns
 
 
 def _copy_data(fin: int, fout: int, size: int) -> None:

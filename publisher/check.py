@@ -21,14 +21,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cvmfs_common.digest import sha256_of
-from cvmfs_common.layout import (CHAINS_DIR, FLAT_DIR, LAYERS_DIR, RepositoryLayout, find_chain, find_layer,
-                                 relative_link_target)
+from cvmfs_common.layout import (CHAINS_DIR, FLAT_DIR, LAYERFS, LAYERS_DIR, LAYERS_JSON, METADATA_DIR, RepositoryLayout,
+                                 find_chain, find_layer, relative_link_target)
 
 from . import podman_format as fmt
 from .gc import placement, podman_name_choices
 from .image import CONFIG_JSON
-from .lockwait import exclusive_waiting
-from .runlock import lock_path_for
+from .lockwait import run_locks_waiting
 from .state import LayerRecord, State, TagRecord
 
 log = logging.getLogger(__name__)
@@ -261,9 +260,21 @@ class _Checker:
             for prefix in _scandir(self.layout.root / top):
                 if not prefix.is_dir(follow_symlinks=False) or prefix.name.startswith("."):
                     continue
-                n += sum(1 for e in _scandir(Path(prefix.path))
-                         if not e.name.startswith(".") and e.name not in known_hex)
+                for e in _scandir(Path(prefix.path)):
+                    if e.name.startswith(".") or e.name in known_hex:
+                        continue
+                    n += 1
+                    if top == LAYERS_DIR:
+                        self.check_unknown_layer(Path(e.path))
             self.report.unknown[label] = n
+
+    def check_unknown_layer(self, path: Path) -> None:
+        """A layer dir no published image uses must still be whole: the next image
+        that needs it would take it as it is."""
+        for part, is_ok in ((LAYERFS, os.path.isdir), (f"{METADATA_DIR}/{LAYERS_JSON}", os.path.isfile)):
+            if not is_ok(path / part):
+                self.problem(f"{self.rel(path)}: {part} is missing (not in the state; the next convert "
+                             "that needs the layer fetches it again)", None)
 
 
 def _scandir(path: Path) -> list[os.DirEntry]:
@@ -276,7 +287,7 @@ def _scandir(path: Path) -> list[os.DirEntry]:
 def check(root: Path, state_db: Path, *, podman: bool = True, lock_wait: float = 0.0) -> CheckReport:
     started = time.monotonic()
     layout = RepositoryLayout(root)
-    with exclusive_waiting(lock_path_for(state_db), lock_wait), State.open(state_db, root) as state:
+    with run_locks_waiting(state_db, root, lock_wait), State.open(state_db, root) as state:
         report = _Checker(layout, state, podman).run()
     report.seconds = time.monotonic() - started
     return report

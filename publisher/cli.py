@@ -2,7 +2,8 @@
 
 Exit codes: 0 everything converted (or unchanged); 1 at least one image failed;
 2 nothing was attempted (bad wishlist or options, another publisher running,
-or a lock held by another run).
+or a lock held by another run); 3 the state database is damaged or truncated
+(``cvmfs-publisher state rebuild``).
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import sqlite3
 import sys
 import time
 from pathlib import Path
@@ -24,7 +26,7 @@ from .backend import Backend, BackendError, make_backend
 from .convert import ConvertOptions, convert, default_state_db
 from .progress import Progress
 from .runlock import Busy
-from .state import State, StateError
+from .state import State, StateCorrupt, StateError
 from .wishlist import WishlistEntry, WishlistError, load_wishlists
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -32,7 +34,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 log = logging.getLogger("cvmfs-publisher")
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_STATE = 0, 1, 2, 3
 
 
 class UsageError(Exception):
@@ -110,6 +112,11 @@ def _maintenance_parsers(sub) -> None:
     g = p.add_argument_group("check options")
     g.add_argument("--lock-wait", metavar="DURATION", type=_duration, default="1h",
                    help="wait this long for a running convert or loop round (default 1h)")
+    _common(p)
+    p = sub.add_parser("state", help="maintain the state database")
+    p.add_argument("action", choices=("rebuild",),
+                   help="rebuild: a new state DB from the repository's .metadata and layers.json "
+                        "(the old one is kept as <state-db>.broken-<time>)")
     _common(p)
 
 
@@ -203,6 +210,20 @@ def run_check(args: argparse.Namespace) -> int:
     return EXIT_OK if report.ok else EXIT_FAILED
 
 
+def run_state(args: argparse.Namespace) -> int:
+    from .staterebuild import rebuild
+
+    if args.repository_root is None:
+        raise UsageError("state rebuild needs --repository-root")
+    root = args.repository_root
+    try:
+        report = rebuild(root, args.state_db or default_state_db(root))
+    except FileNotFoundError as e:
+        raise UsageError(str(e)) from None
+    print(report.render(), flush=True)
+    return EXIT_OK if not report.skipped else EXIT_FAILED
+
+
 def _entries_from_image(args: argparse.Namespace) -> tuple[list[WishlistEntry], Platform]:
     try:
         ref = parse_reference(args.image, insecure_registries=args.insecure_registry)
@@ -279,7 +300,18 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(args.log_level, args.log_format)
     os.umask(0o022)  # the repository is read by everyone on every node
     try:
-        return {"loop": run_loop, "gc": run_gc, "check": run_check}.get(args.command, run_convert)(args)
+        return {"loop": run_loop, "gc": run_gc, "check": run_check, "state": run_state}.get(
+            args.command, run_convert)(args)
+    except StateCorrupt as e:
+        print(f"cvmfs-publisher: {e}", file=sys.stderr)
+        return EXIT_STATE
+    except sqlite3.DatabaseError as e:
+        if getattr(e, "sqlite_errorcode", None) not in (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB):
+            raise
+        print(f"cvmfs-publisher: the state database is damaged ({e}); restore it from a backup, or rebuild "
+              "it from the repository: cvmfs-publisher state rebuild --repository-root DIR [--state-db PATH]",
+              file=sys.stderr)
+        return EXIT_STATE
     except (UsageError, WishlistError, StateError, Busy, BackendError) as e:
         print(f"cvmfs-publisher: {e}", file=sys.stderr)
         return EXIT_USAGE

@@ -21,14 +21,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from cvmfs_common.layout import RepositoryLayout
-from cvmfs_common.reference import Reference
+from cvmfs_common.reference import InvalidReference, Reference
 from cvmfs_common.registry import ManifestError, NotFound, Platform, RegistryClient, ResolvedImage
 
 from .backend import Backend
 from .image import ImagePublisher, Placement
 from .ingest import LayerIngester
 from .progress import ItemResult, Progress, Summary
-from .runlock import exclusive, lock_path_for
+from .runlock import exclusive, exclusive_repository, lock_path_for
 from .state import State, TagKey
 from .wishlist import WishlistEntry
 
@@ -131,7 +131,7 @@ class Converter:
         globs = [(i, e) for i, e in enumerate(entries) if e.reference.is_glob]
         if globs:
             with self._pool(len(globs)) as pool:
-                futures = {i: pool.submit(self.client.expand, e.reference) for i, e in globs}
+                futures = {i: pool.submit(self._glob_tags, e) for i, e in globs}
             for i, fut in futures.items():
                 try:
                     expanded[i] = fut.result()
@@ -156,6 +156,18 @@ class Converter:
                     if key not in targets:
                         targets[key] = Target(ref, plat, plat == default, entry_id, entry.key)
         return list(targets.values())
+
+    def _glob_tags(self, entry: WishlistEntry) -> list[Reference]:
+        """The tags a glob entry matches; a tag the registry lists that is not a valid tag
+        is skipped with a warning (it cannot be pulled or linked), not the whole entry."""
+        refs = []
+        for tag in self.client.match_tags(entry.reference):
+            try:
+                refs.append(entry.reference.with_tag(tag))
+            except InvalidReference as e:
+                log.warning("%s (%s): skipping %r from the registry's tag list: %s", entry.reference.spelling,
+                            entry.source, tag[:200], e)
+        return refs
 
     def _heads(self, targets: Sequence[Target]) -> dict[tuple, str | Exception]:
         """What every tag points at now: one HEAD per tag (none for pinned digests)."""
@@ -188,17 +200,23 @@ class Converter:
         key = target.key
         placement = self._placement(target)
         try:
+            # Names the file system cannot hold fail here, before anything is fetched or written.
+            placement.layout.image_metadata_dir(key.registry, key.repository, key.tag)
             if isinstance(head, Exception):
                 raise head
             known = self.state.tag(key)
+            damage = None
             if known is not None and known.absent_digest == head:
                 self.state.touch_tag(key, placement.platform_dir, target.entry_id)
                 return ItemResult(target.name, "skipped", f"no image for {target.platform}; unchanged")
             if (known is not None and known.published and known.top_digest == head
                     and known.platform_dir == placement.platform_dir
                     and placement.layout.manifest_json(key.registry, key.repository, key.tag).is_file()):
-                self.state.touch_tag(key, placement.platform_dir, target.entry_id)
-                return ItemResult(target.name, "unchanged", seconds=time.monotonic() - started)
+                damage = self._damage(known.manifest_digest)
+                if damage is None:
+                    self.state.touch_tag(key, placement.platform_dir, target.entry_id)
+                    return ItemResult(target.name, "unchanged", seconds=time.monotonic() - started)
+                log.warning("%s: %s; publishing it again", target.name, damage)
             image = self._resolve(target, head)
             if image is None:
                 self.state.record_absent(key, placement.platform_dir, target.entry_id, head)
@@ -227,14 +245,27 @@ class Converter:
             return ItemResult(target.name, "failed", f"{type(e).__name__}: {e}", seconds=time.monotonic() - started)
         if known is None or known.manifest_digest is None:
             outcome = "new"
-        elif known.manifest_digest != image.manifest_digest:
-            outcome = "updated"
+        elif known.manifest_digest != image.manifest_digest or damage is not None:
+            outcome = "updated"  # or repaired: its content was incomplete
         else:
             outcome = "unchanged"  # e.g. an index changed but not this platform's image
         n = len(image.layers)
-        detail = f"{image.manifest_digest[:19]}, {n} layer{'' if n == 1 else 's'}"
+        detail = f"{image.manifest_digest[:19]}, {n} layer{'' if n == 1 else 's'}" + (
+            f"; repaired: {damage}" if damage is not None else "")
         return ItemResult(target.name, outcome, detail, published.layers_fetched,
                           published.bytes_fetched + len(config_bytes), time.monotonic() - started)
+
+    def _damage(self, manifest_digest: str | None) -> str | None:
+        """What of a published image's content is not there (a layer dir without
+        layerfs/ or layers.json, a chain dir gone), or None: a few stats per image."""
+        for layer in self.state.image_layers(manifest_digest or ""):
+            for what, path in ((f"layer {layer.digest}", self.layout.layerfs(layer.digest)),
+                               (f"chain {layer.chain_id}", self.layout.chain_dir(layer.chain_id))):
+                if not path.is_dir():
+                    return f"{what}: {os.path.relpath(path, self.layout.root)} is missing"
+            if not self.layout.layers_json(layer.digest).is_file():
+                return f"layer {layer.digest}: its layers.json is missing"
+        return None
 
     def _resolve(self, target: Target, head: str) -> ResolvedImage | None:
         """The image for the platform, read by the digest the HEAD returned (so a tag
@@ -276,7 +307,7 @@ def convert(entries: Sequence[WishlistEntry], default_platform: Platform | None,
     layout = RepositoryLayout(root)
     backend = backend or Backend(root)
     options = replace(options, whiteouts=backend.whiteouts)
-    with exclusive(lock_path_for(state_db)):
+    with exclusive(lock_path_for(state_db)), exclusive_repository(root):
         removed = backend.start(layout)
         if removed:
             log.info("removed %d unfinished work dirs from %s (an earlier run was interrupted)", removed,

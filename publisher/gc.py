@@ -32,14 +32,14 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from cvmfs_common.fdtree import lstat_tree
 from cvmfs_common.layout import RepositoryLayout, remove_tree
 from cvmfs_common.reference import Reference
 
 from .backend import Backend
 from .image import podman_names
-from .lockwait import exclusive_waiting
+from .lockwait import run_locks_waiting
 from .progress import human_bytes
-from .runlock import lock_path_for
 from .state import ImageRow, State, TagKey, TagRow
 
 log = logging.getLogger(__name__)
@@ -143,36 +143,12 @@ def make_plan(state: State, now: float, older_than: float) -> GcPlan:
 
 # -- bytes ------------------------------------------------------------------------------
 
-def _lstat_tree(path: Path) -> Iterable[os.stat_result]:
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        return
-    yield st
-    if not stat.S_ISDIR(st.st_mode):
-        return
-    stack = [str(path)]
-    while stack:
-        try:
-            entries = list(os.scandir(stack.pop()))
-        except OSError:
-            continue
-        for entry in entries:
-            try:
-                est = entry.stat(follow_symlinks=False)
-            except OSError:
-                continue
-            yield est
-            if stat.S_ISDIR(est.st_mode):
-                stack.append(entry.path)
-
-
 def sizes(paths: Iterable[Path]) -> tuple[int, int]:
     """(bytes deleting ``paths`` frees, bytes they hold): the size of every
     non-directory inode all of whose links are inside them, and of every one."""
     inodes: dict[tuple[int, int], list[int]] = {}
     for path in dict.fromkeys(paths):
-        for st in _lstat_tree(path):
+        for st in lstat_tree(path):
             if stat.S_ISDIR(st.st_mode):
                 continue
             rec = inodes.setdefault((st.st_dev, st.st_ino), [0, st.st_nlink, st.st_size])
@@ -299,7 +275,7 @@ def collect(root: Path, state_db: Path, *, older_than: float, dry_run: bool, pod
     layout = RepositoryLayout(root)
     backend = backend or Backend(layout.root)
     started = time.monotonic()
-    with exclusive_waiting(lock_path_for(state_db), lock_wait), State.open(state_db, root) as state:
+    with run_locks_waiting(state_db, root, lock_wait), State.open(state_db, root) as state:
         plan = make_plan(state, time.time() if now is None else now, older_than)
         report = GcReport(plan, dry_run)
         tag_paths = []

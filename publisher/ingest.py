@@ -94,6 +94,8 @@ class LayerIngester:
         (re)ingested; raises LayerConflict when the dir contradicts the config."""
         found = find_layer(self.layout, spec.digest)
         if found is None:
+            if os.path.lexists(self.layout.layer_dir(spec.digest)):  # e.g. a lost layerfs/
+                return None, f"layer dir without {LAYERFS}/"
             return None, None
         if found.metadata is None:
             return None, f"unusable layer dir ({found.metadata_error})"

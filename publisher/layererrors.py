@@ -9,7 +9,7 @@ class LayerError(Exception):
         self.layer = layer
         self.member = member
         self.reason = message
-        where = f" member {member!r}" if member is not None else ""
+        where = f" member {short_member(member)!r}" if member is not None else ""
         super().__init__(f"layer {layer}{where}: {message}")
 
 
@@ -20,3 +20,10 @@ class HostileLayerError(LayerError):
 
 class DigestMismatchError(LayerError):
     """The blob's compressed digest or its diffID is not the expected one."""
+
+
+def short_member(name: str, keep: int = 200) -> str:
+    """A member name fit for a message: deep trees have names of many kilobytes."""
+    if len(name) <= keep:
+        return name
+    return f"{name[:keep // 2]}...({len(name) - keep} characters)...{name[-keep // 2:]}"

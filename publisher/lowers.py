@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from .whiteouts import OPAQUE, OPAQUE_XATTR, OVERLAY_XATTR_PREFIX, PREFIX, is_whiteout_device
+from .whiteouts import OPAQUE, OPAQUE_XATTR, OVERLAY_XATTR_PREFIXES, PREFIX, is_whiteout_device
 
 
 @dataclass(frozen=True)
@@ -44,7 +44,7 @@ def read_xattrs(path: Path, skip_overlay: bool) -> dict[str, bytes]:
         raise
     out: dict[str, bytes] = {}
     for name in names:
-        if skip_overlay and name.startswith(OVERLAY_XATTR_PREFIX):
+        if skip_overlay and name.startswith(OVERLAY_XATTR_PREFIXES):
             continue
         try:
             out[name] = os.getxattr(path, name, follow_symlinks=False)

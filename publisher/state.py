@@ -122,6 +122,41 @@ class StateError(RuntimeError):
     """The state database cannot be used (wrong repository, newer schema, ...)."""
 
 
+class StateCorrupt(StateError):
+    """The state database is damaged or truncated (``cvmfs-publisher state rebuild``)."""
+
+
+# sqlite's "database disk image is malformed" and "file is not a database"
+_CORRUPT_CODES = (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB)
+
+
+def _rebuild_hint(path: Path, root: Path) -> str:
+    return (f"restore it from a backup, or rebuild it from the repository: "
+            f"cvmfs-publisher state rebuild --repository-root {root} --state-db {path}")
+
+
+def _has_content(root: Path) -> bool:
+    """Something was published into ``root`` (so an empty state DB lost it)."""
+    for top in (".layers", ".metadata"):
+        try:
+            with os.scandir(root / top) as it:
+                if any(True for _ in it):
+                    return True
+        except (FileNotFoundError, NotADirectoryError):
+            continue
+    return False
+
+
+def _empty_file(path: Path) -> bool:
+    try:
+        if path.stat().st_size:
+            return False
+    except FileNotFoundError:
+        return False
+    wal = Path(f"{path}-wal")
+    return not wal.exists() or wal.stat().st_size == 0
+
+
 @dataclass(frozen=True)
 class TagKey:
     registry: str
@@ -218,10 +253,24 @@ class State:
     @classmethod
     def open(cls, path: str | os.PathLike[str], repository_root: str | os.PathLike[str]) -> "State":
         path = Path(path)
+        root = Path(os.path.abspath(repository_root))
         path.parent.mkdir(parents=True, exist_ok=True)
+        if _empty_file(path) and _has_content(root):
+            # sqlite takes an empty file for a new database: every publish would be forgotten.
+            raise StateCorrupt(f"state database {path} is empty (truncated?) but {root} has published "
+                               f"content; {_rebuild_hint(path, root)}")
         conn = sqlite3.connect(path, timeout=30, isolation_level=None)
         try:
-            conn.execute("PRAGMA journal_mode=WAL")
+            try:
+                conn.execute("PRAGMA journal_mode=WAL")
+                problems = [r[0] for r in conn.execute("PRAGMA quick_check(5)")]
+            except sqlite3.DatabaseError as e:
+                if getattr(e, "sqlite_errorcode", None) not in _CORRUPT_CODES:
+                    raise
+                problems = [str(e)]
+            if problems != ["ok"]:
+                raise StateCorrupt(f"state database {path} is damaged ({'; '.join(problems)}); "
+                                   f"{_rebuild_hint(path, root)}")
             conn.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: durable at checkpoints, never corrupt
             conn.execute("PRAGMA foreign_keys=ON")
             conn.execute("PRAGMA busy_timeout=30000")
@@ -230,7 +279,7 @@ class State:
                 # executescript() would COMMIT on its own: run the statements one by one.
                 for stmt in _statements(_SCHEMA):
                     conn.execute(stmt)
-                state._check_meta(Path(os.path.abspath(repository_root)))
+                state._check_meta(root)
         except BaseException:
             conn.close()
             raise

@@ -17,7 +17,9 @@ class Limits:
     """Refuse absurd layers before they fill the disk or the memory."""
     max_entries: int = 2_000_000
     max_total_bytes: int = 128 << 30        # uncompressed tar stream and sum of file sizes
-    max_path_length: int = 4096             # bytes, member names and link targets
+    max_path_length: int = 4096             # bytes, symlink targets (the kernel's PATH_MAX)
+    max_member_name: int = 64 << 10         # bytes, member names and hard link targets: deep
+                                            # trees are fine (the writer is fd-relative)
     max_header_bytes: int = 1 << 20         # one PAX / GNU long-name header
 
 

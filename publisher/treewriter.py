@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import errno
 import os
-import shutil
 import stat
 import tarfile
 from collections import OrderedDict
@@ -16,11 +15,13 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from cvmfs_common.fdtree import remove_tree_at
+
 from .layererrors import HostileLayerError, LayerError
 from .lowers import LowerEntry, LowerView
 from .streams import CHUNK, TarSource
 from .tarsafety import Limits, UnsafePath, member_parts, member_times_ns, member_xattrs
-from .whiteouts import (OPAQUE_XATTR, OVERLAY_XATTR_PREFIX, NameKind, WhiteoutMode, classify,
+from .whiteouts import (OPAQUE_XATTR, OVERLAY_XATTR_PREFIX, OVERLAY_XATTR_PREFIXES, NameKind, WhiteoutMode, classify,
                         whited_out_name)
 
 Parts = tuple[str, ...]
@@ -136,7 +137,7 @@ class TreeWriter:
         if self.entries > self.limits.max_entries:
             raise self.hostile(f"more than {self.limits.max_entries} entries")
         try:
-            parts = member_parts(member.name, self.limits.max_path_length)
+            parts = member_parts(member.name, self.limits.max_member_name)
         except UnsafePath as exc:
             raise self.hostile(str(exc)) from None
         times = member_times_ns(member)
@@ -268,7 +269,7 @@ class TreeWriter:
 
     def _hardlink(self, parts: Parts, member: tarfile.TarInfo) -> None:
         try:
-            target = member_parts(member.linkname, self.limits.max_path_length)
+            target = member_parts(member.linkname, self.limits.max_member_name)
         except UnsafePath as exc:
             raise self.hostile(f"hard link target {member.linkname!r}: {exc}") from None
         if not target:
@@ -343,7 +344,7 @@ class TreeWriter:
 
     def _set_xattrs(self, member: tarfile.TarInfo, setx: Callable[[str, bytes], None]) -> None:
         for name, value in member_xattrs(member).items():
-            if name.startswith(OVERLAY_XATTR_PREFIX):
+            if name.startswith(OVERLAY_XATTR_PREFIXES):
                 # Would forge whiteouts/redirects in a lower layer: never taken from a tar.
                 self.skip(f"xattr {name} not allowed")
                 continue
@@ -471,7 +472,7 @@ class TreeWriter:
         """Remove an earlier entry a new one replaces; True if it was our whiteout device."""
         if stat.S_ISDIR(st.st_mode):
             self._forget_below(parts)
-            shutil.rmtree(name, dir_fd=parent_fd)
+            remove_tree_at(parent_fd, name)
         else:
             os.unlink(name, dir_fd=parent_fd)
         if parts in self._wh_devices:

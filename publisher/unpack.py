@@ -11,7 +11,6 @@ propagates, so the caller never sees half a layer.
 from __future__ import annotations
 
 import os
-import shutil
 import tarfile
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -20,6 +19,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from cvmfs_common.digest import Digest, parse_digest
+from cvmfs_common.fdtree import remove_tree
 
 from .layererrors import DigestMismatchError, HostileLayerError, LayerError
 from .lowers import LowerView
@@ -178,6 +178,6 @@ def _raise_if_corrupt(layer: str, raw: HashingReader, err: LayerError) -> None:
 
 def _discard(work: Path, exc: BaseException) -> None:
     try:
-        shutil.rmtree(work)
+        remove_tree(work)
     except OSError as rm_err:
         exc.add_note(f"could not remove work dir {work}: {rm_err}")

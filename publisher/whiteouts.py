@@ -16,6 +16,10 @@ META_PREFIX = ".wh..wh."          # aufs bookkeeping (.wh..wh.plnk, .wh..wh.aufs
 OPAQUE = ".wh..wh..opq"
 OPAQUE_XATTR = "trusted.overlay.opaque"
 OVERLAY_XATTR_PREFIX = "trusted.overlay."
+# overlayfs mounted with `userxattr` (rootless podman, fuse-overlayfs) reads these instead:
+# from a tar they would forge whiteouts and redirects just the same.
+USER_OVERLAY_XATTR_PREFIX = "user.overlay."
+OVERLAY_XATTR_PREFIXES = (OVERLAY_XATTR_PREFIX, USER_OVERLAY_XATTR_PREFIX)
 
 
 class WhiteoutMode(str, Enum):

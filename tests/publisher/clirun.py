@@ -73,3 +73,16 @@ def write_wishlist(path: Path, inputs: list[str], platforms: list[str] | None = 
         lines.append("platforms: [" + ", ".join(platforms) + "]")
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+@dataclass
+class ProcResult:
+    rc: int
+    stdout: str
+    stderr: str
+
+
+def run_proc(*args: str | Path, timeout: float = 600) -> ProcResult:
+    """The real `cvmfs-publisher` command, as its own process."""
+    done = subprocess.run(cli_command(*args), cwd=REPO_ROOT, capture_output=True, text=True, timeout=timeout)
+    return ProcResult(done.returncode, done.stdout, done.stderr)

@@ -34,3 +34,12 @@ def outside(tmp_path: Path):
 
 
 requires_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (chown, mknod, trusted xattrs)")
+
+
+@pytest.fixture(autouse=True)
+def _repository_locks(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Repository lock files of the tests (and the CLI processes they start) go to a temp
+    dir, not the machine's /run/lock."""
+    from publisher.runlock import LOCK_DIR_ENV
+
+    monkeypatch.setenv(LOCK_DIR_ENV, str(tmp_path_factory.getbasetemp() / "repository-locks"))

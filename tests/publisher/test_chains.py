@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from cvmfs_common.digest import sha256_of
-from cvmfs_common.layout import RepositoryLayout
+from cvmfs_common.layout import RepositoryLayout, remove_tree
 from publisher.chains import ChainMerger, build_chain
 from publisher.treeview import merge_view, tree_snapshot, diff_trees
 from publisher.whiteouts import OPAQUE_XATTR
@@ -111,10 +111,12 @@ def test_emlink_copies_and_keeps_hardlink_groups(tmp_path: Path) -> None:
     os.link(upper / "a", upper / "b")
     os.setxattr(upper / "a", "user.x", b"1")
 
-    def full(src, dst, *, follow_symlinks=True):
-        if Path(src).is_relative_to(upper):
+    upper_dir = os.stat(upper).st_ino
+
+    def full(src, dst, *, src_dir_fd, dst_dir_fd, follow_symlinks=True):
+        if os.fstat(src_dir_fd).st_ino == upper_dir:
             raise OSError(errno.EMLINK, "Too many links")
-        os.link(src, dst, follow_symlinks=follow_symlinks)
+        os.link(src, dst, src_dir_fd=src_dir_fd, dst_dir_fd=dst_dir_fd, follow_symlinks=follow_symlinks)
 
     out = merge(tmp_path, None, upper, link=full)
     a, b = os.lstat(out / "a"), os.lstat(out / "b")
@@ -139,8 +141,57 @@ def test_build_chain_publishes_atomically_and_once(tmp_path: Path) -> None:
 def test_merger_refuses_nothing_it_cannot_link(tmp_path: Path) -> None:
     upper = mk(tmp_path / "upper", {"f": "f"})
 
-    def broken(src, dst, *, follow_symlinks=True):
+    def broken(src, dst, *, src_dir_fd, dst_dir_fd, follow_symlinks=True):
         raise OSError(errno.EIO, "I/O error")
 
     with pytest.raises(OSError):
         merge(tmp_path, None, upper, link=broken)
+
+
+def _deep(top: Path, depth: int, leaf: dict[str, str]) -> None:
+    top.mkdir()
+    fd = os.open(top, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for _ in range(depth):
+            os.mkdir("d", dir_fd=fd)
+            sub = os.open("d", os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+            os.close(fd)
+            fd = sub
+        for name, what in leaf.items():
+            if what == "wh":
+                os.mknod(name, stat.S_IFCHR, os.makedev(0, 0), dir_fd=fd)
+            else:
+                with open(os.open(name, os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=fd), "w") as f:
+                    f.write(what)
+    finally:
+        os.close(fd)
+
+
+def _read_deep(top: Path, depth: int) -> dict[str, str]:
+    fd = os.open(top, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for _ in range(depth):
+            sub = os.open("d", os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=fd)
+            os.close(fd)
+            fd = sub
+        out = {}
+        for name in os.listdir(fd):
+            with open(os.open(name, os.O_RDONLY, dir_fd=fd)) as f:
+                out[name] = f.read()
+        return out
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="whiteout devices need root")
+def test_merges_trees_deeper_than_path_max(tmp_path: Path) -> None:
+    depth = 5000  # 10 000-byte paths
+    _deep(tmp_path / "lower", depth, {"old": "old", "gone": "gone"})
+    _deep(tmp_path / "upper", depth, {"new": "new", "gone": "wh"})
+    try:
+        out = tmp_path / "out"
+        ChainMerger().merge(out, tmp_path / "lower", tmp_path / "upper")
+        assert _read_deep(out, depth) == {"old": "old", "new": "new"}
+    finally:  # pytest's own clean-up recurses
+        for name in ("lower", "upper", "out"):
+            remove_tree(tmp_path / name)

@@ -9,7 +9,7 @@ from cvmfs_common.digest import chain_ids
 from cvmfs_common.layout import RepositoryLayout, remove_tree
 from tests.fixtures.images import StandardImages, host_arch
 
-from .clirun import run_cli, write_wishlist
+from .clirun import run_cli, run_proc, write_wishlist
 from .conftest import requires_root
 
 pytestmark = requires_root
@@ -115,3 +115,33 @@ def test_each_kind_of_damage_names_its_image(standard_images: StandardImages, tm
 def test_check_needs_an_existing_state(tmp_path: Path, capsys) -> None:
     assert _check(tmp_path / "repo", tmp_path / "none.db").rc == 2
     assert "no state database" in capsys.readouterr().err
+
+
+def test_a_lost_layerfs_is_found_by_check_and_repaired_by_the_next_convert(standard_images: StandardImages,
+                                                                            tmp_path: Path) -> None:
+    img = standard_images.multilayer
+    root, db = tmp_path / "repo", tmp_path / "state.db"
+    args = ("--repository-root", root, "--state-db", db)
+    lay = RepositoryLayout(root)
+    wishlist = write_wishlist(tmp_path / "w.yaml", [img.ref])
+    assert run_proc("convert", wishlist, *args).rc == 0
+    victim = img.layers[1]
+    remove_tree(lay.layerfs(victim))  # the layer dir stays, half-present
+    stray = lay.layer_dir("sha256:" + "ab" * 32)
+    stray.mkdir(parents=True)  # a layer dir no image uses, with nothing in it
+
+    res = run_proc("check", *args)
+    assert res.rc == 1, res.stdout + res.stderr
+    lines = _problem_lines(res.stdout)
+    assert any(f"layer {victim}: .layers/" in l and "layerfs is missing" in l and img.ref.split("/", 1)[1] in l
+               for l in lines), lines
+    assert any(l.startswith(f"PROBLEM {os.path.relpath(stray, root)}: layerfs is missing") for l in lines), lines
+
+    again = run_proc("convert", wishlist, *args)
+    assert again.rc == 0 and "1 updated" in again.stdout, again.stdout + again.stderr
+    assert f"layer {victim}: .layers/" in again.stderr and "publishing it again" in again.stderr, again.stderr
+    assert "repaired: layer" in again.stderr
+    assert lay.layerfs(victim).is_dir() and os.listdir(lay.layerfs(victim))
+    remove_tree(stray)
+    res = run_proc("check", *args)
+    assert res.rc == 0 and ": 0 problems" in res.stdout, res.stdout

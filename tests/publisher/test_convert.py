@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,10 +15,12 @@ from cvmfs_common.layout import RepositoryLayout, read_layers_json, read_origin_
 from publisher.state import State
 from publisher.treeview import diff_trees, tree_snapshot
 from tests.fixtures.images import BuiltImage, StandardImages, host_arch
+from tests.fixtures.layers import Entry, Layer
 from tests.fixtures.tree import compare_trees
 
-from .clirun import CliResult, run_cli, write_wishlist
+from .clirun import CliResult, push_image, run_cli, run_proc, write_wishlist
 from .conftest import requires_root
+from .layertar import dir_, reg, tar_bytes
 from .repotree import fs_state, observed_tree, overlay_mount
 
 pytestmark = requires_root
@@ -289,3 +292,50 @@ def test_maintenance_commands_need_their_arguments(tmp_path: Path, capsys) -> No
     for cmd in ("gc", "check"):  # test_gc.py, test_check.py
         assert run_cli(cmd, "--state-db", tmp_path / "state.db").rc == 2
         assert f"{cmd} needs --repository-root" in capsys.readouterr().err
+
+
+def test_a_glob_skips_invalid_tags_of_the_tag_list(registry, tmp_path: Path) -> None:
+    img = push_image(registry.host, tmp_path, "glob/invalid", "v1", [Layer.from_entries([Entry.file("/a", "a")])])
+    # The registry lists whatever its storage has: plant tags no client could push.
+    tags = registry.storage / "docker/registry/v2/repositories/glob/invalid/_manifests/tags"
+    for bad in ("-dash-first", "x" * 200):
+        shutil.copytree(tags / "v1", tags / bad)
+    root = tmp_path / "repo"
+    wishlist = write_wishlist(tmp_path / "w.yaml", [f"{registry.host}/glob/invalid:*"])
+    res = run_proc("convert", wishlist, "--repository-root", root, "--state-db", tmp_path / "s.db")
+    assert res.rc == 0 and "1 new" in res.stdout and "0 failed" in res.stdout, res.stdout + res.stderr
+    assert "skipping '-dash-first' from the registry's tag list" in res.stderr, res.stderr
+    assert f"skipping '{'x' * 200}'" in res.stderr
+    assert os.path.islink(RepositoryLayout(root).link_path(registry.host, "glob/invalid", img.tag))
+
+
+def test_a_name_too_long_for_the_file_system_fails_before_any_write(registry, tmp_path: Path) -> None:
+    name, tag = "long/" + "n" * 200, "t" * 100  # "<repo>:<tag>" is one 301-byte file name
+    push_image(registry.host, tmp_path, name, tag, [Layer.from_entries([Entry.file("/a", "a")])])
+    root = tmp_path / "repo"
+    res = run_proc("convert-image", f"{registry.host}/{name}:{tag}", "--repository-root", root,
+                   "--state-db", tmp_path / "s.db")
+    assert res.rc == 1 and "1 failed" in res.stdout, res.stdout + res.stderr
+    assert "is 301 bytes: too long for a file name (255 bytes at most)" in res.stdout, res.stdout
+    assert "0 layers fetched" in res.stdout
+    assert list(root.iterdir()) == []  # no layer, chain, .flat, link or metadata
+
+
+@requires_root
+def test_overlay_xattrs_of_a_tar_are_dropped_user_namespace_too(registry, tmp_path: Path) -> None:
+    forged = {"user.overlay.opaque": b"y", "user.overlay.redirect": b"/etc", "trusted.overlay.opaque": b"y",
+              "user.kept": b"1"}
+    tar = tar_bytes([dir_("data", xattrs=forged), reg("data/file", b"x", xattrs=forged)])
+    img = push_image(registry.host, tmp_path, "xattrs/forged", "v1",
+                     [Layer.from_entries([Entry.dir("/data"), Entry.file("/data/below", "b")]), Layer(tar)])
+    root = tmp_path / "repo"
+    lay = RepositoryLayout(root)
+    res = run_proc("convert-image", img.ref, "--repository-root", root, "--state-db", tmp_path / "s.db")
+    assert res.rc == 0, res.stdout + res.stderr
+    for name in ("user.overlay.opaque", "user.overlay.redirect", "trusted.overlay.opaque"):
+        assert f"skipped data: xattr {name} not allowed" in res.stderr, res.stderr
+    chain = lay.chain_dir(img.chain_ids()[-1])
+    for top in (lay.layerfs(img.layers[1]), chain):
+        for path in (top / "data", top / "data/file"):
+            assert os.listxattr(path) == ["user.kept"], (path, os.listxattr(path))
+    assert (chain / "data/below").read_text() == "b"  # no opaque dir forged over the lower one
