@@ -175,8 +175,8 @@ def test_ctr_run_through_the_snapshotter_on_the_client_mount(published: Publishe
     res = runtime.pull(img.ref)
     assert f"{len(img.layers)} layers from the repository, 0 downloaded" in res.stderr, res.stderr
     assert registry.blob_get_count() == 1  # the config
-    out = runtime.run(img.ref, "/bin/sh", "-c", LISTING_SCRIPT).stdout
-    assert compare_trees(img.tree, parse_listing(out), ignore=RUNTIME_MOUNTS | IGNORE) == []
+    out = parse_listing(runtime.run(img.ref, "/bin/sh", "-c", LISTING_SCRIPT).stdout)
+    assert split_hardlinks(img, out, compare_trees(img.tree, out, ignore=RUNTIME_MOUNTS | IGNORE)) == []
     assert registry.blob_get_count() == 1
 
 
@@ -203,3 +203,13 @@ def test_podman_runs_from_the_published_podman_store(published: Published, regis
     problems = compare_trees(img.tree, parse_listing(out), ignore=RUNTIME_MOUNTS | IGNORE | {"/etc", "/run"})
     assert split_hardlinks(img, parse_listing(out), problems) == [], "\n".join(problems)
     assert registry.blob_get_count() == 0
+
+
+def test_layers_keep_raw_whiteouts_on_the_client(published: Published) -> None:
+    """Layer dirs carry `.wh.` files (DESIGN §2a): podman's fuse-overlayfs needs them."""
+    ml = published.images["multilayer"]
+    second = f"{published.repo.client}/" + str(
+        published.layout.layerfs(ml.layers[1]).relative_to(published.client()))
+    out = published.s0.sh(f"ls -la {second}/data {second}/opaque; "
+                          f"ls -la /cvmfs/{published.repo.name}/" + second.split("/rdonly/", 1)[1] + "/data").stdout
+    assert ".wh.delete-me.txt" in out and ".wh..wh..opq" in out, out
