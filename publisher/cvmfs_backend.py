@@ -260,6 +260,14 @@ class CvmfsBackend(Backend):
             self._transaction(template=(src, dst))
         except BackendError as e:
             log.warning("%s; copying %s with hard links instead", e, dst)
+            # CernVM-FS 2.12 crashes (assertion in CloneTreeImpl) cloning a tree with
+            # extended attributes and leaves REPO "in a transaction but not mounted
+            # read/write"; abort -f repairs that (nothing of ours is in it).
+            if self.in_transaction() is not False:
+                try:
+                    self._abort()
+                except BackendError as ae:
+                    log.error("%s", ae)
             self._transaction()
             return False
         log.debug("cloned %s to %s (template transaction)", src, dst)
