@@ -4,7 +4,7 @@
 #   R=REPO SRC=/opt/venv bash bench_flat.sh N     (N: a fresh suffix per run)
 set -e
 R=${R:?set R=REPO}; SRC=${SRC:-/opt/venv}
-t() { local s=$(date +%s.%N); "$@" >/tmp/bench.out 2>&1 || { echo "FAILED: $*"; cat /tmp/bench.out; exit 1; }; echo "$(echo "$(date +%s.%N) - $s" | bc)"; }
+t() { local s=$(date +%s.%N); "$@" >/tmp/bench.out 2>&1 || { echo "FAILED: $*"; cat /tmp/bench.out; exit 1; }; awk -v a="$s" -v b="$(date +%s.%N)" 'BEGIN { printf "%.2f\n", b - a }'; }
 tx() { cvmfs_server transaction "$@"; }
 pub() { cvmfs_server publish $R; }
 n=$1
