@@ -544,7 +544,17 @@ def exchange_dirs(new: Path, current: Path) -> None:
     if not os.path.lexists(current):
         if publish_dir(new, current):
             return
-    _renameat2(new, current, _RENAME_EXCHANGE)
+    try:
+        _renameat2(new, current, _RENAME_EXCHANGE)
+    except OSError as e:
+        if e.errno != errno.EXDEV:
+            raise
+        # An overlay union (a cvmfs_server transaction) refuses to rename a directory
+        # that comes from its lower layer (verified with CernVM-FS 2.12). There the
+        # transaction is the atomic unit (clients see only published revisions), so
+        # replace it in two steps; ``new`` is gone afterwards.
+        remove_tree(current)
+        os.rename(new, current)
     fsync_dir(current.parent)
     if current.parent != new.parent:
         fsync_dir(new.parent)

@@ -238,7 +238,14 @@ class _Remover:
             os.unlink(path)
             return
         work = self.layout.make_work_dir("gc-")
-        os.rename(path, work / "gone")
+        try:
+            os.rename(path, work / "gone")
+        except OSError as e:
+            if e.errno != errno.EXDEV:
+                raise
+            # An overlay union (cvmfs_server transaction) cannot move a published dir;
+            # there the transaction makes the removal atomic for clients anyway.
+            remove_tree(path)
         remove_tree(work)
 
     def unlink_link(self, path: Path, stop: Path) -> None:

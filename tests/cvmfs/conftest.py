@@ -1,0 +1,24 @@
+"""Fixtures of the real-CernVM-FS tier: one stratum 0 container per session (stratum0.py)."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+from tests.fixtures.rootfs import RootfsUnavailable, start_container, stop_container
+
+from .stratum0 import DistributionMissing, Stratum0, bookworm_spec, find_distribution
+
+
+@pytest.fixture(scope="session")
+def stratum0(e2e_base: Path) -> Iterator[Stratum0]:
+    try:
+        spec = bookworm_spec(find_distribution())
+        c = start_container(spec, e2e_base, "s0-")
+    except (RootfsUnavailable, DistributionMissing) as e:
+        pytest.skip(str(e))
+    try:
+        yield Stratum0(c).boot()
+    finally:
+        stop_container(c)

@@ -1,0 +1,155 @@
+"""Operations against a real stratum 0: a moved tag and gc (the publisher's, then
+`cvmfs_server gc`), kill -9 of the publisher inside a transaction, and a hung repository
+under a running snapshotter. `cvmfs_server check` must be clean after each."""
+from __future__ import annotations
+
+import subprocess
+import time
+
+import pytest
+
+from cvmfs_common.layout import RepositoryLayout
+from tests.fixtures.images import StandardImages
+from tests.fixtures.registry import Registry
+from tests.fixtures.tree import LISTING_SCRIPT, RUNTIME_MOUNTS, compare_trees, parse_listing
+from tests.publisher.clirun import write_wishlist
+
+from .runtime import InnerRuntime
+from .stratum0 import Repository, Stratum0
+from .test_publish import IGNORE, convert, split_hardlinks
+
+pytestmark = pytest.mark.e2e
+
+STAT_TIMEOUT = 1.0
+
+
+def retag(registry: Registry, src: str, dst: str) -> None:
+    subprocess.run(["skopeo", "copy", "--quiet", "--src-tls-verify=false", "--dest-tls-verify=false",
+                    f"docker://{registry.host}/{src}", f"docker://{registry.host}/{dst}"],
+                   check=True, capture_output=True, text=True)
+
+
+def assert_check_clean(repo: Repository) -> None:
+    out = repo.check()
+    assert not repo.in_transaction()
+    assert "error" not in out.lower(), out
+
+
+def test_moved_tag_then_gc_reclaims_objects(stratum0: Stratum0, registry: Registry,
+                                            standard_images: StandardImages) -> None:
+    name = "unpacked.gc.test"
+    repo = stratum0.mkfs(name)
+    db = "/w/state/gc.db"
+    write_wishlist(stratum0.host_w / "gc.yaml", [f"{registry.host}/test/moving:v1"], repo=name)
+    retag(registry, "test/tagged:1.0", "test/moving:v1")
+    assert "1 new" in convert(stratum0, repo, "/w/gc.yaml", db).stdout
+    old = standard_images.tagged["1.0"]
+    client = stratum0.host_view(repo.client)
+    lay = RepositoryLayout(client)
+    assert lay.flat_dir(old.config_digest).is_dir()
+    retag(registry, "test/tagged:2.0", "test/moving:v1")
+    before = repo.revision()
+    out = convert(stratum0, repo, "/w/gc.yaml", db).stdout
+    assert "1 updated" in out, out
+    assert repo.revision() == before + 1
+    new = standard_images.tagged["2.0"]
+    assert lay.flat_dir(new.config_digest).is_dir() and lay.flat_dir(old.config_digest).is_dir()
+    assert_check_clean(repo)
+
+    time.sleep(2)
+    out = stratum0.sh(f"cd / && cvmfs-publisher gc --older-than 1s --backend cvmfs --repository-root {repo.root} "
+                      f"--state-db {db} 2>&1").stdout
+    assert not lay.flat_dir(old.config_digest).exists(), out
+    assert lay.flat_dir(new.config_digest).is_dir()
+    objects = repo.objects()
+    repo.server("gc", "-r", "0", "-f", name)
+    assert repo.objects() < objects, "cvmfs_server gc reclaimed nothing"
+    assert_check_clean(repo)
+    # The image that stayed is still whole on the client.
+    from tests.publisher.repotree import observed_tree
+    tree = observed_tree(lay.flat_dir(new.config_digest))
+    assert split_hardlinks(new, tree, compare_trees(new.tree, tree, ignore=IGNORE | {"/.singularity.d"})) == []
+
+
+def test_kill9_inside_a_transaction_then_recovery(stratum0: Stratum0, registry: Registry,
+                                                  standard_images: StandardImages) -> None:
+    name = "unpacked.crash.test"
+    repo = stratum0.mkfs(name)
+    db = "/w/state/crash.db"
+    images = [standard_images.multilayer, standard_images.tagged["2.0"]]
+    write_wishlist(stratum0.host_w / "crash.yaml", [i.ref for i in images], repo=name)
+    stratum0.sh(f"cd / && cvmfs-publisher convert /w/crash.yaml --backend cvmfs --repository-root {repo.root} "
+                f"--state-db {db} >/w/crash.log 2>&1 & echo $! >/w/crash.pid")
+    pid = (stratum0.host_w / "crash.pid").read_text().strip()
+    end = time.monotonic() + 120
+    while not repo.in_transaction():
+        assert time.monotonic() < end, (stratum0.host_w / "crash.log").read_text()
+        time.sleep(0.05)
+    stratum0.sh(f"kill -9 {pid}")
+    # The transaction stays open after the crash (or a publish already running completes).
+    time.sleep(1)
+    left_open = repo.in_transaction()
+    out = convert(stratum0, repo, "/w/crash.yaml", db).stdout
+    if left_open:
+        assert "aborting it" in out, out
+    assert "0 failed" in out, out
+    lay = RepositoryLayout(stratum0.host_view(repo.client))
+    for img in images:
+        assert lay.flat_dir(img.config_digest).is_dir()
+        assert not (lay.root / ".tmp").exists()
+    assert_check_clean(repo)
+
+
+def signal_apache(sig: str) -> str:
+    """The apache the fixture started: its master (pid file) and that master's children."""
+    return ("m=$(cat /var/run/apache2/apache2.pid); "
+            f"kill -{sig} $m $(ps -o pid= --ppid $m)")
+
+
+@pytest.fixture
+def hung_setup(stratum0: Stratum0, registry: Registry, standard_images: StandardImages):
+    name = "unpacked.hung.test"
+    repo = stratum0.mkfs(name)
+    db = "/w/state/hung.db"
+    first, second = standard_images.tagged["1.0"], standard_images.multilayer
+    write_wishlist(stratum0.host_w / "hung.yaml", [first.ref], repo=name)
+    convert(stratum0, repo, "/w/hung.yaml", db)
+    # `second` is published after the first: its nested catalogs were never read by the client.
+    write_wishlist(stratum0.host_w / "hung.yaml", [first.ref, second.ref], repo=name)
+    convert(stratum0, repo, "/w/hung.yaml", db)
+    rt = InnerRuntime(stratum0, "rt-hung", [repo.client], stat_timeout=STAT_TIMEOUT).start()
+    yield stratum0, repo, rt, second
+    stratum0.sh(signal_apache("CONT"), check=False)
+    rt.stop()
+
+
+def test_hung_repository_falls_back_then_recovers(hung_setup, registry: Registry) -> None:
+    s0, repo, rt, img = hung_setup
+    # A cold client cache, then apache frozen: requests are accepted and never answered.
+    s0.sh(f"cvmfs_talk -p /var/spool/cvmfs/{repo.name}/cvmfs_io cleanup 0 >/dev/null")
+    s0.sh(signal_apache("STOP"))
+    try:
+        registry.clear_log()
+        t0 = time.monotonic()
+        res = rt.pull(img.ref)
+        elapsed = time.monotonic() - t0
+        assert f"0 layers from the repository, {len(img.layers)} downloaded" in res.stderr, res.stderr
+        assert elapsed < 30, f"pull took {elapsed:.1f}s with --stat-timeout {STAT_TIMEOUT}"
+        assert "did not answer" in rt.log() or "not answering" in rt.log(), rt.log()[-2000:]
+        out = parse_listing(rt.run(img.ref, "/bin/sh", "-c", LISTING_SCRIPT).stdout)
+        assert compare_trees(img.tree, out, ignore=RUNTIME_MOUNTS | IGNORE) == []
+    finally:
+        s0.sh(signal_apache("CONT"))
+    # Back: once the prober sees the repository answer, layers come from it again.
+    rt.ctr("images", "rm", "--sync", img.ref)
+    end = time.monotonic() + 120
+    while True:
+        res = rt.pull(img.ref)
+        if f"{len(img.layers)} layers from the repository, 0 downloaded" in res.stderr:
+            break
+        assert time.monotonic() < end, res.stderr
+        rt.ctr("images", "rm", "--sync", img.ref)
+        time.sleep(2)
+    out = parse_listing(rt.run(img.ref, "/bin/sh", "-c", LISTING_SCRIPT).stdout)
+    assert split_hardlinks(img, out, compare_trees(img.tree, out, ignore=RUNTIME_MOUNTS | IGNORE)) == []
+    assert_check_clean(repo)
