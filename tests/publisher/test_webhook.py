@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import socket
 import time
 import urllib.error
 import urllib.request
@@ -10,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from cvmfs_common.layout import RepositoryLayout
-from publisher.webhook import PushEvent, WebhookListener, parse_address, parse_envelope
+from publisher.webhook import ListenerLimits, PushEvent, WebhookListener, parse_address, parse_envelope
 from tests.fixtures._proc import free_port
 from tests.fixtures.registry import NotificationEndpoint
 
@@ -37,14 +38,27 @@ def test_envelope_keeps_manifest_pushes_only() -> None:
         _event(), _event(action="pull"), _event(media_type="application/octet-stream", tag=None),
         _event(tag=None), _event(host="Other.Example.ORG"),
     ]}).encode()
-    assert parse_envelope(body) == [
+    got = parse_envelope(body)
+    assert got.events == [
         PushEvent("reg:5000", "team/app", "v1", DIGEST),
         PushEvent("reg:5000", "team/app", None, DIGEST),
         PushEvent("other.example.org", "team/app", "v1", DIGEST),
-    ]
-    for bad in (b"not json", b"[]", b'{"no": "events"}'):
+    ] and got.invalid == []
+    for bad in (b"not json", b"[]", b'{"no": "events"}', b"[" * 100_000 + b"]" * 100_000):
         with pytest.raises(ValueError):
             parse_envelope(bad)
+
+
+def test_invalid_push_events_are_dropped_one_by_one() -> None:
+    bad_tags = ["ok/x", "ok x", "a" * 200, ".hidden", "", None]
+    events = [_event(tag=t) for t in bad_tags[:4]] + [_event()]
+    events.append({**_event(), "target": {**_event()["target"], "repository": "../etc"}})
+    events.append({**_event(), "target": {**_event()["target"], "digest": "sha256:zz", "tag": None}})
+    events.append({**_event(), "request": {"host": "evil/host"}})
+    got = parse_envelope(json.dumps({"events": events}).encode())
+    assert got.events == [PushEvent("reg:5000", "team/app", "v1", DIGEST)]
+    assert len(got.invalid) == 7 and "invalid tag" in got.invalid[0]
+    assert all(len(why) < 300 for why in got.invalid)  # a 200-character tag is not echoed whole
 
 
 def test_parse_address() -> None:
@@ -73,6 +87,80 @@ def test_listener_answers_at_once_on_any_path() -> None:
         with urllib.request.urlopen(base + "/healthz", timeout=5) as r:
             assert r.status == 200
     finally:
+        listener.stop()
+
+
+TOKEN = "s3cret-token-0123456789abcdef"
+
+
+def _raw(address: tuple[str, int], data: bytes, timeout: float = 5) -> bytes:
+    """Send raw bytes, read the answer until the server closes (or the timeout)."""
+    with socket.create_connection(address, timeout=timeout) as s:
+        s.sendall(data)
+        out = b""
+        try:
+            while chunk := s.recv(65536):
+                out += chunk
+                if b"\r\n\r\n" in out and b"Connection: close" not in out and b"connection: close" not in out:
+                    break
+        except (TimeoutError, ConnectionResetError):
+            pass
+        return out
+
+
+def _post(body: bytes, token: str | None = TOKEN, extra: str = "") -> bytes:
+    auth = f"Authorization: Bearer {token}\r\n" if token else ""
+    return (f"POST /events HTTP/1.1\r\nHost: x\r\n{auth}Content-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n{extra}\r\n").encode() + body
+
+
+def test_token_size_and_junk_are_refused_cheaply_and_counted() -> None:
+    got: list[PushEvent] = []
+    listener = WebhookListener("127.0.0.1:0", got.extend, token=TOKEN).start()
+    try:
+        good = json.dumps({"events": [_event()]}).encode()
+        assert _raw(listener.address, _post(good, token=None)).startswith(b"HTTP/1.1 401 ")
+        assert _raw(listener.address, _post(good, token="wrong")).startswith(b"HTTP/1.1 401 ")
+        # 401 and 413 come from the head alone: the 50 MB body is never sent, let alone read
+        huge = _post(b"", extra="").replace(b"Content-Length: 0", b"Content-Length: 52428800")
+        assert _raw(listener.address, huge.replace(f"Bearer {TOKEN}".encode(), b"Bearer no")).startswith(b"HTTP/1.1 401 ")
+        assert _raw(listener.address, huge).startswith(b"HTTP/1.1 413 ")
+        assert _raw(listener.address, _post(b"[" * 500_000)).startswith(b"HTTP/1.1 400 ")  # nested too deeply
+        assert _raw(listener.address, _post(b"\xff\xfe junk")).startswith(b"HTTP/1.1 400 ")
+        assert _raw(listener.address, b"\x16\x03\x01 not http at all\r\n\r\n").startswith(b"HTTP/1.1 400 ")
+        mixed = json.dumps({"events": [_event(tag="ok/x"), _event(tag="a" * 200), _event()]}).encode()
+        assert _raw(listener.address, _post(mixed)).startswith(b"HTTP/1.1 200 ")
+        wait_for(lambda: bool(got), 5, "the valid event handed over")
+        assert got == [PushEvent("reg:5000", "team/app", "v1", DIGEST)]
+        assert listener.stats["unauthorized"] == 3 and listener.stats["too_large"] == 1
+        assert listener.stats["bad_request"] == 3 and listener.stats["invalid_event"] == 2
+        assert listener.stats["accepted"] == 1
+    finally:
+        listener.stop()
+
+
+def test_idle_and_slow_connections_are_bounded_and_do_not_starve_a_real_post() -> None:
+    got: list[PushEvent] = []
+    limits = ListenerLimits(max_connections=16, request_timeout=2.0, idle_timeout=2.0)
+    listener = WebhookListener("127.0.0.1:0", got.extend, token=TOKEN, limits=limits).start()
+    idle: list[socket.socket] = []
+    try:
+        for _ in range(200):  # far more than the limit: the oldest idle ones are dropped for newcomers
+            s = socket.create_connection(listener.address, timeout=5)
+            s.sendall(b"POST / HTTP/1.1\r\n")  # a slowloris: the head never ends
+            idle.append(s)
+        wait_for(lambda: listener.connections <= 16, 5, "connections bounded")
+        started = time.monotonic()
+        answer = _raw(listener.address, _post(json.dumps({"events": [_event()]}).encode()))
+        assert answer.startswith(b"HTTP/1.1 200 "), answer[:100]
+        print(f"\n200 idle connections against max 16: a real POST answered in {time.monotonic() - started:.3f} s")
+        wait_for(lambda: bool(got), 5, "the event handed over")
+        # the slow ones that are left are closed after request_timeout
+        wait_for(lambda: listener.connections == 0, 10, "slow connections timed out")
+        assert listener.stats["timeout"] >= 184
+    finally:
+        for s in idle:
+            s.close()
         listener.stop()
 
 
