@@ -49,6 +49,8 @@ BUSY_RETRY = 2.0  # seconds between tries while another publisher holds the lock
 WAIT_SLICE = 0.5  # the longest a stop request waits to be noticed when idle
 STOP_POLL = 0.2  # how often the stop watchdog looks at the signal count
 MAX_PENDING = 1000  # distinct push events waiting; beyond, a full round instead
+PUSH_SETTLE = 0.3  # the registry notifies a push a moment before the tag answers HEAD
+PUSH_RETRIES = (1.0, 3.0, 10.0)  # delays before trying a failed push conversion again
 
 # (wishlist, its entries to convert, default platform, progress, command) -> summary;
 # raises Busy when another publisher holds the lock
@@ -197,6 +199,7 @@ class Loop:
         self._converting = False
         self._inbox = PendingPushes(settings.max_pending)
         self._pending: dict[PushEvent, None] = {}
+        self._push_tries: dict[PushEvent, int] = {}
         self._dropped_log = RateLimitedLog(log, logging.WARNING)
         self._unwanted_log = RateLimitedLog(log, logging.INFO, burst=30)
         self._pending_at = 0.0
@@ -264,7 +267,7 @@ class Loop:
             return
         events, dropped = self._inbox.take()
         if events and not self._pending:
-            self._pending_at = time.monotonic()
+            self._pending_at = time.monotonic() + PUSH_SETTLE
         for ev in events:
             if len(self._pending) >= self.settings.max_pending and ev not in self._pending:
                 dropped += 1
@@ -377,8 +380,26 @@ class Loop:
             if self.metrics is not None:
                 self.metrics.record(result, full_round=False)
             if result.ok:
+                for ev in events:
+                    self._push_tries.pop(ev, None)
                 return
-        if result != "stopped":
+        if result == "stopped":
+            return
+        # The registry notifies while it is still linking the tag (a HEAD right away can
+        # 404): try a failed push again a few times soon, then leave it to the rounds.
+        again = []
+        for ev in events:
+            tries = self._push_tries.pop(ev, 0)
+            if tries < len(PUSH_RETRIES) and len(self._push_tries) < self.settings.max_pending:
+                self._push_tries[ev] = tries + 1
+                again.append((tries, ev))
+        if again:
+            delay = PUSH_RETRIES[min(t for t, _ in again)]
+            log.info("trying the failed pushes again in %.0f s", delay)
+            for _, ev in again:
+                self._pending[ev] = None
+            self._pending_at = time.monotonic() + delay
+        else:
             self._retry_soon(after_round=False)  # the next round retries it
 
 

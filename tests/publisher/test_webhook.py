@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import os
+import resource
 import socket
 import time
 import urllib.error
@@ -232,3 +234,117 @@ def test_polling_latency_for_comparison(registry_factory, tmp_path: Path) -> Non
               "after the copy started (on average half the interval plus the conversion)")
     finally:
         assert loop.stop() == 0
+
+
+# ------------------------------------------------------------------------------ abuse, with the real registry
+
+def _proc_status(pid: int, key: str) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1])
+    raise KeyError(key)
+
+
+def _fds(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def _post_to(port: int, body: bytes, token: str | None) -> int:
+    headers = {"Content-Type": "application/json"}
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    req = urllib.request.Request(f"http://127.0.0.1:{port}/events", data=body, method="POST", headers=headers)
+    try:
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return r.status
+    except urllib.error.HTTPError as e:
+        return e.code
+
+
+def _junk_envelopes(n_events: int, per_envelope: int, host: str) -> list[bytes]:
+    """Valid-looking pushes of tags no wishlist names (the 214 MB queue of the issue)."""
+    out = []
+    for start in range(0, n_events, per_envelope):
+        events = [{"action": "push", "target": {"mediaType": OCI, "repository": "junk/x", "tag": f"t{i}",
+                                                "digest": DIGEST}, "request": {"host": host}}
+                  for i in range(start, min(n_events, start + per_envelope))]
+        out.append(json.dumps({"events": events}).encode())
+    return out
+
+
+@requires_root
+def test_forged_invalid_and_slow_traffic_never_stop_real_pushes(registry_factory, tmp_path: Path) -> None:
+    token = "tok-" + os.urandom(16).hex()
+    token_file = tmp_path / "token"
+    token_file.write_text(token + "\n")
+    port, mport = free_port(), free_port()
+    reg = registry_factory(notifications=[NotificationEndpoint(
+        f"http://127.0.0.1:{port}/registry-events", timeout="2s", threshold=3, backoff="200ms",
+        headers={"Authorization": [f"Bearer {token}"]})])
+    images = Images(reg.host, tmp_path)
+    images.push("base", "test/app", "1.0")
+    root, db = tmp_path / "repo", tmp_path / "state.db"
+    wishlist = write_wishlist(tmp_path / "w.yaml", [f"{reg.host}/test/app:*"])
+    lay = RepositoryLayout(root)
+    loop = LoopProcess.start(wishlist, "--repository-root", root, "--state-db", db, "--interval", "1h",
+                             "--backoff", "1h", "--listen", f"127.0.0.1:{port}", "--listen-token-file", token_file,
+                             "--metrics-address", f"127.0.0.1:{mport}", "--no-podman-store", log=tmp_path / "loop.log")
+    pid = loop.proc.pid
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 4096), hard))
+    idle: list[socket.socket] = []
+    try:
+        loop.wait_log("round 1: 1 images")
+        rss_start = _proc_status(pid, "VmRSS")
+        # forged: no token, a wrong one
+        assert {_post_to(port, json.dumps({"events": [_event()]}).encode(), t) for t in (None, "wrong") * 50} == {401}
+        # invalid: bad tags under a repository the wishlist's glob covers (the crash of the issue)
+        for tag in ("ok/x", "ok x", "a" * 200):
+            ev = {"action": "push", "target": {"mediaType": OCI, "repository": "test/app", "tag": tag},
+                  "request": {"host": reg.host}}
+            assert _post_to(port, json.dumps({"events": [ev]}).encode(), token) == 200
+        assert _post_to(port, b"[" * 900_000, token) == 400  # nested JSON
+        assert _post_to(port, os.urandom(300_000), token) == 400  # junk
+        assert _post_to(port, b"x" * (2 * 1024 * 1024), token) == 413  # over the 1 MiB cap
+        # a flood of 500 000 valid-looking events
+        started = time.monotonic()
+        for body in _junk_envelopes(500_000, 4000, reg.host):
+            assert _post_to(port, body, token) == 200
+        flood_s = time.monotonic() - started
+        # slow: far more idle and slowloris connections than fds the old listener could bear
+        for i in range(1100):
+            s = socket.create_connection(("127.0.0.1", port), timeout=10)
+            if i % 2:
+                s.sendall(b"POST / HTTP/1.1\r\nHost: x\r\n")  # the head never ends
+            idle.append(s)
+        # a real push meanwhile: the registry's notification (with the token) gets through
+        images.make("new")
+        pushed = time.monotonic()
+        images.push("new", "test/app", "2.0")
+        live = loop.wait_path(link_reads(lay.link_path(reg.host, "test/app", "2.0"), "new\n"), "2.0 live",
+                              timeout=90)
+        fds, rss, hwm = _fds(pid), _proc_status(pid, "VmRSS"), _proc_status(pid, "VmHWM")
+        assert loop.running
+        with urllib.request.urlopen(f"http://127.0.0.1:{mport}/metrics", timeout=10) as r:
+            metrics = r.read().decode()
+    finally:
+        for s in idle:
+            s.close()
+        stop_started = time.monotonic()
+        rc = loop.stop(timeout=60)
+        stop_s = time.monotonic() - stop_started
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    text = loop.text()
+    print(f"\nabuse: 100 forged + 6 invalid requests, 500 000 junk events in {flood_s:.1f} s, 1100 idle/slow "
+          f"connections; a real push live {live - pushed:.1f} s after its copy started; loop fds {fds}, "
+          f"RSS {rss_start / 1024:.0f} -> {rss / 1024:.0f} MiB (peak {hwm / 1024:.0f} MiB); "
+          f"stopped {stop_s:.1f} s after one SIGTERM")
+    assert rc == 0, text[-3000:]
+    assert fds < 150 and hwm < 400 * 1024 and rss - rss_start < 150 * 1024
+    assert 'cvmfs_publisher_webhook_requests_total{outcome="unauthorized"} 100.0' in metrics
+    assert 'cvmfs_publisher_push_events_dropped_total{reason="invalid"} 3.0' in metrics
+    assert 'cvmfs_publisher_webhook_requests_total{outcome="too_large"} 1.0' in metrics
+    assert text.count("dropped an invalid push event") <= 10  # rate-limited
+    assert text.count("\n") < 2000  # not one line per junk event
+    assert "Traceback" not in text
+    assert f"pushed {reg.host}/test/app:2.0" in text  # by its notification, not by a round
