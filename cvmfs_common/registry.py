@@ -23,6 +23,13 @@ What it does:
   callers that unpack while downloading (verification at EOF / ``finish()``).
 * retries with exponential backoff on connection errors, timeouts, 5xx and 429
   (``Retry-After`` honoured), tunable through :class:`RetryPolicy`.
+* bounds (:class:`TransferLimits`): every body is read streamed with a size cap
+  (manifests, tokens, tag lists, error bodies); a blob must keep a minimum rate over
+  a window and may have a total time limit; :meth:`RegistryClient.set_deadline` bounds
+  all I/O of one unit of work (the publisher: one image) and :meth:`RegistryClient.abort`
+  ends everything in flight. A watchdog thread enforces these by shutting the socket
+  of a transfer that broke a bound, so a server trickling one byte per read timeout
+  cannot hold a caller; the caller gets TransferTooSlow / DeadlineExceeded / Aborted.
 * small pushes (monolithic blob upload, manifest PUT) for thin images.
 
 Every error is a :class:`RegistryError` whose message names the reference.
@@ -31,6 +38,7 @@ Every error is a :class:`RegistryError` whose message names the reference.
 from __future__ import annotations
 
 import base64
+import contextlib
 import fnmatch
 import hashlib
 import io
@@ -39,6 +47,7 @@ import os
 import platform as _platform
 import random
 import re
+import socket
 import tempfile
 import threading
 import time
@@ -110,6 +119,18 @@ class RetriesExhausted(RegistryError):
     """Transient failures (connection, 5xx, 429) outlasted the retry policy."""
 
 
+class TransferTooSlow(RegistryError):
+    """A body arrived slower than TransferLimits.min_rate over a whole window."""
+
+
+class DeadlineExceeded(RegistryError):
+    """A blob's time limit or the unit of work's deadline (set_deadline) passed."""
+
+
+class Aborted(RegistryError):
+    """RegistryClient.abort() ended the transfer (e.g. the process is stopping)."""
+
+
 # configuration ---------------------------------------------------------------
 @dataclass(frozen=True)
 class RetryPolicy:
@@ -125,6 +146,74 @@ class RetryPolicy:
     def delay(self, attempt: int) -> float:
         d = min(self.max_delay, self.base_delay * (2**attempt))
         return d + random.uniform(0, d / 10)
+
+
+@dataclass(frozen=True)
+class TransferLimits:
+    """Bounds on what a registry may make us wait for or hold in memory (the read
+    timeout alone does not bound a server sending one byte per timeout)."""
+
+    min_rate: int = 10 * 1024  # bytes/s every body must average over each rate_window; 0: off
+    rate_window: float = 60.0
+    blob_timeout: float = 0.0  # seconds for one blob, resumes included; 0: off
+    max_token_bytes: int = 1024 * 1024  # a token response (JWTs are a few kB)
+    max_error_bytes: int = 64 * 1024  # an error body (only its message is used)
+    max_tag_list_bytes: int = 32 * 1024 * 1024  # one page of a tag list
+    check_interval: float = 0.5  # how often the watchdog looks at the transfers
+
+
+class _Transfer:
+    """One body being read, as the watchdog sees it (counters updated by the reader)."""
+
+    def __init__(self, ref: Reference, what: str, limits: TransferLimits, blob: bool) -> None:
+        self.ref, self.what, self.limits, self.blob = ref, what, limits, blob
+        self.started = self.window_start = time.monotonic()
+        self.received = self.window_received = 0
+        self.resp: requests.Response | None = None
+        self.failure: RegistryError | None = None
+
+    def check(self, now: float, deadline: "tuple[float, str] | None", aborted: str | None) -> RegistryError | None:
+        lim = self.limits
+        if aborted is not None:
+            return Aborted(self.ref, f"{self.what}: {aborted} (after {self.received} bytes)")
+        if deadline is not None and now >= deadline[0]:
+            return DeadlineExceeded(self.ref, f"{self.what}: {deadline[1]} passed after {self.received} bytes")
+        if self.blob and lim.blob_timeout and now - self.started >= lim.blob_timeout:
+            return DeadlineExceeded(self.ref, f"{self.what}: not complete after {lim.blob_timeout:.0f} s "
+                                              f"({self.received} bytes)")
+        if lim.min_rate and now - self.window_start >= lim.rate_window:
+            got = self.received - self.window_received
+            if got < lim.min_rate * (now - self.window_start):
+                return TransferTooSlow(self.ref, f"{self.what}: {got} bytes in the last {now - self.window_start:.0f} s, "
+                                                 f"under the minimum of {lim.min_rate / 1024:g} KiB/s "
+                                                 f"({self.received} bytes in all)")
+            self.window_start, self.window_received = now, self.received
+        return None
+
+    def fail(self, error: RegistryError) -> None:
+        if self.failure is None:
+            self.failure = error
+            if self.resp is not None:
+                _shutdown_socket(self.resp)
+
+    def raise_failure(self) -> None:
+        if self.failure is not None:
+            raise self.failure
+
+
+def _shutdown_socket(resp: requests.Response) -> None:
+    """Wake a reader blocked on this response's socket (close() would not: the
+    blocked recv keeps the fd). The plain socket call, also for TLS sockets."""
+    raw = resp.raw
+    sock = getattr(getattr(raw, "_connection", None), "sock", None)
+    if sock is None:
+        sock = getattr(getattr(getattr(getattr(raw, "_fp", None), "fp", None), "raw", None), "_sock", None)
+    if sock is None:
+        return
+    try:
+        socket.socket.shutdown(sock, socket.SHUT_RDWR)  # not SSLSocket.shutdown: it unwraps under the reader
+    except (OSError, TypeError, ValueError):
+        pass
 
 
 _MACHINE_TO_GOARCH: dict[str, tuple[str, str | None]] = {
@@ -372,6 +461,7 @@ class RegistryClient:
         credentials: Credentials | None = None,
         auth_file: "str | os.PathLike[str] | None" = None,
         retry: RetryPolicy | None = None,
+        limits: TransferLimits | None = None,
         insecure_registries: Collection[str] = (),
         session: requests.Session | None = None,
         chunk_size: int = DEFAULT_CHUNK,
@@ -382,6 +472,7 @@ class RegistryClient:
             credentials = Credentials.load(auth_file)
         self.credentials = credentials or Credentials()
         self.retry = retry or RetryPolicy()
+        self.limits = limits or TransferLimits()
         self.insecure_registries = frozenset(insecure_registries)
         if session is None:
             session = requests.Session()
@@ -393,9 +484,79 @@ class RegistryClient:
         self._tokens: dict[tuple[str, str, str], _Token] = {}
         # per API host: the last challenge seen, so new scopes skip the 401 round trip
         self._challenges: dict[str, tuple[str, dict[str, str]]] = {}
+        self._transfers: set[_Transfer] = set()  # guarded by _lock
+        self._deadline: tuple[float, str] | None = None  # (time.monotonic(), what it is)
+        self._aborted: str | None = None
+        self._watchdog: threading.Thread | None = None
+        self._closed = threading.Event()
 
     def close(self) -> None:
+        self._closed.set()
         self.session.close()
+
+    # -- bounds ---------------------------------------------------------------------
+    def set_deadline(self, when: float | None, what: str = "the deadline") -> None:
+        """Every transfer in flight or started until the next call must end before
+        ``when`` (time.monotonic()); None lifts it. ``what`` names it in errors."""
+        self._deadline = None if when is None else (when, what)
+
+    def abort(self, reason: str) -> None:
+        """End every transfer in flight now and refuse new requests (Aborted): a
+        stop that cannot wait for a download. There is no way back for this client."""
+        self._aborted = reason
+        self._check_transfers()
+
+    def _check_now(self, ref: Reference, what: str) -> None:
+        """Before a request: the abort and the deadline (a body being read is the watchdog's)."""
+        if self._aborted is not None:
+            raise Aborted(ref, f"{what}: {self._aborted}")
+        deadline = self._deadline
+        if deadline is not None and time.monotonic() >= deadline[0]:
+            raise DeadlineExceeded(ref, f"{what}: {deadline[1]} passed")
+
+    def _check_transfers(self) -> None:
+        now, deadline, aborted = time.monotonic(), self._deadline, self._aborted
+        with self._lock:
+            transfers = list(self._transfers)
+        for t in transfers:
+            if t.failure is None:
+                error = t.check(now, deadline, aborted)
+                if error is not None:
+                    t.fail(error)
+
+    def _watch(self) -> None:
+        while not self._closed.wait(self.limits.check_interval):
+            try:
+                self._check_transfers()
+            except Exception:  # noqa: BLE001 - the watchdog must outlive anything
+                pass
+
+    @contextlib.contextmanager
+    def _tracked(self, ref: Reference, what: str, *, blob: bool = False) -> Iterator[_Transfer]:
+        t = _Transfer(ref, what, self.limits, blob)
+        with self._lock:
+            self._transfers.add(t)
+            if self._watchdog is None:
+                self._watchdog = threading.Thread(target=self._watch, name="registry-watchdog", daemon=True)
+                self._watchdog.start()
+        try:
+            yield t
+        finally:
+            with self._lock:
+                self._transfers.discard(t)
+
+    def _read_body(self, t: _Transfer, resp: requests.Response, size: int) -> Iterator[bytes]:
+        """The body as it arrives (one recv per chunk, so the counters are fine-grained)."""
+        t.resp = resp
+        t.raise_failure()  # the watchdog may have failed it before this response existed
+        read1 = getattr(resp.raw, "read1", None)
+        while True:
+            data = read1(size, decode_content=True) if read1 is not None else resp.raw.read(size, decode_content=True)
+            if not data:
+                resp._content_consumed = True  # read to the end: requests may pool the connection again
+                return
+            t.received += len(data)
+            yield data
 
     def __enter__(self) -> "RegistryClient":
         return self
@@ -468,12 +629,15 @@ class RegistryClient:
                 raise AuthenticationError(ref, f"token endpoint {realm} refused ({resp.status_code})", status=resp.status_code)
             if resp.status_code != 200:
                 raise RegistryError(ref, f"token endpoint {realm} answered {resp.status_code}", status=resp.status_code)
+            raw = self._read_limited(ref, resp, self.limits.max_token_bytes, f"token response from {realm}")
             try:
-                body = resp.json()
-            except ValueError:
+                body = json.loads(raw)
+            except (ValueError, UnicodeDecodeError, RecursionError):
                 raise AuthenticationError(ref, f"token endpoint {realm} sent no JSON") from None
         finally:
             resp.close()
+        if not isinstance(body, dict):
+            raise AuthenticationError(ref, f"token endpoint {realm} sent no JSON object")
         token = body.get("token") or body.get("access_token")
         if not token or not isinstance(token, str):
             raise AuthenticationError(ref, f"token endpoint {realm} sent no token")
@@ -504,9 +668,13 @@ class RegistryClient:
         """One logical request: auth (401 -> challenge -> retry once) and retries on
         transient failures. Returns the final response (caller checks the status)."""
         timeout = (self.retry.connect_timeout, self.retry.read_timeout)
+        # Bodies are always streamed, so that they are read through _read_limited (capped),
+        # never whole by requests; HEADs have none (and keep their connection for reuse).
+        stream = stream or method != "HEAD"
         attempt = 0
         authed_after_challenge = False
         while True:
+            self._check_now(ref, f"{method} {url}")
             hdrs = dict(headers or {})
             if scope is not None and "Authorization" not in hdrs:
                 auth = self._auth_header(ref, scope, fetch=True)
@@ -525,7 +693,7 @@ class RegistryClient:
 
             if resp.status_code == 401 and scope is not None and auth_retry and not authed_after_challenge:
                 challenge = resp.headers.get("WWW-Authenticate", "")
-                resp.close()
+                self._discard(ref, resp)
                 kind, params = parse_www_authenticate(challenge)
                 if kind not in ("bearer", "basic"):
                     raise AuthenticationError(ref, f"{method} {url}: 401 without a usable challenge", status=401)
@@ -543,7 +711,7 @@ class RegistryClient:
                     status = resp.status_code
                     resp.close()
                     raise RetriesExhausted(ref, f"{method} {url}: HTTP {status} after {attempt + 1} attempts", status=status)
-                resp.close()
+                self._discard(ref, resp)
                 delay = self.retry.delay(attempt) if wait is None else min(wait, self.retry.max_retry_after)
                 self._sleep(delay)
                 attempt += 1
@@ -556,9 +724,11 @@ class RegistryClient:
             return
         detail = ""
         try:
-            errs = resp.json().get("errors") or []
-            detail = "; ".join(f"{e.get('code')}: {e.get('message')}" for e in errs if isinstance(e, dict))
-        except (ValueError, AttributeError, requests.RequestException):
+            if resp.request is not None and resp.request.method != "HEAD":
+                errs = json.loads(self._read_limited(ref, resp, self.limits.max_error_bytes, f"HTTP {code} body"))
+                errs = errs.get("errors") or []
+                detail = "; ".join(f"{e.get('code')}: {e.get('message')}"[:500] for e in errs[:5] if isinstance(e, dict))
+        except (ValueError, AttributeError, TypeError, RecursionError, RegistryError, requests.RequestException):
             pass  # the status alone says enough
         resp.close()
         msg = f"{what}: HTTP {code}" + (f" ({detail})" if detail else "")
@@ -703,8 +873,8 @@ class RegistryClient:
             resp = self._send(ref, "GET", url, scope=self._scope(ref, False), params=params)
             self._raise_for_status(ref, resp, "tag list")
             try:
-                body = resp.json()
-            except ValueError:
+                body = json.loads(self._read_limited(ref, resp, self.limits.max_tag_list_bytes, "tag list"))
+            except (ValueError, UnicodeDecodeError, RecursionError):
                 raise RegistryError(ref, "tag list is not JSON") from None
             finally:
                 resp.close()
@@ -763,6 +933,10 @@ class RegistryClient:
         """
         ref = self.reference(ref)
         d = self._blob_digest(ref, digest)
+        with self._tracked(ref, f"blob {d} from {ref.registry}", blob=True) as t:
+            yield from self._iter_blob(ref, d, size, verify, t)
+
+    def _iter_blob(self, ref: Reference, d: Digest, size: int | None, verify: bool, t: _Transfer) -> Iterator[bytes]:
         url = self._url(ref, "blobs", str(d))
         scope = self._scope(ref, False)
         hasher = hashlib.sha256() if verify else None
@@ -784,7 +958,7 @@ class RegistryClient:
                     else:
                         skip = received  # server ignored Range: discard what we have
                 try:
-                    for chunk in resp.iter_content(self.chunk_size):
+                    for chunk in self._read_body(t, resp, self.chunk_size):
                         if skip:
                             if len(chunk) <= skip:
                                 skip -= len(chunk)
@@ -796,13 +970,16 @@ class RegistryClient:
                         if hasher is not None:
                             hasher.update(chunk)
                         yield chunk
+                    t.raise_failure()  # the watchdog cut it: the end is not the blob's end
                 except _TRANSIENT_EXC as e:
+                    t.raise_failure()
                     drops += 1
                     if drops >= self.retry.attempts:
                         raise RetriesExhausted(ref, f"blob {d}: connection dropped {drops} times, last: {e}") from e
                     self._sleep(self.retry.delay(drops - 1))
                     continue
             finally:
+                t.resp = None
                 resp.close()
             if size is not None and received < size:
                 # The body ended early without a protocol error (no Content-Length): resume.
@@ -886,17 +1063,36 @@ class RegistryClient:
                 raise RegistryError(ref, f"blob {digest} is over the {limit} byte limit")
         return bytes(buf)
 
-    @staticmethod
-    def _read_limited(ref: Reference, resp: requests.Response, limit: int, what: str) -> bytes:
+    def _read_limited(self, ref: Reference, resp: requests.Response, limit: int, what: str) -> bytes:
+        """The whole body, or RegistryError when it is over ``limit`` bytes (read no
+        further) or arrives too slowly (TransferLimits: the watchdog)."""
+        declared = resp.headers.get("Content-Length", "")
+        if declared.isdigit() and int(declared) > limit:
+            raise RegistryError(ref, f"{what} is {declared} bytes, over the limit of {limit}")
         buf = bytearray()
-        try:
-            for chunk in resp.iter_content(64 * 1024):
-                buf += chunk
-                if len(buf) > limit:
-                    raise RegistryError(ref, f"{what} is larger than {limit} bytes")
-        except _TRANSIENT_EXC as e:
-            raise RegistryError(ref, f"{what}: connection dropped: {e}") from e
+        with self._tracked(ref, what) as t:
+            try:
+                for chunk in self._read_body(t, resp, 64 * 1024):
+                    buf += chunk
+                    if len(buf) > limit:
+                        raise RegistryError(ref, f"{what} is larger than {limit} bytes")
+                t.raise_failure()
+            except _TRANSIENT_EXC as e:
+                t.raise_failure()
+                raise RegistryError(ref, f"{what}: connection dropped: {e}") from e
+            finally:
+                t.resp = None
         return bytes(buf)
+
+    def _discard(self, ref: Reference, resp: requests.Response) -> None:
+        """Read and drop a small body (a challenge, a 5xx page) so that the connection
+        can be reused; a large or slow one just closes it."""
+        try:
+            self._read_limited(ref, resp, self.limits.max_error_bytes, f"HTTP {resp.status_code} body")
+        except (RegistryError, requests.RequestException):
+            pass
+        finally:
+            resp.close()
 
     # -- push (small things: thin images) -------------------------------------------------
     def push_blob(self, ref: "Reference | str", data: bytes) -> str:

@@ -20,11 +20,11 @@ from typing import TYPE_CHECKING
 from cvmfs_common.durations import parse_duration
 from cvmfs_common.logs import setup_logging
 from cvmfs_common.reference import InvalidReference, parse_reference
-from cvmfs_common.registry import Credentials, Platform, RegistryClient
+from cvmfs_common.reference import is_loopback_host
+from cvmfs_common.registry import Credentials, Platform, RegistryClient, TransferLimits
 
 from .backend import Backend, BackendError, make_backend
 from .convert import ConvertOptions, convert, default_state_db
-from .progress import Progress
 from .runlock import Busy
 from .state import State, StateCorrupt, StateError
 from .wishlist import WishlistEntry, WishlistError, load_wishlists
@@ -59,6 +59,15 @@ def _common(p: argparse.ArgumentParser) -> None:
                    help="registry credentials, containers auth.json format (default: $REGISTRY_AUTH_FILE)")
     g.add_argument("--insecure-registry", metavar="HOST[:PORT]", action="append", default=[],
                    help="use plain http for this registry (loopback registries always are)")
+    g.add_argument("--min-transfer-rate", metavar="KIB_PER_S", type=float, default=10,
+                   help="a registry answer arriving slower than this over --transfer-window fails "
+                        "(that image fails, the others go on; default 10, 0: off)")
+    g.add_argument("--transfer-window", metavar="DURATION", type=_duration, default="60s",
+                   help="the window --min-transfer-rate is measured over (default 60s)")
+    g.add_argument("--blob-timeout", metavar="DURATION", type=_duration, default="0",
+                   help="one blob's download may take this long at most, resumes included (default 0: no limit)")
+    g.add_argument("--image-timeout", metavar="DURATION", type=_duration, default="2h",
+                   help="one image's registry transfers must end within this (default 2h, 0: no limit)")
     g.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     g.add_argument("--log-format", default="text", choices=("text", "json"))
 
@@ -98,6 +107,12 @@ def _maintenance_parsers(sub) -> None:
                    help="retry a round with failures after this, doubling up to --interval (default 30s)")
     g.add_argument("--listen", metavar="HOST:PORT",
                    help="accept registry push notifications (POST, any path) and convert pushed tags at once")
+    g.add_argument("--listen-token-file", metavar="FILE", type=Path,
+                   help="notifications must carry 'Authorization: Bearer <the token in FILE>' "
+                        "(required unless --listen is on a loopback address)")
+    g.add_argument("--stop-timeout", metavar="DURATION", type=_duration, default="2m",
+                   help="on SIGTERM the current image may finish within this, then its downloads are "
+                        "aborted (default 2m)")
     g.add_argument("--metrics-address", metavar="HOST:PORT", help="serve Prometheus metrics on /metrics")
     _common(p)
     p = sub.add_parser("gc", help="remove what no wishlist wants any more")
@@ -145,6 +160,7 @@ def run_loop(args: argparse.Namespace) -> int:
                 parse_address(value)
             except ValueError as e:
                 raise UsageError(f"{option}: {e}") from None
+    token = _listen_token(args)
     wishlist = load_wishlists(args.wishlists)  # invalid at start: exit 2; later: the last valid one is kept
     root = args.repository_root or Path("/cvmfs") / wishlist.cvmfs_repos[0]
     backend = _backend(args, root, wishlist.cvmfs_repos[0])
@@ -171,15 +187,46 @@ def run_loop(args: argparse.Namespace) -> int:
                 _mark_interrupted(state_db, root, command, started)
                 raise
 
-        loop = Loop(LoopSettings(args.wishlists, args.interval, args.backoff), convert_fn, wishlist,
-                    metrics=PublisherMetrics() if args.metrics_address else None,
-                    live_progress=None if args.log_format == "text" else False)
+        loop = Loop(LoopSettings(args.wishlists, args.interval, args.backoff, stop_timeout=args.stop_timeout),
+                    convert_fn, wishlist, metrics=PublisherMetrics() if args.metrics_address else None,
+                    live_progress=None if args.log_format == "text" else False,
+                    on_abort=client.abort, on_item=_image_deadline(args, client))
         try:
             serve(loop, lock_path=loop_lock_path(state_db), listen=args.listen,
-                  metrics_address=args.metrics_address)
+                  metrics_address=args.metrics_address, token=token)
         except ListenError as e:
             raise UsageError(str(e)) from None
     return EXIT_OK
+
+
+def _listen_token(args: argparse.Namespace) -> str | None:
+    """The webhook token: required for a listener other hosts can reach."""
+    from .webhook import parse_address
+
+    if args.listen_token_file is None:
+        if args.listen and not is_loopback_host(parse_address(args.listen)[0]):
+            raise UsageError(f"--listen {args.listen} is reachable from other hosts: give --listen-token-file "
+                             "(docs/publisher.md: securing the listener)")
+        return None
+    try:
+        token = args.listen_token_file.read_text().strip()
+    except (OSError, UnicodeDecodeError) as e:
+        raise UsageError(f"--listen-token-file: {e}") from None
+    if len(token) < 16 or any(c.isspace() or not c.isprintable() for c in token):
+        raise UsageError(f"--listen-token-file {args.listen_token_file}: want one line of at least 16 "
+                         "printable characters without blanks (e.g. openssl rand -hex 32)")
+    return token
+
+
+def _image_deadline(args: argparse.Namespace, client: RegistryClient):
+    """The per-image deadline hook for the converter's progress (loop.ItemHooksProgress)."""
+    def on_item(name: str | None) -> None:
+        if name is None or not args.image_timeout:
+            client.set_deadline(None)
+        else:
+            client.set_deadline(time.monotonic() + args.image_timeout,
+                                f"the image deadline of {name} (--image-timeout {args.image_timeout:.0f} s)")
+    return on_item
 
 
 def _mark_interrupted(state_db: Path, root: Path, command: str, since: float) -> None:
@@ -244,7 +291,13 @@ def _client(args: argparse.Namespace) -> RegistryClient:
             creds = Credentials.load(args.credentials)
         except (OSError, ValueError) as e:
             raise UsageError(f"credentials {args.credentials}: {e}") from None
-    return RegistryClient(credentials=creds, insecure_registries=args.insecure_registry)
+    if args.min_transfer_rate < 0:
+        raise UsageError("--min-transfer-rate must not be negative")
+    if args.transfer_window <= 0:
+        raise UsageError("--transfer-window must be more than 0")
+    limits = TransferLimits(min_rate=int(args.min_transfer_rate * 1024), rate_window=args.transfer_window,
+                            blob_timeout=args.blob_timeout)
+    return RegistryClient(credentials=creds, insecure_registries=args.insecure_registry, limits=limits)
 
 
 def _backend(args: argparse.Namespace, root: Path, cvmfs_repo: str | None) -> Backend:
@@ -286,9 +339,12 @@ def run_convert(args: argparse.Namespace) -> int:
         thin, backend = None, _backend(args, root, None)
     state_db = args.state_db or default_state_db(root)
     options = ConvertOptions(jobs=args.jobs, podman_store=not args.no_podman_store)
-    progress = Progress(live=None if args.log_format == "text" else False)  # no live line amid JSON logs
+    from .loop import ItemHooksProgress
+
     log.info("%s: %d wishlist entries into %s (state %s)", args.command, len(entries), root, state_db)
     with _client(args) as client:
+        # no live line amid JSON logs
+        progress = ItemHooksProgress(None if args.log_format == "text" else False, _image_deadline(args, client))
         summary = convert(entries, default, root=root, state_db=state_db, client=client, options=options,
                           progress=progress, command=args.command, backend=backend, thin=thin)
     print(summary.render(), flush=True)

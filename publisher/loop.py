@@ -10,18 +10,23 @@
   logged with the image by the converter) is retried after --backoff, doubling up to
   --interval; a round that finds another publisher (gc, a manual convert) holding the
   lock waits for it. Only a signal ends the loop.
-* SIGTERM/SIGINT: stop before the next image (the current one completes), exit 0. A
-  second signal interrupts at once (still crash-safe: the next run cleans ``.tmp/``).
+* SIGTERM/SIGINT: stop before the next image, exit 0. The current image may finish
+  within --stop-timeout; then its registry I/O is aborted (``on_abort``), so a stuck
+  download cannot hold the stop. A second signal aborts at once and interrupts (still
+  crash-safe: the next run cleans ``.tmp/``).
 * Push events (webhook.py) name a registry host, repository and tag; a tag some
   wishlist entry names (a glob matches too) is converted at once, with that entry's
-  platforms, so a push is live within seconds instead of at the next round.
+  platforms, so a push is live within seconds instead of at the next round. Pending
+  pushes are de-duplicated and bounded (``max_pending``): when more arrive, the extra
+  ones are dropped and a full round runs instead, which misses nothing.
+* Nothing from outside ends the loop: an event that cannot be matched is dropped and
+  counted; any other error in the loop itself is logged and retried after --backoff.
 """
 
 from __future__ import annotations
 
 import fnmatch
 import logging
-import queue
 import signal
 import threading
 import time
@@ -33,14 +38,19 @@ from cvmfs_common.registry import Platform
 
 from .metrics import PublisherMetrics
 from .progress import Progress, Summary
+from .ratelog import RateLimitedLog
 from .runlock import Busy, exclusive
-from .webhook import PushEvent, WebhookListener
+from .webhook import ListenerLimits, PushEvent, WebhookListener
 from .wishlist import Wishlist, WishlistEntry, WishlistError, load_wishlists
 
 log = logging.getLogger(__name__)
 
 BUSY_RETRY = 2.0  # seconds between tries while another publisher holds the lock
 WAIT_SLICE = 0.5  # the longest a stop request waits to be noticed when idle
+STOP_POLL = 0.2  # how often the stop watchdog looks at the signal count
+MAX_PENDING = 1000  # distinct push events waiting; beyond, a full round instead
+PUSH_SETTLE = 0.3  # the registry notifies a push a moment before the tag answers HEAD
+PUSH_RETRIES = (1.0, 3.0, 10.0)  # delays before trying a failed push conversion again
 
 # (wishlist, its entries to convert, default platform, progress, command) -> summary;
 # raises Busy when another publisher holds the lock
@@ -55,18 +65,82 @@ class _Stop(Exception):
     """A stop was requested: raised before the next image starts."""
 
 
-class _StoppableProgress(Progress):
-    """The converter announces every image through ``start_item`` before it touches it:
-    the one place to stop between two images without reaching into the converter."""
+class ItemHooksProgress(Progress):
+    """The converter announces every image through ``start_item`` before it touches it
+    and calls ``clear`` after it: where a per-image deadline is armed and disarmed
+    (``on_item(name)`` / ``on_item(None)``) without reaching into the converter."""
 
-    def __init__(self, should_stop: Callable[[], bool], live: bool | None) -> None:
+    def __init__(self, live: bool | None, on_item: Callable[[str | None], None] | None = None) -> None:
         super().__init__(live=live)
+        self._on_item = on_item
+
+    def start_item(self, position: str, name: str) -> None:
+        super().start_item(position, name)
+        if self._on_item is not None:
+            self._on_item(name)
+
+    def clear(self) -> None:
+        if self._on_item is not None:
+            self._on_item(None)
+        super().clear()
+
+
+class _StoppableProgress(ItemHooksProgress):
+    """... and the one place to stop between two images."""
+
+    def __init__(self, should_stop: Callable[[], bool], live: bool | None,
+                 on_item: Callable[[str | None], None] | None = None) -> None:
+        super().__init__(live, on_item)
         self._should_stop = should_stop
 
     def start_item(self, position: str, name: str) -> None:
         if self._should_stop():
             raise _Stop()
         super().start_item(position, name)
+
+
+class PendingPushes:
+    """Push events handed over by the listener's thread: de-duplicated, at most
+    ``limit``; what does not fit is dropped and counted (the loop then runs a round)."""
+
+    def __init__(self, limit: int = MAX_PENDING) -> None:
+        self.limit = limit
+        self._lock = threading.Lock()
+        self._events: dict[PushEvent, None] = {}
+        self._dropped = 0
+        self._ready = threading.Event()
+
+    def add(self, events: Sequence[PushEvent]) -> int:
+        """Queue ``events``; returns how many were dropped for want of room."""
+        dropped = 0
+        with self._lock:
+            for ev in events:
+                if ev in self._events:
+                    continue
+                if len(self._events) >= self.limit:
+                    dropped += 1
+                    continue
+                self._events[ev] = None
+            self._dropped += dropped
+            if self._events or self._dropped:
+                self._ready.set()
+        return dropped
+
+    def wait(self, timeout: float) -> bool:
+        return self._ready.wait(timeout)
+
+    def take(self) -> tuple[list[PushEvent], int]:
+        """(the queued events, how many were dropped since the last take)."""
+        with self._lock:
+            events, dropped = list(self._events), self._dropped
+            self._events.clear()
+            self._dropped = 0
+            self._ready.clear()
+        return events, dropped
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._events)
 
 
 def loop_lock_path(state_db: Path) -> Path:
@@ -103,20 +177,31 @@ class LoopSettings:
     wishlists: Sequence[Path]
     interval: float  # seconds, start to start
     backoff: float  # first retry delay after a failing round; doubles up to interval
+    stop_timeout: float = 120.0  # after a stop request, the current image's registry I/O is aborted after this
+    max_pending: int = MAX_PENDING
 
 
 class Loop:
     def __init__(self, settings: LoopSettings, convert: ConvertFn, wishlist: Wishlist, *,
-                 metrics: PublisherMetrics | None = None, live_progress: bool | None = False) -> None:
+                 metrics: PublisherMetrics | None = None, live_progress: bool | None = False,
+                 on_abort: Callable[[str], None] | None = None,
+                 on_item: Callable[[str | None], None] | None = None) -> None:
         self.settings = settings
         self._convert = convert
         self._wishlist = wishlist  # the last valid one
         self.metrics = metrics
         self._live = live_progress
-        self.stopping = False  # set from signal handlers: a plain flag, no locks there
+        self._on_abort = on_abort  # aborts the registry I/O in flight (a stop that cannot wait)
+        self._on_item = on_item  # arms the per-image deadline
+        self.stopping = False  # set from signal handlers: plain values, no locks there
         self._signals = 0
-        self._events: queue.SimpleQueue[PushEvent] = queue.SimpleQueue()
+        self._stop_requested_at = 0.0
+        self._converting = False
+        self._inbox = PendingPushes(settings.max_pending)
         self._pending: dict[PushEvent, None] = {}
+        self._push_tries: dict[PushEvent, int] = {}
+        self._dropped_log = RateLimitedLog(log, logging.WARNING)
+        self._unwanted_log = RateLimitedLog(log, logging.INFO, burst=30)
         self._pending_at = 0.0
         self._next_round = 0.0
         self._failures = 0
@@ -124,45 +209,75 @@ class Loop:
 
     # -- called from other threads / signal handlers ---------------------------------
     def push(self, events: Sequence[PushEvent]) -> None:
-        for ev in events:
-            self._events.put(ev)
+        dropped = self._inbox.add(events)
+        if dropped:
+            self._count_dropped("overflow", dropped)
+            self._dropped_log("%d push events pending: dropped %d more; a full round will look at everything",
+                              len(self._inbox), dropped)
+
+    def _count_dropped(self, reason: str, n: int = 1) -> None:
+        if self.metrics is not None:
+            self.metrics.push_events_dropped.labels(reason).inc(n)
 
     def request_stop(self, signum: int = signal.SIGTERM, _frame: object = None) -> None:
         self._signals += 1
+        if not self.stopping:
+            self._stop_requested_at = time.monotonic()
         self.stopping = True
         if self._signals > 1:
-            raise KeyboardInterrupt  # asked twice: do not wait for the current image
+            raise KeyboardInterrupt  # asked twice: do not wait for the current image (the watchdog aborts its I/O)
+
+    def watch_stop(self, done: threading.Event) -> None:
+        """A thread's body (serve() runs it): once a stop was requested, give the current
+        image --stop-timeout (no time at all after a second signal), then abort its
+        registry I/O -- a download trickling forever must not hold the stop."""
+        while not done.wait(STOP_POLL):
+            if not self.stopping or not self._converting:
+                continue
+            waited = time.monotonic() - self._stop_requested_at
+            if self._signals > 1 or waited >= self.settings.stop_timeout:
+                why = "a second stop signal" if self._signals > 1 else \
+                    f"stop requested {waited:.0f} s ago (--stop-timeout)"
+                log.warning("%s: aborting the current image's registry transfers", why)
+                if self._on_abort is not None:
+                    self._on_abort(f"aborted: {why}")
+                return
 
     # -- the loop ------------------------------------------------------------------------
     def run(self) -> None:
         self._next_round = time.monotonic()
         while not self.stopping:
             now = time.monotonic()
-            if self._pending and now >= self._pending_at:
-                self._pushes()
-            elif now >= self._next_round:
-                self._round()
-            else:
-                wake = min(self._next_round, self._pending_at) if self._pending else self._next_round
-                self._wait(wake - now)
+            try:
+                if self._pending and now >= self._pending_at:
+                    self._pushes()
+                elif now >= self._next_round:
+                    self._round()
+                else:
+                    wake = min(self._next_round, self._pending_at) if self._pending else self._next_round
+                    self._wait(wake - now)
+            except Exception:  # noqa: BLE001 - a bug here must not end the service: log, back off, go on
+                log.exception("loop: unexpected error")
+                self._fail_kind("round")
+                self._retry_soon(after_round=True)
         log.info("loop stopped after %d rounds", self.rounds)
 
     def _wait(self, timeout: float) -> None:
-        try:
-            ev = self._events.get(timeout=max(0.0, min(timeout, WAIT_SLICE)))
-        except queue.Empty:
+        if not self._inbox.wait(max(0.0, min(timeout, WAIT_SLICE))):
             return
-        if not self._pending:
-            self._pending_at = time.monotonic()
-        self._pending[ev] = None
-        while True:  # whatever else arrived with it
-            try:
-                self._pending[self._events.get_nowait()] = None
-            except queue.Empty:
-                return
+        events, dropped = self._inbox.take()
+        if events and not self._pending:
+            self._pending_at = time.monotonic() + PUSH_SETTLE
+        for ev in events:
+            if len(self._pending) >= self.settings.max_pending and ev not in self._pending:
+                dropped += 1
+                continue
+            self._pending[ev] = None
+        if dropped:  # some pushes were not kept: a round looks at every wishlist entry
+            self._next_round = min(self._next_round, time.monotonic())
 
     def _progress(self) -> Progress:
-        return _StoppableProgress(lambda: self.stopping, self._live)
+        return _StoppableProgress(lambda: self.stopping, self._live, self._on_item)
 
     def _read_wishlists(self) -> Wishlist:
         try:
@@ -178,6 +293,7 @@ class Loop:
 
     def _run(self, wishlist: Wishlist, entries: Sequence[WishlistEntry], command: str) -> Summary | str:
         """One convert call; a Summary, or "busy" / "stopped" / "error"."""
+        self._converting = True
         try:
             return self._convert(wishlist, entries, wishlist.default_platform, self._progress(), command)
         except _Stop:
@@ -190,6 +306,8 @@ class Loop:
             log.exception("%s failed", command)
             self._fail_kind("round")
             return "error"
+        finally:
+            self._converting = False
 
     def _round(self) -> None:
         started = time.monotonic()
@@ -230,11 +348,16 @@ class Loop:
         wishlist = self._read_wishlists()
         entries: dict[tuple, WishlistEntry] = {}
         for ev in events:
-            wanted = wanted_by(ev, wishlist.entries)
+            try:
+                wanted = wanted_by(ev, wishlist.entries)
+            except Exception as e:  # noqa: BLE001 - e.g. a name the listener let through that a wishlist rejects
+                self._count_dropped("invalid")
+                self._dropped_log("push of %r dropped: %s", str(ev)[:300], e)
+                continue
             if self.metrics is not None:
                 self.metrics.pushes.labels("yes" if wanted else "no").inc()
             if not wanted:
-                log.info("push of %s: no wishlist names it", ev)
+                self._unwanted_log("push of %s: no wishlist names it", ev)
             for entry in wanted:
                 old = entries.get(entry.key)
                 plats = entry.platforms if old is None else \
@@ -257,30 +380,55 @@ class Loop:
             if self.metrics is not None:
                 self.metrics.record(result, full_round=False)
             if result.ok:
+                for ev in events:
+                    self._push_tries.pop(ev, None)
                 return
-        if result != "stopped":
+        if result == "stopped":
+            return
+        # The registry notifies while it is still linking the tag (a HEAD right away can
+        # 404): try a failed push again a few times soon, then leave it to the rounds.
+        again = []
+        for ev in events:
+            tries = self._push_tries.pop(ev, 0)
+            if tries < len(PUSH_RETRIES) and len(self._push_tries) < self.settings.max_pending:
+                self._push_tries[ev] = tries + 1
+                again.append((tries, ev))
+        if again:
+            delay = PUSH_RETRIES[min(t for t, _ in again)]
+            log.info("trying the failed pushes again in %.0f s", delay)
+            for _, ev in again:
+                self._pending[ev] = None
+            self._pending_at = time.monotonic() + delay
+        else:
             self._retry_soon(after_round=False)  # the next round retries it
 
 
-def serve(loop: Loop, *, lock_path: Path, listen: str | None = None, metrics_address: str | None = None) -> None:
+def serve(loop: Loop, *, lock_path: Path, listen: str | None = None, metrics_address: str | None = None,
+          token: str | None = None, limits: ListenerLimits = ListenerLimits()) -> None:
     """Run ``loop`` until a signal: one loop per state (``lock_path``), the webhook
-    listener and the metrics endpoint around it. Raises Busy if another loop runs,
-    ListenError if an address cannot be listened on."""
+    listener (requiring ``token`` when given) and the metrics endpoint around it.
+    Raises Busy if another loop runs, ListenError if an address cannot be listened on."""
     with exclusive(lock_path):
         try:
             if metrics_address and loop.metrics is not None:
                 host, port = loop.metrics.serve(metrics_address)
                 log.info("metrics on http://%s:%d/metrics", host, port)
-            listener = WebhookListener(listen, loop.push).start() if listen else None
+            on_count = loop.metrics.count_webhook if loop.metrics is not None else None
+            listener = WebhookListener(listen, loop.push, token=token, limits=limits,
+                                       on_count=on_count).start() if listen else None
         except OSError as e:  # e.g. the port is taken
             raise ListenError(f"cannot listen on {e.filename or listen or metrics_address}: {e.strerror or e}") from e
         handlers: dict[int, object] = {}
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGTERM, signal.SIGINT):
                 handlers[sig] = signal.signal(sig, loop.request_stop)
+        done = threading.Event()
+        watchdog = threading.Thread(target=loop.watch_stop, args=(done,), name="stop-watchdog", daemon=True)
+        watchdog.start()
         try:
             loop.run()
         finally:
+            done.set()
             for sig, old in handlers.items():
                 signal.signal(sig, old)  # type: ignore[arg-type]
             if listener is not None:

@@ -8,12 +8,16 @@ import time
 from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
 
 from .progress import OUTCOMES, Summary
+from .webhook import OUTCOMES as WEBHOOK_OUTCOMES
 from .webhook import parse_address
 
 # What an item's error was (ItemResult.detail starts with the exception's type name).
 FAILURE_KINDS = ("network", "registry", "not_found", "auth", "image", "disk", "wishlist", "round", "other")
 _KIND_BY_TYPE = {
     "RetriesExhausted": "network",
+    "TransferTooSlow": "network",
+    "DeadlineExceeded": "network",
+    "Aborted": "other",
     "RegistryError": "registry",
     "DigestMismatch": "registry",
     "NotFound": "not_found",
@@ -53,6 +57,12 @@ class PublisherMetrics:
         self.pushes = Counter("cvmfs_publisher_push_events_total",
                               "Registry push notifications, by whether a wishlist names the tag", ["matched"],
                               registry=self.registry)
+        self.webhook_requests = Counter("cvmfs_publisher_webhook_requests_total",
+                                        "Requests to the push listener, by what became of them", ["outcome"],
+                                        registry=self.registry)
+        self.push_events_dropped = Counter("cvmfs_publisher_push_events_dropped_total",
+                                           "Push events dropped: invalid names, or too many pending", ["reason"],
+                                           registry=self.registry)
         self.last_success = Gauge("cvmfs_publisher_last_success_timestamp_seconds",
                                   "When the last round without failures ended (unix time)", registry=self.registry)
         for outcome in OUTCOMES:
@@ -61,6 +71,17 @@ class PublisherMetrics:
             self.failures.labels(kind)
         for matched in ("yes", "no"):
             self.pushes.labels(matched)
+        for outcome in WEBHOOK_OUTCOMES:
+            self.webhook_requests.labels(outcome)
+        for reason in ("invalid", "overflow"):
+            self.push_events_dropped.labels(reason)
+
+    def count_webhook(self, what: str, n: int) -> None:
+        """The listener's counting hook (webhook.WebhookListener ``on_count``)."""
+        if what == "invalid_event":
+            self.push_events_dropped.labels("invalid").inc(n)
+        else:
+            self.webhook_requests.labels(what).inc(n)
 
     def record(self, summary: Summary, full_round: bool) -> None:
         for r in summary.results:

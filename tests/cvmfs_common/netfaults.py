@@ -353,3 +353,120 @@ def paginating_tags(upstream: str, link_style: str = "relative") -> Callable[[Se
         return 200, headers, json.dumps({"name": body.get("name"), "tags": tags}).encode()
 
     return script
+
+
+class HugeTokenServer(TokenServer):
+    """A token endpoint whose answer is `token_bytes` long (one giant token string),
+    generated while it is sent: the client must stop reading, not buffer it."""
+
+    def __init__(self, token_bytes: int, declare_length: bool = True) -> None:
+        self.token_bytes = token_bytes
+        self.declare_length = declare_length  # False: the body ends when the connection does
+        self.sent = 0  # bytes of body written before the client hung up
+        super().__init__()
+
+    def handle(self, h: BaseHTTPRequestHandler) -> None:
+        seen = Seen(h.command, h.path, {k: v for k, v in h.headers.items()})
+        self._record(seen)
+        head, tail = b'{"token": "', b'", "expires_in": 300}'
+        body_len = len(head) + self.token_bytes + len(tail)
+        seen.status = 200
+        h.send_response(200)
+        h.send_header("Content-Type", "application/json")
+        if self.declare_length:
+            h.send_header("Content-Length", str(body_len))
+        else:
+            h.send_header("Connection", "close")
+            h.close_connection = True
+        h.end_headers()
+        block = b"A" * (1024 * 1024)
+        try:
+            h.wfile.write(head)
+            left = self.token_bytes
+            while left > 0:
+                n = min(left, len(block))
+                h.wfile.write(block[:n])
+                left -= n
+                with self._lock:
+                    self.sent += n
+            h.wfile.write(tail)
+        except OSError:
+            h.close_connection = True
+
+
+@dataclass
+class TricklingProxy:
+    """TCP proxy to `upstream`; once a connection has carried `after` bytes of response,
+    the rest trickles: `step` bytes every `every` seconds (a registry stuck behind a
+    bad link). `trickling` counts the connections that reached that point."""
+
+    upstream: tuple[str, int]
+    after: int
+    every: float = 1.0
+    step: int = 1
+    trickling: int = 0
+
+    def __post_init__(self) -> None:
+        self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._sock.bind(("127.0.0.1", 0))
+        self._sock.listen(16)
+        self.port = self._sock.getsockname()[1]
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._accept, daemon=True)
+
+    @property
+    def host(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def start(self) -> "TricklingProxy":
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._sock.close()
+
+    def __enter__(self) -> "TricklingProxy":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def _accept(self) -> None:
+        while not self._stop.is_set():
+            try:
+                client, _ = self._sock.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(self.upstream)
+            threading.Thread(target=self._pump, args=(client, upstream, False), daemon=True).start()
+            threading.Thread(target=self._pump, args=(upstream, client, True), daemon=True).start()
+
+    def _pump(self, src: socket.socket, dst: socket.socket, response: bool) -> None:
+        sent = 0
+        counted = False
+        try:
+            while not self._stop.is_set() and (data := src.recv(65536)):
+                if not response or sent + len(data) <= self.after:
+                    dst.sendall(data)
+                    sent += len(data)
+                    continue
+                head = max(0, self.after - sent)
+                dst.sendall(data[:head])
+                sent += head
+                if not counted:
+                    counted = True
+                    with self._lock:
+                        self.trickling += 1
+                for i in range(head, len(data), self.step):
+                    if self._stop.wait(self.every):
+                        return
+                    dst.sendall(data[i:i + self.step])
+                    sent += len(data[i:i + self.step])
+        except OSError:
+            pass
+        finally:
+            _close(dst)
+            _close(src)

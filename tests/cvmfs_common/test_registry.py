@@ -10,6 +10,7 @@ import json
 import os
 import socket
 import tarfile
+import threading
 import time
 from pathlib import Path
 
@@ -19,6 +20,8 @@ from cvmfs_common.digest import chain_ids
 from cvmfs_common.reference import parse_reference
 from cvmfs_common.registry import (
     DOCKER_MANIFEST,
+    Aborted,
+    DeadlineExceeded,
     OCI_INDEX,
     OCI_MANIFEST,
     AuthenticationError,
@@ -31,9 +34,20 @@ from cvmfs_common.registry import (
     RegistryError,
     RetriesExhausted,
     RetryPolicy,
+    TransferLimits,
+    TransferTooSlow,
 )
 
-from .netfaults import DroppingProxy, Frontend, Seen, TokenServer, bearer_guard, paginating_tags
+from .netfaults import (
+    DroppingProxy,
+    Frontend,
+    HugeTokenServer,
+    Seen,
+    TokenServer,
+    TricklingProxy,
+    bearer_guard,
+    paginating_tags,
+)
 
 FAST = RetryPolicy(attempts=4, base_delay=0.01, max_delay=0.05, connect_timeout=5, read_timeout=20)
 
@@ -495,3 +509,98 @@ def test_push_blob_and_manifest(registry, standard_images):
         r = c.resolve(ref)
         assert r.manifest_digest == digest and r.config_digest == cfg_digest and r.layers == ()
         assert c.get_blob_bytes(ref, cfg_digest) == config
+
+
+# -- bounds: slow bodies, deadlines, abort, oversized answers ------------------------------
+
+BOUNDED = TransferLimits(min_rate=10 * 1024, rate_window=2.0, check_interval=0.2)
+
+
+def _trickled_blob(reg, small_image, proxy_every: float):
+    img = small_image(reg, "test/trickle", big_file=300_000)
+    big = img.layers[1]
+    return img, big, reg.blob_data_path(big).stat().st_size
+
+
+def test_trickling_blob_fails_in_the_rate_window_naming_blob_and_registry(registry_factory, small_image, tmp_path):
+    reg = registry_factory()
+    img, big, size = _trickled_blob(reg, small_image, 15)
+    # one byte per 15 s: every read blocks for 15 s, under the 20 s read timeout, forever
+    with TricklingProxy(("127.0.0.1", reg.port), after=64 * 1024, every=15) as proxy:
+        with make_client(limits=BOUNDED) as c:
+            ref = f"{proxy.host}/{img.name}:{img.tag}"
+            started = time.monotonic()
+            with pytest.raises(TransferTooSlow) as e:
+                c.fetch_blob(ref, big, tmp_path / "big", size=size)
+            took = time.monotonic() - started
+        assert proxy.trickling == 1  # no retry of a too-slow blob
+    print(f"\ntrickling blob (1 byte / 15 s): failed after {took:.1f} s (rate window 2 s)")
+    assert took < 12  # the window plus the watchdog's tick, not a read timeout (20 s) or more
+    assert big in str(e.value) and proxy.host in str(e.value) and "KiB/s" in str(e.value)
+    assert os.listdir(tmp_path) == []
+
+
+def test_deadline_and_abort_end_a_stuck_blob_at_once(registry_factory, small_image):
+    reg = registry_factory()
+    img, big, size = _trickled_blob(reg, small_image, 15)
+    off = TransferLimits(min_rate=0, check_interval=0.2)
+    with TricklingProxy(("127.0.0.1", reg.port), after=64 * 1024, every=15) as proxy:
+        ref = f"{proxy.host}/{img.name}:{img.tag}"
+        with make_client(limits=off) as c:
+            c.set_deadline(time.monotonic() + 1.5, "the image deadline (1.5 s)")
+            started = time.monotonic()
+            with pytest.raises(DeadlineExceeded, match=r"the image deadline \(1.5 s\) passed"):
+                b"".join(c.iter_blob(ref, big, size))
+            assert time.monotonic() - started < 10
+            with pytest.raises(DeadlineExceeded):  # new requests too, until it is lifted
+                c.head_manifest(ref)
+            c.set_deadline(None)
+            assert c.head_manifest(ref) == img.manifest_digest
+        with make_client(limits=off) as c:
+            threading.Timer(1.0, c.abort, args=("stopping",)).start()
+            started = time.monotonic()
+            with pytest.raises(Aborted, match="stopping"):
+                b"".join(c.iter_blob(ref, big, size))
+            assert time.monotonic() - started < 10
+            with pytest.raises(Aborted):
+                c.head_manifest(ref)
+
+
+@pytest.mark.parametrize("declare_length", [True, False])
+def test_huge_token_response_is_refused_without_reading_it(registry, standard_images, declare_length):
+    img = standard_images.multilayer
+    rss_before = _rss_kib()
+    with HugeTokenServer(300 * 1024 * 1024, declare_length=declare_length) as tokens, \
+            Frontend(registry.host, bearer_guard(tokens)) as front:
+        with make_client() as c:
+            started = time.monotonic()
+            with pytest.raises(RegistryError, match="token response") as e:
+                c.resolve(f"{front.host}/{img.name}:{img.tag}")
+            took = time.monotonic() - started
+    grew = _rss_kib() - rss_before
+    print(f"\n300 MB token (Content-Length {'declared' if declare_length else 'absent'}): refused in {took:.2f} s, "
+          f"{tokens.sent / 1e6:.1f} MB sent by the server, RSS +{grew / 1024:.1f} MiB")
+    assert "larger than" in str(e.value) or "over the limit" in str(e.value)
+    assert grew < 64 * 1024
+    assert tokens.sent < 64 * 1024 * 1024  # the client hung up long before the end
+
+
+def _rss_kib() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
+def test_huge_error_body_is_not_read_whole(registry, standard_images):
+    img = standard_images.multilayer
+    junk = b'{"errors": [{"code": "X", "message": "' + b"y" * (20 * 1024 * 1024) + b'"}]}'
+
+    def script(seen: Seen):
+        return (404, {"Content-Type": "application/json"}, junk) if "/manifests/" in seen.path else None
+
+    with Frontend(registry.host, script) as front:
+        with make_client() as c:
+            with pytest.raises(NotFound) as e:
+                c.resolve(f"{front.host}/{img.name}:{img.tag}")
+    assert "HTTP 404" in str(e.value) and len(str(e.value)) < 1000

@@ -8,6 +8,8 @@ import time
 import urllib.request
 from pathlib import Path
 
+import pytest
+
 from cvmfs_common.layout import RepositoryLayout
 from cvmfs_common.reference import parse_reference
 from cvmfs_common.registry import Platform
@@ -17,9 +19,10 @@ from publisher.runlock import Busy
 from publisher.state import State
 from publisher.webhook import PushEvent
 from publisher.wishlist import WishlistEntry, load_wishlists
+from tests.cvmfs_common.netfaults import Frontend, HugeTokenServer, TricklingProxy, bearer_guard
 from tests.fixtures._proc import free_port
 
-from .clirun import write_wishlist
+from .clirun import popen_cli, write_wishlist
 from .conftest import requires_root
 from .looprun import Images, LoopProcess, link_exists, link_reads, wait_for
 from .test_crash import big_image  # noqa: F401 - module fixture: an image that takes a moment to unpack
@@ -115,6 +118,37 @@ def test_pushes_convert_only_what_the_wishlists_name(tmp_path: Path) -> None:
     loop._wait(0.5)
     loop._pushes()
     assert [(c, names) for c, names, _ in fake.calls] == [("loop-push", ["127.0.0.1:5000/team/app:2.1"])]
+
+
+def test_pending_pushes_are_bounded_and_an_overflow_brings_a_round(tmp_path: Path, monkeypatch) -> None:
+    fake = FakeConvert([])
+    wl = tmp_path / "w.yaml"
+    write_wishlist(wl, ["127.0.0.1:5000/team/app:*"])
+    loop = Loop(LoopSettings([wl], 60, 0.05, max_pending=100), fake, load_wishlists([wl]))
+    loop._next_round = time.monotonic() + 60  # as if the first round had run
+    junk = [PushEvent("127.0.0.1:5000", "junk/x", f"t{i}", None) for i in range(10_000)]
+    loop.push(junk[:50] * 3)  # duplicates count once
+    loop.push(junk)
+    assert len(loop._inbox) == 100
+    loop._wait(0.5)
+    assert loop._next_round <= time.monotonic()  # the dropped ones: a full round looks at everything
+    monkeypatch.setattr("publisher.loop.PUSH_SETTLE", 0.0)
+    loop.stopping = False
+    loop._pushes()
+    assert fake.calls == []  # no wishlist names junk/x
+
+
+def test_invalid_event_and_failed_push_do_not_end_the_loop(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setattr("publisher.loop.PUSH_RETRIES", (0.05, 0.05))
+    monkeypatch.setattr("publisher.loop.PUSH_SETTLE", 0.0)
+    fake = FakeConvert(["ok", "fail", "fail", "ok"])
+    loop = _loop(tmp_path, fake, ["127.0.0.1:5000/team/app:*"], interval=60)
+    # a tag that could never be a reference (a listener bug would let it through): dropped, not fatal
+    loop.push([PushEvent("127.0.0.1:5000", "team/app", "ok/x", None),
+               PushEvent("127.0.0.1:5000", "team/app", "2.0", None)])
+    _run_for(loop, 1.0)
+    pushes = [names for c, names, _ in fake.calls if c == "loop-push"]
+    assert pushes == [["127.0.0.1:5000/team/app:2.0"]] * 3  # failed twice, tried again soon, then done
 
 
 def test_wanted_by_matches_host_repository_tag_globs_and_digests() -> None:
@@ -245,3 +279,105 @@ def test_the_systemd_unit_command_line_parses() -> None:
     argv = shlex.split(exec_start.split("=", 1)[1])[1:]
     args = build_parser().parse_args(argv)
     assert args.command == "loop" and args.interval == 600 and args.wishlists
+
+
+# ------------------------------------------------------------------------------ registry I/O bounds, for real
+
+def _peak_rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+    return 0
+
+
+@pytest.fixture
+def slow_setup(registry_factory, tmp_path: Path):
+    """A registry with test/slow:v1 (a 400 kB layer) and test/fast:v1; a proxy in front
+    trickling one byte per 5 s once 64 kB went through a connection; a token endpoint
+    sending a 300 MB token in front of the same registry."""
+    reg = registry_factory()
+    images = Images(reg.host, tmp_path)
+    images.make("slow", {"/etc/version": "slow\n", "/data/big": os.urandom(400_000).hex()})
+    images.push("slow", "test/slow", "v1")
+    images.push("fast", "test/fast", "v1")
+    with TricklingProxy(("127.0.0.1", reg.port), after=64 * 1024, every=5) as proxy, \
+            HugeTokenServer(300 * 1024 * 1024) as tokens, Frontend(reg.host, bearer_guard(tokens)) as front:
+        yield reg, proxy, front, tokens
+
+
+@requires_root
+def test_trickling_blob_and_huge_token_fail_their_images_and_the_round_goes_on(slow_setup, tmp_path: Path) -> None:
+    reg, proxy, front, tokens = slow_setup
+    root, db = tmp_path / "repo", tmp_path / "state.db"
+    wishlist = write_wishlist(tmp_path / "w.yaml", [f"{proxy.host}/test/slow:v1", f"{front.host}/test/fast:v1",
+                                                    f"{reg.host}/test/fast:v1"])
+    lay = RepositoryLayout(root)
+    loop = LoopProcess.start(wishlist, "--repository-root", root, "--state-db", db, "--interval", "1h",
+                             "--backoff", "1h", "--transfer-window", "3s", "--no-podman-store",
+                             log=tmp_path / "loop.log")
+    try:
+        started = time.monotonic()
+        loop.wait_log("round 1: 3 images", timeout=120)
+        took = time.monotonic() - started
+        peak = _peak_rss_kib(loop.proc.pid)
+        text = loop.text()
+        assert loop.running
+    finally:
+        rc = loop.stop()
+    print(f"\ntrickling blob + 300 MB token: round 1 done in {took:.1f} s (window 3 s), peak RSS {peak / 1024:.0f} MiB, "
+          f"{tokens.sent / 1e6:.1f} MB of the token sent")
+    assert rc == 0
+    slow = next(line for line in text.splitlines() if f"{proxy.host}/test/slow:v1 (" in line and "): failed (" in line)
+    assert "TransferTooSlow" in slow and "blob sha256:" in slow and f"from {proxy.host}" in slow and "KiB/s" in slow
+    huge = next(line for line in text.splitlines() if f"{front.host}/test/fast:v1 (" in line and "): failed (" in line)
+    assert "token response" in huge
+    assert link_exists(lay.link_path(reg.host, "test/fast", "v1"))()
+    assert peak < 300 * 1024 and tokens.sent < 64 * 1024 * 1024
+    assert took < 60
+
+
+@requires_root
+def test_image_deadline_fails_a_stuck_image_in_convert(slow_setup, tmp_path: Path) -> None:
+    reg, proxy, _, _ = slow_setup
+    root, db = tmp_path / "repo", tmp_path / "state.db"
+    wishlist = write_wishlist(tmp_path / "w.yaml", [f"{proxy.host}/test/slow:v1", f"{reg.host}/test/fast:v1"])
+    started = time.monotonic()
+    proc = popen_cli("convert", wishlist, "--repository-root", root, "--state-db", db, "--no-podman-store",
+                     "--min-transfer-rate", "0", "--image-timeout", "4s", log=tmp_path / "convert.log")
+    try:
+        rc = proc.wait(120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    took = time.monotonic() - started
+    text = (tmp_path / "convert.log").read_text()
+    print(f"\nstuck blob, no rate bound, --image-timeout 4s: convert ended in {took:.1f} s")
+    assert rc == 1, text[-3000:]
+    assert "DeadlineExceeded" in text and "--image-timeout 4 s" in text and "blob sha256:" in text
+    assert link_exists(RepositoryLayout(root).link_path(reg.host, "test/fast", "v1"))()
+
+
+@requires_root
+def test_one_sigterm_stops_a_loop_stuck_in_a_download(slow_setup, tmp_path: Path) -> None:
+    reg, proxy, _, _ = slow_setup
+    root, db = tmp_path / "repo", tmp_path / "state.db"
+    wishlist = write_wishlist(tmp_path / "w.yaml", [f"{proxy.host}/test/slow:v1", f"{reg.host}/test/fast:v1"])
+    # no rate bound, no image deadline: only the stop deadline can end this download
+    loop = LoopProcess.start(wishlist, "--repository-root", root, "--state-db", db, "--interval", "1h",
+                             "--min-transfer-rate", "0", "--image-timeout", "0", "--stop-timeout", "2s",
+                             "--no-podman-store", log=tmp_path / "loop.log")
+    try:
+        wait_for(lambda: proxy.trickling >= 1, 60, "the blob trickling", loop.proc, loop.log)
+        time.sleep(1)
+        started = time.monotonic()
+        loop.proc.send_signal(signal.SIGTERM)  # once
+        rc = loop.proc.wait(60)
+        took = time.monotonic() - started
+    finally:
+        loop.kill()
+    text = loop.text()
+    print(f"\nloop stuck in a trickling download: one SIGTERM, exited {rc} after {took:.1f} s (--stop-timeout 2s)")
+    assert rc == 0, text[-3000:]
+    assert "aborting the current image's registry transfers" in text and "Aborted" in text
+    assert "stopped between two images" in text
+    assert not os.path.lexists(RepositoryLayout(root).link_path(reg.host, "test/fast", "v1"))  # no next image
