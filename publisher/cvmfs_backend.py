@@ -18,8 +18,8 @@ Work dirs (``.tmp/``) live inside the repository, in the transaction, so that a
 finished layer or chain is renamed into place on the same file system; the whole
 ``.tmp/`` is removed before ``publish``, so it is never published. Whiteouts stay
 raw (``.wh.*`` files: DESIGN §2a); chains apply them. ``.flat/<xx>/<config>`` is a
-directory: a hard-link copy of the top chain (see docs/cvmfs-backend.md for the
-template transaction ``cvmfs_server transaction -T`` a production setup may use).
+hard-link copy of the top chain, as on the local backend (see docs/cvmfs-backend.md
+for the template transaction ``cvmfs_server transaction -T`` a production setup may use).
 """
 
 from __future__ import annotations
@@ -32,11 +32,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from cvmfs_common.layout import RepositoryLayout, exchange_dirs, publish_dir, remove_tree
+from cvmfs_common.layout import RepositoryLayout, remove_tree
 
 from .backend import Backend, BackendError
 from .catalogs import catalog_dirs, ensure_markers
-from .chains import ChainMerger
 
 if TYPE_CHECKING:  # pragma: no cover
     from .image import Placement
@@ -82,7 +81,6 @@ def open_paths_under(root: Path, pid: str = "self") -> list[str]:
 class CvmfsBackend(Backend):
     name = "cvmfs"
     whiteouts = "raw"
-    flat_copy = True
 
     def __init__(self, root: Path, repository: str, command: str = "cvmfs_server") -> None:
         super().__init__(root)
@@ -220,20 +218,6 @@ class CvmfsBackend(Backend):
         made = ensure_markers(catalog_dirs(layout, record, [placement.layout.podman_store]))
         if made:
             log.debug("catalog markers: %s", ", ".join(str(m.relative_to(self.root)) for m in made))
-
-    def write_flat(self, layout: RepositoryLayout, flat: Path, top_chain: Path) -> None:
-        """``flat`` = a hard-link copy of ``top_chain`` (fresh dirs, same file inodes:
-        nothing shared is ever edited). Replaces a symlink a local-backend run left."""
-        work = layout.make_work_dir("flat-")
-        try:
-            tree = work / "rootfs"
-            ChainMerger().merge(tree, None, top_chain)
-            if os.path.lexists(flat):
-                exchange_dirs(tree, flat)  # e.g. a symlink: swapped out, removed with work
-            else:
-                publish_dir(tree, flat)
-        finally:
-            remove_tree(work)
 
 
 __all__ = ["CvmfsBackend", "open_paths_under"]
