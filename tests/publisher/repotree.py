@@ -80,6 +80,8 @@ def flat_minus_chain(flat: Path, chain: Path) -> list[str]:
     from publisher.treeview import diff_trees, tree_snapshot
 
     ours, theirs = tree_snapshot(flat), tree_snapshot(chain)
+    for snap in (ours, theirs):  # each catalog root has a marker of its own (cvmfs backend)
+        snap.pop("/.cvmfscatalog", None)
     added = [p for p in ours if p not in theirs]
     stray = [p for p in added if not (p in MOUNT_POINTS or any(p == n or p.startswith(n + "/")
                                                                 for n in SINGULARITY_NAMES))]

@@ -299,6 +299,35 @@ def test_moved_tag_switches_link(registry, tmp_path: Path) -> None:
     assert owners == [two.config_digest[7:]]
 
 
+def test_an_older_repository_is_upgraded_in_place(standard_images: StandardImages, registry, tmp_path: Path) -> None:
+    """.flat symlinks (what older versions wrote), flat dirs without .singularity.d and
+    missing .multiarch links are replaced by the next convert, without a layer download
+    and without a moment where the entry is missing (renameat2 RENAME_EXCHANGE)."""
+    img = standard_images.tagged["2.0"]
+    root, db = tmp_path / "repo", tmp_path / "state.db"
+    lay = RepositoryLayout(root)
+    assert run_cli("convert-image", img.ref, "--repository-root", root, "--state-db", db).rc == 0
+    flat, top = lay.flat_dir(img.config_digest), lay.chain_dir(chain_ids(img.diff_ids)[-1])
+    from cvmfs_common.layout import remove_tree
+    remove_tree(flat)
+    os.symlink(os.path.relpath(top, flat.parent), flat)
+    mlink = next((root / ".multiarch").glob(f"*/{img.host}/test/tagged:2.0"))
+    os.unlink(mlink)
+    registry.clear_log()
+    res = run_cli("convert-image", img.ref, "--repository-root", root, "--state-db", db)
+    assert res.rc == 0, res.stdout
+    assert [registry.blob_get_count(digest=d) for d in img.layers] == [0] * len(img.layers)  # the config only
+    assert flat.is_dir() and not flat.is_symlink() and flat_minus_chain(flat, top) == []
+    assert os.path.islink(mlink) and os.path.samefile(mlink, flat)
+    assert not any(lay.tmp_dir.iterdir())
+    # a flat dir without .singularity.d (the cvmfs backend's older copies) is redone too
+    remove_tree(flat / ".singularity.d")
+    old_ino = os.lstat(flat).st_ino
+    assert run_cli("convert-image", img.ref, "--repository-root", root, "--state-db", db).rc == 0
+    assert (flat / ".singularity.d/runscript").is_file() and os.lstat(flat).st_ino != old_ino
+    assert run_cli("check", "--repository-root", root, "--state-db", db).rc == 0
+
+
 def test_convert_image_of_missing_tag_fails(registry, tmp_path: Path) -> None:
     res = run_cli("convert-image", f"{registry.host}/{MISSING}", "--repository-root", tmp_path / "repo",
                   "--state-db", tmp_path / "state.db", "--no-podman-store")

@@ -28,7 +28,7 @@ from tests.fixtures.tree import compare_trees
 from .clirun import CliResult, popen_cli, push_image, run_cli
 from .conftest import requires_root
 from .cvmfs_standin import STANDIN_DIR, CvmfsStandin, cvmfs_standin  # noqa: F401 (fixture)
-from .repotree import observed_tree
+from .repotree import flat_minus_chain, observed_tree
 
 pytestmark = requires_root
 
@@ -152,7 +152,7 @@ def test_unchanged_rerun_opens_no_transaction(published: Published) -> None:
 def test_tmp_is_never_published(published: Published) -> None:
     assert not os.path.lexists(published.layout.tmp_dir)
     assert {p.name for p in published.repo.iterdir()} == {
-        ".layers", ".chains", ".flat", ".metadata", ".platforms", "podmanStore", published.images.multilayer.host}
+        ".layers", ".chains", ".flat", ".metadata", ".multiarch", "podmanStore", published.images.multilayer.host}
 
 
 def test_layers_keep_raw_whiteouts(published: Published) -> None:
@@ -196,7 +196,10 @@ def test_flat_is_a_directory_copy_of_the_chain(published: Published, name: str) 
     lay = published.layout
     flat = lay.flat_dir(img.config_digest)
     assert flat.is_dir() and not flat.is_symlink()
-    assert compare_trees(img.tree, observed_tree(flat), ignore=IGNORE) == []
+    top = lay.chain_dir(chain_ids(img.diff_ids)[-1])
+    assert flat_minus_chain(flat, top) == []  # the chain, plus .singularity.d for apptainer
+    assert (flat / ".singularity.d/env/10-docker2singularity.sh").is_file()
+    assert not os.path.lexists(top / ".singularity.d")
     link = lay.link_path(img.host, img.name, img.tag)
     assert not os.path.isabs(os.readlink(link)) and os.path.realpath(link) == str(flat)
 
@@ -235,7 +238,7 @@ def test_two_platform_index_converted_for_both(published: Published) -> None:
     other = published.images.multiarch.images[f"linux/{OTHER_ARCH}"]
     assert (lay.link_path(native.host, native.name, "v1") / "platform").read_text() == host_arch() + "\n"
     plat = lay.for_platform("linux", OTHER_ARCH)
-    assert plat.image_root == published.repo / ".platforms" / f"linux-{OTHER_ARCH}"
+    assert plat.image_root == published.repo / ".multiarch" / ("arm64:v8" if OTHER_ARCH == "arm64" else OTHER_ARCH)
     assert (plat.link_path(other.host, other.name, "v1") / "platform").read_text() == OTHER_ARCH + "\n"
     assert lay.manifest_json(native.host, native.name, "v1").is_file()
     assert plat.manifest_json(other.host, other.name, "v1").is_file()
@@ -269,7 +272,9 @@ def test_failing_image_is_aborted_and_the_others_published(cvmfs_standin: CvmfsS
     assert cvmfs_standin.commands() == [["list"], ["transaction", REPO], ["abort", "-f", REPO], *txn()]
     assert cvmfs_standin.refusals() == []
     lay = RepositoryLayout(repo)
-    assert compare_trees(good.tree, observed_tree(lay.flat_dir(good.config_digest)), ignore=IGNORE) == []
+    top = lay.chain_dir(chain_ids(good.diff_ids)[-1])
+    assert compare_trees(good.tree, observed_tree(top), ignore=IGNORE) == []
+    assert flat_minus_chain(lay.flat_dir(good.config_digest), top) == []
     assert not os.path.lexists(lay.link_path(bad.host, bad.name, bad.tag))
     assert not os.path.lexists(lay.layer_dir(bad.layers[-1]))
     assert not os.path.lexists(lay.tmp_dir)
@@ -358,7 +363,9 @@ def test_kill_9_mid_transaction_then_rerun(cvmfs_standin: CvmfsStandin, big_imag
     assert not cvmfs_standin.in_transaction(REPO)
     lay = RepositoryLayout(repo)
     assert not os.path.lexists(lay.tmp_dir)
-    assert compare_trees(big_image.tree, observed_tree(lay.flat_dir(big_image.config_digest)), ignore=IGNORE) == []
+    top = lay.chain_dir(chain_ids(big_image.diff_ids)[-1])
+    assert compare_trees(big_image.tree, observed_tree(top), ignore=IGNORE) == []
+    assert flat_minus_chain(lay.flat_dir(big_image.config_digest), top) == []
     assert read_layers_json(lay.layers_json(big_image.layers[-1])).whiteouts == "raw"
 
 
