@@ -189,3 +189,30 @@ def test_never_writes_a_shared_inode_or_through_a_symlink(tmp_path: Path) -> Non
 def test_env_script_is_plain_posix() -> None:
     text = env_script(["A=1", "B"])
     assert text.splitlines()[2:] == ['if [ -z "${A:-}" ]; then A=\'1\'; fi', "export A", 'B="${B:-}"', "export B"]
+
+
+@requires_root
+def test_converted_apptainer_image_runs_from_its_flat_dir(standard_images, tmp_path: Path) -> None:
+    """The standard test/apptainer:v1 image through `convert-image`: its flat link, chrooted
+    as apptainer would enter it, gives the image's exact Env and runs ENTRYPOINT + CMD in
+    WorkingDir (the later apptainer test runs apptainer 1.4 itself on the same image)."""
+    from tests.fixtures.images import APPTAINER_ENV
+    from tests.publisher.clirun import run_cli
+
+    img = standard_images.apptainer
+    root = tmp_path / "repo"
+    res = run_cli("convert-image", img.ref, "--repository-root", root, "--state-db", tmp_path / "state.db")
+    assert res.rc == 0, res.stdout
+    link = root / img.host / "test/apptainer:v1"
+    r = chroot(link, "/.singularity.d/actions/exec", "/bin/env", "-0")
+    assert r.returncode == 0, r.stderr
+    got = dict(item.split("=", 1) for item in r.stdout.decode().split("\0") if item)
+    assert {k: got.get(k) for k in APPTAINER_ENV} == APPTAINER_ENV
+    assert got["PATH"] == "/opt/tool/bin:/usr/bin:/bin"
+    assert chroot(link, "/.singularity.d/actions/exec", "hello-tool").stdout == b"hello from the tool\n"
+    r = chroot(link, "/.singularity.d/actions/run")
+    assert r.stdout.decode() == "cwd=/work dir\narg=[default arg]\narg=[$HOME `x` 'q']\n", r.stderr
+    r = chroot(link, "/.singularity.d/actions/run", "given arg")
+    assert r.stdout.decode() == "cwd=/work dir\narg=[given arg]\n"
+    labels = json.loads((link / ".singularity.d/labels.json").read_text())
+    assert labels["maintainer"] == "Ann <ann@example.org>"
