@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from cvmfs_common.digest import chain_ids
-from cvmfs_common.layout import RepositoryLayout, read_layers_json
+from cvmfs_common.layout import RepositoryLayout, read_layers_json, remove_tree
 from publisher.catalogs import CATALOG_MARKER
 from tests.fixtures.images import BuiltImage, Pusher, StandardImages, busybox_entries, host_arch
 from tests.fixtures.layers import Entry, Layer
@@ -381,3 +381,38 @@ def test_markers_are_files_of_their_own(tmp_path: Path) -> None:
     assert ensure_markers([a, b]) == [a / CATALOG_MARKER]  # a gets its own; b's is then alone
     assert os.lstat(a / CATALOG_MARKER).st_nlink == os.lstat(b / CATALOG_MARKER).st_nlink == 1
     assert ensure_markers([a, b]) == []
+
+
+def test_older_flat_entries_are_upgraded_in_a_transaction(cvmfs_standin: CvmfsStandin, standard_images,
+                                                          tmp_path: Path) -> None:
+    """A repository an older version published (.flat symlinks, copies without
+    .singularity.d, no .multiarch) is brought up to date by the next convert."""
+    s = cvmfs_standin
+    repo = s.mkfs(REPO)
+    imgs = [standard_images.multilayer, standard_images.tagged["1.1"]]
+    wl = wishlist(tmp_path / "wl.yaml", [i.ref for i in imgs])
+    db = tmp_path / "state.db"
+    assert convert(repo, db, wl).rc == 0
+    lay = RepositoryLayout(repo)
+    flats = [lay.flat_dir(i.config_digest) for i in imgs]
+    tops = [lay.chain_dir(chain_ids(i.diff_ids)[-1]) for i in imgs]
+    assert s.run("transaction", REPO).returncode == 0
+    remove_tree(flats[0])
+    os.symlink(os.path.relpath(tops[0], flats[0].parent), flats[0])
+    remove_tree(flats[1] / ".singularity.d")
+    remove_tree(repo / ".multiarch")
+    assert s.run("publish", REPO).returncode == 0
+    s.clear_log()
+
+    res = convert(repo, db, wl)
+    assert res.rc == 0, res.stdout
+    assert s.commands() == [["list"], *txn(), *txn()]  # one transaction per image, as for a new one
+    assert s.refusals() == []
+    for flat, top in zip(flats, tops):
+        assert flat.is_dir() and not flat.is_symlink() and flat_minus_chain(flat, top) == []
+        assert (flat / CATALOG_MARKER).is_file()
+    assert (repo / ".multiarch").is_dir()
+    assert not os.path.lexists(lay.tmp_dir)
+    s.clear_log()
+    again = convert(repo, db, wl)
+    assert again.rc == 0 and s.commands() == [["list"]]  # now current: no transaction
