@@ -20,7 +20,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from cvmfs_common.layout import RepositoryLayout
+from cvmfs_common.layout import RepositoryLayout, multiarch_aliases
 from cvmfs_common.reference import Reference
 from cvmfs_common.registry import ManifestError, NotFound, Platform, RegistryClient, ResolvedImage
 
@@ -241,7 +241,12 @@ class Converter:
         if config_digest is None or not is_complete(self.layout.flat_dir(config_digest)):
             return False
         name = multiarch_name_for(str(target.platform))
-        if placement.is_default and name is not None:
+        if name is None:
+            return True
+        # (an alias another tool made a real directory is left alone, here as when publishing)
+        if any(not os.path.lexists(self.layout.multiarch_dir / a) for a in multiarch_aliases(name)):
+            return False
+        if placement.is_default:
             registry, repository, tag = target.reference.link_components
             return os.path.islink(self.layout.multiarch_link(name, registry, repository, tag))
         return True
