@@ -11,8 +11,8 @@ is ever touched, e.g. what DUCC wrote):
 
 Removal order keeps every remaining image whole and readers consistent: names first
 (link, ``.multiarch`` link, ``.metadata``, podman names and images; ``.multiarch/<arch>``
-dirs left empty and their alias links; the older layout's ``.platforms/``), then ``.flat``, ``.chains``,
-``.layers``; directories vanish at once (renamed into ``.tmp/``, then deleted); the
+dirs left empty and their alias links; the older layout's ``.platforms/``), then
+``.flat``, ``.chains``, ``.layers``; directories vanish at once (renamed into ``.tmp/``, then deleted); the
 state forgets the rows last, in one transaction, only when every removal worked (a
 failed gc is simply run again). gc holds the run lock throughout, so it never sees an
 image a convert is building; it waits for a running convert or loop round to end.

@@ -3,9 +3,9 @@
 Order, so that nothing of an image is visible before everything it needs is:
 layers (in parallel) -> chains (bottom up) -> ``.flat`` (a copy of the top chain with
 ``.singularity.d``) -> the human-readable link and its ``.multiarch`` twin -> podman
-store -> ``.metadata/.../config.json`` -> ``manifest.json`` (last: it marks the tag done). Every step is content-addressed or an atomic swap, so a
-crash at any point leaves the old state or a complete new one, and a re-run
-picks up what is already there.
+store -> ``.metadata/.../config.json`` -> ``manifest.json`` (last: it marks the tag done).
+Every step is content-addressed or an atomic swap, so a crash at any point leaves the
+old state or a complete new one, and a re-run picks up what is already there.
 """
 
 from __future__ import annotations
