@@ -10,7 +10,9 @@ The publisher writes it, the snapshotter and podman read it; both import
     layout.flat_dir(config_digest)             .flat/<xx>/<hex>
     layout.link_path(registry, repo, tag)      <registry>/<repo>:<tag>
     layout.manifest_json(registry, repo, tag)  .metadata/<registry>/<repo>:<tag>/manifest.json
-    layout.for_platform("linux", "arm64")      links/.metadata/podmanStore under .platforms/linux-arm64/
+    layout.for_platform("linux", "arm64")      link + .metadata under .multiarch/arm64:v8/,
+                                               podmanStore under .multiarch/.podman/linux-arm64/
+    layout.multiarch_link(plat, registry, repo, tag)   .multiarch/<arch>[:<variant>]/<registry>/<repo>:<tag>
     layout.podman_store, layout.tmp_dir
 
 Every digest goes through :func:`cvmfs_common.digest.parse_digest` and every
@@ -49,7 +51,9 @@ LAYERS_DIR = ".layers"
 CHAINS_DIR = ".chains"
 FLAT_DIR = ".flat"
 METADATA_DIR = ".metadata"
-PLATFORMS_DIR = ".platforms"
+PLATFORMS_DIR = ".platforms"  # the old per-platform layout; removed by gc and convert
+MULTIARCH_DIR = ".multiarch"
+MULTIARCH_PODMAN_DIR = ".podman"  # .multiarch/.podman/<os>-<arch>[-<variant>]: no ':' (overlay lowerdir)
 PODMAN_STORE_DIR = "podmanStore"
 TMP_DIR = ".tmp"
 LAYERFS = "layerfs"
@@ -61,8 +65,18 @@ MANIFEST_JSON = "manifest.json"
 # would otherwise put links inside the podman store).
 RESERVED_TOP_LEVEL = frozenset(
     n.lower()
-    for n in (LAYERS_DIR, CHAINS_DIR, FLAT_DIR, METADATA_DIR, PLATFORMS_DIR, PODMAN_STORE_DIR, TMP_DIR)
+    for n in (LAYERS_DIR, CHAINS_DIR, FLAT_DIR, METADATA_DIR, PLATFORMS_DIR, MULTIARCH_DIR, PODMAN_STORE_DIR,
+              TMP_DIR)
 )
+
+# Variants Go/containerd assume when an index names none (platforms.Normalize).
+DEFAULT_VARIANTS = {"arm64": "v8", "arm": "v7"}
+# `uname -m` (CVMFS_ARCH) and other spellings -> the OCI name, as DUCC links them (DESIGN §2).
+MULTIARCH_ALIASES: dict[str, str] = {
+    "x86_64": "amd64", "x86-64": "amd64", "aarch64": "arm64:v8", "arm64": "arm64:v8",
+    "armel": "arm:v6", "i386": "386",
+}
+_MULTIARCH_RE = re.compile(r"[a-z0-9_]{1,32}(:[a-z0-9_]{1,32})?")
 
 Whiteouts = Literal["none", "overlay", "raw"]
 WHITEOUT_MODES: frozenset[str] = frozenset({"none", "overlay", "raw"})
@@ -104,13 +118,39 @@ def platform_dir_name(os_name: str, architecture: str, variant: str | None = Non
     return "-".join(parts)
 
 
+def multiarch_name(architecture: str, variant: str | None = None) -> str:
+    """``<arch>[:<variant>]`` as OCI/Go spell it (``amd64``, ``arm64:v8``, ``arm:v7``), the
+    variant defaulted as Go does; the directory under ``.multiarch/``."""
+    variant = variant or DEFAULT_VARIANTS.get(architecture)
+    name = architecture + (f":{variant}" if variant else "")
+    if not _MULTIARCH_RE.fullmatch(name):
+        raise LayoutError(f"invalid platform for .multiarch: {name!r}")
+    return name
+
+
+def multiarch_name_of_dir(platform_dir: str) -> str:
+    """``linux-arm64[-v8]`` (a layout's platform) -> ``arm64:v8``."""
+    parts = platform_dir.split("-")
+    if len(parts) not in (2, 3):
+        raise LayoutError(f"invalid platform directory name: {platform_dir!r}")
+    platform_dir_name(*parts)
+    return multiarch_name(parts[1], parts[2] if len(parts) == 3 else None)
+
+
+def multiarch_aliases(name: str) -> list[str]:
+    """The alias links that point at ``.multiarch/<name>``."""
+    return sorted(a for a, target in MULTIARCH_ALIASES.items() if target == name and a != name)
+
+
 @dataclass(frozen=True)
 class RepositoryLayout:
     """Paths of one repository root (optionally the view of a non-default platform).
 
     ``root`` holds the shared content (.layers, .chains, .flat, .tmp);
-    ``image_root`` holds the links, .metadata and podmanStore -- the root itself
-    for the default platform, ``.platforms/<os>-<arch>[-<variant>]`` otherwise.
+    ``image_root`` holds the links and .metadata -- the root itself for the default
+    platform, ``.multiarch/<arch>[:<variant>]`` otherwise (``platform`` is the
+    ``<os>-<arch>[-<variant>]`` the state records). A non-default platform's podman
+    store is ``.multiarch/.podman/<platform>``: overlay's lowerdir cannot hold a ``:``.
     """
 
     root: Path
@@ -138,7 +178,11 @@ class RepositoryLayout:
     def image_root(self) -> Path:
         if self.platform is None:
             return self.root
-        return self.root / PLATFORMS_DIR / self.platform
+        return self.multiarch_dir / multiarch_name_of_dir(self.platform)
+
+    @property
+    def multiarch_dir(self) -> Path:
+        return self.root / MULTIARCH_DIR
 
     @property
     def layers_dir(self) -> Path:
@@ -166,7 +210,9 @@ class RepositoryLayout:
 
     @property
     def podman_store(self) -> Path:
-        return self.image_root / PODMAN_STORE_DIR
+        if self.platform is None:
+            return self.root / PODMAN_STORE_DIR
+        return self.multiarch_dir / MULTIARCH_PODMAN_DIR / self.platform
 
     def _under_root(self, path: Path) -> Path:
         # Pure string check (no resolve(): nothing may be touched before validation).
@@ -221,6 +267,14 @@ class RepositoryLayout:
         registry, repository, tag = self._name_parts(registry, repository, tag)
         return self._under_root(self.image_root / registry / f"{repository}:{tag}")
 
+    def multiarch_link(self, multiarch: str, registry: str, repository: str, tag: str) -> Path:
+        """``.multiarch/<arch>[:<variant>]/<registry>/<repo>:<tag>`` (``multiarch`` from
+        :func:`multiarch_name`)."""
+        if not _MULTIARCH_RE.fullmatch(multiarch):
+            raise LayoutError(f"invalid .multiarch name: {multiarch!r}")
+        registry, repository, tag = self._name_parts(registry, repository, tag)
+        return self._under_root(self.multiarch_dir / multiarch / registry / f"{repository}:{tag}")
+
     def image_metadata_dir(self, registry: str, repository: str, tag: str) -> Path:
         registry, repository, tag = self._name_parts(registry, repository, tag)
         return self._under_root(self.metadata_root / registry / f"{repository}:{tag}")
@@ -248,6 +302,17 @@ class RepositoryLayout:
     def atomic_symlink(self, target_rel: str, link_path: Path) -> None:
         """atomic_symlink with the temp link under ``.tmp/``; link must be under root."""
         atomic_symlink(target_rel, self._under_root(Path(link_path)), tmp_dir=self.tmp_dir)
+
+    def ensure_multiarch_aliases(self, multiarch: str) -> list[Path]:
+        """The alias links (``x86_64 -> amd64``, ...) for an existing ``.multiarch/<multiarch>``;
+        returns those made. An alias that is a real directory is left alone."""
+        made = []
+        for alias in multiarch_aliases(multiarch):
+            link = self.multiarch_dir / alias
+            if _readlink(link) != multiarch and not (os.path.isdir(link) and not os.path.islink(link)):
+                self.atomic_symlink(multiarch, link)
+                made.append(link)
+        return made
 
     def link_to_flat(self, registry: str, repository: str, tag: str, config_digest: "str | Digest") -> Path:
         """Point ``<registry>/<repo>:<tag>`` at ``.flat/<xx>/<config>`` (relative, atomic)."""
@@ -618,6 +683,13 @@ def atomic_symlink(target_rel: str, link_path: Path, tmp_dir: Path | None = None
         os.unlink(tmp)
         raise
     fsync_dir(link_path.parent)
+
+
+def _readlink(path: Path) -> str | None:
+    try:
+        return os.readlink(path)
+    except OSError:
+        return None
 
 
 def relative_link_target(from_link: Path, to_path: Path) -> str:

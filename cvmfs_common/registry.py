@@ -260,7 +260,7 @@ class Platform:
 
     @property
     def dir_name(self) -> str:
-        """``<os>-<arch>[-<variant>]`` as used under ``.platforms/``."""
+        """``<os>-<arch>[-<variant>]`` as the state records a non-default platform."""
         return "-".join([self.os, self.architecture] + ([self.variant] if self.variant else []))
 
     def _norm_variant(self, variant: str | None) -> str | None:

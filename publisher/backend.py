@@ -9,11 +9,13 @@
         # only now record in the state: the unit is published
 
 * ``local`` -- a plain directory. ``unit()`` does nothing (every step is already
-  an atomic rename), whiteouts are converted to overlay form, ``.flat`` entries
-  are relative symlinks to the top chain.
+  an atomic rename), whiteouts are converted to overlay form.
 * ``cvmfs`` -- :class:`publisher.cvmfs_backend.CvmfsBackend`: every unit inside
   ``cvmfs_server transaction`` ... ``publish`` (``abort -f`` on failure), raw
-  whiteouts, ``.cvmfscatalog`` markers, ``.flat`` entries as real directories.
+  whiteouts, ``.cvmfscatalog`` markers.
+
+On both, ``.flat/<xx>/<config>`` is a directory (publisher/flat.py): a hard-link copy
+of the top chain, or what ``clone_tree`` makes (cvmfs: a template transaction).
 
 A unit of work is one image publish (convert) or one gc run. Units never nest.
 Everything that writes the repository must happen inside a unit; reading it is
@@ -49,7 +51,6 @@ class Backend:
 
     name = "local"
     whiteouts = "overlay"  # how layer dirs store deletions (DESIGN §2a)
-    flat_copy = False      # .flat/<xx>/<config>: False = relative symlink to the top chain
 
     def __init__(self, root: Path) -> None:
         self.root = Path(os.path.abspath(root))
@@ -67,9 +68,11 @@ class Backend:
     def after_image(self, layout: RepositoryLayout, record: "ImageRecord", placement: "Placement") -> None:
         """Inside the unit, after an image's files are in place (cvmfs: catalog markers)."""
 
-    def write_flat(self, layout: RepositoryLayout, flat: Path, top_chain: Path) -> None:
-        """Make ``flat`` a complete directory copy of ``top_chain`` (only when ``flat_copy``)."""
-        raise NotImplementedError(f"the {self.name} backend links .flat entries")
+    def clone_tree(self, src: Path, dst: Path) -> bool:
+        """Inside the unit: make ``dst`` a clone of the published tree ``src`` by the
+        backend's own means (cvmfs: a template transaction); False when it has none, and
+        the caller copies. The local backend has none."""
+        return False
 
     def describe(self) -> str:
         return f"{self.name} backend at {self.root}"

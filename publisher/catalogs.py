@@ -7,7 +7,7 @@ catalog of the whole repository. The cvmfs backend puts one in::
     .layers  .layers/<xx>  .layers/<xx>/<hex>        every layer dir
     .chains  .chains/<xx>  .chains/<xx>/<hex>        every chain dir (its root fs)
     .flat    .flat/<xx>    .flat/<xx>/<hex>          every flat dir (a real directory on CVMFS)
-    podmanStore                                      and .platforms/<p>/podmanStore
+    podmanStore                                      and .multiarch/.podman/<p>
 
 A chain or flat dir IS an image's root file system, so ``/.cvmfscatalog`` shows
 up in containers started from it -- as it does in DUCC's repositories. Layer dirs

@@ -1,7 +1,8 @@
 """``check``: is the repository what the state says it published?
 
-For every published tag (and platform): its link leads to ``.flat/<xx>/<config>``,
-the ``.flat`` entry to the top chain, ``.metadata/.../manifest.json`` and
+For every published tag (and platform): its link and its ``.multiarch`` link (with the
+arch's alias links) lead to ``.flat/<xx>/<config>``, a directory with
+``.singularity.d``, ``.metadata/.../manifest.json`` and
 ``config.json`` hash to the recorded digests, every layer dir is there with a
 ``layers.json`` that agrees with the state (diffID, whiteouts, parent chain), every
 chain dir is there, and the podman store has the image under the tag's names with
@@ -21,13 +22,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cvmfs_common.digest import sha256_of
-from cvmfs_common.layout import (CHAINS_DIR, FLAT_DIR, LAYERFS, LAYERS_DIR, LAYERS_JSON, METADATA_DIR, RepositoryLayout,
-                                 find_chain, find_layer, relative_link_target)
+from cvmfs_common.layout import (CHAINS_DIR, FLAT_DIR, LAYERFS, LAYERS_DIR, LAYERS_JSON, METADATA_DIR, PLATFORMS_DIR,
+                                 RepositoryLayout, find_chain, find_layer, multiarch_aliases, relative_link_target)
 
 from . import podman_format as fmt
 from .gc import placement, podman_name_choices
-from .image import CONFIG_JSON
+from .image import CONFIG_JSON, multiarch_name_for
 from .lockwait import run_locks_waiting
+from .singularity import has_singularity
 from .state import LayerRecord, State, TagRecord
 
 log = logging.getLogger(__name__)
@@ -108,6 +110,10 @@ class _Checker:
         self.report.chains = len({l.chain_id for ls in self._layers.values() for l in ls})
         self.check_stores(tags)
         self.count_unknown()
+        old = self.layout.root / PLATFORMS_DIR
+        if os.path.lexists(old):
+            self.problem(f"{self.rel(old)}: the older per-platform layout (now .multiarch/); "
+                         "the next gc removes it", None)
         return self.report
 
     # -- one tag -----------------------------------------------------------------------
@@ -139,6 +145,7 @@ class _Checker:
         else:
             if got != want:
                 self.problem(f"link {self.rel(link)} points to {got}, not {want}", tag)
+        self.check_multiarch(tag, flat)
         meta = lay.manifest_json(k.registry, k.repository, k.tag)
         for path, digest in ((meta, tag.manifest_digest), (meta.parent / CONFIG_JSON, tag.config_digest)):
             try:
@@ -149,18 +156,39 @@ class _Checker:
             if actual != digest:
                 self.problem(f"{self.rel(path)} is {actual}, the state says {digest}", tag)
 
+    def check_multiarch(self, tag: TagRecord, flat: Path) -> None:
+        """``.multiarch/<arch>[:<variant>]/<registry>/<repo>:<tag>`` (the link itself for a
+        non-default platform, checked above) and the alias links to that arch dir."""
+        name = multiarch_name_for(tag.key.platform)
+        if name is None:
+            return
+        k = tag.key
+        if not tag.platform_dir:
+            link = self.layout.multiarch_link(name, k.registry, k.repository, k.tag)
+            want = relative_link_target(link, flat)
+            try:
+                got = os.readlink(link)
+            except OSError:
+                self.problem(f"link {self.rel(link)} is missing", tag)
+            else:
+                if got != want:
+                    self.problem(f"link {self.rel(link)} points to {got}, not {want}", tag)
+        for alias in multiarch_aliases(name):
+            path = self.layout.multiarch_dir / alias
+            if os.path.islink(path) and os.readlink(path) == name:
+                continue
+            self.problem(f"alias {self.rel(path)} does not point to {name}", tag)
+
     def check_content(self, tag: TagRecord, layers: list[LayerRecord]) -> None:
         assert tag.config_digest is not None
         flat = self.layout.flat_dir(tag.config_digest)
-        top = self.layout.chain_dir(layers[-1].chain_id)
         if os.path.islink(flat):
-            want = relative_link_target(flat, top)
-            if os.readlink(flat) != want:
-                self.problem(f"{self.rel(flat)} points to {os.readlink(flat)}, not the top chain {want}", tag)
-            elif not flat.is_dir():
-                self.problem(f"{self.rel(flat)} does not lead to a directory", tag)
+            self.problem(f"{self.rel(flat)} is a symlink (an older layout, without .singularity.d; "
+                         "the next convert replaces it)", tag)
         elif not flat.is_dir():
             self.problem(f"{self.rel(flat)} is missing", tag)
+        elif not has_singularity(flat):
+            self.problem(f"{self.rel(flat)} has no .singularity.d (the next convert adds it)", tag)
         for record in layers:
             self.check_layer(record, tag)
             if find_chain(self.layout, record.chain_id) is None:

@@ -20,12 +20,13 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from cvmfs_common.layout import RepositoryLayout
+from cvmfs_common.layout import RepositoryLayout, multiarch_aliases
 from cvmfs_common.reference import InvalidReference, Reference
 from cvmfs_common.registry import ManifestError, NotFound, Platform, RegistryClient, ResolvedImage
 
 from .backend import Backend
-from .image import ImagePublisher, Placement
+from .flat import is_complete
+from .image import ImagePublisher, Placement, multiarch_name_for
 from .ingest import LayerIngester
 from .progress import ItemResult, Progress, Summary
 from .runlock import exclusive, exclusive_repository, lock_path_for
@@ -94,11 +95,7 @@ class Converter:
         self.ingester = LayerIngester(self.layout, self.client, whiteouts=self.options.whiteouts,
                                       on_bytes=self.progress.add_bytes)
         self.publisher = ImagePublisher(self.layout, self.ingester, jobs=self.options.jobs, podman_store=podman,
-                                        flat_writer=self._write_flat if self.backend.flat_copy else None)
-
-    def _write_flat(self, flat: Path, top_chain: Path) -> None:
-        assert self.backend is not None
-        self.backend.write_flat(self.layout, flat, top_chain)
+                                        clone_tree=self.backend.clone_tree)
 
     # -- the run ---------------------------------------------------------------------------
     def run(self, entries: Sequence[WishlistEntry], default_platform: Platform, command: str = "convert") -> Summary:
@@ -211,7 +208,8 @@ class Converter:
                 return ItemResult(target.name, "skipped", f"no image for {target.platform}; unchanged")
             if (known is not None and known.published and known.top_digest == head
                     and known.platform_dir == placement.platform_dir
-                    and placement.layout.manifest_json(key.registry, key.repository, key.tag).is_file()):
+                    and placement.layout.manifest_json(key.registry, key.repository, key.tag).is_file()
+                    and self._names_current(target, placement, known.config_digest)):
                 damage = self._damage(known.manifest_digest)
                 if damage is None:
                     self.state.touch_tag(key, placement.platform_dir, target.entry_id)
@@ -266,6 +264,24 @@ class Converter:
             if not self.layout.layers_json(layer.digest).is_file():
                 return f"layer {layer.digest}: its layers.json is missing"
         return None
+
+    def _names_current(self, target: Target, placement: Placement, config_digest: str | None) -> bool:
+        """Does the repository have what this version writes for a published tag (a flat
+        DIRECTORY with .singularity.d, the .multiarch link)? A repository an older version
+        wrote lacks them: the tag is published again (no blob is fetched, the layers are
+        there), which upgrades it in place."""
+        if config_digest is None or not is_complete(self.layout.flat_dir(config_digest)):
+            return False
+        name = multiarch_name_for(str(target.platform))
+        if name is None:
+            return True
+        # (an alias another tool made a real directory is left alone, here as when publishing)
+        if any(not os.path.lexists(self.layout.multiarch_dir / a) for a in multiarch_aliases(name)):
+            return False
+        if placement.is_default:
+            registry, repository, tag = target.reference.link_components
+            return os.path.islink(self.layout.multiarch_link(name, registry, repository, tag))
+        return True
 
     def _resolve(self, target: Target, head: str) -> ResolvedImage | None:
         """The image for the platform, read by the digest the HEAD returned (so a tag

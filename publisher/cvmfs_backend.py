@@ -19,8 +19,9 @@ finished layer or chain is renamed into place on the same file system; the whole
 ``.tmp/`` is removed before ``publish``, so it is never published. Whiteouts stay
 raw (``.wh.*`` files: DESIGN §2a); chains apply them. ``.flat/<xx>/<config>`` is a
 directory cloned from the top chain by a template transaction: the unit publishes its
-layers and chains, then continues as ``cvmfs_server transaction -T chain=flat``
-(docs/cvmfs-backend.md has the figures against the hard-link copy it falls back to).
+layers and chains, then continues as ``cvmfs_server transaction -T chain=flat`` and adds
+``.singularity.d`` to the clone (docs/cvmfs-backend.md has the figures against the
+hard-link copy of publisher/flat.py it falls back to).
 """
 
 from __future__ import annotations
@@ -33,11 +34,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from cvmfs_common.layout import RepositoryLayout, exchange_dirs, publish_dir, remove_tree
+from cvmfs_common.layout import RepositoryLayout, remove_tree
 
 from .backend import Backend, BackendError
 from .catalogs import catalog_dirs, ensure_markers
-from .chains import ChainMerger
 
 if TYPE_CHECKING:  # pragma: no cover
     from .image import Placement
@@ -83,7 +83,6 @@ def open_paths_under(root: Path, pid: str = "self") -> list[str]:
 class CvmfsBackend(Backend):
     name = "cvmfs"
     whiteouts = "raw"
-    flat_copy = True
     flat_template = True  # .flat by `transaction -T` (faster than a hard-link copy, measured)
 
     def __init__(self, root: Path, repository: str, command: str = "cvmfs_server") -> None:
@@ -225,31 +224,15 @@ class CvmfsBackend(Backend):
         if made:
             log.debug("catalog markers: %s", ", ".join(str(m.relative_to(self.root)) for m in made))
 
-    def write_flat(self, layout: RepositoryLayout, flat: Path, top_chain: Path) -> None:
-        """``flat`` = a clone of ``top_chain`` by a template transaction (faster on a real
-        server: docs/cvmfs-backend.md has the figures), else a hard-link copy (fresh dirs,
-        same file inodes: nothing shared is ever edited), which also replaces a symlink a
-        local-backend run left."""
-        if self.flat_template and self._open is not None and not os.path.lexists(flat):
-            if self._template_flat(flat, top_chain):
-                return
-        work = layout.make_work_dir("flat-")
-        try:
-            tree = work / "rootfs"
-            ChainMerger().merge(tree, None, top_chain)
-            if os.path.lexists(flat):
-                exchange_dirs(tree, flat)  # e.g. a symlink: swapped out, removed with work
-            else:
-                publish_dir(tree, flat)
-        finally:
-            remove_tree(work)
-
-    def _template_flat(self, flat: Path, top_chain: Path) -> bool:
-        """Publish what the unit wrote so far (layers and chains: content-addressed, no
-        name points at them yet), then reopen it as ``transaction -T chain=flat``: CernVM-FS
+    def clone_tree(self, top_chain: Path, flat: Path) -> bool:
+        """``flat`` = a clone of ``top_chain`` by a template transaction, when one is open
+        and ``flat`` does not exist yet. Publish what the unit wrote so far (layers and
+        chains: content-addressed, no name points at them yet), then reopen it as ``transaction -T chain=flat``: CernVM-FS
         clones the chain at catalog level, no file is copied up or hashed again. The
         source and the destination's parent must be published. False: the template
         transaction was refused, an ordinary one is open again (copy with hard links)."""
+        if not self.flat_template or self._open is None or os.path.lexists(flat):
+            return False
         src = "/" + str(top_chain.relative_to(self.root))
         dst = "/" + str(flat.relative_to(self.root))
         flat.parent.mkdir(parents=True, exist_ok=True)

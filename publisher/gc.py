@@ -10,8 +10,9 @@ is ever touched, e.g. what DUCC wrote):
 * the **layers, chains and flat dirs** only such images use.
 
 Removal order keeps every remaining image whole and readers consistent: names first
-(link, ``.metadata``, podman names and images), then ``.flat``, ``.chains``,
-``.layers``; directories vanish at once (renamed into ``.tmp/``, then deleted); the
+(link, ``.multiarch`` link, ``.metadata``, podman names and images; ``.multiarch/<arch>``
+dirs left empty and their alias links; the older layout's ``.platforms/``), then
+``.flat``, ``.chains``, ``.layers``; directories vanish at once (renamed into ``.tmp/``, then deleted); the
 state forgets the rows last, in one transaction, only when every removal worked (a
 failed gc is simply run again). gc holds the run lock throughout, so it never sees an
 image a convert is building; it waits for a running convert or loop round to end.
@@ -33,11 +34,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cvmfs_common.fdtree import lstat_tree
-from cvmfs_common.layout import RepositoryLayout, remove_tree
+from cvmfs_common.layout import METADATA_DIR, RepositoryLayout, remove_tree
 from cvmfs_common.reference import Reference
 
 from .backend import Backend
-from .image import podman_names
+from .image import multiarch_name_for, podman_names
 from .lockwait import run_locks_waiting
 from .progress import human_bytes
 from .state import ImageRow, State, TagKey, TagRow
@@ -83,11 +84,13 @@ class GcPlan:
     podman_names: dict[str, set[str]] = field(default_factory=dict)  # platform_dir -> names to drop
     podman_images: dict[str, set[str]] = field(default_factory=dict)  # platform_dir -> config digests to drop
     entries: list[tuple[int, str, str]] = field(default_factory=list)
+    old_platforms_dir: bool = False  # .platforms/ (the older per-platform layout) is there
 
     @property
     def empty(self) -> bool:
         return not (self.tags or self.images or self.layers or self.chains or self.flats
-                    or any(self.podman_images.values()) or any(self.podman_names.values()) or self.entries)
+                    or any(self.podman_images.values()) or any(self.podman_names.values()) or self.entries
+                    or self.old_platforms_dir)
 
 
 def make_plan(state: State, now: float, older_than: float) -> GcPlan:
@@ -275,6 +278,33 @@ def prune_empty(directory: Path, stop: Path) -> None:
         d = d.parent
 
 
+def prune_multiarch(layout: RepositoryLayout) -> None:
+    """Remove ``.multiarch/<arch>`` dirs left empty (an empty ``.metadata`` aside) and the
+    alias links that pointed at them."""
+    top = layout.multiarch_dir
+    try:
+        entries = list(os.scandir(top))
+    except FileNotFoundError:
+        return
+    for e in entries:
+        if e.name.startswith(".") or not e.is_dir(follow_symlinks=False):
+            continue
+        meta = Path(e.path) / METADATA_DIR
+        if meta.is_dir() and not meta.is_symlink():
+            try:
+                os.rmdir(meta)
+            except OSError:
+                continue
+        try:
+            os.rmdir(e.path)
+        except OSError:
+            pass
+    for e in entries:
+        if e.is_symlink() and not os.path.exists(e.path):
+            os.unlink(e.path)  # an alias of an arch that is gone
+    prune_empty(top, layout.root)
+
+
 def collect(root: Path, state_db: Path, *, older_than: float, dry_run: bool, podman: bool = True,
             lock_wait: float = 0.0, now: float | None = None, backend: Backend | None = None) -> GcReport:
     """Plan (and unless ``dry_run``, carry out) one gc under the run lock; the removal is
@@ -284,6 +314,7 @@ def collect(root: Path, state_db: Path, *, older_than: float, dry_run: bool, pod
     started = time.monotonic()
     with run_locks_waiting(state_db, root, lock_wait), State.open(state_db, root) as state:
         plan = make_plan(state, time.time() if now is None else now, older_than)
+        plan.old_platforms_dir = os.path.lexists(layout.platforms_dir)
         report = GcReport(plan, dry_run)
         tag_paths = []
         for t in plan.tags:
@@ -292,6 +323,8 @@ def collect(root: Path, state_db: Path, *, older_than: float, dry_run: bool, pod
             lay = placement(layout, t.platform_dir)
             tag_paths += [lay.link_path(t.key.registry, t.key.repository, t.key.tag),
                           lay.image_metadata_dir(t.key.registry, t.key.repository, t.key.tag)]
+        if plan.old_platforms_dir:
+            tag_paths.append(layout.platforms_dir)
         dirs = tag_paths + [layout.flat_dir(c) for c in plan.flats] + [layout.chain_dir(c) for c in plan.chains] \
             + [layout.layer_dir(d) for d in plan.layers]
         report.bytes, report.held = sizes(dirs)
@@ -321,7 +354,13 @@ def _remove(plan: GcPlan, layout: RepositoryLayout, rm: _Remover, podman: bool) 
         lay = placement(layout, t.platform_dir)
         k = t.key
         rm.unlink_link(lay.link_path(k.registry, k.repository, k.tag), lay.image_root)
+        name = multiarch_name_for(k.platform)
+        if name is not None and not t.platform_dir:  # the default platform's .multiarch twin
+            rm.unlink_link(layout.multiarch_link(name, k.registry, k.repository, k.tag), layout.multiarch_dir / name)
         rm.remove_metadata(lay.image_metadata_dir(k.registry, k.repository, k.tag), lay.metadata_root)
+    rm.attempt("pruning .multiarch", prune_multiarch, layout)
+    if plan.old_platforms_dir:
+        rm.retire(layout.platforms_dir)
     if podman:
         from .podman_store import PodmanStore
 

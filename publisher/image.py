@@ -1,11 +1,11 @@
 """Publish one resolved image into the repository (DESIGN §2).
 
 Order, so that nothing of an image is visible before everything it needs is:
-layers (in parallel) -> chains (bottom up) -> ``.flat`` -> the human-readable link
--> podman store -> ``.metadata/.../config.json`` -> ``manifest.json`` (last: it
-marks the tag done). Every step is content-addressed or an atomic swap, so a
-crash at any point leaves the old state or a complete new one, and a re-run
-picks up what is already there.
+layers (in parallel) -> chains (bottom up) -> ``.flat`` (a copy of the top chain with
+``.singularity.d``) -> the human-readable link and its ``.multiarch`` twin -> podman
+store -> ``.metadata/.../config.json`` -> ``manifest.json`` (last: it marks the tag done).
+Every step is content-addressed or an atomic swap, so a crash at any point leaves the
+old state or a complete new one, and a re-run picks up what is already there.
 """
 
 from __future__ import annotations
@@ -18,11 +18,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cvmfs_common.digest import chain_ids, parse_digest
-from cvmfs_common.layout import LAYERFS, RepositoryLayout, relative_link_target, remove_tree
+from cvmfs_common.layout import LAYERFS, RepositoryLayout, multiarch_name, relative_link_target, remove_tree
 from cvmfs_common.reference import Reference
-from cvmfs_common.registry import FOREIGN_LAYER_TYPES, ResolvedImage
+from cvmfs_common.registry import FOREIGN_LAYER_TYPES, Platform, ResolvedImage
 
 from .chains import build_chain
+from .flat import build_flat
 from .ingest import Ingested, LayerIngester, LayerSpec
 from .state import ImageRecord, LayerRecord
 
@@ -37,7 +38,7 @@ class ImageError(RuntimeError):
 
 @dataclass(frozen=True)
 class Placement:
-    """Where an image's names go: the repository root or a ``.platforms/`` dir."""
+    """Where an image's names go: the repository root or ``.multiarch/<arch>[:<variant>]``."""
 
     layout: RepositoryLayout  # its image_root holds the link, .metadata, podmanStore
     platform_dir: str  # '' for the default platform
@@ -71,6 +72,16 @@ def layer_specs(image: ResolvedImage, config: dict) -> list[LayerSpec]:
     return specs
 
 
+def multiarch_name_for(platform: str) -> str | None:
+    """The ``.multiarch`` directory of an image published for ``platform`` (the wishlist's
+    ``os/arch[/variant]``; gc and check derive it from the state the same way), variant
+    defaulted as Go does; None for non-Linux platforms."""
+    plat = Platform.parse(platform)
+    if plat.os != "linux":
+        return None
+    return multiarch_name(plat.architecture, plat.variant)
+
+
 def podman_names(ref: Reference) -> list[str]:
     """What podman matches: ``docker.io/library/x:tag`` and the wishlist's spelling."""
     names = [ref.docker_name, ref.spelling]
@@ -80,14 +91,12 @@ def podman_names(ref: Reference) -> list[str]:
 class ImagePublisher:
     def __init__(self, layout: RepositoryLayout, ingester: LayerIngester, *, jobs: int = 4,
                  podman_store: Callable[[RepositoryLayout], object] | None = None,
-                 flat_writer: Callable[[Path, Path], None] | None = None) -> None:
+                 clone_tree: Callable[[Path, Path], bool] | None = None) -> None:
         self.layout = layout
+        self.clone_tree = clone_tree  # Backend.clone_tree: .flat without copying (cvmfs)
         self.ingester = ingester
         self.jobs = max(1, jobs)
         self.podman_store = podman_store  # PodmanStore class (or None: --no-podman-store)
-        # flat_writer(flat, top_chain) makes .flat/<xx>/<config> a directory copy (cvmfs
-        # backend); None: a relative symlink to the top chain (local backend).
-        self.flat_writer = flat_writer
 
     # -- the whole image ---------------------------------------------------------------
     def publish(self, ref: Reference, image: ResolvedImage, config_bytes: bytes, config: dict,
@@ -96,8 +105,10 @@ class ImagePublisher:
         chains = chain_ids([s.diff_id for s in specs])
         layers, fetched, nbytes = self._layers(ref, image, specs, chains)
         top_chain = self.layout.chain_dir(chains[-1])
-        self._flat(image.config_digest, top_chain)
+        build_flat(self.layout, self.layout.flat_dir(image.config_digest), top_chain, config,
+                   clone=self.clone_tree)
         self._link(ref, image.config_digest, placement)
+        self._multiarch_link(ref, image.config_digest, placement, platform)
         if self.podman_store is not None:
             self._podman(ref, image, config_bytes, layers, placement)
         self._metadata(ref, image, config_bytes, placement)
@@ -195,17 +206,6 @@ class ImagePublisher:
         return path, private.result.compressed_size
 
     # -- names ---------------------------------------------------------------------------
-    def _flat(self, config_digest: str, top_chain: Path) -> None:
-        flat = self.layout.flat_dir(config_digest)
-        if flat.is_dir() and not flat.is_symlink():
-            return  # a full copy (DUCC, or the cvmfs backend's template transaction): complete already
-        if self.flat_writer is not None:
-            self.flat_writer(flat, top_chain)
-            return
-        target = relative_link_target(flat, top_chain)
-        if _readlink(flat) != target:
-            self.layout.atomic_symlink(target, flat)
-
     def _link(self, ref: Reference, config_digest: str, placement: Placement) -> None:
         registry, repository, tag = ref.link_components
         lay = placement.layout
@@ -213,6 +213,20 @@ class ImagePublisher:
         target = relative_link_target(link, self.layout.flat_dir(config_digest))
         if _readlink(link) != target:
             lay.atomic_symlink(target, link)  # a moved tag switches here, atomically
+
+    def _multiarch_link(self, ref: Reference, config_digest: str, placement: Placement, platform: str) -> None:
+        """``.multiarch/<arch>[:<variant>]/<registry>/<repo>:<tag>`` for the default platform
+        (a non-default platform's link is there already: its image_root) + alias links."""
+        name = multiarch_name_for(platform)
+        if name is None:
+            return
+        if placement.is_default:
+            registry, repository, tag = ref.link_components
+            link = self.layout.multiarch_link(name, registry, repository, tag)
+            target = relative_link_target(link, self.layout.flat_dir(config_digest))
+            if _readlink(link) != target:
+                self.layout.atomic_symlink(target, link)
+        self.layout.ensure_multiarch_aliases(name)
 
     def _podman(self, ref: Reference, image: ResolvedImage, config_bytes: bytes, layers: Sequence[Ingested],
                 placement: Placement) -> None:

@@ -5,9 +5,9 @@
 * ``wishlist_entries``: an input line (reference as written, may be a tag glob) and
   one platform; first/last seen.
 * ``tags``: a concrete tag (or pinned digest) of a registry/repository for one
-  platform, where its link lives (``platform_dir``: '' = repository root, else the
-  ``.platforms/`` dir), what it pointed at when last published (``top_digest`` =
-  what a HEAD returns, an index or a manifest; ``manifest_digest`` = the platform's
+  platform, where its link lives (``platform_dir``: '' = repository root, else
+  ``<os>-<arch>[-<variant>]``: under ``.multiarch/``), what it pointed at when last
+  published (``top_digest`` = what a HEAD returns, an index or a manifest; ``manifest_digest`` = the platform's
   image) and the last error. A tag row with ``manifest_digest`` set has a link,
   ``.metadata`` and podman entry in the repository.
 * ``images``: one image manifest (config digest, platform, top chain).
@@ -64,7 +64,7 @@ CREATE TABLE IF NOT EXISTS tags (
     repository      TEXT NOT NULL,
     tag             TEXT NOT NULL,     -- a tag, or sha256:<hex> for a digest reference
     platform        TEXT NOT NULL,
-    platform_dir    TEXT NOT NULL,     -- '' = repository root, else .platforms/<dir>
+    platform_dir    TEXT NOT NULL,     -- '' = repository root, else <os>-<arch>[-<variant>] (.multiarch)
     top_digest      TEXT,              -- what the tag resolved to (index or manifest)
     manifest_digest TEXT REFERENCES images (manifest_digest),
     first_seen      REAL NOT NULL,

@@ -44,6 +44,7 @@ class EntryCounts:
     hardlinks: int = 0
     whiteouts: int = 0
     opaques: int = 0
+    fifos: int = 0
     skipped: int = 0
 
 
@@ -169,11 +170,11 @@ class TreeWriter:
 
     def _entry(self, tar: tarfile.TarFile, parts: Parts, member: tarfile.TarInfo,
                times: tuple[int, int]) -> None:
-        if member.ischr() or member.isblk() or member.isfifo():
-            kind = "character device" if member.ischr() else "block device" if member.isblk() else "FIFO"
-            self.skip(f"{kind} not allowed in a repository")
+        if member.ischr() or member.isblk():
+            # Containers get /dev from the runtime; FIFOs are kept (DESIGN §2).
+            self.skip(f"{'character' if member.ischr() else 'block'} device not allowed in a repository")
             return
-        if not (member.isreg() or member.isdir() or member.issym() or member.islnk()):
+        if not (member.isreg() or member.isdir() or member.issym() or member.islnk() or member.isfifo()):
             self.skip(f"unsupported tar entry type {member.type!r}")
             return
         if member.islnk():
@@ -194,6 +195,8 @@ class TreeWriter:
             self._file(tar, parent_fd, name, member, times)
         elif member.isdir():
             self._mkdir(parent_fd, name, parts, member, times, reuse, replaced_whiteout)
+        elif member.isfifo():
+            self._fifo(parent_fd, name, member, times)
         else:
             self._symlink(parent_fd, name, member, times)
 
@@ -237,6 +240,17 @@ class TreeWriter:
                            f"(file data ends after {written} of {member.size} bytes)")
         if hole:
             os.ftruncate(fd, written)
+
+    def _fifo(self, parent_fd: int, name: str, member: tarfile.TarInfo, times: tuple[int, int]) -> None:
+        os.mkfifo(name, 0o600, dir_fd=parent_fd)
+        # O_NONBLOCK: opening a FIFO for reading does not wait for a writer then.
+        fd = os.open(name, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent_fd)
+        try:
+            self._apply_attrs(fd, member, lambda n, v: os.setxattr(fd, n, v), lambda m: os.fchmod(fd, m))
+            os.utime(fd, ns=times)
+        finally:
+            os.close(fd)
+        self.counts.fifos += 1
 
     def _mkdir(self, parent_fd: int, name: str, parts: Parts, member: tarfile.TarInfo,
                times: tuple[int, int], reuse: bool, replaced_whiteout: bool) -> None:

@@ -18,6 +18,8 @@ from cvmfs_common.layout import (
     atomic_symlink,
     atomic_write_file,
     exchange_dirs,
+    multiarch_aliases,
+    multiarch_name,
     find_chain,
     find_layer,
     fsync_dir,
@@ -61,11 +63,16 @@ def test_paths(tmp_path):
 
 def test_platform_layout_shares_content(tmp_path):
     L = RepositoryLayout(tmp_path).for_platform("linux", "arm64", "v8")
-    assert L.image_root == tmp_path / ".platforms/linux-arm64-v8"
-    assert L.link_path("docker.io", "library/debian", "12") == tmp_path / ".platforms/linux-arm64-v8/docker.io/library/debian:12"
+    assert L.image_root == tmp_path / ".multiarch/arm64:v8"
+    assert L.link_path("docker.io", "library/debian", "12") == tmp_path / ".multiarch/arm64:v8/docker.io/library/debian:12"
     assert L.manifest_json("docker.io", "library/debian", "12") == \
-        tmp_path / ".platforms/linux-arm64-v8/.metadata/docker.io/library/debian:12/manifest.json"
-    assert L.podman_store == tmp_path / ".platforms/linux-arm64-v8/podmanStore"
+        tmp_path / ".multiarch/arm64:v8/.metadata/docker.io/library/debian:12/manifest.json"
+    # no ':' in a podman store path: overlay's lowerdir would split there
+    assert L.podman_store == tmp_path / ".multiarch/.podman/linux-arm64-v8"
+    # Go's default variants: arm64 means arm64/v8, arm means arm/v7
+    assert RepositoryLayout(tmp_path).for_platform("linux", "arm64").image_root == tmp_path / ".multiarch/arm64:v8"
+    assert RepositoryLayout(tmp_path).for_platform("linux", "arm", "v6").image_root == tmp_path / ".multiarch/arm:v6"
+    assert RepositoryLayout(tmp_path).for_platform("linux", "386").image_root == tmp_path / ".multiarch/386"
     # content stays shared with the default platform
     assert L.layerfs(D) == RepositoryLayout(tmp_path).layerfs(D)
     assert L.flat_dir(CFG) == RepositoryLayout(tmp_path).flat_dir(CFG)
@@ -76,6 +83,30 @@ def test_platform_layout_shares_content(tmp_path):
             RepositoryLayout(tmp_path).for_platform(*bad)
     with pytest.raises(LayoutError):
         RepositoryLayout(tmp_path, platform="../../etc")
+
+
+def test_multiarch_names_and_aliases(tmp_path):
+    assert multiarch_name("amd64") == "amd64" and multiarch_name("arm64") == "arm64:v8"
+    assert multiarch_name("arm", "v6") == "arm:v6" and multiarch_name("ppc64le") == "ppc64le"
+    for bad in (("../x",), ("amd64", "v1/.."), ("AMD64",), ("",)):
+        with pytest.raises(LayoutError):
+            multiarch_name(*bad)
+    L = RepositoryLayout(tmp_path)
+    assert L.multiarch_link("arm64:v8", "docker.io", "library/debian", "12") == \
+        tmp_path / ".multiarch/arm64:v8/docker.io/library/debian:12"
+    with pytest.raises(LayoutError):
+        L.multiarch_link("../..", "docker.io", "library/debian", "12")
+    assert multiarch_aliases("amd64") == ["x86-64", "x86_64"]
+    assert multiarch_aliases("arm64:v8") == ["aarch64", "arm64"]
+    assert multiarch_aliases("arm:v6") == ["armel"] and multiarch_aliases("386") == ["i386"]
+    assert multiarch_aliases("s390x") == []
+    (tmp_path / ".multiarch/arm64:v8").mkdir(parents=True)
+    made = L.ensure_multiarch_aliases("arm64:v8")
+    assert sorted(p.name for p in made) == ["aarch64", "arm64"]
+    assert os.readlink(tmp_path / ".multiarch/aarch64") == "arm64:v8"
+    assert L.ensure_multiarch_aliases("arm64:v8") == []
+    with pytest.raises(LayoutError):
+        L.link_path("podmanstore", "a", "b")
 
 
 HOSTILE_DIGESTS = [

@@ -65,3 +65,36 @@ def overlay_mount(lowers_top_first: Sequence[Path]) -> Iterator[Path]:
             subprocess.run(["umount", mnt], check=True)
             if len(lowers_top_first) == 1:
                 os.rmdir(mnt + "-empty")
+
+
+# What a flat dir adds to its top chain for apptainer (publisher/singularity.py).
+SINGULARITY_NAMES = ("/.singularity.d", "/.exec", "/.run", "/.shell", "/.test", "/singularity", "/environment")
+MOUNT_POINTS = ("/dev", "/proc", "/sys", "/tmp", "/home", "/root", "/etc", "/var", "/var/tmp",
+                "/etc/hosts", "/etc/resolv.conf", "/etc/localtime")
+
+
+def flat_minus_chain(flat: Path, chain: Path) -> list[str]:
+    """Differences between a flat dir and its chain other than the apptainer additions
+    (new ``.singularity.d`` names and missing mount points; the mtimes of the dirs they
+    went into): [] when the flat dir is the chain plus ``.singularity.d``."""
+    from publisher.treeview import diff_trees, tree_snapshot
+
+    ours, theirs = tree_snapshot(flat), tree_snapshot(chain)
+    for snap in (ours, theirs):  # each catalog root has a marker of its own (cvmfs backend)
+        snap.pop("/.cvmfscatalog", None)
+    added = [p for p in ours if p not in theirs]
+    stray = [p for p in added if not (p in MOUNT_POINTS or any(p == n or p.startswith(n + "/")
+                                                                for n in SINGULARITY_NAMES))]
+    for p in added:
+        del ours[p]
+    touched = {os.path.dirname(p) or "/" for p in added}
+    problems = [f"{p}: added, not an apptainer name" for p in stray]
+    problems += diff_trees({k: v for k, v in theirs.items() if k not in touched},
+                           {k: v for k, v in ours.items() if k not in touched})
+    problems += diff_trees({k: theirs[k] for k in touched if k in theirs},
+                           {k: ours[k] for k in touched if k in ours}, ignore=("mtime_ns",))
+    for p in ours:  # files are the chain's inodes: a hard-link copy
+        a, b = os.lstat(os.path.join(flat, p.lstrip("/"))), os.lstat(os.path.join(chain, p.lstrip("/")))
+        if not stat.S_ISDIR(a.st_mode) and a.st_ino != b.st_ino:
+            problems.append(f"{p}: not the chain's inode")
+    return problems

@@ -126,6 +126,23 @@ def test_emlink_copies_and_keeps_hardlink_groups(tmp_path: Path) -> None:
     assert os.readlink(out / "l") == "a"
 
 
+def test_fifos_are_linked_and_copied_on_emlink(tmp_path: Path) -> None:
+    upper = mk(tmp_path / "upper", {"run": ("dir", 0o755)})
+    os.mkfifo(upper / "run/pipe", 0o620)
+    os.chown(upper / "run/pipe", 7, 8)
+    os.chmod(upper / "run/pipe", 0o620)
+    out = merge(tmp_path, None, upper)
+    assert os.lstat(out / "run/pipe").st_ino == os.lstat(upper / "run/pipe").st_ino
+
+    def full(src, dst, *, follow_symlinks=True):
+        raise OSError(errno.EMLINK, "Too many links")
+
+    out = merge(tmp_path, None, upper, link=full)
+    st = os.lstat(out / "run/pipe")
+    assert stat.S_ISFIFO(st.st_mode) and st.st_ino != os.lstat(upper / "run/pipe").st_ino
+    assert (stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid) == (0o620, 7, 8)
+
+
 def test_build_chain_publishes_atomically_and_once(tmp_path: Path) -> None:
     lay = RepositoryLayout(tmp_path / "repo")
     layer = mk(tmp_path / "layer", {"etc/os": "x"})

@@ -100,16 +100,40 @@ def test_each_kind_of_damage_names_its_image(standard_images: StandardImages, tm
         f"hurts {host}/test/tagged:1.0 ({native})")
     chain = hurt(f"chain {shared_chain}")[0]
     assert f"{host}/test/tagged:1.1 ({native})" in chain and f"{host}/test/tagged:2.0 ({native})" in chain
-    assert hurt(f"link .platforms/linux-{OTHER_ARCH}/{host}/test/multiarch:v1 is missing")[0].endswith(
+    other_name = "arm64:v8" if OTHER_ARCH == "arm64" else OTHER_ARCH
+    assert hurt(f"link .multiarch/{other_name}/{host}/test/multiarch:v1 is missing")[0].endswith(
         f"hurts {host}/test/multiarch:v1 (linux/{OTHER_ARCH})")
     podman = hurt(f"image {multilayer_id} is not in images.json")[0]
     # the OCI and the Docker manifest share one config: both are hurt
     assert f"{host}/test/multilayer:v1 ({native})" in podman and f"{host}/test/multilayer-docker:v1" in podman
     assert f"{len(lines)} problems" in res.stdout.splitlines()[0]
 
+    # an older layout: a .flat symlink, a flat dir without .singularity.d, a missing alias,
+    # a missing .multiarch link of the default platform, a leftover .platforms/
+    flat = lay.flat_dir(imgs.tagged["2.0"].config_digest)
+    remove_tree(flat)
+    os.symlink("../../.chains/xx", flat)
+    remove_tree(lay.flat_dir(imgs.multilayer.config_digest) / ".singularity.d")
+    native_name = "arm64:v8" if host_arch() == "arm64" else host_arch()
+    alias = {"amd64": "x86_64", "arm64:v8": "aarch64"}[native_name]
+    os.unlink(lay.root / ".multiarch" / alias)
+    os.unlink(lay.root / ".multiarch" / native_name / host / "test/tagged:1.1")
+    (lay.root / ".platforms").mkdir()
+    lines = _problem_lines(_check(root, db).stdout)
+    assert hurt2(lines, "is a symlink (an older layout")[0].endswith(f"hurts {host}/test/tagged:2.0 ({native})")
+    assert f"{host}/test/multilayer:v1 ({native})" in hurt2(lines, "has no .singularity.d")[0]
+    assert hurt2(lines, f"alias .multiarch/{alias} does not point to {native_name}")
+    assert hurt2(lines, f"link .multiarch/{native_name}/{host}/test/tagged:1.1 is missing")[0].endswith(
+        f"hurts {host}/test/tagged:1.1 ({native})")
+    assert hurt2(lines, ".platforms: the older per-platform layout")
+
     # --no-podman-store: the podman problem is not looked for
     res = _check(root, db, "--no-podman-store")
     assert not [l for l in _problem_lines(res.stdout) if "podman" in l]
+
+
+def hurt2(lines: list[str], fragment: str) -> list[str]:
+    return [l for l in lines if fragment in l]
 
 
 def test_check_needs_an_existing_state(tmp_path: Path, capsys) -> None:

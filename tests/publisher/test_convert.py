@@ -21,7 +21,7 @@ from tests.fixtures.tree import compare_trees
 from .clirun import CliResult, push_image, run_cli, run_proc, write_wishlist
 from .conftest import requires_root
 from .layertar import dir_, reg, tar_bytes
-from .repotree import fs_state, observed_tree, overlay_mount
+from .repotree import flat_minus_chain, fs_state, observed_tree, overlay_mount
 
 pytestmark = requires_root
 
@@ -80,6 +80,10 @@ def flat_of(p: Published, img: BuiltImage) -> Path:
     return p.layout.flat_dir(img.config_digest)
 
 
+def chain_of(p: Published, img: BuiltImage) -> Path:
+    return p.layout.chain_dir(chain_ids(img.diff_ids)[-1])
+
+
 # ------------------------------------------------------------------------------ the run
 
 def test_failing_image_does_not_stop_the_others(published: Published) -> None:
@@ -98,15 +102,19 @@ def test_failing_image_does_not_stop_the_others(published: Published) -> None:
 def test_flat_tree_is_the_image(published: Published, name: str) -> None:
     img = image_by_name(published.images, name)
     flat = flat_of(published, img)
-    assert flat.is_symlink() and not os.path.isabs(os.readlink(flat))
-    assert compare_trees(img.tree, observed_tree(flat), ignore=frozenset()) == []
+    # the chain is exactly the image; the flat dir is a copy of it with .singularity.d
+    assert compare_trees(img.tree, observed_tree(chain_of(published, img)), ignore=frozenset()) == []
+    assert flat.is_dir() and not flat.is_symlink()
+    assert flat_minus_chain(flat, chain_of(published, img)) == []
+    assert (flat / ".singularity.d/env/10-docker2singularity.sh").is_file()
+    assert not (chain_of(published, img) / ".singularity.d").exists()
 
 
 @pytest.mark.parametrize("name", IMAGES)
 def test_overlay_stack_of_layers_equals_flat(published: Published, name: str) -> None:
     img = image_by_name(published.images, name)
     lowers = [published.layout.layerfs(d) for d in reversed(img.layers)]
-    flat = tree_snapshot(flat_of(published, img).resolve())
+    flat = tree_snapshot(chain_of(published, img))
     with overlay_mount(lowers) as mnt:
         stacked = tree_snapshot(mnt)
     assert diff_trees(flat, stacked) == []
@@ -123,7 +131,7 @@ def test_flat_tree_equals_umoci_unpack(published: Published, name: str, tmp_path
     subprocess.run(["umoci", "unpack", "--image", f"{layout_dir}:{tag}", str(bundle)], check=True,
                    capture_output=True)
     theirs = tree_snapshot(bundle / "rootfs")
-    ours = tree_snapshot(flat_of(published, img).resolve())
+    ours = tree_snapshot(chain_of(published, img))
     # umoci gives the root and omitted parents its own times; everything else must agree.
     assert diff_trees(theirs, ours, ignore=("mtime_ns",)) == []
 
@@ -166,7 +174,7 @@ def test_links_metadata_and_platforms(published: Published) -> None:
     img = published.images.multilayer
     link = lay.link_path(img.host, img.name, img.tag)
     assert not os.path.isabs(os.readlink(link))
-    assert os.path.realpath(link) == os.path.realpath(lay.chain_dir(chain_ids(img.diff_ids)[-1]))
+    assert os.path.realpath(link) == os.path.realpath(lay.flat_dir(img.config_digest))
     manifest = lay.manifest_json(img.host, img.name, img.tag).read_bytes()
     assert sha256_of(manifest) == img.manifest_digest
     assert sha256_of((lay.manifest_json(img.host, img.name, img.tag).parent / "config.json").read_bytes()) \
@@ -181,6 +189,32 @@ def test_links_metadata_and_platforms(published: Published) -> None:
     assert (plat.link_path(other.host, other.name, "v1") / "platform").read_text() == OTHER_ARCH + "\n"
     assert sha256_of(plat.manifest_json(other.host, other.name, "v1").read_bytes()) == other.manifest_digest
     assert not lay.manifest_json(img.host, "test/does-not-exist", "nope").exists()
+
+
+def test_multiarch_links_for_every_platform(published: Published) -> None:
+    """DUCC's .multiarch/<arch>[:<variant>]/<registry>/<repo>:<tag>, as DIRAC and CVMFS
+    variant symlinks resolve them, with the uname -m aliases."""
+    lay = published.layout
+    native = image_by_name(published.images, "multiarch/native")
+    other = image_by_name(published.images, "multiarch/other")
+    names = {"amd64": "amd64", "arm64": "arm64:v8"}
+    unames = {"amd64": "x86_64", "arm64": "aarch64"}
+    mdir = lay.root / ".multiarch"
+    for arch, img in ((host_arch(), native), (OTHER_ARCH, other)):
+        link = mdir / names[arch] / native.host / "test/multiarch:v1"
+        assert not os.path.isabs(os.readlink(link))
+        assert os.path.realpath(link) == os.path.realpath(lay.flat_dir(img.config_digest))
+        assert (link / "platform").read_text() == arch + "\n"
+        # CVMFS_ARCH (uname -m) and the Go name without variant find the same image
+        assert os.path.realpath(mdir / unames[arch] / native.host / "test/multiarch:v1") == os.path.realpath(link)
+        assert os.readlink(mdir / unames[arch]) == names[arch]
+    assert os.path.realpath(mdir / "arm64") == os.path.realpath(mdir / "arm64:v8")
+    # the default platform's single-platform images are there too, the others not
+    ml = published.images.multilayer
+    assert os.path.realpath(mdir / names[host_arch()] / ml.host / "test/multilayer:v1") == \
+        os.path.realpath(lay.flat_dir(ml.config_digest))
+    assert not os.path.lexists(mdir / names[OTHER_ARCH] / ml.host / "test/multilayer:v1")
+    assert not (lay.root / ".platforms").exists()
 
 
 def test_podman_store_lists_images_with_names(published: Published) -> None:
@@ -266,6 +300,35 @@ def test_moved_tag_switches_link(registry, tmp_path: Path) -> None:
     images = json.loads((lay.podman_store / "overlay-images/images.json").read_text())
     owners = [i["id"] for i in images if ref in i.get("names", [])]
     assert owners == [two.config_digest[7:]]
+
+
+def test_an_older_repository_is_upgraded_in_place(standard_images: StandardImages, registry, tmp_path: Path) -> None:
+    """.flat symlinks (what older versions wrote), flat dirs without .singularity.d and
+    missing .multiarch links are replaced by the next convert, without a layer download
+    and without a moment where the entry is missing (renameat2 RENAME_EXCHANGE)."""
+    img = standard_images.tagged["2.0"]
+    root, db = tmp_path / "repo", tmp_path / "state.db"
+    lay = RepositoryLayout(root)
+    assert run_cli("convert-image", img.ref, "--repository-root", root, "--state-db", db).rc == 0
+    flat, top = lay.flat_dir(img.config_digest), lay.chain_dir(chain_ids(img.diff_ids)[-1])
+    from cvmfs_common.layout import remove_tree
+    remove_tree(flat)
+    os.symlink(os.path.relpath(top, flat.parent), flat)
+    mlink = next((root / ".multiarch").glob(f"*/{img.host}/test/tagged:2.0"))
+    os.unlink(mlink)
+    registry.clear_log()
+    res = run_cli("convert-image", img.ref, "--repository-root", root, "--state-db", db)
+    assert res.rc == 0, res.stdout
+    assert [registry.blob_get_count(digest=d) for d in img.layers] == [0] * len(img.layers)  # the config only
+    assert flat.is_dir() and not flat.is_symlink() and flat_minus_chain(flat, top) == []
+    assert os.path.islink(mlink) and os.path.samefile(mlink, flat)
+    assert not any(lay.tmp_dir.iterdir())
+    # a flat dir without .singularity.d (the cvmfs backend's older copies) is redone too
+    remove_tree(flat / ".singularity.d")
+    old_ino = os.lstat(flat).st_ino
+    assert run_cli("convert-image", img.ref, "--repository-root", root, "--state-db", db).rc == 0
+    assert (flat / ".singularity.d/runscript").is_file() and os.lstat(flat).st_ino != old_ino
+    assert run_cli("check", "--repository-root", root, "--state-db", db).rc == 0
 
 
 def test_convert_image_of_missing_tag_fails(registry, tmp_path: Path) -> None:

@@ -17,7 +17,7 @@ from tests.fixtures.tree import compare_trees
 
 from .clirun import popen_cli, run_cli
 from .conftest import requires_root
-from .repotree import observed_tree
+from .repotree import flat_minus_chain, observed_tree
 
 pytestmark = requires_root
 
@@ -67,7 +67,8 @@ def _assert_nothing_partial(lay: RepositoryLayout, img: BuiltImage) -> None:
     assert not (lay.podman_store / "overlay-images/images.json").exists() or \
         img.config_digest[7:] not in (lay.podman_store / "overlay-images/images.json").read_text()
     # what is published at top level is layout only: no stray temp files next to it
-    assert {p.name for p in lay.root.iterdir()} <= {".layers", ".chains", ".tmp", ".flat", "podmanStore"}
+    assert {p.name for p in lay.root.iterdir()} <= {".layers", ".chains", ".tmp", ".flat", "podmanStore",
+                                                   ".multiarch"}
 
 
 @pytest.mark.parametrize("phase", ["layer-", "chain-"])
@@ -91,7 +92,8 @@ def test_kill_9_then_rerun_completes(big_image: BuiltImage, tmp_path: Path, phas
     again = run_cli(*args[:-2])
     assert again.rc == 0, again.stdout
     assert not any(lay.tmp_dir.iterdir()), "work dirs left behind"
-    assert compare_trees(big_image.tree, observed_tree(lay.flat_dir(big_image.config_digest))) == []
     top = chain_ids(big_image.diff_ids)[-1]
+    assert compare_trees(big_image.tree, observed_tree(lay.chain_dir(top))) == []
+    assert flat_minus_chain(lay.flat_dir(big_image.config_digest), lay.chain_dir(top)) == []
     assert os.path.realpath(lay.link_path(big_image.host, big_image.name, big_image.tag)) == \
-        os.path.realpath(lay.chain_dir(top))
+        os.path.realpath(lay.flat_dir(big_image.config_digest))

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from cvmfs_common.digest import chain_ids
-from cvmfs_common.layout import RepositoryLayout, read_layers_json
+from cvmfs_common.layout import RepositoryLayout, read_layers_json, remove_tree
 from publisher.catalogs import CATALOG_MARKER
 from tests.fixtures.images import BuiltImage, Pusher, StandardImages, busybox_entries, host_arch
 from tests.fixtures.layers import Entry, Layer
@@ -29,7 +29,7 @@ from tests.fixtures.tree import compare_trees
 from .clirun import CliResult, popen_cli, push_image, run_cli
 from .conftest import requires_root
 from .cvmfs_standin import STANDIN_DIR, CvmfsStandin, cvmfs_standin  # noqa: F401 (fixture)
-from .repotree import observed_tree
+from .repotree import flat_minus_chain, observed_tree
 
 pytestmark = requires_root
 
@@ -173,7 +173,7 @@ def test_unchanged_rerun_opens_no_transaction(published: Published) -> None:
 def test_tmp_is_never_published(published: Published) -> None:
     assert not os.path.lexists(published.layout.tmp_dir)
     assert {p.name for p in published.repo.iterdir()} == {
-        ".layers", ".chains", ".flat", ".metadata", ".platforms", "podmanStore", published.images.multilayer.host}
+        ".layers", ".chains", ".flat", ".metadata", ".multiarch", "podmanStore", published.images.multilayer.host}
 
 
 def test_layers_keep_raw_whiteouts(published: Published) -> None:
@@ -217,7 +217,10 @@ def test_flat_is_a_directory_copy_of_the_chain(published: Published, name: str) 
     lay = published.layout
     flat = lay.flat_dir(img.config_digest)
     assert flat.is_dir() and not flat.is_symlink()
-    assert compare_trees(img.tree, observed_tree(flat), ignore=IGNORE) == []
+    top = lay.chain_dir(chain_ids(img.diff_ids)[-1])
+    assert flat_minus_chain(flat, top) == []  # the chain, plus .singularity.d for apptainer
+    assert (flat / ".singularity.d/env/10-docker2singularity.sh").is_file()
+    assert not os.path.lexists(top / ".singularity.d")
     link = lay.link_path(img.host, img.name, img.tag)
     assert not os.path.isabs(os.readlink(link)) and os.path.realpath(link) == str(flat)
 
@@ -256,7 +259,7 @@ def test_two_platform_index_converted_for_both(published: Published) -> None:
     other = published.images.multiarch.images[f"linux/{OTHER_ARCH}"]
     assert (lay.link_path(native.host, native.name, "v1") / "platform").read_text() == host_arch() + "\n"
     plat = lay.for_platform("linux", OTHER_ARCH)
-    assert plat.image_root == published.repo / ".platforms" / f"linux-{OTHER_ARCH}"
+    assert plat.image_root == published.repo / ".multiarch" / ("arm64:v8" if OTHER_ARCH == "arm64" else OTHER_ARCH)
     assert (plat.link_path(other.host, other.name, "v1") / "platform").read_text() == OTHER_ARCH + "\n"
     assert lay.manifest_json(native.host, native.name, "v1").is_file()
     assert plat.manifest_json(other.host, other.name, "v1").is_file()
@@ -290,7 +293,9 @@ def test_failing_image_is_aborted_and_the_others_published(cvmfs_standin: CvmfsS
     assert shape(cvmfs_standin.commands()) == [["list"], ["transaction", REPO], ["abort", "-f", REPO], *image_txn()]
     assert cvmfs_standin.refusals() == []
     lay = RepositoryLayout(repo)
-    assert compare_trees(good.tree, observed_tree(lay.flat_dir(good.config_digest)), ignore=IGNORE) == []
+    top = lay.chain_dir(chain_ids(good.diff_ids)[-1])
+    assert compare_trees(good.tree, observed_tree(top), ignore=IGNORE) == []
+    assert flat_minus_chain(lay.flat_dir(good.config_digest), top) == []
     assert not os.path.lexists(lay.link_path(bad.host, bad.name, bad.tag))
     assert not os.path.lexists(lay.layer_dir(bad.layers[-1]))
     assert not os.path.lexists(lay.tmp_dir)
@@ -379,7 +384,9 @@ def test_kill_9_mid_transaction_then_rerun(cvmfs_standin: CvmfsStandin, big_imag
     assert not cvmfs_standin.in_transaction(REPO)
     lay = RepositoryLayout(repo)
     assert not os.path.lexists(lay.tmp_dir)
-    assert compare_trees(big_image.tree, observed_tree(lay.flat_dir(big_image.config_digest)), ignore=IGNORE) == []
+    top = lay.chain_dir(chain_ids(big_image.diff_ids)[-1])
+    assert compare_trees(big_image.tree, observed_tree(top), ignore=IGNORE) == []
+    assert flat_minus_chain(lay.flat_dir(big_image.config_digest), top) == []
     assert read_layers_json(lay.layers_json(big_image.layers[-1])).whiteouts == "raw"
 
 
@@ -395,3 +402,38 @@ def test_markers_are_files_of_their_own(tmp_path: Path) -> None:
     assert ensure_markers([a, b]) == [a / CATALOG_MARKER]  # a gets its own; b's is then alone
     assert os.lstat(a / CATALOG_MARKER).st_nlink == os.lstat(b / CATALOG_MARKER).st_nlink == 1
     assert ensure_markers([a, b]) == []
+
+
+def test_older_flat_entries_are_upgraded_in_a_transaction(cvmfs_standin: CvmfsStandin, standard_images,
+                                                          tmp_path: Path) -> None:
+    """A repository an older version published (.flat symlinks, copies without
+    .singularity.d, no .multiarch) is brought up to date by the next convert."""
+    s = cvmfs_standin
+    repo = s.mkfs(REPO)
+    imgs = [standard_images.multilayer, standard_images.tagged["1.1"]]
+    wl = wishlist(tmp_path / "wl.yaml", [i.ref for i in imgs])
+    db = tmp_path / "state.db"
+    assert convert(repo, db, wl).rc == 0
+    lay = RepositoryLayout(repo)
+    flats = [lay.flat_dir(i.config_digest) for i in imgs]
+    tops = [lay.chain_dir(chain_ids(i.diff_ids)[-1]) for i in imgs]
+    assert s.run("transaction", REPO).returncode == 0
+    remove_tree(flats[0])
+    os.symlink(os.path.relpath(tops[0], flats[0].parent), flats[0])
+    remove_tree(flats[1] / ".singularity.d")
+    remove_tree(repo / ".multiarch")
+    assert s.run("publish", REPO).returncode == 0
+    s.clear_log()
+
+    res = convert(repo, db, wl)
+    assert res.rc == 0, res.stdout
+    assert s.commands() == [["list"], *txn(), *txn()]  # one transaction per image, as for a new one
+    assert s.refusals() == []
+    for flat, top in zip(flats, tops):
+        assert flat.is_dir() and not flat.is_symlink() and flat_minus_chain(flat, top) == []
+        assert (flat / CATALOG_MARKER).is_file()
+    assert (repo / ".multiarch").is_dir()
+    assert not os.path.lexists(lay.tmp_dir)
+    s.clear_log()
+    again = convert(repo, db, wl)
+    assert again.rc == 0 and s.commands() == [["list"]]  # now current: no transaction

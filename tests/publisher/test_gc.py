@@ -118,6 +118,49 @@ def test_dropped_tags_go_after_the_grace_period_shared_layers_stay(standard_imag
     assert again.rc == 0 and _figures(again.stdout)["bytes"] == 0 and _figures(again.stdout)["layer"] == 0
 
 
+def test_gc_after_dropping_a_platform_removes_exactly_its_multiarch_entries(standard_images: StandardImages,
+                                                                          tmp_path: Path) -> None:
+    from tests.fixtures.images import host_arch
+
+    other_arch = "arm64" if host_arch() != "arm64" else "amd64"
+    names = {"amd64": "amd64", "arm64": "arm64:v8"}
+    aliases = {"amd64": {"x86_64", "x86-64"}, "arm64": {"aarch64", "arm64"}}
+    host = standard_images.multilayer.host
+    root, db = tmp_path / "repo", tmp_path / "state.db"
+    lay = RepositoryLayout(root)
+    mdir = root / ".multiarch"
+    inputs = [f"{host}/test/multiarch:v1", f"{host}/test/multilayer:v1"]
+    wishlist = write_wishlist(tmp_path / "w.yaml", inputs, platforms=[f"linux/{host_arch()}", f"linux/{other_arch}"])
+    assert run_cli("convert", wishlist, *_args(root, db)).rc == 0
+    # a repository an older version wrote still has .platforms/: gc removes it
+    (root / ".platforms/linux-arm64/old").mkdir(parents=True)
+    assert set(os.listdir(mdir)) == {".podman", names[host_arch()], names[other_arch]} | aliases[host_arch()] \
+        | aliases[other_arch]
+    other_link = mdir / names[other_arch] / host / "test/multiarch:v1"
+    assert other_link.is_dir()
+    other_flat = os.path.realpath(other_link)
+    before = {p: os.path.realpath(mdir / names[host_arch()] / host / p)
+              for p in ("test/multiarch:v1", "test/multilayer:v1")}
+
+    write_wishlist(wishlist, inputs, platforms=[f"linux/{host_arch()}"])
+    assert run_cli("convert", wishlist, *_args(root, db)).rc == 0
+    res = run_cli("gc", "--older-than", "0s", *_args(root, db))
+    print("\n" + res.stdout)
+    assert res.rc == 0, res.stdout
+    # (multilayer has no arm64 image: its row for the platform records that, and goes too)
+    assert _figures(res.stdout)["tag"] == 2 and _figures(res.stdout)["flat dir"] == 1, res.stdout
+    # exactly the dropped platform's names: its arch dir, its aliases, its podman store's image
+    assert set(os.listdir(mdir)) == {".podman", names[host_arch()]} | aliases[host_arch()]
+    assert not os.path.lexists(other_flat)
+    for p, flat in before.items():
+        assert os.path.realpath(mdir / names[host_arch()] / host / p) == flat and os.path.isdir(flat)
+    other_store = lay.for_platform("linux", other_arch).podman_store
+    assert json.loads((other_store / "overlay-images/images.json").read_text()) == []
+    assert not (root / ".platforms").exists()
+    checked = run_cli("check", *_args(root, db))
+    assert checked.rc == 0, checked.stdout
+
+
 def test_the_image_a_moved_tag_left_goes_after_its_grace(registry, tmp_path: Path) -> None:
     images = Images(registry.host, tmp_path)
     root, db = tmp_path / "repo", tmp_path / "state.db"

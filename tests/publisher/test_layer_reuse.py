@@ -58,4 +58,4 @@ def test_one_blob_twice_in_an_image(registry, tmp_path: Path) -> None:
     lay = RepositoryLayout(root)
     chains = chain_ids(img.diff_ids)
     assert len(set(chains)) == 4 and all(lay.chain_dir(c).is_dir() for c in chains)
-    assert sorted(os.listdir(lay.flat_dir(img.config_digest) / "etc")) == ["a", "b"]
+    assert sorted(os.listdir(lay.chain_dir(chains[-1]) / "etc")) == ["a", "b"]

@@ -143,15 +143,27 @@ def test_later_duplicate_entries_win(work: Path) -> None:
     assert stat.S_IMODE(os.stat(work / "d").st_mode) == 0o755
 
 
-def test_device_nodes_and_fifos_are_skipped(work: Path) -> None:
+def test_device_nodes_are_skipped_and_fifos_kept(work: Path) -> None:
     b = blob([dir_("dev"), node("dev/null", tarfile.CHRTYPE, 1, 3),
               node("dev/sda", tarfile.BLKTYPE, 8, 0), node("dev/fifo", tarfile.FIFOTYPE),
               reg("dev/keep", b"k")])
     r = unpack(b, work)
-    assert sorted(os.listdir(work / "dev")) == ["keep"]
-    assert [(s.member, s.reason.split()[0]) for s in r.skipped] == [
-        ("dev/null", "character"), ("dev/sda", "block"), ("dev/fifo", "FIFO")]
-    assert r.counts.skipped == 3
+    assert sorted(os.listdir(work / "dev")) == ["fifo", "keep"]
+    assert [(s.member, s.reason.split()[0]) for s in r.skipped] == [("dev/null", "character"), ("dev/sda", "block")]
+    assert r.counts.skipped == 2 and r.counts.fifos == 1
+
+
+def test_fifo_attributes_are_kept(work: Path) -> None:
+    fifo = node("run/pipe", tarfile.FIFOTYPE)
+    fifo[0].mode, fifo[0].uid, fifo[0].gid = 0o620, 7, 8
+    b = blob([dir_("run"), fifo, hard("run/pipe-link", "run/pipe"),
+              node("run/replaced", tarfile.FIFOTYPE), reg("run/replaced", b"now a file")])
+    unpack(b, work)
+    st = os.lstat(work / "run/pipe")
+    assert stat.S_ISFIFO(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o620 and (st.st_uid, st.st_gid) == (7, 8)
+    assert st.st_mtime_ns == fifo[0].mtime * 10**9
+    assert os.lstat(work / "run/pipe-link").st_ino == st.st_ino
+    assert (work / "run/replaced").read_bytes() == b"now a file"
 
 
 def test_overlay_xattrs_from_the_tar_are_dropped(work: Path) -> None:
