@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tests.fixtures.rootfs import SID, TRIXIE, RootfsContainer, RootfsSpec
-from tests.fixtures.tree import LISTING_COMMAND, compare_trees, parse_listing
+from tests.fixtures.tree import LISTING_COMMAND, RUNTIME_MOUNTS, compare_trees, parse_listing
 
 DOCS = Path(__file__).resolve().parents[2] / "docs"
 CONFIG_V2 = DOCS / "containerd" / "config-v2.toml"
@@ -34,6 +34,8 @@ CONFIG_TEST_TAIL = """
 [debug]
   level = "debug"
 """
+# What `docker run` adds to every container's root.
+DOCKER_RUNTIME_FILES = frozenset({"/.dockerenv", "/etc/hostname", "/etc/hosts", "/etc/mtab", "/etc/resolv.conf"})
 STATE_DIRS = {"/var/lib/containerd": "containerd", "/var/lib/containerd-cvmfs-grpc": "sn-root",
               "/var/lib/docker": "docker"}
 
@@ -159,14 +161,19 @@ class Stack:
                   "print(r.image_ref)\n")
         return self.c.exec(f"/opt/venv/bin/python - <<'__EOF__'\n{script}__EOF__").stdout.strip()
 
+    def docker_listing(self, ref: str) -> str:
+        return self.sh(f"docker run --rm --network none {shlex.quote(ref)} " + shlex.join(LISTING_COMMAND)).stdout
+
     def listing(self, ref: str, namespace: str = "default") -> str:
         cid = f"t-{uuid.uuid4().hex[:10]}"
         return self.ctr(f"run --rm --snapshotter {SNAPSHOTTER} {shlex.quote(ref)} {cid} "
                         + shlex.join(LISTING_COMMAND), namespace=namespace).stdout
 
-    def assert_tree(self, image, namespace: str = "default", listing: str | None = None) -> None:
+    def assert_tree(self, image, namespace: str = "default", listing: str | None = None,
+                    runtime_files: frozenset[str] = frozenset()) -> None:
+        """The container shows the image's exact tree (plus `runtime_files` the runtime adds)."""
         out = listing if listing is not None else self.listing(image.ref, namespace)
-        problems = compare_trees(image.tree, parse_listing(out))
+        problems = compare_trees(image.tree, parse_listing(out), ignore=RUNTIME_MOUNTS | runtime_files)
         assert not problems, "\n".join(problems)
 
     def snapshots(self, namespace: str = "default") -> list[list[str]]:
