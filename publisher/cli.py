@@ -22,6 +22,7 @@ from cvmfs_common.logs import setup_logging
 from cvmfs_common.reference import InvalidReference, parse_reference
 from cvmfs_common.reference import is_loopback_host
 from cvmfs_common.registry import Credentials, Platform, RegistryClient, TransferLimits
+from cvmfs_common.version import version_text
 
 from .backend import Backend, BackendError, make_backend
 from .convert import ConvertOptions, convert, default_state_db
@@ -75,6 +76,7 @@ def _common(p: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cvmfs-publisher",
                                      description="publish container images unpacked into a CernVM-FS repository")
+    parser.add_argument("--version", action="version", version=version_text("cvmfs-publisher"))
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     p = sub.add_parser("convert", help="bring the repository in sync with wishlists")
     p.add_argument("wishlists", nargs="+", metavar="WISHLIST", type=Path)

@@ -8,6 +8,7 @@ import os
 import sys
 
 from cvmfs_common.logs import setup_logging
+from cvmfs_common.version import version_text
 
 from .config import ConfigError, add_serve_arguments, serve_config
 from .pull_cli import add_pull_parser
@@ -22,6 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="cvmfs-snapshotter",
         description="containerd proxy snapshotter serving image layers from CernVM-FS repositories",
     )
+    parser.add_argument("--version", action="version", version=version_text("cvmfs-snapshotter"))
     sub = parser.add_subparsers(dest="command")
     serve = sub.add_parser("serve", help="serve containerd's snapshots API on a unix socket (default)")
     add_serve_arguments(serve)
@@ -31,7 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] not in COMMANDS + ("-h", "--help"):
+    if not argv or argv[0] not in COMMANDS + ("-h", "--help", "--version"):
         argv.insert(0, "serve")
     args = build_parser().parse_args(argv)
     if args.command == "serve":

@@ -19,6 +19,7 @@ from typing import Callable, TextIO
 import grpc
 
 from cvmfs_common.digest import chain_ids
+from cvmfs_common.reference import Reference
 from cvmfs_common.registry import Platform, RegistryClient, ResolvedImage
 
 from .containerd_client import ContainerdClient, unique_key_part
@@ -71,11 +72,15 @@ def pull_image(
     snapshotter: str = SNAPSHOTTER_NAME,
     platform: Platform | None = None,
     progress: Progress | None = None,
+    source: Reference | None = None,
 ) -> PullResult:
+    """Pull `reference` into containerd under its own name; with `source` (a mirror of it,
+    from hosts.toml) the registry requests go there."""
     progress = progress or Progress()
     started = time.monotonic()
     ref = registry.reference(reference)
-    image: ResolvedImage = registry.resolve(ref, platform)
+    src = source or ref
+    image: ResolvedImage = registry.resolve(src, platform)
     config_bytes, config = registry.fetch_config(image)
     diff_ids = list(config.get("rootfs", {}).get("diff_ids", []))
     if len(diff_ids) != len(image.layers):
@@ -102,7 +107,7 @@ def pull_image(
         parent = ""
         for i, (layer, chain) in enumerate(zip(image.layers, chains), start=1):
             tag = f"layer {i}/{len(image.layers)} {layer.digest[:19]}"
-            _with_retries(lambda: _layer(client, registry, ref, snapshotter, layer, chain, parent, tag, progress,
+            _with_retries(lambda: _layer(client, registry, src, snapshotter, layer, chain, parent, tag, progress,
                                          result), progress, tag)
             parent = chain
         client.put_image(name, image.media_type, image.manifest_digest, len(image.manifest_bytes), {})

@@ -18,6 +18,7 @@ from cvmfs_api.containerd.services.snapshots.v1 import snapshots_pb2_grpc as pb_
 from .config import ServeConfig
 from .core import Snapshotter
 from .metrics import Metrics
+from .sdnotify import notify
 from .service import SnapshotsService
 
 log = logging.getLogger(__name__)
@@ -80,7 +81,14 @@ def serve(cfg: ServeConfig, snapshotter: Snapshotter, metrics: Metrics) -> int:
         os.umask(old_umask)
     os.chmod(cfg.address, 0o660)
     log.info("serving containerd snapshots on %s (root %s)", cfg.address, cfg.root)
-    stop.wait()
+    # The socket accepts connections now: let systemd start containerd (Type=notify).
+    notify("READY=1")
+    # Wake up now and then: the kernel may deliver SIGTERM to one of gRPC's threads, and then
+    # a main thread blocked in an untimed wait never runs the Python handler (seen as a
+    # snapshotter ignoring SIGTERM right after start).
+    while not stop.wait(0.5):
+        pass
+    notify("STOPPING=1")
     server.stop(grace=5).wait()
     snapshotter.close()
     try:

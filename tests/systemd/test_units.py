@@ -46,3 +46,18 @@ def test_publisher_unit_runs_loop_outside_cvmfs():
     svc = _unit("cvmfs-publisher.service")
     assert " loop " in svc["Service"]["ExecStart"]
     assert not svc["Service"]["WorkingDirectory"].startswith("/cvmfs")
+
+
+def test_snapshotter_unit_waits_for_readiness():
+    # Type=notify: systemd starts containerd only after READY=1 (sent once the socket listens,
+    # tests/snapshotter/test_sdnotify.py), from the main process.
+    svc = _unit("cvmfs-snapshotter.service")
+    assert svc["Service"]["Type"] == "notify"
+    assert svc["Service"].get("NotifyAccess", "main") == "main"
+
+
+def test_publisher_unit_shows_listen_and_metrics():
+    text = (UNITS / "cvmfs-publisher.service").read_text()
+    commented = [line for line in text.splitlines() if line.startswith("#")]
+    assert any("--listen" in line for line in commented)
+    assert any("--metrics-address" in line for line in commented)

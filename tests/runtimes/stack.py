@@ -1,0 +1,193 @@
+"""containerd + cvmfs-snapshotter (+ dockerd) inside a newer Debian's root fs, configured with
+exactly the files the README shows (docs/containerd/, docs/docker/).
+
+Everything runs at its production path: the config in /etc/containerd/config.toml, the
+snapshotter with its defaults (socket in /run/containerd-cvmfs-grpc, root in
+/var/lib/containerd-cvmfs-grpc), containerd on /run/containerd/containerd.sock. The state dirs
+are bind mounts of dirs under /w (the host's file system): overlayfs cannot be an upper dir
+on the container's own overlay root."""
+from __future__ import annotations
+
+import json
+import shlex
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+from tests.fixtures.rootfs import SID, TRIXIE, RootfsContainer, RootfsSpec
+from tests.fixtures.tree import LISTING_COMMAND, RUNTIME_MOUNTS, compare_trees, parse_listing
+
+DOCS = Path(__file__).resolve().parents[2] / "docs"
+CONFIG_V2 = DOCS / "containerd" / "config-v2.toml"
+CONFIG_V3 = DOCS / "containerd" / "config-v3.toml"
+HOSTS_TOML = DOCS / "containerd" / "hosts.toml"
+DAEMON_JSON = DOCS / "containerd" / "daemon.json"
+# The placeholders the documented hosts.toml uses for a registry and its mirror.
+HOSTS_SERVER = "https://registry.example.org:5000"
+HOSTS_MIRROR = "http://mirror.example.org:5000"
+
+SNAPSHOTTER = "cvmfs-snapshotter"
+SN_SOCKET = "/run/containerd-cvmfs-grpc/containerd-cvmfs-grpc.sock"
+CD_SOCKET = "/run/containerd/containerd.sock"
+# Test-only settings, appended to the documented config (they add no table it has).
+CONFIG_TEST_TAIL = """
+[debug]
+  level = "debug"
+"""
+# What `docker run` adds to every container's root.
+DOCKER_RUNTIME_FILES = frozenset({"/.dockerenv", "/etc/hostname", "/etc/hosts", "/etc/mtab", "/etc/resolv.conf"})
+STATE_DIRS = {"/var/lib/containerd": "containerd", "/var/lib/containerd-cvmfs-grpc": "sn-root",
+              "/var/lib/docker": "docker"}
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """One release of the matrix: its root fs and the versions it must have."""
+    release: str            # trixie | sid
+    spec: RootfsSpec
+    containerd: str         # "1.7" | "2.1"
+    podman: str             # "5.4" | "5.8"
+    config: Path            # the documented containerd config for it
+
+    @property
+    def major(self) -> int:
+        return int(self.containerd.split(".")[0])
+
+    @property
+    def id(self) -> str:
+        return f"{self.release}-containerd{self.containerd}"
+
+    @property
+    def podman_id(self) -> str:
+        return f"{self.release}-podman{self.podman}"
+
+
+TRIXIE_RT = Runtime("trixie", TRIXIE, "1.7", "5.4", CONFIG_V2)
+SID_RT = Runtime("sid", SID, "2.1", "5.8", CONFIG_V3)
+RUNTIMES = (SID_RT, TRIXIE_RT)
+
+
+def hosts_toml(registry_url: str) -> str:
+    """The documented hosts.toml for a plain-http loopback registry (its own mirror)."""
+    text = HOSTS_TOML.read_text()
+    assert HOSTS_SERVER in text and HOSTS_MIRROR in text, "docs/containerd/hosts.toml changed"
+    return text.replace(HOSTS_SERVER, registry_url).replace(HOSTS_MIRROR, registry_url)
+
+
+class Stack:
+    """The snapshotter and containerd (and dockerd on demand) inside `c`."""
+
+    def __init__(self, c: RootfsContainer, runtime: Runtime, repositories: list[str] = ("/w/repo",),
+                 registries: list[str] = ()) -> None:
+        self.c = c
+        self.rt = runtime
+        self.repositories = list(repositories)
+        self.registries = list(registries)   # "http://127.0.0.1:PORT": hosts.toml for each
+
+    # -- lifecycle -------------------------------------------------------------------
+    def start(self) -> "Stack":
+        self.check_versions()
+        binds = " && ".join(f"mkdir -p /w/{d} {p} && mount --bind /w/{d} {p}" for p, d in STATE_DIRS.items())
+        self.c.exec(binds)
+        self.write_file("/etc/containerd/config.toml", self.rt.config.read_text() + CONFIG_TEST_TAIL)
+        for url in self.registries:
+            host = url.split("://", 1)[1]
+            self.write_file(f"/etc/containerd/certs.d/{host}/hosts.toml", hosts_toml(url))
+        self.start_snapshotter()
+        self.c.exec(f"containerd --config /etc/containerd/config.toml >> /w/containerd.log 2>&1",
+                    detach=True)
+        self.wait(f"ctr version >/dev/null 2>&1", "containerd answering")
+        self.wait_snapshotter_ready()
+        return self
+
+    def check_versions(self) -> None:
+        out = self.c.exec("containerd --version").stdout
+        assert f" {self.rt.containerd}." in out or f" v{self.rt.containerd}." in out, out
+
+    def write_file(self, path: str, text: str) -> None:
+        self.c.exec(f"mkdir -p {shlex.quote(str(Path(path).parent))} && cat > {shlex.quote(path)} <<'__EOF__'\n"
+                    f"{text}\n__EOF__")
+
+    def start_snapshotter(self) -> None:
+        repos = " ".join(f"--repository {shlex.quote(r)}" for r in self.repositories)
+        self.c.exec(f"echo $$ > /w/sn.pid; exec cvmfs-snapshotter serve {repos} --log-level debug "
+                    f">> /w/snapshotter.log 2>&1", detach=True)
+        self.wait(f"test -S {SN_SOCKET}", "snapshotter socket")
+
+    def stop_snapshotter(self, signal: str = "TERM") -> None:
+        self.c.exec(f"kill -{signal} $(cat /w/sn.pid); "
+                    "for i in $(seq 200); do kill -0 $(cat /w/sn.pid) 2>/dev/null || exit 0; sleep 0.1; done; "
+                    "exit 1")
+
+    def restart_snapshotter(self, signal: str = "TERM") -> None:
+        self.stop_snapshotter(signal)
+        self.start_snapshotter()
+        self.wait_snapshotter_ready()
+
+    def wait_snapshotter_ready(self) -> None:
+        # containerd re-dials a restarted proxy plugin with a back-off.
+        self.wait(f"ctr snapshots --snapshotter {SNAPSHOTTER} ls >/dev/null 2>&1", "containerd → snapshotter")
+
+    def wait(self, check: str, what: str, seconds: int = 60) -> None:
+        r = self.c.exec(f"for i in $(seq {seconds * 5}); do {check} && exit 0; sleep 0.2; done; exit 1", check=False,
+                        timeout=seconds + 30)
+        if r.returncode:
+            raise AssertionError(f"timed out waiting for {what}\n{self.logs()}")
+
+    def logs(self, limit: int = 6000) -> str:
+        out = []
+        for name in ("snapshotter.log", "containerd.log", "dockerd.log"):
+            p = self.c.host_w / name
+            if p.exists():
+                out.append(f"--- {name} (tail)\n" + p.read_text(errors="replace")[-limit:])
+        return "\n".join(out)
+
+    # -- clients -----------------------------------------------------------------------
+    def sh(self, script: str, **kw):
+        return self.c.exec(script, **kw)
+
+    def ctr(self, args: str, namespace: str = "default", **kw):
+        return self.c.exec(f"ctr -n {namespace} {args}", **kw)
+
+    def our_pull(self, ref: str, args: str = "--plain-http", **kw):
+        return self.c.exec(f"cvmfs-snapshotter pull {args} {shlex.quote(ref)}", **kw)
+
+    def cri_pull(self, ref: str) -> str:
+        script = ("import grpc\n"
+                  "from cvmfs_api.cri.runtime.v1 import api_pb2, api_pb2_grpc\n"
+                  f"ch = grpc.insecure_channel('unix:{CD_SOCKET}')\n"
+                  "stub = api_pb2_grpc.ImageServiceStub(ch)\n"
+                  f"r = stub.PullImage(api_pb2.PullImageRequest(image=api_pb2.ImageSpec(image={ref!r})), timeout=300)\n"
+                  "print(r.image_ref)\n")
+        return self.c.exec(f"/opt/venv/bin/python - <<'__EOF__'\n{script}__EOF__").stdout.strip()
+
+    def docker_listing(self, ref: str) -> str:
+        return self.sh(f"docker run --rm --network none {shlex.quote(ref)} " + shlex.join(LISTING_COMMAND)).stdout
+
+    def listing(self, ref: str, namespace: str = "default") -> str:
+        cid = f"t-{uuid.uuid4().hex[:10]}"
+        return self.ctr(f"run --rm --snapshotter {SNAPSHOTTER} {shlex.quote(ref)} {cid} "
+                        + shlex.join(LISTING_COMMAND), namespace=namespace).stdout
+
+    def assert_tree(self, image, namespace: str = "default", listing: str | None = None,
+                    runtime_files: frozenset[str] = frozenset()) -> None:
+        """The container shows the image's exact tree (plus `runtime_files` the runtime adds)."""
+        out = listing if listing is not None else self.listing(image.ref, namespace)
+        problems = compare_trees(image.tree, parse_listing(out), ignore=RUNTIME_MOUNTS | runtime_files)
+        assert not problems, "\n".join(problems)
+
+    def snapshots(self, namespace: str = "default") -> list[list[str]]:
+        out = self.ctr(f"snapshots --snapshotter {SNAPSHOTTER} ls", namespace=namespace).stdout
+        return [line.split() for line in out.splitlines()[1:] if line.strip()]
+
+    def served_from_repository(self) -> int:
+        return (self.c.host_w / "snapshotter.log").read_text(errors="replace").count("served from")
+
+    # -- docker --------------------------------------------------------------------------
+    def start_dockerd(self) -> None:
+        conf = json.loads(DAEMON_JSON.read_text())
+        # No iptables or bridge in a test container: host network only.
+        conf.update({"iptables": False, "ip6tables": False, "bridge": "none"})
+        self.write_file("/etc/docker/daemon.json", json.dumps(conf, indent=2))
+        self.c.exec(f"dockerd --containerd {CD_SOCKET} >> /w/dockerd.log 2>&1", detach=True)
+        self.wait("docker info >/dev/null 2>&1", "dockerd")
