@@ -26,7 +26,6 @@ from cvmfs_common.layout import (CHAINS_DIR, FLAT_DIR, LAYERS_DIR, RepositoryLay
 
 from . import podman_format as fmt
 from .gc import placement, podman_name_choices
-from .image import CONFIG_JSON
 from .lockwait import exclusive_waiting
 from .runlock import lock_path_for
 from .state import LayerRecord, State, TagRecord
@@ -140,6 +139,8 @@ class _Checker:
         else:
             if got != want:
                 self.problem(f"link {self.rel(link)} points to {got}, not {want}", tag)
+        from .image import CONFIG_JSON  # here: image imports the registry client, which check does not need
+
         meta = lay.manifest_json(k.registry, k.repository, k.tag)
         for path, digest in ((meta, tag.manifest_digest), (meta.parent / CONFIG_JSON, tag.config_digest)):
             try:

@@ -36,7 +36,6 @@ from cvmfs_common.layout import RepositoryLayout, remove_tree
 from cvmfs_common.reference import Reference
 
 from .backend import Backend
-from .image import podman_names
 from .lockwait import exclusive_waiting
 from .progress import human_bytes
 from .runlock import lock_path_for
@@ -56,6 +55,8 @@ def podman_name_choices(key: TagKey, top_digest: str | None) -> list[set[str]]:
     """The names the publisher gave the tag's podman image: from ``repo:tag``, or from
     ``repo:tag@digest`` when the wishlist pinned the digest (the state keeps no
     difference, so either set is right)."""
+    from .image import podman_names  # here: image imports the registry client, which gc does not need
+
     ref = tag_reference(key)
     choices = [set(podman_names(ref))]
     if ref.tag is not None and top_digest:
