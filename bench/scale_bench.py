@@ -166,6 +166,60 @@ def one_size(n: int, images: Images, work: Path, args: argparse.Namespace) -> di
     return res
 
 
+def store_ab(sizes: list[int], dir: Path) -> None:
+    """The podman store alone, in this process, on images whose layers are empty dirs:
+    add_image of N images one after the other (what a first sync does), then removing
+    10% of them one by one (gc before the batch removal) vs in one `remove_images`."""
+    import hashlib
+    import shutil
+
+    from cvmfs_common.layout import RepositoryLayout
+    from publisher.podman_store import PodmanImage, PodmanLayer, PodmanStore
+
+    def digest(data: bytes) -> str:
+        return "sha256:" + hashlib.sha256(data).hexdigest()
+
+    def image(layout: RepositoryLayout, i: int, bases: int = 20) -> PodmanImage:
+        layers = []
+        for seed in ("busybox", f"base{i % bases}", f"own{i}"):
+            diff_id, blob = digest(f"diff {seed}".encode()), digest(f"blob {seed}".encode())
+            layout.layerfs(blob).mkdir(parents=True, exist_ok=True)
+            layers.append(PodmanLayer(diff_id, blob, 100, 200, layout.layerfs(blob)))
+        config = json.dumps({"created": "2023-11-14T22:13:20Z", "i": i,
+                             "rootfs": {"type": "layers", "diff_ids": [l.diff_id for l in layers]}}).encode()
+        manifest = json.dumps({"schemaVersion": 2, "config": {"digest": digest(config)},
+                               "layers": [{"digest": l.compressed_digest} for l in layers]}).encode()
+        return PodmanImage(digest(config), config, digest(manifest), manifest,
+                           [f"127.0.0.1:5000/bench/scale-{i:04d}:v1"], layers)
+
+    print("\npodman store alone (ms per image: add = first sync's share; remove 10%: per removed image)")
+    print(f"{'images':>7} {'add':>8} {'remove 1 by 1':>14} {'remove at once':>15}")
+    for n in sizes:
+        row = []
+        for batch in (False, True):
+            root = dir / f"store-{n}"
+            shutil.rmtree(root, ignore_errors=True)
+            layout = RepositoryLayout(root)
+            store = PodmanStore(layout)
+            imgs = [image(layout, i) for i in range(n)]
+            t0 = time.perf_counter()
+            for img in imgs:
+                store.add_image(img)
+            add = time.perf_counter() - t0
+            drop = [img.config_digest for k, img in enumerate(imgs) if k % 10 == 0]
+            t0 = time.perf_counter()
+            if batch:
+                store.remove_images(drop)
+            else:
+                for c in drop:
+                    store.remove_image(c)
+            row += [add, time.perf_counter() - t0]
+            assert len(store.images()) == n - len(drop)
+            shutil.rmtree(root, ignore_errors=True)
+        print(f"{n:7} {1000 * min(row[0], row[2]) / n:8.2f} {1000 * row[1] / (n // 10):14.2f} "
+              f"{1000 * row[3] / (n // 10):15.2f}", flush=True)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", default="200,1000,2000", help="wishlist sizes (default 200,1000,2000)")
@@ -175,9 +229,15 @@ def main() -> int:
     ap.add_argument("--jobs", type=int, default=4, help="--jobs of the publisher (its default: 4)")
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--scratch-dir", type=Path, help="write here instead of a fresh loop-mounted ext4")
+    ap.add_argument("--store-only", action="store_true",
+                    help="only the podman store's add/remove at each size, in-process (seconds, not minutes)")
     args = ap.parse_args()
     compiled_bytecode()
     sizes = [int(x) for x in args.sizes.split(",")]
+    if args.store_only:
+        with scratch_fs(2, args.scratch_dir) as fs:
+            store_ab(sizes, fs)
+        return 0
     cache = OUT / f"scale-{args.bases}b-{args.files}f-s{args.seed}"
     cache.mkdir(parents=True, exist_ok=True)
     results: dict[int, dict[str, dict]] = {}

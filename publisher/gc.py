@@ -348,8 +348,9 @@ def _remove(plan: GcPlan, layout: RepositoryLayout, rm: _Remover, podman: bool) 
             if not store.images_json.exists():
                 continue
             rm.attempt(f"podman names in {store.root}", store.remove_names, plan.podman_names.get(pdir, set()))
-            for config in sorted(plan.podman_images.get(pdir, ())):
-                rm.attempt(f"podman image {config} in {store.root}", store.remove_image, config)
+            configs = sorted(plan.podman_images.get(pdir, ()))
+            if configs:
+                rm.attempt(f"{len(configs)} podman images in {store.root}", store.remove_images, configs)
     for c in plan.flats:
         rm.retire(layout.flat_dir(c))
     for c in plan.chains:
