@@ -22,6 +22,7 @@ Nothing is asserted.
 from __future__ import annotations
 
 import argparse
+import resource
 import statistics
 import sys
 import time
@@ -108,14 +109,18 @@ def cvmfs_side(base: Path, inputs: Inputs, drop: bool) -> dict[str, float]:
         inputs.registry.clear_log()
         pull = [*snapshotter_command(), "pull", "--containerd-address", str(cd.address), "--plain-http", ref]
         out: list[str] = []
+        r0 = resource.getrusage(resource.RUSAGE_CHILDREN)
         t_pull = timed(lambda: out.append(run(pull, timeout=1800).stderr))
+        r1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+        cpu = r1.ru_utime + r1.ru_stime - r0.ru_utime - r0.ru_stime  # the pull process's own CPU
         t_run = timed(lambda: ctr_run(cd, ref, "cvmfs-snapshotter"))
         t_warm = timed(lambda: ctr_run(cd, ref, "cvmfs-snapshotter"))
         n = len(inputs.image.layers)
         if f"{n} layers from the repository, 0 downloaded" not in out[0]:
             print(f"warning: not every layer came from the repository:\n{out[0]}", file=sys.stderr)
         blob_gets = inputs.registry.blob_get_count()
-        return {"pull": t_pull, "run": t_run, "cold": t_pull + t_run, "warm": t_warm, "blob_gets": blob_gets}
+        return {"pull": t_pull, "run": t_run, "cold": t_pull + t_run, "warm": t_warm, "blob_gets": blob_gets,
+                "pull_cpu": cpu}
     finally:
         cd.cleanup_tasks()
         cd.stop()
@@ -212,7 +217,9 @@ def main(argv: list[str] | None = None) -> int:
     for key, label in (("pull", "pull"), ("run", "first ctr run"), ("cold", "cold start (pull+run)"),
                        ("warm", "warm ctr run"), ("blob_gets", "registry blob GETs")):
         print(f"{label:22} " + " ".join(f"{med(s, key):14.2f}" for s in sides))
-    print(f"\nmachine: {machine()}")
+    print(f"pull process CPU (user+sys): {med('cvmfs', 'pull_cpu'):.3f} s (median; load-independent, unlike wall)")
+    print(f"\nmachine: {machine()}; load average at the end: "
+          + " ".join(f"{x:.2f}" for x in __import__('os').getloadavg()))
     print(f"image: {img.unpacked_bytes / 2**30:.2f} GiB unpacked, {img.files} entries, {len(img.layers)} layers")
     warm = med("overlayfs", "warm")
     print(f"cold start speedup, overlayfs pull+run / cvmfs-snapshotter pull+run: "

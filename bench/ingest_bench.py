@@ -27,8 +27,13 @@ Four layers (--layers, --layer-mb each):
                  as convert's parallel pass runs them; then sync
   convert-image  `cvmfs-publisher convert-image --jobs J` of the 4-layer image (information)
 
+--inflate zlib,isal,zlib-ng: the `ingest` and `unpack (file)` sides (and the 4-layer
+`ingest -jN`) once per gzip inflater, forced with $CVMFS_PUBLISHER_INFLATE (publisher/
+streams.py), so the libraries are compared in the same rounds; the default runs whichever
+the publisher picks (the fastest installed).
+
 Sides alternate in rotating order over --repeat rounds; medians are printed, with CPU
-seconds (user + sys of the side's processes). Ratios LAST (target: ingest / tar <= 1.0x;
+seconds (user + sys of the side's processes). Ratios LAST (target: ingest / tar <= 0.5x;
 4 layers with --jobs 2 faster than serial tar). Nothing is asserted.
 """
 from __future__ import annotations
@@ -95,9 +100,39 @@ def child_unpack(args: list[str]) -> int:
     return 0
 
 
-def time_child_ingest(reg: CachedRegistry, img: CachedImage, root: Path, jobs: int) -> Timed:
+def inflate_cpu(blob: Path, inflaters: list[str], repeat: int) -> dict[str, float]:
+    """CPU seconds to inflate the blob (in memory, 1 MiB chunks as the unpacker reads it),
+    best of `repeat`, per inflater: the libraries alone, without the disk's noise."""
+    from publisher.streams import inflate_module
+
+    data = blob.read_bytes()
+    best: dict[str, float] = {}
+    for _ in range(repeat):
+        for name in inflaters:
+            d = inflate_module(name).decompressobj(wbits=31)
+            t0 = time.process_time()
+            for off in range(0, len(data), MiB):
+                chunk = data[off:off + MiB]
+                while chunk:
+                    d.decompress(chunk, MiB)
+                    chunk = d.unconsumed_tail
+            best[name] = min(best.get(name, 1e9), time.process_time() - t0)
+    return best
+
+
+def inflate_env(inflater: str | None) -> dict[str, str] | None:
+    """The environment forcing the publisher's gzip inflater (None: its own choice)."""
+    if inflater is None:
+        return None
+    from publisher.streams import INFLATE_ENV
+    return {**os.environ, INFLATE_ENV: inflater}
+
+
+def time_child_ingest(reg: CachedRegistry, img: CachedImage, root: Path, jobs: int,
+                      inflater: str | None = None) -> Timed:
     meta = json.dumps([{"digest": l.digest, "size": l.size, "diff_id": l.diff_id} for l in img.layers])
-    t = run_timed([sys.executable, __file__, "--child-ingest", reg.host, img.name, str(root), str(jobs), meta])
+    t = run_timed([sys.executable, __file__, "--child-ingest", reg.host, img.name, str(root), str(jobs), meta],
+                  env=inflate_env(inflater))
     r = json.loads(t.out.strip().splitlines()[-1])
     return Timed(r["seconds"], t.user, t.sys, r["maxrss_kib"])
 
@@ -134,21 +169,21 @@ class Sides:
             remove(self.scratch / f"curl-{i}")
         return t
 
-    def unpack_file(self, img: CachedImage) -> Timed:
+    def unpack_file(self, img: CachedImage, inflater: str | None = None) -> Timed:
         (l,) = img.layers
         d = self._dir("unpack")
         try:
             t = run_timed([sys.executable, __file__, "--child-unpack", str(self.reg.blob_file(l.digest)),
-                           str(d / "layerfs"), l.digest, l.diff_id])
+                           str(d / "layerfs"), l.digest, l.diff_id], env=inflate_env(inflater))
             r = json.loads(t.out.strip().splitlines()[-1])
             return Timed(r["seconds"], t.user, t.sys, r["maxrss_kib"])
         finally:
             remove(d)
 
-    def ingest(self, img: CachedImage, jobs: int) -> Timed:
+    def ingest(self, img: CachedImage, jobs: int, inflater: str | None = None) -> Timed:
         root = self._dir("repo")
         try:
-            return time_child_ingest(self.reg, img, root, jobs)
+            return time_child_ingest(self.reg, img, root, jobs, inflater)
         finally:
             remove(root)
 
@@ -201,6 +236,8 @@ def main() -> int:
     ap.add_argument("--no-single", action="store_true", help="skip the one-layer part")
     ap.add_argument("--no-parallel", action="store_true", help="skip the multi-layer part")
     ap.add_argument("--no-convert", action="store_true", help="skip the convert-image sides")
+    ap.add_argument("--inflate", metavar="A,B,...",
+                    help="run the ingest/unpack sides once per gzip inflater (zlib, isal, zlib-ng)")
     ap.add_argument("--scratch-dir", type=Path, help="write here instead of a fresh loop-mounted ext4")
     ap.add_argument("--child-ingest", nargs=5, help=argparse.SUPPRESS)
     ap.add_argument("--child-unpack", nargs=4, help=argparse.SUPPRESS)
@@ -210,6 +247,10 @@ def main() -> int:
     if args.child_unpack:
         return child_unpack(args.child_unpack)
     compiled_bytecode()
+    inflaters: list[str | None] = args.inflate.split(",") if args.inflate else [None]
+    from publisher.streams import inflate_module
+    for inf in inflaters:
+        print(f"inflater {inf or 'default'}: {inflate_module(inf).__name__}", file=sys.stderr)
 
     cache = OUT / f"ingest-s{args.seed}"
     single = multi = None
@@ -232,20 +273,29 @@ def main() -> int:
                         pass
         sides = Sides(reg, scratch)
         res1 = res4 = None
+        cpu = None
+        if args.inflate and single is not None:
+            cpu = inflate_cpu(reg.blob_file(single.layers[0].digest), inflaters, args.repeat)
         try:
             if single is not None:
                 print(f"one layer: {single.files} files, {single.data_bytes / 1e6:.0f} MB of data, "
                       f"gzip blob {single.blob_bytes / 1e6:.0f} MB", file=sys.stderr)
-                s1 = {"tar": lambda: sides.tar(single), "unpack (file)": lambda: sides.unpack_file(single),
-                      "curl | tar": lambda: sides.curl_tar(single), "ingest": lambda: sides.ingest(single, 1)}
+                s1 = {"tar": lambda: sides.tar(single), "curl | tar": lambda: sides.curl_tar(single)}
+                for inf in inflaters:
+                    sfx = f" [{inf}]" if inf else ""
+                    s1["unpack (file)" + sfx] = lambda inf=inf: sides.unpack_file(single, inf)
+                    s1["ingest" + sfx] = lambda inf=inf: sides.ingest(single, 1, inf)
                 if not args.no_convert:
                     s1["convert-image"] = lambda: sides.convert_image(single, 1)
                 res1 = rounds(s1, args.repeat)
             if multi is not None:
                 print(f"{args.layers} layers: {multi.files} files, {multi.data_bytes / 1e6:.0f} MB of data, "
                       f"gzip blobs {multi.blob_bytes / 1e6:.0f} MB", file=sys.stderr)
-                s4 = {"serial tar": lambda: sides.tar(multi), "ingest -j1": lambda: sides.ingest(multi, 1),
-                      f"ingest -j{args.jobs}": lambda: sides.ingest(multi, args.jobs)}
+                s4 = {"serial tar": lambda: sides.tar(multi)}
+                for inf in inflaters:
+                    sfx = f" [{inf}]" if inf else ""
+                    s4["ingest -j1" + sfx] = lambda inf=inf: sides.ingest(multi, 1, inf)
+                    s4[f"ingest -j{args.jobs}" + sfx] = lambda inf=inf: sides.ingest(multi, args.jobs, inf)
                 if not args.no_convert:
                     s4[f"convert-image -j{args.jobs}"] = lambda: sides.convert_image(multi, args.jobs)
                 res4 = rounds(s4, args.repeat)
@@ -258,22 +308,31 @@ def main() -> int:
     if res1 is not None and single is not None:
         m1 = table(f"one layer: {single.files} files, {single.data_bytes / 1e6:.0f} MB data, "
                    f"{single.blob_bytes / 1e6:.0f} MB gzip blob (medians of {args.repeat})", res1, "tar")
-        print(f"  ingest peak RSS (child process): {max(t.maxrss_kib for t in res1['ingest']) / 1024:.0f} MiB")
+        peak = max(t.maxrss_kib for k, ts in res1.items() if k.startswith("ingest") for t in ts)
+        print(f"  ingest peak RSS (child process): {peak / 1024:.0f} MiB")
     if res4 is not None and multi is not None:
         m4 = table(f"{args.layers} layers: {multi.files} files, {multi.data_bytes / 1e6:.0f} MB data, "
                    f"{multi.blob_bytes / 1e6:.0f} MB gzip blobs (medians of {args.repeat})", res4, "serial tar")
+    if cpu:
+        print(f"\ninflate alone, one {single.blob_bytes / 1e6:.0f} MB blob in memory (CPU s, best of {args.repeat}): "
+              + ", ".join(f"{k} {v:.2f} s ({cpu['zlib'] / v if 'zlib' in cpu else 1:.2f}x zlib's speed)"
+                          for k, v in cpu.items()))
     print("\nratios (median wall time):")
-    if m1:
-        print(f"  ingest / (tar -xzf + sync), one {single.blob_bytes / 1e6:.0f} MB layer: "
-              f"{m1['ingest'] / m1['tar']:.2f}x  (target <= 1.0x)")
-        print(f"  ingest / (curl | tar -xzf + sync):                  {m1['ingest'] / m1['curl | tar']:.2f}x")
-        print(f"  unpack (file) / (tar -xzf + sync):                  {m1['unpack (file)'] / m1['tar']:.2f}x")
-        if "convert-image" in m1:
-            print(f"  convert-image / (tar -xzf + sync):                  {m1['convert-image'] / m1['tar']:.2f}x")
-    if m4:
-        j = f"ingest -j{args.jobs}"
-        print(f"  {args.layers} layers, {j} / serial tar: {m4[j] / m4['serial tar']:.2f}x  (target < 1.0x)")
-        print(f"  {args.layers} layers, {j} / ingest -j1: {m4[j] / m4['ingest -j1']:.2f}x")
+    for inf in inflaters:
+        sfx = f" [{inf}]" if inf else ""
+        if m1:
+            print(f"  ingest{sfx} / (tar -xzf + sync), one {single.blob_bytes / 1e6:.0f} MB layer: "
+                  f"{m1['ingest' + sfx] / m1['tar']:.2f}x  (target <= 0.5x)")
+            print(f"  ingest{sfx} / (curl | tar -xzf + sync):                  "
+                  f"{m1['ingest' + sfx] / m1['curl | tar']:.2f}x")
+            print(f"  unpack (file){sfx} / (tar -xzf + sync):                  "
+                  f"{m1['unpack (file)' + sfx] / m1['tar']:.2f}x")
+        if m4:
+            j = f"ingest -j{args.jobs}" + sfx
+            print(f"  {args.layers} layers, {j} / serial tar: {m4[j] / m4['serial tar']:.2f}x  (target < 1.0x)")
+            print(f"  {args.layers} layers, {j} / ingest -j1{sfx}: {m4[j] / m4['ingest -j1' + sfx]:.2f}x")
+    if m1 and "convert-image" in m1:
+        print(f"  convert-image / (tar -xzf + sync):                  {m1['convert-image'] / m1['tar']:.2f}x")
     return 0
 
 

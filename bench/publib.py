@@ -288,7 +288,8 @@ def scratch_fs(size_gib: float, use_dir: Path | None = None) -> Iterator[Path]:
         yield use_dir
         return
     OUT.mkdir(parents=True, exist_ok=True)
-    image, mnt = OUT / "scratch-fs.img", OUT / "scratch-fs"
+    name = f"scratch-fs-{Path(sys.argv[0]).stem}"  # one per bench script: two benches may run at once
+    image, mnt = OUT / f"{name}.img", OUT / name
     subprocess.run(["umount", str(mnt)], capture_output=True)  # left over by an interrupted run
     image.unlink(missing_ok=True)
     with image.open("wb") as f:  # allocated up front: the first side must not pay for it

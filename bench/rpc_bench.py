@@ -12,12 +12,18 @@ parent = the previous chainID, label containerd.io/snapshot.ref) → Mounts → 
 unpacker does) and deletes it with sync=True, so containerd's GC has removed the backend's
 snapshots before the next round starts; rounds alternate sides.
 
-A third side (skip with --no-null) is bench/nullsnapshotter.py behind its own containerd:
+The fair baseline (skip with --no-overlay-proxy) is containerd's own overlayfs snapshotter
+served as a proxy plugin (bench/overlayproxy/main.go: overlay.NewSnapshotter +
+snapshotservice.FromSnapshotter on a unix socket, built offline in GOPATH mode from
+Debian's golang-github-containerd-containerd-dev and cached under bench/out/): the same
+code as snapshotter=overlayfs, paying the same containerd -> socket -> gRPC hop as ours.
+A fourth side (skip with --no-null) is bench/nullsnapshotter.py behind its own containerd:
 a Python snapshots server doing nothing but dict updates. It separates the cost of the
 proxy hop itself (containerd → unix socket → grpcio) from our own work. Our snapshotter
 gets an (empty) repository, so every Prepare also runs its repository lookup, as on a
 node where the repository is mounted but lacks the layer.
-Prints p50/p99 per method and, LAST, the ratios cvmfs/overlayfs (target <= 1.0x).
+Prints p50/p99 per method and, LAST, the ratios (targets: cvmfs / overlay-proxy <= 0.8x;
+cvmfs / built-in overlayfs <= 1.0x).
 Nothing is asserted.
 """
 from __future__ import annotations
@@ -37,7 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import grpc  # noqa: E402
 
-from bench.benchlib import compiled_bytecode, fmt_ms, machine, percentile, ratio, require_root, workdir  # noqa: E402
+from bench.benchlib import OUT, compiled_bytecode, fmt_ms, machine, percentile, ratio, require_root, workdir  # noqa: E402
 from cvmfs_api.containerd.services.leases.v1 import leases_pb2, leases_pb2_grpc  # noqa: E402
 from cvmfs_api.containerd.services.snapshots.v1 import snapshots_pb2 as pb  # noqa: E402
 from cvmfs_api.containerd.services.snapshots.v1 import snapshots_pb2_grpc as pb_grpc  # noqa: E402
@@ -49,6 +55,14 @@ METHODS = ("Prepare", "Mounts", "Commit", "Stat", "List", "Remove")
 REF_LABEL = "containerd.io/snapshot.ref"
 NAMESPACE = "bench"
 Samples = dict[str, list[float]]
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def chain_ids(n: int, seed: str) -> list[str]:
@@ -124,6 +138,44 @@ class Client:
                 pb.RemoveSnapshotRequest(snapshotter=s, key=chain), metadata=md))
 
 
+OVERLAY_PROXY_SRC = Path(__file__).resolve().parent / "overlayproxy" / "main.go"
+GOCODE = Path("/usr/share/gocode")
+
+
+def build_overlay_proxy() -> Path:
+    """bench/overlayproxy built once per source and Go version (GOPATH mode, offline,
+    like tests/containerd_testsuite)."""
+    go = subprocess.run(["go", "version"], capture_output=True, text=True, check=True).stdout
+    key = hashlib.sha256(OVERLAY_PROXY_SRC.read_bytes() + go.encode()).hexdigest()[:12]
+    build = OUT / "overlayproxy"
+    binary = build / f"overlayproxy-{key}"
+    if binary.exists():
+        return binary
+    pkg = build / "gopath" / "src" / "overlayproxy"
+    pkg.mkdir(parents=True, exist_ok=True)
+    (pkg / "main.go").write_bytes(OVERLAY_PROXY_SRC.read_bytes())
+    env = {**os.environ, "GO111MODULE": "off", "GOPATH": f"{build / 'gopath'}:{GOCODE}",
+           "GOCACHE": str(build / "gocache"), "GOFLAGS": ""}
+    print("building bench/overlayproxy (once)", file=sys.stderr)
+    subprocess.run(["go", "build", "-o", str(binary), "."], cwd=pkg, env=env, check=True)
+    return binary
+
+
+def handler_seconds(metrics_port: int) -> dict[str, tuple[float, float]]:
+    """(count, sum of seconds) per method from the snapshotter's own RPC histogram: the
+    time inside our handlers, without containerd, the socket and grpcio's dispatch."""
+    import urllib.request
+
+    text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode()
+    out: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0])
+    for line in text.splitlines():
+        for suffix, i in (("_count{", 0), ("_sum{", 1)):
+            if line.startswith("cvmfs_snapshotter_rpc_seconds" + suffix):
+                method = line.split('method="', 1)[1].split('"', 1)[0]
+                out[method][i] += float(line.rsplit(" ", 1)[1])
+    return {m: (c, t) for m, (c, t) in out.items()}
+
+
 def overlay_backend_count(cd: Containerd) -> int:
     snaps = cd.root / "io.containerd.snapshotter.v1.overlayfs" / "snapshots"
     return len(list(snaps.iterdir())) if snaps.exists() else 0
@@ -140,10 +192,13 @@ def report(samples: dict[str, Samples]) -> None:
     totals = {side: sum(sum(v) for v in samples[side].values()) for side in sides}
     print("total RPC time: " + ", ".join(f"{side} {t:.2f}s" for side, t in totals.items()))
     print(f"\nmachine: {machine()}")
-    pairs = [("cvmfs", "overlayfs", "cvmfs-snapshotter / overlayfs (target <= 1.0x)")]
+    pairs = [("cvmfs", "overlayfs", "cvmfs-snapshotter / built-in overlayfs (target <= 1.0x)")]
     if "null-proxy" in samples:
         pairs = [("null-proxy", "overlayfs", "null Python proxy / overlayfs (the proxy hop alone)"),
                  ("cvmfs", "null-proxy", "cvmfs-snapshotter / null Python proxy (our own work)")] + pairs
+    if "overlay-proxy" in samples:
+        pairs += [("overlay-proxy", "overlayfs", "overlayfs as a Go proxy plugin / built-in overlayfs (the hop)"),
+                  ("cvmfs", "overlay-proxy", "cvmfs-snapshotter / overlayfs as a Go proxy plugin (target <= 0.8x)")]
     for a, b, title in pairs:
         print(f"ratios {title}:")
         for m in METHODS:
@@ -159,6 +214,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--files", type=int, default=10, help="small files written per layer (not timed)")
     ap.add_argument("--lists", type=int, default=10, help="List calls per round")
     ap.add_argument("--no-null", action="store_true", help="skip the null Python proxy (the hop floor)")
+    ap.add_argument("--no-overlay-proxy", action="store_true",
+                    help="skip containerd's overlayfs snapshotter served as a Go proxy plugin")
     ap.add_argument("--log-level", default="info", help="the snapshotter's --log-level")
     ap.add_argument("--keep", action="store_true")
     args = ap.parse_args(argv)
@@ -168,12 +225,19 @@ def main(argv: list[str] | None = None) -> int:
     with workdir("bench-rpc-", args.keep) as base:
         repo = base / "repo"  # a mounted repository that has none of these layers: lookups miss
         repo.mkdir()
-        sn = SnapshotterProcess(base / "sn", repositories=[repo], extra_args=["--log-level", args.log_level])
+        metrics_port = free_port()
+        sn = SnapshotterProcess(base / "sn", repositories=[repo], extra_args=[
+            "--log-level", args.log_level, "--metrics-address", f"127.0.0.1:{metrics_port}"])
         sn.start()
         daemons: list = [sn]
-        null = None
+        null = goproxy = None
         try:
             cds = {"overlayfs": Containerd(base / "cd-o", base / "no-proxy.sock", log_level="warn")}
+            if not args.no_overlay_proxy:
+                goproxy = subprocess.Popen([str(build_overlay_proxy()), "-root", str(base / "op-root"),
+                                            "-address", str(base / "op.sock")])
+                wait_until(lambda: unix_socket_answers(base / "op.sock"), 30, "overlay proxy", goproxy)
+                cds["overlay-proxy"] = Containerd(base / "cd-p", base / "op.sock", log_level="warn")
             if not args.no_null:
                 null = subprocess.Popen([sys.executable, str(Path(__file__).with_name("nullsnapshotter.py")),
                                          str(base / "null.sock"), str(base / "null-scratch")])
@@ -198,11 +262,15 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"warning: snapshots left in the backends after GC: {left}", file=sys.stderr)
             for c in clients.values():
                 c.close()
+            handlers = handler_seconds(metrics_port)
         finally:
             for d in reversed(daemons):
                 d.stop()
             terminate(null)
+            terminate(goproxy)
     report(samples)
+    print("inside cvmfs-snapshotter's handlers (its rpc_seconds histogram, warm-up included), mean ms: "
+          + ", ".join(f"{m} {1000 * t / c:.3f} ({c:.0f})" for m, (c, t) in sorted(handlers.items()) if c))
     return 0
 
 

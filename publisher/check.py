@@ -27,7 +27,6 @@ from cvmfs_common.layout import (CHAINS_DIR, FLAT_DIR, LAYERFS, LAYERS_DIR, LAYE
 
 from . import podman_format as fmt
 from .gc import placement, podman_name_choices
-from .image import CONFIG_JSON, multiarch_name_for
 from .lockwait import run_locks_waiting
 from .singularity import has_singularity
 from .state import LayerRecord, State, TagRecord
@@ -146,6 +145,8 @@ class _Checker:
             if got != want:
                 self.problem(f"link {self.rel(link)} points to {got}, not {want}", tag)
         self.check_multiarch(tag, flat)
+        from .image import CONFIG_JSON  # here: image imports the registry client, which check does not need
+
         meta = lay.manifest_json(k.registry, k.repository, k.tag)
         for path, digest in ((meta, tag.manifest_digest), (meta.parent / CONFIG_JSON, tag.config_digest)):
             try:
@@ -159,6 +160,8 @@ class _Checker:
     def check_multiarch(self, tag: TagRecord, flat: Path) -> None:
         """``.multiarch/<arch>[:<variant>]/<registry>/<repo>:<tag>`` (the link itself for a
         non-default platform, checked above) and the alias links to that arch dir."""
+        from .image import multiarch_name_for  # here: image imports the registry client
+
         name = multiarch_name_for(tag.key.platform)
         if name is None:
             return

@@ -19,19 +19,19 @@ from typing import TYPE_CHECKING
 
 from cvmfs_common.durations import parse_duration
 from cvmfs_common.logs import setup_logging
-from cvmfs_common.reference import InvalidReference, parse_reference
-from cvmfs_common.reference import is_loopback_host
-from cvmfs_common.registry import Credentials, Platform, RegistryClient, TransferLimits
 from cvmfs_common.version import version_text
 
 from .backend import Backend, BackendError, make_backend
-from .convert import ConvertOptions, convert, default_state_db
 from .runlock import Busy
 from .state import State, StateCorrupt, StateError
-from .wishlist import WishlistEntry, WishlistError, load_wishlists
 
+# The registry client (requests) and the conversion modules are imported by the
+# subcommands that use them: gc and check start without them.
 if TYPE_CHECKING:  # pragma: no cover
+    from cvmfs_common.registry import Platform, RegistryClient
+
     from .thin import ThinSettings
+    from .wishlist import WishlistEntry
 
 log = logging.getLogger("cvmfs-publisher")
 
@@ -141,16 +141,22 @@ def _existing_state(args: argparse.Namespace) -> tuple[Path, Path]:
     if args.repository_root is None:
         raise UsageError(f"{args.command} needs --repository-root")
     root = args.repository_root
-    state_db = args.state_db or default_state_db(root)
+    state_db = args.state_db
+    if state_db is None:
+        from .convert import default_state_db
+
+        state_db = default_state_db(root)
     if not state_db.is_file():
         raise UsageError(f"no state database {state_db}: nothing was converted into {root} (or give --state-db)")
     return root, state_db
 
 
 def run_loop(args: argparse.Namespace) -> int:
+    from .convert import ConvertOptions, convert, default_state_db
     from .loop import ListenError, Loop, LoopSettings, loop_lock_path, serve
     from .metrics import PublisherMetrics
     from .webhook import parse_address
+    from .wishlist import load_wishlists
 
     if args.jobs < 1:
         raise UsageError("--jobs must be at least 1")
@@ -203,6 +209,8 @@ def run_loop(args: argparse.Namespace) -> int:
 
 def _listen_token(args: argparse.Namespace) -> str | None:
     """The webhook token: required for a listener other hosts can reach."""
+    from cvmfs_common.reference import is_loopback_host
+
     from .webhook import parse_address
 
     if args.listen_token_file is None:
@@ -260,6 +268,7 @@ def run_check(args: argparse.Namespace) -> int:
 
 
 def run_state(args: argparse.Namespace) -> int:
+    from .convert import default_state_db
     from .staterebuild import rebuild
 
     if args.repository_root is None:
@@ -274,6 +283,11 @@ def run_state(args: argparse.Namespace) -> int:
 
 
 def _entries_from_image(args: argparse.Namespace) -> tuple[list[WishlistEntry], Platform]:
+    from cvmfs_common.reference import InvalidReference, parse_reference
+    from cvmfs_common.registry import Platform
+
+    from .wishlist import WishlistEntry
+
     try:
         ref = parse_reference(args.image, insecure_registries=args.insecure_registry)
     except InvalidReference as e:
@@ -287,6 +301,8 @@ def _entries_from_image(args: argparse.Namespace) -> tuple[list[WishlistEntry], 
 
 
 def _client(args: argparse.Namespace) -> RegistryClient:
+    from cvmfs_common.registry import Credentials, RegistryClient, TransferLimits
+
     creds = None
     if args.credentials is not None:
         try:
@@ -324,6 +340,10 @@ def _thin_settings(args: argparse.Namespace, wishlist) -> "ThinSettings | None":
 
 
 def run_convert(args: argparse.Namespace) -> int:
+    from .convert import ConvertOptions, convert, default_state_db
+    from .progress import Progress
+    from .wishlist import load_wishlists
+
     if args.jobs < 1:
         raise UsageError("--jobs must be at least 1")
     root = args.repository_root
@@ -353,6 +373,14 @@ def run_convert(args: argparse.Namespace) -> int:
     return EXIT_OK if summary.ok else EXIT_FAILED
 
 
+def _usage_errors() -> tuple[type[Exception], ...]:
+    """Evaluated when an exception propagates: the wishlist module (yaml, the registry
+    client) is only loaded by the subcommands that read wishlists."""
+    errors: tuple[type[Exception], ...] = (UsageError, StateError, Busy, BackendError)
+    wishlist = sys.modules.get(f"{__package__}.wishlist")
+    return errors + (wishlist.WishlistError,) if wishlist is not None else errors
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.log_level, args.log_format)
@@ -370,7 +398,7 @@ def main(argv: list[str] | None = None) -> int:
               "it from the repository: cvmfs-publisher state rebuild --repository-root DIR [--state-db PATH]",
               file=sys.stderr)
         return EXIT_STATE
-    except (UsageError, WishlistError, StateError, Busy, BackendError) as e:
+    except _usage_errors() as e:
         print(f"cvmfs-publisher: {e}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:

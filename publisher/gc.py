@@ -38,7 +38,6 @@ from cvmfs_common.layout import METADATA_DIR, RepositoryLayout, remove_tree
 from cvmfs_common.reference import Reference
 
 from .backend import Backend
-from .image import multiarch_name_for, podman_names
 from .lockwait import run_locks_waiting
 from .progress import human_bytes
 from .state import ImageRow, State, TagKey, TagRow
@@ -57,6 +56,8 @@ def podman_name_choices(key: TagKey, top_digest: str | None) -> list[set[str]]:
     """The names the publisher gave the tag's podman image: from ``repo:tag``, or from
     ``repo:tag@digest`` when the wishlist pinned the digest (the state keeps no
     difference, so either set is right)."""
+    from .image import podman_names  # here: image imports the registry client, which gc does not need
+
     ref = tag_reference(key)
     choices = [set(podman_names(ref))]
     if ref.tag is not None and top_digest:
@@ -348,6 +349,8 @@ def collect(root: Path, state_db: Path, *, older_than: float, dry_run: bool, pod
 
 def _remove(plan: GcPlan, layout: RepositoryLayout, rm: _Remover, podman: bool) -> None:
     """Names first (nothing visible leads to what goes next), then content top down."""
+    from .image import multiarch_name_for  # here: image imports the registry client
+
     for t in plan.tags:
         if t.manifest_digest is None:
             continue
@@ -369,8 +372,9 @@ def _remove(plan: GcPlan, layout: RepositoryLayout, rm: _Remover, podman: bool) 
             if not store.images_json.exists():
                 continue
             rm.attempt(f"podman names in {store.root}", store.remove_names, plan.podman_names.get(pdir, set()))
-            for config in sorted(plan.podman_images.get(pdir, ())):
-                rm.attempt(f"podman image {config} in {store.root}", store.remove_image, config)
+            configs = sorted(plan.podman_images.get(pdir, ()))
+            if configs:
+                rm.attempt(f"{len(configs)} podman images in {store.root}", store.remove_images, configs)
     for c in plan.flats:
         rm.retire(layout.flat_dir(c))
     for c in plan.chains:

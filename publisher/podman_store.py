@@ -22,7 +22,7 @@ import fcntl
 import json
 import os
 import stat
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -166,11 +166,16 @@ class PodmanStore:
 
     def remove_image(self, config_digest: str) -> None:
         """Drop the image, its big data, and the layers no other image uses."""
-        image_id = parse_digest(config_digest).hex
-        if not self.images_json.exists():
+        self.remove_images([config_digest])
+
+    def remove_images(self, config_digests: Iterable[str]) -> None:
+        """``remove_image`` of many at once: the store's JSON is read, written and swept
+        once, not once per image (gc of many images in a big store was quadratic)."""
+        image_ids = {parse_digest(c).hex for c in config_digests}
+        if not image_ids or not self.images_json.exists():
             return
         with self._locked():
-            images = [i for i in self.images() if i.get("id") != image_id]
+            images = [i for i in self.images() if i.get("id") not in image_ids]
             self._write_json(self.images_json, images)
             self._sweep(images, {e["id"]: e for e in self.layers()})
 

@@ -33,7 +33,7 @@ fi
 # pip's build chatter goes to a log, shown only when something fails.
 log=$(mktemp)
 if ! { .venv/bin/python -m pip install --quiet --upgrade pip &&
-       .venv/bin/python -m pip install --quiet -e '.[test,zstd]'; } >"$log" 2>&1; then
+       .venv/bin/python -m pip install --quiet -e '.[test,zstd,fast-gzip]'; } >"$log" 2>&1; then
   cat "$log" >&2
   rm -f "$log"
   exit 1

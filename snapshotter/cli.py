@@ -7,10 +7,8 @@ import logging
 import os
 import sys
 
-from cvmfs_common.logs import setup_logging
 from cvmfs_common.version import version_text
 
-from .config import ConfigError, add_serve_arguments, serve_config
 from .pull_cli import add_pull_parser
 
 log = logging.getLogger("cvmfs-snapshotter")
@@ -18,7 +16,9 @@ log = logging.getLogger("cvmfs-snapshotter")
 COMMANDS = ("serve", "pull")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """All subcommands; only `command`'s own arguments when it is given, so that `pull`
+    (a short-lived process) does not import serve's configuration modules."""
     parser = argparse.ArgumentParser(
         prog="cvmfs-snapshotter",
         description="containerd proxy snapshotter serving image layers from CernVM-FS repositories",
@@ -26,7 +26,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=version_text("cvmfs-snapshotter"))
     sub = parser.add_subparsers(dest="command")
     serve = sub.add_parser("serve", help="serve containerd's snapshots API on a unix socket (default)")
-    add_serve_arguments(serve)
+    if command in (None, "serve"):
+        from .config import add_serve_arguments
+
+        add_serve_arguments(serve)
     add_pull_parser(sub)
     return parser
 
@@ -35,13 +38,17 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] not in COMMANDS + ("-h", "--help", "--version"):
         argv.insert(0, "serve")
-    args = build_parser().parse_args(argv)
+    args = build_parser(argv[0] if argv[0] in COMMANDS else None).parse_args(argv)
     if args.command == "serve":
         return run_serve(args)
     return args.func(args)
 
 
 def run_serve(args: argparse.Namespace) -> int:
+    from cvmfs_common.logs import setup_logging
+
+    from .config import ConfigError, serve_config
+
     try:
         cfg = serve_config(args)
     except ConfigError as e:

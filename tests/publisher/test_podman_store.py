@@ -183,6 +183,21 @@ def test_remove_image_keeps_shared_layers(layout: RepositoryLayout) -> None:
     assert sorted(os.listdir(layout.podman_store / "overlay-images")) == ["images.json", "images.lock"]
 
 
+def test_remove_images_at_once_keeps_what_others_share(layout: RepositoryLayout) -> None:
+    store = PodmanStore(layout)
+    imgs = [fake_image(layout, ["base", n], [f"docker.io/x/{n}:1"]) for n in ("a", "b", "c")]
+    for img in imgs:
+        store.add_image(img)
+    store.remove_images([imgs[0].config_digest, imgs[2].config_digest])
+    ids_b = fmt.layer_ids([l.diff_id for l in imgs[1].layers])
+    assert [i["id"] for i in store.images()] == [imgs[1].config_digest[7:]]
+    assert [l["id"] for l in store.layers()] == ids_b
+    assert sorted(os.listdir(layout.podman_store / "overlay")) == sorted(ids_b + ["l"])
+    assert not store.big_data_dir(imgs[0].config_digest[7:]).exists()
+    assert not store.big_data_dir(imgs[2].config_digest[7:]).exists()
+    assert store.check() == []
+
+
 def test_crash_leftovers_are_swept(layout: RepositoryLayout) -> None:
     store = PodmanStore(layout)
     store.add_image(fake_image(layout, ["a"], ["docker.io/x/a:1"]))
