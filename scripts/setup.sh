@@ -11,6 +11,7 @@ APT_PACKAGES=(
   golang-go golang-github-containerd-containerd-dev golang-github-gotestyourself-gotest.tools-dev
   podman fuse-overlayfs fuse3 libfuse2
   busybox-static
+  debootstrap
   ca-certificates
 )
 

@@ -7,6 +7,7 @@ from tests.fixtures.plugin import (  # noqa: F401  (pytest finds fixtures by nam
     pytest_runtest_makereport,
     registry,
     registry_factory,
+    rootfs_factory,
     snapshotter,
     snapshotter_factory,
     standard_images,
