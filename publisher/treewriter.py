@@ -128,6 +128,8 @@ class TreeWriter:
         return tuple(sorted(_path(p) for p, lower in self._implicit.items() if lower))
 
     def close(self) -> None:
+        self._view.forget()
+        self.lowers.forget()
         while self._fds:
             os.close(self._fds.popitem()[1])
 
@@ -419,6 +421,7 @@ class TreeWriter:
         raise self.bad(f"too many levels of symbolic links in the parent chain for {_path(parts)}")
 
     def _walk(self, parts: Parts, create: bool, mtime: int) -> tuple[int, Parts] | None | _Redirect:
+        self._view.forget()  # our own tree changed since the last walk
         depth = len(parts)
         while depth and parts[:depth] not in self._fds:
             depth -= 1
@@ -450,7 +453,8 @@ class TreeWriter:
             lower = self._view.lookup(prefix) if self.lowers else None
             if lower is not None and lower.is_symlink:
                 self.followed_lower_symlinks.append(_path(prefix))
-                return _Redirect(scoped_join(parts[:i], os.readlink(lower.path)) + parts[i + 1:])
+                assert lower.link_target is not None
+                return _Redirect(scoped_join(parts[:i], lower.link_target) + parts[i + 1:])
             if not create:
                 return None
             cur = self._implicit_dir(cur, comp, prefix, lower, mtime)

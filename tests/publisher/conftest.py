@@ -36,10 +36,16 @@ def outside(tmp_path: Path):
 requires_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (chown, mknod, trusted xattrs)")
 
 
-@pytest.fixture(autouse=True)
-def _repository_locks(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.fixture(autouse=True, scope="session")
+def _repository_locks(tmp_path_factory: pytest.TempPathFactory):
     """Repository lock files of the tests (and the CLI processes they start) go to a temp
-    dir, not the machine's /run/lock."""
+    dir, not the machine's /run/lock. Session-wide: module fixtures convert too."""
     from publisher.runlock import LOCK_DIR_ENV
 
-    monkeypatch.setenv(LOCK_DIR_ENV, str(tmp_path_factory.getbasetemp() / "repository-locks"))
+    before = os.environ.get(LOCK_DIR_ENV)
+    os.environ[LOCK_DIR_ENV] = str(tmp_path_factory.getbasetemp() / "repository-locks")
+    yield
+    if before is None:
+        os.environ.pop(LOCK_DIR_ENV, None)
+    else:
+        os.environ[LOCK_DIR_ENV] = before

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from cvmfs_common.fdtree import remove_tree
 from publisher.layererrors import DigestMismatchError, HostileLayerError, LayerError, short_member
 from publisher.tarsafety import Limits
 from publisher.treeview import tree_snapshot
@@ -566,3 +567,36 @@ def test_sparse_members_written_by_gnu_tar(work: Path, tmp_path: Path, fmt: str)
     data = (work / "sparse").read_bytes()
     assert len(data) == (5 << 20) + 4 and data[:4] == b"head" and data[-4:] == b"tail"
     assert data[4:-4].count(0) == len(data) - 8
+
+
+def test_parents_omitted_deeper_than_path_max_come_from_the_lowers(work: Path, tmp_path: Path) -> None:
+    depth = 3000  # 6 000-byte paths: PATH_MAX is 4096
+    lower = tmp_path / "chain"
+    lower.mkdir()
+    fd = os.open(lower, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for _ in range(depth):
+            os.mkdir("d", 0o755, dir_fd=fd)
+            sub = os.open("d", os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+            os.close(fd)
+            fd = sub
+        os.fchmod(fd, 0o711)  # the deepest directory: its mode must reach the layer
+    finally:
+        os.close(fd)
+    name = "d/" * depth + "new.txt"
+    try:
+        r = unpack(blob([reg(name, b"n")]), work, lowers=[lower])
+        assert len(r.implicit_parents) == depth and len(r.parents_from_lower) == depth
+        fd = os.open(work, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            for _ in range(depth):
+                sub = os.open("d", os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+                os.close(fd)
+                fd = sub
+            assert stat.S_IMODE(os.fstat(fd).st_mode) == 0o711
+            assert os.listdir(fd) == ["new.txt"]
+        finally:
+            os.close(fd)
+    finally:  # pytest's own clean-up recurses
+        remove_tree(lower)
+        remove_tree(work)
