@@ -233,10 +233,13 @@ class ChainMerger:
             os.utime(name, ns=times, dir_fd=out_fd, follow_symlinks=False)
             return
         if stat.S_ISFIFO(mode):
-            os.mkfifo(dst, 0o600)
-            self._attrs(None, src, lambda n, v: os.setxattr(dst, n, v, follow_symlinks=False),
-                        lambda m: os.chmod(dst, m), lambda u, g: os.chown(dst, u, g, follow_symlinks=False))
-            os.utime(dst, ns=(src.st.st_atime_ns, src.st.st_mtime_ns), follow_symlinks=False)
+            os.mkfifo(name, 0o600, dir_fd=out_fd)
+            dst = proc_path(out_fd, name)  # no setxattr/chmod with a dir fd; a FIFO is never opened
+            self._attrs(src.st, _xattrs(proc_path(src.dir_fd, src.name)),
+                        lambda n, v: os.setxattr(dst, n, v, follow_symlinks=False),
+                        lambda m: os.chmod(dst, m), lambda u, g: os.chown(name, u, g, dir_fd=out_fd,
+                                                                          follow_symlinks=False))
+            os.utime(name, ns=times, dir_fd=out_fd, follow_symlinks=False)
             return
         if not stat.S_ISREG(mode):
             raise OSError(errno.EINVAL, f"cannot copy {stat.filemode(mode)} entry", src.name)

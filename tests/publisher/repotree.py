@@ -73,10 +73,11 @@ MOUNT_POINTS = ("/dev", "/proc", "/sys", "/tmp", "/home", "/root", "/etc", "/var
                 "/etc/hosts", "/etc/resolv.conf", "/etc/localtime")
 
 
-def flat_minus_chain(flat: Path, chain: Path) -> list[str]:
+def flat_minus_chain(flat: Path, chain: Path, hard_links: bool = True) -> list[str]:
     """Differences between a flat dir and its chain other than the apptainer additions
     (new ``.singularity.d`` names and missing mount points; the mtimes of the dirs they
-    went into): [] when the flat dir is the chain plus ``.singularity.d``."""
+    went into): [] when the flat dir is the chain plus ``.singularity.d``. ``hard_links``:
+    files must be the chain's inodes (a hard-link copy, not a clone)."""
     from publisher.treeview import diff_trees, tree_snapshot
 
     ours, theirs = tree_snapshot(flat), tree_snapshot(chain)
@@ -93,7 +94,7 @@ def flat_minus_chain(flat: Path, chain: Path) -> list[str]:
                            {k: v for k, v in ours.items() if k not in touched})
     problems += diff_trees({k: theirs[k] for k in touched if k in theirs},
                            {k: ours[k] for k in touched if k in ours}, ignore=("mtime_ns",))
-    for p in ours:  # files are the chain's inodes: a hard-link copy
+    for p in ours if hard_links else ():  # files are the chain's inodes: a hard-link copy
         a, b = os.lstat(os.path.join(flat, p.lstrip("/"))), os.lstat(os.path.join(chain, p.lstrip("/")))
         if not stat.S_ISDIR(a.st_mode) and a.st_ino != b.st_ino:
             problems.append(f"{p}: not the chain's inode")

@@ -134,7 +134,7 @@ def test_fifos_are_linked_and_copied_on_emlink(tmp_path: Path) -> None:
     out = merge(tmp_path, None, upper)
     assert os.lstat(out / "run/pipe").st_ino == os.lstat(upper / "run/pipe").st_ino
 
-    def full(src, dst, *, follow_symlinks=True):
+    def full(src, dst, *, src_dir_fd, dst_dir_fd, follow_symlinks=True):
         raise OSError(errno.EMLINK, "Too many links")
 
     out = merge(tmp_path, None, upper, link=full)
