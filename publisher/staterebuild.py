@@ -1,7 +1,7 @@
 """``cvmfs-publisher state rebuild``: a new state DB from what the repository shows.
 
 Every ``.metadata/<registry>/<repo>:<tag>/manifest.json`` (at the root: the default
-platform; under ``.platforms/<os>-<arch>[-<variant>]/``: that platform) with its
+platform; under ``.multiarch/<arch>[:<variant>]/``: that platform) with its
 ``config.json`` becomes a published tag and its image; each layer's
 ``.layers/<xx>/<hex>/.metadata/layers.json`` gives the layer row. What the
 repository cannot tell is left empty: wishlist entries and runs (the next convert
@@ -25,7 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cvmfs_common.digest import InvalidDigest, chain_ids, parse_digest, sha256_of
-from cvmfs_common.layout import MANIFEST_JSON, LayerMetadata, MetadataError, RepositoryLayout, read_layers_json
+from cvmfs_common.layout import (DEFAULT_VARIANTS, MANIFEST_JSON, METADATA_DIR, LayerMetadata, LayoutError, MetadataError,
+                                 RepositoryLayout, multiarch_name_of_dir, platform_dir_name, read_layers_json)
 from cvmfs_common.registry import Platform
 
 from .image import CONFIG_JSON
@@ -122,15 +123,34 @@ class _Reader:
         return self.layer_meta[digest]
 
 
+def _platform_dir_of_multiarch(name: str) -> str | None:
+    """``arm64:v8`` -> ``linux-arm64``: the state's platform dir for a ``.multiarch`` name.
+    A variant that is the architecture's default is left out, as wishlists spell it
+    (``linux/arm64``); only Linux platforms get ``.multiarch`` dirs."""
+    arch, _, variant = name.partition(":")
+    if variant and DEFAULT_VARIANTS.get(arch) == variant:
+        variant = ""
+    try:
+        pdir = platform_dir_name("linux", arch, variant or None)
+        return pdir if multiarch_name_of_dir(pdir) == name else None
+    except LayoutError:
+        return None
+
+
 def _scan(layout: RepositoryLayout, report: RebuildReport) -> tuple[list[_Found], str | None]:
     """Every published tag the repository shows, and the default platform."""
     reader = _Reader(layout)
     places: list[tuple[str, RepositoryLayout, str | None]] = [("", layout, None)]
-    for entry in sorted(os.scandir(layout.platforms_dir), key=lambda e: e.name) if layout.platforms_dir.is_dir() \
+    for entry in sorted(os.scandir(layout.multiarch_dir), key=lambda e: e.name) if layout.multiarch_dir.is_dir() \
             else []:
-        parts = entry.name.split("-")
-        if entry.is_dir(follow_symlinks=False) and len(parts) in (2, 3):
-            places.append((entry.name, RepositoryLayout(layout.root, entry.name), "/".join(parts)))
+        # Real arch dirs only (the others are alias links); the default platform's has no .metadata.
+        if not entry.is_dir(follow_symlinks=False) or not os.path.isdir(os.path.join(entry.path, METADATA_DIR)):
+            continue
+        pdir = _platform_dir_of_multiarch(entry.name)
+        if pdir is None:
+            report.skipped.append(f"{os.path.relpath(entry.path, layout.root)}: not an <arch>[:<variant>] name")
+            continue
+        places.append((pdir, RepositoryLayout(layout.root, pdir), pdir.replace("-", "/")))
     found: list[_Found] = []
     root_platforms: Counter[str] = Counter()
     pending_root: list[tuple[str, Path, dict]] = []
