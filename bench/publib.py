@@ -274,7 +274,7 @@ class RssPoller:
 
 
 @contextmanager
-def scratch_fs(size_gib: float, use_dir: Path | None = None) -> Iterator[Path]:
+def scratch_fs(size_gib: float, use_dir: Path | None = None, name: str | None = None) -> Iterator[Path]:
     """Where the benches write: a fresh ext4 (with a journal, as a release manager's disk
     has) in an image file under bench/out, loop-mounted for this run only.
 
@@ -288,7 +288,7 @@ def scratch_fs(size_gib: float, use_dir: Path | None = None) -> Iterator[Path]:
         yield use_dir
         return
     OUT.mkdir(parents=True, exist_ok=True)
-    name = f"scratch-fs-{Path(sys.argv[0]).stem}"  # one per bench script: two benches may run at once
+    name = f"scratch-fs-{name or Path(sys.argv[0]).stem}"  # one per bench (script): two may run at once
     image, mnt = OUT / f"{name}.img", OUT / name
     subprocess.run(["umount", str(mnt)], capture_output=True)  # left over by an interrupted run
     image.unlink(missing_ok=True)

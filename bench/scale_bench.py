@@ -235,7 +235,7 @@ def main() -> int:
     compiled_bytecode()
     sizes = [int(x) for x in args.sizes.split(",")]
     if args.store_only:
-        with scratch_fs(2, args.scratch_dir) as fs:
+        with scratch_fs(2, args.scratch_dir, name="scale_bench-store") as fs:
             store_ab(sizes, fs)
         return 0
     cache = OUT / f"scale-{args.bases}b-{args.files}f-s{args.seed}"
