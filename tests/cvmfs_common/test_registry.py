@@ -516,7 +516,7 @@ def test_push_blob_and_manifest(registry, standard_images):
 BOUNDED = TransferLimits(min_rate=10 * 1024, rate_window=2.0, check_interval=0.2)
 
 
-def _trickled_blob(reg, small_image, proxy_every: float):
+def _trickled_blob(reg, small_image):
     img = small_image(reg, "test/trickle", big_file=300_000)
     big = img.layers[1]
     return img, big, reg.blob_data_path(big).stat().st_size
@@ -524,7 +524,7 @@ def _trickled_blob(reg, small_image, proxy_every: float):
 
 def test_trickling_blob_fails_in_the_rate_window_naming_blob_and_registry(registry_factory, small_image, tmp_path):
     reg = registry_factory()
-    img, big, size = _trickled_blob(reg, small_image, 15)
+    img, big, size = _trickled_blob(reg, small_image)
     # one byte per 15 s: every read blocks for 15 s, under the 20 s read timeout, forever
     with TricklingProxy(("127.0.0.1", reg.port), after=64 * 1024, every=15) as proxy:
         with make_client(limits=BOUNDED) as c:
@@ -542,7 +542,7 @@ def test_trickling_blob_fails_in_the_rate_window_naming_blob_and_registry(regist
 
 def test_deadline_and_abort_end_a_stuck_blob_at_once(registry_factory, small_image):
     reg = registry_factory()
-    img, big, size = _trickled_blob(reg, small_image, 15)
+    img, big, size = _trickled_blob(reg, small_image)
     off = TransferLimits(min_rate=0, check_interval=0.2)
     with TricklingProxy(("127.0.0.1", reg.port), after=64 * 1024, every=15) as proxy:
         ref = f"{proxy.host}/{img.name}:{img.tag}"

@@ -17,7 +17,7 @@ from publisher.webhook import ListenerLimits, PushEvent, WebhookListener, parse_
 from tests.fixtures._proc import free_port
 from tests.fixtures.registry import NotificationEndpoint
 
-from .clirun import write_wishlist
+from .clirun import run_cli, write_wishlist
 from .conftest import requires_root
 from .looprun import Images, LoopProcess, link_reads, wait_for
 
@@ -164,6 +164,18 @@ def test_idle_and_slow_connections_are_bounded_and_do_not_starve_a_real_post() -
         for s in idle:
             s.close()
         listener.stop()
+
+
+def test_a_listener_other_hosts_reach_needs_a_usable_token(tmp_path: Path, capsys) -> None:
+    wishlist = write_wishlist(tmp_path / "w.yaml", ["127.0.0.1:1/test/app:*"])
+    common = (wishlist, "--repository-root", tmp_path / "repo", "--state-db", tmp_path / "state.db")
+    assert run_cli("loop", *common, "--listen", "0.0.0.0:0").rc == 2
+    assert "--listen-token-file" in capsys.readouterr().err
+    short = tmp_path / "short"
+    short.write_text("abc\n")
+    assert run_cli("loop", *common, "--listen", "127.0.0.1:0", "--listen-token-file", short).rc == 2
+    assert "at least 16" in capsys.readouterr().err
+    assert run_cli("loop", *common, "--listen", "127.0.0.1:0", "--listen-token-file", tmp_path / "none").rc == 2
 
 
 # ------------------------------------------------------------------------------ with the real registry
