@@ -6,7 +6,7 @@ and ``apptainer run`` starts /bin/sh. We write what apptainer's own OCI -> sandb
 conversion (and DUCC's ``ducc/singularity``) writes::
 
     .singularity.d/env/10-docker2singularity.sh   the config's Env, single-quoted
-    .singularity.d/runscript                      ENTRYPOINT + CMD, WorkingDir, args
+    .singularity.d/runscript                      ENTRYPOINT + CMD, args
     .singularity.d/labels.json                    the config's Labels
     .singularity.d/actions/{exec,run,shell,start,test}, env/{01-base,90-environment,
     95-apps,99-base,99-runtimevars}.sh, startscript, libs/
@@ -20,9 +20,12 @@ directory fds with O_NOFOLLOW: a symlink the image planted (``/.singularity.d ->
 /etc``) is replaced, never followed out of the tree.
 
 Differences from apptainer, on purpose: Env values and ENTRYPOINT/CMD words are
-single-quoted, so every string round-trips (apptainer's ``%q`` inside ``"${X:-…}"``
-and its ``eval`` of the command line mangle ``$``, backticks and quotes); the runscript
-runs the command as an OCI runtime would (apptainer's ``--no-eval``) in WorkingDir.
+single-quoted, so every string round-trips (apptainer 1.4.5's own conversion writes
+``"${X:-…}"`` with an escaping that double-escapes quotes and, with a backtick in any
+value, makes the whole file fail to source: the image's Env is then lost); the runscript
+runs the command as an OCI runtime would (apptainer's ``--no-eval``). Like apptainer's
+conversion it does not change to WorkingDir: jobs pass paths relative to their own
+directory, which apptainer keeps (``apptainer run --pwd DIR`` for WorkingDir).
 Env entries whose names are not shell identifiers are left out (they cannot be
 exported by ``sh``; a failing ``export`` would stop the sourcing shell).
 """
@@ -172,9 +175,11 @@ _MOUNT_FILES = ("etc/hosts", "etc/resolv.conf", "etc/localtime")
 
 
 def sh_quote(value: str) -> str:
-    """``'…'`` with every ``'`` as ``'\\''``: any string (newlines, ``$``, backticks,
-    quotes) comes back unchanged from every POSIX shell."""
-    return "'" + value.replace("'", "'\\''") + "'"
+    """``'…'`` with every ``'`` as ``'"'"'``: any string (newlines, ``$``, backticks,
+    quotes) comes back unchanged from every POSIX shell and from the Go shell apptainer
+    sources env files with (its mvdan/sh keeps the backslash of the usual ``'\\''``:
+    ``it'\\''s`` arrives as ``it\\'s``, seen with apptainer 1.4.5)."""
+    return "'" + value.replace("'", "'\"'\"'") + "'"
 
 
 def env_script(env: Sequence[object]) -> str:
@@ -212,14 +217,16 @@ def _words(value: object) -> list[str]:
 
 
 def runscript(config: dict) -> str:
-    """``runscript``: ENTRYPOINT + CMD, arguments replacing CMD (as ``docker run``), run
-    in WorkingDir."""
+    """``runscript``: ENTRYPOINT + CMD, arguments replacing CMD (as ``docker run``), in
+    the caller's directory as apptainer's own conversion runs it (WorkingDir is named in a
+    comment: ``apptainer run --pwd DIR`` gives it)."""
     entrypoint, cmd = _words(config.get("Entrypoint")), _words(config.get("Cmd"))
     workdir = config.get("WorkingDir")
     lines = ["#!/bin/sh", "# ENTRYPOINT + CMD of the image (OCI config), written by cvmfs-publisher."]
     if isinstance(workdir, str) and workdir:
-        q = sh_quote(workdir)
-        lines.append(f'cd {q} 2>/dev/null || echo "warning: cannot change to the working directory "{q} >&2')
+        shown = sh_quote(workdir).replace("\n", "\\n")
+        lines.append(f"# WorkingDir {shown}: apptainer starts in the caller's directory; "
+                     "`apptainer run --pwd DIR` changes it.")
     if cmd:
         lines.append('if [ "$#" -eq 0 ]; then')
         lines.append("    set -- " + " ".join(sh_quote(w) for w in cmd))

@@ -98,19 +98,19 @@ def test_host_values_win_except_path_as_in_apptainer(tmp_path: Path) -> None:
 
 
 @requires_root
-def test_runscript_runs_entrypoint_and_cmd_in_workdir_and_passes_args(tmp_path: Path) -> None:
+def test_runscript_runs_entrypoint_and_cmd_in_the_callers_dir_and_passes_args(tmp_path: Path) -> None:
     root = rootfs(tmp_path)
     write_singularity(root, CONFIG)
     r = chroot(root, "/.singularity.d/actions/run")
     assert r.returncode == 0, r.stderr
-    assert r.stdout.decode() == "/work dir\n[default arg]\n[$HOME `x` 'q']\n"
+    assert r.stdout.decode() == "/\n[default arg]\n[$HOME `x` 'q']\n"  # as apptainer: no cd to WorkingDir
     # arguments replace CMD, ENTRYPOINT stays; each argument arrives as it was given
     r = chroot(root, "/.singularity.d/actions/run", "a b", "$(id)", "")
-    assert r.stdout.decode() == "/work dir\n[a b]\n[$(id)]\n[]\n"
+    assert r.stdout.decode() == "/\n[a b]\n[$(id)]\n[]\n"
     # apptainer's `run` goes through /.run -> actions/run; /singularity is the runscript
     assert os.readlink(root / ".run") == ".singularity.d/actions/run"
     r = chroot(root, "/singularity", "x")
-    assert r.stdout.decode() == "/work dir\n[x]\n"
+    assert r.stdout.decode() == "/\n[x]\n"
 
 
 @requires_root
@@ -194,8 +194,8 @@ def test_env_script_is_plain_posix() -> None:
 @requires_root
 def test_converted_apptainer_image_runs_from_its_flat_dir(standard_images, tmp_path: Path) -> None:
     """The standard test/apptainer:v1 image through `convert-image`: its flat link, chrooted
-    as apptainer would enter it, gives the image's exact Env and runs ENTRYPOINT + CMD in
-    WorkingDir (the later apptainer test runs apptainer 1.4 itself on the same image)."""
+    as apptainer would enter it, gives the image's exact Env and runs ENTRYPOINT + CMD
+    (tests/apptainer runs apptainer 1.4 itself on the same image)."""
     from tests.fixtures.images import APPTAINER_ENV
     from tests.publisher.clirun import run_cli
 
@@ -211,8 +211,8 @@ def test_converted_apptainer_image_runs_from_its_flat_dir(standard_images, tmp_p
     assert got["PATH"] == "/opt/tool/bin:/usr/bin:/bin"
     assert chroot(link, "/.singularity.d/actions/exec", "hello-tool").stdout == b"hello from the tool\n"
     r = chroot(link, "/.singularity.d/actions/run")
-    assert r.stdout.decode() == "cwd=/work dir\narg=[default arg]\narg=[$HOME `x` 'q']\n", r.stderr
+    assert r.stdout.decode() == "cwd=/\narg=[default arg]\narg=[$HOME `x` 'q']\n", r.stderr
     r = chroot(link, "/.singularity.d/actions/run", "given arg")
-    assert r.stdout.decode() == "cwd=/work dir\narg=[given arg]\n"
+    assert r.stdout.decode() == "cwd=/\narg=[given arg]\n"
     labels = json.loads((link / ".singularity.d/labels.json").read_text())
     assert labels["maintainer"] == "Ann <ann@example.org>"
