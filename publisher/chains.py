@@ -27,7 +27,8 @@ from cvmfs_common.digest import Digest, parse_digest
 from cvmfs_common.fdtree import DirCursor, proc_path
 from cvmfs_common.layout import RepositoryLayout, find_chain, publish_dir, remove_tree, syncfs
 
-from .whiteouts import OPAQUE_XATTR, OVERLAY_XATTR_PREFIXES, NameKind, classify, is_whiteout_device, whited_out_name
+from .lowers import read_xattrs
+from .whiteouts import OPAQUE_XATTR, NameKind, classify, is_whiteout_device, whited_out_name
 
 _COPY_CHUNK = 1 << 20
 
@@ -83,23 +84,7 @@ def _is_opaque(fd: int) -> bool:
 
 def _xattrs(target: int | str) -> dict[str, bytes]:
     """xattrs minus overlay's own, of an open dir (fd) or a non-dir (a /proc/self/fd path)."""
-    nofollow = {} if isinstance(target, int) else {"follow_symlinks": False}
-    try:
-        names = os.listxattr(target, **nofollow)
-    except OSError as e:
-        if e.errno in (errno.ENOTSUP, errno.EOPNOTSUPP):
-            return {}
-        raise
-    out: dict[str, bytes] = {}
-    for name in names:
-        if name.startswith(OVERLAY_XATTR_PREFIXES):
-            continue
-        try:
-            out[name] = os.getxattr(target, name, **nofollow)
-        except OSError as e:
-            if e.errno != errno.ENODATA:
-                raise
-    return out
+    return read_xattrs(target, skip_overlay=True)
 
 
 @dataclass
