@@ -77,8 +77,9 @@ def bookworm_spec(dist: Distribution) -> RootfsSpec:
     if dist.kind == "tarball":
         install = f"bash {DIST_IN_ROOTFS}/install.sh /"
     else:
-        install = (f"apt-get install -y -qq --no-install-recommends {DIST_IN_ROOTFS}/cvmfs-config*.deb "
-                   f"{DIST_IN_ROOTFS}/cvmfs_*.deb {DIST_IN_ROOTFS}/cvmfs-server_*.deb")
+        # cvmfs-config-* is optional (the tier's repositories bring their own keys)
+        install = (f"apt-get install -y -qq --no-install-recommends $(ls {DIST_IN_ROOTFS}/cvmfs-config*.deb "
+                   f"2>/dev/null) {DIST_IN_ROOTFS}/cvmfs_*.deb {DIST_IN_ROOTFS}/cvmfs-server_*.deb")
     return RootfsSpec(
         "bookworm", BASE_PACKAGES + SERVER_PACKAGES + RUNTIME_PACKAGES,
         setup=(install, "cvmfs_server --help >/dev/null 2>&1 || command -v cvmfs_server",
