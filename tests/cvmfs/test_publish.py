@@ -6,7 +6,6 @@ an ACL and cross-directory hard links are published once, each image in its own 
 seconds per image are printed); the tests then read what a client sees."""
 from __future__ import annotations
 
-import json
 import os
 import time
 from dataclasses import dataclass, field
