@@ -21,11 +21,14 @@ overlay root.
 from __future__ import annotations
 
 import os
+import shlex
 import shutil
+import socket
+import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-from tests.fixtures.rootfs import BASE_PACKAGES, PROJECT, RootfsContainer, RootfsSpec
+from tests.fixtures.rootfs import BASE_PACKAGES, PODMAN, PROJECT, RootfsContainer, RootfsSpec
 
 TARBALL = "cvmfs-2.12.0-debian12-amd64.tar.xz"
 DIST_IN_ROOTFS = "/opt/cvmfs-dist"
@@ -77,8 +80,9 @@ def bookworm_spec(dist: Distribution) -> RootfsSpec:
     if dist.kind == "tarball":
         install = f"bash {DIST_IN_ROOTFS}/install.sh /"
     else:
-        install = (f"apt-get install -y -qq --no-install-recommends {DIST_IN_ROOTFS}/cvmfs-config*.deb "
-                   f"{DIST_IN_ROOTFS}/cvmfs_*.deb {DIST_IN_ROOTFS}/cvmfs-server_*.deb")
+        # cvmfs-config-* is optional (the tier's repositories bring their own keys)
+        install = (f"apt-get install -y -qq --no-install-recommends $(ls {DIST_IN_ROOTFS}/cvmfs-config*.deb "
+                   f"2>/dev/null) {DIST_IN_ROOTFS}/cvmfs_*.deb {DIST_IN_ROOTFS}/cvmfs-server_*.deb")
     return RootfsSpec(
         "bookworm", BASE_PACKAGES + SERVER_PACKAGES + RUNTIME_PACKAGES,
         setup=(install, "cvmfs_server --help >/dev/null 2>&1 || command -v cvmfs_server",
@@ -117,8 +121,7 @@ class Stratum0:
 
     def host_view(self, inside: str) -> Path:
         """`inside` (a path in the container, its mounts included) as the host sees it."""
-        import subprocess
-        pid = subprocess.run(["podman", "inspect", "-f", "{{.State.Pid}}", self.c.name], check=True,
+        pid = subprocess.run([*PODMAN, "inspect", "-f", "{{.State.Pid}}", self.c.name], check=True,
                              capture_output=True, text=True).stdout.strip()
         return Path(f"/proc/{pid}/root") / inside.lstrip("/")
 
@@ -145,9 +148,6 @@ class Stratum0:
                 f"for i in $(seq 50); do curl -s -o /dev/null http://127.0.0.1:{self.port}/ && exit 0; sleep 0.2; done\n"
                 "exit 1")
 
-    def stop_apache(self) -> None:
-        self.sh("service apache2 stop >/dev/null; ! pidof apache2 >/dev/null")
-
     def mkfs(self, repo: str, conf: dict[str, str] | None = None) -> "Repository":
         self.sh(f"cvmfs_server mkfs -o root -w {self.url(repo)} {repo} >/w/mkfs-{repo}.log 2>&1 || "
                 f"{{ tail -40 /w/mkfs-{repo}.log; exit 1; }}", timeout=300)
@@ -158,7 +158,6 @@ class Stratum0:
 
 
 def _free_port() -> int:
-    import socket
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -179,7 +178,6 @@ class Repository:
         return f"/var/spool/cvmfs/{self.name}/rdonly"
 
     def server(self, *args: str, check: bool = True, timeout: float = 600):
-        import shlex
         return self.s0.sh("cvmfs_server " + shlex.join(args) + " 2>&1", check=check, timeout=timeout)
 
     def revision(self) -> int:

@@ -6,7 +6,6 @@ an ACL and cross-directory hard links are published once, each image in its own 
 seconds per image are printed); the tests then read what a client sees."""
 from __future__ import annotations
 
-import json
 import os
 import time
 from dataclasses import dataclass, field
@@ -234,3 +233,24 @@ def test_publish_drops_the_layers_whiteout_files(published: Published) -> None:
     assert not os.path.lexists(second / "opaque/.wh..wh..opq")
     top = published.layout.chain_dir(chain_ids(ml.diff_ids)[-1])
     assert not os.path.lexists(top / "data/delete-me.txt") and not os.path.lexists(top / "opaque/old1")
+
+
+def test_cri_pull_through_the_snapshotter_on_the_client_mount(published: Published, registry: Registry) -> None:
+    """Kubernetes' path: CRI PullImage (containerd's unpacker) takes every layer from the
+    client mount; the socket is on /w, so the CRI client runs on the host."""
+    from tests.e2e.test_cri_pull import cri_pull
+    from tests.fixtures.containerd import CriOptions
+
+    img = published.images["tagged:2.0"]
+    rt = InnerRuntime(published.s0, "rt-cri", [published.repo.client],
+                      cri=CriOptions(plain_http_registries=[registry.host])).start()
+    try:
+        registry.clear_log()
+        assert cri_pull(rt.host_dir / "cd" / "containerd.sock", img.ref).startswith("sha256:")
+        assert all(registry.blob_get_count(d) == 0 for d in img.layers), registry.access_log()
+        assert rt.log().count("served from") == len(img.layers), rt.log()[-3000:]
+        out = parse_listing(rt.ctr("-n", "k8s.io", "run", "--rm", "--snapshotter", "cvmfs-snapshotter", img.ref,
+                                   "cri-t", "/bin/sh", "-c", LISTING_SCRIPT).stdout)
+        assert split_hardlinks(img, out, compare_trees(img.tree, out, ignore=RUNTIME_MOUNTS | IGNORE)) == []
+    finally:
+        rt.stop()
