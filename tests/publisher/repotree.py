@@ -73,6 +73,16 @@ MOUNT_POINTS = ("/dev", "/proc", "/sys", "/tmp", "/home", "/root", "/etc", "/var
                 "/etc/hosts", "/etc/resolv.conf", "/etc/localtime")
 
 
+def flat_tree_problems(expected, observed, ignore: frozenset[str] = frozenset()) -> list[str]:
+    """compare_trees of an image's expected tree with a flat dir's observed tree, less what
+    the flat dir adds for apptainer (``.singularity.d`` and its links; mount points the
+    image lacked)."""
+    from tests.fixtures.tree import compare_trees
+
+    problems = compare_trees(expected, observed, ignore=ignore | frozenset(SINGULARITY_NAMES))
+    return [p for p in problems if not any(p.startswith(f"unexpected {m}:") for m in MOUNT_POINTS)]
+
+
 def flat_minus_chain(flat: Path, chain: Path, hard_links: bool = True) -> list[str]:
     """Differences between a flat dir and its chain other than the apptainer additions
     (new ``.singularity.d`` names and missing mount points; the mtimes of the dirs they
