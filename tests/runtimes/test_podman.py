@@ -18,7 +18,7 @@ import pytest
 from tests.fixtures.rootfs import BOOKWORM_PODMAN, RootfsSpec
 from tests.fixtures.tree import LISTING_COMMAND, RUNTIME_MOUNTS, compare_trees, parse_listing
 
-from .stack import RUNTIMES
+from .stack import RUNTIMES, SID_RT
 
 pytestmark = [pytest.mark.e2e, pytest.mark.runtimes]
 
@@ -88,9 +88,9 @@ def test_rootless_podman_runs_from_podman_store(spec: RootfsSpec, podman_id, reg
                    "--backend local (docs/podman.md): fuse-overlayfs run by a user cannot read the "
                    "trusted.overlay.opaque xattr of converted opaque dirs, and a 0750 dir owned by an "
                    "unmapped uid is unreadable in the user namespace")
-def test_rootless_podman_known_limits_on_a_local_repository(registry, standard_images, rootfs_factory):
-    from .stack import SID_RT
-    rootless_case(rootfs_factory, SID_RT.spec, SID_RT.podman_id, registry, standard_images.multilayer)
+@pytest.mark.parametrize("rt", [SID_RT], ids=lambda r: r.podman_id)
+def test_rootless_podman_known_limits_on_a_local_repository(rt, registry, standard_images, rootfs_factory):
+    rootless_case(rootfs_factory, rt.spec, rt.podman_id, registry, standard_images.multilayer)
 
 
 def rootless_case(rootfs_factory, spec: RootfsSpec, podman_id: str, registry, img) -> None:
