@@ -26,6 +26,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import requests
+import requests.adapters
 
 from .reference import Reference
 
@@ -63,13 +64,26 @@ class Endpoint:
         s = requests.Session()
         s.headers["User-Agent"] = user_agent
         s.headers.update(self.headers)
-        if self.skip_verify:
-            s.verify = False
-        elif self.ca:
-            s.verify = self.ca[0]  # requests takes one bundle; more are refused at load time
-        if self.client:
-            s.cert = self.client[0] if len(self.client[0]) == 2 else self.client[0][0]
+        if self.skip_verify or self.ca or self.client:
+            verify: bool | str = False if self.skip_verify else (self.ca[0] if self.ca else True)
+            cert = (self.client[0] if len(self.client[0]) == 2 else self.client[0][0]) if self.client else None
+            s.mount(f"https://{self.host}/", _PinnedTLS(verify, cert))
         return s
+
+
+class _PinnedTLS(requests.adapters.HTTPAdapter):
+    """TLS settings for one host that the environment cannot override: requests lets
+    REQUESTS_CA_BUNDLE/CURL_CA_BUNDLE win over a session's `verify`."""
+
+    def __init__(self, verify: bool | str, cert) -> None:
+        super().__init__()
+        self._verify, self._cert = verify, cert
+
+    def send(self, request, **kwargs):
+        kwargs["verify"] = self._verify
+        if self._cert is not None:
+            kwargs["cert"] = self._cert
+        return super().send(request, **kwargs)
 
 
 def _host_dir_name(ref: Reference) -> str:

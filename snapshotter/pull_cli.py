@@ -79,7 +79,10 @@ def run_pull(args: argparse.Namespace) -> int:
         return _fail(str(e), 2)
     if endpoints is None:
         endpoints = [Endpoint(ref.scheme, ref.api_host if ref.is_docker_hub else ref.registry)]
-    platform = Platform.parse(args.platform) if args.platform else None
+    try:
+        platform = Platform.parse(args.platform) if args.platform else None
+    except ValueError as e:
+        return _fail(f"--platform {args.platform}: {e}", 2)
 
     registry, source, errors = None, None, []
     for endpoint in endpoints:  # the first that has the image; later failures are the pull's

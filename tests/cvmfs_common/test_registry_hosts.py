@@ -42,8 +42,11 @@ ca = "/etc/ca.pem"
     m3 = eps[1]
     assert m3.skip_verify and m3.client == (("/c.pem", "/c.key"),) and m3.headers == {"x-token": "abc"}
     s = m3.session("ua")
-    assert s.verify is False and s.cert == ("/c.pem", "/c.key") and s.headers["x-token"] == "abc"
-    assert eps[2].session("ua").verify == "/etc/ca.pem"
+    adapter = s.get_adapter("https://m3.example.org/v2/")
+    assert adapter._verify is False and adapter._cert == ("/c.pem", "/c.key") and s.headers["x-token"] == "abc"
+    assert eps[2].session("ua").get_adapter("https://registry.example.org:5000/v2/")._verify == "/etc/ca.pem"
+    # Other hosts (a token realm elsewhere) keep the defaults.
+    assert not hasattr(s.get_adapter("https://auth.example.org/"), "_verify")
     mirrored = eps[0].reference(ref)
     assert mirrored.registry == "m1.example.org:5000" and mirrored.scheme == "http"
     assert mirrored.repository == "a/b" and mirrored.tag == "1"

@@ -149,7 +149,8 @@ class Stack:
     def ctr(self, args: str, namespace: str = "default", **kw):
         return self.c.exec(f"ctr -n {namespace} {args}", **kw)
 
-    def our_pull(self, ref: str, args: str = "--plain-http", **kw):
+    def our_pull(self, ref: str, args: str = "--hosts-dir /etc/containerd/certs.d", **kw):
+        """Our pull, with the registry settings containerd uses (the documented hosts.toml)."""
         return self.c.exec(f"cvmfs-snapshotter pull {args} {shlex.quote(ref)}", **kw)
 
     def cri_pull(self, ref: str) -> str:

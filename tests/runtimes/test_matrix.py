@@ -104,6 +104,8 @@ def test_half_the_layers_with_plain_ctr_image_pull(rt, own_registry, stack_facto
     stack.ctr(f"image pull --plain-http --snapshotter cvmfs-snapshotter {img.ref}")
     assert reg.blob_get_count(img.layers[0]) == 0
     assert reg.blob_get_count(img.layers[1]) == 1
+    print(f"blob GETs: config {reg.blob_get_count(img.config_digest)}, layers "
+          f"{[reg.blob_get_count(d) for d in img.layers]}")
     assert stack.served_from_repository() == 2, stack.logs()
     stack.assert_tree(img)
 

@@ -200,3 +200,52 @@ def test_user_flag(containerd, auth_registry, tmp_path):
     res = pull("-a", str(containerd.address), "--plain-http", "-u", "alice", img.ref,
                env={"HOME": str(tmp_path)}, check=False)
     assert res.returncode == 2 and "password" in res.stderr
+
+
+@pytest.fixture
+def tls_registry(registry_factory, push_standard_images, tmp_path):
+    """A second docker-registry serving the same storage over TLS with a self-signed cert."""
+    import yaml
+
+    from tests.fixtures._proc import terminate, wait_until
+
+    reg = registry_factory()
+    img = push_standard_images(reg).multilayer
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj",
+                    "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key),
+                    "-out", str(cert)], check=True, capture_output=True)
+    config = yaml.safe_load(reg.config_path.read_text())
+    host = f"127.0.0.1:{free_port()}"
+    config["http"].update(addr=host, tls={"certificate": str(cert), "key": str(key)})
+    (tmp_path / "tls.yml").write_text(yaml.safe_dump(config))
+    log = open(tmp_path / "tls.log", "wb")
+    proc = subprocess.Popen(["/usr/bin/docker-registry", "serve", str(tmp_path / "tls.yml")], stdout=log,
+                            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+
+    def answers() -> bool:
+        r = subprocess.run(["curl", "-sk", "-o", "/dev/null", "-w", "%{http_code}", f"https://{host}/v2/"],
+                           capture_output=True, text=True)
+        return r.stdout == "200"
+    try:
+        wait_until(answers, 30, "TLS registry", proc, tmp_path / "tls.log")
+        yield host, cert, img
+    finally:
+        terminate(proc)
+        log.close()
+
+
+def test_hosts_toml_ca_and_skip_verify(containerd, tls_registry, tmp_path):
+    host, cert, img = tls_registry
+    name = f"{host}/{img.name}:{img.tag}"
+    hosts = tmp_path / "certs.d"
+    (hosts / host).mkdir(parents=True)
+    # https (a loopback registry is plain http unless hosts.toml says otherwise), no CA: refused.
+    (hosts / host / "hosts.toml").write_text(f'server = "https://{host}"\n')
+    res = pull("-a", str(containerd.address), "-n", "noca", "--hosts-dir", str(hosts), name, check=False)
+    assert res.returncode == 1 and "certificate" in res.stderr.lower(), res.stderr
+    (hosts / host / "hosts.toml").write_text(f'server = "https://{host}"\nca = "{cert}"\n')
+    pull("-a", str(containerd.address), "-n", "ca", "--hosts-dir", str(hosts), name)
+    (hosts / host / "hosts.toml").write_text(f'server = "https://{host}"\nskip_verify = true\n')
+    pull("-a", str(containerd.address), "-n", "skip", "--hosts-dir", str(hosts), name)
+    check_tree(containerd, img, ref=name, namespace="skip")
