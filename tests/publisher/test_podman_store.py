@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from cvmfs_common.digest import chain_ids
 from cvmfs_common.layout import RepositoryLayout
 from publisher import podman_format as fmt
 from publisher.podman_store import PodmanImage, PodmanLayer, PodmanStore, PodmanStoreError
@@ -274,13 +275,13 @@ def names_of(img: BuiltImage) -> list[str]:
 
 
 def build_repo(root: Path, standard_images: StandardImages, cases: list[str],
-               whiteouts: str) -> RepositoryLayout:
+               whiteouts: str, chain_root: bool = False) -> RepositoryLayout:
     layout = RepositoryLayout(root)
     store = PodmanStore(layout)
     for case in cases:
         img = pick(standard_images, case)
         store.add_image(podman_image(layout, img.host, img.name, img.manifest_digest,
-                                     names_of(img), whiteouts))
+                                     names_of(img), whiteouts, chain_root=chain_root))
     return layout
 
 
@@ -342,7 +343,14 @@ def podman(podman_base: Path, overlay_repo: RepositoryLayout) -> Podman:
 
 @pytest.fixture(scope="module")
 def raw_repo(podman_base: Path, standard_images: StandardImages) -> RepositoryLayout:
-    return build_repo(podman_base / "repo-raw", standard_images, RAW_CASES, "raw")
+    """As the cvmfs backend publishes: raw whiteouts, each image one podman layer = its top
+    chain, and the layer dirs' `.wh.` files gone as after a real CernVM-FS publish."""
+    return build_repo(podman_base / "repo-raw", standard_images, RAW_CASES, "raw", chain_root=True)
+
+
+@pytest.fixture(scope="module")
+def podman_raw(podman_base: Path, raw_repo: RepositoryLayout) -> Podman:
+    return Podman(podman_base / "podman-raw", stores=[raw_repo.podman_store])
 
 
 @pytest.fixture(scope="module")
@@ -438,23 +446,60 @@ def test_podman_graphroot_stays_empty(podman: Podman, standard_images: StandardI
     assert size < 1 << 20, f"graphroot holds {size} bytes"
 
 
-def test_raw_whiteouts_through_fuse_overlayfs(podman_fuse: Podman, raw_repo: RepositoryLayout,
-                                              standard_images: StandardImages, podman_base: Path) -> None:
+@pytest.mark.parametrize("overlay", ["kernel", "fuse-overlayfs"])
+def test_raw_whiteouts_images_run_from_their_chains(request: pytest.FixtureRequest, raw_repo: RepositoryLayout,
+                                                    standard_images: StandardImages, podman_base: Path,
+                                                    overlay: str) -> None:
+    """The layer dirs carry no deletions (their `.wh.` files are gone, as on a CernVM-FS
+    client): the images still show exactly their trees, with either overlay."""
+    pm: Podman = request.getfixturevalue("podman_raw" if overlay == "kernel" else "podman_fuse")
     ml = standard_images.multilayer
     second = raw_repo.layerfs(ml.layers[1])
-    assert (second / "data" / ".wh.delete-me.txt").is_file()  # really raw on disk
-    assert (second / "opaque" / ".wh..wh..opq").is_file()
+    assert (second / "data").is_dir() and not (second / "data" / ".wh.delete-me.txt").exists()
     for case in RAW_CASES:
         img = pick(standard_images, case)
-        observed = parse_listing(podman_fuse.run(names_of(img)[0], *LISTING_COMMAND).stdout)
+        assert img.tree.absent, case  # the case deletes something a lower layer has
+        observed = parse_listing(pm.run(names_of(img)[0], *LISTING_COMMAND).stdout)
         assert not [p for p in observed.entries if "/.wh." in p], case
         for gone in img.tree.absent:
             assert gone not in observed.entries, f"{case}: deleted {gone} is visible"
         assert compare_trees(img.tree, observed, ignore=PODMAN_MOUNTS) == [], case
         assert compare_trees(umoci_tree(standard_images, case, podman_base), observed,
                              ignore=PODMAN_MOUNTS) == [], case
-    _, layer_dirs = graphroot_usage(podman_fuse)
+        # ... and by the wishlist's spelling and the manifest digest.
+        assert pm.run(names_of(img)[1], "/bin/true").returncode == 0
+    _, layer_dirs = graphroot_usage(pm)
     assert layer_dirs == []
+    assert PodmanStore(raw_repo).check() == []
+
+
+def _big_data_size(store: PodmanStore, image_id: str) -> int:
+    [entry] = [i for i in store.images() if i["id"] == image_id]
+    return sum(entry["big-data-sizes"].values())
+
+
+def test_raw_whiteouts_images_in_podman_listing_and_inspect(podman_raw: Podman, raw_repo: RepositoryLayout,
+                                                            standard_images: StandardImages) -> None:
+    """One podman layer per image (its top chain); podman lists it with a size and shows the
+    image's own diff_ids in inspect."""
+    store = PodmanStore(raw_repo)
+    listed = {i["Id"]: i for i in podman_raw.images()}
+    for case in RAW_CASES:
+        img = pick(standard_images, case)
+        entry = listed[img.config_digest.removeprefix("sha256:")]
+        assert set(names_of(img)) <= set(entry["Names"]) and entry["ReadOnly"] is True
+        assert entry["Size"] > 0
+        [inspect] = json.loads(podman_raw("image", "inspect", names_of(img)[0]).stdout)
+        assert inspect["RootFS"]["Layers"] == img.diff_ids
+        top = fmt.chain_layer_id(chain_ids(img.diff_ids)[-1])
+        assert inspect["GraphDriver"]["Data"]["UpperDir"] == str(store.layer_dir(top) / "diff"), inspect["GraphDriver"]
+        assert "LowerDir" not in inspect["GraphDriver"]["Data"]  # one layer: no lowers
+        assert inspect["Size"] == sum(json.loads(raw_repo.layers_json(d).read_text())[0]["diff-size"]
+                                      for d in img.layers) + _big_data_size(store, inspect["Id"])
+    ml = standard_images.multilayer
+    podman_raw.run(f"docker.io/library/multilayer@{ml.manifest_digest}", "/bin/true")
+    assert {l["id"] for l in store.layers()} == {fmt.chain_layer_id(chain_ids(pick(standard_images, c).diff_ids)[-1])
+                                                 for c in RAW_CASES}
 
 
 def test_a_missing_layer_breaks_only_its_image(podman_base: Path, standard_images: StandardImages) -> None:
