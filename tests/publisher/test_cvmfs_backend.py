@@ -253,6 +253,36 @@ def test_catalog_markers(published: Published) -> None:
     assert not (lay.metadata_root / CATALOG_MARKER).exists()
 
 
+def test_podman_store_never_references_a_raw_whiteout_layer_dir(published: Published) -> None:
+    """A real CernVM-FS drops the layer dirs' `.wh.` files at publish (the stand-in keeps
+    them): no podman layer may stack a raw-whiteout layer dir. An image with one is a
+    single podman layer whose diff is its top chain (deletions applied)."""
+    from publisher import podman_format as fmt
+    from publisher.podman_store import PodmanStore
+
+    lay = published.layout
+    stores = [PodmanStore(lay), PodmanStore(lay.for_platform("linux", OTHER_ARCH))]
+    raw_layers = 0
+    for store in stores:
+        assert store.layers() and store.check() == []
+        for entry in store.layers():
+            target = (store.layer_dir(entry["id"]) / "diff").resolve(strict=True)
+            if target.parent.parent.parent == lay.chains_dir:  # .chains/<xx>/<hex>
+                assert entry["id"] == fmt.chain_layer_id("sha256:" + target.name) and "parent" not in entry
+                continue
+            assert target.name == "layerfs" and target.parent.parent.parent == lay.layers_dir, target
+            meta = read_layers_json(target.parent / ".metadata" / "layers.json")
+            assert meta.whiteouts in ("none", "overlay"), (entry["id"], meta.whiteouts)
+    ml = published.images.multilayer
+    for d in ml.layers:
+        raw_layers += read_layers_json(lay.layers_json(d)).whiteouts == "raw"
+    assert raw_layers, "the multilayer image must carry raw whiteouts for this test to mean anything"
+    top = fmt.chain_layer_id(chain_ids(ml.diff_ids)[-1])
+    [entry] = [i for i in stores[0].images() if i["id"] == ml.config_digest[7:]]
+    assert entry["layer"] == top
+    assert (stores[0].layer_dir(top) / "diff").resolve() == lay.chain_dir(chain_ids(ml.diff_ids)[-1])
+
+
 def test_two_platform_index_converted_for_both(published: Published) -> None:
     assert published.platforms.rc == 0, published.platforms.stdout
     assert shape(published.platform_calls) == [["list"], *image_txn(), *image_txn()]

@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 
 from cvmfs_common.digest import chain_ids
-from cvmfs_common.layout import RepositoryLayout
+from cvmfs_common.layout import LayerMetadata, RepositoryLayout, write_layers_json
 from publisher import podman_format as fmt
-from publisher.podman_store import PodmanImage, PodmanLayer, PodmanStore, PodmanStoreError
+from publisher.podman_store import PodmanImage, PodmanLayer, PodmanRoot, PodmanStore, PodmanStoreError
 from tests.fixtures.images import BuiltImage, StandardImages
 from tests.fixtures.tree import (LISTING_COMMAND, RUNTIME_MOUNTS, ExpectedTree, TreeEntry,
                                  compare_trees, parse_listing)
@@ -243,6 +243,87 @@ def test_platform_store_links_into_shared_layers(layout: RepositoryLayout) -> No
     diff = arm.podman_store / "overlay" / lid / "diff"
     assert arm.podman_store == layout.root / ".multiarch" / ".podman" / "linux-arm64"  # no ":" for overlay
     assert diff.resolve() == image.layers[0].layerfs
+
+
+def chain_image(layout: RepositoryLayout, layer_seeds: list[str], names: list[str],
+                config_extra: str = "") -> PodmanImage:
+    """fake_image served from its top chain (an empty dir in .chains)."""
+    image = fake_image(layout, layer_seeds, names, config_extra)
+    top = chain_ids([l.diff_id for l in image.layers])[-1]
+    layout.chain_dir(top).mkdir(parents=True, exist_ok=True)
+    image.root = PodmanRoot(top, layout.chain_dir(top), 300)
+    return image
+
+
+def test_chain_form_is_one_layer_with_the_top_chain_as_diff(layout: RepositoryLayout) -> None:
+    store = PodmanStore(layout)
+    image = chain_image(layout, ["base", "top"], ["docker.io/x/c:1"])
+    store.add_image(image)
+    top = chain_ids([l.diff_id for l in image.layers])[-1]
+    lid = fmt.chain_layer_id(top)
+    assert lid == hashlib.sha256(f"chain:{top}".encode()).hexdigest()
+    assert lid not in fmt.layer_ids([l.diff_id for l in image.layers])
+    [entry] = store.images()
+    assert entry["layer"] == lid
+    [layer] = store.layers()
+    assert set(layer) == {"id", "created", "diff-digest", "diff-size"}
+    assert (layer["id"], layer["diff-digest"], layer["diff-size"]) == (lid, f"sha256:{lid}", 300)
+    d = layout.podman_store / "overlay" / lid
+    assert not os.path.isabs(os.readlink(d / "diff")) and (d / "diff").resolve() == layout.chain_dir(top)
+    assert not (d / "lower").exists()
+    assert os.readlink(layout.podman_store / "overlay" / "l" / (d / "link").read_text()) == f"../{lid}/diff"
+    assert store.check() == []
+    before = _snapshot(layout.podman_store)
+    store.add_image(image)
+    assert _snapshot(layout.podman_store) == before
+
+
+def test_chain_layers_are_shared_and_swept(layout: RepositoryLayout) -> None:
+    """Two configs with the same layers share the chain layer; a per-layer image of the same
+    layers keeps its own ids; a re-publish in chain form drops the per-layer entries."""
+    store = PodmanStore(layout)
+    a = chain_image(layout, ["base", "top"], ["docker.io/x/a:1"])
+    b = chain_image(layout, ["base", "top"], ["docker.io/x/b:1"], config_extra="b")
+    per_layer = fake_image(layout, ["base", "top"], ["docker.io/x/p:1"], config_extra="p")
+    for image in (a, b, per_layer):
+        store.add_image(image)
+    ids = fmt.layer_ids([l.diff_id for l in a.layers])
+    lid = fmt.chain_layer_id(a.root.chain_id)
+    assert sorted(l["id"] for l in store.layers()) == sorted(ids + [lid])
+    store.remove_image(a.config_digest)
+    assert sorted(l["id"] for l in store.layers()) == sorted(ids + [lid])
+    per_layer.root = b.root
+    store.add_image(per_layer)  # the same config, now in chain form
+    assert [l["id"] for l in store.layers()] == [lid]
+    assert sorted(os.listdir(layout.podman_store / "overlay")) == sorted([lid, "l"])
+    assert len(os.listdir(layout.podman_store / "overlay" / "l")) == 1
+    store.remove_images([b.config_digest, per_layer.config_digest])
+    assert store.layers() == [] and os.listdir(layout.podman_store / "overlay" / "l") == []
+
+
+def test_chain_form_refuses_a_wrong_chain(layout: RepositoryLayout, tmp_path: Path) -> None:
+    store = PodmanStore(layout)
+    image = chain_image(layout, ["base", "top"], ["docker.io/x/c:1"])
+    other = chain_image(layout, ["base"], ["docker.io/x/o:1"])
+    for root in (other.root, PodmanRoot(image.root.chain_id, tmp_path, 1),
+                 PodmanRoot(image.root.chain_id, image.root.path, -1)):
+        image.root = root
+        with pytest.raises(PodmanStoreError):
+            store.add_image(image)
+    assert not layout.podman_store.exists() or store.images() == []
+
+
+def test_check_reports_a_layer_dir_with_raw_whiteouts(layout: RepositoryLayout) -> None:
+    """A store written before the chain form (or by hand) that stacks raw layer dirs."""
+    store = PodmanStore(layout)
+    image = fake_image(layout, ["base", "top"], ["docker.io/x/r:1"])
+    for layer, whiteouts in zip(image.layers, ("none", "raw")):
+        write_layers_json(layout.layers_json(layer.compressed_digest), LayerMetadata(
+            id=layer.diff_id[7:], compressed_diff_digest=layer.compressed_digest, diff_digest=layer.diff_id,
+            diff_size=1, whiteouts=whiteouts))
+    store.add_image(image)
+    [problem] = store.check()
+    assert fmt.layer_ids([l.diff_id for l in image.layers])[1] in problem and "whiteouts raw" in problem
 
 
 # ---------------------------------------------------------------------------------------
