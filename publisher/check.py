@@ -311,8 +311,8 @@ class _Checker:
 
 def _per_layer(layers: list[LayerRecord]) -> bool:
     """Whether the image's podman entry is per layer (else its top chain, podman_format)."""
-    return all(fmt.serves_per_layer(l.whiteouts, l.parent_chain, layers[i - 1].chain_id if i else None)
-               for i, l in enumerate(layers))
+    return fmt.per_layer_stack([l.whiteouts for l in layers], [l.parent_chain for l in layers],
+                               [l.chain_id for l in layers])
 
 
 def _podman_top(layers: list[LayerRecord]) -> str:

@@ -236,8 +236,8 @@ class ImagePublisher:
         from . import podman_format as fmt
         from .podman_store import PodmanImage, PodmanLayer, PodmanRoot
 
-        per_layer = all(fmt.serves_per_layer(l.meta.whiteouts, l.meta.parent_chain, chains[i - 1] if i else None)
-                        for i, l in enumerate(layers))
+        per_layer = fmt.per_layer_stack([l.meta.whiteouts for l in layers], [l.meta.parent_chain for l in layers],
+                                        chains)
         root = None if per_layer else PodmanRoot(chains[-1], self.layout.chain_dir(chains[-1]),
                                                  sum(l.meta.diff_size for l in layers))
         store = self.podman_store(placement.layout)  # type: ignore[misc]

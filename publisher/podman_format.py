@@ -83,6 +83,14 @@ def serves_per_layer(whiteouts: str | None, parent_chain: str | None, chain_belo
     return whiteouts in ("none", "overlay") and (parent_chain is None or parent_chain == chain_below)
 
 
+def per_layer_stack(whiteouts: Sequence[str | None], parent_chains: Sequence[str | None],
+                    chain_ids: Sequence[str]) -> bool:
+    """Whether every layer dir of a stack (bottom first) serves per layer; else the image's
+    podman entry is its top chain."""
+    return all(serves_per_layer(w, p, chain_ids[i - 1] if i else None)
+               for i, (w, p) in enumerate(zip(whiteouts, parent_chains, strict=True)))
+
+
 def top_layer_id(diff_ids: Sequence[str], chain_ids: Sequence[str], per_layer: bool) -> str:
     """The podman layer an image's ``layer`` names: per-layer or its top chain's."""
     return layer_ids(diff_ids)[-1] if per_layer else chain_layer_id(chain_ids[-1])

@@ -469,3 +469,42 @@ def test_older_flat_entries_are_upgraded_in_a_transaction(cvmfs_standin: CvmfsSt
     s.clear_log()
     again = convert(repo, db, wl)
     assert again.rc == 0 and s.commands() == [["list"]]  # now current: no transaction
+
+
+def test_older_podman_entries_stacking_raw_layer_dirs_are_upgraded(cvmfs_standin: CvmfsStandin, standard_images,
+                                                                   tmp_path: Path) -> None:
+    """An older version stacked an image's raw-whiteout layer dirs in podmanStore (deleted
+    files show on a real CernVM-FS): the next convert publishes that tag again, in chain form."""
+    from publisher import podman_format as fmt
+    from publisher.podman_store import PodmanStore
+
+    from .testrepo import podman_image
+
+    s = cvmfs_standin
+    repo = s.mkfs(REPO)
+    ml, plain = standard_images.multilayer, standard_images.tagged["1.1"]
+    wl = wishlist(tmp_path / "wl.yaml", [ml.ref, plain.ref])
+    db = tmp_path / "state.db"
+    assert convert(repo, db, wl).rc == 0
+    lay = RepositoryLayout(repo)
+    store = PodmanStore(lay)
+    chain_layer = fmt.chain_layer_id(chain_ids(ml.diff_ids)[-1])
+    [entry] = [i for i in store.images() if i["id"] == ml.config_digest[7:]]
+    assert entry["layer"] == chain_layer
+    assert s.run("transaction", REPO).returncode == 0
+    old = podman_image(lay, ml.host, ml.name, ml.manifest_digest, entry["names"], "raw")
+    store.add_image(old)  # what the older version wrote: per layer
+    remove_tree(lay.tmp_dir)  # the store's work dirs were there (the backend removes it before publish)
+    assert s.run("publish", REPO).returncode == 0
+    assert not (store.layer_dir(chain_layer)).exists()
+    assert any("whiteouts raw" in p for p in store.check())
+    s.clear_log()
+
+    res = convert(repo, db, wl)
+    assert res.rc == 0, res.stdout
+    assert s.commands() == [["list"], *txn()]  # only the image with raw layers, as for a new one
+    [entry] = [i for i in store.images() if i["id"] == ml.config_digest[7:]]
+    assert entry["layer"] == chain_layer and store.check() == []
+    assert set(fmt.layer_ids(ml.diff_ids)).isdisjoint(l["id"] for l in store.layers())
+    s.clear_log()
+    assert convert(repo, db, wl).rc == 0 and s.commands() == [["list"]]  # now current: no transaction
