@@ -17,7 +17,7 @@ from tests.publisher.repotree import observed_tree
 
 from .runtime import InnerRuntime
 from .stratum0 import Repository, Stratum0
-from .test_publish import IGNORE, convert, split_hardlinks
+from .test_publish import IGNORE, convert, flat_ignore, split_hardlinks
 
 pytestmark = pytest.mark.e2e
 
@@ -68,7 +68,7 @@ def test_moved_tag_then_gc_reclaims_objects(stratum0: Stratum0, registry: Regist
     assert_check_clean(repo)
     # The image that stayed is still whole on the client.
     tree = observed_tree(lay.flat_dir(new.config_digest))
-    assert split_hardlinks(new, tree, compare_trees(new.tree, tree, ignore=IGNORE | {"/.singularity.d"})) == []
+    assert split_hardlinks(new, tree, compare_trees(new.tree, tree, ignore=flat_ignore(new))) == []
 
 
 def test_kill9_inside_a_transaction_then_recovery(stratum0: Stratum0, registry: Registry,

@@ -21,7 +21,7 @@ from tests.fixtures.images import BuiltImage, StandardImages
 from tests.fixtures.registry import Registry
 from tests.fixtures.tree import LISTING_SCRIPT, RUNTIME_MOUNTS, compare_trees, parse_listing
 from tests.publisher.clirun import write_wishlist
-from tests.publisher.repotree import observed_tree
+from tests.publisher.repotree import MOUNT_POINTS, SINGULARITY_NAMES, observed_tree
 
 from .images import GETFACL_USER, push_attrs_image
 from .runtime import InnerRuntime
@@ -32,6 +32,12 @@ pytestmark = pytest.mark.e2e
 REPO = "unpacked.publish.test"
 IGNORE = frozenset({"/" + CATALOG_MARKER})
 XATTR_IMAGES = {"attrs"}  # images whose chains carry extended attributes
+
+
+def flat_ignore(img: BuiltImage) -> frozenset[str]:
+    """What a flat dir adds to the image for apptainer (publisher/singularity.py): the
+    `.singularity.d` names and the mount points the image lacks."""
+    return IGNORE | frozenset(SINGULARITY_NAMES) | {m for m in MOUNT_POINTS if m not in img.tree.entries}
 
 
 @dataclass
@@ -114,7 +120,7 @@ def test_flat_and_chains_through_the_client_mount(published: Published, key: str
     img = published.images[key]
     lay = published.layout
     flat = observed_tree(lay.flat_dir(img.config_digest))
-    assert split_hardlinks(img, flat, compare_trees(img.tree, flat, ignore=IGNORE | {"/.singularity.d"})) == []
+    assert split_hardlinks(img, flat, compare_trees(img.tree, flat, ignore=flat_ignore(img))) == []
     for n, chain in enumerate(chain_ids(img.diff_ids)):
         tree = observed_tree(lay.chain_dir(chain))
         assert not [p for p in tree.entries if "/.wh." in p], chain
@@ -170,7 +176,7 @@ def test_capabilities_acls_and_hardlinks_survive_to_the_client(published: Publis
         acl = s0.sh(f"getfacl -n {root}/acl/file").stdout
         assert GETFACL_USER in acl, (root, acl)
     tree = observed_tree(lay.flat_dir(img.config_digest))
-    assert split_hardlinks(img, tree, compare_trees(img.tree, tree, ignore=IGNORE | {"/.singularity.d"})) == []
+    assert split_hardlinks(img, tree, compare_trees(img.tree, tree, ignore=flat_ignore(img))) == []
     for p in ("/x/a/same-dir", "/x/b/other-dir"):
         assert (lay.flat_dir(img.config_digest) / p.lstrip("/")).read_bytes() == b"linked across directories\n"
 
