@@ -498,6 +498,10 @@ def test_older_podman_entries_stacking_raw_layer_dirs_are_upgraded(cvmfs_standin
     assert s.run("publish", REPO).returncode == 0
     assert not (store.layer_dir(chain_layer)).exists()
     assert any("whiteouts raw" in p for p in store.check())
+    checked = run_cli("check", "--repository-root", repo, "--state-db", db)
+    problems = [l for l in checked.stdout.splitlines() if "PROBLEM" in l]
+    assert checked.rc != 0 and any("whiteouts raw" in l for l in problems), checked.stdout
+    assert any(f"has top layer {fmt.layer_ids(ml.diff_ids)[-1]}, not {chain_layer}" in l for l in problems)
     s.clear_log()
 
     res = convert(repo, db, wl)
@@ -506,5 +510,7 @@ def test_older_podman_entries_stacking_raw_layer_dirs_are_upgraded(cvmfs_standin
     [entry] = [i for i in store.images() if i["id"] == ml.config_digest[7:]]
     assert entry["layer"] == chain_layer and store.check() == []
     assert set(fmt.layer_ids(ml.diff_ids)).isdisjoint(l["id"] for l in store.layers())
+    checked = run_cli("check", "--repository-root", repo, "--state-db", db)
+    assert checked.rc == 0 and ": 0 problems" in checked.stdout, checked.stdout
     s.clear_log()
     assert convert(repo, db, wl).rc == 0 and s.commands() == [["list"]]  # now current: no transaction
