@@ -29,8 +29,9 @@ unknown, failing getSize()", podman 4.3), so it gets ``sha256:<its id>``: a dige
 can have, so podman never takes a pulled layer for it (a real diffID there would let a
 pull reuse the whole root as one layer's diff). Its ``diff-size`` is the sum of the
 image's layers' sizes (what a per-layer entry adds up to). No ``compressed-diff-digest``:
-it is no registry blob. So podman cannot push, save or build on such an image from the
-store (digest mismatch); pull it from the registry for that.
+it is no registry blob: ``podman save``/``push`` refuse such an image ("expected more than
+1 physical layers", podman 4.3), as they refuse per-layer images of this store (their
+``diff`` is a relative link, "linkpath must be absolute").
 """
 from __future__ import annotations
 
