@@ -250,8 +250,10 @@ class _Checker:
             missing = sorted(choices[0] - names)
             self.problem(f"podman store {where}: image {tag.config_digest[7:]} lacks the name(s) "
                          f"{', '.join(missing)}", tag)
-        want_top = fmt.layer_ids([l.diff_id for l in layers])[-1]
-        if entry.get("layer") != want_top:
+        want_top = _podman_top(layers)
+        # whiteouts unknown (a rebuilt state): either form may be right, PodmanStore.check judges the dirs
+        unknown = any(l.whiteouts is None for l in layers)
+        if entry.get("layer") != want_top and not (unknown and entry.get("layer") in _podman_tops(layers)):
             self.problem(f"podman store {where}: image {tag.config_digest[7:]} has top layer {entry.get('layer')}, "
                          f"not {want_top}", tag)
 
@@ -265,8 +267,7 @@ class _Checker:
                 continue  # already reported per tag
             where = self.rel(placement(self.layout, pdir).podman_store)
             here = [t for t in tags if t.platform_dir == pdir]
-            layer_ids = {t.id: set(fmt.layer_ids([l.diff_id for l in self._layers.get(t.manifest_digest or "", [])]))
-                         for t in here}
+            layer_ids = {t.id: _podman_layer_ids(self._layers.get(t.manifest_digest or "", [])) for t in here}
             for line in lines:
                 m = _STORE_LINE.match(line)
                 hurt: list[TagRecord] = []
@@ -306,6 +307,27 @@ class _Checker:
             if not is_ok(path / part):
                 self.problem(f"{self.rel(path)}: {part} is missing (not in the state; the next convert "
                              "that needs the layer fetches it again)", None)
+
+
+def _per_layer(layers: list[LayerRecord]) -> bool:
+    """Whether the image's podman entry is per layer (else its top chain, podman_format)."""
+    return fmt.per_layer_stack([l.whiteouts for l in layers], [l.parent_chain for l in layers],
+                               [l.chain_id for l in layers])
+
+
+def _podman_top(layers: list[LayerRecord]) -> str:
+    return fmt.top_layer_id([l.diff_id for l in layers], [l.chain_id for l in layers], _per_layer(layers))
+
+
+def _podman_tops(layers: list[LayerRecord]) -> set[str]:
+    diffs, chains = [l.diff_id for l in layers], [l.chain_id for l in layers]
+    return {fmt.top_layer_id(diffs, chains, True), fmt.top_layer_id(diffs, chains, False)}
+
+
+def _podman_layer_ids(layers: list[LayerRecord]) -> set[str]:
+    if not layers:
+        return set()
+    return set(fmt.layer_ids([l.diff_id for l in layers])) if _per_layer(layers) else {_podman_top(layers)}
 
 
 def _scandir(path: Path) -> list[os.DirEntry]:

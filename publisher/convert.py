@@ -209,7 +209,8 @@ class Converter:
             if (known is not None and known.published and known.top_digest == head
                     and known.platform_dir == placement.platform_dir
                     and placement.layout.manifest_json(key.registry, key.repository, key.tag).is_file()
-                    and self._names_current(target, placement, known.config_digest)):
+                    and self._names_current(target, placement, known.config_digest)
+                    and self._podman_current(placement, known.manifest_digest)):
                 damage = self._damage(known.manifest_digest)
                 if damage is None:
                     self.state.touch_tag(key, placement.platform_dir, target.entry_id)
@@ -282,6 +283,20 @@ class Converter:
             registry, repository, tag = target.reference.link_components
             return os.path.islink(self.layout.multiarch_link(name, registry, repository, tag))
         return True
+
+    def _podman_current(self, placement: Placement, manifest_digest: str | None) -> bool:
+        """An image whose layer dirs are no sound overlay lowers has its top chain as its
+        podman layer (podman_format); an older version stacked the layer dirs, which on a
+        real CernVM-FS show deleted files. Such a tag is published again (one stat here)."""
+        if not self.options.podman_store:
+            return True
+        from . import podman_format as fmt
+
+        layers = self.state.image_layers(manifest_digest or "")
+        chains = [l.chain_id for l in layers]
+        if not layers or fmt.per_layer_stack([l.whiteouts for l in layers], [l.parent_chain for l in layers], chains):
+            return True
+        return (placement.layout.podman_store / fmt.DRIVER_DIR / fmt.chain_layer_id(chains[-1])).is_dir()
 
     def _resolve(self, target: Target, head: str) -> ResolvedImage | None:
         """The image for the platform, read by the digest the HEAD returned (so a tag

@@ -110,7 +110,7 @@ class ImagePublisher:
         self._link(ref, image.config_digest, placement)
         self._multiarch_link(ref, image.config_digest, placement, platform)
         if self.podman_store is not None:
-            self._podman(ref, image, config_bytes, layers, placement)
+            self._podman(ref, image, config_bytes, layers, chains, placement)
         self._metadata(ref, image, config_bytes, placement)
         record = ImageRecord(
             manifest_digest=image.manifest_digest,
@@ -229,9 +229,17 @@ class ImagePublisher:
         self.layout.ensure_multiarch_aliases(name)
 
     def _podman(self, ref: Reference, image: ResolvedImage, config_bytes: bytes, layers: Sequence[Ingested],
-                placement: Placement) -> None:
-        from .podman_store import PodmanImage, PodmanLayer
+                chains: Sequence[str], placement: Placement) -> None:
+        """The podman store entry: per layer when every layer dir is a sound overlay lower
+        on this stack, else the top chain as the image's one layer (raw whiteouts: a real
+        CernVM-FS drops the .wh. files at publish, docs/podman.md)."""
+        from . import podman_format as fmt
+        from .podman_store import PodmanImage, PodmanLayer, PodmanRoot
 
+        per_layer = fmt.per_layer_stack([l.meta.whiteouts for l in layers], [l.meta.parent_chain for l in layers],
+                                        chains)
+        root = None if per_layer else PodmanRoot(chains[-1], self.layout.chain_dir(chains[-1]),
+                                                 sum(l.meta.diff_size for l in layers))
         store = self.podman_store(placement.layout)  # type: ignore[misc]
         store.add_image(PodmanImage(  # type: ignore[attr-defined]
             config_digest=image.config_digest,
@@ -241,6 +249,7 @@ class ImagePublisher:
             names=podman_names(ref),
             layers=[PodmanLayer(l.spec.diff_id, l.spec.digest, l.spec.size, l.meta.diff_size, l.layerfs)
                     for l in layers],
+            root=root,
         ))
 
     def _metadata(self, ref: Reference, image: ResolvedImage, config_bytes: bytes, placement: Placement) -> None:

@@ -18,6 +18,20 @@ itself writes when it pulls an image::
 Layer ids are the ones containers/image gives layers it pulls (``storage_dest.go``):
 the bottom layer's id is its diffID hex, each further layer's is
 ``sha256(parent id + "+" + diffID hex)`` -- so a layer shared by two images is one entry.
+
+An image with a layer dir that is not right as an overlay lower on this stack (raw
+whiteouts, which a real CernVM-FS drops at publish; or completed on another parent
+chain -- the snapshotter's rule, DESIGN §2a) is instead ONE podman layer whose ``diff``
+is the image's top chain dir (the whole root fs, deletions applied): its id is
+``chain_layer_id(top chainID)``, shared by images with the same chain, never equal to a
+per-layer id. podman refuses a layer without ``diff-digest`` ("size for layer ... is
+unknown, failing getSize()", podman 4.3), so it gets ``sha256:<its id>``: a digest no blob
+can have, so podman never takes a pulled layer for it (a real diffID there would let a
+pull reuse the whole root as one layer's diff). Its ``diff-size`` is the sum of the
+image's layers' sizes (what a per-layer entry adds up to). No ``compressed-diff-digest``:
+it is no registry blob: ``podman save``/``push`` refuse such an image ("expected more than
+1 physical layers", podman 4.3), as they refuse per-layer images of this store (their
+``diff`` is a relative link, "linkpath must be absolute").
 """
 from __future__ import annotations
 
@@ -56,6 +70,31 @@ def layer_ids(diff_ids: Iterable[str]) -> list[str]:
         out.append(diff_hex if not out else
                    hashlib.sha256(f"{out[-1]}+{diff_hex}".encode()).hexdigest())
     return out
+
+
+def chain_layer_id(chain_id: str) -> str:
+    """The id of the one podman layer of an image served from its top chain dir. Another
+    preimage form than containers/image's ids, so it never collides with a per-layer id."""
+    return hashlib.sha256(f"chain:{parse_digest(chain_id)}".encode()).hexdigest()
+
+
+def serves_per_layer(whiteouts: str | None, parent_chain: str | None, chain_below: str | None) -> bool:
+    """Whether a layer dir is right as an overlay lower on ``chain_below`` (the chainID of
+    the layers under it, None for a base layer): the snapshotter's rule (DESIGN §2a)."""
+    return whiteouts in ("none", "overlay") and (parent_chain is None or parent_chain == chain_below)
+
+
+def per_layer_stack(whiteouts: Sequence[str | None], parent_chains: Sequence[str | None],
+                    chain_ids: Sequence[str]) -> bool:
+    """Whether every layer dir of a stack (bottom first) serves per layer; else the image's
+    podman entry is its top chain."""
+    return all(serves_per_layer(w, p, chain_ids[i - 1] if i else None)
+               for i, (w, p) in enumerate(zip(whiteouts, parent_chains, strict=True)))
+
+
+def top_layer_id(diff_ids: Sequence[str], chain_ids: Sequence[str], per_layer: bool) -> str:
+    """The podman layer an image's ``layer`` names: per-layer or its top chain's."""
+    return layer_ids(diff_ids)[-1] if per_layer else chain_layer_id(chain_ids[-1])
 
 
 def big_data_file_name(key: str) -> str:
@@ -123,6 +162,12 @@ def layer_entry(layer_id: str, parent: str | None, created: str, compressed_dige
         "diff-size": diff_size,
     })
     return entry
+
+
+def chain_layer_entry(layer_id: str, created: str, diff_size: int) -> dict:
+    """The ``layers.json`` object of a chain layer: no parent, no blob, a diff digest no
+    blob can have (see the module doc)."""
+    return {"id": layer_id, "created": created, "diff-digest": f"sha256:{layer_id}", "diff-size": diff_size}
 
 
 def image_entry(image_id: str, digest: str, names: list[str], top_layer: str,

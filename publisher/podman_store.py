@@ -8,7 +8,9 @@
 
 Nodes add ``additionalimagestores = ["<repo>/podmanStore"]`` to storage.conf (docs/podman.md).
 Layers are never copied: ``overlay/<id>/diff`` is a relative symlink to the layer's
-``.layers/<xx>/<hex>/layerfs``. The format is in podman_format.py.
+``.layers/<xx>/<hex>/layerfs`` -- or, for an image given a ``root`` (its layer dirs are no
+sound overlay lowers: raw whiteouts, which CernVM-FS drops at publish), to its top chain
+``.chains/<xx>/<hex>``, as the image's one layer. The format is in podman_format.py.
 
 Every change runs under an exclusive lock on ``podmanStore/publisher.lock`` (flock: also
 excludes another thread of this process) and replaces files atomically, in an order that
@@ -27,8 +29,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from cvmfs_common.digest import parse_digest, sha256_of
-from cvmfs_common.layout import RepositoryLayout, exchange_dirs, publish_dir, relative_link_target, remove_tree
+from cvmfs_common.digest import chain_ids, parse_digest, sha256_of
+from cvmfs_common.layout import (LAYERFS, LAYERS_JSON, METADATA_DIR, MetadataError, RepositoryLayout, exchange_dirs,
+                                  publish_dir, read_layers_json, relative_link_target, remove_tree)
 
 from . import podman_format as fmt
 
@@ -50,6 +53,14 @@ class PodmanLayer:
     layerfs: Path           # absolute path of the layer's layerfs dir in the repository
 
 
+@dataclass(frozen=True)
+class PodmanRoot:
+    """An image's whole root fs, deletions applied: its top chain dir."""
+    chain_id: str           # sha256:<hex>, the OCI chainID of the image's top layer
+    path: Path              # absolute path of .chains/<xx>/<hex> in the repository
+    size: int               # the image's uncompressed layer bytes (podman's size column)
+
+
 @dataclass
 class PodmanImage:
     config_digest: str      # sha256:<hex>; the podman image id is its hex
@@ -58,6 +69,7 @@ class PodmanImage:
     manifest_bytes: bytes
     names: list[str]        # e.g. ["docker.io/library/debian:stable", "registry.hub.docker.com/library/debian:stable"]
     layers: list[PodmanLayer]  # bottom first
+    root: PodmanRoot | None = None  # set: one podman layer, the top chain (see module doc)
 
 
 @dataclass(frozen=True)
@@ -67,7 +79,7 @@ class _LayerPlan:
     short: str
     lower: str              # "" for a base layer
     diff_target: str        # relative symlink target of overlay/<id>/diff
-    layer: PodmanLayer
+    layer: PodmanLayer | PodmanRoot  # a chain layer for a PodmanRoot
 
 
 class PodmanStore:
@@ -130,6 +142,10 @@ class PodmanStore:
             short = _read_text(ldir / "link")
             if not short or not (self._link_dir / short).is_symlink():
                 problems.append(f"layer {lid}: short link l/{short} is missing")
+            whiteouts = _layer_dir_whiteouts(ldir / "diff")
+            if whiteouts is not None and whiteouts not in ("none", "overlay"):
+                problems.append(f"layer {lid}: {ldir / 'diff'} is a layer dir with whiteouts {whiteouts}, "
+                                "no sound overlay lower (CernVM-FS drops .wh. files): re-publish the image")
         return problems
 
     # -- changing -------------------------------------------------------------------
@@ -217,6 +233,8 @@ class PodmanStore:
         except ValueError as e:
             raise PodmanStoreError(f"image {config}: {e}") from None
         names = _clean_names(image.names)
+        if image.root is not None:
+            return config.hex, [self._chain_plan(image.root, diff_ids)], names
         plans: list[_LayerPlan] = []
         for lid, layer in zip(fmt.layer_ids(diff_ids), image.layers):
             parse_digest(layer.compressed_digest)
@@ -230,6 +248,16 @@ class PodmanStore:
                 diff_target=relative_link_target(self.layer_dir(lid) / "diff", layerfs),
                 layer=layer))
         return config.hex, plans, names
+
+    def _chain_plan(self, root: PodmanRoot, diff_ids: list[str]) -> _LayerPlan:
+        if str(parse_digest(root.chain_id)) != chain_ids(diff_ids)[-1]:
+            raise PodmanStoreError(f"chain {root.chain_id} is not the top chain of the image's diff_ids")
+        if isinstance(root.size, bool) or not isinstance(root.size, int) or root.size < 0:
+            raise PodmanStoreError(f"chain {root.chain_id}: invalid size {root.size!r}")
+        path = self._checked_layerfs(root.path)
+        lid = fmt.chain_layer_id(root.chain_id)
+        return _LayerPlan(id=lid, parent=None, short=fmt.short_link_id(lid), lower="",
+                          diff_target=relative_link_target(self.layer_dir(lid) / "diff", path), layer=root)
 
     def _checked_layerfs(self, layerfs: Path) -> Path:
         path = Path(os.path.abspath(layerfs))
@@ -293,8 +321,12 @@ class PodmanStore:
         if keep and old is not None:
             return
         layer = plan.layer
+        created = (old or {}).get("created") or fmt.now_rfc3339()
+        if isinstance(layer, PodmanRoot):
+            layers[plan.id] = fmt.chain_layer_entry(plan.id, created, layer.size)
+            return
         layers[plan.id] = fmt.layer_entry(
-            plan.id, plan.parent, (old or {}).get("created") or fmt.now_rfc3339(),
+            plan.id, plan.parent, created,
             str(parse_digest(layer.compressed_digest)), layer.compressed_size,
             str(parse_digest(layer.diff_id)), layer.diff_size)
 
@@ -411,6 +443,19 @@ def _layer_dir_state(ldir: Path) -> tuple[str | None, str, str] | None:
     except FileNotFoundError:
         return None
     return _readlink(ldir / "diff"), _read_text(ldir / "link"), _read_text(ldir / "lower")
+
+
+def _layer_dir_whiteouts(diff: Path) -> str | None:
+    """The ``whiteouts`` of the ``.layers`` dir a ``diff`` link leads into ("unknown" when
+    its layers.json has none, as DUCC writes it); None when it is no layer dir (a chain)."""
+    try:
+        target = diff.resolve(strict=True)
+        if target.name != LAYERFS:
+            return None
+        meta = read_layers_json(target.parent / METADATA_DIR / LAYERS_JSON)
+    except (OSError, RuntimeError, MetadataError):
+        return None
+    return meta.whiteouts or "unknown"
 
 
 def _dir_files(path: Path) -> dict[str, bytes] | None:

@@ -253,6 +253,36 @@ def test_catalog_markers(published: Published) -> None:
     assert not (lay.metadata_root / CATALOG_MARKER).exists()
 
 
+def test_podman_store_never_references_a_raw_whiteout_layer_dir(published: Published) -> None:
+    """A real CernVM-FS drops the layer dirs' `.wh.` files at publish (the stand-in keeps
+    them): no podman layer may stack a raw-whiteout layer dir. An image with one is a
+    single podman layer whose diff is its top chain (deletions applied)."""
+    from publisher import podman_format as fmt
+    from publisher.podman_store import PodmanStore
+
+    lay = published.layout
+    stores = [PodmanStore(lay), PodmanStore(lay.for_platform("linux", OTHER_ARCH))]
+    raw_layers = 0
+    for store in stores:
+        assert store.layers() and store.check() == []
+        for entry in store.layers():
+            target = (store.layer_dir(entry["id"]) / "diff").resolve(strict=True)
+            if target.parent.parent == lay.chains_dir.resolve():  # .chains/<xx>/<hex>
+                assert entry["id"] == fmt.chain_layer_id("sha256:" + target.name) and "parent" not in entry
+                continue
+            assert target.name == "layerfs" and target.parent.parent.parent == lay.layers_dir.resolve(), target
+            meta = read_layers_json(target.parent / ".metadata" / "layers.json")
+            assert meta.whiteouts in ("none", "overlay"), (entry["id"], meta.whiteouts)
+    ml = published.images.multilayer
+    for d in ml.layers:
+        raw_layers += read_layers_json(lay.layers_json(d)).whiteouts == "raw"
+    assert raw_layers, "the multilayer image must carry raw whiteouts for this test to mean anything"
+    top = fmt.chain_layer_id(chain_ids(ml.diff_ids)[-1])
+    [entry] = [i for i in stores[0].images() if i["id"] == ml.config_digest[7:]]
+    assert entry["layer"] == top
+    assert (stores[0].layer_dir(top) / "diff").resolve() == lay.chain_dir(chain_ids(ml.diff_ids)[-1]).resolve()
+
+
 def test_two_platform_index_converted_for_both(published: Published) -> None:
     assert published.platforms.rc == 0, published.platforms.stdout
     assert shape(published.platform_calls) == [["list"], *image_txn(), *image_txn()]
@@ -439,3 +469,48 @@ def test_older_flat_entries_are_upgraded_in_a_transaction(cvmfs_standin: CvmfsSt
     s.clear_log()
     again = convert(repo, db, wl)
     assert again.rc == 0 and s.commands() == [["list"]]  # now current: no transaction
+
+
+def test_older_podman_entries_stacking_raw_layer_dirs_are_upgraded(cvmfs_standin: CvmfsStandin, standard_images,
+                                                                   tmp_path: Path) -> None:
+    """An older version stacked an image's raw-whiteout layer dirs in podmanStore (deleted
+    files show on a real CernVM-FS): the next convert publishes that tag again, in chain form."""
+    from publisher import podman_format as fmt
+    from publisher.podman_store import PodmanStore
+
+    from .testrepo import podman_image
+
+    s = cvmfs_standin
+    repo = s.mkfs(REPO)
+    ml, plain = standard_images.multilayer, standard_images.tagged["1.1"]
+    wl = wishlist(tmp_path / "wl.yaml", [ml.ref, plain.ref])
+    db = tmp_path / "state.db"
+    assert convert(repo, db, wl).rc == 0
+    lay = RepositoryLayout(repo)
+    store = PodmanStore(lay)
+    chain_layer = fmt.chain_layer_id(chain_ids(ml.diff_ids)[-1])
+    [entry] = [i for i in store.images() if i["id"] == ml.config_digest[7:]]
+    assert entry["layer"] == chain_layer
+    assert s.run("transaction", REPO).returncode == 0
+    old = podman_image(lay, ml.host, ml.name, ml.manifest_digest, entry["names"], "raw")
+    store.add_image(old)  # what the older version wrote: per layer
+    remove_tree(lay.tmp_dir)  # the store's work dirs were there (the backend removes it before publish)
+    assert s.run("publish", REPO).returncode == 0
+    assert not (store.layer_dir(chain_layer)).exists()
+    assert any("whiteouts raw" in p for p in store.check())
+    checked = run_cli("check", "--repository-root", repo, "--state-db", db)
+    problems = [l for l in checked.stdout.splitlines() if "PROBLEM" in l]
+    assert checked.rc != 0 and any("whiteouts raw" in l for l in problems), checked.stdout
+    assert any(f"has top layer {fmt.layer_ids(ml.diff_ids)[-1]}, not {chain_layer}" in l for l in problems)
+    s.clear_log()
+
+    res = convert(repo, db, wl)
+    assert res.rc == 0, res.stdout
+    assert s.commands() == [["list"], *txn()]  # only the image with raw layers, as for a new one
+    [entry] = [i for i in store.images() if i["id"] == ml.config_digest[7:]]
+    assert entry["layer"] == chain_layer and store.check() == []
+    assert set(fmt.layer_ids(ml.diff_ids)).isdisjoint(l["id"] for l in store.layers())
+    checked = run_cli("check", "--repository-root", repo, "--state-db", db)
+    assert checked.rc == 0 and ": 0 problems" in checked.stdout, checked.stdout
+    s.clear_log()
+    assert convert(repo, db, wl).rc == 0 and s.commands() == [["list"]]  # now current: no transaction

@@ -8,6 +8,8 @@ from pathlib import Path
 
 from cvmfs_common.digest import chain_ids
 from cvmfs_common.layout import RepositoryLayout, read_layers_json
+from publisher import podman_format as fmt
+from publisher.podman_store import PodmanStore
 from tests.fixtures.layers import Entry, Layer
 
 from .clirun import push_image, run_cli
@@ -42,6 +44,15 @@ def test_shared_layer_on_two_different_parents(registry, tmp_path: Path) -> None
     assert (fb / "lib").is_dir() and not (fb / "lib").is_symlink() and (fb / "lib/libx.so").is_file()
     assert (fa / "app/new").is_file() and (fb / "app/new").is_file()
     assert not any(lay.tmp_dir.iterdir())
+    # podman: a stacks its layer dirs; b's top layer dir was completed on a's base, so b is
+    # one podman layer, its top chain (stacked, /app would show a's 0750 1000).
+    tops = {i["id"]: i["layer"] for i in PodmanStore(lay).images()}
+    assert tops[a.config_digest[7:]] == fmt.layer_ids(a.diff_ids)[-1]
+    chain_b = chain_ids(b.diff_ids)[-1]
+    assert tops[b.config_digest[7:]] == fmt.chain_layer_id(chain_b)
+    assert (PodmanStore(lay).layer_dir(fmt.chain_layer_id(chain_b)) / "diff").resolve() == lay.chain_dir(chain_b)
+    checked = run_cli("check", "--repository-root", root, "--state-db", db)
+    assert checked.rc == 0 and ": 0 problems" in checked.stdout, checked.stdout
 
 
 def test_one_blob_twice_in_an_image(registry, tmp_path: Path) -> None:

@@ -14,9 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from cvmfs_common.layout import RepositoryLayout
+from cvmfs_common.digest import chain_ids
+from cvmfs_common.layout import LayerMetadata, RepositoryLayout, write_layers_json
 from publisher import podman_format as fmt
-from publisher.podman_store import PodmanImage, PodmanLayer, PodmanStore, PodmanStoreError
+from publisher.podman_store import PodmanImage, PodmanLayer, PodmanRoot, PodmanStore, PodmanStoreError
 from tests.fixtures.images import BuiltImage, StandardImages
 from tests.fixtures.tree import (LISTING_COMMAND, RUNTIME_MOUNTS, ExpectedTree, TreeEntry,
                                  compare_trees, parse_listing)
@@ -244,6 +245,87 @@ def test_platform_store_links_into_shared_layers(layout: RepositoryLayout) -> No
     assert diff.resolve() == image.layers[0].layerfs
 
 
+def chain_image(layout: RepositoryLayout, layer_seeds: list[str], names: list[str],
+                config_extra: str = "") -> PodmanImage:
+    """fake_image served from its top chain (an empty dir in .chains)."""
+    image = fake_image(layout, layer_seeds, names, config_extra)
+    top = chain_ids([l.diff_id for l in image.layers])[-1]
+    layout.chain_dir(top).mkdir(parents=True, exist_ok=True)
+    image.root = PodmanRoot(top, layout.chain_dir(top), 300)
+    return image
+
+
+def test_chain_form_is_one_layer_with_the_top_chain_as_diff(layout: RepositoryLayout) -> None:
+    store = PodmanStore(layout)
+    image = chain_image(layout, ["base", "top"], ["docker.io/x/c:1"])
+    store.add_image(image)
+    top = chain_ids([l.diff_id for l in image.layers])[-1]
+    lid = fmt.chain_layer_id(top)
+    assert lid == hashlib.sha256(f"chain:{top}".encode()).hexdigest()
+    assert lid not in fmt.layer_ids([l.diff_id for l in image.layers])
+    [entry] = store.images()
+    assert entry["layer"] == lid
+    [layer] = store.layers()
+    assert set(layer) == {"id", "created", "diff-digest", "diff-size"}
+    assert (layer["id"], layer["diff-digest"], layer["diff-size"]) == (lid, f"sha256:{lid}", 300)
+    d = layout.podman_store / "overlay" / lid
+    assert not os.path.isabs(os.readlink(d / "diff")) and (d / "diff").resolve() == layout.chain_dir(top)
+    assert not (d / "lower").exists()
+    assert os.readlink(layout.podman_store / "overlay" / "l" / (d / "link").read_text()) == f"../{lid}/diff"
+    assert store.check() == []
+    before = _snapshot(layout.podman_store)
+    store.add_image(image)
+    assert _snapshot(layout.podman_store) == before
+
+
+def test_chain_layers_are_shared_and_swept(layout: RepositoryLayout) -> None:
+    """Two configs with the same layers share the chain layer; a per-layer image of the same
+    layers keeps its own ids; a re-publish in chain form drops the per-layer entries."""
+    store = PodmanStore(layout)
+    a = chain_image(layout, ["base", "top"], ["docker.io/x/a:1"])
+    b = chain_image(layout, ["base", "top"], ["docker.io/x/b:1"], config_extra="b")
+    per_layer = fake_image(layout, ["base", "top"], ["docker.io/x/p:1"], config_extra="p")
+    for image in (a, b, per_layer):
+        store.add_image(image)
+    ids = fmt.layer_ids([l.diff_id for l in a.layers])
+    lid = fmt.chain_layer_id(a.root.chain_id)
+    assert sorted(l["id"] for l in store.layers()) == sorted(ids + [lid])
+    store.remove_image(a.config_digest)
+    assert sorted(l["id"] for l in store.layers()) == sorted(ids + [lid])
+    per_layer.root = b.root
+    store.add_image(per_layer)  # the same config, now in chain form
+    assert [l["id"] for l in store.layers()] == [lid]
+    assert sorted(os.listdir(layout.podman_store / "overlay")) == sorted([lid, "l"])
+    assert len(os.listdir(layout.podman_store / "overlay" / "l")) == 1
+    store.remove_images([b.config_digest, per_layer.config_digest])
+    assert store.layers() == [] and os.listdir(layout.podman_store / "overlay" / "l") == []
+
+
+def test_chain_form_refuses_a_wrong_chain(layout: RepositoryLayout, tmp_path: Path) -> None:
+    store = PodmanStore(layout)
+    image = chain_image(layout, ["base", "top"], ["docker.io/x/c:1"])
+    other = chain_image(layout, ["base"], ["docker.io/x/o:1"])
+    for root in (other.root, PodmanRoot(image.root.chain_id, tmp_path, 1),
+                 PodmanRoot(image.root.chain_id, image.root.path, -1)):
+        image.root = root
+        with pytest.raises(PodmanStoreError):
+            store.add_image(image)
+    assert not layout.podman_store.exists() or store.images() == []
+
+
+def test_check_reports_a_layer_dir_with_raw_whiteouts(layout: RepositoryLayout) -> None:
+    """A store written before the chain form (or by hand) that stacks raw layer dirs."""
+    store = PodmanStore(layout)
+    image = fake_image(layout, ["base", "top"], ["docker.io/x/r:1"])
+    for layer, whiteouts in zip(image.layers, ("none", "raw")):
+        write_layers_json(layout.layers_json(layer.compressed_digest), LayerMetadata(
+            id=layer.diff_id[7:], compressed_diff_digest=layer.compressed_digest, diff_digest=layer.diff_id,
+            diff_size=1, whiteouts=whiteouts))
+    store.add_image(image)
+    [problem] = store.check()
+    assert fmt.layer_ids([l.diff_id for l in image.layers])[1] in problem and "whiteouts raw" in problem
+
+
 # ---------------------------------------------------------------------------------------
 # real podman
 
@@ -274,13 +356,13 @@ def names_of(img: BuiltImage) -> list[str]:
 
 
 def build_repo(root: Path, standard_images: StandardImages, cases: list[str],
-               whiteouts: str) -> RepositoryLayout:
+               whiteouts: str, chain_root: bool = False) -> RepositoryLayout:
     layout = RepositoryLayout(root)
     store = PodmanStore(layout)
     for case in cases:
         img = pick(standard_images, case)
         store.add_image(podman_image(layout, img.host, img.name, img.manifest_digest,
-                                     names_of(img), whiteouts))
+                                     names_of(img), whiteouts, chain_root=chain_root))
     return layout
 
 
@@ -342,7 +424,14 @@ def podman(podman_base: Path, overlay_repo: RepositoryLayout) -> Podman:
 
 @pytest.fixture(scope="module")
 def raw_repo(podman_base: Path, standard_images: StandardImages) -> RepositoryLayout:
-    return build_repo(podman_base / "repo-raw", standard_images, RAW_CASES, "raw")
+    """As the cvmfs backend publishes: raw whiteouts, each image one podman layer = its top
+    chain, and the layer dirs' `.wh.` files gone as after a real CernVM-FS publish."""
+    return build_repo(podman_base / "repo-raw", standard_images, RAW_CASES, "raw", chain_root=True)
+
+
+@pytest.fixture(scope="module")
+def podman_raw(podman_base: Path, raw_repo: RepositoryLayout) -> Podman:
+    return Podman(podman_base / "podman-raw", stores=[raw_repo.podman_store])
 
 
 @pytest.fixture(scope="module")
@@ -438,23 +527,60 @@ def test_podman_graphroot_stays_empty(podman: Podman, standard_images: StandardI
     assert size < 1 << 20, f"graphroot holds {size} bytes"
 
 
-def test_raw_whiteouts_through_fuse_overlayfs(podman_fuse: Podman, raw_repo: RepositoryLayout,
-                                              standard_images: StandardImages, podman_base: Path) -> None:
+@pytest.mark.parametrize("overlay", ["kernel", "fuse-overlayfs"])
+def test_raw_whiteouts_images_run_from_their_chains(request: pytest.FixtureRequest, raw_repo: RepositoryLayout,
+                                                    standard_images: StandardImages, podman_base: Path,
+                                                    overlay: str) -> None:
+    """The layer dirs carry no deletions (their `.wh.` files are gone, as on a CernVM-FS
+    client): the images still show exactly their trees, with either overlay."""
+    pm: Podman = request.getfixturevalue("podman_raw" if overlay == "kernel" else "podman_fuse")
     ml = standard_images.multilayer
     second = raw_repo.layerfs(ml.layers[1])
-    assert (second / "data" / ".wh.delete-me.txt").is_file()  # really raw on disk
-    assert (second / "opaque" / ".wh..wh..opq").is_file()
+    assert (second / "data").is_dir() and not (second / "data" / ".wh.delete-me.txt").exists()
     for case in RAW_CASES:
         img = pick(standard_images, case)
-        observed = parse_listing(podman_fuse.run(names_of(img)[0], *LISTING_COMMAND).stdout)
+        assert img.tree.absent, case  # the case deletes something a lower layer has
+        observed = parse_listing(pm.run(names_of(img)[0], *LISTING_COMMAND).stdout)
         assert not [p for p in observed.entries if "/.wh." in p], case
         for gone in img.tree.absent:
             assert gone not in observed.entries, f"{case}: deleted {gone} is visible"
         assert compare_trees(img.tree, observed, ignore=PODMAN_MOUNTS) == [], case
         assert compare_trees(umoci_tree(standard_images, case, podman_base), observed,
                              ignore=PODMAN_MOUNTS) == [], case
-    _, layer_dirs = graphroot_usage(podman_fuse)
+        # ... and by the wishlist's spelling and the manifest digest.
+        assert pm.run(names_of(img)[1], "/bin/true").returncode == 0
+    _, layer_dirs = graphroot_usage(pm)
     assert layer_dirs == []
+    assert PodmanStore(raw_repo).check() == []
+
+
+def _big_data_size(store: PodmanStore, image_id: str) -> int:
+    [entry] = [i for i in store.images() if i["id"] == image_id]
+    return sum(entry["big-data-sizes"].values())
+
+
+def test_raw_whiteouts_images_in_podman_listing_and_inspect(podman_raw: Podman, raw_repo: RepositoryLayout,
+                                                            standard_images: StandardImages) -> None:
+    """One podman layer per image (its top chain); podman lists it with a size and shows the
+    image's own diff_ids in inspect."""
+    store = PodmanStore(raw_repo)
+    listed = {i["Id"]: i for i in podman_raw.images()}
+    for case in RAW_CASES:
+        img = pick(standard_images, case)
+        entry = listed[img.config_digest.removeprefix("sha256:")]
+        assert set(names_of(img)) <= set(entry["Names"]) and entry["ReadOnly"] is True
+        assert entry["Size"] > 0
+        [inspect] = json.loads(podman_raw("image", "inspect", names_of(img)[0]).stdout)
+        assert inspect["RootFS"]["Layers"] == img.diff_ids
+        top = fmt.chain_layer_id(chain_ids(img.diff_ids)[-1])
+        assert inspect["GraphDriver"]["Data"]["UpperDir"] == str(store.layer_dir(top) / "diff"), inspect["GraphDriver"]
+        assert "LowerDir" not in inspect["GraphDriver"]["Data"]  # one layer: no lowers
+        assert inspect["Size"] == sum(json.loads(raw_repo.layers_json(d).read_text())[0]["diff-size"]
+                                      for d in img.layers) + _big_data_size(store, inspect["Id"])
+    ml = standard_images.multilayer
+    podman_raw.run(f"docker.io/library/multilayer@{ml.manifest_digest}", "/bin/true")
+    assert {l["id"] for l in store.layers()} == {fmt.chain_layer_id(chain_ids(pick(standard_images, c).diff_ids)[-1])
+                                                 for c in RAW_CASES}
 
 
 def test_a_missing_layer_breaks_only_its_image(podman_base: Path, standard_images: StandardImages) -> None:

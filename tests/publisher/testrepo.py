@@ -6,11 +6,13 @@ from __future__ import annotations
 import json
 import os
 import urllib.request
+from pathlib import Path
 
 from cvmfs_common.digest import chain_ids
 from cvmfs_common.layout import (LayerMetadata, RepositoryLayout, publish_dir, read_layers_json,
                                  remove_tree, write_layers_json)
-from publisher.podman_store import PodmanImage, PodmanLayer
+from publisher.chains import build_chain
+from publisher.podman_store import PodmanImage, PodmanLayer, PodmanRoot
 from publisher.unpack import unpack_layer
 
 ACCEPT = ", ".join(("application/vnd.oci.image.manifest.v1+json",
@@ -65,10 +67,36 @@ def publish_layers(layout: RepositoryLayout, host: str, name: str, manifest: byt
 
 
 def podman_image(layout: RepositoryLayout, host: str, name: str, manifest_digest: str,
-                 names: list[str], whiteouts: str = "overlay") -> PodmanImage:
+                 names: list[str], whiteouts: str = "overlay", chain_root: bool = False) -> PodmanImage:
+    """chain_root: build the chains and give the image its top chain as its one podman layer
+    (what the publisher does for raw whiteouts), then drop the layer dirs' `.wh.` files as a
+    real CernVM-FS publish does -- the store must not need them."""
     manifest, config = fetch_image(host, name, manifest_digest)
     layers = publish_layers(layout, host, name, manifest, config, whiteouts)
+    root = None
+    if chain_root:
+        chains = chain_ids(json.loads(config)["rootfs"]["diff_ids"])
+        parent = None
+        for chain, layer in zip(chains, layers, strict=True):
+            parent, _ = build_chain(layout, chain, parent, layer.layerfs)
+        for layer in layers:
+            drop_whiteout_files(layer.layerfs)
+        root = PodmanRoot(chains[-1], layout.chain_dir(chains[-1]), sum(l.diff_size for l in layers))
     return PodmanImage(config_digest=json.loads(manifest)["config"]["digest"], config_bytes=config,
                        manifest_digest=manifest_digest, manifest_bytes=manifest, names=names,
-                       layers=layers)
+                       layers=layers, root=root)
+
+
+def drop_whiteout_files(layerfs: Path) -> list[str]:
+    """Remove every `.wh.*` name below ``layerfs`` (CernVM-FS takes them for aufs whiteouts
+    and never publishes them, docs/cvmfs-backend.md); the removed paths, relative."""
+    gone = []
+    for dirpath, dirnames, filenames in os.walk(layerfs):
+        for n in dirnames + filenames:
+            if n.startswith(".wh."):
+                p = Path(dirpath) / n
+                gone.append(str(p.relative_to(layerfs)))
+                remove_tree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+        dirnames[:] = [d for d in dirnames if not d.startswith(".wh.")]
+    return gone
 
