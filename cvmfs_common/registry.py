@@ -115,6 +115,10 @@ class ManifestError(RegistryError):
     """Unsupported or malformed manifest, or no manifest for the platform."""
 
 
+class PlatformNotInIndex(ManifestError):
+    """An index has no manifest for the platform asked for (callers may treat it as "no image")."""
+
+
 class RetriesExhausted(RegistryError):
     """Transient failures (connection, 5xx, 429) outlasted the retry policy."""
 
@@ -843,7 +847,7 @@ class RegistryClient:
                 candidates.append(d)
         if not candidates:
             offered = sorted({str(Descriptor.from_json(e, ref).platform) for e in entries})
-            raise ManifestError(ref, f"no manifest for platform {want} in index {index.digest} (has: {', '.join(offered)})")
+            raise PlatformNotInIndex(ref, f"no manifest for platform {want} in index {index.digest} (has: {', '.join(offered)})")
         if want.variant is None:
             # Prefer the architecture's default variant (or none) over e.g. arm/v6.
             default = _DEFAULT_VARIANT.get(want.architecture)

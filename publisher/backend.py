@@ -33,6 +33,8 @@ from typing import TYPE_CHECKING
 
 from cvmfs_common.layout import RepositoryLayout
 
+from .whiteouts import WhiteoutMode
+
 if TYPE_CHECKING:  # pragma: no cover
     from .image import Placement
     from .state import ImageRecord
@@ -50,7 +52,7 @@ class Backend:
     """The local backend; the base of the others."""
 
     name = "local"
-    whiteouts = "overlay"  # how layer dirs store deletions (DESIGN §2a)
+    whiteouts = WhiteoutMode.OVERLAY  # how layer dirs store deletions (DESIGN §2a)
 
     def __init__(self, root: Path) -> None:
         self.root = Path(os.path.abspath(root))

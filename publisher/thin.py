@@ -55,6 +55,7 @@ from cvmfs_common.layout import RepositoryLayout
 from cvmfs_common.reference import InvalidReference, Reference, parse_reference
 from cvmfs_common.registry import DOCKER_MANIFEST, Credentials, RegistryClient
 
+from .outcome import FailureKind, Outcome
 from .progress import ItemResult
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -240,7 +241,7 @@ class ThinPublisher:
             conn.execute(_SCHEMA)
 
     def after_item(self, target: "Target", result: ItemResult) -> ItemResult:
-        if not target.default or result.outcome not in ("new", "updated", "unchanged"):
+        if not target.default or result.outcome not in (Outcome.NEW, Outcome.UPDATED, Outcome.UNCHANGED):
             return result
         out = self.settings.outputs.get(target.entry_key) if target.entry_key is not None else None
         if out is None:
@@ -251,7 +252,7 @@ class ThinPublisher:
             log.error("%s: thin image not pushed: %s", target.name, e)
             log.debug("thin image of %s", target.name, exc_info=True)
             detail = f"{result.detail}; " if result.detail else ""
-            return replace(result, outcome="failed",
+            return replace(result, outcome=Outcome.FAILED, failure=FailureKind.OTHER,
                            detail=f"{detail}published, but the thin image was not pushed: {type(e).__name__}: {e}")
         return result
 
