@@ -60,7 +60,7 @@ from typing import IO, Any
 import requests
 import urllib3.exceptions
 
-from .digest import Digest, InvalidDigest, parse_digest
+from .digest import Digest, InvalidDigest, parse_digest, sha256_of
 from .reference import InvalidReference, Reference, parse_reference
 
 # media types ---------------------------------------------------------------
@@ -754,7 +754,7 @@ class RegistryClient:
             raw = self._read_limited(ref, resp, MAX_MANIFEST_BYTES, f"manifest {target}")
         finally:
             resp.close()
-        actual = "sha256:" + hashlib.sha256(raw).hexdigest()
+        actual = sha256_of(raw)
         if target.startswith("sha256:") and actual != target:
             raise DigestMismatch(ref, f"manifest {target} has digest {actual}")
         header = resp.headers.get("Docker-Content-Digest")
@@ -1102,7 +1102,7 @@ class RegistryClient:
     def push_blob(self, ref: "Reference | str", data: bytes) -> str:
         """Upload a small blob monolithically (POST + PUT ?digest=); returns its digest."""
         ref = self.reference(ref)
-        digest = "sha256:" + hashlib.sha256(data).hexdigest()
+        digest = sha256_of(data)
         scope = self._scope(ref, True)
         if self.blob_exists(ref, digest, push_scope=True):
             return digest
@@ -1124,7 +1124,7 @@ class RegistryClient:
     def put_manifest(self, ref: "Reference | str", data: bytes, media_type: str, reference: str | None = None) -> str:
         """PUT a manifest under a tag (default: the ref's tag) or its digest; returns the digest."""
         ref = self.reference(ref)
-        digest = "sha256:" + hashlib.sha256(data).hexdigest()
+        digest = sha256_of(data)
         target = reference or (ref.tag if ref.tag and not ref.is_glob else digest)
         resp = self._send(
             ref, "PUT", self._url(ref, "manifests", target), scope=self._scope(ref, True),
