@@ -48,10 +48,6 @@ class Digest:
         return self.hex[:2]
 
     @classmethod
-    def parse(cls, value: "str | Digest") -> "Digest":
-        return parse_digest(value)
-
-    @classmethod
     def of_bytes(cls, data: bytes) -> "Digest":
         return cls(hashlib.sha256(data).hexdigest())
 

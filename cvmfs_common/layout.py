@@ -314,12 +314,6 @@ class RepositoryLayout:
                 made.append(link)
         return made
 
-    def link_to_flat(self, registry: str, repository: str, tag: str, config_digest: "str | Digest") -> Path:
-        """Point ``<registry>/<repo>:<tag>`` at ``.flat/<xx>/<config>`` (relative, atomic)."""
-        link = self.link_path(registry, repository, tag)
-        self.atomic_symlink(relative_link_target(link, self.flat_dir(config_digest)), link)
-        return link
-
 
 # ---------------------------------------------------------------------------
 # layers.json / origin.json
@@ -536,14 +530,6 @@ def _renameat2(src: Path, dst: Path, flags: int) -> None:
     if fn(_AT_FDCWD, os.fsencode(src), _AT_FDCWD, os.fsencode(dst), flags) != 0:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err), str(dst))
-
-
-def fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def fsync_dir(path: Path) -> None:

@@ -348,11 +348,6 @@ class ResolvedImage:
     def layer_digests(self) -> list[str]:
         return [layer.digest for layer in self.layers]
 
-    @property
-    def foreign_layers(self) -> list[Descriptor]:
-        """Non-distributable layers (Windows bases): not fetchable from the registry."""
-        return [layer for layer in self.layers if layer.media_type in FOREIGN_LAYER_TYPES]
-
 
 # credentials -------------------------------------------------------------------
 _HUB_AUTH_KEYS = ("docker.io", "index.docker.io", "https://index.docker.io/v1/", "registry-1.docker.io",

@@ -80,9 +80,6 @@ class Backend:
         return f"{self.name} backend at {self.root}"
 
 
-LocalBackend = Backend
-
-
 def make_backend(name: str, root: Path, *, cvmfs_repo: str | None = None,
                  cvmfs_server: str | None = None) -> Backend:
     """The backend for ``--backend NAME``.
@@ -106,4 +103,4 @@ def make_backend(name: str, root: Path, *, cvmfs_repo: str | None = None,
     raise BackendError(f"unknown backend {name!r} (known: {', '.join(BACKENDS)})")
 
 
-__all__ = ["BACKENDS", "Backend", "BackendError", "LocalBackend", "make_backend"]
+__all__ = ["BACKENDS", "Backend", "BackendError", "make_backend"]
