@@ -29,6 +29,7 @@ must be replaced), :func:`atomic_symlink`, :func:`atomic_write_file`.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import datetime as _dt
@@ -38,10 +39,10 @@ import os
 import re
 import stat
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import BinaryIO, Literal
 
 from . import fdtree
 from .digest import Digest, InvalidDigest, parse_digest, parse_hex
@@ -620,14 +621,24 @@ def atomic_write_file(path: Path, data: bytes, mode: int = 0o644, tmp_dir: Path 
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    with replacing_file(path, tmp_dir) as f:
+        f.write(data)
+        os.fchmod(f.fileno(), mode)
+    fsync_dir(path.parent)
+
+
+@contextlib.contextmanager
+def replacing_file(path: Path, tmp_dir: Path | None = None, suffix: str = ".tmp") -> Iterator[BinaryIO]:
+    """A temp file (mode 0600; in ``tmp_dir`` or next to ``path``, same file system) that
+    is fsynced and renamed over ``path`` when the block ends normally, and removed on any
+    error, leaving ``path`` untouched. The caller fsyncs the directory if it needs to."""
     where = Path(tmp_dir) if tmp_dir is not None else path.parent
     where.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=where)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=where)
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            yield f
             f.flush()
-            os.fchmod(f.fileno(), mode)
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
@@ -636,7 +647,6 @@ def atomic_write_file(path: Path, data: bytes, mode: int = 0o644, tmp_dir: Path 
         except FileNotFoundError:
             pass
         raise
-    fsync_dir(path.parent)
 
 
 def atomic_symlink(target_rel: str, link_path: Path, tmp_dir: Path | None = None) -> None:

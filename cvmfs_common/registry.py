@@ -48,7 +48,6 @@ import platform as _platform
 import random
 import re
 import socket
-import tempfile
 import threading
 import time
 import urllib.parse
@@ -61,6 +60,7 @@ import requests
 import urllib3.exceptions
 
 from .digest import Digest, InvalidDigest, parse_digest, sha256_of
+from .layout import replacing_file
 from .reference import InvalidReference, Reference, parse_reference
 
 # media types ---------------------------------------------------------------
@@ -1030,24 +1030,11 @@ class RegistryClient:
                 n += len(chunk)
             return n
         path = Path(os.fspath(dest))  # type: ignore[arg-type]
-        where = Path(tmp_dir) if tmp_dir is not None else path.parent
-        where.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=where)
-        try:
-            n = 0
-            with os.fdopen(fd, "wb") as f:
-                for chunk in self.iter_blob(ref, digest, size):
-                    f.write(chunk)
-                    n += len(chunk)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except FileNotFoundError:
-                pass
-            raise
+        n = 0
+        with replacing_file(path, tmp_dir, ".partial") as f:
+            for chunk in self.iter_blob(ref, digest, size):
+                f.write(chunk)
+                n += len(chunk)
         return n
 
     def get_blob_bytes(self, ref: "Reference | str", digest: "str | Digest", size: int | None = None, limit: int = MAX_CONFIG_BYTES) -> bytes:
