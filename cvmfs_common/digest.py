@@ -48,10 +48,6 @@ class Digest:
         return self.hex[:2]
 
     @classmethod
-    def parse(cls, value: "str | Digest") -> "Digest":
-        return parse_digest(value)
-
-    @classmethod
     def of_bytes(cls, data: bytes) -> "Digest":
         return cls(hashlib.sha256(data).hexdigest())
 
@@ -94,6 +90,24 @@ def _sha256_str(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
+def next_chain_id(parent: str | None, diff_id: str) -> str:
+    """One OCI ChainID step: the chain of ``parent`` (None: no parent) plus one diffID."""
+    return diff_id if parent is None else f"{ALGORITHM}:{_sha256_str(parent + ' ' + diff_id)}"
+
+
+def next_ducc_chain_id(parent: str | None, layer_digest: str) -> str:
+    """One DUCC 1.x chain-id step (see :func:`ducc_chain_ids`)."""
+    return f"{ALGORITHM}:{_sha256_str(layer_digest if parent is None else parent + ' ' + layer_digest)}"
+
+
+def next_ducc2_chain_id(parent: str | None, layer_digest: str) -> str:
+    """One DUCC 2 chain-id step (see :func:`ducc2_chain_ids`); both must be valid digests."""
+    layer = parse_digest(layer_digest)
+    if parent is None:
+        return str(layer)
+    return f"{ALGORITHM}:{_sha256_str(parse_digest(parent).hex + ' ' + layer.hex)}"
+
+
 def chain_ids(diff_ids: Iterable["str | Digest"]) -> list[str]:
     """OCI ChainIDs (image-spec config.md) for a list of diffIDs.
 
@@ -103,11 +117,7 @@ def chain_ids(diff_ids: Iterable["str | Digest"]) -> list[str]:
     """
     result: list[str] = []
     for raw in diff_ids:
-        diff = str(parse_digest(raw))
-        if not result:
-            result.append(diff)
-        else:
-            result.append(f"{ALGORITHM}:{_sha256_str(result[-1] + ' ' + diff)}")
+        result.append(next_chain_id(result[-1] if result else None, str(parse_digest(raw))))
     return result
 
 
@@ -137,9 +147,7 @@ def ducc_chain_ids(layer_digests: Iterable["str | Digest"]) -> list[str]:
     """
     result: list[str] = []
     for raw in layer_digests:
-        layer = str(parse_digest(raw))
-        text = layer if not result else result[-1] + " " + layer
-        result.append(f"{ALGORITHM}:{_sha256_str(text)}")
+        result.append(next_ducc_chain_id(result[-1] if result else None, str(parse_digest(raw))))
     return result
 
 
@@ -158,10 +166,5 @@ def ducc2_chain_ids(layer_digests: Iterable["str | Digest"]) -> list[str]:
     """
     result: list[str] = []
     for raw in layer_digests:
-        layer = parse_digest(raw)
-        if not result:
-            result.append(str(layer))
-        else:
-            prev = parse_digest(result[-1]).hex
-            result.append(f"{ALGORITHM}:{_sha256_str(prev + ' ' + layer.hex)}")
+        result.append(next_ducc2_chain_id(result[-1] if result else None, str(raw)))
     return result

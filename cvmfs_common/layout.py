@@ -29,6 +29,7 @@ must be replaced), :func:`atomic_symlink`, :func:`atomic_write_file`.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import datetime as _dt
@@ -38,10 +39,10 @@ import os
 import re
 import stat
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import BinaryIO, Literal
 
 from . import fdtree
 from .digest import Digest, InvalidDigest, parse_digest, parse_hex
@@ -314,12 +315,6 @@ class RepositoryLayout:
                 made.append(link)
         return made
 
-    def link_to_flat(self, registry: str, repository: str, tag: str, config_digest: "str | Digest") -> Path:
-        """Point ``<registry>/<repo>:<tag>`` at ``.flat/<xx>/<config>`` (relative, atomic)."""
-        link = self.link_path(registry, repository, tag)
-        self.atomic_symlink(relative_link_target(link, self.flat_dir(config_digest)), link)
-        return link
-
 
 # ---------------------------------------------------------------------------
 # layers.json / origin.json
@@ -538,14 +533,6 @@ def _renameat2(src: Path, dst: Path, flags: int) -> None:
         raise OSError(err, os.strerror(err), str(dst))
 
 
-def fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
@@ -634,14 +621,24 @@ def atomic_write_file(path: Path, data: bytes, mode: int = 0o644, tmp_dir: Path 
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    with replacing_file(path, tmp_dir) as f:
+        f.write(data)
+        os.fchmod(f.fileno(), mode)
+    fsync_dir(path.parent)
+
+
+@contextlib.contextmanager
+def replacing_file(path: Path, tmp_dir: Path | None = None, suffix: str = ".tmp") -> Iterator[BinaryIO]:
+    """A temp file (mode 0600; in ``tmp_dir`` or next to ``path``, same file system) that
+    is fsynced and renamed over ``path`` when the block ends normally, and removed on any
+    error, leaving ``path`` untouched. The caller fsyncs the directory if it needs to."""
     where = Path(tmp_dir) if tmp_dir is not None else path.parent
     where.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=where)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=where)
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            yield f
             f.flush()
-            os.fchmod(f.fileno(), mode)
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
@@ -650,7 +647,6 @@ def atomic_write_file(path: Path, data: bytes, mode: int = 0o644, tmp_dir: Path 
         except FileNotFoundError:
             pass
         raise
-    fsync_dir(path.parent)
 
 
 def atomic_symlink(target_rel: str, link_path: Path, tmp_dir: Path | None = None) -> None:

@@ -48,7 +48,6 @@ import platform as _platform
 import random
 import re
 import socket
-import tempfile
 import threading
 import time
 import urllib.parse
@@ -60,7 +59,8 @@ from typing import IO, Any
 import requests
 import urllib3.exceptions
 
-from .digest import Digest, InvalidDigest, parse_digest
+from .digest import Digest, InvalidDigest, parse_digest, sha256_of
+from .layout import replacing_file
 from .reference import InvalidReference, Reference, parse_reference
 
 # media types ---------------------------------------------------------------
@@ -113,6 +113,10 @@ class DigestMismatch(RegistryError):
 
 class ManifestError(RegistryError):
     """Unsupported or malformed manifest, or no manifest for the platform."""
+
+
+class PlatformNotInIndex(ManifestError):
+    """An index has no manifest for the platform asked for (callers may treat it as "no image")."""
 
 
 class RetriesExhausted(RegistryError):
@@ -343,11 +347,6 @@ class ResolvedImage:
     @property
     def layer_digests(self) -> list[str]:
         return [layer.digest for layer in self.layers]
-
-    @property
-    def foreign_layers(self) -> list[Descriptor]:
-        """Non-distributable layers (Windows bases): not fetchable from the registry."""
-        return [layer for layer in self.layers if layer.media_type in FOREIGN_LAYER_TYPES]
 
 
 # credentials -------------------------------------------------------------------
@@ -750,7 +749,7 @@ class RegistryClient:
             raw = self._read_limited(ref, resp, MAX_MANIFEST_BYTES, f"manifest {target}")
         finally:
             resp.close()
-        actual = "sha256:" + hashlib.sha256(raw).hexdigest()
+        actual = sha256_of(raw)
         if target.startswith("sha256:") and actual != target:
             raise DigestMismatch(ref, f"manifest {target} has digest {actual}")
         header = resp.headers.get("Docker-Content-Digest")
@@ -843,7 +842,7 @@ class RegistryClient:
                 candidates.append(d)
         if not candidates:
             offered = sorted({str(Descriptor.from_json(e, ref).platform) for e in entries})
-            raise ManifestError(ref, f"no manifest for platform {want} in index {index.digest} (has: {', '.join(offered)})")
+            raise PlatformNotInIndex(ref, f"no manifest for platform {want} in index {index.digest} (has: {', '.join(offered)})")
         if want.variant is None:
             # Prefer the architecture's default variant (or none) over e.g. arm/v6.
             default = _DEFAULT_VARIANT.get(want.architecture)
@@ -1031,24 +1030,11 @@ class RegistryClient:
                 n += len(chunk)
             return n
         path = Path(os.fspath(dest))  # type: ignore[arg-type]
-        where = Path(tmp_dir) if tmp_dir is not None else path.parent
-        where.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=where)
-        try:
-            n = 0
-            with os.fdopen(fd, "wb") as f:
-                for chunk in self.iter_blob(ref, digest, size):
-                    f.write(chunk)
-                    n += len(chunk)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except FileNotFoundError:
-                pass
-            raise
+        n = 0
+        with replacing_file(path, tmp_dir, ".partial") as f:
+            for chunk in self.iter_blob(ref, digest, size):
+                f.write(chunk)
+                n += len(chunk)
         return n
 
     def get_blob_bytes(self, ref: "Reference | str", digest: "str | Digest", size: int | None = None, limit: int = MAX_CONFIG_BYTES) -> bytes:
@@ -1098,7 +1084,7 @@ class RegistryClient:
     def push_blob(self, ref: "Reference | str", data: bytes) -> str:
         """Upload a small blob monolithically (POST + PUT ?digest=); returns its digest."""
         ref = self.reference(ref)
-        digest = "sha256:" + hashlib.sha256(data).hexdigest()
+        digest = sha256_of(data)
         scope = self._scope(ref, True)
         if self.blob_exists(ref, digest, push_scope=True):
             return digest
@@ -1120,7 +1106,7 @@ class RegistryClient:
     def put_manifest(self, ref: "Reference | str", data: bytes, media_type: str, reference: str | None = None) -> str:
         """PUT a manifest under a tag (default: the ref's tag) or its digest; returns the digest."""
         ref = self.reference(ref)
-        digest = "sha256:" + hashlib.sha256(data).hexdigest()
+        digest = sha256_of(data)
         target = reference or (ref.tag if ref.tag and not ref.is_glob else digest)
         resp = self._send(
             ref, "PUT", self._url(ref, "manifests", target), scope=self._scope(ref, True),

@@ -1,6 +1,6 @@
 """Where the repository lives and how a unit of work reaches it (DESIGN §5).
 
-    backend = make_backend("cvmfs", root)      # or "local"
+    backend = make_backend("cvmfs", root)      # or "local" (publisher/cli.py)
     with exclusive(lock):
         backend.start(layout)                   # recover from a crash, clean .tmp/
         with backend.unit("image registry/repo:tag"):
@@ -33,6 +33,8 @@ from typing import TYPE_CHECKING
 
 from cvmfs_common.layout import RepositoryLayout
 
+from .whiteouts import WhiteoutMode
+
 if TYPE_CHECKING:  # pragma: no cover
     from .image import Placement
     from .state import ImageRecord
@@ -50,7 +52,7 @@ class Backend:
     """The local backend; the base of the others."""
 
     name = "local"
-    whiteouts = "overlay"  # how layer dirs store deletions (DESIGN §2a)
+    whiteouts = WhiteoutMode.OVERLAY  # how layer dirs store deletions (DESIGN §2a)
 
     def __init__(self, root: Path) -> None:
         self.root = Path(os.path.abspath(root))
@@ -78,30 +80,4 @@ class Backend:
         return f"{self.name} backend at {self.root}"
 
 
-LocalBackend = Backend
-
-
-def make_backend(name: str, root: Path, *, cvmfs_repo: str | None = None,
-                 cvmfs_server: str | None = None) -> Backend:
-    """The backend for ``--backend NAME``.
-
-    cvmfs: the repository name is the root's last component (``/cvmfs/NAME``); a
-    different ``cvmfs_repo`` (the wishlist's) is refused -- publishing into one
-    repository while the transaction is opened on another would write outside any
-    transaction. ``cvmfs_server``: the command (default ``$CVMFS_SERVER`` or
-    ``cvmfs_server`` on PATH).
-    """
-    if name == "local":
-        return Backend(root)
-    if name == "cvmfs":
-        from .cvmfs_backend import CvmfsBackend
-
-        repo = Path(os.path.abspath(root)).name
-        if cvmfs_repo is not None and cvmfs_repo != repo:
-            raise BackendError(f"--backend cvmfs: the repository root {root} is repository {repo!r}, "
-                               f"but the wishlist names cvmfs_repo {cvmfs_repo!r}")
-        return CvmfsBackend(root, repo, command=cvmfs_server or os.environ.get("CVMFS_SERVER") or "cvmfs_server")
-    raise BackendError(f"unknown backend {name!r} (known: {', '.join(BACKENDS)})")
-
-
-__all__ = ["BACKENDS", "Backend", "BackendError", "LocalBackend", "make_backend"]
+__all__ = ["BACKENDS", "Backend", "BackendError"]

@@ -21,7 +21,7 @@ from cvmfs_common.durations import parse_duration
 from cvmfs_common.logs import setup_logging
 from cvmfs_common.version import version_text
 
-from .backend import Backend, BackendError, make_backend
+from .backend import BACKENDS, Backend, BackendError
 from .runlock import Busy
 from .state import State, StateCorrupt, StateError
 
@@ -318,6 +318,30 @@ def _client(args: argparse.Namespace) -> RegistryClient:
     return RegistryClient(credentials=creds, insecure_registries=args.insecure_registry, limits=limits)
 
 
+def make_backend(name: str, root: Path, *, cvmfs_repo: str | None = None,
+                 cvmfs_server: str | None = None) -> Backend:
+    """The backend for ``--backend NAME`` (here, not in backend.py: the cvmfs backend
+    builds on that module, so only its user picks between them).
+
+    cvmfs: the repository name is the root's last component (``/cvmfs/NAME``); a
+    different ``cvmfs_repo`` (the wishlist's) is refused -- publishing into one
+    repository while the transaction is opened on another would write outside any
+    transaction. ``cvmfs_server``: the command (default ``$CVMFS_SERVER`` or
+    ``cvmfs_server`` on PATH).
+    """
+    if name == "local":
+        return Backend(root)
+    if name == "cvmfs":
+        from .cvmfs_backend import CvmfsBackend
+
+        repo = Path(os.path.abspath(root)).name
+        if cvmfs_repo is not None and cvmfs_repo != repo:
+            raise BackendError(f"--backend cvmfs: the repository root {root} is repository {repo!r}, "
+                               f"but the wishlist names cvmfs_repo {cvmfs_repo!r}")
+        return CvmfsBackend(root, repo, command=cvmfs_server or os.environ.get("CVMFS_SERVER") or "cvmfs_server")
+    raise BackendError(f"unknown backend {name!r} (known: {', '.join(BACKENDS)})")
+
+
 def _backend(args: argparse.Namespace, root: Path, cvmfs_repo: str | None) -> Backend:
     try:
         return make_backend(args.backend, root, cvmfs_repo=cvmfs_repo)
@@ -341,7 +365,6 @@ def _thin_settings(args: argparse.Namespace, wishlist) -> "ThinSettings | None":
 
 def run_convert(args: argparse.Namespace) -> int:
     from .convert import ConvertOptions, convert, default_state_db
-    from .progress import Progress
     from .wishlist import load_wishlists
 
     if args.jobs < 1:

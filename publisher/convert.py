@@ -22,15 +22,17 @@ from typing import TYPE_CHECKING
 
 from cvmfs_common.layout import RepositoryLayout, multiarch_aliases
 from cvmfs_common.reference import InvalidReference, Reference
-from cvmfs_common.registry import ManifestError, NotFound, Platform, RegistryClient, ResolvedImage
+from cvmfs_common.registry import NotFound, Platform, PlatformNotInIndex, RegistryClient, ResolvedImage
 
 from .backend import Backend
 from .flat import is_complete
 from .image import ImagePublisher, Placement, multiarch_name_for
 from .ingest import LayerIngester
+from .outcome import FailureKind, Outcome, failure_kind_of
 from .progress import ItemResult, Progress, Summary
 from .runlock import exclusive, exclusive_repository, lock_path_for
 from .state import State, TagKey
+from .whiteouts import WhiteoutMode
 from .wishlist import WishlistEntry
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -43,7 +45,7 @@ log = logging.getLogger(__name__)
 class ConvertOptions:
     jobs: int = 4
     podman_store: bool = True
-    whiteouts: str = "overlay"  # the local backend converts whiteouts (DESIGN §2a)
+    whiteouts: WhiteoutMode = WhiteoutMode.OVERLAY  # the local backend converts whiteouts (DESIGN §2a)
 
 
 @dataclass(frozen=True)
@@ -111,7 +113,7 @@ class Converter:
                     result = self.post_item(target, result)
                 self.progress.clear()
                 summary.add(result)
-                level = logging.ERROR if result.outcome == "failed" else logging.INFO
+                level = logging.ERROR if result.outcome == Outcome.FAILED else logging.INFO
                 log.log(level, "[%d/%d] %s: %s%s", i, len(targets), result.name, result.outcome,
                         f" ({result.detail})" if result.detail else "")
         finally:
@@ -141,11 +143,11 @@ class Converter:
                 entry_id = self.state.upsert_entry(entry.reference.spelling, str(plat), entry.source)
                 name = f"{entry.reference.spelling} ({plat})"
                 if isinstance(refs, Exception):
-                    summary.add(ItemResult(name, "failed", f"listing tags: {refs}"))
+                    summary.add(ItemResult(name, Outcome.FAILED, f"listing tags: {refs}", failure=FailureKind.REGISTRY))
                     log.error("%s: listing tags failed: %s", name, refs)
                     continue
                 if not refs:
-                    summary.add(ItemResult(name, "skipped", "no tag matches"))
+                    summary.add(ItemResult(name, Outcome.SKIPPED, "no tag matches"))
                     log.warning("%s (%s): no tag matches", name, entry.source)
                     continue
                 for ref in refs:
@@ -205,7 +207,7 @@ class Converter:
             damage = None
             if known is not None and known.absent_digest == head:
                 self.state.touch_tag(key, placement.platform_dir, target.entry_id)
-                return ItemResult(target.name, "skipped", f"no image for {target.platform}; unchanged")
+                return ItemResult(target.name, Outcome.SKIPPED, f"no image for {target.platform}; unchanged")
             if (known is not None and known.published and known.top_digest == head
                     and known.platform_dir == placement.platform_dir
                     and placement.layout.manifest_json(key.registry, key.repository, key.tag).is_file()
@@ -214,18 +216,18 @@ class Converter:
                 damage = self._damage(known.manifest_digest)
                 if damage is None:
                     self.state.touch_tag(key, placement.platform_dir, target.entry_id)
-                    return ItemResult(target.name, "unchanged", seconds=time.monotonic() - started)
+                    return ItemResult(target.name, Outcome.UNCHANGED, seconds=time.monotonic() - started)
                 log.warning("%s: %s; publishing it again", target.name, damage)
             image = self._resolve(target, head)
             if image is None:
                 self.state.record_absent(key, placement.platform_dir, target.entry_id, head)
-                return ItemResult(target.name, "skipped", f"no image for {target.platform}")
+                return ItemResult(target.name, Outcome.SKIPPED, f"no image for {target.platform}")
             config_bytes, config = self.client.fetch_config(image)
             if image.platform is None and not _config_matches(config, target.platform):
                 found = f"{config.get('os')}/{config.get('architecture')}"
                 if not target.default:
                     self.state.record_absent(key, placement.platform_dir, target.entry_id, head)
-                    return ItemResult(target.name, "skipped", f"single-platform image is {found}")
+                    return ItemResult(target.name, Outcome.SKIPPED, f"single-platform image is {found}")
                 log.warning("%s: the image is %s, not %s; publishing it for the default platform",
                             target.name, found, target.platform)
             assert self.backend is not None
@@ -241,13 +243,14 @@ class Converter:
                 self.state.record_failure(key, placement.platform_dir, target.entry_id, str(e))
             except Exception:  # noqa: BLE001 - the report matters more
                 log.exception("recording the failure of %s", target.name)
-            return ItemResult(target.name, "failed", f"{type(e).__name__}: {e}", seconds=time.monotonic() - started)
+            return ItemResult(target.name, Outcome.FAILED, f"{type(e).__name__}: {e}", seconds=time.monotonic() - started,
+                              failure=failure_kind_of(e))
         if known is None or known.manifest_digest is None:
-            outcome = "new"
+            outcome = Outcome.NEW
         elif known.manifest_digest != image.manifest_digest or damage is not None:
-            outcome = "updated"  # or repaired: its content was incomplete
+            outcome = Outcome.UPDATED  # or repaired: its content was incomplete
         else:
-            outcome = "unchanged"  # e.g. an index changed but not this platform's image
+            outcome = Outcome.UNCHANGED  # e.g. an index changed but not this platform's image
         n = len(image.layers)
         detail = f"{image.manifest_digest[:19]}, {n} layer{'' if n == 1 else 's'}" + (
             f"; repaired: {damage}" if damage is not None else "")
@@ -304,8 +307,8 @@ class Converter:
         non-default platform."""
         try:
             return self.client.resolve(target.reference.with_digest(head), target.platform)
-        except ManifestError as e:
-            if not target.default and "no manifest for platform" in str(e):
+        except PlatformNotInIndex:
+            if not target.default:
                 return None
             raise
 

@@ -38,6 +38,7 @@ from cvmfs_common.layout import RepositoryLayout, remove_tree
 
 from .backend import Backend, BackendError
 from .catalogs import catalog_dirs, ensure_markers
+from .whiteouts import WhiteoutMode
 
 if TYPE_CHECKING:  # pragma: no cover
     from .image import Placement
@@ -82,7 +83,7 @@ def open_paths_under(root: Path, pid: str = "self") -> list[str]:
 
 class CvmfsBackend(Backend):
     name = "cvmfs"
-    whiteouts = "raw"
+    whiteouts = WhiteoutMode.RAW
     flat_template = True  # .flat by `transaction -T` (faster than a hard-link copy, measured)
 
     def __init__(self, root: Path, repository: str, command: str = "cvmfs_server") -> None:

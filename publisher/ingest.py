@@ -24,6 +24,7 @@ from cvmfs_common.reference import Reference
 from cvmfs_common.registry import RegistryClient
 
 from .unpack import Limits, UnpackResult, unpack_layer
+from .whiteouts import WhiteoutMode
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +82,7 @@ class _Counting:
 class LayerIngester:
     layout: RepositoryLayout
     client: RegistryClient
-    whiteouts: str = "overlay"  # local backend; the cvmfs backend keeps them raw
+    whiteouts: WhiteoutMode = WhiteoutMode.OVERLAY  # local backend; the cvmfs backend keeps them raw
     limits: Limits = Limits()
     on_bytes: Callable[[int], None] | None = None
 

@@ -2,45 +2,16 @@
 
 from __future__ import annotations
 
-import builtins
 import time
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
 
+from .outcome import FailureKind, Outcome
 from .progress import OUTCOMES, Summary
 from .webhook import OUTCOMES as WEBHOOK_OUTCOMES
 from .webhook import parse_address
 
-# What an item's error was (ItemResult.detail starts with the exception's type name).
-FAILURE_KINDS = ("network", "registry", "not_found", "auth", "image", "disk", "wishlist", "round", "other")
-_KIND_BY_TYPE = {
-    "RetriesExhausted": "network",
-    "TransferTooSlow": "network",
-    "DeadlineExceeded": "network",
-    "Aborted": "other",
-    "RegistryError": "registry",
-    "DigestMismatch": "registry",
-    "NotFound": "not_found",
-    "AuthenticationError": "auth",
-    "ManifestError": "image",
-    "ImageError": "image",
-    "PodmanStoreError": "image",
-    "LayerError": "image",
-    "HostileLayerError": "image",
-    "DigestMismatchError": "image",
-}
-
-
-def failure_kind(detail: str) -> str:
-    if detail.startswith("listing tags:"):
-        return "registry"
-    name = detail.split(":", 1)[0].strip()
-    if name in _KIND_BY_TYPE:
-        return _KIND_BY_TYPE[name]
-    exc = getattr(builtins, name, None)
-    if isinstance(exc, type) and issubclass(exc, OSError):
-        return "disk"
-    return "other"
+FAILURE_KINDS = tuple(k.value for k in FailureKind)
 
 
 class PublisherMetrics:
@@ -86,8 +57,8 @@ class PublisherMetrics:
     def record(self, summary: Summary, full_round: bool) -> None:
         for r in summary.results:
             self.images.labels(r.outcome).inc()
-            if r.outcome == "failed":
-                self.failures.labels(failure_kind(r.detail)).inc()
+            if r.outcome == Outcome.FAILED:
+                self.failures.labels(r.failure or FailureKind.OTHER).inc()
         self.layers.inc(summary.layers_fetched)
         self.bytes.inc(summary.bytes)
         if full_round and summary.ok:

@@ -12,9 +12,10 @@ import time
 from dataclasses import dataclass, field
 from typing import TextIO
 
+from .outcome import FailureKind, Outcome
 from .state import RunCounts
 
-OUTCOMES = ("new", "updated", "unchanged", "failed", "skipped")
+OUTCOMES = tuple(o.value for o in Outcome)
 
 
 def human_bytes(n: float) -> str:
@@ -30,11 +31,12 @@ class ItemResult:
     """The outcome for one tag and platform."""
 
     name: str  # registry/repo:tag (platform)
-    outcome: str  # one of OUTCOMES
+    outcome: Outcome
     detail: str = ""
     layers_fetched: int = 0
     bytes: int = 0
     seconds: float = 0.0
+    failure: FailureKind | None = None  # set with Outcome.FAILED (None counts as "other")
 
 
 @dataclass
@@ -45,7 +47,7 @@ class Summary:
     def add(self, result: ItemResult) -> None:
         self.results.append(result)
 
-    def count(self, outcome: str) -> int:
+    def count(self, outcome: Outcome) -> int:
         return sum(1 for r in self.results if r.outcome == outcome)
 
     @property
@@ -58,19 +60,19 @@ class Summary:
 
     @property
     def failed(self) -> list[ItemResult]:
-        return [r for r in self.results if r.outcome == "failed"]
+        return [r for r in self.results if r.outcome == Outcome.FAILED]
 
     @property
     def ok(self) -> bool:
         return not self.failed
 
     def run_counts(self) -> RunCounts:
-        return RunCounts(self.count("new"), self.count("updated"), self.count("unchanged"), self.count("failed"),
-                         self.count("skipped"), self.bytes)
+        return RunCounts(self.count(Outcome.NEW), self.count(Outcome.UPDATED), self.count(Outcome.UNCHANGED),
+                         self.count(Outcome.FAILED), self.count(Outcome.SKIPPED), self.bytes)
 
     def render(self) -> str:
         elapsed = time.monotonic() - self.started
-        counts = ", ".join(f"{self.count(o)} {o}" for o in OUTCOMES)
+        counts = ", ".join(f"{self.count(o)} {o}" for o in Outcome)
         lines = [
             f"{len(self.results)} images: {counts}; "
             f"{self.layers_fetched} layers fetched ({human_bytes(self.bytes)}); {elapsed:.1f} s"

@@ -40,7 +40,6 @@ warning: a manifest cannot be pushed to someone else's digest.
 from __future__ import annotations
 
 import gzip
-import hashlib
 import io
 import json
 import logging
@@ -50,11 +49,12 @@ from collections.abc import Collection, Mapping
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
-from cvmfs_common.digest import parse_digest
+from cvmfs_common.digest import parse_digest, sha256_of
 from cvmfs_common.layout import RepositoryLayout
 from cvmfs_common.reference import InvalidReference, Reference, parse_reference
 from cvmfs_common.registry import DOCKER_MANIFEST, Credentials, RegistryClient
 
+from .outcome import FailureKind, Outcome
 from .progress import ItemResult
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -138,7 +138,7 @@ def thin_layer(thin: bytes) -> tuple[bytes, str]:
         info.size, info.mode, info.mtime, info.uid, info.gid = len(thin), 0o644, 0, 0, 0
         tar.addfile(info, io.BytesIO(thin))
     raw = buf.getvalue()
-    return gzip.compress(raw, mtime=0), "sha256:" + hashlib.sha256(raw).hexdigest()
+    return gzip.compress(raw, mtime=0), sha256_of(raw)
 
 
 def _docker_changes(config: dict) -> tuple[list[str], list[str] | None]:
@@ -183,7 +183,7 @@ class ThinImage:
 
     @property
     def manifest_digest(self) -> str:
-        return "sha256:" + hashlib.sha256(self.manifest).hexdigest()
+        return sha256_of(self.manifest)
 
 
 def build_thin_image(layer_digests: list[str], source_config: dict, cvmfs_repo: str, origin: str) -> ThinImage:
@@ -194,9 +194,9 @@ def build_thin_image(layer_digests: list[str], source_config: dict, cvmfs_repo: 
         "schemaVersion": 2,
         "mediaType": DOCKER_MANIFEST,
         "config": {"mediaType": DOCKER_CONFIG, "size": len(config),
-                   "digest": "sha256:" + hashlib.sha256(config).hexdigest()},
+                   "digest": sha256_of(config)},
         "layers": [{"mediaType": DOCKER_LAYER_GZIP, "size": len(layer),
-                    "digest": "sha256:" + hashlib.sha256(layer).hexdigest()}],
+                    "digest": sha256_of(layer)}],
     }
     return ThinImage(layer, config, json.dumps(manifest, indent=3).encode(), thin)
 
@@ -240,7 +240,7 @@ class ThinPublisher:
             conn.execute(_SCHEMA)
 
     def after_item(self, target: "Target", result: ItemResult) -> ItemResult:
-        if not target.default or result.outcome not in ("new", "updated", "unchanged"):
+        if not target.default or result.outcome not in (Outcome.NEW, Outcome.UPDATED, Outcome.UNCHANGED):
             return result
         out = self.settings.outputs.get(target.entry_key) if target.entry_key is not None else None
         if out is None:
@@ -251,7 +251,7 @@ class ThinPublisher:
             log.error("%s: thin image not pushed: %s", target.name, e)
             log.debug("thin image of %s", target.name, exc_info=True)
             detail = f"{result.detail}; " if result.detail else ""
-            return replace(result, outcome="failed",
+            return replace(result, outcome=Outcome.FAILED, failure=FailureKind.OTHER,
                            detail=f"{detail}published, but the thin image was not pushed: {type(e).__name__}: {e}")
         return result
 
@@ -288,7 +288,7 @@ class ThinPublisher:
             conn.execute(
                 "INSERT OR REPLACE INTO thin_images (output, source, source_manifest, thin_manifest, pushed_at) "
                 "VALUES (?, ?, ?, ?, ?)",
-                (dest.spelling, ducc_whole_name(ref), "sha256:" + hashlib.sha256(source_manifest).hexdigest(),
+                (dest.spelling, ducc_whole_name(ref), sha256_of(source_manifest),
                  digest, time.time()))
         log.info("%s: thin image pushed to %s (%s)", ref.spelling, dest.spelling, digest)
         return digest

@@ -46,6 +46,7 @@ from dataclasses import dataclass, field
 
 import h11
 
+from cvmfs_common.address import parse_address
 from cvmfs_common.digest import InvalidDigest, parse_digest
 from cvmfs_common.reference import InvalidReference, validate_registry, validate_repository, validate_tag
 from cvmfs_common.registry import IMAGE_MANIFESTS, INDEXES
@@ -167,15 +168,6 @@ def parse_envelope(body: bytes) -> Envelope:
         if push is not None:
             out.events.append(push)
     return out
-
-
-def parse_address(text: str, default_host: str = "127.0.0.1") -> tuple[str, int]:
-    """``HOST:PORT``, ``[v6]:PORT`` or ``:PORT`` -> (host, port)."""
-    host, sep, port = text.rpartition(":")
-    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise ValueError(f"not a HOST:PORT address: {text!r}")
-    host = host.strip("[]") or default_host
-    return host, int(port)
 
 
 _PROBE_TEXT = b"cvmfs-publisher loop: POST registry notifications here\n"

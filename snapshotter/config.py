@@ -13,6 +13,7 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from cvmfs_common.address import parse_address
 from cvmfs_common.durations import parse_duration
 
 DEFAULT_ROOT = "/var/lib/containerd-cvmfs-grpc"
@@ -88,9 +89,10 @@ def _choice(value: str, key: str, where: str, choices: tuple[str, ...]) -> str:
 
 
 def _host_port(value: str, key: str, where: str) -> str:
-    host, sep, port = value.rpartition(":")
-    if not sep or not port.isdigit() or int(port) > 65535:
-        raise ConfigError(f"{where}: {key} must be HOST:PORT, e.g. 127.0.0.1:9102, not {value!r}")
+    try:
+        parse_address(value)
+    except ValueError:
+        raise ConfigError(f"{where}: {key} must be HOST:PORT, e.g. 127.0.0.1:9102, not {value!r}") from None
     return value
 
 

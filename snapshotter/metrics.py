@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
 
+from cvmfs_common.address import parse_address
+
 
 class Metrics:
     def __init__(self) -> None:
@@ -44,5 +46,5 @@ class Metrics:
 
     def serve(self, address: str) -> None:
         """Expose /metrics on HOST:PORT (a daemon thread)."""
-        host, _, port = address.rpartition(":")
-        start_http_server(int(port), addr=host.strip("[]") or "127.0.0.1", registry=self.registry)
+        host, port = parse_address(address)
+        start_http_server(port, addr=host, registry=self.registry)

@@ -11,13 +11,13 @@ file never reappears and a directory never changes its mode.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
-from cvmfs_common.digest import InvalidDigest, ducc2_chain_ids, ducc_chain_ids, parse_digest
+from cvmfs_common.digest import (InvalidDigest, ducc2_chain_ids, ducc_chain_ids, next_chain_id, next_ducc2_chain_id,
+                                  next_ducc_chain_id, parse_digest)
 
 from .repository import BoundedRepository, RepositoryUnavailable
 
@@ -48,9 +48,7 @@ class RemoteMatch:
 
 
 def oci_chain(parent_chain_id: str | None, diff_id: str) -> str:
-    if parent_chain_id is None:
-        return diff_id
-    return "sha256:" + hashlib.sha256(f"{parent_chain_id} {diff_id}".encode()).hexdigest()
+    return next_chain_id(parent_chain_id, diff_id)
 
 
 def next_ducc_ids(parent: tuple[str, str] | None, has_parent: bool, layer_digest: str | None) -> tuple[str, str] | None:
@@ -59,11 +57,7 @@ def next_ducc_ids(parent: tuple[str, str] | None, has_parent: bool, layer_digest
         return None
     if not has_parent:
         return ducc_chain_ids([layer_digest])[0], ducc2_chain_ids([layer_digest])[0]
-    d1 = "sha256:" + hashlib.sha256(f"{parent[0]} {layer_digest}".encode()).hexdigest()
-    d2 = "sha256:" + hashlib.sha256(
-        f"{parse_digest(parent[1]).hex} {parse_digest(layer_digest).hex}".encode()
-    ).hexdigest()
-    return d1, d2
+    return next_ducc_chain_id(parent[0], layer_digest), next_ducc2_chain_id(parent[1], layer_digest)
 
 
 @dataclass

@@ -23,7 +23,6 @@ from cvmfs_common.layout import (
     find_chain,
     find_layer,
     fsync_dir,
-    fsync_file,
     publish_dir,
     read_layers_json,
     read_origin_json,
@@ -149,7 +148,7 @@ def test_hostile_names_raise_before_touching(tmp_path, registry, repository, tag
         with pytest.raises((InvalidReference, LayoutError)):
             fn(registry, repository, tag)
     with pytest.raises((InvalidReference, LayoutError)):
-        L.link_to_flat(registry, repository, tag, CFG)
+        _link_to_flat(L, registry, repository, tag, CFG)
     assert not root.exists()
 
 
@@ -266,11 +265,18 @@ def test_find_chain(tmp_path):
     assert find_chain(L, D) == L.chain_dir(D)
 
 
+def _link_to_flat(L, registry, repository, tag, config_digest):
+    """A tag link to a flat dir, relative and atomic (as publisher/image.py makes them)."""
+    link = L.link_path(registry, repository, tag)
+    L.atomic_symlink(relative_link_target(link, L.flat_dir(config_digest)), link)
+    return link
+
+
 def test_relative_link_target_resolves(tmp_path):
     L = RepositoryLayout(tmp_path)
     L.flat_dir(CFG).mkdir(parents=True)
     (L.flat_dir(CFG) / "marker").write_text("x")
-    link = L.link_to_flat("registry.hub.docker.com", "library/debian", "stable", CFG)
+    link = _link_to_flat(L, "registry.hub.docker.com", "library/debian", "stable", CFG)
     target = os.readlink(link)
     assert not os.path.isabs(target)
     assert target == relative_link_target(link, L.flat_dir(CFG))
@@ -278,7 +284,7 @@ def test_relative_link_target_resolves(tmp_path):
     assert (link / "marker").read_text() == "x"
     # the same under a platform view (deeper) and after moving the whole repository
     P = L.for_platform("linux", "arm64")
-    plink = P.link_to_flat("docker.io", "a/b/c", "1", CFG)
+    plink = _link_to_flat(P, "docker.io", "a/b/c", "1", CFG)
     assert (plink / "marker").read_text() == "x"
     moved = tmp_path.parent / (tmp_path.name + "-moved")
     os.rename(tmp_path, moved)
@@ -393,11 +399,7 @@ def test_clean_tmp(tmp_path):
 
 
 def test_sync_helpers(tmp_path):
-    f = tmp_path / "f"
-    f.write_bytes(b"x")
-    fsync_file(f)
     fsync_dir(tmp_path)
     syncfs(tmp_path)
     with pytest.raises(FileNotFoundError):
         syncfs(tmp_path / "missing")
-    assert f.read_bytes() == b"x"
