@@ -54,23 +54,28 @@ _SOURCE_ENV = """for script in /.singularity.d/env/*.sh; do
 done
 """
 
+def _app_or_image_action(script: str, missing_app: str, fallback: str) -> str:
+    """``actions/run`` and ``actions/test``: the selected SCIF app's script, else the
+    image's, else ``fallback`` (what apptainer's own actions do)."""
+    return "#!/bin/sh\n" + _SOURCE_ENV + f"""
+app="${{APPTAINER_APPNAME:-${{SINGULARITY_APPNAME:-}}}}"
+if [ -n "$app" ]; then
+    if [ -x "/scif/apps/$app/scif/{script}" ]; then
+        exec "/scif/apps/$app/scif/{script}" "$@"
+    fi
+    echo "{missing_app}: $app" >&2
+    exit 1
+elif [ -x /.singularity.d/{script} ]; then
+    exec /.singularity.d/{script} "$@"
+fi
+{fallback}"""
+
+
 # -- the fixed files (behaviour as apptainer's, our own text) ------------------------------
 _ACTIONS = {
     "exec": "#!/bin/sh\n" + _SOURCE_ENV + 'exec "$@"\n',
-    "run": "#!/bin/sh\n" + _SOURCE_ENV + """
-app="${APPTAINER_APPNAME:-${SINGULARITY_APPNAME:-}}"
-if [ -n "$app" ]; then
-    if [ -x "/scif/apps/$app/scif/runscript" ]; then
-        exec "/scif/apps/$app/scif/runscript" "$@"
-    fi
-    echo "No runscript for contained app: $app" >&2
-    exit 1
-elif [ -x /.singularity.d/runscript ]; then
-    exec /.singularity.d/runscript "$@"
-fi
-echo "No runscript found, executing /bin/sh"
-exec /bin/sh "$@"
-""",
+    "run": _app_or_image_action("runscript", "No runscript for contained app",
+                                'echo "No runscript found, executing /bin/sh"\nexec /bin/sh "$@"\n'),
     "shell": "#!/bin/sh\n" + _SOURCE_ENV + """
 user_shell="${APPTAINER_SHELL:-${SINGULARITY_SHELL:-}}"
 if [ -n "$user_shell" ] && [ -x "$user_shell" ]; then
@@ -94,20 +99,9 @@ if [ -x /.singularity.d/startscript ]; then
     exec /.singularity.d/startscript
 fi
 """,
-    "test": "#!/bin/sh\n" + _SOURCE_ENV + """
-app="${APPTAINER_APPNAME:-${SINGULARITY_APPNAME:-}}"
-if [ -n "$app" ]; then
-    if [ -x "/scif/apps/$app/scif/test" ]; then
-        exec "/scif/apps/$app/scif/test" "$@"
-    fi
-    echo "No tests for contained app: $app" >&2
-    exit 1
-elif [ -x /.singularity.d/test ]; then
-    exec /.singularity.d/test "$@"
-fi
-echo "No test found in container, executing /bin/sh -c true"
-exec /bin/sh -c true
-""",
+    "test": _app_or_image_action("test", "No tests for contained app",
+                                 'echo "No test found in container, executing /bin/sh -c true"\n'
+                                 "exec /bin/sh -c true\n"),
 }
 
 _ENV_FILES = {
