@@ -54,6 +54,7 @@ _SOURCE_ENV = """for script in /.singularity.d/env/*.sh; do
 done
 """
 
+
 def _app_or_image_action(script: str, missing_app: str, fallback: str) -> str:
     """``actions/run`` and ``actions/test``: the selected SCIF app's script, else the
     image's, else ``fallback`` (what apptainer's own actions do)."""
