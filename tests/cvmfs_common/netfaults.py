@@ -226,8 +226,44 @@ def bearer_guard(tokens: TokenServer, service: str = "test-registry") -> Callabl
     return script
 
 
+class _LoopbackProxy:
+    """A listening socket on 127.0.0.1 with an accept thread (`_accept`, the subclass's);
+    start/stop or use as a context manager."""
+
+    def _listen(self) -> None:
+        self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._sock.bind(("127.0.0.1", 0))
+        self._sock.listen(16)
+        self.port = self._sock.getsockname()[1]
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._accept, daemon=True)
+
+    def _accept(self) -> None:
+        raise NotImplementedError
+
+    @property
+    def host(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def start(self):
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._sock.close()
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
 @dataclass
-class DroppingProxy:
+class DroppingProxy(_LoopbackProxy):
     """TCP proxy to `upstream`; each of the first `drop_connections` connections is cut
     once it has carried `drop_after` bytes of response. Records each connection's
     request bytes (to check e.g. the Range header of a resumed download)."""
@@ -239,32 +275,7 @@ class DroppingProxy:
     dropped: int = 0
 
     def __post_init__(self) -> None:
-        self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self._sock.bind(("127.0.0.1", 0))
-        self._sock.listen(16)
-        self.port = self._sock.getsockname()[1]
-        self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._accept, daemon=True)
-
-    @property
-    def host(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    def start(self) -> "DroppingProxy":
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._sock.close()
-
-    def __enter__(self) -> "DroppingProxy":
-        return self.start()
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
+        self._listen()
 
     def _accept(self) -> None:
         while not self._stop.is_set():
@@ -395,7 +406,7 @@ class HugeTokenServer(TokenServer):
 
 
 @dataclass
-class TricklingProxy:
+class TricklingProxy(_LoopbackProxy):
     """TCP proxy to `upstream`; once a connection has carried `after` bytes of response,
     the rest trickles: `step` bytes every `every` seconds (a registry stuck behind a
     bad link). `trickling` counts the connections that reached that point."""
@@ -407,32 +418,7 @@ class TricklingProxy:
     trickling: int = 0
 
     def __post_init__(self) -> None:
-        self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self._sock.bind(("127.0.0.1", 0))
-        self._sock.listen(16)
-        self.port = self._sock.getsockname()[1]
-        self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._accept, daemon=True)
-
-    @property
-    def host(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    def start(self) -> "TricklingProxy":
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._sock.close()
-
-    def __enter__(self) -> "TricklingProxy":
-        return self.start()
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
+        self._listen()
 
     def _accept(self) -> None:
         while not self._stop.is_set():
