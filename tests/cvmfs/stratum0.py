@@ -23,11 +23,11 @@ from __future__ import annotations
 import os
 import shlex
 import shutil
-import socket
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
+from tests.fixtures._proc import free_port
 from tests.fixtures.rootfs import BASE_PACKAGES, PODMAN, PROJECT, RootfsContainer, RootfsSpec
 
 TARBALL = "cvmfs-2.12.0-debian12-amd64.tar.xz"
@@ -109,7 +109,7 @@ class Stratum0:
     def __init__(self, container: RootfsContainer) -> None:
         self.c = container
         self.repos: list[str] = []
-        self.port = _free_port()
+        self.port = free_port()
 
     @property
     def host_w(self) -> Path:
@@ -155,12 +155,6 @@ class Stratum0:
         self.sh(f"cat >> /etc/cvmfs/repositories.d/{repo}/server.conf <<'EOF'\n{lines}EOF")
         self.repos.append(repo)
         return Repository(self, repo)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass

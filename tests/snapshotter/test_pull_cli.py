@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from tests.fixtures._proc import free_port
 from tests.fixtures.tree import LISTING_COMMAND, compare_trees, parse_listing
 
 pytestmark = pytest.mark.e2e
@@ -41,12 +41,6 @@ def check_tree(cd, image, ref: str | None = None, namespace: str = "default") ->
     out = cd.run(ref or image.ref, *LISTING_COMMAND, namespace=namespace).stdout
     problems = compare_trees(image.tree, parse_listing(out))
     assert not problems, "\n".join(problems)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_version():
