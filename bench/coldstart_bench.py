@@ -36,7 +36,7 @@ import grpc  # noqa: E402
 
 from bench.benchlib import OUT, compiled_bytecode, drop_caches, machine, require_root, run, workdir  # noqa: E402
 from bench.bigimage import BigImage, Spec, build_layout  # noqa: E402
-from cvmfs_common.layout import RepositoryLayout  # noqa: E402
+from cvmfs_common.repo.paths import RepositoryLayout  # noqa: E402
 from tests.e2e.repo_writer import publish_layers  # noqa: E402
 from cvmfs_api.cri.runtime.v1 import api_pb2, api_pb2_grpc  # noqa: E402
 from tests.fixtures.containerd import Containerd, CriOptions  # noqa: E402

@@ -62,10 +62,10 @@ def child_ingest(args: list[str]) -> int:
     host, name, root, jobs, meta = args
     from concurrent.futures import ThreadPoolExecutor
 
-    from cvmfs_common.layout import RepositoryLayout
-    from cvmfs_common.reference import parse_reference
-    from cvmfs_common.registry import RegistryClient
-    from publisher.ingest import LayerIngester, LayerSpec
+    from cvmfs_common.repo.paths import RepositoryLayout
+    from cvmfs_common.oci.reference import parse_reference
+    from cvmfs_common.registry.client import RegistryClient
+    from publisher.unpack.ingest import LayerIngester, LayerSpec
     from tests.fixtures.oci_layout import MT_LAYER_GZIP
 
     layers = json.loads(meta)
@@ -89,7 +89,7 @@ def child_unpack(args: list[str]) -> int:
     """`--child-unpack BLOB DEST DIGEST DIFF_ID`: the unpacker alone on a local blob file
     (no download, no layer dir around it), then sync."""
     blob, dest, digest, diff_id = args
-    from publisher.unpack import unpack_layer
+    from publisher.unpack.unpack import unpack_layer
 
     t0 = time.perf_counter()
     with open(blob, "rb") as f:
@@ -103,7 +103,7 @@ def child_unpack(args: list[str]) -> int:
 def inflate_cpu(blob: Path, inflaters: list[str], repeat: int) -> dict[str, float]:
     """CPU seconds to inflate the blob (in memory, 1 MiB chunks as the unpacker reads it),
     best of `repeat`, per inflater: the libraries alone, without the disk's noise."""
-    from publisher.streams import inflate_module
+    from publisher.unpack.streams import inflate_module
 
     data = blob.read_bytes()
     best: dict[str, float] = {}
@@ -124,7 +124,7 @@ def inflate_env(inflater: str | None) -> dict[str, str] | None:
     """The environment forcing the publisher's gzip inflater (None: its own choice)."""
     if inflater is None:
         return None
-    from publisher.streams import INFLATE_ENV
+    from publisher.unpack.streams import INFLATE_ENV
     return {**os.environ, INFLATE_ENV: inflater}
 
 
@@ -248,7 +248,7 @@ def main() -> int:
         return child_unpack(args.child_unpack)
     compiled_bytecode()
     inflaters: list[str | None] = args.inflate.split(",") if args.inflate else [None]
-    from publisher.streams import inflate_module
+    from publisher.unpack.streams import inflate_module
     for inf in inflaters:
         print(f"inflater {inf or 'default'}: {inflate_module(inf).__name__}", file=sys.stderr)
 

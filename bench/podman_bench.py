@@ -19,8 +19,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cvmfs_common.layout import RepositoryLayout  # noqa: E402
-from publisher.podman_store import PodmanStore  # noqa: E402
+from cvmfs_common.repo.paths import RepositoryLayout  # noqa: E402
+from publisher.write.podman_store import PodmanStore  # noqa: E402
 from tests.fixtures.images import Pusher, busybox_entries, host_arch  # noqa: E402
 from tests.fixtures.layers import Entry, Layer  # noqa: E402
 from tests.fixtures.oci_layout import ImageConfig, OciLayout, Platform  # noqa: E402

@@ -38,8 +38,8 @@ from bench.publib import CachedRegistry, RssPoller, generated_image, median, pub
 MiB = 1 << 20
 BASELINE = """
 import resource, sys
-import publisher.cli, publisher.convert, publisher.image, publisher.ingest, publisher.unpack
-import publisher.chains, publisher.podman_store
+import publisher.cli, publisher.sync.convert, publisher.write.image, publisher.unpack.ingest, publisher.unpack.unpack
+import publisher.write.chains, publisher.write.podman_store
 for line in open("/proc/self/status"):
     if line.startswith("VmRSS:"):
         print(int(line.split()[1]))

@@ -38,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.benchlib import OUT, compiled_bytecode, machine  # noqa: E402
 from bench.publib import (CachedRegistry, fresh_dir, median, publisher_cmd, remove, run_timed,  # noqa: E402
                           scratch_fs, wishlist_yaml)
-from cvmfs_common.registry import RegistryClient  # noqa: E402
+from cvmfs_common.registry.client import RegistryClient  # noqa: E402
 from tests.fixtures.images import busybox_entries, host_arch  # noqa: E402
 from tests.fixtures.layers import MTIME, Layer  # noqa: E402
 from tests.fixtures.oci_layout import CREATED, MT_CONFIG, MT_LAYER_GZIP, MT_MANIFEST, canonical_json  # noqa: E402

@@ -73,7 +73,7 @@ def generate(path: Path, size_mb: int, seed: int) -> tuple[int, int]:
 def run_ours(blob: Path, dest: Path) -> None:
     """Child-process side: unpack, sync, report time and peak RSS as JSON."""
     sys.path.insert(0, str(REPO))
-    from publisher.unpack import unpack_layer
+    from publisher.unpack.unpack import unpack_layer
     digest = "sha256:" + _sha256(blob)
     start = time.perf_counter()
     with blob.open("rb") as f:

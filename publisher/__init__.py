@@ -1,0 +1,1 @@
+"""The cvmfs-images publisher: wishlists of images into an unpacked CernVM-FS repository (cli.py: the entry point)."""

@@ -21,17 +21,17 @@ from cvmfs_common.durations import parse_duration
 from cvmfs_common.logs import setup_logging
 from cvmfs_common.version import version_text
 
-from .backend import BACKENDS, Backend, BackendError
-from .runlock import Busy
-from .state import State, StateCorrupt, StateError
+from publisher.backend.base import BACKENDS, Backend, BackendError
+from publisher.core.runlock import Busy
+from publisher.core.state import State, StateCorrupt, StateError
 
 # The registry client (requests) and the conversion modules are imported by the
 # subcommands that use them: gc and check start without them.
 if TYPE_CHECKING:  # pragma: no cover
-    from cvmfs_common.registry import Platform, RegistryClient
+    from cvmfs_common.registry.client import Platform, RegistryClient
 
-    from .thin import ThinSettings
-    from .wishlist import WishlistEntry
+    from publisher.sync.thin import ThinSettings
+    from publisher.sync.wishlist import WishlistEntry
 
 log = logging.getLogger("cvmfs-publisher")
 
@@ -143,7 +143,7 @@ def _existing_state(args: argparse.Namespace) -> tuple[Path, Path]:
     root = args.repository_root
     state_db = args.state_db
     if state_db is None:
-        from .convert import default_state_db
+        from publisher.sync.convert import default_state_db
 
         state_db = default_state_db(root)
     if not state_db.is_file():
@@ -152,11 +152,11 @@ def _existing_state(args: argparse.Namespace) -> tuple[Path, Path]:
 
 
 def run_loop(args: argparse.Namespace) -> int:
-    from .convert import ConvertOptions, convert, default_state_db
-    from .loop import ListenError, Loop, LoopSettings, loop_lock_path, serve
-    from .metrics import PublisherMetrics
-    from .webhook import parse_address
-    from .wishlist import load_wishlists
+    from publisher.sync.convert import ConvertOptions, convert, default_state_db
+    from publisher.sync.loop import ListenError, Loop, LoopSettings, loop_lock_path, serve
+    from publisher.sync.metrics import PublisherMetrics
+    from publisher.sync.webhook import parse_address
+    from publisher.sync.wishlist import load_wishlists
 
     if args.jobs < 1:
         raise UsageError("--jobs must be at least 1")
@@ -209,9 +209,9 @@ def run_loop(args: argparse.Namespace) -> int:
 
 def _listen_token(args: argparse.Namespace) -> str | None:
     """The webhook token: required for a listener other hosts can reach."""
-    from cvmfs_common.reference import is_loopback_host
+    from cvmfs_common.oci.reference import is_loopback_host
 
-    from .webhook import parse_address
+    from publisher.sync.webhook import parse_address
 
     if args.listen_token_file is None:
         if args.listen and not is_loopback_host(parse_address(args.listen)[0]):
@@ -249,7 +249,7 @@ def _mark_interrupted(state_db: Path, root: Path, command: str, since: float) ->
 
 
 def run_gc(args: argparse.Namespace) -> int:
-    from .gc import collect
+    from publisher.maint.gc import collect
 
     root, state_db = _existing_state(args)
     report = collect(root, state_db, older_than=args.older_than, dry_run=args.dry_run,
@@ -259,7 +259,7 @@ def run_gc(args: argparse.Namespace) -> int:
 
 
 def run_check(args: argparse.Namespace) -> int:
-    from .check import check
+    from publisher.maint.check import check
 
     root, state_db = _existing_state(args)
     report = check(root, state_db, podman=not args.no_podman_store, lock_wait=args.lock_wait)
@@ -268,8 +268,8 @@ def run_check(args: argparse.Namespace) -> int:
 
 
 def run_state(args: argparse.Namespace) -> int:
-    from .convert import default_state_db
-    from .staterebuild import rebuild
+    from publisher.sync.convert import default_state_db
+    from publisher.maint.staterebuild import rebuild
 
     if args.repository_root is None:
         raise UsageError("state rebuild needs --repository-root")
@@ -283,10 +283,10 @@ def run_state(args: argparse.Namespace) -> int:
 
 
 def _entries_from_image(args: argparse.Namespace) -> tuple[list[WishlistEntry], Platform]:
-    from cvmfs_common.reference import InvalidReference, parse_reference
-    from cvmfs_common.registry import Platform
+    from cvmfs_common.oci.reference import InvalidReference, parse_reference
+    from cvmfs_common.registry.client import Platform
 
-    from .wishlist import WishlistEntry
+    from publisher.sync.wishlist import WishlistEntry
 
     try:
         ref = parse_reference(args.image, insecure_registries=args.insecure_registry)
@@ -301,7 +301,7 @@ def _entries_from_image(args: argparse.Namespace) -> tuple[list[WishlistEntry], 
 
 
 def _client(args: argparse.Namespace) -> RegistryClient:
-    from cvmfs_common.registry import Credentials, RegistryClient, TransferLimits
+    from cvmfs_common.registry.client import Credentials, RegistryClient, TransferLimits
 
     creds = None
     if args.credentials is not None:
@@ -332,7 +332,7 @@ def make_backend(name: str, root: Path, *, cvmfs_repo: str | None = None,
     if name == "local":
         return Backend(root)
     if name == "cvmfs":
-        from .cvmfs_backend import CvmfsBackend
+        from publisher.backend.cvmfs import CvmfsBackend
 
         repo = Path(os.path.abspath(root)).name
         if cvmfs_repo is not None and cvmfs_repo != repo:
@@ -352,7 +352,7 @@ def _backend(args: argparse.Namespace, root: Path, cvmfs_repo: str | None) -> Ba
 def _thin_settings(args: argparse.Namespace, wishlist) -> "ThinSettings | None":
     """Thin images when the wishlist has output_format, not --no-thin-image, and the
     password DUCC sites set is there (without it: a warning, no thin images)."""
-    from .thin import PASSWORD_ENV, ThinSettings
+    from publisher.sync.thin import PASSWORD_ENV, ThinSettings
 
     if args.no_thin_image or not any(f.output_format for f in wishlist.files):
         return None
@@ -364,8 +364,8 @@ def _thin_settings(args: argparse.Namespace, wishlist) -> "ThinSettings | None":
 
 
 def run_convert(args: argparse.Namespace) -> int:
-    from .convert import ConvertOptions, convert, default_state_db
-    from .wishlist import load_wishlists
+    from publisher.sync.convert import ConvertOptions, convert, default_state_db
+    from publisher.sync.wishlist import load_wishlists
 
     if args.jobs < 1:
         raise UsageError("--jobs must be at least 1")
@@ -384,7 +384,7 @@ def run_convert(args: argparse.Namespace) -> int:
         thin, backend = None, _backend(args, root, None)
     state_db = args.state_db or default_state_db(root)
     options = ConvertOptions(jobs=args.jobs, podman_store=not args.no_podman_store)
-    from .loop import ItemHooksProgress
+    from publisher.sync.loop import ItemHooksProgress
 
     log.info("%s: %d wishlist entries into %s (state %s)", args.command, len(entries), root, state_db)
     with _client(args) as client:
@@ -400,7 +400,7 @@ def _usage_errors() -> tuple[type[Exception], ...]:
     """Evaluated when an exception propagates: the wishlist module (yaml, the registry
     client) is only loaded by the subcommands that read wishlists."""
     errors: tuple[type[Exception], ...] = (UsageError, StateError, Busy, BackendError)
-    wishlist = sys.modules.get(f"{__package__}.wishlist")
+    wishlist = sys.modules.get("publisher.sync.wishlist")
     return errors + (wishlist.WishlistError,) if wishlist is not None else errors
 
 

@@ -18,9 +18,9 @@ from typing import Callable, TextIO
 
 import grpc
 
-from cvmfs_common.digest import chain_ids
-from cvmfs_common.reference import Reference
-from cvmfs_common.registry import Platform, RegistryClient, ResolvedImage
+from cvmfs_common.oci.digest import chain_ids
+from cvmfs_common.oci.reference import Reference
+from cvmfs_common.registry.client import Platform, RegistryClient, ResolvedImage
 
 from .containerd_client import ContainerdClient, unique_key_part
 from .remote import CVMFS_LAYER_DIGEST_LABEL, SNAPSHOT_REF_LABEL

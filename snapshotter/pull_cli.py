@@ -47,7 +47,7 @@ def _fail(message: str, rc: int = 1) -> int:
 
 def _ask_password() -> str:
     if not sys.stdin.isatty():
-        from cvmfs_common.registry_auth import CredentialError
+        from cvmfs_common.registry.auth import CredentialError
 
         raise CredentialError("--user without a password and no terminal to ask on")
     return getpass.getpass("Password: ")
@@ -55,10 +55,10 @@ def _ask_password() -> str:
 
 def run_pull(args: argparse.Namespace) -> int:
     setup_logging(args.log_level, "text")
-    from cvmfs_common.reference import InvalidReference, parse_reference
-    from cvmfs_common.registry import Platform, RegistryClient, RegistryError
-    from cvmfs_common.registry_auth import CredentialError, load_credentials, parse_user
-    from cvmfs_common.registry_hosts import Endpoint, HostsConfigError, load_endpoints
+    from cvmfs_common.oci.reference import InvalidReference, parse_reference
+    from cvmfs_common.registry.client import Platform, RegistryClient, RegistryError
+    from cvmfs_common.registry.auth import CredentialError, load_credentials, parse_user
+    from cvmfs_common.registry.hosts import Endpoint, HostsConfigError, load_endpoints
 
     from .containerd_client import ContainerdClient
     from .pull import PullError, pull_image

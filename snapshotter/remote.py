@@ -16,8 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
-from cvmfs_common.digest import (InvalidDigest, ducc2_chain_ids, ducc_chain_ids, next_chain_id, next_ducc2_chain_id,
-                                  next_ducc_chain_id, parse_digest)
+from cvmfs_common.oci.digest import (InvalidDigest, ducc2_chain_ids, ducc_chain_ids, next_chain_id, next_ducc2_chain_id,
+    next_ducc_chain_id, parse_digest)
 
 from .repository import BoundedRepository, RepositoryUnavailable
 

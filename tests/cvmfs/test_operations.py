@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from cvmfs_common.layout import RepositoryLayout
+from cvmfs_common.repo.paths import RepositoryLayout
 from tests.fixtures.images import StandardImages
 from tests.fixtures.registry import Registry
 from tests.fixtures.tree import LISTING_SCRIPT, RUNTIME_MOUNTS, compare_trees, parse_listing

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from cvmfs_common.digest import chain_ids
-from cvmfs_common.layout import RepositoryLayout
-from publisher.catalogs import CATALOG_MARKER
+from cvmfs_common.oci.digest import chain_ids
+from cvmfs_common.repo.paths import RepositoryLayout
+from publisher.backend.catalogs import CATALOG_MARKER
 from tests.fixtures.images import BuiltImage, StandardImages
 from tests.fixtures.registry import Registry
 from tests.fixtures.tree import LISTING_SCRIPT, RUNTIME_MOUNTS, compare_trees, parse_listing
@@ -200,7 +200,7 @@ def test_podman_runs_from_the_published_podman_store(published: Published, regis
                                                      overlay: str) -> None:
     """The layer dirs lost their `.wh.` files at publish; an image with deletions is one
     podman layer, its top chain (docs/podman.md), so both overlays show exactly its tree."""
-    from publisher import podman_format as fmt
+    from publisher.write import podman_format as fmt
     from tests.publisher.podmanenv import containers_conf, storage_conf
 
     img = published.images["multilayer"]

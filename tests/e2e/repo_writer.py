@@ -9,10 +9,10 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-from cvmfs_common.digest import ducc_chain_ids
-from cvmfs_common.layout import LayerMetadata, RepositoryLayout, write_layers_json
-from cvmfs_common.registry import RegistryClient
-from publisher.unpack import unpack_layer
+from cvmfs_common.oci.digest import ducc_chain_ids
+from cvmfs_common.repo.paths import LayerMetadata, RepositoryLayout, write_layers_json
+from cvmfs_common.registry.client import RegistryClient
+from publisher.unpack.unpack import unpack_layer
 
 
 def publish_layers(host: str, image, layout: RepositoryLayout, indices, whiteouts: str = "overlay") -> None:

@@ -22,7 +22,7 @@ def cri_pull(address, image: str) -> str:
 
 def test_cri_pull_uses_repository_layers(registry_factory, push_standard_images, e2e_base, snapshotter_factory,
                                          containerd_factory):
-    from cvmfs_common.layout import RepositoryLayout
+    from cvmfs_common.repo.paths import RepositoryLayout
     from tests.fixtures.workdirs import new_workdir
 
     reg = registry_factory()

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from cvmfs_common.layout import RepositoryLayout
+from cvmfs_common.repo.paths import RepositoryLayout
 from tests.e2e.repo_writer import publish_ducc_style, publish_layers
 from tests.fixtures.tree import LISTING_COMMAND, compare_trees, parse_listing
 

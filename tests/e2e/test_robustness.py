@@ -12,7 +12,7 @@ import pytest
 
 from cvmfs_api.containerd.services.snapshots.v1 import snapshots_pb2 as pb
 from cvmfs_api.containerd.services.snapshots.v1 import snapshots_pb2_grpc as pb_grpc
-from cvmfs_common.layout import RepositoryLayout
+from cvmfs_common.repo.paths import RepositoryLayout
 from tests.e2e.repo_writer import publish_layers
 from tests.e2e.test_remote_layers import SNAPSHOTTER_BIN, cvmfs_pull
 from tests.fixtures.tree import LISTING_COMMAND, compare_trees, parse_listing

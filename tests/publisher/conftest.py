@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from publisher.treeview import tree_snapshot
+from tests.publisher.treeview import tree_snapshot
 
 
 @pytest.fixture
@@ -40,7 +40,7 @@ requires_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (chown,
 def _repository_locks(tmp_path_factory: pytest.TempPathFactory):
     """Repository lock files of the tests (and the CLI processes they start) go to a temp
     dir, not the machine's /run/lock. Session-wide: module fixtures convert too."""
-    from publisher.runlock import LOCK_DIR_ENV
+    from publisher.core.runlock import LOCK_DIR_ENV
 
     before = os.environ.get(LOCK_DIR_ENV)
     os.environ[LOCK_DIR_ENV] = str(tmp_path_factory.getbasetemp() / "repository-locks")

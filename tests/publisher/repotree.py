@@ -67,7 +67,7 @@ def overlay_mount(lowers_top_first: Sequence[Path]) -> Iterator[Path]:
                 os.rmdir(mnt + "-empty")
 
 
-# What a flat dir adds to its top chain for apptainer (publisher/singularity.py).
+# What a flat dir adds to its top chain for apptainer (publisher/write/singularity.py).
 SINGULARITY_NAMES = ("/.singularity.d", "/.exec", "/.run", "/.shell", "/.test", "/singularity", "/environment")
 MOUNT_POINTS = ("/dev", "/proc", "/sys", "/tmp", "/home", "/root", "/etc", "/var", "/var/tmp",
                 "/etc/hosts", "/etc/resolv.conf", "/etc/localtime")
@@ -88,7 +88,7 @@ def flat_minus_chain(flat: Path, chain: Path, hard_links: bool = True) -> list[s
     (new ``.singularity.d`` names and missing mount points; the mtimes of the dirs they
     went into): [] when the flat dir is the chain plus ``.singularity.d``. ``hard_links``:
     files must be the chain's inodes (a hard-link copy, not a clone)."""
-    from publisher.treeview import diff_trees, tree_snapshot
+    from tests.publisher.treeview import diff_trees, tree_snapshot
 
     ours, theirs = tree_snapshot(flat), tree_snapshot(chain)
     for snap in (ours, theirs):  # each catalog root has a marker of its own (cvmfs backend)

@@ -1,4 +1,4 @@
-"""publisher.treeview: snapshots and the overlay merge, checked against kernel overlayfs."""
+"""tests.publisher.treeview: snapshots and the overlay merge, checked against kernel overlayfs."""
 from __future__ import annotations
 
 import os
@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from publisher.treeview import diff_trees, merge_view, tree_snapshot
-from publisher.unpack import unpack_layer
+from tests.publisher.treeview import diff_trees, merge_view, tree_snapshot
+from publisher.unpack.unpack import unpack_layer
 
 from .conftest import requires_root
 from .layertar import blob, dir_, reg, sym

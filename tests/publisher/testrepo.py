@@ -8,12 +8,12 @@ import os
 import urllib.request
 from pathlib import Path
 
-from cvmfs_common.digest import chain_ids
-from cvmfs_common.layout import (LayerMetadata, RepositoryLayout, publish_dir, read_layers_json,
-                                 remove_tree, write_layers_json)
-from publisher.chains import build_chain
-from publisher.podman_store import PodmanImage, PodmanLayer, PodmanRoot
-from publisher.unpack import unpack_layer
+from cvmfs_common.oci.digest import chain_ids
+from cvmfs_common.repo.paths import (LayerMetadata, RepositoryLayout, publish_dir, read_layers_json, remove_tree,
+    write_layers_json)
+from publisher.write.chains import build_chain
+from publisher.write.podman_store import PodmanImage, PodmanLayer, PodmanRoot
+from publisher.unpack.unpack import unpack_layer
 
 ACCEPT = ", ".join(("application/vnd.oci.image.manifest.v1+json",
                     "application/vnd.docker.distribution.manifest.v2+json"))

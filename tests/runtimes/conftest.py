@@ -7,7 +7,7 @@ from typing import Callable, Iterator
 
 import pytest
 
-from cvmfs_common.layout import RepositoryLayout
+from cvmfs_common.repo.paths import RepositoryLayout
 
 from .stack import Runtime, Stack
 

@@ -1,0 +1,1 @@
+"""File-system primitives: fd-relative tree walks and removal, renameat2, syncfs, atomic writes."""

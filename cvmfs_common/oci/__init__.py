@@ -1,0 +1,1 @@
+"""OCI value types: digests and chain ids, references, platforms, media types."""

@@ -1,0 +1,193 @@
+"""Registry credentials where container tools keep them.
+
+Looked up in this order, first match wins (as podman/skopeo, then Docker):
+1. ``--user USER[:PASSWORD]`` for the image's registry;
+2. an explicit file (``--credentials``), else ``$REGISTRY_AUTH_FILE``, else
+   ``${XDG_RUNTIME_DIR}/containers/auth.json``, then ``~/.config/containers/auth.json``;
+3. ``$DOCKER_CONFIG/config.json`` (default ``~/.docker/config.json``).
+
+Each file may hold ``auths`` (base64 ``auth`` or username/password), ``credHelpers``
+({registry: NAME}) and ``credsStore`` (NAME). A helper is the docker-credential-helpers
+protocol: ``docker-credential-NAME get`` with the server URL on stdin answers
+``{"ServerURL", "Username", "Secret"}`` on stdout. Per registry, as Docker does: its
+``credHelpers`` entry, else its ``auths`` entry, else the ``credsStore``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Mapping
+
+from cvmfs_common.oci.reference import Reference
+from cvmfs_common.registry.client import Credentials
+
+log = logging.getLogger(__name__)
+
+HELPER_TIMEOUT = 30.0
+# What Docker passes helpers for Docker Hub.
+DOCKER_HUB_SERVER_URL = "https://index.docker.io/v1/"
+
+
+class CredentialError(ValueError):
+    """A credentials file or helper that cannot be used; the message says which and why."""
+
+
+HelperRunner = Callable[[str, str], "tuple[str, str] | None"]
+
+
+def run_helper(name: str, server: str, timeout: float = HELPER_TIMEOUT) -> tuple[str, str] | None:
+    """`docker-credential-NAME get` for `server`: (username, secret), or None when it has none."""
+    prog = f"docker-credential-{name}"
+    try:
+        res = subprocess.run([prog, "get"], input=server, capture_output=True, text=True, timeout=timeout)
+    except FileNotFoundError:
+        raise CredentialError(f"credential helper {prog} not found on PATH") from None
+    except subprocess.TimeoutExpired:
+        raise CredentialError(f"credential helper {prog} did not answer within {timeout:.0f}s") from None
+    if res.returncode != 0:
+        # The protocol's "no credentials" answer; anything else is worth a warning.
+        if "credentials not found" not in (res.stdout + res.stderr).lower():
+            log.warning("%s get %s failed (%d): %s", prog, server, res.returncode,
+                        (res.stderr or res.stdout).strip()[:200])
+        return None
+    try:
+        data = json.loads(res.stdout)
+        user, secret = data["Username"], data["Secret"]
+    except (ValueError, KeyError, TypeError):
+        raise CredentialError(f"credential helper {prog} answered no JSON with Username and Secret") from None
+    if user == "<token>":  # an identity token needs an OAuth2 exchange we do not do
+        log.warning("%s gave an identity token for %s; not supported, trying anonymous", prog, server)
+        return None
+    return str(user), str(secret)
+
+
+def _host_key(key: str) -> str:
+    return Credentials._normalise_key(key)
+
+
+@dataclass(frozen=True)
+class AuthFile:
+    """One auth.json / config.json: static credentials plus helpers."""
+    path: Path
+    static: Credentials
+    helpers: Mapping[str, str]      # normalised registry → helper name
+    store: str | None               # credsStore
+
+    @classmethod
+    def load(cls, path: Path) -> "AuthFile":
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError) as e:
+            raise CredentialError(f"{path}: {e}") from None
+        if not isinstance(data, dict):
+            raise CredentialError(f"{path}: not a JSON object")
+        try:
+            static = Credentials.load(path)
+        except ValueError as e:
+            raise CredentialError(str(e)) from None
+        helpers = {_host_key(k): v for k, v in (data.get("credHelpers") or {}).items() if isinstance(v, str) and v}
+        store = data.get("credsStore") if isinstance(data.get("credsStore"), str) and data.get("credsStore") else None
+        return cls(path, static, helpers, store)
+
+
+def _server_url(ref: Reference) -> str:
+    return DOCKER_HUB_SERVER_URL if ref.is_docker_hub else ref.registry
+
+
+def _helper_keys(ref: Reference) -> list[str]:
+    if ref.is_docker_hub:
+        return [_host_key(k) for k in ("docker.io", "index.docker.io", DOCKER_HUB_SERVER_URL, "registry-1.docker.io")]
+    return [_host_key(ref.registry)]
+
+
+@dataclass(frozen=True)
+class CredentialChain(Credentials):
+    """Credentials for RegistryClient from the sources above; helper answers cached per server."""
+    user: tuple[str, str, str] | None = None        # (registry, user, password) from --user
+    files: tuple[AuthFile, ...] = ()
+    runner: HelperRunner = run_helper
+    _cache: dict = field(default_factory=dict, compare=False, repr=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, compare=False, repr=False)
+
+    def lookup(self, ref: Reference) -> tuple[str, str] | None:
+        if self.user is not None and _host_key(self.user[0]) in (_host_key(ref.registry), _host_key(ref.domain)):
+            return self.user[1], self.user[2]
+        for f in self.files:
+            found = self._from_file(f, ref)
+            if found is not None:
+                return found
+        return None
+
+    def _from_file(self, f: AuthFile, ref: Reference) -> tuple[str, str] | None:
+        helper = next((f.helpers[k] for k in _helper_keys(ref) if k in f.helpers), None)
+        if helper is not None:
+            return self._helper(helper, ref)
+        found = f.static.lookup(ref)
+        if found is not None:
+            return found
+        if f.store is not None:
+            return self._helper(f.store, ref)
+        return None
+
+    def _helper(self, name: str, ref: Reference) -> tuple[str, str] | None:
+        server = _server_url(ref)
+        with self._lock:
+            if (name, server) in self._cache:
+                return self._cache[(name, server)]
+        found = self.runner(name, server)
+        with self._lock:
+            self._cache[(name, server)] = found
+        return found
+
+
+def default_auth_files(env: Mapping[str, str] | None = None, home: Path | None = None) -> list[Path]:
+    """The files consulted when no file is given, in order (missing ones included)."""
+    env = os.environ if env is None else env
+    home = home if home is not None else Path(env.get("HOME") or Path.home())
+    files: list[Path] = []
+    if env.get("REGISTRY_AUTH_FILE"):
+        files.append(Path(env["REGISTRY_AUTH_FILE"]))
+    else:
+        if env.get("XDG_RUNTIME_DIR"):
+            files.append(Path(env["XDG_RUNTIME_DIR"]) / "containers" / "auth.json")
+        files.append(home / ".config" / "containers" / "auth.json")
+    docker_dir = Path(env["DOCKER_CONFIG"]) if env.get("DOCKER_CONFIG") else home / ".docker"
+    files.append(docker_dir / "config.json")
+    return files
+
+
+def parse_user(text: str, registry: str, ask_password: Callable[[], str] | None = None) -> tuple[str, str, str]:
+    """`USER[:PASSWORD]` (as ctr --user) for `registry`; without a password, ask for one."""
+    user, sep, password = text.partition(":")
+    if not user:
+        raise CredentialError("--user needs a user name (USER[:PASSWORD])")
+    if not sep:
+        if ask_password is None:
+            raise CredentialError("--user without a password and no terminal to ask on")
+        password = ask_password()
+    return registry, user, password
+
+
+def load_credentials(*, explicit_file: str | os.PathLike[str] | None = None, user: tuple[str, str, str] | None = None,
+                     env: Mapping[str, str] | None = None, home: Path | None = None,
+                     runner: HelperRunner = run_helper) -> CredentialChain:
+    """The chain for a pull. An explicit file must exist; default files may be missing."""
+    files: list[AuthFile] = []
+    if explicit_file is not None:
+        files.append(AuthFile.load(Path(explicit_file)))
+        paths = [p for p in default_auth_files(env, home) if p.name == "config.json"]
+    else:
+        paths = default_auth_files(env, home)
+        env_file = (os.environ if env is None else env).get("REGISTRY_AUTH_FILE")
+        if env_file and not Path(env_file).exists():
+            raise CredentialError(f"REGISTRY_AUTH_FILE={env_file} does not exist")
+    for p in paths:
+        if p.is_file():
+            files.append(AuthFile.load(p))
+    return CredentialChain(user=user, files=tuple(files), runner=runner)

@@ -1,0 +1,1 @@
+"""The unpacked repository's scheme: paths, layers.json/origin.json metadata, read-only lookups."""

@@ -1,0 +1,1 @@
+"""How the repository is written: the local backend and CernVM-FS transactions (catalog markers)."""

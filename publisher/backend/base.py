@@ -1,0 +1,83 @@
+"""Where the repository lives and how a unit of work reaches it (DESIGN §5).
+
+    backend = make_backend("cvmfs", root)      # or "local" (publisher/cli.py)
+    with exclusive(lock):
+        backend.start(layout)                   # recover from a crash, clean .tmp/
+        with backend.unit("image registry/repo:tag"):
+            ... write the repository ...         # layers, chains, flat, links, metadata
+            backend.after_image(layout, record, placement)
+        # only now record in the state: the unit is published
+
+* ``local`` -- a plain directory. ``unit()`` does nothing (every step is already
+  an atomic rename), whiteouts are converted to overlay form.
+* ``cvmfs`` -- :class:`publisher.backend.cvmfs.CvmfsBackend`: every unit inside
+  ``cvmfs_server transaction`` ... ``publish`` (``abort -f`` on failure), raw
+  whiteouts, ``.cvmfscatalog`` markers.
+
+On both, ``.flat/<xx>/<config>`` is a directory (publisher/write/flat.py): a hard-link copy
+of the top chain, or what ``clone_tree`` makes (cvmfs: a template transaction).
+
+A unit of work is one image publish (convert) or one gc run. Units never nest.
+Everything that writes the repository must happen inside a unit; reading it is
+allowed at any time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from cvmfs_common.repo.paths import RepositoryLayout
+
+from publisher.unpack.whiteouts import WhiteoutMode
+
+if TYPE_CHECKING:  # pragma: no cover
+    from publisher.write.image import Placement
+    from publisher.core.state import ImageRecord
+
+log = logging.getLogger(__name__)
+
+BACKENDS = ("local", "cvmfs")
+
+
+class BackendError(RuntimeError):
+    """The backend refused or failed a step (e.g. ``cvmfs_server publish`` failed)."""
+
+
+class Backend:
+    """The local backend; the base of the others."""
+
+    name = "local"
+    whiteouts = WhiteoutMode.OVERLAY  # how layer dirs store deletions (DESIGN §2a)
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(os.path.abspath(root))
+
+    def start(self, layout: RepositoryLayout) -> int:
+        """At start, under the publisher lock: make the repository usable after a
+        crash. Returns the number of leftover work entries removed from ``.tmp/``."""
+        return layout.clean_tmp()
+
+    @contextlib.contextmanager
+    def unit(self, what: str) -> Iterator[None]:
+        """One unit of work (one image publish, one gc run)."""
+        yield
+
+    def after_image(self, layout: RepositoryLayout, record: "ImageRecord", placement: "Placement") -> None:
+        """Inside the unit, after an image's files are in place (cvmfs: catalog markers)."""
+
+    def clone_tree(self, src: Path, dst: Path) -> bool:
+        """Inside the unit: make ``dst`` a clone of the published tree ``src`` by the
+        backend's own means (cvmfs: a template transaction); False when it has none, and
+        the caller copies. The local backend has none."""
+        return False
+
+    def describe(self) -> str:
+        return f"{self.name} backend at {self.root}"
+
+
+__all__ = ["BACKENDS", "Backend", "BackendError"]

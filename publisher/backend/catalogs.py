@@ -1,0 +1,85 @@
+"""``.cvmfscatalog`` markers: where CVMFS cuts the repository into nested catalogs (DESIGN §2).
+
+An empty file named ``.cvmfscatalog`` in a directory makes ``cvmfs_server publish``
+start a nested catalog there, so a client walking one image never loads the
+catalog of the whole repository. The cvmfs backend puts one in::
+
+    .layers  .layers/<xx>  .layers/<xx>/<hex>        every layer dir
+    .chains  .chains/<xx>  .chains/<xx>/<hex>        every chain dir (its root fs)
+    .flat    .flat/<xx>    .flat/<xx>/<hex>          every flat dir (a real directory on CVMFS)
+    podmanStore                                      and .multiarch/.podman/<p>
+
+A chain or flat dir IS an image's root file system, so ``/.cvmfscatalog`` shows
+up in containers started from it -- as it does in DUCC's repositories. Layer dirs
+keep it next to ``layerfs/``, not inside.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from collections.abc import Iterable
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from cvmfs_common.repo.paths import RepositoryLayout
+
+if TYPE_CHECKING:  # pragma: no cover
+    from publisher.core.state import ImageRecord
+
+CATALOG_MARKER = ".cvmfscatalog"
+
+
+def _is_real_dir(path: Path) -> bool:
+    try:
+        return stat.S_ISDIR(os.lstat(path).st_mode)
+    except (FileNotFoundError, NotADirectoryError):
+        return False
+
+
+def catalog_dirs(layout: RepositoryLayout, record: "ImageRecord", podman_stores: Iterable[Path] = ()) -> list[Path]:
+    """The directories that must carry a marker for one published image."""
+    dirs: list[Path] = [layout.layers_dir, layout.chains_dir, layout.flat_root]
+    for layer in record.layers:
+        d = layout.layer_dir(layer.digest)
+        dirs += [d.parent, d]
+        c = layout.chain_dir(layer.chain_id)
+        dirs += [c.parent, c]
+    flat = layout.flat_dir(record.config_digest)
+    dirs += [flat.parent, flat]
+    dirs += list(podman_stores)
+    return list(dict.fromkeys(dirs))
+
+
+def ensure_markers(dirs: Iterable[Path]) -> list[Path]:
+    """Create the missing markers in those of ``dirs`` that are real directories
+    (a ``.flat`` symlink is skipped), replacing hard-linked ones; returns the markers made."""
+    made: list[Path] = []
+    for d in dirs:
+        if not _is_real_dir(d):
+            continue
+        marker = d / CATALOG_MARKER
+        try:
+            st = os.lstat(marker)
+        except FileNotFoundError:
+            pass
+        else:
+            if stat.S_ISREG(st.st_mode) and st.st_nlink == 1:
+                continue
+            # A chain or flat copy hard-links its parent's marker: give each catalog its
+            # own (CVMFS refuses non-regular markers and mishandled hard-linked ones).
+            os.unlink(marker)
+        fd = os.open(marker, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+        try:
+            os.fchmod(fd, 0o644)  # whatever the umask: every node reads the repository
+        finally:
+            os.close(fd)
+        made.append(marker)
+    return made
+
+
+def is_marker(name: str) -> bool:
+    return name == CATALOG_MARKER
+
+
+__all__ = ["CATALOG_MARKER", "catalog_dirs", "ensure_markers", "is_marker"]

@@ -1,0 +1,261 @@
+"""The cvmfs backend: every unit of work in one ``cvmfs_server`` transaction (DESIGN §5).
+
+    cvmfs_server transaction REPO      (the repository becomes writable)
+      ... one image: layers, chains, .flat copy, link, podman entry, .metadata,
+          .cvmfscatalog markers; work dirs under /cvmfs/REPO/.tmp/, removed again ...
+    cvmfs_server publish REPO          (a new revision, visible to every client)
+  or, when anything failed:
+    cvmfs_server abort -f REPO         (everything of the unit is discarded; -f: no prompt)
+
+At start (under the publisher lock) a transaction a crashed run left open is
+found with ``cvmfs_server list`` (``NAME (stratum0 / ... - in transaction)``) and
+aborted; a ``transaction`` refused with "already in a transaction" is aborted and
+retried once as well. Before every transaction, publish and abort the process
+leaves ``/cvmfs/REPO`` if its working directory is there, and it keeps no file
+open under it (``cvmfs_server`` refuses to publish or abort while one is).
+
+Work dirs (``.tmp/``) live inside the repository, in the transaction, so that a
+finished layer or chain is renamed into place on the same file system; the whole
+``.tmp/`` is removed before ``publish``, so it is never published. Whiteouts stay
+raw (``.wh.*`` files: DESIGN §2a); chains apply them. ``.flat/<xx>/<config>`` is a
+directory cloned from the top chain by a template transaction: the unit publishes its
+layers and chains, then continues as ``cvmfs_server transaction -T chain=flat`` and adds
+``.singularity.d`` to the clone (docs/cvmfs-backend.md has the figures against the
+hard-link copy of publisher/write/flat.py it falls back to).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from cvmfs_common.repo.paths import RepositoryLayout, remove_tree
+
+from publisher.backend.base import Backend, BackendError
+from publisher.backend.catalogs import catalog_dirs, ensure_markers
+from publisher.unpack.whiteouts import WhiteoutMode
+
+if TYPE_CHECKING:  # pragma: no cover
+    from publisher.write.image import Placement
+    from publisher.core.state import ImageRecord
+
+log = logging.getLogger(__name__)
+
+ALREADY_IN_TRANSACTION = "already in a transaction"
+IN_TRANSACTION = "in transaction"
+_OUTPUT_TAIL = 2000
+# cvmfs_server >= 2.8 tells the kind of failure by exit code (CVM-1873); EEXIST: in a transaction
+_EEXIST = 17
+
+
+def _under(path: str, root: str) -> bool:
+    return path == root or path.startswith(root.rstrip("/") + "/")
+
+
+def open_paths_under(root: Path, pid: str = "self") -> list[str]:
+    """Paths this process (or ``pid``) has open under ``root``, cwd included."""
+    found: list[str] = []
+    base = f"/proc/{pid}"
+    try:
+        cwd = os.readlink(f"{base}/cwd")
+        if _under(cwd, str(root)):
+            found.append(f"cwd {cwd}")
+    except OSError:
+        pass
+    try:
+        fds = os.listdir(f"{base}/fd")
+    except OSError:
+        return found
+    for fd in fds:
+        try:
+            target = os.readlink(f"{base}/fd/{fd}")
+        except OSError:
+            continue
+        if _under(target, str(root)):
+            found.append(f"fd {fd} {target}")
+    return found
+
+
+class CvmfsBackend(Backend):
+    name = "cvmfs"
+    whiteouts = WhiteoutMode.RAW
+    flat_template = True  # .flat by `transaction -T` (faster than a hard-link copy, measured)
+
+    def __init__(self, root: Path, repository: str, command: str = "cvmfs_server") -> None:
+        super().__init__(root)
+        self.repository = repository
+        self.command = command
+        self._open: str | None = None  # what the open unit is for
+
+    def describe(self) -> str:
+        return f"cvmfs backend: repository {self.repository} at {self.root} ({self.command})"
+
+    # -- cvmfs_server ------------------------------------------------------------------
+    def _leave_repository(self) -> None:
+        """cvmfs_server refuses publish/abort while a process works in /cvmfs/REPO."""
+        try:
+            cwd = os.getcwd()
+        except FileNotFoundError:  # removed under us (e.g. by an abort): anywhere else is fine
+            cwd = ""
+        roots = {str(self.root), os.path.realpath(self.root)}
+        if not cwd or any(_under(c, r) for c in (cwd, os.path.realpath(cwd)) for r in roots):
+            log.info("leaving %s (working directory) for /", cwd or "a removed directory")
+            os.chdir("/")
+
+    def _run(self, *args: str) -> subprocess.CompletedProcess:
+        argv = [self.command, *args]
+        log.debug("running %s", " ".join(argv))
+        try:
+            # stdin closed: a command that would prompt fails instead of hanging;
+            # cwd /: the child must not pin the repository either.
+            return subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                  cwd="/", text=True, errors="replace", check=False)
+        except OSError as e:
+            raise BackendError(f"cannot run {self.command}: {e}") from e
+
+    def _call(self, *args: str) -> str:
+        r = self._run(*args)
+        if r.returncode != 0:
+            raise BackendError(f"{self.command} {' '.join(args)} failed (exit {r.returncode}): "
+                               f"{r.stdout.strip()[-_OUTPUT_TAIL:]}")
+        if r.stdout.strip():
+            log.debug("%s %s: %s", self.command, " ".join(args), r.stdout.strip()[-_OUTPUT_TAIL:])
+        return r.stdout
+
+    def in_transaction(self) -> bool | None:
+        """From ``cvmfs_server list``; None when the answer does not name the repository."""
+        r = self._run("list")
+        if r.returncode != 0:
+            log.warning("%s list failed (exit %d): %s", self.command, r.returncode, r.stdout.strip()[-_OUTPUT_TAIL:])
+            return None
+        for line in r.stdout.splitlines():
+            name, _, rest = line.strip().partition(" ")
+            if name == self.repository:
+                return IN_TRANSACTION in rest
+        log.warning("%s list does not list repository %s", self.command, self.repository)
+        return None
+
+    def _transaction(self, template: tuple[str, str] | None = None) -> None:
+        """``transaction REPO``, or with ``template`` = (src, dst) ``transaction -T src=dst REPO``."""
+        self._leave_repository()
+        args = ["transaction", *(["-T", "=".join(template)] if template else []), self.repository]
+        r = self._run(*args)
+        if r.returncode != 0 and (ALREADY_IN_TRANSACTION in r.stdout or r.returncode == _EEXIST):
+            # We hold the publisher lock: an open transaction is a leftover (ours, crashed).
+            log.warning("repository %s is already in a transaction; aborting it (left by a crash?)", self.repository)
+            self._abort()
+            r = self._run(*args)
+        if r.returncode != 0:
+            raise BackendError(f"{self.command} {' '.join(args)} failed (exit {r.returncode}): "
+                               f"{r.stdout.strip()[-_OUTPUT_TAIL:]}")
+
+    def _publish(self) -> None:
+        self._leave_repository()
+        try:
+            self._call("publish", self.repository)
+        except BackendError as e:
+            held = open_paths_under(self.root)
+            if held:
+                e.add_note("this process holds under the repository: " + ", ".join(held[:10]))
+            raise
+
+    def _abort(self) -> None:
+        self._leave_repository()
+        self._call("abort", "-f", self.repository)
+
+    # -- the backend ------------------------------------------------------------------------
+    def start(self, layout: RepositoryLayout) -> int:
+        self._leave_repository()
+        if self.in_transaction():
+            log.warning("repository %s was left in a transaction (a crashed run?): aborting it", self.repository)
+            self._abort()
+        # .tmp/ is removed before every publish; one that is there was published by
+        # someone else (or an older version): remove it in a transaction of its own.
+        try:
+            removed = len(os.listdir(layout.tmp_dir))
+        except FileNotFoundError:
+            return 0
+        except NotADirectoryError:
+            removed = 1
+        with self.unit("removing .tmp/"):
+            pass  # unit() removes .tmp/ before publishing
+        return removed
+
+    @contextlib.contextmanager
+    def unit(self, what: str) -> Iterator[None]:
+        if self._open is not None:
+            raise BackendError(f"cannot start {what!r}: the unit {self._open!r} is still open (units never nest)")
+        self._transaction()
+        self._open = what
+        log.debug("transaction open for %s", what)
+        try:
+            try:
+                yield
+                self._discard_tmp()
+            except BaseException as e:
+                log.info("aborting the transaction for %s: %s", what, e)
+                try:
+                    self._abort()
+                except BackendError as ae:  # the next transaction finds it open and aborts again
+                    log.error("%s", ae)
+                    e.add_note(str(ae))
+                raise
+            try:
+                self._publish()
+            except BaseException:
+                with contextlib.suppress(BackendError):
+                    self._abort()
+                raise
+            log.info("published %s for %s", self.repository, what)
+        finally:
+            self._open = None
+
+    def _discard_tmp(self) -> None:
+        tmp = self.root / ".tmp"
+        if os.path.lexists(tmp):
+            remove_tree(tmp)
+
+    def after_image(self, layout: RepositoryLayout, record: "ImageRecord", placement: "Placement") -> None:
+        made = ensure_markers(catalog_dirs(layout, record, [placement.layout.podman_store]))
+        if made:
+            log.debug("catalog markers: %s", ", ".join(str(m.relative_to(self.root)) for m in made))
+
+    def clone_tree(self, top_chain: Path, flat: Path) -> bool:
+        """``flat`` = a clone of ``top_chain`` by a template transaction, when one is open
+        and ``flat`` does not exist yet. Publish what the unit wrote so far (layers and
+        chains: content-addressed, no name points at them yet), then reopen it as ``transaction -T chain=flat``: CernVM-FS
+        clones the chain at catalog level, no file is copied up or hashed again. The
+        source and the destination's parent must be published. False: the template
+        transaction was refused, an ordinary one is open again (copy with hard links)."""
+        if not self.flat_template or self._open is None or os.path.lexists(flat):
+            return False
+        src = "/" + str(top_chain.relative_to(self.root))
+        dst = "/" + str(flat.relative_to(self.root))
+        flat.parent.mkdir(parents=True, exist_ok=True)
+        ensure_markers([top_chain])  # the clone is a nested catalog as well
+        self._discard_tmp()
+        self._publish()
+        try:
+            self._transaction(template=(src, dst))
+        except BackendError as e:
+            log.warning("%s; copying %s with hard links instead", e, dst)
+            # CernVM-FS 2.12 crashes (assertion in CloneTreeImpl) cloning a tree with
+            # extended attributes and leaves REPO "in a transaction but not mounted
+            # read/write"; abort -f repairs that (nothing of ours is in it).
+            if self.in_transaction() is not False:
+                try:
+                    self._abort()
+                except BackendError as ae:
+                    log.error("%s", ae)
+            self._transaction()
+            return False
+        log.debug("cloned %s to %s (template transaction)", src, dst)
+        return True
+
+
+__all__ = ["CvmfsBackend", "open_paths_under"]

@@ -1,0 +1,1 @@
+"""What every publisher stage shares: the state database, typed outcomes and progress, the run locks."""

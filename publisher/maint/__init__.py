@@ -1,0 +1,1 @@
+"""Repository upkeep: garbage collection, the consistency check, the state rebuild."""

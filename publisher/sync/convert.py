@@ -1,0 +1,361 @@
+"""``convert``: keep a repository in sync with wishlist entries.
+
+    expand tag globs (tag lists)  ->  HEAD every tag (in parallel)
+      -> unchanged (state knows that digest, and its manifest.json is there): nothing
+      -> otherwise resolve, fetch config, publish (image.py), record in the state
+
+A re-sync with nothing changed costs one HEAD per tag: no manifest GET, no blob
+GET, no write to the repository. Every tag and platform is one item; a failing
+item is recorded and reported, never stops the others.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from cvmfs_common.repo.paths import RepositoryLayout, multiarch_aliases
+from cvmfs_common.oci.reference import InvalidReference, Reference
+from cvmfs_common.registry.client import NotFound, Platform, PlatformNotInIndex, RegistryClient, ResolvedImage
+
+from publisher.backend.base import Backend
+from publisher.write.flat import is_complete
+from publisher.write.image import ImagePublisher, Placement, multiarch_name_for
+from publisher.unpack.ingest import LayerIngester
+from publisher.core.outcome import FailureKind, Outcome, failure_kind_of
+from publisher.core.progress import ItemResult, Progress, Summary
+from publisher.core.runlock import exclusive, exclusive_repository, lock_path_for
+from publisher.core.state import State, TagKey
+from publisher.unpack.whiteouts import WhiteoutMode
+from publisher.sync.wishlist import WishlistEntry
+
+if TYPE_CHECKING:  # pragma: no cover
+    from publisher.sync.thin import ThinSettings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ConvertOptions:
+    jobs: int = 4
+    podman_store: bool = True
+    whiteouts: WhiteoutMode = WhiteoutMode.OVERLAY  # the local backend converts whiteouts (DESIGN §2a)
+
+
+@dataclass(frozen=True)
+class Target:
+    """One concrete tag (or digest) for one platform."""
+
+    reference: Reference
+    platform: Platform
+    default: bool
+    entry_id: int | None
+    entry_key: tuple | None = None  # the WishlistEntry.key it came from (thin images)
+
+    @property
+    def key(self) -> TagKey:
+        registry, repository, tag = self.reference.link_components
+        return TagKey(registry, repository, tag, str(self.platform))
+
+    @property
+    def name(self) -> str:
+        return f"{self.reference.spelling} ({self.platform})"
+
+
+def _ref_key(ref: Reference) -> tuple:
+    return (ref.registry, ref.repository, ref.tag, ref.digest)
+
+
+@dataclass
+class Converter:
+    layout: RepositoryLayout
+    state: State
+    client: RegistryClient
+    options: ConvertOptions = field(default_factory=ConvertOptions)
+    progress: Progress = field(default_factory=lambda: Progress(live=False))
+    backend: Backend | None = None  # None: the local backend
+    # called with every item's result once its unit is published (thin images); may replace it
+    post_item: Callable[[Target, ItemResult], ItemResult] | None = None
+
+    def __post_init__(self) -> None:
+        if self.backend is None:
+            self.backend = Backend(self.layout.root)
+        podman = None
+        if self.options.podman_store:
+            try:
+                from publisher.write.podman_store import PodmanStore
+            except ImportError as e:  # a partial install: publish everything else
+                log.warning("podman store disabled: %s", e)
+            else:
+                podman = PodmanStore
+        self.ingester = LayerIngester(self.layout, self.client, whiteouts=self.options.whiteouts,
+                                      on_bytes=self.progress.add_bytes)
+        self.publisher = ImagePublisher(self.layout, self.ingester, jobs=self.options.jobs, podman_store=podman,
+                                        clone_tree=self.backend.clone_tree)
+
+    # -- the run ---------------------------------------------------------------------------
+    def run(self, entries: Sequence[WishlistEntry], default_platform: Platform, command: str = "convert") -> Summary:
+        summary = Summary()
+        run_id = self.state.begin_run(command)
+        try:
+            targets = self._expand(entries, default_platform, summary)
+            heads = self._heads(targets)
+            for i, target in enumerate(targets, 1):
+                self.progress.start_item(f"{i}/{len(targets)}", target.name)
+                result = self._one(target, heads[_ref_key(target.reference)])
+                if self.post_item is not None:
+                    result = self.post_item(target, result)
+                self.progress.clear()
+                summary.add(result)
+                level = logging.ERROR if result.outcome == Outcome.FAILED else logging.INFO
+                log.log(level, "[%d/%d] %s: %s%s", i, len(targets), result.name, result.outcome,
+                        f" ({result.detail})" if result.detail else "")
+        finally:
+            self.progress.clear()
+            self.state.finish_run(run_id, summary.run_counts())
+        return summary
+
+    def _pool(self, n: int) -> ThreadPoolExecutor:
+        return ThreadPoolExecutor(max_workers=max(1, min(self.options.jobs, n)), thread_name_prefix="registry")
+
+    def _expand(self, entries: Sequence[WishlistEntry], default: Platform, summary: Summary) -> list[Target]:
+        """Entries -> concrete targets (globs via the tag list), deduplicated."""
+        expanded: dict[int, list[Reference] | Exception] = {}
+        globs = [(i, e) for i, e in enumerate(entries) if e.reference.is_glob]
+        if globs:
+            with self._pool(len(globs)) as pool:
+                futures = {i: pool.submit(self._glob_tags, e) for i, e in globs}
+            for i, fut in futures.items():
+                try:
+                    expanded[i] = fut.result()
+                except Exception as e:  # noqa: BLE001 - reported per entry
+                    expanded[i] = e
+        targets: dict[tuple, Target] = {}
+        for i, entry in enumerate(entries):
+            refs = expanded.get(i, [entry.reference])
+            for plat in entry.platforms:
+                entry_id = self.state.upsert_entry(entry.reference.spelling, str(plat), entry.source)
+                name = f"{entry.reference.spelling} ({plat})"
+                if isinstance(refs, Exception):
+                    summary.add(ItemResult(name, Outcome.FAILED, f"listing tags: {refs}", failure=FailureKind.REGISTRY))
+                    log.error("%s: listing tags failed: %s", name, refs)
+                    continue
+                if not refs:
+                    summary.add(ItemResult(name, Outcome.SKIPPED, "no tag matches"))
+                    log.warning("%s (%s): no tag matches", name, entry.source)
+                    continue
+                for ref in refs:
+                    key = _ref_key(ref) + (str(plat),)
+                    if key not in targets:
+                        targets[key] = Target(ref, plat, plat == default, entry_id, entry.key)
+        return list(targets.values())
+
+    def _glob_tags(self, entry: WishlistEntry) -> list[Reference]:
+        """The tags a glob entry matches; a tag the registry lists that is not a valid tag
+        is skipped with a warning (it cannot be pulled or linked), not the whole entry."""
+        refs = []
+        for tag in self.client.match_tags(entry.reference):
+            try:
+                refs.append(entry.reference.with_tag(tag))
+            except InvalidReference as e:
+                log.warning("%s (%s): skipping %r from the registry's tag list: %s", entry.reference.spelling,
+                            entry.source, tag[:200], e)
+        return refs
+
+    def _heads(self, targets: Sequence[Target]) -> dict[tuple, str | Exception]:
+        """What every tag points at now: one HEAD per tag (none for pinned digests)."""
+        refs = {_ref_key(t.reference): t.reference for t in targets}
+        out: dict[tuple, str | Exception] = {}
+        todo = {k: r for k, r in refs.items() if r.digest is None}
+        for k, r in refs.items():
+            if r.digest is not None:
+                out[k] = r.digest
+        if todo:
+            with self._pool(len(todo)) as pool:
+                futures = {k: pool.submit(self.client.head_manifest, r) for k, r in todo.items()}
+            for k, fut in futures.items():
+                try:
+                    digest = fut.result()
+                    out[k] = digest if digest is not None else NotFound(todo[k], "tag not found (HEAD 404)")
+                except Exception as e:  # noqa: BLE001 - reported per item
+                    out[k] = e
+        return out
+
+    # -- one item --------------------------------------------------------------------------
+    def _placement(self, target: Target) -> Placement:
+        if target.default:
+            return Placement(self.layout, "")
+        p = target.platform
+        return Placement(self.layout.for_platform(p.os, p.architecture, p.variant), p.dir_name)
+
+    def _one(self, target: Target, head: str | Exception) -> ItemResult:
+        started = time.monotonic()
+        key = target.key
+        placement = self._placement(target)
+        try:
+            # Names the file system cannot hold fail here, before anything is fetched or written.
+            placement.layout.image_metadata_dir(key.registry, key.repository, key.tag)
+            if isinstance(head, Exception):
+                raise head
+            known = self.state.tag(key)
+            damage = None
+            if known is not None and known.absent_digest == head:
+                self.state.touch_tag(key, placement.platform_dir, target.entry_id)
+                return ItemResult(target.name, Outcome.SKIPPED, f"no image for {target.platform}; unchanged")
+            if (known is not None and known.published and known.top_digest == head
+                    and known.platform_dir == placement.platform_dir
+                    and placement.layout.manifest_json(key.registry, key.repository, key.tag).is_file()
+                    and self._names_current(target, placement, known.config_digest)
+                    and self._podman_current(placement, known.manifest_digest)):
+                damage = self._damage(known.manifest_digest)
+                if damage is None:
+                    self.state.touch_tag(key, placement.platform_dir, target.entry_id)
+                    return ItemResult(target.name, Outcome.UNCHANGED, seconds=time.monotonic() - started)
+                log.warning("%s: %s; publishing it again", target.name, damage)
+            image = self._resolve(target, head)
+            if image is None:
+                self.state.record_absent(key, placement.platform_dir, target.entry_id, head)
+                return ItemResult(target.name, Outcome.SKIPPED, f"no image for {target.platform}")
+            config_bytes, config = self.client.fetch_config(image)
+            if image.platform is None and not _config_matches(config, target.platform):
+                found = f"{config.get('os')}/{config.get('architecture')}"
+                if not target.default:
+                    self.state.record_absent(key, placement.platform_dir, target.entry_id, head)
+                    return ItemResult(target.name, Outcome.SKIPPED, f"single-platform image is {found}")
+                log.warning("%s: the image is %s, not %s; publishing it for the default platform",
+                            target.name, found, target.platform)
+            assert self.backend is not None
+            # One unit of work (cvmfs: one transaction); recorded only once it is published.
+            with self.backend.unit(target.name):
+                published = self.publisher.publish(target.reference, image, config_bytes, config, placement,
+                                                   str(target.platform))
+                self.backend.after_image(self.layout, published.record, placement)
+            self.state.record_published(key, placement.platform_dir, target.entry_id, head, published.record)
+        except Exception as e:  # noqa: BLE001 - one failing image never stops the others
+            log.debug("%s failed", target.name, exc_info=True)
+            try:
+                self.state.record_failure(key, placement.platform_dir, target.entry_id, str(e))
+            except Exception:  # noqa: BLE001 - the report matters more
+                log.exception("recording the failure of %s", target.name)
+            return ItemResult(target.name, Outcome.FAILED, f"{type(e).__name__}: {e}", seconds=time.monotonic() - started,
+                              failure=failure_kind_of(e))
+        if known is None or known.manifest_digest is None:
+            outcome = Outcome.NEW
+        elif known.manifest_digest != image.manifest_digest or damage is not None:
+            outcome = Outcome.UPDATED  # or repaired: its content was incomplete
+        else:
+            outcome = Outcome.UNCHANGED  # e.g. an index changed but not this platform's image
+        n = len(image.layers)
+        detail = f"{image.manifest_digest[:19]}, {n} layer{'' if n == 1 else 's'}" + (
+            f"; repaired: {damage}" if damage is not None else "")
+        return ItemResult(target.name, outcome, detail, published.layers_fetched,
+                          published.bytes_fetched + len(config_bytes), time.monotonic() - started)
+
+    def _damage(self, manifest_digest: str | None) -> str | None:
+        """What of a published image's content is not there (a layer dir without
+        layerfs/ or layers.json, a chain dir gone), or None: a few stats per image."""
+        for layer in self.state.image_layers(manifest_digest or ""):
+            for what, path in ((f"layer {layer.digest}", self.layout.layerfs(layer.digest)),
+                               (f"chain {layer.chain_id}", self.layout.chain_dir(layer.chain_id))):
+                if not path.is_dir():
+                    return f"{what}: {os.path.relpath(path, self.layout.root)} is missing"
+            if not self.layout.layers_json(layer.digest).is_file():
+                return f"layer {layer.digest}: its layers.json is missing"
+        return None
+
+    def _names_current(self, target: Target, placement: Placement, config_digest: str | None) -> bool:
+        """Does the repository have what this version writes for a published tag (a flat
+        DIRECTORY with .singularity.d, the .multiarch link)? A repository an older version
+        wrote lacks them: the tag is published again (no blob is fetched, the layers are
+        there), which upgrades it in place."""
+        if config_digest is None or not is_complete(self.layout.flat_dir(config_digest)):
+            return False
+        name = multiarch_name_for(str(target.platform))
+        if name is None:
+            return True
+        # (an alias another tool made a real directory is left alone, here as when publishing)
+        if any(not os.path.lexists(self.layout.multiarch_dir / a) for a in multiarch_aliases(name)):
+            return False
+        if placement.is_default:
+            registry, repository, tag = target.reference.link_components
+            return os.path.islink(self.layout.multiarch_link(name, registry, repository, tag))
+        return True
+
+    def _podman_current(self, placement: Placement, manifest_digest: str | None) -> bool:
+        """An image whose layer dirs are no sound overlay lowers has its top chain as its
+        podman layer (podman_format); an older version stacked the layer dirs, which on a
+        real CernVM-FS show deleted files. Such a tag is published again (one stat here)."""
+        if not self.options.podman_store:
+            return True
+        from publisher.write import podman_format as fmt
+
+        layers = self.state.image_layers(manifest_digest or "")
+        chains = [l.chain_id for l in layers]
+        if not layers or fmt.per_layer_stack([l.whiteouts for l in layers], [l.parent_chain for l in layers], chains):
+            return True
+        return (placement.layout.podman_store / fmt.DRIVER_DIR / fmt.chain_layer_id(chains[-1])).is_dir()
+
+    def _resolve(self, target: Target, head: str) -> ResolvedImage | None:
+        """The image for the platform, read by the digest the HEAD returned (so a tag
+        moving meanwhile cannot mix two images); None when an index lacks a
+        non-default platform."""
+        try:
+            return self.client.resolve(target.reference.with_digest(head), target.platform)
+        except PlatformNotInIndex:
+            if not target.default:
+                return None
+            raise
+
+
+def _config_matches(config: dict, platform: Platform) -> bool:
+    os_name, arch = config.get("os"), config.get("architecture")
+    if not os_name or not arch:
+        return True  # nothing to contradict
+    return platform.matches(Platform(str(os_name), str(arch), config.get("variant") or None))
+
+
+# -- entry point used by the CLI ----------------------------------------------------------
+def default_state_db(root: Path) -> Path:
+    """``/var/lib/cvmfs-publisher/<repository name>/state.db``: outside the repository
+    (CVMFS would publish it) and on local disk."""
+    return Path("/var/lib/cvmfs-publisher") / (Path(os.path.abspath(root)).name or "root") / "state.db"
+
+
+def convert(entries: Sequence[WishlistEntry], default_platform: Platform | None, *, root: Path, state_db: Path,
+            client: RegistryClient, options: ConvertOptions, progress: Progress, command: str,
+            backend: Backend | None = None, thin: "ThinSettings | None" = None) -> Summary:
+    """Lock, recover (backend: clean ``.tmp/``, abort a transaction a crash left open),
+    run, and return the summary.
+
+    ``default_platform`` None: the one the repository already has (else the host's);
+    entries without platforms get the default one. ``thin``: push thin images
+    (publisher/sync/thin.py) for the default platform's images."""
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    layout = RepositoryLayout(root)
+    backend = backend or Backend(root)
+    options = replace(options, whiteouts=backend.whiteouts)
+    with exclusive(lock_path_for(state_db)), exclusive_repository(root):
+        removed = backend.start(layout)
+        if removed:
+            log.info("removed %d unfinished work dirs from %s (an earlier run was interrupted)", removed,
+                     layout.tmp_dir)
+        with State.open(state_db, root) as state:
+            if default_platform is None:
+                recorded = state.default_platform(None)
+                default_platform = Platform.parse(recorded) if recorded else Platform.host()
+            state.default_platform(str(default_platform))
+            entries = [e if e.platforms else replace(e, platforms=(default_platform,)) for e in entries]
+            post_item = None
+            if thin is not None:
+                from publisher.sync.thin import ThinPublisher
+
+                post_item = ThinPublisher(thin, state, layout, client.insecure_registries).after_item
+            return Converter(layout, state, client, options, progress, backend, post_item).run(
+                entries, default_platform, command)

@@ -1,0 +1,297 @@
+"""``.chains/<xx>/<chainid-hex>``: the full root fs of a layer stack (DESIGN §2).
+
+Chain N is built from chain N-1 and layer N's dir in one merged walk, as overlayfs
+would show them: directories are created fresh (with the attributes of the
+topmost copy), every other entry is a HARD LINK to the inode of the copy that
+wins. Nothing linked is ever modified: an entry a layer changes (content, mode,
+owner or xattrs alike) is a different inode in the layer dir, so the chain gets a
+link to that one instead -- a shared inode is never edited. Deletions (overlay
+char-device 0:0 whiteouts, ``trusted.overlay.opaque``, or raw ``.wh.`` files, so
+DUCC-written and cvmfs-backend layers work too) are applied by not linking.
+When an inode has too many links (EMLINK, 65 000 on ext4) the entry is copied.
+
+Built under ``.tmp/`` and renamed into place (never replacing): a chain dir that
+exists is complete.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from cvmfs_common.oci.digest import Digest, parse_digest
+from cvmfs_common.fsutil.fdtree import DirCursor, proc_path
+from cvmfs_common.repo.paths import RepositoryLayout, find_chain, publish_dir, remove_tree, syncfs
+
+from publisher.unpack.lowers import read_xattrs
+from publisher.unpack.whiteouts import OPAQUE_XATTR, NameKind, classify, is_whiteout_device, whited_out_name
+
+_COPY_CHUNK = 1 << 20
+
+LinkFn = Callable[..., None]
+
+
+@dataclass
+class ChainStats:
+    dirs: int = 0
+    linked: int = 0
+    copied: int = 0
+    deleted: int = 0
+
+
+@dataclass(frozen=True)
+class _Source:
+    """An entry of a source dir: its name in the directory ``dir_fd`` (valid while
+    the walk is in that directory) and its lstat."""
+
+    dir_fd: int
+    name: str
+    st: os.stat_result
+
+
+@dataclass(frozen=True)
+class _Child:
+    """A subdirectory still to merge: its name, where its attributes come from
+    (True: upper), and which sources have it as a directory."""
+
+    name: str
+    from_upper: bool
+    in_upper: bool
+    in_lower: bool
+
+
+def _scan(cur: DirCursor) -> dict[str, _Source]:
+    if not cur.present:
+        return {}
+    assert cur.fd is not None
+    out: dict[str, _Source] = {}
+    with os.scandir(cur.fd) as it:
+        for e in it:
+            out[e.name] = _Source(cur.fd, e.name, e.stat(follow_symlinks=False))
+    return out
+
+
+def _is_opaque(fd: int) -> bool:
+    try:
+        return os.getxattr(fd, OPAQUE_XATTR) == b"y"
+    except OSError:
+        return False
+
+
+def _xattrs(target: int | str) -> dict[str, bytes]:
+    """xattrs minus overlay's own, of an open dir (fd) or a non-dir (a /proc/self/fd path)."""
+    return read_xattrs(target, skip_overlay=True)
+
+
+@dataclass
+class ChainMerger:
+    """Writes ``lower`` (a chain dir, or None) + ``upper`` (a layer dir) into ``out``.
+
+    Any depth: one open directory per tree (cvmfs_common.fsutil.fdtree cursors moving by
+    name), an explicit stack of what is left to do, no absolute paths below the top.
+    """
+
+    preserve_owners: bool = field(default_factory=lambda: os.geteuid() == 0)
+    # link(src_name, dst_name, *, src_dir_fd, dst_dir_fd, follow_symlinks): injectable, tests force EMLINK
+    link: LinkFn = os.link
+    stats: ChainStats = field(default_factory=ChainStats)
+    _copies: dict[tuple[int, int], tuple[int, str]] = field(default_factory=dict)  # inode -> (dir fd, name)
+
+    def merge(self, out: Path, lower: Path | None, upper: Path) -> ChainStats:
+        os.mkdir(out, 0o700)
+        with DirCursor.open(out) as dst, DirCursor.open(lower) as low, DirCursor.open(upper) as up:
+            try:
+                self._walk(dst, low, up)
+            finally:
+                for fd, _ in self._copies.values():
+                    os.close(fd)
+                self._copies.clear()
+        return self.stats
+
+    def _walk(self, dst: DirCursor, low: DirCursor, up: DirCursor) -> None:
+        assert dst.fd is not None and up.fd is not None
+        self._dir_attrs(dst.fd, up.fd)
+        # One frame per directory on the current path: its subdirectories left, its times.
+        frames: list[tuple[list[_Child], tuple[int, int]]] = []
+        frames.append((self._merge_dir(dst, low, up), _times(os.fstat(up.fd))))
+        while frames:
+            todo, times = frames[-1]
+            if not todo:
+                # Directory times last: creating entries inside changed them.
+                assert dst.fd is not None
+                os.utime(dst.fd, ns=times)
+                frames.pop()
+                if frames:
+                    dst.up()
+                    low.up()
+                    up.up()
+                continue
+            child = todo.pop()
+            up.down(child.name if child.in_upper else None)
+            low.down(child.name if child.in_lower else None)
+            src = up if child.from_upper else low
+            if not src.present:  # replaced by something else since the scan
+                raise OSError(errno.ESTALE, f"directory {child.name!r} of a source changed during the merge")
+            assert dst.fd is not None and src.fd is not None
+            os.mkdir(child.name, 0o700, dir_fd=dst.fd)
+            dst.down(child.name)
+            assert dst.fd is not None
+            self._dir_attrs(dst.fd, src.fd)
+            frames.append((self._merge_dir(dst, low, up), _times(os.fstat(src.fd))))
+
+    def _merge_dir(self, dst: DirCursor, low: DirCursor, up: DirCursor) -> list[_Child]:
+        """Place the non-directories of one directory; returns its subdirectories."""
+        assert dst.fd is not None
+        plain: dict[str, _Source] = {}
+        deleted: set[str] = set()
+        opaque = up.present and up.fd is not None and _is_opaque(up.fd)
+        for name, src in _scan(up).items():
+            kind = classify(name)
+            if kind is NameKind.OPAQUE:
+                opaque = True
+            elif kind is NameKind.WHITEOUT:
+                deleted.add(whited_out_name(name))
+            elif kind is NameKind.META:
+                continue
+            elif is_whiteout_device(src.st):
+                deleted.add(name)
+            else:
+                plain[name] = src
+        below = {} if opaque else _scan(low)
+        if opaque:
+            self.stats.deleted += 1
+        subdirs: list[_Child] = []
+        for name in sorted(plain.keys() | below.keys(), reverse=True):  # popped in order
+            if name in plain:
+                src = plain[name]
+                if stat.S_ISDIR(src.st.st_mode):
+                    low_src = below.get(name) if name not in deleted else None
+                    merge_lower = low_src is not None and stat.S_ISDIR(low_src.st.st_mode)
+                    subdirs.append(_Child(name, True, True, merge_lower))
+                else:
+                    self._place(src, dst.fd, name)
+            elif name in deleted:
+                self.stats.deleted += 1
+            else:
+                src = below[name]
+                if stat.S_ISDIR(src.st.st_mode):
+                    subdirs.append(_Child(name, False, False, True))
+                else:
+                    self._place(src, dst.fd, name)
+        return subdirs
+
+    # -- entries -----------------------------------------------------------------------
+    def _dir_attrs(self, fd: int, src_fd: int) -> None:
+        st = os.fstat(src_fd)
+        self._attrs(st, _xattrs(src_fd), lambda n, v: os.setxattr(fd, n, v), lambda m: os.fchmod(fd, m),
+                    lambda u, g: os.fchown(fd, u, g))
+        self.stats.dirs += 1
+
+    def _place(self, src: _Source, out_fd: int, name: str) -> None:
+        key = (src.st.st_dev, src.st.st_ino)
+        # keep hardlink groups together after a copy
+        from_fd, from_name = self._copies.get(key, (src.dir_fd, src.name))
+        try:
+            self.link(from_name, name, src_dir_fd=from_fd, dst_dir_fd=out_fd, follow_symlinks=False)
+            self.stats.linked += 1
+            return
+        except OSError as e:
+            if e.errno != errno.EMLINK:
+                raise
+        self._copy(src, out_fd, name)
+        self._copies[key] = (os.dup(out_fd), name)
+        self.stats.copied += 1
+
+    def _copy(self, src: _Source, out_fd: int, name: str) -> None:
+        mode = src.st.st_mode
+        times = _times(src.st)
+        if stat.S_ISLNK(mode):
+            os.symlink(os.readlink(src.name, dir_fd=src.dir_fd), name, dir_fd=out_fd)
+            dst = proc_path(out_fd, name)  # no lsetxattr with a dir fd
+            self._attrs(src.st, _xattrs(proc_path(src.dir_fd, src.name)),
+                        lambda n, v: os.setxattr(dst, n, v, follow_symlinks=False), None,
+                        lambda u, g: os.chown(name, u, g, dir_fd=out_fd, follow_symlinks=False))
+            os.utime(name, ns=times, dir_fd=out_fd, follow_symlinks=False)
+            return
+        if stat.S_ISFIFO(mode):
+            os.mkfifo(name, 0o600, dir_fd=out_fd)
+            dst = proc_path(out_fd, name)  # no setxattr/chmod with a dir fd; a FIFO is never opened
+            self._attrs(src.st, _xattrs(proc_path(src.dir_fd, src.name)),
+                        lambda n, v: os.setxattr(dst, n, v, follow_symlinks=False),
+                        lambda m: os.chmod(dst, m), lambda u, g: os.chown(name, u, g, dir_fd=out_fd,
+                                                                          follow_symlinks=False))
+            os.utime(name, ns=times, dir_fd=out_fd, follow_symlinks=False)
+            return
+        if not stat.S_ISREG(mode):
+            raise OSError(errno.EINVAL, f"cannot copy {stat.filemode(mode)} entry", src.name)
+        fin = os.open(src.name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=src.dir_fd)
+        try:
+            fout = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
+                           dir_fd=out_fd)
+            try:
+                _copy_data(fin, fout, src.st.st_size)
+                self._attrs(src.st, _xattrs(fin), lambda n, v: os.setxattr(fout, n, v),
+                            lambda m: os.fchmod(fout, m), lambda u, g: os.fchown(fout, u, g))
+                os.utime(fout, ns=times)
+            finally:
+                os.close(fout)
+        finally:
+            os.close(fin)
+
+    def _attrs(self, st: os.stat_result, xattrs: dict[str, bytes], setx: Callable[[str, bytes], None],
+               chmod: Callable[[int], None] | None, chown: Callable[[int, int], None]) -> None:
+        # chown first (clears setuid and capabilities), xattrs, chmod last (ACLs rewrite group bits).
+        if self.preserve_owners:
+            chown(st.st_uid, st.st_gid)
+        for name, value in xattrs.items():
+            setx(name, value)
+        if chmod is not None:
+            chmod(stat.S_IMODE(st.st_mode))
+
+
+def _times(st: os.stat_result) -> tuple[int, int]:
+    return st.st_atime_ns, st.st_mtime_ns
+
+
+def _copy_data(fin: int, fout: int, size: int) -> None:
+    left = size
+    while left > 0:
+        try:
+            n = os.copy_file_range(fin, fout, min(left, 1 << 30))
+        except OSError as e:
+            if e.errno not in (errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL):
+                raise
+            n = 0
+            while chunk := os.read(fin, _COPY_CHUNK):
+                os.write(fout, chunk)
+            return
+        if n == 0:
+            break
+        left -= n
+
+
+def build_chain(layout: RepositoryLayout, chain_id: str | Digest, parent: Path | None, layer_dir: Path,
+                merger: ChainMerger | None = None) -> tuple[Path, ChainStats | None]:
+    """Publish ``.chains/<xx>/<chain_id>`` = ``parent`` chain + ``layer_dir``.
+
+    Returns (chain dir, stats); stats is None when the chain already existed.
+    """
+    chain_id = parse_digest(chain_id)
+    existing = find_chain(layout, chain_id)
+    if existing is not None:
+        return existing, None
+    dest = layout.chain_dir(chain_id)
+    work = layout.make_work_dir("chain-")
+    try:
+        root = work / "rootfs"
+        merger = merger or ChainMerger()
+        stats = merger.merge(root, parent, layer_dir)
+        syncfs(work)  # data on disk before the rename makes it visible
+        publish_dir(root, dest)  # False: someone else published the same chain first; fine
+    finally:
+        remove_tree(work)
+    return dest, stats

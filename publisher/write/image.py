@@ -1,0 +1,278 @@
+"""Publish one resolved image into the repository (DESIGN §2).
+
+Order, so that nothing of an image is visible before everything it needs is:
+layers (in parallel) -> chains (bottom up) -> ``.flat`` (a copy of the top chain with
+``.singularity.d``) -> the human-readable link and its ``.multiarch`` twin -> podman
+store -> ``.metadata/.../config.json`` -> ``manifest.json`` (last: it marks the tag done).
+Every step is content-addressed or an atomic swap, so a crash at any point leaves the
+old state or a complete new one, and a re-run picks up what is already there.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+from cvmfs_common.oci.digest import chain_ids, parse_digest
+from cvmfs_common.repo.paths import LAYERFS, RepositoryLayout, multiarch_name, relative_link_target, remove_tree
+from cvmfs_common.oci.reference import Reference
+from cvmfs_common.registry.client import FOREIGN_LAYER_TYPES, Platform, ResolvedImage
+
+from publisher.write.chains import build_chain
+from publisher.write.flat import build_flat
+from publisher.unpack.ingest import Ingested, LayerIngester, LayerSpec
+from publisher.core.state import ImageRecord, LayerRecord
+
+log = logging.getLogger(__name__)
+
+CONFIG_JSON = "config.json"
+
+
+class ImageError(RuntimeError):
+    """The image cannot be published as it is (bad config, foreign layers, ...)."""
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where an image's names go: the repository root or ``.multiarch/<arch>[:<variant>]``."""
+
+    layout: RepositoryLayout  # its image_root holds the link, .metadata, podmanStore
+    platform_dir: str  # '' for the default platform
+
+    @property
+    def is_default(self) -> bool:
+        return self.platform_dir == ""
+
+
+@dataclass(frozen=True)
+class Published:
+    record: ImageRecord
+    layers_fetched: int
+    bytes_fetched: int
+
+
+def layer_specs(image: ResolvedImage, config: dict) -> list[LayerSpec]:
+    rootfs = config.get("rootfs")
+    diff_ids = rootfs.get("diff_ids") if isinstance(rootfs, dict) else None
+    if not isinstance(diff_ids, list):
+        raise ImageError(f"config {image.config_digest} has no rootfs.diff_ids")
+    if len(diff_ids) != len(image.layers):
+        raise ImageError(f"config {image.config_digest} lists {len(diff_ids)} diffIDs for {len(image.layers)} layers")
+    if not image.layers:
+        raise ImageError(f"image {image.manifest_digest} has no layers")
+    specs = []
+    for i, (desc, diff) in enumerate(zip(image.layers, diff_ids)):
+        if desc.media_type in FOREIGN_LAYER_TYPES or desc.urls:
+            raise ImageError(f"layer {desc.digest} is a foreign (non-distributable) layer: not supported")
+        specs.append(LayerSpec(i, desc.digest, desc.size, desc.media_type, str(parse_digest(diff))))
+    return specs
+
+
+def multiarch_name_for(platform: str) -> str | None:
+    """The ``.multiarch`` directory of an image published for ``platform`` (the wishlist's
+    ``os/arch[/variant]``; gc and check derive it from the state the same way), variant
+    defaulted as Go does; None for non-Linux platforms."""
+    plat = Platform.parse(platform)
+    if plat.os != "linux":
+        return None
+    return multiarch_name(plat.architecture, plat.variant)
+
+
+def podman_names(ref: Reference) -> list[str]:
+    """What podman matches: ``docker.io/library/x:tag`` and the wishlist's spelling."""
+    names = [ref.docker_name, ref.spelling]
+    return list(dict.fromkeys(names))
+
+
+class ImagePublisher:
+    def __init__(self, layout: RepositoryLayout, ingester: LayerIngester, *, jobs: int = 4,
+                 podman_store: Callable[[RepositoryLayout], object] | None = None,
+                 clone_tree: Callable[[Path, Path], bool] | None = None) -> None:
+        self.layout = layout
+        self.clone_tree = clone_tree  # Backend.clone_tree: .flat without copying (cvmfs)
+        self.ingester = ingester
+        self.jobs = max(1, jobs)
+        self.podman_store = podman_store  # PodmanStore class (or None: --no-podman-store)
+
+    # -- the whole image ---------------------------------------------------------------
+    def publish(self, ref: Reference, image: ResolvedImage, config_bytes: bytes, config: dict,
+                placement: Placement, platform: str) -> Published:
+        specs = layer_specs(image, config)
+        chains = chain_ids([s.diff_id for s in specs])
+        layers, fetched, nbytes = self._layers(ref, image, specs, chains)
+        top_chain = self.layout.chain_dir(chains[-1])
+        build_flat(self.layout, self.layout.flat_dir(image.config_digest), top_chain, config,
+                   clone=self.clone_tree)
+        self._link(ref, image.config_digest, placement)
+        self._multiarch_link(ref, image.config_digest, placement, platform)
+        if self.podman_store is not None:
+            self._podman(ref, image, config_bytes, layers, chains, placement)
+        self._metadata(ref, image, config_bytes, placement)
+        record = ImageRecord(
+            manifest_digest=image.manifest_digest,
+            config_digest=image.config_digest,
+            media_type=image.media_type,
+            platform=platform,
+            layers=[
+                LayerRecord(l.spec.digest, l.spec.diff_id, l.spec.size, l.meta.diff_size, l.meta.whiteouts,
+                            l.meta.parent_chain, chains[i])
+                for i, l in enumerate(layers)
+            ],
+        )
+        return Published(record, fetched, nbytes)
+
+    # -- layers and chains ---------------------------------------------------------------
+    def _layers(self, ref: Reference, image: ResolvedImage, specs: Sequence[LayerSpec],
+                chains: Sequence[str]) -> tuple[list[Ingested], int, int]:
+        done: dict[int, Ingested] = {}
+        todo: list[tuple[LayerSpec, bool]] = []  # (spec, replace an unusable dir)
+        first: dict[str, LayerSpec] = {}  # an image may carry one blob twice (empty layers)
+        for spec in specs:
+            if spec.digest in first:
+                continue
+            first[spec.digest] = spec
+            meta, why = self.ingester.present(spec)
+            if meta is not None:
+                done[spec.index] = Ingested(spec, meta, self.layout.layerfs(spec.digest), 0)
+            else:
+                if why:
+                    log.warning("layer %s: %s; ingesting it again", spec.digest, why)
+                todo.append((spec, why is not None))
+
+        # Optimistic parallel pass: every layer on its own. A layer that omits parent
+        # directories (rare: most tools write them) is redone below on its parent chain.
+        if todo:
+            with ThreadPoolExecutor(max_workers=min(self.jobs, len(todo)), thread_name_prefix="ingest") as pool:
+                futures: list[tuple[LayerSpec, Future]] = [
+                    (spec, pool.submit(self.ingester.ingest, ref, spec, config_digest=image.config_digest,
+                                       require_self_contained=spec.index > 0, replace_invalid=replace))
+                    for spec, replace in todo
+                ]
+                try:
+                    for spec, fut in futures:
+                        got = fut.result()
+                        if got is not None:
+                            done[spec.index] = got
+                except BaseException:
+                    for _, fut in futures:
+                        fut.cancel()
+                    raise
+        fetched = sum(1 for l in done.values() if l.downloaded)
+        nbytes = sum(l.downloaded for l in done.values())
+
+        parent: Path | None = None
+        for spec in specs:
+            parent_chain = chains[spec.index - 1] if spec.index else None
+            layer = done.get(spec.index)
+            if layer is None:
+                meta, _ = self.ingester.present(spec)
+                if meta is not None:  # published meanwhile, e.g. for an earlier position
+                    layer = Ingested(spec, meta, self.layout.layerfs(spec.digest), 0)
+                else:  # deferred: needs the parent chain as its lower
+                    layer = self.ingester.ingest(ref, spec, config_digest=image.config_digest,
+                                                 lowers=[parent] if parent else [], parent_chain=parent_chain,
+                                                 replace_invalid=os.path.lexists(self.layout.layer_dir(spec.digest)))
+                    assert layer is not None
+                    fetched += 1
+                    nbytes += layer.downloaded
+                done[spec.index] = layer
+            parent, extra = self._chain(ref, spec, layer, chains[spec.index], parent, parent_chain)
+            nbytes += extra
+        for digest in first:
+            self.ingester.add_origin(digest, image.config_digest)
+        return [done[s.index] for s in specs], fetched, nbytes
+
+    def _chain(self, ref: Reference, spec: LayerSpec, layer: Ingested, chain_id: str, parent: Path | None,
+               parent_chain: str | None) -> tuple[Path, int]:
+        dest = self.layout.chain_dir(chain_id)
+        if dest.is_dir():
+            return dest, 0
+        if layer.meta.parent_chain is None or layer.meta.parent_chain == parent_chain:
+            path, _ = build_chain(self.layout, chain_id, parent, self.layout.layer_dir(spec.digest) / LAYERFS)
+            return path, 0
+        # The published dir was completed on another parent chain: its implicit
+        # directories would carry that chain's attributes. Unpack a private copy here.
+        log.info("layer %s was completed on chain %s; unpacking it on %s for chain %s",
+                 spec.digest, layer.meta.parent_chain, parent_chain, chain_id)
+        private = self.ingester.unpack_private(ref, spec, [parent] if parent else [])
+        try:
+            path, _ = build_chain(self.layout, chain_id, parent, private.layerfs)
+        finally:
+            remove_tree(private.work)
+        return path, private.result.compressed_size
+
+    # -- names ---------------------------------------------------------------------------
+    def _link(self, ref: Reference, config_digest: str, placement: Placement) -> None:
+        registry, repository, tag = ref.link_components
+        lay = placement.layout
+        link = lay.link_path(registry, repository, tag)
+        target = relative_link_target(link, self.layout.flat_dir(config_digest))
+        if _readlink(link) != target:
+            lay.atomic_symlink(target, link)  # a moved tag switches here, atomically
+
+    def _multiarch_link(self, ref: Reference, config_digest: str, placement: Placement, platform: str) -> None:
+        """``.multiarch/<arch>[:<variant>]/<registry>/<repo>:<tag>`` for the default platform
+        (a non-default platform's link is there already: its image_root) + alias links."""
+        name = multiarch_name_for(platform)
+        if name is None:
+            return
+        if placement.is_default:
+            registry, repository, tag = ref.link_components
+            link = self.layout.multiarch_link(name, registry, repository, tag)
+            target = relative_link_target(link, self.layout.flat_dir(config_digest))
+            if _readlink(link) != target:
+                self.layout.atomic_symlink(target, link)
+        self.layout.ensure_multiarch_aliases(name)
+
+    def _podman(self, ref: Reference, image: ResolvedImage, config_bytes: bytes, layers: Sequence[Ingested],
+                chains: Sequence[str], placement: Placement) -> None:
+        """The podman store entry: per layer when every layer dir is a sound overlay lower
+        on this stack, else the top chain as the image's one layer (raw whiteouts: a real
+        CernVM-FS drops the .wh. files at publish, docs/podman.md)."""
+        from publisher.write import podman_format as fmt
+        from publisher.write.podman_store import PodmanImage, PodmanLayer, PodmanRoot
+
+        per_layer = fmt.per_layer_stack([l.meta.whiteouts for l in layers], [l.meta.parent_chain for l in layers],
+                                        chains)
+        root = None if per_layer else PodmanRoot(chains[-1], self.layout.chain_dir(chains[-1]),
+                                                 sum(l.meta.diff_size for l in layers))
+        store = self.podman_store(placement.layout)  # type: ignore[misc]
+        store.add_image(PodmanImage(  # type: ignore[attr-defined]
+            config_digest=image.config_digest,
+            config_bytes=config_bytes,
+            manifest_digest=image.manifest_digest,
+            manifest_bytes=image.manifest_bytes,
+            names=podman_names(ref),
+            layers=[PodmanLayer(l.spec.diff_id, l.spec.digest, l.spec.size, l.meta.diff_size, l.layerfs)
+                    for l in layers],
+            root=root,
+        ))
+
+    def _metadata(self, ref: Reference, image: ResolvedImage, config_bytes: bytes, placement: Placement) -> None:
+        registry, repository, tag = ref.link_components
+        lay = placement.layout
+        manifest = lay.manifest_json(registry, repository, tag)
+        for path, data in ((manifest.parent / CONFIG_JSON, config_bytes), (manifest, image.manifest_bytes)):
+            if _read(path) != data:
+                lay.atomic_write_file(path, data)
+
+
+def _readlink(path: Path) -> str | None:
+    try:
+        return os.readlink(path)
+    except OSError:
+        return None
+
+
+def _read(path: Path) -> bytes | None:
+    try:
+        return path.read_bytes()
+    except OSError:
+        return None
+
+
+__all__ = ["ImageError", "ImagePublisher", "Placement", "Published", "layer_specs", "podman_names"]

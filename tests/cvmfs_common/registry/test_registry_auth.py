@@ -1,0 +1,77 @@
+"""Where pull finds registry credentials (real-stack checks against an htpasswd registry are
+in tests/snapshotter/test_pull_cli.py)."""
+from __future__ import annotations
+
+import base64
+import json
+
+import pytest
+
+from cvmfs_common.oci.reference import parse_reference
+from cvmfs_common.registry.auth import CredentialError, default_auth_files, load_credentials, parse_user
+
+
+def auth(user: str, pw: str) -> dict:
+    return {"auth": base64.b64encode(f"{user}:{pw}".encode()).decode()}
+
+
+def test_default_files_in_order(tmp_path):
+    env = {"XDG_RUNTIME_DIR": "/run/user/7"}
+    assert default_auth_files(env, tmp_path) == [
+        tmp_path.joinpath("/run/user/7/containers/auth.json"), tmp_path / ".config/containers/auth.json",
+        tmp_path / ".docker/config.json"]
+    env = {"REGISTRY_AUTH_FILE": "/x/auth.json", "DOCKER_CONFIG": "/d"}
+    assert [str(p) for p in default_auth_files(env, tmp_path)] == ["/x/auth.json", "/d/config.json"]
+
+
+def test_containers_auth_wins_over_docker_config(tmp_path):
+    (tmp_path / ".config/containers").mkdir(parents=True)
+    (tmp_path / ".config/containers/auth.json").write_text(json.dumps({"auths": {"r.example.org": auth("a", "1")}}))
+    (tmp_path / ".docker").mkdir()
+    (tmp_path / ".docker/config.json").write_text(json.dumps({"auths": {"r.example.org": auth("b", "2"),
+                                                                         "o.example.org": auth("c", "3")}}))
+    chain = load_credentials(env={}, home=tmp_path)
+    assert chain.lookup(parse_reference("r.example.org/x:1")) == ("a", "1")
+    assert chain.lookup(parse_reference("o.example.org/x:1")) == ("c", "3")
+    assert chain.lookup(parse_reference("n.example.org/x:1")) is None
+
+
+def test_helpers_by_registry_then_static_then_store(tmp_path):
+    (tmp_path / ".docker").mkdir()
+    (tmp_path / ".docker/config.json").write_text(json.dumps({
+        "auths": {"s.example.org": auth("static", "p")},
+        "credHelpers": {"h.example.org": "one", "docker.io": "hub"},
+        "credsStore": "store"}))
+    calls = []
+
+    def runner(name, server):
+        calls.append((name, server))
+        return (name, server)
+
+    chain = load_credentials(env={}, home=tmp_path, runner=runner)
+    assert chain.lookup(parse_reference("h.example.org/x:1")) == ("one", "h.example.org")
+    assert chain.lookup(parse_reference("s.example.org/x:1")) == ("static", "p")
+    assert chain.lookup(parse_reference("z.example.org/x:1")) == ("store", "z.example.org")
+    assert chain.lookup(parse_reference("debian:stable")) == ("hub", "https://index.docker.io/v1/")
+    chain.lookup(parse_reference("h.example.org/y:2"))
+    assert calls.count(("one", "h.example.org")) == 1  # cached per server
+
+
+def test_user_flag_wins_for_its_registry_only(tmp_path):
+    chain = load_credentials(env={}, home=tmp_path, user=parse_user("u:p", "r.example.org"))
+    assert chain.lookup(parse_reference("r.example.org/x:1")) == ("u", "p")
+    assert chain.lookup(parse_reference("o.example.org/x:1")) is None
+    assert parse_user("u", "r", lambda: "asked") == ("r", "u", "asked")
+    with pytest.raises(CredentialError):
+        parse_user("u", "r")
+    with pytest.raises(CredentialError):
+        parse_user(":p", "r")
+
+
+def test_bad_files_are_clear_errors(tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text("{")
+    with pytest.raises(CredentialError, match="bad.json"):
+        load_credentials(explicit_file=bad, env={}, home=tmp_path)
+    with pytest.raises(CredentialError, match="REGISTRY_AUTH_FILE"):
+        load_credentials(env={"REGISTRY_AUTH_FILE": str(tmp_path / "missing.json")}, home=tmp_path)

@@ -1,0 +1,516 @@
+"""`--backend cvmfs` against the strict `cvmfs_server` stand-in (standin/cvmfs_server).
+
+The stand-in refuses nested transactions, publish/abort without a transaction, abort
+without -f, publish/abort while a process works or holds files under the repository,
+and a transaction after the repository was written outside one; abort restores the
+repository as it was. Every call is logged: the tests assert the exact sequence.
+"""
+from __future__ import annotations
+
+import json
+import re
+import os
+import signal
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from cvmfs_common.oci.digest import chain_ids
+from cvmfs_common.repo.paths import RepositoryLayout, read_layers_json, remove_tree
+from publisher.backend.catalogs import CATALOG_MARKER
+from tests.fixtures.images import BuiltImage, Pusher, StandardImages, busybox_entries, host_arch
+from tests.fixtures.layers import Entry, Layer
+from tests.fixtures.oci_layout import ImageConfig, OciLayout, Platform
+from tests.fixtures.tree import compare_trees
+
+from tests.publisher.clirun import CliResult, popen_cli, push_image, run_cli
+from tests.publisher.conftest import requires_root
+from tests.publisher.cvmfs_standin import STANDIN_DIR, CvmfsStandin, cvmfs_standin  # noqa: F401 (fixture)
+from tests.publisher.repotree import flat_minus_chain, observed_tree
+
+pytestmark = requires_root
+
+REPO = "unpacked.example.org"
+OTHER_ARCH = "arm64" if host_arch() != "arm64" else "amd64"
+HOST = f"linux/{host_arch()}"
+IGNORE = frozenset({"/" + CATALOG_MARKER})  # a chain/flat dir is a catalog root (DESIGN §2)
+
+
+def wishlist(path: Path, inputs: list[str], platforms: list[str] | None = None) -> Path:
+    lines = ["version: 1", "user: cvmfsunpacker", f"cvmfs_repo: '{REPO}'",
+             "output_format: 'https://registry.example.org/unpacked/$(image)'", "input:"]
+    lines += [f"  - '{i}'" for i in inputs]
+    if platforms:
+        lines.append("platforms: [" + ", ".join(platforms) + "]")
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def convert(repo: Path, db: Path, *wishlists: Path) -> CliResult:
+    return run_cli("convert", *wishlists, "--backend", "cvmfs", "--repository-root", repo, "--state-db", db,
+                   "--jobs", "3")
+
+
+def txn(name: str = REPO) -> list[list[str]]:
+    return [["transaction", name], ["publish", name]]
+
+
+def image_txn(name: str = REPO) -> list[list[str]]:
+    """A new image: layers and chains published, then `.flat` by a template transaction."""
+    return [*txn(name), ["transaction", "-T", name], ["publish", name]]
+
+
+TEMPLATE = re.compile(r"/(\.platforms/[^/]+/)?\.chains/[0-9a-f]{2}/[0-9a-f]{64}="
+                      r"/(\.platforms/[^/]+/)?\.flat/[0-9a-f]{2}/[0-9a-f]{64}")
+
+
+def shape(calls: list[list[str]]) -> list[list[str]]:
+    """The calls with each template spec checked and dropped."""
+    out = []
+    for argv in calls:
+        if argv[:2] == ["transaction", "-T"]:
+            assert TEMPLATE.fullmatch(argv[2]), argv
+            argv = argv[:2] + argv[3:]
+        out.append(argv)
+    return out
+
+
+# ------------------------------------------------------------------ the stand-in itself
+
+def test_standin_refuses_what_cvmfs_server_refuses(cvmfs_standin: CvmfsStandin, tmp_path: Path) -> None:
+    s = cvmfs_standin
+    repo = s.mkfs(REPO)
+    assert s.run("publish", REPO).returncode == 1                      # no transaction
+    assert s.run("abort", "-f", REPO).returncode == 1                  # no transaction
+    assert s.run("transaction", REPO).returncode == 0
+    assert "already in a transaction" in s.run("transaction", REPO).stderr
+    assert s.run("abort", REPO).returncode == 1                        # would prompt
+    (repo / "new").write_text("x")
+    sleeper = subprocess.Popen(["sleep", "60"], cwd=repo)
+    try:
+        r = s.run("publish", REPO)
+        assert r.returncode == 1 and "working directory" in r.stderr
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    with open(repo / "new") as held:
+        r = s.run("abort", "-f", REPO)
+        assert r.returncode == 1 and "open file" in r.stderr and held.fileno() >= 0
+    assert s.run("abort", "-f", REPO).returncode == 0
+    assert not (repo / "new").exists()                                  # abort discards
+    (repo / "sneaky").write_text("written outside a transaction")
+    r = s.run("transaction", REPO)
+    assert r.returncode == 1 and "+sneaky" in r.stderr
+    assert s.run("list").stdout.strip() == f"{REPO} (stratum0 / local)"
+
+
+# ------------------------------------------------------------------ a converted repository
+
+@dataclass
+class Published:
+    standin: CvmfsStandin
+    repo: Path
+    db: Path
+    images: StandardImages
+    first: CliResult
+    first_calls: list[list[str]]
+    platforms: CliResult
+    platform_calls: list[list[str]]
+    rerun: CliResult
+    rerun_calls: list[list[str]]
+
+    @property
+    def layout(self) -> RepositoryLayout:
+        return RepositoryLayout(self.repo)
+
+
+@pytest.fixture(scope="module")
+def published(standard_images: StandardImages, tmp_path_factory: pytest.TempPathFactory):
+    base = tmp_path_factory.mktemp("cvmfs")
+    with pytest.MonkeyPatch.context() as mp:
+        s = CvmfsStandin(base / "cvmfs", base / "standin-state")
+        s.root.mkdir()
+        mp.setenv("CVMFS_STANDIN_ROOT", str(s.root))
+        mp.setenv("CVMFS_STANDIN_STATE", str(s.state))
+        mp.setenv("PATH", f"{STANDIN_DIR}{os.pathsep}{os.environ.get('PATH', '')}")
+        mp.delenv("CVMFS_SERVER", raising=False)
+        repo = s.mkfs(REPO)
+        host = standard_images.multilayer.host
+        two = wishlist(base / "two.yaml", [f"{host}/test/multilayer:v1", f"{host}/test/tagged:1.1"])
+        multi = wishlist(base / "multi.yaml", [f"{host}/test/multiarch:v1"], platforms=[HOST, f"linux/{OTHER_ARCH}"])
+        db = base / "state" / "state.db"
+        first = convert(repo, db, two)
+        first_calls = s.commands()
+        s.clear_log()
+        platforms = convert(repo, db, multi)
+        platform_calls = s.commands()
+        s.clear_log()
+        rerun = convert(repo, db, two, multi)
+        rerun_calls = s.commands()
+        # Nothing was written after the last publish: the stand-in opens a transaction.
+        assert s.run("transaction", REPO).returncode == 0
+        assert s.run("abort", "-f", REPO).returncode == 0
+        yield Published(s, repo, db, standard_images, first, first_calls, platforms, platform_calls,
+                        rerun, rerun_calls)
+
+
+def test_exact_transaction_sequence_for_two_images(published: Published) -> None:
+    assert published.first.rc == 0, published.first.stdout
+    assert "2 images: 2 new" in published.first.stdout
+    assert shape(published.first_calls) == [["list"], *image_txn(), *image_txn()]
+    assert [c for c in published.standin.calls() if c["rc"] != 0] == []
+
+
+def test_unchanged_rerun_opens_no_transaction(published: Published) -> None:
+    assert published.rerun.rc == 0, published.rerun.stdout
+    assert "0 new, 0 updated, 4 unchanged" in published.rerun.stdout
+    assert published.rerun_calls == [["list"]]
+
+
+def test_tmp_is_never_published(published: Published) -> None:
+    assert not os.path.lexists(published.layout.tmp_dir)
+    assert {p.name for p in published.repo.iterdir()} == {
+        ".layers", ".chains", ".flat", ".metadata", ".multiarch", "podmanStore", published.images.multilayer.host}
+
+
+def test_layers_keep_raw_whiteouts(published: Published) -> None:
+    lay = published.layout
+    ml = published.images.multilayer
+    metas = [read_layers_json(lay.layers_json(d)) for d in ml.layers]
+    assert [m.whiteouts for m in metas] == ["none", "raw", "raw"]
+    second = lay.layerfs(ml.layers[1])
+    assert (second / "data/.wh.delete-me.txt").is_file()
+    assert (second / "opaque/.wh..wh..opq").is_file()
+    with pytest.raises(OSError):
+        os.getxattr(second / "opaque", "trusted.overlay.opaque", follow_symlinks=False)
+    for path in (second / "data/.wh.delete-me.txt", second / "opaque/.wh..wh..opq"):
+        assert os.lstat(path).st_size == 0
+    # umoci's whiteout of /etc/motd in tagged 1.1
+    t11 = published.images.tagged["1.1"]
+    top = read_layers_json(lay.layers_json(t11.layers[-1]))
+    assert top.whiteouts == "raw"
+    assert (lay.layerfs(t11.layers[-1]) / "etc/.wh.motd").is_file()
+
+
+@pytest.mark.parametrize("name", ["multilayer", "tagged/1.1"])
+def test_chains_apply_the_deletions(published: Published, name: str) -> None:
+    img = published.images.multilayer if name == "multilayer" else published.images.tagged["1.1"]
+    lay = published.layout
+    for chain in chain_ids(img.diff_ids):
+        tree = observed_tree(lay.chain_dir(chain))
+        assert not [p for p in tree.entries if "/.wh." in p or p.startswith("/.wh.")], chain
+    top = lay.chain_dir(chain_ids(img.diff_ids)[-1])
+    assert compare_trees(img.tree, observed_tree(top), ignore=IGNORE) == []
+    if name == "multilayer":
+        for gone in ("data/delete-me.txt", "data/subdir", "opaque/old1", "opaque/sub", "links/dangling"):
+            assert not os.path.lexists(top / gone), gone
+    else:
+        assert not os.path.lexists(top / "etc/motd")
+
+
+@pytest.mark.parametrize("name", ["multilayer", "tagged/1.1"])
+def test_flat_is_a_directory_copy_of_the_chain(published: Published, name: str) -> None:
+    img = published.images.multilayer if name == "multilayer" else published.images.tagged["1.1"]
+    lay = published.layout
+    flat = lay.flat_dir(img.config_digest)
+    assert flat.is_dir() and not flat.is_symlink()
+    top = lay.chain_dir(chain_ids(img.diff_ids)[-1])
+    # The chain cloned by a template transaction (the stand-in copies), plus .singularity.d.
+    assert flat_minus_chain(flat, top, hard_links=False) == []
+    assert any(argv[:2] == ["transaction", "-T"] for argv in published.first_calls)
+    assert (flat / ".singularity.d/env/10-docker2singularity.sh").is_file()
+    assert not os.path.lexists(top / ".singularity.d")
+    link = lay.link_path(img.host, img.name, img.tag)
+    assert not os.path.isabs(os.readlink(link)) and os.path.realpath(link) == str(flat)
+
+
+def test_catalog_markers(published: Published) -> None:
+    lay = published.layout
+    want = [lay.layers_dir, lay.chains_dir, lay.flat_root, lay.podman_store]
+    images = [published.images.multilayer, published.images.tagged["1.1"],
+              *published.images.multiarch.images.values()]
+    for img in images:
+        for d in img.layers:
+            want += [lay.layer_dir(d).parent, lay.layer_dir(d)]
+        for c in chain_ids(img.diff_ids):
+            want += [lay.chain_dir(c).parent, lay.chain_dir(c)]
+        want += [lay.flat_dir(img.config_digest).parent, lay.flat_dir(img.config_digest)]
+    want.append(lay.for_platform("linux", OTHER_ARCH).podman_store)
+    missing = [str(d) for d in want if not (d / CATALOG_MARKER).is_file()]
+    assert missing == []
+    for d in want:
+        st = os.lstat(d / CATALOG_MARKER)
+        assert (st.st_size, st.st_mode & 0o777, st.st_nlink) == (0, 0o644, 1)
+    # never inside a layer's root fs (layerfs is what overlay and podman mount)
+    for img in images:
+        for d in img.layers:
+            assert not os.path.lexists(lay.layerfs(d) / CATALOG_MARKER)
+    # and nowhere else at the top
+    assert not (published.repo / CATALOG_MARKER).exists()
+    assert not (lay.metadata_root / CATALOG_MARKER).exists()
+
+
+def test_podman_store_never_references_a_raw_whiteout_layer_dir(published: Published) -> None:
+    """A real CernVM-FS drops the layer dirs' `.wh.` files at publish (the stand-in keeps
+    them): no podman layer may stack a raw-whiteout layer dir. An image with one is a
+    single podman layer whose diff is its top chain (deletions applied)."""
+    from publisher.write import podman_format as fmt
+    from publisher.write.podman_store import PodmanStore
+
+    lay = published.layout
+    stores = [PodmanStore(lay), PodmanStore(lay.for_platform("linux", OTHER_ARCH))]
+    raw_layers = 0
+    for store in stores:
+        assert store.layers() and store.check() == []
+        for entry in store.layers():
+            target = (store.layer_dir(entry["id"]) / "diff").resolve(strict=True)
+            if target.parent.parent == lay.chains_dir.resolve():  # .chains/<xx>/<hex>
+                assert entry["id"] == fmt.chain_layer_id("sha256:" + target.name) and "parent" not in entry
+                continue
+            assert target.name == "layerfs" and target.parent.parent.parent == lay.layers_dir.resolve(), target
+            meta = read_layers_json(target.parent / ".metadata" / "layers.json")
+            assert meta.whiteouts in ("none", "overlay"), (entry["id"], meta.whiteouts)
+    ml = published.images.multilayer
+    for d in ml.layers:
+        raw_layers += read_layers_json(lay.layers_json(d)).whiteouts == "raw"
+    assert raw_layers, "the multilayer image must carry raw whiteouts for this test to mean anything"
+    top = fmt.chain_layer_id(chain_ids(ml.diff_ids)[-1])
+    [entry] = [i for i in stores[0].images() if i["id"] == ml.config_digest[7:]]
+    assert entry["layer"] == top
+    assert (stores[0].layer_dir(top) / "diff").resolve() == lay.chain_dir(chain_ids(ml.diff_ids)[-1]).resolve()
+
+
+def test_two_platform_index_converted_for_both(published: Published) -> None:
+    assert published.platforms.rc == 0, published.platforms.stdout
+    assert shape(published.platform_calls) == [["list"], *image_txn(), *image_txn()]
+    lay = published.layout
+    native = published.images.multiarch.images[HOST]
+    other = published.images.multiarch.images[f"linux/{OTHER_ARCH}"]
+    assert (lay.link_path(native.host, native.name, "v1") / "platform").read_text() == host_arch() + "\n"
+    plat = lay.for_platform("linux", OTHER_ARCH)
+    assert plat.image_root == published.repo / ".multiarch" / ("arm64:v8" if OTHER_ARCH == "arm64" else OTHER_ARCH)
+    assert (plat.link_path(other.host, other.name, "v1") / "platform").read_text() == OTHER_ARCH + "\n"
+    assert lay.manifest_json(native.host, native.name, "v1").is_file()
+    assert plat.manifest_json(other.host, other.name, "v1").is_file()
+    assert lay.manifest_json(other.host, other.name, "v1").read_bytes() != \
+        plat.manifest_json(other.host, other.name, "v1").read_bytes()
+    for img in (native, other):
+        assert lay.flat_dir(img.config_digest).is_dir() and not lay.flat_dir(img.config_digest).is_symlink()
+    images = json.loads((plat.podman_store / "overlay-images/images.json").read_text())
+    assert [i["id"] for i in images] == [other.config_digest[7:]]
+
+
+# ------------------------------------------------------------------ failures
+
+def _hand_image(host: str, work: Path, name: str, marker: str) -> BuiltImage:
+    base = Layer.from_entries(busybox_entries())
+    top = Layer.from_entries([Entry.dir("/srv"), Entry.file(f"/srv/{marker}", f"{marker}\n")])
+    return push_image(host, work, name, "v1", [base, top])
+
+
+def test_failing_image_is_aborted_and_the_others_published(cvmfs_standin: CvmfsStandin, registry_factory,
+                                                         tmp_path: Path) -> None:
+    reg = registry_factory()
+    good = _hand_image(reg.host, tmp_path / "good", "test/good", "good")
+    bad = _hand_image(reg.host, tmp_path / "bad", "test/bad", "bad")
+    reg.delete_blob_files(bad.layers[-1])  # its second layer cannot be downloaded
+    repo = cvmfs_standin.mkfs(REPO)
+    wl = wishlist(tmp_path / "wl.yaml", [bad.ref, good.ref])
+    res = convert(repo, tmp_path / "state.db", wl)
+    assert res.rc == 1, res.stdout
+    assert f"FAILED {bad.ref}" in res.stdout
+    assert shape(cvmfs_standin.commands()) == [["list"], ["transaction", REPO], ["abort", "-f", REPO], *image_txn()]
+    assert cvmfs_standin.refusals() == []
+    lay = RepositoryLayout(repo)
+    top = lay.chain_dir(chain_ids(good.diff_ids)[-1])
+    assert compare_trees(good.tree, observed_tree(top), ignore=IGNORE) == []
+    assert flat_minus_chain(lay.flat_dir(good.config_digest), top, hard_links=False) == []
+    assert not os.path.lexists(lay.link_path(bad.host, bad.name, bad.tag))
+    assert not os.path.lexists(lay.layer_dir(bad.layers[-1]))
+    assert not os.path.lexists(lay.tmp_dir)
+    assert not cvmfs_standin.in_transaction(REPO)
+
+
+def test_wishlist_repository_must_match_the_root(cvmfs_standin: CvmfsStandin, tmp_path: Path) -> None:
+    repo = cvmfs_standin.mkfs("other.example.org")
+    wl = wishlist(tmp_path / "wl.yaml", ["127.0.0.1:1/test/x:v1"])
+    res = convert(repo, tmp_path / "state.db", wl)
+    assert res.rc == 2
+    assert cvmfs_standin.commands() == []
+
+
+def test_a_leftover_tmp_is_removed_in_a_transaction_of_its_own(cvmfs_standin: CvmfsStandin, registry,
+                                                                 tmp_path: Path) -> None:
+    repo = cvmfs_standin.mkfs(REPO)
+    assert cvmfs_standin.run("transaction", REPO).returncode == 0
+    (repo / ".tmp" / "layer-x").mkdir(parents=True)         # e.g. published by an older publisher
+    assert cvmfs_standin.run("publish", REPO).returncode == 0
+    cvmfs_standin.clear_log()
+    wl = wishlist(tmp_path / "wl.yaml", [f"{registry.host}/test/does-not-exist:nope"])
+    res = convert(repo, tmp_path / "state.db", wl)
+    assert res.rc == 1  # the tag is missing: no image transaction at all
+    assert cvmfs_standin.commands() == [["list"], *txn()]
+    assert not os.path.lexists(repo / ".tmp")
+
+
+# ------------------------------------------------------------------ kill -9
+
+FILES = 2_000
+
+
+@pytest.fixture(scope="module")
+def big_image(registry, tmp_path_factory: pytest.TempPathFactory) -> BuiltImage:
+    work = tmp_path_factory.mktemp("cvmfs-big")
+    many = [Entry.dir("/many")] + [Entry.dir(f"/many/d{i:03d}") for i in range(100)]
+    many += [Entry.file(f"/many/d{i % 100:03d}/f{i:05d}", f"{i}\n" * 20) for i in range(FILES)]
+    top = Layer.from_entries([Entry.file("/etc/top", "top\n"), Entry.whiteout("/etc/group")])
+    layers = [Layer.from_entries(busybox_entries()), Layer.from_entries(many), top]
+    oci = OciLayout(work / "layout")
+    oci.tag("big", oci.add_image(layers, ImageConfig(platform=Platform("linux", host_arch()))))
+    pusher = Pusher(registry.host)
+    pusher.copy(oci.root, "big", "test/cvmfs-big", "v1")
+    return pusher.describe("test/cvmfs-big", "v1", layer_tars=[l.tar for l in layers])
+
+
+def _wait_for_layer_work(tmp: Path, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            for entry in os.scandir(tmp):
+                if entry.name.startswith("layer-"):
+                    sub = Path(entry.path) / "layerfs"
+                    if sub.is_dir() and len(list(os.scandir(sub))) > 1:
+                        return
+        except FileNotFoundError:
+            pass
+        time.sleep(0.002)
+    raise TimeoutError(f"no layer work under {tmp}")
+
+
+def test_kill_9_mid_transaction_then_rerun(cvmfs_standin: CvmfsStandin, big_image: BuiltImage,
+                                           tmp_path: Path) -> None:
+    repo = cvmfs_standin.mkfs(REPO)
+    args = ("convert-image", big_image.ref, "--backend", "cvmfs", "--repository-root", repo,
+            "--state-db", tmp_path / "state.db", "--jobs", "2")
+    proc = popen_cli(*args, log=tmp_path / "killed.log")
+    try:
+        _wait_for_layer_work(repo / ".tmp")
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == -signal.SIGKILL, (tmp_path / "killed.log").read_text()
+    assert cvmfs_standin.commands() == [["list"], ["transaction", REPO]]
+    assert cvmfs_standin.in_transaction(REPO)
+    cvmfs_standin.clear_log()
+
+    again = run_cli(*args)
+    assert again.rc == 0, again.stdout
+    assert shape(cvmfs_standin.commands()) == [["list"], ["abort", "-f", REPO], *image_txn()]
+    assert cvmfs_standin.refusals() == []
+    assert not cvmfs_standin.in_transaction(REPO)
+    lay = RepositoryLayout(repo)
+    assert not os.path.lexists(lay.tmp_dir)
+    top = lay.chain_dir(chain_ids(big_image.diff_ids)[-1])
+    assert compare_trees(big_image.tree, observed_tree(top), ignore=IGNORE) == []
+    assert flat_minus_chain(lay.flat_dir(big_image.config_digest), top, hard_links=False) == []
+    assert read_layers_json(lay.layers_json(big_image.layers[-1])).whiteouts == "raw"
+
+
+def test_markers_are_files_of_their_own(tmp_path: Path) -> None:
+    from publisher.backend.catalogs import ensure_markers
+
+    a, b, link = tmp_path / "a", tmp_path / "b", tmp_path / "link"
+    a.mkdir()
+    b.mkdir()
+    link.symlink_to("a")
+    assert ensure_markers([a, link]) == [a / CATALOG_MARKER]
+    os.link(a / CATALOG_MARKER, b / CATALOG_MARKER)  # what a hard-link chain copy gives
+    assert ensure_markers([a, b]) == [a / CATALOG_MARKER]  # a gets its own; b's is then alone
+    assert os.lstat(a / CATALOG_MARKER).st_nlink == os.lstat(b / CATALOG_MARKER).st_nlink == 1
+    assert ensure_markers([a, b]) == []
+
+
+def test_older_flat_entries_are_upgraded_in_a_transaction(cvmfs_standin: CvmfsStandin, standard_images,
+                                                          tmp_path: Path) -> None:
+    """A repository an older version published (.flat symlinks, copies without
+    .singularity.d, no .multiarch) is brought up to date by the next convert."""
+    s = cvmfs_standin
+    repo = s.mkfs(REPO)
+    imgs = [standard_images.multilayer, standard_images.tagged["1.1"]]
+    wl = wishlist(tmp_path / "wl.yaml", [i.ref for i in imgs])
+    db = tmp_path / "state.db"
+    assert convert(repo, db, wl).rc == 0
+    lay = RepositoryLayout(repo)
+    flats = [lay.flat_dir(i.config_digest) for i in imgs]
+    tops = [lay.chain_dir(chain_ids(i.diff_ids)[-1]) for i in imgs]
+    assert s.run("transaction", REPO).returncode == 0
+    remove_tree(flats[0])
+    os.symlink(os.path.relpath(tops[0], flats[0].parent), flats[0])
+    remove_tree(flats[1] / ".singularity.d")
+    remove_tree(repo / ".multiarch")
+    assert s.run("publish", REPO).returncode == 0
+    s.clear_log()
+
+    res = convert(repo, db, wl)
+    assert res.rc == 0, res.stdout
+    assert s.commands() == [["list"], *txn(), *txn()]  # one transaction per image, as for a new one
+    assert s.refusals() == []
+    for flat, top in zip(flats, tops):
+        assert flat.is_dir() and not flat.is_symlink() and flat_minus_chain(flat, top) == []
+        assert (flat / CATALOG_MARKER).is_file()
+    assert (repo / ".multiarch").is_dir()
+    assert not os.path.lexists(lay.tmp_dir)
+    s.clear_log()
+    again = convert(repo, db, wl)
+    assert again.rc == 0 and s.commands() == [["list"]]  # now current: no transaction
+
+
+def test_older_podman_entries_stacking_raw_layer_dirs_are_upgraded(cvmfs_standin: CvmfsStandin, standard_images,
+                                                                   tmp_path: Path) -> None:
+    """An older version stacked an image's raw-whiteout layer dirs in podmanStore (deleted
+    files show on a real CernVM-FS): the next convert publishes that tag again, in chain form."""
+    from publisher.write import podman_format as fmt
+    from publisher.write.podman_store import PodmanStore
+
+    from tests.publisher.testrepo import podman_image
+
+    s = cvmfs_standin
+    repo = s.mkfs(REPO)
+    ml, plain = standard_images.multilayer, standard_images.tagged["1.1"]
+    wl = wishlist(tmp_path / "wl.yaml", [ml.ref, plain.ref])
+    db = tmp_path / "state.db"
+    assert convert(repo, db, wl).rc == 0
+    lay = RepositoryLayout(repo)
+    store = PodmanStore(lay)
+    chain_layer = fmt.chain_layer_id(chain_ids(ml.diff_ids)[-1])
+    [entry] = [i for i in store.images() if i["id"] == ml.config_digest[7:]]
+    assert entry["layer"] == chain_layer
+    assert s.run("transaction", REPO).returncode == 0
+    old = podman_image(lay, ml.host, ml.name, ml.manifest_digest, entry["names"], "raw")
+    store.add_image(old)  # what the older version wrote: per layer
+    remove_tree(lay.tmp_dir)  # the store's work dirs were there (the backend removes it before publish)
+    assert s.run("publish", REPO).returncode == 0
+    assert not (store.layer_dir(chain_layer)).exists()
+    assert any("whiteouts raw" in p for p in store.check())
+    checked = run_cli("check", "--repository-root", repo, "--state-db", db)
+    problems = [l for l in checked.stdout.splitlines() if "PROBLEM" in l]
+    assert checked.rc != 0 and any("whiteouts raw" in l for l in problems), checked.stdout
+    assert any(f"has top layer {fmt.layer_ids(ml.diff_ids)[-1]}, not {chain_layer}" in l for l in problems)
+    s.clear_log()
+
+    res = convert(repo, db, wl)
+    assert res.rc == 0, res.stdout
+    assert s.commands() == [["list"], *txn()]  # only the image with raw layers, as for a new one
+    [entry] = [i for i in store.images() if i["id"] == ml.config_digest[7:]]
+    assert entry["layer"] == chain_layer and store.check() == []
+    assert set(fmt.layer_ids(ml.diff_ids)).isdisjoint(l["id"] for l in store.layers())
+    checked = run_cli("check", "--repository-root", repo, "--state-db", db)
+    assert checked.rc == 0 and ": 0 problems" in checked.stdout, checked.stdout
+    s.clear_log()
+    assert convert(repo, db, wl).rc == 0 and s.commands() == [["list"]]  # now current: no transaction

@@ -1,0 +1,255 @@
+"""`cvmfs-publisher gc`: what no wishlist wants any more goes, after the grace period."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from cvmfs_common.oci.digest import chain_ids
+from cvmfs_common.repo.paths import RepositoryLayout
+from publisher.maint.gc import freed_bytes
+from publisher.core.runlock import exclusive, lock_path_for
+from publisher.core.state import State
+from tests.fixtures.images import StandardImages
+
+from tests.publisher.clirun import run_cli, write_wishlist
+from tests.publisher.conftest import requires_root
+from tests.publisher.cvmfs_standin import cvmfs_standin  # noqa: F401 (fixture)
+from tests.publisher.looprun import Images
+from tests.publisher.repotree import fs_state
+
+pytestmark = requires_root
+
+
+def _args(root: Path, db: Path) -> tuple:
+    return ("--repository-root", root, "--state-db", db)
+
+
+def _podman_names(lay: RepositoryLayout) -> set[str]:
+    images = json.loads((lay.podman_store / "overlay-images/images.json").read_text())
+    return {n for i in images for n in i.get("names", [])}
+
+
+def _podman_ids(lay: RepositoryLayout) -> set[str]:
+    return {i["id"] for i in json.loads((lay.podman_store / "overlay-images/images.json").read_text())}
+
+
+def _figures(out: str) -> dict[str, int]:
+    head = out.splitlines()[0]
+    got = {what: int(n) for n, what in re.findall(r"(\d+) (tags?|images?|layers?|chains?|flat dirs?|podman images?)",
+                                                  head)}
+    got["bytes"] = int(re.search(r"\((\d+) bytes\)", head).group(1))
+    return {k.rstrip("s") if k != "bytes" else k: v for k, v in got.items()}
+
+
+def test_dropped_tags_go_after_the_grace_period_shared_layers_stay(standard_images: StandardImages,
+                                                                   tmp_path: Path) -> None:
+    imgs = standard_images
+    host = imgs.multilayer.host
+    root, db = tmp_path / "repo", tmp_path / "state.db"
+    lay = RepositoryLayout(root)
+    all_tags = [f"{host}/test/multilayer:v1", f"{host}/test/tagged:1.0", f"{host}/test/tagged:1.1",
+                f"{host}/test/tagged:2.0"]
+    wishlist = write_wishlist(tmp_path / "w.yaml", all_tags)
+    assert run_cli("convert", wishlist, *_args(root, db)).rc == 0
+    write_wishlist(wishlist, all_tags[:2])  # 1.1 and 2.0 leave the wishlist
+    assert run_cli("convert", wishlist, *_args(root, db)).rc == 0
+
+    # inside the grace period: nothing
+    res = run_cli("gc", "--older-than", "30d", *_args(root, db))
+    assert res.rc == 0 and _figures(res.stdout)["tag"] == 0, res.stdout
+
+    t10, t11, t20 = imgs.tagged["1.0"], imgs.tagged["1.1"], imgs.tagged["2.0"]
+    keep_layers = set(t10.layers) | set(imgs.multilayer.layers)
+    gone_layers = (set(t11.layers) | set(t20.layers)) - keep_layers
+    keep_chains = set(chain_ids(t10.diff_ids)) | set(chain_ids(imgs.multilayer.diff_ids))
+    gone_chains = (set(chain_ids(t11.diff_ids)) | set(chain_ids(t20.diff_ids))) - keep_chains
+    assert gone_layers and gone_chains and set(t11.layers) & keep_layers  # 1.1 shares its base with 1.0
+    expected_bytes = freed_bytes([lay.layer_dir(d) for d in gone_layers] + [lay.chain_dir(c) for c in gone_chains]
+                                 + [lay.flat_dir(t.config_digest) for t in (t11, t20)]
+                                 + [lay.link_path(host, "test/tagged", t) for t in ("1.1", "2.0")]
+                                 + [lay.image_metadata_dir(host, "test/tagged", t) for t in ("1.1", "2.0")])
+
+    before = fs_state(root)
+    dry = run_cli("gc", "--older-than", "0s", "--dry-run", *_args(root, db))
+    assert dry.rc == 0, dry.stdout
+    assert fs_state(root) == before  # a dry run changes nothing
+    want = {"tag": 2, "image": 2, "layer": len(gone_layers), "chain": len(gone_chains), "flat dir": 2,
+            "podman image": 2}
+    assert {k: v for k, v in _figures(dry.stdout).items() if k != "bytes"} == want, dry.stdout
+    assert _figures(dry.stdout)["bytes"] == expected_bytes > 0, dry.stdout
+    for d in gone_layers:
+        assert f"layer {d}" in dry.stdout
+
+    real = run_cli("gc", "--older-than", "0s", *_args(root, db))
+    print("\n" + real.stdout)
+    assert real.rc == 0, real.stdout
+    assert _figures(real.stdout) == _figures(dry.stdout)
+    for tag in ("1.1", "2.0"):
+        assert not os.path.lexists(lay.link_path(host, "test/tagged", tag))
+        assert not lay.image_metadata_dir(host, "test/tagged", tag).exists()
+        assert f"{host}/test/tagged:{tag}" not in _podman_names(lay)
+    for d in gone_layers:
+        assert not lay.layer_dir(d).exists()
+    for c in gone_chains:
+        assert not lay.chain_dir(c).exists()
+    for t in (t11, t20):
+        assert not os.path.lexists(lay.flat_dir(t.config_digest))
+        assert t.config_digest[7:] not in _podman_ids(lay)
+    # what stays is whole: shared layers and chains, links, podman, and check agrees
+    for d in keep_layers:
+        assert lay.layer_dir(d).is_dir()
+    for c in keep_chains:
+        assert lay.chain_dir(c).is_dir()
+    assert (lay.link_path(host, "test/tagged", "1.0") / "version").read_text() == "1.0\n"
+    assert {f"{host}/test/tagged:1.0", f"{host}/test/multilayer:v1"} <= _podman_names(lay)
+    assert not any(lay.tmp_dir.iterdir())
+    checked = run_cli("check", *_args(root, db))
+    assert checked.rc == 0, checked.stdout
+    with State.open(db, root) as st:
+        assert st.counts()["tags"] == 2 and st.counts()["images"] == 2
+        assert st.counts()["wishlist_entries"] == 2
+    again = run_cli("gc", "--older-than", "0s", *_args(root, db))
+    assert again.rc == 0 and _figures(again.stdout)["bytes"] == 0 and _figures(again.stdout)["layer"] == 0
+
+
+def test_gc_after_dropping_a_platform_removes_exactly_its_multiarch_entries(standard_images: StandardImages,
+                                                                          tmp_path: Path) -> None:
+    from tests.fixtures.images import host_arch
+
+    other_arch = "arm64" if host_arch() != "arm64" else "amd64"
+    names = {"amd64": "amd64", "arm64": "arm64:v8"}
+    aliases = {"amd64": {"x86_64", "x86-64"}, "arm64": {"aarch64", "arm64"}}
+    host = standard_images.multilayer.host
+    root, db = tmp_path / "repo", tmp_path / "state.db"
+    lay = RepositoryLayout(root)
+    mdir = root / ".multiarch"
+    inputs = [f"{host}/test/multiarch:v1", f"{host}/test/multilayer:v1"]
+    wishlist = write_wishlist(tmp_path / "w.yaml", inputs, platforms=[f"linux/{host_arch()}", f"linux/{other_arch}"])
+    assert run_cli("convert", wishlist, *_args(root, db)).rc == 0
+    # a repository an older version wrote still has .platforms/: gc removes it
+    (root / ".platforms/linux-arm64/old").mkdir(parents=True)
+    assert set(os.listdir(mdir)) == {".podman", names[host_arch()], names[other_arch]} | aliases[host_arch()] \
+        | aliases[other_arch]
+    other_link = mdir / names[other_arch] / host / "test/multiarch:v1"
+    assert other_link.is_dir()
+    other_flat = os.path.realpath(other_link)
+    before = {p: os.path.realpath(mdir / names[host_arch()] / host / p)
+              for p in ("test/multiarch:v1", "test/multilayer:v1")}
+
+    write_wishlist(wishlist, inputs, platforms=[f"linux/{host_arch()}"])
+    assert run_cli("convert", wishlist, *_args(root, db)).rc == 0
+    res = run_cli("gc", "--older-than", "0s", *_args(root, db))
+    print("\n" + res.stdout)
+    assert res.rc == 0, res.stdout
+    # (multilayer has no arm64 image: its row for the platform records that, and goes too)
+    assert _figures(res.stdout)["tag"] == 2 and _figures(res.stdout)["flat dir"] == 1, res.stdout
+    # exactly the dropped platform's names: its arch dir, its aliases, its podman store's image
+    assert set(os.listdir(mdir)) == {".podman", names[host_arch()]} | aliases[host_arch()]
+    assert not os.path.lexists(other_flat)
+    for p, flat in before.items():
+        assert os.path.realpath(mdir / names[host_arch()] / host / p) == flat and os.path.isdir(flat)
+    other_store = lay.for_platform("linux", other_arch).podman_store
+    assert json.loads((other_store / "overlay-images/images.json").read_text()) == []
+    assert not (root / ".platforms").exists()
+    checked = run_cli("check", *_args(root, db))
+    assert checked.rc == 0, checked.stdout
+
+
+def test_the_image_a_moved_tag_left_goes_after_its_grace(registry, tmp_path: Path) -> None:
+    images = Images(registry.host, tmp_path)
+    root, db = tmp_path / "repo", tmp_path / "state.db"
+    lay = RepositoryLayout(root)
+    ref = f"{registry.host}/gc/moving:latest"
+    images.push("one", "gc/moving", "latest")
+    assert run_cli("convert-image", ref, *_args(root, db)).rc == 0
+    old = images.pusher.describe("gc/moving", "latest")
+    images.push("two", "gc/moving", "latest")
+    assert run_cli("convert-image", ref, *_args(root, db)).rc == 0
+    new = images.pusher.describe("gc/moving", "latest")
+
+    assert _figures(run_cli("gc", "--older-than", "1h", *_args(root, db)).stdout)["image"] == 0
+    res = run_cli("gc", "--older-than", "0s", *_args(root, db))
+    assert res.rc == 0 and _figures(res.stdout)["image"] == 1 and _figures(res.stdout)["tag"] == 0, res.stdout
+    assert not lay.layer_dir(old.layers[0]).exists() and not os.path.lexists(lay.flat_dir(old.config_digest))
+    assert old.config_digest[7:] not in _podman_ids(lay)
+    assert lay.layer_dir(new.layers[0]).is_dir()
+    assert (lay.link_path(registry.host, "gc/moving", "latest") / "etc/version").read_text() == "two\n"
+    assert run_cli("check", *_args(root, db)).rc == 0
+
+
+def test_gc_waits_for_a_running_convert(registry, tmp_path: Path, capsys) -> None:
+    images = Images(registry.host, tmp_path)
+    images.push("one", "gc/locked", "v1")
+    root, db = tmp_path / "repo", tmp_path / "state.db"
+    assert run_cli("convert-image", f"{registry.host}/gc/locked:v1", *_args(root, db)).rc == 0
+    held = threading.Event()
+    release = threading.Event()
+
+    def hold() -> None:
+        with exclusive(lock_path_for(db)):
+            held.set()
+            release.wait(10)
+
+    t = threading.Thread(target=hold)
+    t.start()
+    try:
+        held.wait(5)
+        res = run_cli("gc", "--older-than", "0s", "--lock-wait", "0s", *_args(root, db))
+        assert res.rc == 2 and "another cvmfs-publisher" in capsys.readouterr().err
+        threading.Timer(0.5, release.set).start()
+        started = time.monotonic()
+        res = run_cli("gc", "--older-than", "0s", "--dry-run", "--lock-wait", "30s", *_args(root, db))
+        assert res.rc == 0 and time.monotonic() - started >= 0.4, res.stdout
+    finally:
+        release.set()
+        t.join()
+
+
+def test_gc_needs_an_existing_state(tmp_path: Path, capsys) -> None:
+    assert run_cli("gc", "--repository-root", tmp_path / "nothing", "--state-db", tmp_path / "no.db").rc == 2
+    assert "no state database" in capsys.readouterr().err
+    assert run_cli("gc", "--state-db", tmp_path / "no.db").rc == 2
+    assert "gc needs --repository-root" in capsys.readouterr().err
+    assert not (tmp_path / "no.db").exists()
+
+
+@pytest.mark.parametrize("bad", ["x", "10 parsecs", "1y"])
+def test_gc_older_than_is_a_duration(tmp_path: Path, bad: str, capsys) -> None:
+    with pytest.raises(SystemExit):
+        run_cli("gc", "--older-than", bad, "--repository-root", tmp_path)
+    assert "not a duration" in capsys.readouterr().err
+
+
+def test_gc_on_the_cvmfs_backend_is_one_transaction(cvmfs_standin, standard_images: StandardImages,  # noqa: F811
+                                                    tmp_path: Path) -> None:
+    host = standard_images.multilayer.host
+    repo = cvmfs_standin.mkfs("unpacked.example.org")
+    db = tmp_path / "state.db"
+    lay = RepositoryLayout(repo)
+    wishlist = write_wishlist(tmp_path / "w.yaml", [f"{host}/test/tagged:1.0", f"{host}/test/tagged:2.0"],
+                              repo="unpacked.example.org")
+    args = ("--backend", "cvmfs", *_args(repo, db))
+    assert run_cli("convert", wishlist, *args).rc == 0
+    write_wishlist(wishlist, [f"{host}/test/tagged:1.0"], repo="unpacked.example.org")
+    assert run_cli("convert", wishlist, *args).rc == 0
+
+    cvmfs_standin.clear_log()
+    assert run_cli("gc", "--older-than", "0s", "--dry-run", *args).rc == 0
+    assert cvmfs_standin.commands() == []  # a dry run does not even look for a transaction
+    res = run_cli("gc", "--older-than", "0s", *args)
+    assert res.rc == 0 and _figures(res.stdout)["tag"] == 1, res.stdout
+    commands = [c for c in cvmfs_standin.commands() if c[0] != "list"]
+    assert commands == [["transaction", "unpacked.example.org"], ["publish", "unpacked.example.org"]], commands
+    assert cvmfs_standin.refusals() == [] and not cvmfs_standin.in_transaction("unpacked.example.org")
+    t20 = standard_images.tagged["2.0"]
+    assert not os.path.lexists(lay.link_path(host, "test/tagged", "2.0"))
+    assert not os.path.lexists(lay.flat_dir(t20.config_digest))
+    assert (lay.link_path(host, "test/tagged", "1.0") / "version").read_text() == "1.0\n"
+    checked = run_cli("check", *args)
+    assert checked.rc == 0, checked.stdout

@@ -1,0 +1,99 @@
+"""kill -9 in the middle of a conversion: nothing partial becomes visible, a re-run completes."""
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from cvmfs_common.oci.digest import chain_ids
+from cvmfs_common.repo.paths import RepositoryLayout, find_layer
+from tests.fixtures.images import BuiltImage, Pusher, busybox_entries, host_arch
+from tests.fixtures.layers import Entry, Layer
+from tests.fixtures.oci_layout import ImageConfig, OciLayout, Platform
+from tests.fixtures.tree import compare_trees
+
+from tests.publisher.clirun import popen_cli, run_cli
+from tests.publisher.conftest import requires_root
+from tests.publisher.repotree import flat_minus_chain, observed_tree
+
+pytestmark = requires_root
+
+FILES = 2_000  # unpacking takes a moment (the kill lands mid-way); the suite stays fast
+
+
+@pytest.fixture(scope="module")
+def big_image(registry, tmp_path_factory: pytest.TempPathFactory) -> BuiltImage:
+    work = tmp_path_factory.mktemp("big")
+    base = Layer.from_entries(busybox_entries())
+    many = [Entry.dir("/many")] + [Entry.dir(f"/many/d{i:03d}") for i in range(100)]
+    many += [Entry.file(f"/many/d{i % 100:03d}/f{i:05d}", f"{i}\n" * 20) for i in range(FILES)]
+    top = Layer.from_entries([Entry.file("/etc/top", "top\n"), Entry.whiteout("/etc/group")])
+    layers = [base, Layer.from_entries(many), top]
+    oci = OciLayout(work / "layout")
+    oci.tag("big", oci.add_image(layers, ImageConfig(platform=Platform("linux", host_arch()))))
+    pusher = Pusher(registry.host)
+    pusher.copy(oci.root, "big", "test/big", "v1")
+    return pusher.describe("test/big", "v1", layer_tars=[l.tar for l in layers])
+
+
+def _wait_for_work(tmp: Path, prefix: str, timeout: float = 60) -> None:
+    """Until a work dir of that kind exists under .tmp/ and has some content."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            for entry in os.scandir(tmp):
+                if entry.name.startswith(prefix) and any(os.scandir(entry.path)):
+                    sub = next(os.scandir(entry.path))
+                    if sub.is_dir() and len(list(os.scandir(sub.path))) > 1:
+                        return
+        except FileNotFoundError:
+            pass
+        time.sleep(0.002)
+    raise TimeoutError(f"no {prefix} work dir appeared under {tmp}")
+
+
+def _assert_nothing_partial(lay: RepositoryLayout, img: BuiltImage) -> None:
+    for xx in (lay.layers_dir.iterdir() if lay.layers_dir.exists() else []):
+        for d in xx.iterdir():
+            found = find_layer(lay, f"sha256:{d.name}")
+            assert found is not None and found.metadata is not None, f"partial layer dir {d}"
+            assert (d / ".metadata/origin.json").is_file()
+    assert not os.path.lexists(lay.link_path(img.host, img.name, img.tag))
+    assert not lay.manifest_json(img.host, img.name, img.tag).exists()
+    assert not lay.flat_dir(img.config_digest).exists()
+    assert not (lay.podman_store / "overlay-images/images.json").exists() or \
+        img.config_digest[7:] not in (lay.podman_store / "overlay-images/images.json").read_text()
+    # what is published at top level is layout only: no stray temp files next to it
+    assert {p.name for p in lay.root.iterdir()} <= {".layers", ".chains", ".tmp", ".flat", "podmanStore",
+                                                   ".multiarch"}
+
+
+@pytest.mark.parametrize("phase", ["layer-", "chain-"])
+def test_kill_9_then_rerun_completes(big_image: BuiltImage, tmp_path: Path, phase: str) -> None:
+    root, db = tmp_path / "repo", tmp_path / "state.db"
+    lay = RepositoryLayout(root)
+    args = ("convert-image", big_image.ref, "--repository-root", root, "--state-db", db, "--jobs", "2",
+            "--log-level", "debug")
+    proc = popen_cli(*args, log=tmp_path / "killed.log")
+    try:
+        _wait_for_work(lay.tmp_dir, phase)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == -signal.SIGKILL, (tmp_path / "killed.log").read_text()
+    _assert_nothing_partial(lay, big_image)
+
+    again = run_cli(*args[:-2])
+    assert again.rc == 0, again.stdout
+    assert not any(lay.tmp_dir.iterdir()), "work dirs left behind"
+    top = chain_ids(big_image.diff_ids)[-1]
+    assert compare_trees(big_image.tree, observed_tree(lay.chain_dir(top))) == []
+    assert flat_minus_chain(lay.flat_dir(big_image.config_digest), lay.chain_dir(top)) == []
+    assert os.path.realpath(lay.link_path(big_image.host, big_image.name, big_image.tag)) == \
+        os.path.realpath(lay.flat_dir(big_image.config_digest))
