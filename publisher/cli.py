@@ -28,7 +28,8 @@ from publisher.core.state import State, StateCorrupt, StateError
 # The registry client (requests) and the conversion modules are imported by the
 # subcommands that use them: gc and check start without them.
 if TYPE_CHECKING:  # pragma: no cover
-    from cvmfs_common.registry.client import Platform, RegistryClient
+    from cvmfs_common.oci.platform import Platform
+    from cvmfs_common.registry.client import RegistryClient
 
     from publisher.sync.thin import ThinSettings
     from publisher.sync.wishlist import WishlistEntry
@@ -284,7 +285,7 @@ def run_state(args: argparse.Namespace) -> int:
 
 def _entries_from_image(args: argparse.Namespace) -> tuple[list[WishlistEntry], Platform]:
     from cvmfs_common.oci.reference import InvalidReference, parse_reference
-    from cvmfs_common.registry.client import Platform
+    from cvmfs_common.oci.platform import Platform
 
     from publisher.sync.wishlist import WishlistEntry
 
@@ -301,7 +302,9 @@ def _entries_from_image(args: argparse.Namespace) -> tuple[list[WishlistEntry], 
 
 
 def _client(args: argparse.Namespace) -> RegistryClient:
-    from cvmfs_common.registry.client import Credentials, RegistryClient, TransferLimits
+    from cvmfs_common.registry.credentials import Credentials
+    from cvmfs_common.registry.client import RegistryClient
+    from cvmfs_common.registry.transport import TransferLimits
 
     creds = None
     if args.credentials is not None:

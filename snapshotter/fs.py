@@ -23,7 +23,7 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from cvmfs_common.repo.paths import remove_tree
+from cvmfs_common.fsutil.atomic import remove_tree
 
 from .model import Kind, Mount, Snapshot, Usage
 

@@ -20,7 +20,9 @@ import grpc
 
 from cvmfs_common.oci.digest import chain_ids
 from cvmfs_common.oci.reference import Reference
-from cvmfs_common.registry.client import Platform, RegistryClient, ResolvedImage
+from cvmfs_common.oci.platform import Platform
+from cvmfs_common.registry.client import RegistryClient
+from cvmfs_common.registry.manifest import ResolvedImage
 
 from .containerd_client import ContainerdClient, unique_key_part
 from .remote import CVMFS_LAYER_DIGEST_LABEL, SNAPSHOT_REF_LABEL

@@ -56,7 +56,9 @@ def _ask_password() -> str:
 def run_pull(args: argparse.Namespace) -> int:
     setup_logging(args.log_level, "text")
     from cvmfs_common.oci.reference import InvalidReference, parse_reference
-    from cvmfs_common.registry.client import Platform, RegistryClient, RegistryError
+    from cvmfs_common.oci.platform import Platform
+    from cvmfs_common.registry.client import RegistryClient
+    from cvmfs_common.registry.errors import RegistryError
     from cvmfs_common.registry.auth import CredentialError, load_credentials, parse_user
     from cvmfs_common.registry.hosts import Endpoint, HostsConfigError, load_endpoints
 

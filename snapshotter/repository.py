@@ -21,7 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, TypeVar
 
-from cvmfs_common.repo.paths import LayerPresence, RepositoryLayout, find_chain, find_layer
+from cvmfs_common.repo.lookup import LayerPresence, find_chain, find_layer
+from cvmfs_common.repo.paths import RepositoryLayout
 
 log = logging.getLogger(__name__)
 

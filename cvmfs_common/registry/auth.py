@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Callable, Mapping
 
 from cvmfs_common.oci.reference import Reference
-from cvmfs_common.registry.client import Credentials
+from cvmfs_common.registry.credentials import Credentials
 
 log = logging.getLogger(__name__)
 

@@ -34,7 +34,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from cvmfs_common.repo.paths import RepositoryLayout, remove_tree
+from cvmfs_common.repo.paths import RepositoryLayout
+from cvmfs_common.fsutil.atomic import remove_tree
 
 from publisher.backend.base import Backend, BackendError
 from publisher.backend.catalogs import catalog_dirs, ensure_markers

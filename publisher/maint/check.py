@@ -23,7 +23,9 @@ from pathlib import Path
 
 from cvmfs_common.oci.digest import sha256_of
 from cvmfs_common.repo.paths import (CHAINS_DIR, FLAT_DIR, LAYERFS, LAYERS_DIR, LAYERS_JSON, METADATA_DIR,
-    PLATFORMS_DIR, RepositoryLayout, find_chain, find_layer, multiarch_aliases, relative_link_target)
+    PLATFORMS_DIR, RepositoryLayout, multiarch_aliases)
+from cvmfs_common.repo.lookup import find_chain, find_layer
+from cvmfs_common.fsutil.atomic import relative_link_target
 
 from publisher.write import podman_format as fmt
 from publisher.maint.gc import placement, podman_name_choices

@@ -34,7 +34,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cvmfs_common.fsutil.fdtree import lstat_tree
-from cvmfs_common.repo.paths import METADATA_DIR, RepositoryLayout, remove_tree
+from cvmfs_common.repo.paths import METADATA_DIR, RepositoryLayout
+from cvmfs_common.fsutil.atomic import remove_tree
 from cvmfs_common.oci.reference import Reference
 
 from publisher.backend.base import Backend

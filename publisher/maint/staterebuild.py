@@ -25,9 +25,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cvmfs_common.oci.digest import InvalidDigest, chain_ids, parse_digest, sha256_of
-from cvmfs_common.repo.paths import (DEFAULT_VARIANTS, MANIFEST_JSON, METADATA_DIR, LayerMetadata, LayoutError,
-    MetadataError, RepositoryLayout, multiarch_name_of_dir, platform_dir_name, read_layers_json)
-from cvmfs_common.registry.client import Platform
+from cvmfs_common.repo.paths import (DEFAULT_VARIANTS, MANIFEST_JSON, METADATA_DIR, LayoutError, RepositoryLayout,
+    multiarch_name_of_dir, platform_dir_name)
+from cvmfs_common.repo.metadata import LayerMetadata, MetadataError, read_layers_json
+from cvmfs_common.oci.platform import Platform
 
 from publisher.write.image import CONFIG_JSON
 from publisher.core.runlock import exclusive, exclusive_repository, lock_path_for

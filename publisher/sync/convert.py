@@ -22,7 +22,10 @@ from typing import TYPE_CHECKING
 
 from cvmfs_common.repo.paths import RepositoryLayout, multiarch_aliases
 from cvmfs_common.oci.reference import InvalidReference, Reference
-from cvmfs_common.registry.client import NotFound, Platform, PlatformNotInIndex, RegistryClient, ResolvedImage
+from cvmfs_common.registry.errors import NotFound, PlatformNotInIndex
+from cvmfs_common.oci.platform import Platform
+from cvmfs_common.registry.client import RegistryClient
+from cvmfs_common.registry.manifest import ResolvedImage
 
 from publisher.backend.base import Backend
 from publisher.write.flat import is_complete

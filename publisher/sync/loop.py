@@ -34,7 +34,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from cvmfs_common.registry.client import Platform
+from cvmfs_common.oci.platform import Platform
 
 from publisher.sync.metrics import PublisherMetrics
 from publisher.core.progress import Progress, Summary

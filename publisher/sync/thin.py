@@ -52,7 +52,9 @@ from typing import TYPE_CHECKING
 from cvmfs_common.oci.digest import parse_digest, sha256_of
 from cvmfs_common.repo.paths import RepositoryLayout
 from cvmfs_common.oci.reference import InvalidReference, Reference, parse_reference
-from cvmfs_common.registry.client import DOCKER_MANIFEST, Credentials, RegistryClient
+from cvmfs_common.oci.media import DOCKER_MANIFEST
+from cvmfs_common.registry.credentials import Credentials
+from cvmfs_common.registry.client import RegistryClient
 
 from publisher.core.outcome import FailureKind, Outcome
 from publisher.core.progress import ItemResult

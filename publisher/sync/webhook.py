@@ -49,7 +49,7 @@ import h11
 from cvmfs_common.address import parse_address
 from cvmfs_common.oci.digest import InvalidDigest, parse_digest
 from cvmfs_common.oci.reference import InvalidReference, validate_registry, validate_repository, validate_tag
-from cvmfs_common.registry.client import IMAGE_MANIFESTS, INDEXES
+from cvmfs_common.oci.media import IMAGE_MANIFESTS, INDEXES
 
 from publisher.sync.ratelog import RateLimitedLog
 

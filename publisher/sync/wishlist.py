@@ -26,7 +26,7 @@ from pathlib import Path
 import yaml
 
 from cvmfs_common.oci.reference import InvalidReference, Reference, parse_reference
-from cvmfs_common.registry.client import Platform
+from cvmfs_common.oci.platform import Platform
 
 SUPPORTED_VERSIONS = (1,)
 REQUIRED_KEYS = ("version", "user", "cvmfs_repo", "output_format", "input")

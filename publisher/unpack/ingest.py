@@ -17,8 +17,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cvmfs_common.oci.digest import parse_digest
-from cvmfs_common.repo.paths import (LAYERFS, LAYERS_JSON, METADATA_DIR, ORIGIN_JSON, LayerMetadata, RepositoryLayout,
-    exchange_dirs, find_layer, origin_json_bytes, publish_dir, read_origin_json, remove_tree, syncfs)
+from cvmfs_common.repo.paths import LAYERFS, LAYERS_JSON, METADATA_DIR, ORIGIN_JSON, RepositoryLayout
+from cvmfs_common.repo.metadata import LayerMetadata, origin_json_bytes, read_origin_json
+from cvmfs_common.fsutil.atomic import exchange_dirs, publish_dir, remove_tree, syncfs
+from cvmfs_common.repo.lookup import find_layer
 from cvmfs_common.oci.reference import Reference
 from cvmfs_common.registry.client import RegistryClient
 

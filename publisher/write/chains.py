@@ -25,7 +25,9 @@ from pathlib import Path
 
 from cvmfs_common.oci.digest import Digest, parse_digest
 from cvmfs_common.fsutil.fdtree import DirCursor, proc_path
-from cvmfs_common.repo.paths import RepositoryLayout, find_chain, publish_dir, remove_tree, syncfs
+from cvmfs_common.repo.paths import RepositoryLayout
+from cvmfs_common.repo.lookup import find_chain
+from cvmfs_common.fsutil.atomic import publish_dir, remove_tree, syncfs
 
 from publisher.unpack.lowers import read_xattrs
 from publisher.unpack.whiteouts import OPAQUE_XATTR, NameKind, classify, is_whiteout_device, whited_out_name

@@ -17,7 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from cvmfs_common.repo.paths import RepositoryLayout, exchange_dirs, publish_dir, remove_tree, syncfs
+from cvmfs_common.repo.paths import RepositoryLayout
+from cvmfs_common.fsutil.atomic import exchange_dirs, publish_dir, remove_tree, syncfs
 
 from publisher.write.chains import ChainMerger, ChainStats
 from publisher.write.singularity import SingularityStats, has_singularity, write_singularity

@@ -18,9 +18,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cvmfs_common.oci.digest import chain_ids, parse_digest
-from cvmfs_common.repo.paths import LAYERFS, RepositoryLayout, multiarch_name, relative_link_target, remove_tree
+from cvmfs_common.repo.paths import LAYERFS, RepositoryLayout, multiarch_name
+from cvmfs_common.fsutil.atomic import relative_link_target, remove_tree
 from cvmfs_common.oci.reference import Reference
-from cvmfs_common.registry.client import FOREIGN_LAYER_TYPES, Platform, ResolvedImage
+from cvmfs_common.oci.media import FOREIGN_LAYER_TYPES
+from cvmfs_common.oci.platform import Platform
+from cvmfs_common.registry.manifest import ResolvedImage
 
 from publisher.write.chains import build_chain
 from publisher.write.flat import build_flat

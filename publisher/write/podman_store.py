@@ -30,8 +30,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cvmfs_common.oci.digest import chain_ids, parse_digest, sha256_of
-from cvmfs_common.repo.paths import (LAYERFS, LAYERS_JSON, METADATA_DIR, MetadataError, RepositoryLayout, exchange_dirs,
-    publish_dir, read_layers_json, relative_link_target, remove_tree)
+from cvmfs_common.repo.paths import LAYERFS, LAYERS_JSON, METADATA_DIR, RepositoryLayout
+from cvmfs_common.repo.metadata import MetadataError, read_layers_json
+from cvmfs_common.fsutil.atomic import exchange_dirs, publish_dir, relative_link_target, remove_tree
 
 from publisher.write import podman_format as fmt
 

@@ -10,7 +10,8 @@ import tempfile
 from pathlib import Path
 
 from cvmfs_common.oci.digest import ducc_chain_ids
-from cvmfs_common.repo.paths import LayerMetadata, RepositoryLayout, write_layers_json
+from cvmfs_common.repo.metadata import LayerMetadata, write_layers_json
+from cvmfs_common.repo.paths import RepositoryLayout
 from cvmfs_common.registry.client import RegistryClient
 from publisher.unpack.unpack import unpack_layer
 

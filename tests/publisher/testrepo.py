@@ -9,8 +9,9 @@ import urllib.request
 from pathlib import Path
 
 from cvmfs_common.oci.digest import chain_ids
-from cvmfs_common.repo.paths import (LayerMetadata, RepositoryLayout, publish_dir, read_layers_json, remove_tree,
-    write_layers_json)
+from cvmfs_common.repo.metadata import LayerMetadata, read_layers_json, write_layers_json
+from cvmfs_common.repo.paths import RepositoryLayout
+from cvmfs_common.fsutil.atomic import publish_dir, remove_tree
 from publisher.write.chains import build_chain
 from publisher.write.podman_store import PodmanImage, PodmanLayer, PodmanRoot
 from publisher.unpack.unpack import unpack_layer

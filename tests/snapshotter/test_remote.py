@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 from cvmfs_common.oci.digest import chain_ids, ducc_chain_ids
-from cvmfs_common.repo.paths import LayerMetadata, RepositoryLayout, write_layers_json
+from cvmfs_common.repo.metadata import LayerMetadata, write_layers_json
+from cvmfs_common.repo.paths import RepositoryLayout
 from snapshotter.core import Snapshotter, remote_snapshot_name
 from snapshotter.errors import AlreadyExists, Unavailable
 from snapshotter.remote import CVMFS_LAYER_DIGEST_LABEL, SNAPSHOT_REF_LABEL, build_remote_layers

@@ -18,9 +18,13 @@ import pytest
 
 from cvmfs_common.oci.digest import chain_ids
 from cvmfs_common.oci.reference import parse_reference
-from cvmfs_common.registry.client import (DOCKER_MANIFEST, Aborted, DeadlineExceeded, OCI_INDEX, OCI_MANIFEST,
-    AuthenticationError, Credentials, DigestMismatch, ManifestError, NotFound, Platform, RegistryClient, RegistryError,
-    RetriesExhausted, RetryPolicy, TransferLimits, TransferTooSlow)
+from cvmfs_common.oci.media import DOCKER_MANIFEST, OCI_INDEX, OCI_MANIFEST
+from cvmfs_common.registry.errors import (Aborted, DeadlineExceeded, AuthenticationError, DigestMismatch, ManifestError,
+    NotFound, RegistryError, RetriesExhausted, TransferTooSlow)
+from cvmfs_common.registry.credentials import Credentials
+from cvmfs_common.oci.platform import Platform
+from cvmfs_common.registry.client import RegistryClient
+from cvmfs_common.registry.transport import RetryPolicy, TransferLimits
 
 from tests.cvmfs_common.netfaults import (DroppingProxy, Frontend, HugeTokenServer, Seen, TokenServer, TricklingProxy,
     bearer_guard, paginating_tags)

@@ -9,10 +9,12 @@ import threading
 import pytest
 
 from cvmfs_common.oci.digest import InvalidDigest
-from cvmfs_common.repo.paths import (LayerMetadata, LayoutError, MetadataError, RepositoryLayout, add_origin,
-    atomic_symlink, atomic_write_file, exchange_dirs, multiarch_aliases, multiarch_name, find_chain, find_layer,
-    fsync_dir, publish_dir, read_layers_json, read_origin_json, relative_link_target, syncfs, write_layers_json,
-    write_origin_json)
+from cvmfs_common.repo.metadata import (LayerMetadata, MetadataError, add_origin, read_layers_json, read_origin_json,
+    write_layers_json, write_origin_json)
+from cvmfs_common.repo.paths import LayoutError, RepositoryLayout, multiarch_aliases, multiarch_name
+from cvmfs_common.fsutil.atomic import (atomic_symlink, atomic_write_file, exchange_dirs, fsync_dir, publish_dir,
+    relative_link_target, syncfs)
+from cvmfs_common.repo.lookup import find_chain, find_layer
 from cvmfs_common.oci.reference import InvalidReference
 
 HEX = "ab" + "0123456789abcdef" * 3 + "0123456789abcd"

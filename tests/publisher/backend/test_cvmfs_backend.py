@@ -19,7 +19,9 @@ from pathlib import Path
 import pytest
 
 from cvmfs_common.oci.digest import chain_ids
-from cvmfs_common.repo.paths import RepositoryLayout, read_layers_json, remove_tree
+from cvmfs_common.repo.paths import RepositoryLayout
+from cvmfs_common.repo.metadata import read_layers_json
+from cvmfs_common.fsutil.atomic import remove_tree
 from publisher.backend.catalogs import CATALOG_MARKER
 from tests.fixtures.images import BuiltImage, Pusher, StandardImages, busybox_entries, host_arch
 from tests.fixtures.layers import Entry, Layer

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from cvmfs_common.oci.reference import parse_reference
-from cvmfs_common.registry.client import ManifestError, PlatformNotInIndex, RetriesExhausted
+from cvmfs_common.registry.errors import ManifestError, PlatformNotInIndex, RetriesExhausted
 from publisher.sync.metrics import FAILURE_KINDS, PublisherMetrics
 from publisher.core.outcome import FailureKind, Outcome, failure_kind_of
 from publisher.core.progress import ItemResult, Summary

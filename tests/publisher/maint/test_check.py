@@ -6,7 +6,8 @@ import os
 from pathlib import Path
 
 from cvmfs_common.oci.digest import chain_ids
-from cvmfs_common.repo.paths import RepositoryLayout, remove_tree
+from cvmfs_common.repo.paths import RepositoryLayout
+from cvmfs_common.fsutil.atomic import remove_tree
 from tests.fixtures.images import StandardImages, host_arch
 
 from tests.publisher.clirun import run_cli, run_proc, write_wishlist

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from cvmfs_common.oci.digest import chain_ids, sha256_of
-from cvmfs_common.repo.paths import RepositoryLayout, read_layers_json, read_origin_json
+from cvmfs_common.repo.paths import RepositoryLayout
+from cvmfs_common.repo.metadata import read_layers_json, read_origin_json
 from publisher.core.state import State
 from tests.publisher.treeview import diff_trees, tree_snapshot
 from tests.fixtures.images import BuiltImage, StandardImages, host_arch
@@ -311,7 +312,7 @@ def test_an_older_repository_is_upgraded_in_place(standard_images: StandardImage
     lay = RepositoryLayout(root)
     assert run_cli("convert-image", img.ref, "--repository-root", root, "--state-db", db).rc == 0
     flat, top = lay.flat_dir(img.config_digest), lay.chain_dir(chain_ids(img.diff_ids)[-1])
-    from cvmfs_common.repo.paths import remove_tree
+    from cvmfs_common.fsutil.atomic import remove_tree
     remove_tree(flat)
     os.symlink(os.path.relpath(top, flat.parent), flat)
     mlink = next((root / ".multiarch").glob(f"*/{img.host}/test/tagged:2.0"))

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from cvmfs_common.oci.digest import chain_ids
-from cvmfs_common.repo.paths import RepositoryLayout, find_layer
+from cvmfs_common.repo.paths import RepositoryLayout
+from cvmfs_common.repo.lookup import find_layer
 from tests.fixtures.images import BuiltImage, Pusher, busybox_entries, host_arch
 from tests.fixtures.layers import Entry, Layer
 from tests.fixtures.oci_layout import ImageConfig, OciLayout, Platform

@@ -12,7 +12,7 @@ import pytest
 
 from cvmfs_common.repo.paths import RepositoryLayout
 from cvmfs_common.oci.reference import parse_reference
-from cvmfs_common.registry.client import Platform
+from cvmfs_common.oci.platform import Platform
 from publisher.sync.loop import Loop, LoopSettings, wanted_by
 from publisher.core.progress import ItemResult, Summary
 from publisher.core.runlock import Busy

@@ -12,7 +12,9 @@ from pathlib import Path
 import pytest
 
 from cvmfs_common.oci.reference import parse_reference
-from cvmfs_common.registry.client import DOCKER_MANIFEST, Credentials, RegistryClient
+from cvmfs_common.oci.media import DOCKER_MANIFEST
+from cvmfs_common.registry.credentials import Credentials
+from cvmfs_common.registry.client import RegistryClient
 from publisher.sync.thin import (DEFAULT_OUTPUT_FORMAT, build_thin_image, ducc_whole_name, format_output,
     go_json_indent, thin_json)
 from tests.fixtures.images import StandardImages

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from cvmfs_common.registry.client import Platform
+from cvmfs_common.oci.platform import Platform
 from publisher.sync.wishlist import WishlistError, load_wishlists, parse_wishlist
 
 HOST = Platform("linux", "amd64")

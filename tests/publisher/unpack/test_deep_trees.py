@@ -6,7 +6,8 @@ import os
 import sys
 from pathlib import Path
 
-from cvmfs_common.repo.paths import RepositoryLayout, remove_tree
+from cvmfs_common.repo.paths import RepositoryLayout
+from cvmfs_common.fsutil.atomic import remove_tree
 from tests.fixtures.layers import Entry, Layer
 
 from tests.publisher.clirun import push_image, run_proc, write_wishlist

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from cvmfs_common.oci.digest import sha256_of
-from cvmfs_common.repo.paths import RepositoryLayout, remove_tree
+from cvmfs_common.repo.paths import RepositoryLayout
+from cvmfs_common.fsutil.atomic import remove_tree
 from publisher.write.chains import ChainMerger, build_chain
 from tests.publisher.treeview import merge_view, tree_snapshot, diff_trees
 from publisher.unpack.whiteouts import OPAQUE_XATTR

@@ -7,7 +7,8 @@ import os
 from pathlib import Path
 
 from cvmfs_common.oci.digest import chain_ids
-from cvmfs_common.repo.paths import RepositoryLayout, read_layers_json
+from cvmfs_common.repo.paths import RepositoryLayout
+from cvmfs_common.repo.metadata import read_layers_json
 from publisher.write import podman_format as fmt
 from publisher.write.podman_store import PodmanStore
 from tests.fixtures.layers import Entry, Layer

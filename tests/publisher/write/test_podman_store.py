@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 
 from cvmfs_common.oci.digest import chain_ids
-from cvmfs_common.repo.paths import LayerMetadata, RepositoryLayout, write_layers_json
+from cvmfs_common.repo.metadata import LayerMetadata, write_layers_json
+from cvmfs_common.repo.paths import RepositoryLayout
 from publisher.write import podman_format as fmt
 from publisher.write.podman_store import PodmanImage, PodmanLayer, PodmanRoot, PodmanStore, PodmanStoreError
 from tests.fixtures.images import BuiltImage, StandardImages
