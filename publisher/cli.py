@@ -17,18 +17,20 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from cvmfs_common.address import parse_address
 from cvmfs_common.durations import parse_duration
 from cvmfs_common.logs import setup_logging
+from cvmfs_common.oci.platform import Platform
+from cvmfs_common.oci.reference import InvalidReference, is_loopback_host, parse_reference
 from cvmfs_common.version import version_text
 
 from publisher.backend.base import BACKENDS, Backend, BackendError
 from publisher.core.runlock import Busy
-from publisher.core.state import State, StateCorrupt, StateError
+from publisher.core.state import State, StateCorrupt, StateError, default_state_db
 
-# The registry client (requests) and the conversion modules are imported by the
-# subcommands that use them: gc and check start without them.
+# Deliberately lazy: the registry client (requests), yaml and the conversion modules are
+# imported by the subcommands that use them, so gc and check start without them.
 if TYPE_CHECKING:  # pragma: no cover
-    from cvmfs_common.oci.platform import Platform
     from cvmfs_common.registry.client import RegistryClient
 
     from publisher.sync.thin import ThinSettings
@@ -144,8 +146,6 @@ def _existing_state(args: argparse.Namespace) -> tuple[Path, Path]:
     root = args.repository_root
     state_db = args.state_db
     if state_db is None:
-        from publisher.sync.convert import default_state_db
-
         state_db = default_state_db(root)
     if not state_db.is_file():
         raise UsageError(f"no state database {state_db}: nothing was converted into {root} (or give --state-db)")
@@ -153,10 +153,9 @@ def _existing_state(args: argparse.Namespace) -> tuple[Path, Path]:
 
 
 def run_loop(args: argparse.Namespace) -> int:
-    from publisher.sync.convert import ConvertOptions, convert, default_state_db
+    from publisher.sync.convert import ConvertOptions, convert
     from publisher.sync.loop import ListenError, Loop, LoopSettings, loop_lock_path, serve
     from publisher.sync.metrics import PublisherMetrics
-    from publisher.sync.webhook import parse_address
     from publisher.sync.wishlist import load_wishlists
 
     if args.jobs < 1:
@@ -210,10 +209,6 @@ def run_loop(args: argparse.Namespace) -> int:
 
 def _listen_token(args: argparse.Namespace) -> str | None:
     """The webhook token: required for a listener other hosts can reach."""
-    from cvmfs_common.oci.reference import is_loopback_host
-
-    from publisher.sync.webhook import parse_address
-
     if args.listen_token_file is None:
         if args.listen and not is_loopback_host(parse_address(args.listen)[0]):
             raise UsageError(f"--listen {args.listen} is reachable from other hosts: give --listen-token-file "
@@ -269,7 +264,6 @@ def run_check(args: argparse.Namespace) -> int:
 
 
 def run_state(args: argparse.Namespace) -> int:
-    from publisher.sync.convert import default_state_db
     from publisher.maint.staterebuild import rebuild
 
     if args.repository_root is None:
@@ -284,9 +278,6 @@ def run_state(args: argparse.Namespace) -> int:
 
 
 def _entries_from_image(args: argparse.Namespace) -> tuple[list[WishlistEntry], Platform]:
-    from cvmfs_common.oci.reference import InvalidReference, parse_reference
-    from cvmfs_common.oci.platform import Platform
-
     from publisher.sync.wishlist import WishlistEntry
 
     try:
@@ -367,7 +358,7 @@ def _thin_settings(args: argparse.Namespace, wishlist) -> "ThinSettings | None":
 
 
 def run_convert(args: argparse.Namespace) -> int:
-    from publisher.sync.convert import ConvertOptions, convert, default_state_db
+    from publisher.sync.convert import ConvertOptions, convert
     from publisher.sync.wishlist import load_wishlists
 
     if args.jobs < 1:

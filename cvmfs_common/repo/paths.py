@@ -53,6 +53,7 @@ LAYERFS = "layerfs"
 LAYERS_JSON = "layers.json"
 ORIGIN_JSON = "origin.json"
 MANIFEST_JSON = "manifest.json"
+CONFIG_JSON = "config.json"  # next to manifest.json
 
 # Top-level names a registry must never shadow (a registry called "podmanStore"
 # would otherwise put links inside the podman store).
@@ -308,9 +309,3 @@ class RepositoryLayout:
 
 # ---------------------------------------------------------------------------
 # read-only lookups (the snapshotter calls these under its own timeout)
-
-
-# ---------------------------------------------------------------------------
-# atomic publishing
-
-

@@ -36,7 +36,7 @@ from cvmfs_common.repo.paths import RepositoryLayout
 from publisher.unpack.whiteouts import WhiteoutMode
 
 if TYPE_CHECKING:  # pragma: no cover
-    from publisher.write.image import Placement
+    from publisher.write.names import Placement
     from publisher.core.state import ImageRecord
 
 log = logging.getLogger(__name__)

@@ -42,7 +42,7 @@ from publisher.backend.catalogs import catalog_dirs, ensure_markers
 from publisher.unpack.whiteouts import WhiteoutMode
 
 if TYPE_CHECKING:  # pragma: no cover
-    from publisher.write.image import Placement
+    from publisher.write.names import Placement
     from publisher.core.state import ImageRecord
 
 log = logging.getLogger(__name__)

@@ -549,3 +549,10 @@ def _statements(script: str) -> list[str]:
             out.append("\n".join(buf).strip())
             buf = []
     return [s for s in out if s]
+
+
+# -- where a repository's state lives unless --state-db says ------------------------------
+def default_state_db(root: Path) -> Path:
+    """``/var/lib/cvmfs-publisher/<repository name>/state.db``: outside the repository
+    (CVMFS would publish it) and on local disk."""
+    return Path("/var/lib/cvmfs-publisher") / (Path(os.path.abspath(root)).name or "root") / "state.db"

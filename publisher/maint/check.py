@@ -21,14 +21,16 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from cvmfs_common.fsutil.entries import scandir
 from cvmfs_common.oci.digest import sha256_of
-from cvmfs_common.repo.paths import (CHAINS_DIR, FLAT_DIR, LAYERFS, LAYERS_DIR, LAYERS_JSON, METADATA_DIR,
+from cvmfs_common.repo.paths import (CONFIG_JSON, CHAINS_DIR, FLAT_DIR, LAYERFS, LAYERS_DIR, LAYERS_JSON, METADATA_DIR,
     PLATFORMS_DIR, RepositoryLayout, multiarch_aliases)
 from cvmfs_common.repo.lookup import find_chain, find_layer
 from cvmfs_common.fsutil.atomic import relative_link_target
 
 from publisher.write import podman_format as fmt
-from publisher.maint.gc import placement, podman_name_choices
+from publisher.write.names import multiarch_name_for, placement, podman_name_choices
+from publisher.write.podman_store import PodmanStore, PodmanStoreError
 from publisher.maint.lockwait import run_locks_waiting
 from publisher.write.singularity import has_singularity
 from publisher.core.state import LayerRecord, State, TagRecord
@@ -147,8 +149,6 @@ class _Checker:
             if got != want:
                 self.problem(f"link {self.rel(link)} points to {got}, not {want}", tag)
         self.check_multiarch(tag, flat)
-        from publisher.write.image import CONFIG_JSON  # here: image imports the registry client, which check does not need
-
         meta = lay.manifest_json(k.registry, k.repository, k.tag)
         for path, digest in ((meta, tag.manifest_digest), (meta.parent / CONFIG_JSON, tag.config_digest)):
             try:
@@ -162,8 +162,6 @@ class _Checker:
     def check_multiarch(self, tag: TagRecord, flat: Path) -> None:
         """``.multiarch/<arch>[:<variant>]/<registry>/<repo>:<tag>`` (the link itself for a
         non-default platform, checked above) and the alias links to that arch dir."""
-        from publisher.write.image import multiarch_name_for  # here: image imports the registry client
-
         name = multiarch_name_for(tag.key.platform)
         if name is None:
             return
@@ -222,8 +220,6 @@ class _Checker:
     def _store(self, platform_dir: str) -> tuple[dict[str, dict] | None, list[str]]:
         """(images.json by id or None when unreadable/absent, PodmanStore.check() lines)."""
         if platform_dir not in self._stores:
-            from publisher.write.podman_store import PodmanStore, PodmanStoreError
-
             store = PodmanStore(placement(self.layout, platform_dir))
             try:
                 if not store.images_json.exists():
@@ -291,10 +287,10 @@ class _Checker:
                                   ("flat entries", FLAT_DIR, configs)):
             known_hex = {d.removeprefix("sha256:") for d in known}
             n = 0
-            for prefix in _scandir(self.layout.root / top):
+            for prefix in scandir(self.layout.root / top):
                 if not prefix.is_dir(follow_symlinks=False) or prefix.name.startswith("."):
                     continue
-                for e in _scandir(Path(prefix.path)):
+                for e in scandir(Path(prefix.path)):
                     if e.name.startswith(".") or e.name in known_hex:
                         continue
                     n += 1
@@ -330,13 +326,6 @@ def _podman_layer_ids(layers: list[LayerRecord]) -> set[str]:
     if not layers:
         return set()
     return set(fmt.layer_ids([l.diff_id for l in layers])) if _per_layer(layers) else {_podman_top(layers)}
-
-
-def _scandir(path: Path) -> list[os.DirEntry]:
-    try:
-        return list(os.scandir(path))
-    except (FileNotFoundError, NotADirectoryError):
-        return []
 
 
 def check(root: Path, state_db: Path, *, podman: bool = True, lock_wait: float = 0.0) -> CheckReport:

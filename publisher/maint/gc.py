@@ -36,42 +36,19 @@ from pathlib import Path
 from cvmfs_common.fsutil.fdtree import lstat_tree
 from cvmfs_common.repo.paths import METADATA_DIR, RepositoryLayout
 from cvmfs_common.fsutil.atomic import remove_tree
-from cvmfs_common.oci.reference import Reference
 
 from publisher.backend.base import Backend
 from publisher.maint.lockwait import run_locks_waiting
 from publisher.core.progress import human_bytes
-from publisher.core.state import ImageRow, State, TagKey, TagRow
+from publisher.core.state import ImageRow, State, TagRow
+from publisher.write.names import multiarch_name_for, placement, podman_name_choices
+from publisher.write.podman_store import PodmanStore
 
 log = logging.getLogger(__name__)
 
 
-def tag_reference(key: TagKey) -> Reference:
-    """The reference a tag row was published under (a digest stands in for the tag)."""
-    if key.tag.startswith("sha256:"):
-        return Reference(key.registry, key.repository, tag=None, digest=key.tag)
-    return Reference(key.registry, key.repository, tag=key.tag)
-
-
-def podman_name_choices(key: TagKey, top_digest: str | None) -> list[set[str]]:
-    """The names the publisher gave the tag's podman image: from ``repo:tag``, or from
-    ``repo:tag@digest`` when the wishlist pinned the digest (the state keeps no
-    difference, so either set is right)."""
-    from publisher.write.image import podman_names  # here: image imports the registry client, which gc does not need
-
-    ref = tag_reference(key)
-    choices = [set(podman_names(ref))]
-    if ref.tag is not None and top_digest:
-        choices.append(set(podman_names(ref.with_digest(top_digest))))
-    return choices
-
-
 def tag_podman_names(row: TagRow) -> set[str]:
     return set().union(*podman_name_choices(row.key, row.top_digest))
-
-
-def placement(root: RepositoryLayout, platform_dir: str) -> RepositoryLayout:
-    return RepositoryLayout(root.root, platform_dir or None)
 
 
 @dataclass
@@ -350,8 +327,6 @@ def collect(root: Path, state_db: Path, *, older_than: float, dry_run: bool, pod
 
 def _remove(plan: GcPlan, layout: RepositoryLayout, rm: _Remover, podman: bool) -> None:
     """Names first (nothing visible leads to what goes next), then content top down."""
-    from publisher.write.image import multiarch_name_for  # here: image imports the registry client
-
     for t in plan.tags:
         if t.manifest_digest is None:
             continue
@@ -366,8 +341,6 @@ def _remove(plan: GcPlan, layout: RepositoryLayout, rm: _Remover, podman: bool) 
     if plan.old_platforms_dir:
         rm.retire(layout.platforms_dir)
     if podman:
-        from publisher.write.podman_store import PodmanStore
-
         for pdir in sorted(set(plan.podman_names) | set(plan.podman_images)):
             store = PodmanStore(placement(layout, pdir))
             if not store.images_json.exists():

@@ -30,7 +30,7 @@ from cvmfs_common.repo.paths import (DEFAULT_VARIANTS, MANIFEST_JSON, METADATA_D
 from cvmfs_common.repo.metadata import LayerMetadata, MetadataError, read_layers_json
 from cvmfs_common.oci.platform import Platform
 
-from publisher.write.image import CONFIG_JSON
+from cvmfs_common.repo.paths import CONFIG_JSON
 from publisher.core.runlock import exclusive, exclusive_repository, lock_path_for
 from publisher.core.state import ImageRecord, LayerRecord, State, TagKey
 

@@ -18,7 +18,6 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from cvmfs_common.repo.paths import RepositoryLayout, multiarch_aliases
 from cvmfs_common.oci.reference import InvalidReference, Reference
@@ -29,17 +28,18 @@ from cvmfs_common.registry.manifest import ResolvedImage
 
 from publisher.backend.base import Backend
 from publisher.write.flat import is_complete
-from publisher.write.image import ImagePublisher, Placement, multiarch_name_for
+from publisher.write.image import ImagePublisher
+from publisher.write.names import Placement, multiarch_name_for
 from publisher.unpack.ingest import LayerIngester
 from publisher.core.outcome import FailureKind, Outcome, failure_kind_of
 from publisher.core.progress import ItemResult, Progress, Summary
 from publisher.core.runlock import exclusive, exclusive_repository, lock_path_for
-from publisher.core.state import State, TagKey
+from publisher.core.state import State
 from publisher.unpack.whiteouts import WhiteoutMode
-from publisher.sync.wishlist import WishlistEntry
-
-if TYPE_CHECKING:  # pragma: no cover
-    from publisher.sync.thin import ThinSettings
+from publisher.sync.thin import ThinPublisher, ThinSettings
+from publisher.sync.wishlist import Target, WishlistEntry
+from publisher.write import podman_format as fmt
+from publisher.write.podman_store import PodmanStore
 
 log = logging.getLogger(__name__)
 
@@ -49,26 +49,6 @@ class ConvertOptions:
     jobs: int = 4
     podman_store: bool = True
     whiteouts: WhiteoutMode = WhiteoutMode.OVERLAY  # the local backend converts whiteouts (DESIGN §2a)
-
-
-@dataclass(frozen=True)
-class Target:
-    """One concrete tag (or digest) for one platform."""
-
-    reference: Reference
-    platform: Platform
-    default: bool
-    entry_id: int | None
-    entry_key: tuple | None = None  # the WishlistEntry.key it came from (thin images)
-
-    @property
-    def key(self) -> TagKey:
-        registry, repository, tag = self.reference.link_components
-        return TagKey(registry, repository, tag, str(self.platform))
-
-    @property
-    def name(self) -> str:
-        return f"{self.reference.spelling} ({self.platform})"
 
 
 def _ref_key(ref: Reference) -> tuple:
@@ -89,14 +69,7 @@ class Converter:
     def __post_init__(self) -> None:
         if self.backend is None:
             self.backend = Backend(self.layout.root)
-        podman = None
-        if self.options.podman_store:
-            try:
-                from publisher.write.podman_store import PodmanStore
-            except ImportError as e:  # a partial install: publish everything else
-                log.warning("podman store disabled: %s", e)
-            else:
-                podman = PodmanStore
+        podman = PodmanStore if self.options.podman_store else None
         self.ingester = LayerIngester(self.layout, self.client, whiteouts=self.options.whiteouts,
                                       on_bytes=self.progress.add_bytes)
         self.publisher = ImagePublisher(self.layout, self.ingester, jobs=self.options.jobs, podman_store=podman,
@@ -296,8 +269,6 @@ class Converter:
         real CernVM-FS show deleted files. Such a tag is published again (one stat here)."""
         if not self.options.podman_store:
             return True
-        from publisher.write import podman_format as fmt
-
         layers = self.state.image_layers(manifest_digest or "")
         chains = [l.chain_id for l in layers]
         if not layers or fmt.per_layer_stack([l.whiteouts for l in layers], [l.parent_chain for l in layers], chains):
@@ -321,13 +292,6 @@ def _config_matches(config: dict, platform: Platform) -> bool:
     if not os_name or not arch:
         return True  # nothing to contradict
     return platform.matches(Platform(str(os_name), str(arch), config.get("variant") or None))
-
-
-# -- entry point used by the CLI ----------------------------------------------------------
-def default_state_db(root: Path) -> Path:
-    """``/var/lib/cvmfs-publisher/<repository name>/state.db``: outside the repository
-    (CVMFS would publish it) and on local disk."""
-    return Path("/var/lib/cvmfs-publisher") / (Path(os.path.abspath(root)).name or "root") / "state.db"
 
 
 def convert(entries: Sequence[WishlistEntry], default_platform: Platform | None, *, root: Path, state_db: Path,
@@ -357,8 +321,6 @@ def convert(entries: Sequence[WishlistEntry], default_platform: Platform | None,
             entries = [e if e.platforms else replace(e, platforms=(default_platform,)) for e in entries]
             post_item = None
             if thin is not None:
-                from publisher.sync.thin import ThinPublisher
-
                 post_item = ThinPublisher(thin, state, layout, client.insecure_registries).after_item
             return Converter(layout, state, client, options, progress, backend, post_item).run(
                 entries, default_platform, command)

@@ -9,7 +9,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_serv
 from publisher.core.outcome import FailureKind, Outcome
 from publisher.core.progress import OUTCOMES, Summary
 from publisher.sync.webhook import OUTCOMES as WEBHOOK_OUTCOMES
-from publisher.sync.webhook import parse_address
+from cvmfs_common.address import parse_address
 
 FAILURE_KINDS = tuple(k.value for k in FailureKind)
 

@@ -60,9 +60,8 @@ from publisher.core.outcome import FailureKind, Outcome
 from publisher.core.progress import ItemResult
 
 if TYPE_CHECKING:  # pragma: no cover
-    from publisher.sync.convert import Target
     from publisher.core.state import State
-    from publisher.sync.wishlist import Wishlist
+    from publisher.sync.wishlist import Target, Wishlist
 
 log = logging.getLogger(__name__)
 

@@ -28,6 +28,8 @@ import yaml
 from cvmfs_common.oci.reference import InvalidReference, Reference, parse_reference
 from cvmfs_common.oci.platform import Platform
 
+from publisher.core.state import TagKey
+
 SUPPORTED_VERSIONS = (1,)
 REQUIRED_KEYS = ("version", "user", "cvmfs_repo", "output_format", "input")
 OPTIONAL_KEYS = ("platforms",)
@@ -300,3 +302,23 @@ def load_wishlists(paths: Iterable[str | Path], *, host_platform: Platform | Non
     if problems:
         raise WishlistError(problems)
     return merge_wishlists(files)
+
+
+@dataclass(frozen=True)
+class Target:
+    """One concrete tag (or digest) for one platform."""
+
+    reference: Reference
+    platform: Platform
+    default: bool
+    entry_id: int | None
+    entry_key: tuple | None = None  # the WishlistEntry.key it came from (thin images)
+
+    @property
+    def key(self) -> TagKey:
+        registry, repository, tag = self.reference.link_components
+        return TagKey(registry, repository, tag, str(self.platform))
+
+    @property
+    def name(self) -> str:
+        return f"{self.reference.spelling} ({self.platform})"

@@ -17,38 +17,27 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+from cvmfs_common.fsutil.entries import readlink
 from cvmfs_common.oci.digest import chain_ids, parse_digest
-from cvmfs_common.repo.paths import LAYERFS, RepositoryLayout, multiarch_name
+from cvmfs_common.repo.paths import CONFIG_JSON, LAYERFS, RepositoryLayout
 from cvmfs_common.fsutil.atomic import relative_link_target, remove_tree
 from cvmfs_common.oci.reference import Reference
 from cvmfs_common.oci.media import FOREIGN_LAYER_TYPES
-from cvmfs_common.oci.platform import Platform
 from cvmfs_common.registry.manifest import ResolvedImage
 
 from publisher.write.chains import build_chain
 from publisher.write.flat import build_flat
 from publisher.unpack.ingest import Ingested, LayerIngester, LayerSpec
 from publisher.core.state import ImageRecord, LayerRecord
+from publisher.write import podman_format as fmt
+from publisher.write.names import Placement, multiarch_name_for, podman_names
+from publisher.write.podman_store import PodmanImage, PodmanLayer, PodmanRoot
 
 log = logging.getLogger(__name__)
-
-CONFIG_JSON = "config.json"
 
 
 class ImageError(RuntimeError):
     """The image cannot be published as it is (bad config, foreign layers, ...)."""
-
-
-@dataclass(frozen=True)
-class Placement:
-    """Where an image's names go: the repository root or ``.multiarch/<arch>[:<variant>]``."""
-
-    layout: RepositoryLayout  # its image_root holds the link, .metadata, podmanStore
-    platform_dir: str  # '' for the default platform
-
-    @property
-    def is_default(self) -> bool:
-        return self.platform_dir == ""
 
 
 @dataclass(frozen=True)
@@ -73,22 +62,6 @@ def layer_specs(image: ResolvedImage, config: dict) -> list[LayerSpec]:
             raise ImageError(f"layer {desc.digest} is a foreign (non-distributable) layer: not supported")
         specs.append(LayerSpec(i, desc.digest, desc.size, desc.media_type, str(parse_digest(diff))))
     return specs
-
-
-def multiarch_name_for(platform: str) -> str | None:
-    """The ``.multiarch`` directory of an image published for ``platform`` (the wishlist's
-    ``os/arch[/variant]``; gc and check derive it from the state the same way), variant
-    defaulted as Go does; None for non-Linux platforms."""
-    plat = Platform.parse(platform)
-    if plat.os != "linux":
-        return None
-    return multiarch_name(plat.architecture, plat.variant)
-
-
-def podman_names(ref: Reference) -> list[str]:
-    """What podman matches: ``docker.io/library/x:tag`` and the wishlist's spelling."""
-    names = [ref.docker_name, ref.spelling]
-    return list(dict.fromkeys(names))
 
 
 class ImagePublisher:
@@ -214,7 +187,7 @@ class ImagePublisher:
         lay = placement.layout
         link = lay.link_path(registry, repository, tag)
         target = relative_link_target(link, self.layout.flat_dir(config_digest))
-        if _readlink(link) != target:
+        if readlink(link) != target:
             lay.atomic_symlink(target, link)  # a moved tag switches here, atomically
 
     def _multiarch_link(self, ref: Reference, config_digest: str, placement: Placement, platform: str) -> None:
@@ -227,7 +200,7 @@ class ImagePublisher:
             registry, repository, tag = ref.link_components
             link = self.layout.multiarch_link(name, registry, repository, tag)
             target = relative_link_target(link, self.layout.flat_dir(config_digest))
-            if _readlink(link) != target:
+            if readlink(link) != target:
                 self.layout.atomic_symlink(target, link)
         self.layout.ensure_multiarch_aliases(name)
 
@@ -236,9 +209,6 @@ class ImagePublisher:
         """The podman store entry: per layer when every layer dir is a sound overlay lower
         on this stack, else the top chain as the image's one layer (raw whiteouts: a real
         CernVM-FS drops the .wh. files at publish, docs/podman.md)."""
-        from publisher.write import podman_format as fmt
-        from publisher.write.podman_store import PodmanImage, PodmanLayer, PodmanRoot
-
         per_layer = fmt.per_layer_stack([l.meta.whiteouts for l in layers], [l.meta.parent_chain for l in layers],
                                         chains)
         root = None if per_layer else PodmanRoot(chains[-1], self.layout.chain_dir(chains[-1]),
@@ -264,13 +234,6 @@ class ImagePublisher:
                 lay.atomic_write_file(path, data)
 
 
-def _readlink(path: Path) -> str | None:
-    try:
-        return os.readlink(path)
-    except OSError:
-        return None
-
-
 def _read(path: Path) -> bytes | None:
     try:
         return path.read_bytes()
@@ -278,4 +241,4 @@ def _read(path: Path) -> bytes | None:
         return None
 
 
-__all__ = ["ImageError", "ImagePublisher", "Placement", "Published", "layer_specs", "podman_names"]
+__all__ = ["ImageError", "ImagePublisher", "Published", "layer_specs"]

@@ -42,7 +42,7 @@ import json
 import re
 from collections.abc import Iterable, Sequence
 
-from cvmfs_common.oci.digest import parse_digest
+from cvmfs_common.oci.digest import parse_digest, sha256_of
 
 IMAGES_DIR = "overlay-images"
 LAYERS_DIR = "overlay-layers"
@@ -181,7 +181,7 @@ def image_entry(image_id: str, digest: str, names: list[str], top_layer: str,
         "layer": top_layer,
         "big-data-names": keys,
         "big-data-sizes": {k: len(big_data[k]) for k in keys},
-        "big-data-digests": {k: "sha256:" + hashlib.sha256(big_data[k]).hexdigest() for k in keys},
+        "big-data-digests": {k: sha256_of(big_data[k]) for k in keys},
     }
     if created is not None:
         entry["created"] = created

@@ -29,6 +29,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from cvmfs_common.fsutil.entries import readlink, scandir
 from cvmfs_common.oci.digest import chain_ids, parse_digest, sha256_of
 from cvmfs_common.repo.paths import LAYERFS, LAYERS_JSON, METADATA_DIR, RepositoryLayout
 from cvmfs_common.repo.metadata import MetadataError, read_layers_json
@@ -316,7 +317,7 @@ class PodmanStore:
             finally:
                 remove_tree(work)
         link = self._link_dir / plan.short
-        if _readlink(link) != f"../{plan.id}/diff":
+        if readlink(link) != f"../{plan.id}/diff":
             self.layout.atomic_symlink(f"../{plan.id}/diff", link)
         old = layers.get(plan.id)
         if keep and old is not None:
@@ -373,14 +374,14 @@ class PodmanStore:
             self._write_json(self.layers_json, [e for lid, e in layers.items() if lid in needed])
         shorts = {_read_text(self.layer_dir(lid) / "link") for lid in needed}
         # Dot names are not ours to sweep (e.g. the cvmfs backend's .cvmfscatalog).
-        for entry in _scandir(self.root / fmt.DRIVER_DIR):
+        for entry in scandir(self.root / fmt.DRIVER_DIR):
             if entry.name not in needed and entry.name != fmt.LINK_DIR and not entry.name.startswith("."):
                 remove_tree(Path(entry.path))
-        for entry in _scandir(self._link_dir):
+        for entry in scandir(self._link_dir):
             if entry.name not in shorts and not entry.name.startswith("."):
                 os.unlink(entry.path)
         keep_images = {i.get("id") for i in images} | {fmt.IMAGES_JSON, fmt.IMAGES_LOCK}
-        for entry in _scandir(self.root / fmt.IMAGES_DIR):
+        for entry in scandir(self.root / fmt.IMAGES_DIR):
             if entry.name not in keep_images and not entry.name.startswith("."):
                 remove_tree(Path(entry.path))
 
@@ -429,13 +430,6 @@ def _read_text(path: Path) -> str:
         return ""
 
 
-def _readlink(path: Path) -> str | None:
-    try:
-        return os.readlink(path)
-    except (FileNotFoundError, OSError):
-        return None
-
-
 def _layer_dir_state(ldir: Path) -> tuple[str | None, str, str] | None:
     """(diff target, link, lower) of an existing layer dir; None when there is none."""
     try:
@@ -443,7 +437,7 @@ def _layer_dir_state(ldir: Path) -> tuple[str | None, str, str] | None:
             return None
     except FileNotFoundError:
         return None
-    return _readlink(ldir / "diff"), _read_text(ldir / "link"), _read_text(ldir / "lower")
+    return readlink(ldir / "diff"), _read_text(ldir / "link"), _read_text(ldir / "lower")
 
 
 def _layer_dir_whiteouts(diff: Path) -> str | None:
@@ -464,13 +458,6 @@ def _dir_files(path: Path) -> dict[str, bytes] | None:
         return {e.name: Path(e.path).read_bytes() for e in os.scandir(path) if e.is_file(follow_symlinks=False)}
     except (FileNotFoundError, NotADirectoryError):
         return None
-
-
-def _scandir(path: Path) -> list[os.DirEntry]:
-    try:
-        return list(os.scandir(path))
-    except FileNotFoundError:
-        return []
 
 
 def _write_small(path: Path, content: str | bytes) -> None:

@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 from cvmfs_common.repo.paths import RepositoryLayout
-from publisher.sync.webhook import ListenerLimits, PushEvent, WebhookListener, parse_address, parse_envelope
+from publisher.sync.webhook import ListenerLimits, PushEvent, WebhookListener, parse_envelope
+from cvmfs_common.address import parse_address
 from tests.fixtures._proc import free_port
 from tests.fixtures.registry import NotificationEndpoint
 
