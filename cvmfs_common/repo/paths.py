@@ -159,9 +159,6 @@ class RepositoryLayout:
     def for_platform(self, os_name: str, architecture: str, variant: str | None = None) -> "RepositoryLayout":
         return RepositoryLayout(self.root, platform_dir_name(os_name, architecture, variant))
 
-    def default_platform(self) -> "RepositoryLayout":
-        return RepositoryLayout(self.root)
-
     @property
     def image_root(self) -> Path:
         if self.platform is None:

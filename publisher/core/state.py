@@ -170,6 +170,8 @@ class TagKey:
 
 @dataclass(frozen=True)
 class TagRecord:
+    """A tags row (published or not; the config digest through its image)."""
+
     id: int
     key: TagKey
     platform_dir: str
@@ -178,6 +180,7 @@ class TagRecord:
     config_digest: str | None
     last_error: str | None
     absent_digest: str | None = None
+    last_seen: float = 0.0
 
     @property
     def published(self) -> bool:
@@ -211,18 +214,13 @@ class ImageRecord:
 # Runs that go over whole wishlists (a loop round is one); gc trusts what they touched.
 FULL_RUN_COMMANDS = ("convert", "loop")
 
+# every TagRecord field, in order (the config digest comes from the joined images row `i`)
+_TAG_SELECT = ("SELECT t.id, t.registry, t.repository, t.tag, t.platform, t.platform_dir, t.top_digest, "
+               "t.manifest_digest, i.config_digest, t.last_error, t.absent_digest, t.last_seen FROM tags t ")
 
-@dataclass(frozen=True)
-class TagRow:
-    """A tags row as gc sees it (published or not)."""
 
-    id: int
-    key: TagKey
-    platform_dir: str
-    top_digest: str | None
-    manifest_digest: str | None
-    config_digest: str | None
-    last_seen: float
+def _tag_record(r: tuple) -> TagRecord:
+    return TagRecord(r[0], TagKey(r[1], r[2], r[3], r[4]), r[5], r[6], r[7], r[8], r[9], r[10], r[11])
 
 
 @dataclass(frozen=True)
@@ -364,14 +362,11 @@ class State:
     # -- tags ---------------------------------------------------------------------
     def tag(self, key: TagKey) -> TagRecord | None:
         row = self.conn.execute(
-            "SELECT t.id, t.platform_dir, t.top_digest, t.manifest_digest, i.config_digest, t.last_error, "
-            "t.absent_digest FROM tags t LEFT JOIN images i ON i.manifest_digest = t.manifest_digest "
+            _TAG_SELECT + "LEFT JOIN images i ON i.manifest_digest = t.manifest_digest "
             "WHERE t.registry=? AND t.repository=? AND t.tag=? AND t.platform=?",
             (key.registry, key.repository, key.tag, key.platform),
         ).fetchone()
-        if row is None:
-            return None
-        return TagRecord(row[0], key, row[1], row[2], row[3], row[4], row[5], row[6])
+        return None if row is None else _tag_record(row)
 
     def _ensure_tag(self, key: TagKey, platform_dir: str, now: float) -> int:
         self.conn.execute(
@@ -459,12 +454,10 @@ class State:
     # -- queries (check/gc build on these) ---------------------------------------------
     def published_tags(self) -> list[TagRecord]:
         rows = self.conn.execute(
-            "SELECT t.id, t.registry, t.repository, t.tag, t.platform, t.platform_dir, t.top_digest, "
-            "t.manifest_digest, i.config_digest, t.last_error FROM tags t "
-            "JOIN images i ON i.manifest_digest = t.manifest_digest "
+            _TAG_SELECT + "JOIN images i ON i.manifest_digest = t.manifest_digest "
             "ORDER BY t.registry, t.repository, t.tag, t.platform"
         ).fetchall()
-        return [TagRecord(r[0], TagKey(r[1], r[2], r[3], r[4]), r[5], r[6], r[7], r[8], r[9]) for r in rows]
+        return [_tag_record(r) for r in rows]
 
     def image_layers(self, manifest_digest: str) -> list[LayerRecord]:
         rows = self.conn.execute(
@@ -500,13 +493,11 @@ class State:
                 "INSERT OR IGNORE INTO interrupted_runs (run_id) SELECT id FROM runs WHERE command=? AND started>=?",
                 (command, since))
 
-    def tag_rows(self) -> list[TagRow]:
+    def tag_rows(self) -> list[TagRecord]:
         rows = self.conn.execute(
-            "SELECT t.id, t.registry, t.repository, t.tag, t.platform, t.platform_dir, t.top_digest, "
-            "t.manifest_digest, i.config_digest, t.last_seen FROM tags t "
-            "LEFT JOIN images i ON i.manifest_digest = t.manifest_digest ORDER BY t.id"
+            _TAG_SELECT + "LEFT JOIN images i ON i.manifest_digest = t.manifest_digest ORDER BY t.id"
         ).fetchall()
-        return [TagRow(r[0], TagKey(r[1], r[2], r[3], r[4]), r[5], r[6], r[7], r[8], r[9]) for r in rows]
+        return [_tag_record(r) for r in rows]
 
     def image_rows(self) -> list[ImageRow]:
         rows = self.conn.execute(

@@ -40,14 +40,14 @@ from cvmfs_common.fsutil.atomic import remove_tree
 from publisher.backend.base import Backend
 from publisher.maint.lockwait import run_locks_waiting
 from publisher.core.progress import human_bytes
-from publisher.core.state import ImageRow, State, TagRow
+from publisher.core.state import ImageRow, State, TagRecord
 from publisher.write.names import multiarch_name_for, placement, podman_name_choices
 from publisher.write.podman_store import PodmanStore
 
 log = logging.getLogger(__name__)
 
 
-def tag_podman_names(row: TagRow) -> set[str]:
+def tag_podman_names(row: TagRecord) -> set[str]:
     return set().union(*podman_name_choices(row.key, row.top_digest))
 
 
@@ -55,7 +55,7 @@ def tag_podman_names(row: TagRow) -> set[str]:
 class GcPlan:
     cutoff: float  # unix time: nothing used since then is touched
     last_full_run: float | None
-    tags: list[TagRow] = field(default_factory=list)
+    tags: list[TagRecord] = field(default_factory=list)
     images: list[ImageRow] = field(default_factory=list)
     layers: list[str] = field(default_factory=list)
     chains: list[str] = field(default_factory=list)
