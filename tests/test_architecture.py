@@ -36,3 +36,18 @@ def test_import_contracts_hold() -> None:
     r = _run([_tool("lint-imports"), "--no-cache"])
     assert r.returncode == 0, r.stdout + r.stderr
     assert "0 broken" in r.stdout and "8 kept" in r.stdout, r.stdout
+
+
+@pytest.mark.parametrize("modules, absent", [
+    # gc, check and rebuild start without the registry client and yaml (cli imports the rest lazily)
+    (["publisher.cli", "publisher.maint.gc", "publisher.maint.check", "publisher.maint.staterebuild"],
+     ["requests", "yaml"]),
+    # the value types and the repository scheme never pull in the HTTP client
+    (["cvmfs_common.oci.platform", "cvmfs_common.registry.manifest", "cvmfs_common.repo.lookup",
+      "publisher.write.names"], ["requests"]),
+])
+def test_light_modules_stay_light(modules: list[str], absent: list[str]) -> None:
+    code = f"import sys\nfor m in {modules!r}: __import__(m)\nprint([m for m in {absent!r} if m in sys.modules])"
+    r = _run([sys.executable, "-c", code])
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "[]", f"{modules} imported {r.stdout.strip()}"
