@@ -42,9 +42,9 @@ def test_import_contracts_hold() -> None:
     # gc, check and rebuild start without the registry client and yaml (cli imports the rest lazily)
     (["publisher.cli", "publisher.maint.gc", "publisher.maint.check", "publisher.maint.staterebuild"],
      ["requests", "yaml"]),
-    # the value types and the repository scheme never pull in the HTTP client
+    # the value types, the repository scheme and the wishlist never pull in the HTTP client
     (["cvmfs_common.oci.platform", "cvmfs_common.registry.manifest", "cvmfs_common.repo.lookup",
-      "publisher.write.names"], ["requests"]),
+      "publisher.write.names", "publisher.sync.wishlist"], ["requests"]),
 ])
 def test_light_modules_stay_light(modules: list[str], absent: list[str]) -> None:
     code = f"import sys\nfor m in {modules!r}: __import__(m)\nprint([m for m in {absent!r} if m in sys.modules])"
