@@ -18,7 +18,7 @@ from .fs import Doomed, SnapshotDirs, disk_usage, overlay_supports_index
 from .labels import validate_labels
 from .metrics import Metrics
 from .model import Info, Kind, Lower, Mount, Usage
-from .remote import (
+from .source.remote import (
     CRI_LAYER_DIGEST_LABEL,
     CVMFS_LAYER_DIGEST_LABEL,
     SNAPSHOT_REF_LABEL,
@@ -27,7 +27,7 @@ from .remote import (
     RemoteLayers,
     next_ducc_ids,
 )
-from .repository import RepositoryUnavailable
+from .source.repository import RepositoryUnavailable
 from .store import Lineage, ParentFacts, Store
 
 log = logging.getLogger(__name__)

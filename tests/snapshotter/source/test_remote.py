@@ -10,7 +10,7 @@ from cvmfs_common.digest import chain_ids, ducc_chain_ids
 from cvmfs_common.layout import LayerMetadata, RepositoryLayout, write_layers_json
 from snapshotter.core import Snapshotter, remote_snapshot_name
 from snapshotter.errors import AlreadyExists, Unavailable
-from snapshotter.remote import CVMFS_LAYER_DIGEST_LABEL, SNAPSHOT_REF_LABEL, build_remote_layers
+from snapshotter.source.remote import CVMFS_LAYER_DIGEST_LABEL, SNAPSHOT_REF_LABEL, build_remote_layers
 
 
 def d(text: str) -> str:
@@ -179,7 +179,7 @@ def test_hung_repository_falls_back_within_timeout(repo, make_sn, monkeypatch):
     publish_layer(repo, 0)
     sn = make_sn(repo.root, timeout=0.3)
     release = threading.Event()
-    import snapshotter.repository as repository_mod
+    import snapshotter.source.repository as repository_mod
 
     monkeypatch.setattr(repository_mod, "find_layer", lambda layout, digest: release.wait(30))
     try:
