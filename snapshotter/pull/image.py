@@ -23,7 +23,7 @@ from cvmfs_common.reference import Reference
 from cvmfs_common.registry import Platform, RegistryClient, ResolvedImage
 
 from .containerd_client import ContainerdClient, unique_key_part
-from ..source.remote import CVMFS_LAYER_DIGEST_LABEL, SNAPSHOT_REF_LABEL
+from ..labels import CVMFS_LAYER_DIGEST_LABEL, SNAPSHOT_REF_LABEL
 
 log = logging.getLogger(__name__)
 

@@ -10,7 +10,8 @@ from cvmfs_common.digest import chain_ids, ducc_chain_ids
 from cvmfs_common.layout import LayerMetadata, RepositoryLayout, write_layers_json
 from snapshotter.core import Snapshotter, remote_snapshot_name
 from snapshotter.errors import AlreadyExists, Unavailable
-from snapshotter.source.remote import CVMFS_LAYER_DIGEST_LABEL, SNAPSHOT_REF_LABEL, build_remote_layers
+from snapshotter.labels import CVMFS_LAYER_DIGEST_LABEL, SNAPSHOT_REF_LABEL
+from snapshotter.source.remote import build_remote_layers
 
 
 def d(text: str) -> str:
