@@ -8,7 +8,7 @@ import pytest
 
 from snapshotter.fs import SnapshotDirs, disk_usage
 from snapshotter.model import Kind, Lower, Mount, Snapshot, Usage
-from tests.snapshotter.deep_tree import make_chain
+from tests.snapshotter.deep_tree import make_chain, remove_everything
 
 
 @pytest.fixture
@@ -44,8 +44,11 @@ def test_usage_of_a_missing_path_or_a_file(tmp_path):
 def test_usage_of_a_tree_deeper_than_path_max(tmp_path):
     top = tmp_path / "deep"
     top.mkdir()
-    make_chain(str(top), 3000)  # "d/" * 3000: 6000 characters, beyond PATH_MAX
-    usage = disk_usage(str(top))
+    try:
+        make_chain(str(top), 3000)  # "d/" * 3000: 6000 characters, beyond PATH_MAX
+        usage = disk_usage(str(top))
+    finally:
+        remove_everything(str(top))  # pytest's own clean-up recurses per level
     assert usage.inodes == 3000 + 2  # top, 3000 dirs, the file
     assert usage.size >= 10_000 + 3001 * 512
 
