@@ -5,7 +5,6 @@ domain error within the configured timeout."""
 import os
 import threading
 import time
-from pathlib import Path
 
 import pytest
 
