@@ -9,7 +9,7 @@ import sys
 
 from cvmfs_common.version import version_text
 
-from .pull_cli import add_pull_parser
+from .pull.cli import add_pull_parser
 
 log = logging.getLogger("cvmfs-snapshotter")
 
@@ -60,7 +60,7 @@ def run_serve(args: argparse.Namespace) -> int:
     from .server import SocketInUse, serve
 
     from .metrics import Metrics
-    from .remote import build_remote_layers
+    from .source.remote import build_remote_layers
 
     metrics = Metrics()
     remote = build_remote_layers(

@@ -15,20 +15,12 @@ from typing import Sequence
 from .errors import AlreadyExists, InvalidArgument, Unavailable
 from .filters import FilterSyntaxError, parse_all
 from .fs import Doomed, SnapshotDirs, disk_usage, overlay_supports_index
-from .labels import validate_labels
+from .labels import CRI_LAYER_DIGEST_LABEL, CVMFS_LAYER_DIGEST_LABEL, SNAPSHOT_REF_LABEL, SOURCE_LABEL, validate_labels
+from .layer_source import LayerRequest, LayerSource, SourceUnavailable
+from .lineage import Lineage, next_ducc_ids
 from .metrics import Metrics
 from .model import Info, Kind, Lower, Mount, Usage
-from .remote import (
-    CRI_LAYER_DIGEST_LABEL,
-    CVMFS_LAYER_DIGEST_LABEL,
-    SNAPSHOT_REF_LABEL,
-    SOURCE_LABEL,
-    LayerRequest,
-    RemoteLayers,
-    next_ducc_ids,
-)
-from .repository import RepositoryUnavailable
-from .store import Lineage, ParentFacts, Store
+from .store import ParentFacts, Store
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +30,7 @@ class CleanupIncomplete(RuntimeError):
 
 
 class Snapshotter:
-    def __init__(self, root: Path, remote: RemoteLayers | None = None, metrics: Metrics | None = None) -> None:
+    def __init__(self, root: Path, remote: LayerSource | None = None, metrics: Metrics | None = None) -> None:
         self.root = Path(root)
         self.metrics = metrics
         options = ("index=off",) if overlay_supports_index() else ()
@@ -101,12 +93,12 @@ class Snapshotter:
         """Mode and owner of the stack's "/", i.e. of the parent's dir (the upper dir must carry them)."""
         path = self.dirs.lower_dir(parent.id, parent.source)
         if parent.source is not None and self.remote is not None:
-            repo = self.remote.repository_for(path)
-            if repo is not None:
-                try:
-                    return repo.stat_mode_owner(path)
-                except (RepositoryUnavailable, OSError) as e:
-                    raise Unavailable(f"repository directory {path} is not available: {e}") from None
+            try:
+                attrs = self.remote.root_attributes(path)
+            except (SourceUnavailable, OSError) as e:
+                raise Unavailable(f"repository directory {path} is not available: {e}") from None
+            if attrs is not None:
+                return attrs
         try:
             st = os.stat(path)
         except OSError as e:
@@ -117,14 +109,12 @@ class Snapshotter:
         """Chain ids this snapshot will stand for, kept so children can be looked up."""
         chain_id = labels.get(SNAPSHOT_REF_LABEL)
         digest = labels.get(CVMFS_LAYER_DIGEST_LABEL) or labels.get(CRI_LAYER_DIGEST_LABEL)
-        parent_ducc = None
-        if parent and facts is not None and facts.lineage.ducc_chain:
-            parent_ducc = tuple(facts.lineage.ducc_chain.split(" "))
+        parent_ducc = facts.lineage.ducc if parent and facts is not None else None
         try:
             ducc = next_ducc_ids(parent_ducc, bool(parent), digest)
         except ValueError:
             ducc = None
-        return Lineage(chain_id, " ".join(ducc) if ducc else None)
+        return Lineage(chain_id, ducc)
 
     def _try_remote(self, parent: str, labels: dict[str, str], lineage: Lineage, facts: ParentFacts | None) -> None:
         """Serve the layer from a repository: create a committed snapshot carrying the
@@ -135,8 +125,7 @@ class Snapshotter:
         if parent and (facts is None or facts.kind != Kind.COMMITTED):
             return  # the normal path reports the bad parent
         digest = labels.get(CVMFS_LAYER_DIGEST_LABEL) or labels.get(CRI_LAYER_DIGEST_LABEL)
-        ducc = tuple(lineage.ducc_chain.split(" ")) if lineage.ducc_chain else None
-        request = LayerRequest(ref, digest, bool(parent), facts.lineage.chain_id if facts else None, ducc)
+        request = LayerRequest(ref, digest, bool(parent), facts.lineage.chain_id if facts else None, lineage.ducc)
         match = self.remote.find(request)
         self._count("remote_layers", "hit" if match is not None else "miss")
         if match is None:
@@ -177,7 +166,7 @@ class Snapshotter:
                 continue
             try:
                 ok = self.remote.is_available(lower.source)
-            except RepositoryUnavailable as e:
+            except SourceUnavailable as e:
                 raise Unavailable(f"snapshot {key!r}: {e}") from None
             if not ok:
                 raise Unavailable(f"snapshot {key!r}: repository directory {lower.source} is gone")

@@ -1,4 +1,5 @@
-"""Label limits, as containerd's `labels.Validate` enforces them in its metadata store."""
+"""Snapshot labels: the names containerd and our pull set, and the limits containerd's
+`labels.Validate` enforces in its metadata store."""
 
 from __future__ import annotations
 
@@ -7,6 +8,11 @@ from typing import Mapping
 from .errors import InvalidArgument
 
 MAX_LABEL_SIZE = 4096  # bytes of key + value of one label
+
+SNAPSHOT_REF_LABEL = "containerd.io/snapshot.ref"  # the OCI chainID of the stack up to this layer
+CRI_LAYER_DIGEST_LABEL = "containerd.io/snapshot/cri.layer-digest"
+CVMFS_LAYER_DIGEST_LABEL = "containerd.io/snapshot/cvmfs.layer-digest"
+SOURCE_LABEL = "containerd.io/snapshot/cvmfs.source"  # the directory a remote snapshot shows
 
 
 def validate_labels(labels: Mapping[str, str]) -> None:

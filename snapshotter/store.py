@@ -16,6 +16,7 @@ from typing import Callable, Iterator, Sequence, TypeVar
 
 from .errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from .filters import EQUAL, Filter, Selector
+from .lineage import DuccIds, Lineage
 from .model import Info, Kind, Lower, Snapshot, Usage
 
 T = TypeVar("T")
@@ -80,14 +81,6 @@ class NewSnapshot:
 
     snapshot: Snapshot
     info: Info
-
-
-@dataclass(frozen=True)
-class Lineage:
-    """Which image chain a snapshot stands for, when containerd told us (labels)."""
-
-    chain_id: str | None = None
-    ducc_chain: str | None = None
 
 
 @dataclass(frozen=True)
@@ -222,7 +215,7 @@ class Store:
         kind: Kind,
         labels: dict[str, str],
         make_dirs: Callable[[int, tuple[Lower, ...]], None],
-        lineage: "Lineage | None" = None,
+        lineage: Lineage | None = None,
     ) -> NewSnapshot:
         """Insert an active/view snapshot; `make_dirs(id, lowers)` runs inside the
         transaction, so the row only becomes visible once its directories exist."""
@@ -235,7 +228,7 @@ class Store:
             cur = db.execute(
                 "INSERT INTO snapshots (key, parent_id, kind, created, updated, chain_id, ducc_chain)"
                 " VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (key, parent_id, int(kind), now, now, lin.chain_id, lin.ducc_chain),
+                (key, parent_id, int(kind), now, now, lin.chain_id, _encode_ducc(lin.ducc)),
             )
             snapshot_id = int(cur.lastrowid)
             self._set_labels(db, snapshot_id, labels, new=True)
@@ -254,7 +247,7 @@ class Store:
         source: str,
         whole_stack: bool,
         make_link: Callable[[int], None],
-        lineage: "Lineage | None" = None,
+        lineage: Lineage | None = None,
     ) -> Info:
         """Insert a committed snapshot whose content is a repository directory."""
         with self._tx() as db:
@@ -265,7 +258,7 @@ class Store:
                 "INSERT INTO snapshots (key, parent_id, kind, created, updated, source, whole_stack, chain_id,"
                 " ducc_chain) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (name, parent_id, int(Kind.COMMITTED), now, now, source, int(whole_stack), lin.chain_id,
-                 lin.ducc_chain),
+                 _encode_ducc(lin.ducc)),
             )
             snapshot_id = int(cur.lastrowid)
             self._set_labels(db, snapshot_id, labels, new=True)
@@ -278,7 +271,7 @@ class Store:
         ).fetchone()
         if row is None:
             return None
-        return ParentFacts(row[0], Kind(row[1]), Lineage(row[2], row[3]), row[4])
+        return ParentFacts(row[0], Kind(row[1]), Lineage(row[2], DuccIds.decode(row[3])), row[4])
 
     def snapshot(self, key: str) -> Snapshot:
         """An active or view snapshot with its lowers (for Mounts)."""
@@ -406,6 +399,10 @@ class Store:
         removed until it returns (as containerd's overlay snapshotter scans for Cleanup)."""
         with self._tx() as db:
             return fn({row[0] for row in db.execute("SELECT id FROM snapshots")})
+
+
+def _encode_ducc(ducc: DuccIds | None) -> str | None:
+    return None if ducc is None else ducc.encode()
 
 
 def _indexable(s: Selector) -> bool:

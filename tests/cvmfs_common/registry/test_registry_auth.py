@@ -1,5 +1,5 @@
 """Where pull finds registry credentials (real-stack checks against an htpasswd registry are
-in tests/snapshotter/test_pull_cli.py)."""
+in tests/snapshotter/pull/test_pull_cli.py)."""
 from __future__ import annotations
 
 import base64

@@ -1,5 +1,5 @@
 """containerd's hosts.toml as pull reads it (the real-stack mirror test is in
-tests/snapshotter/test_pull_cli.py)."""
+tests/snapshotter/pull/test_pull_cli.py)."""
 from __future__ import annotations
 
 import pytest

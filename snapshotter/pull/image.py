@@ -25,7 +25,7 @@ from cvmfs_common.registry.client import RegistryClient
 from cvmfs_common.registry.manifest import ResolvedImage
 
 from .containerd_client import ContainerdClient, unique_key_part
-from .remote import CVMFS_LAYER_DIGEST_LABEL, SNAPSHOT_REF_LABEL
+from ..labels import CVMFS_LAYER_DIGEST_LABEL, SNAPSHOT_REF_LABEL
 
 log = logging.getLogger(__name__)
 

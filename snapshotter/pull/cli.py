@@ -63,7 +63,7 @@ def run_pull(args: argparse.Namespace) -> int:
     from cvmfs_common.registry.hosts import Endpoint, HostsConfigError, load_endpoints
 
     from .containerd_client import ContainerdClient
-    from .pull import PullError, pull_image
+    from .image import PullError, pull_image
 
     address = args.containerd_address or os.environ.get("CONTAINERD_ADDRESS") or DEFAULT_CONTAINERD
     namespace = args.namespace or os.environ.get("CONTAINERD_NAMESPACE") or DEFAULT_NAMESPACE

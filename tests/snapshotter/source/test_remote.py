@@ -1,7 +1,9 @@
 """Remote-layer decisions (DESIGN §2a) on a repository written with the layout module."""
 
 import hashlib
+import logging
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -11,7 +13,8 @@ from cvmfs_common.repo.metadata import LayerMetadata, write_layers_json
 from cvmfs_common.repo.paths import RepositoryLayout
 from snapshotter.core import Snapshotter, remote_snapshot_name
 from snapshotter.errors import AlreadyExists, Unavailable
-from snapshotter.remote import CVMFS_LAYER_DIGEST_LABEL, SNAPSHOT_REF_LABEL, build_remote_layers
+from snapshotter.labels import CVMFS_LAYER_DIGEST_LABEL, SNAPSHOT_REF_LABEL
+from snapshotter.source.remote import build_remote_layers
 
 
 def d(text: str) -> str:
@@ -176,16 +179,26 @@ def test_vanished_repository_dir_fails_mounts_clearly(repo, make_sn):
         sn.mounts("c")
 
 
-def test_hung_repository_falls_back_within_timeout(repo, make_sn, monkeypatch):
+def test_hung_repository_falls_back_within_timeout(repo, make_sn, monkeypatch, caplog):
     publish_layer(repo, 0)
-    sn = make_sn(repo.root, timeout=0.3)
+    timeout, margin = 0.3, 10.0  # generous margin (a shared machine), still far below the 60 s hang
+    sn = make_sn(repo.root, timeout=timeout)
     release = threading.Event()
-    import snapshotter.repository as repository_mod
+    import snapshotter.source.repository as repository_mod
 
-    monkeypatch.setattr(repository_mod, "find_layer", lambda layout, digest: release.wait(30))
+    monkeypatch.setattr(repository_mod, "find_layer", lambda layout, digest: release.wait(60))
+    caplog.set_level(logging.WARNING, logger="snapshotter")
     try:
+        start = time.monotonic()
         assert not prepare_layer(sn, 0, "")  # fell back to the normal path
+        elapsed = time.monotonic() - start
+        assert timeout * 0.9 <= elapsed < timeout + margin, elapsed  # waited for the lookup, not for the hang
+        assert f"did not answer layer {BLOBS[0]} within 0.3s" in caplog.text
         assert not sn.remote.repositories[0].healthy
+        caplog.clear()
+        start = time.monotonic()
         assert not prepare_layer(sn, 1, f"ns/0/{CHAINS[0]}")  # fails fast while stuck
+        assert time.monotonic() - start < timeout + margin
+        assert "is not answering (an earlier lookup is still stuck)" in caplog.text
     finally:
         release.set()

@@ -12,6 +12,7 @@ the same layers for every container start.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 import queue
@@ -24,12 +25,14 @@ from typing import Callable, TypeVar
 from cvmfs_common.repo.lookup import LayerPresence, find_chain, find_layer
 from cvmfs_common.repo.paths import RepositoryLayout
 
+from ..layer_source import SourceUnavailable
+
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
 
-class RepositoryUnavailable(Exception):
+class RepositoryUnavailable(SourceUnavailable):
     """The repository did not answer in time (or is still stuck on an earlier question)."""
 
 
@@ -119,8 +122,6 @@ class BoundedRepository:
         return self._cached("dir", path, lambda: Path(path).is_dir())
 
     def stat_mode_owner(self, path: str) -> tuple[int, int, int]:
-        import os
-
         def probe() -> tuple[int, int, int]:
             st = os.stat(path)
             return st.st_mode, st.st_uid, st.st_gid

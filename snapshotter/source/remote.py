@@ -16,58 +16,24 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
-from cvmfs_common.oci.digest import (InvalidDigest, ducc2_chain_ids, ducc_chain_ids, next_chain_id, next_ducc2_chain_id,
-    next_ducc_chain_id, parse_digest)
+from cvmfs_common.oci.digest import InvalidDigest, next_chain_id, parse_digest
 
+from ..layer_source import LayerMatch, LayerRequest
 from .repository import BoundedRepository, RepositoryUnavailable
 
 log = logging.getLogger(__name__)
 
-SNAPSHOT_REF_LABEL = "containerd.io/snapshot.ref"
-CRI_LAYER_DIGEST_LABEL = "containerd.io/snapshot/cri.layer-digest"
-CVMFS_LAYER_DIGEST_LABEL = "containerd.io/snapshot/cvmfs.layer-digest"
-SOURCE_LABEL = "containerd.io/snapshot/cvmfs.source"
-
-
-@dataclass(frozen=True)
-class LayerRequest:
-    """What containerd asks for, plus what we know of the parent."""
-
-    chain_id: str  # the snapshot.ref label: OCI chainID of the stack up to this layer
-    layer_digest: str | None  # compressed blob digest, when CRI or our pull told us
-    has_parent: bool
-    parent_chain_id: str | None
-    ducc_ids: tuple[str, str] | None  # (DUCC 1, DUCC 2) chain ids up to this layer
-
-
-@dataclass(frozen=True)
-class RemoteMatch:
-    source: str
-    whole_stack: bool  # a chain dir: the complete root fs on its own
-    repository: Path
-
-
-def oci_chain(parent_chain_id: str | None, diff_id: str) -> str:
-    return next_chain_id(parent_chain_id, diff_id)
-
-
-def next_ducc_ids(parent: tuple[str, str] | None, has_parent: bool, layer_digest: str | None) -> tuple[str, str] | None:
-    """Extend the parent's DUCC chain ids by one layer (None when unknowable)."""
-    if layer_digest is None or (has_parent and parent is None):
-        return None
-    if not has_parent:
-        return ducc_chain_ids([layer_digest])[0], ducc2_chain_ids([layer_digest])[0]
-    return next_ducc_chain_id(parent[0], layer_digest), next_ducc2_chain_id(parent[1], layer_digest)
-
 
 @dataclass
 class RemoteLayers:
+    """The LayerSource of repository directories, tried in order."""
+
     repositories: Sequence[BoundedRepository]
 
     def repository_for(self, path: str) -> BoundedRepository | None:
         return next((r for r in self.repositories if r.owns(path)), None)
 
-    def find(self, req: LayerRequest) -> RemoteMatch | None:
+    def find(self, req: LayerRequest) -> LayerMatch | None:
         try:
             parse_digest(req.chain_id)
             if req.layer_digest is not None:
@@ -85,7 +51,7 @@ class RemoteLayers:
                 return match
         return None
 
-    def _find_in(self, repo: BoundedRepository, req: LayerRequest) -> RemoteMatch | None:
+    def _find_in(self, repo: BoundedRepository, req: LayerRequest) -> LayerMatch | None:
         if req.layer_digest is not None:
             presence = repo.layer(req.layer_digest)
             if presence is not None:
@@ -99,16 +65,16 @@ class RemoteLayers:
                               req.parent_chain_id)
                 elif req.has_parent and req.parent_chain_id is None:
                     log.debug("layer %s: parent chain unknown; trying its chain", req.layer_digest)
-                elif oci_chain(req.parent_chain_id, meta.diff_digest) != req.chain_id:
+                elif next_chain_id(req.parent_chain_id, meta.diff_digest) != req.chain_id:
                     log.warning("layer %s: diffID %s does not give chain %s; not serving it", req.layer_digest,
                                 meta.diff_digest, req.chain_id)
                 else:
-                    return RemoteMatch(str(presence.layerfs), False, repo.root)
-        candidates = [req.chain_id] + list(req.ducc_ids or ())
+                    return LayerMatch(str(presence.layerfs), False, repo.root)
+        candidates = [req.chain_id, *(req.ducc_ids or ())]
         for chain in candidates:
             path = repo.chain(chain)
             if path is not None:
-                return RemoteMatch(str(path), True, repo.root)
+                return LayerMatch(str(path), True, repo.root)
         return None
 
     def is_available(self, source: str) -> bool:
@@ -117,6 +83,10 @@ class RemoteLayers:
         if repo is None:
             return Path(source).is_dir()
         return repo.is_dir(source)
+
+    def root_attributes(self, path: str) -> tuple[int, int, int] | None:
+        repo = self.repository_for(path)
+        return None if repo is None else repo.stat_mode_owner(path)
 
     def warn_about_missing_roots(self) -> None:
         """Log each repository root that is not there (yet): an autofs /cvmfs mounts on

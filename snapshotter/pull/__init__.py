@@ -1,0 +1,1 @@
+"""`cvmfs-snapshotter pull`: resolve an image in a registry and unpack it through containerd, layer by layer."""
