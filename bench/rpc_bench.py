@@ -176,6 +176,14 @@ def handler_seconds(metrics_port: int) -> dict[str, tuple[float, float]]:
     return {m: (c, t) for m, (c, t) in out.items()}
 
 
+def cpu_seconds(pid: int | None) -> float:
+    """user + system CPU of a live process (all its threads)."""
+    if pid is None:
+        return float("nan")
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def overlay_backend_count(cd: Containerd) -> int:
     snaps = cd.root / "io.containerd.snapshotter.v1.overlayfs" / "snapshots"
     return len(list(snaps.iterdir())) if snaps.exists() else 0
@@ -191,6 +199,8 @@ def report(samples: dict[str, Samples]) -> None:
         print(f"{m:8} {len(samples['cvmfs'][m]):5} | {cells}")
     totals = {side: sum(sum(v) for v in samples[side].values()) for side in sides}
     print("total RPC time: " + ", ".join(f"{side} {t:.2f}s" for side, t in totals.items()))
+    print("per method, total s: " + "; ".join(
+        f"{m} " + " ".join(f"{side} {sum(samples[side][m]):.2f}" for side in sides) for m in METHODS))
     print(f"\nmachine: {machine()}")
     pairs = [("cvmfs", "overlayfs", "cvmfs-snapshotter / built-in overlayfs (target <= 1.0x)")]
     if "null-proxy" in samples:
@@ -263,12 +273,17 @@ def main(argv: list[str] | None = None) -> int:
             for c in clients.values():
                 c.close()
             handlers = handler_seconds(metrics_port)
+            # CPU of each proxy backend over the whole run (warm-up and GC's removals included)
+            backend_cpu = {"overlay-proxy": cpu_seconds(goproxy.pid if goproxy else None),
+                           "null-proxy": cpu_seconds(null.pid if null else None), "cvmfs": cpu_seconds(sn.pid)}
         finally:
             for d in reversed(daemons):
                 d.stop()
             terminate(null)
             terminate(goproxy)
     report(samples)
+    print("CPU seconds of each proxy backend process over the run: "
+          + ", ".join(f"{k} {v:.2f}" for k, v in backend_cpu.items() if v == v))
     print("inside cvmfs-snapshotter's handlers (its rpc_seconds histogram, warm-up included), mean ms: "
           + ", ".join(f"{m} {1000 * t / c:.3f} ({c:.0f})" for m, (c, t) in sorted(handlers.items()) if c))
     return 0

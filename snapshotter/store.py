@@ -115,12 +115,20 @@ class Store:
         if conn is None:
             conn = sqlite3.connect(self._path, timeout=30, isolation_level=None, check_same_thread=True)
             conn.execute("PRAGMA journal_mode = WAL")
-            # NORMAL in WAL mode is crash-safe (no corruption); a power loss may drop the
-            # last transactions, and Cleanup removes the directories they left behind.
-            conn.execute("PRAGMA synchronous = NORMAL")
+            conn.execute("PRAGMA synchronous = FULL")
             conn.execute("PRAGMA foreign_keys = ON")
             self._local.conn = conn
+            self._local.durable = True
         return conn
+
+    def _sync_mode(self, db: sqlite3.Connection, durable: bool) -> None:
+        """FULL (the WAL is fsynced at COMMIT, as bolt fsyncs containerd's transactions)
+        for what containerd builds on; NORMAL for removals, whose loss in a power cut
+        containerd's GC and Cleanup redo (docs/DESIGN-NOTES.md). A FULL commit also makes
+        every earlier NORMAL one durable: the WAL is synced up to its end."""
+        if self._local.durable != durable:
+            db.execute("PRAGMA synchronous = FULL" if durable else "PRAGMA synchronous = NORMAL")
+            self._local.durable = durable
 
     # Reads that fit in ONE statement run without BEGIN/COMMIT: a statement is its own
     # consistent read transaction, and each sqlite3 call (which releases and re-takes
@@ -128,8 +136,10 @@ class Store:
     # for every List.
 
     @contextmanager
-    def _tx(self, write: bool = True) -> Iterator[sqlite3.Connection]:
+    def _tx(self, write: bool = True, durable: bool = True) -> Iterator[sqlite3.Connection]:
         db = self._conn()
+        if write:
+            self._sync_mode(db, durable)
         db.execute("BEGIN IMMEDIATE" if write else "BEGIN")
         try:
             yield db
@@ -316,7 +326,7 @@ class Store:
     def remove(self, key: str, detach: Callable[[int], None]) -> tuple[int, Kind]:
         """Delete a snapshot's row; `detach(id)` runs inside the transaction (it gives
         up the snapshot's directory names, which Cleanup then never sees row-less)."""
-        with self._tx() as db:
+        with self._tx(durable=False) as db:
             snapshot_id, kind, _ = self._row(db, key)
             if db.execute("SELECT 1 FROM snapshots WHERE parent_id = ? LIMIT 1", (snapshot_id,)).fetchone():
                 raise FailedPrecondition(f"cannot remove snapshot {key!r}: it has children")
@@ -397,7 +407,7 @@ class Store:
     def with_all_ids_locked(self, fn: Callable[[set[int]], T]) -> T:
         """`fn(every snapshot id)` inside a write transaction: no snapshot is created or
         removed until it returns (as containerd's overlay snapshotter scans for Cleanup)."""
-        with self._tx() as db:
+        with self._tx(durable=False) as db:
             return fn({row[0] for row in db.execute("SELECT id FROM snapshots")})
 
 

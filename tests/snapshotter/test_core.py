@@ -287,3 +287,22 @@ def test_failed_remove_transaction_gives_the_snapshot_its_dir_back(sn, monkeypat
     sn.cleanup()
     (m,) = sn.view("v", "a", {})
     assert Path(m.source, "f").read_text() == "x"
+
+
+def test_writes_containerd_builds_on_are_fsynced_removals_need_not_be(sn):
+    """Power-loss durability (docs/DESIGN-NOTES.md): Prepare and Commit commit with
+    synchronous=FULL (the WAL is fsynced, as bolt fsyncs), Remove with NORMAL."""
+
+    def level() -> int:  # the calling thread's connection: 1 NORMAL, 2 FULL
+        return sn.store._conn().execute("PRAGMA synchronous").fetchone()[0]
+
+    sn.prepare("a", "", {})
+    assert level() == 2
+    sn.remove("a")
+    assert level() == 1
+    sn.prepare("b", "", {})
+    assert level() == 2
+    sn.store._conn().execute("PRAGMA synchronous = NORMAL")
+    sn.store._local.durable = False
+    sn.commit("c", "b", {})
+    assert level() == 2
