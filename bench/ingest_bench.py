@@ -27,6 +27,9 @@ Four layers (--layers, --layer-mb each):
                  as convert's parallel pass runs them; then sync
   convert-image  `cvmfs-publisher convert-image --jobs J` of the 4-layer image (information)
 
+--writeback-ab: also the `ingest` side without the early writeback (publisher/unpack/unpack/writeback.py:
+syncfs in a thread every 64 MiB while unpacking), so before and after share the rounds.
+
 --inflate zlib,isal,zlib-ng: the `ingest` and `unpack (file)` sides (and the 4-layer
 `ingest -jN`) once per gzip inflater, forced with $CVMFS_PUBLISHER_INFLATE (publisher/
 streams.py), so the libraries are compared in the same rounds; the default runs whichever
@@ -53,6 +56,13 @@ from bench.publib import (CachedImage, CachedRegistry, Timed, generated_image, m
                           own_peak_rss_kib, publisher_cmd, remove, run_timed, scratch_fs)
 
 MiB = 1 << 20
+NO_WRITEBACK_ENV = "BENCH_NO_EARLY_WRITEBACK"   # set by --writeback-ab for its "before" side
+
+
+def _maybe_without_writeback() -> None:
+    if os.environ.get(NO_WRITEBACK_ENV):
+        from publisher.unpack.unpack import writeback
+        writeback.STEP = 1 << 62   # never reached: the layer stays dirty until the final syncfs
 
 
 # ------------------------------------------------------------------ child: the ingest path
@@ -69,6 +79,7 @@ def child_ingest(args: list[str]) -> int:
     from tests.fixtures.oci_layout import MT_LAYER_GZIP
 
     layers = json.loads(meta)
+    _maybe_without_writeback()
     ref = parse_reference(f"{host}/{name}:v1")
     specs = [LayerSpec(i, l["digest"], l["size"], MT_LAYER_GZIP, l["diff_id"]) for i, l in enumerate(layers)]
     t0 = time.perf_counter()
@@ -91,6 +102,7 @@ def child_unpack(args: list[str]) -> int:
     blob, dest, digest, diff_id = args
     from publisher.unpack.unpack import unpack_layer
 
+    _maybe_without_writeback()
     t0 = time.perf_counter()
     with open(blob, "rb") as f:
         unpack_layer(f, dest, digest=digest, diff_id=diff_id)
@@ -120,19 +132,23 @@ def inflate_cpu(blob: Path, inflaters: list[str], repeat: int) -> dict[str, floa
     return best
 
 
-def inflate_env(inflater: str | None) -> dict[str, str] | None:
-    """The environment forcing the publisher's gzip inflater (None: its own choice)."""
-    if inflater is None:
+def inflate_env(inflater: str | None, writeback: bool = True) -> dict[str, str] | None:
+    """The environment forcing the publisher's gzip inflater (None: its own choice), and
+    turning the early writeback off."""
+    if inflater is None and writeback:
         return None
     from publisher.unpack.streams import INFLATE_ENV
-    return {**os.environ, INFLATE_ENV: inflater}
+    env = {**os.environ, **({INFLATE_ENV: inflater} if inflater else {})}
+    if not writeback:
+        env[NO_WRITEBACK_ENV] = "1"
+    return env
 
 
 def time_child_ingest(reg: CachedRegistry, img: CachedImage, root: Path, jobs: int,
-                      inflater: str | None = None) -> Timed:
+                      inflater: str | None = None, writeback: bool = True) -> Timed:
     meta = json.dumps([{"digest": l.digest, "size": l.size, "diff_id": l.diff_id} for l in img.layers])
     t = run_timed([sys.executable, __file__, "--child-ingest", reg.host, img.name, str(root), str(jobs), meta],
-                  env=inflate_env(inflater))
+                  env=inflate_env(inflater, writeback))
     r = json.loads(t.out.strip().splitlines()[-1])
     return Timed(r["seconds"], t.user, t.sys, r["maxrss_kib"])
 
@@ -180,10 +196,10 @@ class Sides:
         finally:
             remove(d)
 
-    def ingest(self, img: CachedImage, jobs: int, inflater: str | None = None) -> Timed:
+    def ingest(self, img: CachedImage, jobs: int, inflater: str | None = None, writeback: bool = True) -> Timed:
         root = self._dir("repo")
         try:
-            return time_child_ingest(self.reg, img, root, jobs, inflater)
+            return time_child_ingest(self.reg, img, root, jobs, inflater, writeback)
         finally:
             remove(root)
 
@@ -238,6 +254,8 @@ def main() -> int:
     ap.add_argument("--no-convert", action="store_true", help="skip the convert-image sides")
     ap.add_argument("--inflate", metavar="A,B,...",
                     help="run the ingest/unpack sides once per gzip inflater (zlib, isal, zlib-ng)")
+    ap.add_argument("--writeback-ab", action="store_true",
+                    help="also run the ingest side without the early writeback (before/after)")
     ap.add_argument("--scratch-dir", type=Path, help="write here instead of a fresh loop-mounted ext4")
     ap.add_argument("--child-ingest", nargs=5, help=argparse.SUPPRESS)
     ap.add_argument("--child-unpack", nargs=4, help=argparse.SUPPRESS)
@@ -285,6 +303,8 @@ def main() -> int:
                     sfx = f" [{inf}]" if inf else ""
                     s1["unpack (file)" + sfx] = lambda inf=inf: sides.unpack_file(single, inf)
                     s1["ingest" + sfx] = lambda inf=inf: sides.ingest(single, 1, inf)
+                    if args.writeback_ab:
+                        s1["ingest" + sfx + " no-wb"] = lambda inf=inf: sides.ingest(single, 1, inf, False)
                 if not args.no_convert:
                     s1["convert-image"] = lambda: sides.convert_image(single, 1)
                 res1 = rounds(s1, args.repeat)
@@ -323,6 +343,9 @@ def main() -> int:
         if m1:
             print(f"  ingest{sfx} / (tar -xzf + sync), one {single.blob_bytes / 1e6:.0f} MB layer: "
                   f"{m1['ingest' + sfx] / m1['tar']:.2f}x  (target <= 0.5x)")
+            if args.writeback_ab:
+                print(f"  ingest{sfx} without early writeback / (tar -xzf + sync):  "
+                      f"{m1['ingest' + sfx + ' no-wb'] / m1['tar']:.2f}x")
             print(f"  ingest{sfx} / (curl | tar -xzf + sync):                  "
                   f"{m1['ingest' + sfx] / m1['curl | tar']:.2f}x")
             print(f"  unpack (file){sfx} / (tar -xzf + sync):                  "

@@ -188,13 +188,23 @@ class TreeWriter:
         parent_fd, pparts = self._dir(parts[:-1], create=True, mtime=times[1])
         name = parts[-1]
         parts = pparts + (name,)
+        if member.isreg():
+            # Most members are new files: create first, look only when the name is taken
+            # (saves a failing lstat per file).
+            fd = _create_file(parent_fd, name)
+            if fd is not None:
+                self._file(tar, fd, member, times)
+                return
         existing = _lstat_at(parent_fd, name)
         reuse = existing is not None and member.isdir() and stat.S_ISDIR(existing.st_mode)
         replaced_whiteout = False
         if existing is not None and not reuse:
             replaced_whiteout = self._remove(parent_fd, name, parts, existing)
         if member.isreg():
-            self._file(tar, parent_fd, name, member, times)
+            fd = _create_file(parent_fd, name)
+            if fd is None:
+                raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), name)
+            self._file(tar, fd, member, times)
         elif member.isdir():
             self._mkdir(parent_fd, name, parts, member, times, reuse, replaced_whiteout)
         elif member.isfifo():
@@ -203,9 +213,9 @@ class TreeWriter:
             self._symlink(parent_fd, name, member, times)
 
     # ---------------------------------------------------------------- entry kinds
-    def _file(self, tar: tarfile.TarFile, parent_fd: int, name: str, member: tarfile.TarInfo,
+    def _file(self, tar: tarfile.TarFile, fd: int, member: tarfile.TarInfo,
               times: tuple[int, int]) -> None:
-        fd = os.open(name, _FILE_FLAGS, 0o600, dir_fd=parent_fd)
+        """Fill the file just created as `fd` (closed here)."""
         try:
             self._copy_data(tar, member, fd)
             self._apply_attrs(fd, member, lambda n, v: os.setxattr(fd, n, v),
@@ -528,6 +538,14 @@ def _drop_stale_xattrs(fd: int, member: tarfile.TarInfo) -> None:
 def _all_zeros(piece: memoryview | bytes) -> bool:
     n = len(piece)
     return bytes(piece) == (_ZEROS if n == CHUNK else bytes(n))   # memcmp, not per element
+
+
+def _create_file(dir_fd: int, name: str) -> int | None:
+    """A new file's fd (O_EXCL, never through a symlink); None when the name exists."""
+    try:
+        return os.open(name, _FILE_FLAGS, 0o600, dir_fd=dir_fd)
+    except FileExistsError:
+        return None
 
 
 def _lstat_at(dir_fd: int, name: str) -> os.stat_result | None:

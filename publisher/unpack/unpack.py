@@ -28,6 +28,7 @@ from publisher.unpack.streams import (HashingReader, ReadAhead, SourceFailed, So
 from publisher.unpack.tarsafety import HeaderTooLarge, Limits, limited_tarinfo
 from publisher.unpack.treewriter import EntryCounts, SkippedEntry, TreeWriter
 from publisher.unpack.whiteouts import WhiteoutMode
+from publisher.unpack.writeback import EarlyWriteback
 
 __all__ = ["unpack_layer", "UnpackResult", "Limits", "EntryCounts", "SkippedEntry",
            "LayerError", "HostileLayerError", "DigestMismatchError", "WhiteoutMode"]
@@ -63,11 +64,13 @@ def unpack_layer(blob: BinaryIO, workdir: os.PathLike[str] | str, *,
                  whiteouts: WhiteoutMode | str = WhiteoutMode.OVERLAY,
                  lowers: Sequence[os.PathLike[str] | str] = (),
                  limits: Limits = Limits(),
-                 preserve_owners: bool | None = None) -> UnpackResult:
+                 preserve_owners: bool | None = None,
+                 early_writeback: bool = True) -> UnpackResult:
     """Unpack `blob` (a readable binary stream of the compressed layer) into `workdir`,
     which must not exist yet (its parent must). `lowers`: the parent chain's root fs, or its
     layer dirs topmost first, for the attributes of directories the layer omits.
-    `preserve_owners` defaults to "running as root"."""
+    `preserve_owners` defaults to "running as root". `early_writeback`: syncfs in the
+    background while unpacking (publisher/unpack/unpack/writeback.py), for callers that sync after."""
     expected = parse_digest(digest)
     expected_diff = parse_digest(diff_id) if diff_id is not None else None
     mode = WhiteoutMode(whiteouts)
@@ -76,7 +79,7 @@ def unpack_layer(blob: BinaryIO, workdir: os.PathLike[str] | str, *,
     os.mkdir(work, 0o700)
     try:
         return _unpack(blob, work, str(expected), expected_diff, media_type, mode,
-                       LowerView(lowers), limits, owners)
+                       LowerView(lowers), limits, owners, early_writeback)
     except BaseException as exc:
         _discard(work, exc)
         raise
@@ -84,9 +87,10 @@ def unpack_layer(blob: BinaryIO, workdir: os.PathLike[str] | str, *,
 
 def _unpack(blob: BinaryIO, work: Path, layer: str, expected_diff: Digest | None,
             media_type: str | None, mode: WhiteoutMode, lowers: LowerView, limits: Limits,
-            owners: bool) -> UnpackResult:
+            owners: bool, early_writeback: bool) -> UnpackResult:
     raw = HashingReader(SourceReader(blob), limit=limits.max_total_bytes)
     ahead: ReadAhead | None = None
+    writeback: EarlyWriteback | None = None
     root_fd = os.open(work, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
     writer = TreeWriter(root_fd, work, layer, mode, lowers, limits, owners)
     try:
@@ -94,6 +98,8 @@ def _unpack(blob: BinaryIO, work: Path, layer: str, expected_diff: Digest | None
             stream, compression = open_decompressed(raw, media_type)
             plain = HashingReader(stream, limit=limits.max_total_bytes)
             ahead = ReadAhead(plain)
+            if early_writeback:
+                writeback = EarlyWriteback(root_fd)
             source = TarSource(ahead.chunk)
             writer.source = source
             # "r:" over our forward-only TarSource: tarfile parses headers from it, file data
@@ -106,6 +112,8 @@ def _unpack(blob: BinaryIO, work: Path, layer: str, expected_diff: Digest | None
                 writer.add(tar, member)
                 if member.isreg() and not member.issparse():
                     source.member_data_ends(member.offset_data + member.size)
+                    if writeback is not None:
+                        writeback.written(writer.file_bytes)
             writer.member = None
             writer.finish()
             # After the end-of-archive marker only zero padding may follow: anything else
@@ -115,7 +123,11 @@ def _unpack(blob: BinaryIO, work: Path, layer: str, expected_diff: Digest | None
             ahead.close()
             if drain_expect_zeros(raw):
                 raise LayerError(layer, "trailing data after the compressed stream")
+            if writeback is not None:
+                writeback.close()
     finally:
+        if writeback is not None:
+            writeback.close(raise_error=False)   # an error is propagating
         if ahead is not None:
             ahead.close()
         writer.close()
