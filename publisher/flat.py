@@ -15,12 +15,14 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from cvmfs_common.layout import RepositoryLayout, exchange_dirs, publish_dir, remove_tree, syncfs
 
-from .chains import ChainMerger, ChainStats
 from .singularity import SingularityStats, has_singularity, write_singularity
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .chains import ChainStats
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +49,8 @@ def build_flat(layout: RepositoryLayout, flat: Path, top_chain: Path, config: di
         return FlatResult(flat, built=False)
     if clone is not None and not os.path.lexists(flat) and clone(top_chain, flat):
         return FlatResult(flat, built=True, singularity=write_singularity(flat, config))
+    from .chains import ChainMerger  # here: a no-change re-sync only asks is_complete
+
     work = layout.make_work_dir("flat-")
     try:
         tree = work / "rootfs"
