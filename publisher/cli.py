@@ -243,7 +243,7 @@ def _listen_token(args: argparse.Namespace) -> str | None:
 
 
 def _image_deadline(args: argparse.Namespace, client: RegistryClient):
-    """The per-image deadline hook for the converter's progress (loop.ItemHooksProgress)."""
+    """The per-image deadline hook for the converter's progress (progress.ItemHooksProgress)."""
     def on_item(name: str | None) -> None:
         if name is None or not args.image_timeout:
             client.set_deadline(None)
@@ -329,7 +329,15 @@ def _client(args: argparse.Namespace) -> RegistryClient:
         raise UsageError("--transfer-window must be more than 0")
     limits = TransferLimits(min_rate=int(args.min_transfer_rate * 1024), rate_window=args.transfer_window,
                             blob_timeout=args.blob_timeout)
-    return RegistryClient(credentials=creds, insecure_registries=args.insecure_registry, limits=limits)
+    client = RegistryClient(credentials=creds, insecure_registries=args.insecure_registry, limits=limits)
+    # as many pooled (kept-alive) connections per registry as convert sends HEADs at once
+    from requests.adapters import HTTPAdapter
+
+    from .convert import HEAD_JOBS
+
+    for prefix in ("http://", "https://"):
+        client.session.mount(prefix, HTTPAdapter(pool_maxsize=HEAD_JOBS))
+    return client
 
 
 def make_backend(name: str, root: Path, *, cvmfs_repo: str | None = None,
@@ -366,10 +374,9 @@ def _backend(args: argparse.Namespace, root: Path, cvmfs_repo: str | None) -> Ba
 def _thin_settings(args: argparse.Namespace, wishlist) -> "ThinSettings | None":
     """Thin images when the wishlist has output_format, not --no-thin-image, and the
     password DUCC sites set is there (without it: a warning, no thin images)."""
-    from .thin import PASSWORD_ENV, ThinSettings
-
     if args.no_thin_image or not any(f.output_format for f in wishlist.files):
         return None
+    from .thin import PASSWORD_ENV, ThinSettings
     password = os.environ.get(PASSWORD_ENV)
     if not password:
         log.warning("no thin images: $%s is not set (set it, or give --no-thin-image)", PASSWORD_ENV)
@@ -398,7 +405,7 @@ def run_convert(args: argparse.Namespace) -> int:
         thin, backend = None, _backend(args, root, None)
     state_db = args.state_db or default_state_db(root)
     options = ConvertOptions(jobs=args.jobs, podman_store=not args.no_podman_store)
-    from .loop import ItemHooksProgress
+    from .progress import ItemHooksProgress  # (not via loop: the webhook server and metrics)
 
     log.info("%s: %d wishlist entries into %s (state %s)", args.command, len(entries), root, state_db)
     with _client(args) as client:

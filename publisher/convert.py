@@ -40,6 +40,10 @@ if TYPE_CHECKING:  # pragma: no cover
 
 log = logging.getLogger(__name__)
 
+# HEADs in flight at once (a re-sync is one HEAD per tag, latency-bound); the CLI's
+# registry client keeps as many connections per registry open for reuse.
+HEAD_JOBS = 16
+
 
 @dataclass(frozen=True)
 class ConvertOptions:
@@ -100,6 +104,7 @@ class Converter:
                 self.podman_batch = PodmanBatch()
         self._podman_names: dict[Path, dict[str, set[str]]] = {}  # store -> image id -> names
         self._podman_class = podman
+        self._sound: set[tuple[str, str]] = set()  # (layer, chain) found complete by _damage this run
         self._publisher: ImagePublisher | None = None
 
     @property
@@ -232,7 +237,7 @@ class Converter:
             if r.digest is not None:
                 out[k] = r.digest
         if todo:
-            with self._pool(len(todo)) as pool:
+            with ThreadPoolExecutor(max_workers=min(HEAD_JOBS, len(todo)), thread_name_prefix="registry") as pool:
                 futures = {k: pool.submit(self.client.head_manifest, r) for k, r in todo.items()}
             for k, fut in futures.items():
                 try:
@@ -316,12 +321,15 @@ class Converter:
         """What of a published image's content is not there (a layer dir without
         layerfs/ or layers.json, a chain dir gone), or None: a few stats per image."""
         for layer in self.state.image_layers(manifest_digest or ""):
+            if (layer.digest, layer.chain_id) in self._sound:
+                continue  # shared by an image checked before in this run
             for what, path in ((f"layer {layer.digest}", self.layout.layerfs(layer.digest)),
                                (f"chain {layer.chain_id}", self.layout.chain_dir(layer.chain_id))):
                 if not path.is_dir():
                     return f"{what}: {os.path.relpath(path, self.layout.root)} is missing"
             if not self.layout.layers_json(layer.digest).is_file():
                 return f"layer {layer.digest}: its layers.json is missing"
+            self._sound.add((layer.digest, layer.chain_id))
         return None
 
     def _names_current(self, target: Target, placement: Placement, config_digest: str | None) -> bool:
