@@ -123,3 +123,26 @@ def test_kill_9_between_images_then_next_run_repairs_the_store(registry, tmp_pat
     third = run_cli(*args)
     assert third.rc == 0 and "2 unchanged" in third.stdout, third.stdout
 
+
+
+def test_a_failed_store_write_fails_its_images_and_the_next_run_repairs(registry, tmp_path: Path) -> None:
+    base = Layer.from_entries(busybox_entries())
+    img = push_image(registry.host, tmp_path / "img", "batch/fails", "v1",
+                     [base, Layer.from_entries([Entry.file("/srv/fails", "x\n")])])
+    root, db = tmp_path / "repo", tmp_path / "state.db"
+    lay = RepositoryLayout(root)
+    images_json = lay.podman_store / "overlay-images/images.json"
+    images_json.mkdir(parents=True)  # unreadable as the store's file: writing the store fails
+    wl = write_wishlist(tmp_path / "wl.yaml", [img.ref])
+    args = ("convert", wl, "--repository-root", root, "--state-db", db, "--no-thin-image")
+    res = run_cli(*args)
+    assert res.rc == 1, res.stdout
+    assert f"FAILED {img.ref}" in res.stdout and "podman store" in res.stdout, res.stdout
+    assert lay.manifest_json(img.host, img.name, img.tag).is_file()  # the rest is published
+
+    images_json.rmdir()
+    again = run_cli(*args)
+    assert again.rc == 0, again.stdout
+    assert [i["id"] for i in _store_json(lay)[0]] == [img.config_digest[7:]]
+    checked = run_cli("check", "--repository-root", root, "--state-db", db)
+    assert checked.rc == 0 and ": 0 problems" in checked.stdout, checked.stdout
