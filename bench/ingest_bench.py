@@ -27,7 +27,7 @@ Four layers (--layers, --layer-mb each):
                  as convert's parallel pass runs them; then sync
   convert-image  `cvmfs-publisher convert-image --jobs J` of the 4-layer image (information)
 
---writeback-ab: also the `ingest` side without the early writeback (publisher/unpack/unpack/writeback.py:
+--writeback-ab: also the `ingest` side without the early writeback (publisher/unpack/writeback.py:
 syncfs in a thread every 64 MiB while unpacking), so before and after share the rounds.
 
 --inflate zlib,isal,zlib-ng: the `ingest` and `unpack (file)` sides (and the 4-layer

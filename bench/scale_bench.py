@@ -166,6 +166,28 @@ def one_size(n: int, images: Images, work: Path, args: argparse.Namespace) -> di
     return res
 
 
+def store_batch(sizes: list[int], dir: Path, image) -> None:
+    """All N images added to an empty store with one ``add_images`` (what convert does per run)."""
+    import shutil
+
+    from cvmfs_common.repo.paths import RepositoryLayout
+    from publisher.write.podman_store import PodmanStore
+
+    print("\npodman store alone, all N added at once (add_images: what convert does per run)")
+    print(f"{'images':>7} {'ms per image':>13} {'CPU ms per image':>17}")
+    for n in sizes:
+        root = dir / f"store-{n}"
+        shutil.rmtree(root, ignore_errors=True)
+        layout = RepositoryLayout(root)
+        imgs = [image(layout, i) for i in range(n)]
+        t0, c0 = time.perf_counter(), time.process_time()
+        PodmanStore(layout).add_images(imgs)
+        wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+        assert len(PodmanStore(layout).images()) == n
+        shutil.rmtree(root, ignore_errors=True)
+        print(f"{n:7} {1000 * wall / n:13.2f} {1000 * cpu / n:17.2f}", flush=True)
+
+
 def store_ab(sizes: list[int], dir: Path) -> None:
     """The podman store alone, in this process, on images whose layers are empty dirs:
     add_image of N images one after the other (what a first sync does), then removing
@@ -192,6 +214,7 @@ def store_ab(sizes: list[int], dir: Path) -> None:
         return PodmanImage(digest(config), config, digest(manifest), manifest,
                            [f"127.0.0.1:5000/bench/scale-{i:04d}:v1"], layers)
 
+    store_batch(sizes, dir, image)
     print("\npodman store alone (ms per image: add = first sync's share; remove 10%: per removed image)")
     print(f"{'images':>7} {'add':>8} {'add CPU, last 50':>17} {'remove 1 by 1':>14} {'remove at once':>15}")
     for n in sizes:

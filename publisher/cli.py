@@ -22,7 +22,6 @@ from cvmfs_common.durations import parse_duration
 from cvmfs_common.logs import setup_logging
 from cvmfs_common.oci.platform import Platform
 from cvmfs_common.oci.reference import InvalidReference, is_loopback_host, parse_reference
-from cvmfs_common.version import version_text
 
 from publisher.backend.base import BACKENDS, Backend, BackendError
 from publisher.core.runlock import Busy
@@ -43,6 +42,21 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_STATE = 0, 1, 2, 3
 
 class UsageError(Exception):
     pass
+
+
+class _VersionAction(argparse.Action):
+    """``--version``, reading the package metadata only when asked (importlib.metadata
+    costs every other command ~13 ms of start-up)."""
+
+    def __init__(self, option_strings: list[str], dest: str = argparse.SUPPRESS, **kwargs) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS,
+                         help="show program's version number and exit")
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:  # type: ignore[override]
+        from cvmfs_common.version import version_text
+
+        print(version_text("cvmfs-publisher"))
+        parser.exit()
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -79,7 +93,7 @@ def _common(p: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cvmfs-publisher",
                                      description="publish container images unpacked into a CernVM-FS repository")
-    parser.add_argument("--version", action="version", version=version_text("cvmfs-publisher"))
+    parser.add_argument("--version", action=_VersionAction)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     p = sub.add_parser("convert", help="bring the repository in sync with wishlists")
     p.add_argument("wishlists", nargs="+", metavar="WISHLIST", type=Path)
@@ -225,7 +239,7 @@ def _listen_token(args: argparse.Namespace) -> str | None:
 
 
 def _image_deadline(args: argparse.Namespace, client: RegistryClient):
-    """The per-image deadline hook for the converter's progress (loop.ItemHooksProgress)."""
+    """The per-image deadline hook for the converter's progress (progress.ItemHooksProgress)."""
     def on_item(name: str | None) -> None:
         if name is None or not args.image_timeout:
             client.set_deadline(None)
@@ -309,7 +323,15 @@ def _client(args: argparse.Namespace) -> RegistryClient:
         raise UsageError("--transfer-window must be more than 0")
     limits = TransferLimits(min_rate=int(args.min_transfer_rate * 1024), rate_window=args.transfer_window,
                             blob_timeout=args.blob_timeout)
-    return RegistryClient(credentials=creds, insecure_registries=args.insecure_registry, limits=limits)
+    client = RegistryClient(credentials=creds, insecure_registries=args.insecure_registry, limits=limits)
+    # as many pooled (kept-alive) connections per registry as convert sends HEADs at once
+    from requests.adapters import HTTPAdapter
+
+    from publisher.sync.convert import HEAD_JOBS
+
+    for prefix in ("http://", "https://"):
+        client.session.mount(prefix, HTTPAdapter(pool_maxsize=HEAD_JOBS))
+    return client
 
 
 def make_backend(name: str, root: Path, *, cvmfs_repo: str | None = None,
@@ -346,10 +368,9 @@ def _backend(args: argparse.Namespace, root: Path, cvmfs_repo: str | None) -> Ba
 def _thin_settings(args: argparse.Namespace, wishlist) -> "ThinSettings | None":
     """Thin images when the wishlist has output_format, not --no-thin-image, and the
     password DUCC sites set is there (without it: a warning, no thin images)."""
-    from publisher.sync.thin import PASSWORD_ENV, ThinSettings
-
     if args.no_thin_image or not any(f.output_format for f in wishlist.files):
         return None
+    from publisher.sync.thin import PASSWORD_ENV, ThinSettings
     password = os.environ.get(PASSWORD_ENV)
     if not password:
         log.warning("no thin images: $%s is not set (set it, or give --no-thin-image)", PASSWORD_ENV)
@@ -378,7 +399,7 @@ def run_convert(args: argparse.Namespace) -> int:
         thin, backend = None, _backend(args, root, None)
     state_db = args.state_db or default_state_db(root)
     options = ConvertOptions(jobs=args.jobs, podman_store=not args.no_podman_store)
-    from publisher.sync.loop import ItemHooksProgress
+    from publisher.core.progress import ItemHooksProgress  # (not via loop: the webhook server and metrics)
 
     log.info("%s: %d wishlist entries into %s (state %s)", args.command, len(entries), root, state_db)
     with _client(args) as client:

@@ -7,6 +7,9 @@
             ... write the repository ...         # layers, chains, flat, links, metadata
             backend.after_image(layout, record, placement)
         # only now record in the state: the unit is published
+        with backend.unit("podman store"):          # convert: the run's podman entries at once
+            ... podman store JSON ...
+            backend.after_podman_stores(stores)
 
 * ``local`` -- a plain directory. ``unit()`` does nothing (every step is already
   an atomic rename), whiteouts are converted to overlay form.
@@ -17,7 +20,8 @@
 On both, ``.flat/<xx>/<config>`` is a directory (publisher/write/flat.py): a hard-link copy
 of the top chain, or what ``clone_tree`` makes (cvmfs: a template transaction).
 
-A unit of work is one image publish (convert) or one gc run. Units never nest.
+A unit of work is one image publish (convert), a batch of podman store entries
+(convert) or one gc run. Units never nest.
 Everything that writes the repository must happen inside a unit; reading it is
 allowed at any time.
 """
@@ -69,6 +73,10 @@ class Backend:
 
     def after_image(self, layout: RepositoryLayout, record: "ImageRecord", placement: "Placement") -> None:
         """Inside the unit, after an image's files are in place (cvmfs: catalog markers)."""
+
+    def after_podman_stores(self, stores: "list[Path]") -> None:
+        """Inside the unit, after convert wrote its batch of podman store entries (cvmfs:
+        the stores' catalog markers)."""
 
     def clone_tree(self, src: Path, dst: Path) -> bool:
         """Inside the unit: make ``dst`` a clone of the published tree ``src`` by the

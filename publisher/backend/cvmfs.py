@@ -226,6 +226,9 @@ class CvmfsBackend(Backend):
         if made:
             log.debug("catalog markers: %s", ", ".join(str(m.relative_to(self.root)) for m in made))
 
+    def after_podman_stores(self, stores: "list[Path]") -> None:
+        ensure_markers(stores)
+
     def clone_tree(self, top_chain: Path, flat: Path) -> bool:
         """``flat`` = a clone of ``top_chain`` by a template transaction, when one is open
         and ``flat`` does not exist yet. Publish what the unit wrote so far (layers and

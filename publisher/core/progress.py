@@ -10,6 +10,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
+from collections.abc import Callable
 from typing import TextIO
 
 from publisher.core.outcome import FailureKind, Outcome
@@ -131,3 +132,23 @@ class Progress:
                 self.stream.write("\r\x1b[K")
                 self.stream.flush()
                 self._drawn = False
+
+
+class ItemHooksProgress(Progress):
+    """The converter announces every image through ``start_item`` before it touches it
+    and calls ``clear`` after it: where a per-image deadline is armed and disarmed
+    (``on_item(name)`` / ``on_item(None)``) without reaching into the converter."""
+
+    def __init__(self, live: bool | None, on_item: Callable[[str | None], None] | None = None) -> None:
+        super().__init__(live=live)
+        self._on_item = on_item
+
+    def start_item(self, position: str, name: str) -> None:
+        super().start_item(position, name)
+        if self._on_item is not None:
+            self._on_item(name)
+
+    def clear(self) -> None:
+        if self._on_item is not None:
+            self._on_item(None)
+        super().clear()

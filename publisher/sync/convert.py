@@ -19,6 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from cvmfs_common.oci.digest import parse_digest
 from cvmfs_common.repo.paths import RepositoryLayout, multiarch_aliases
 from cvmfs_common.oci.reference import InvalidReference, Reference
 from cvmfs_common.registry.errors import NotFound, PlatformNotInIndex
@@ -29,7 +30,7 @@ from cvmfs_common.registry.manifest import ResolvedImage
 from publisher.backend.base import Backend
 from publisher.write.flat import is_complete
 from publisher.write.image import ImagePublisher
-from publisher.write.names import Placement, multiarch_name_for
+from publisher.write.names import Placement, multiarch_name_for, podman_names
 from publisher.unpack.ingest import LayerIngester
 from publisher.core.outcome import FailureKind, Outcome, failure_kind_of
 from publisher.core.progress import ItemResult, Progress, Summary
@@ -39,9 +40,13 @@ from publisher.unpack.whiteouts import WhiteoutMode
 from publisher.sync.thin import ThinPublisher, ThinSettings
 from publisher.sync.wishlist import Target, WishlistEntry
 from publisher.write import podman_format as fmt
-from publisher.write.podman_store import PodmanStore
+from publisher.write.podman_store import PodmanBatch, PodmanStore
 
 log = logging.getLogger(__name__)
+
+# HEADs in flight at once (a re-sync is one HEAD per tag, latency-bound); the CLI's
+# registry client keeps as many connections per registry open for reuse.
+HEAD_JOBS = 16
 
 
 @dataclass(frozen=True)
@@ -49,6 +54,8 @@ class ConvertOptions:
     jobs: int = 4
     podman_store: bool = True
     whiteouts: WhiteoutMode = WhiteoutMode.OVERLAY  # the local backend converts whiteouts (DESIGN §2a)
+    # the run's podman store entries are written at its end, and at least this often meanwhile
+    podman_flush_seconds: float = 60.0
 
 
 def _ref_key(ref: Reference) -> tuple:
@@ -69,33 +76,87 @@ class Converter:
     def __post_init__(self) -> None:
         if self.backend is None:
             self.backend = Backend(self.layout.root)
-        podman = PodmanStore if self.options.podman_store else None
-        self.ingester = LayerIngester(self.layout, self.client, whiteouts=self.options.whiteouts,
-                                      on_bytes=self.progress.add_bytes)
-        self.publisher = ImagePublisher(self.layout, self.ingester, jobs=self.options.jobs, podman_store=podman,
-                                        clone_tree=self.backend.clone_tree)
+        podman = None
+        self.podman_batch = None
+        if self.options.podman_store:
+            podman = PodmanStore
+            self.podman_batch = PodmanBatch()
+        self._podman_names: dict[Path, dict[str, set[str]]] = {}  # store -> image id -> names
+        self._podman_class = podman
+        self._sound: set[tuple[str, str]] = set()  # (layer, chain) found complete by _damage this run
+        self._publisher: ImagePublisher | None = None
+
+    @property
+    def publisher(self) -> ImagePublisher:
+        """Made when the first item needs publishing: a re-sync where nothing changed never
+        imports the unpacker."""
+        if self._publisher is None:
+            assert self.backend is not None
+            self.ingester = LayerIngester(self.layout, self.client, whiteouts=self.options.whiteouts,
+                                          on_bytes=self.progress.add_bytes)
+            self._publisher = ImagePublisher(self.layout, self.ingester, jobs=self.options.jobs,
+                                             podman_store=self._podman_class, clone_tree=self.backend.clone_tree,
+                                             podman_batch=self.podman_batch)
+        return self._publisher
 
     # -- the run ---------------------------------------------------------------------------
     def run(self, entries: Sequence[WishlistEntry], default_platform: Platform, command: str = "convert") -> Summary:
         summary = Summary()
         run_id = self.state.begin_run(command)
+        unflushed: list[int] = []  # summary.results of the images the podman batch holds
+        flushed = time.monotonic()
         try:
             targets = self._expand(entries, default_platform, summary)
             heads = self._heads(targets)
             for i, target in enumerate(targets, 1):
                 self.progress.start_item(f"{i}/{len(targets)}", target.name)
+                pending = len(self.podman_batch or ())
                 result = self._one(target, heads[_ref_key(target.reference)])
                 if self.post_item is not None:
                     result = self.post_item(target, result)
                 self.progress.clear()
+                if len(self.podman_batch or ()) > pending and result.outcome != Outcome.FAILED:
+                    unflushed.append(len(summary.results))
                 summary.add(result)
                 level = logging.ERROR if result.outcome == Outcome.FAILED else logging.INFO
                 log.log(level, "[%d/%d] %s: %s%s", i, len(targets), result.name, result.outcome,
                         f" ({result.detail})" if result.detail else "")
+                if time.monotonic() - flushed >= self.options.podman_flush_seconds:
+                    self._flush_podman(summary, unflushed)
+                    flushed = time.monotonic()
         finally:
             self.progress.clear()
-            self.state.finish_run(run_id, summary.run_counts())
+            try:
+                self._flush_podman(summary, unflushed)
+            finally:
+                self.state.finish_run(run_id, summary.run_counts())
         return summary
+
+    def _flush_podman(self, summary: Summary, unflushed: list[int]) -> None:
+        """Write the podman store entries of the images published since the last flush,
+        in a unit of their own (one JSON write per store, not one per image: a store of N
+        images costs O(N) to write). The state already has these images: after a crash
+        before this, the next run finds them missing from images.json and publishes them
+        again (``_podman_current``). On failure their items become failures."""
+        batch = self.podman_batch
+        if batch is None or not len(batch):
+            return
+        stores = sorted({s.root for s in batch.stores()})
+        assert self.backend is not None
+        try:
+            with self.backend.unit("podman store"):
+                batch.flush()
+                self.backend.after_podman_stores(stores)
+        except Exception as e:  # noqa: BLE001 - reported on the images it concerns
+            log.error("writing the podman store entries of %d image(s) failed: %s", len(unflushed), e)
+            log.debug("podman store flush failed", exc_info=True)
+            for n in unflushed:
+                r = summary.results[n]
+                summary.results[n] = replace(r, outcome=Outcome.FAILED, failure=failure_kind_of(e),
+                                             detail=f"podman store: {type(e).__name__}: {e}")
+        finally:
+            self._podman_names.clear()  # the stores changed: read them again when asked
+            unflushed.clear()
 
     def _pool(self, n: int) -> ThreadPoolExecutor:
         return ThreadPoolExecutor(max_workers=max(1, min(self.options.jobs, n)), thread_name_prefix="registry")
@@ -153,7 +214,7 @@ class Converter:
             if r.digest is not None:
                 out[k] = r.digest
         if todo:
-            with self._pool(len(todo)) as pool:
+            with ThreadPoolExecutor(max_workers=min(HEAD_JOBS, len(todo)), thread_name_prefix="registry") as pool:
                 futures = {k: pool.submit(self.client.head_manifest, r) for k, r in todo.items()}
             for k, fut in futures.items():
                 try:
@@ -188,7 +249,7 @@ class Converter:
                     and known.platform_dir == placement.platform_dir
                     and placement.layout.manifest_json(key.registry, key.repository, key.tag).is_file()
                     and self._names_current(target, placement, known.config_digest)
-                    and self._podman_current(placement, known.manifest_digest)):
+                    and self._podman_current(target, placement, known.config_digest, known.manifest_digest)):
                 damage = self._damage(known.manifest_digest)
                 if damage is None:
                     self.state.touch_tag(key, placement.platform_dir, target.entry_id)
@@ -237,12 +298,15 @@ class Converter:
         """What of a published image's content is not there (a layer dir without
         layerfs/ or layers.json, a chain dir gone), or None: a few stats per image."""
         for layer in self.state.image_layers(manifest_digest or ""):
+            if (layer.digest, layer.chain_id) in self._sound:
+                continue  # shared by an image checked before in this run
             for what, path in ((f"layer {layer.digest}", self.layout.layerfs(layer.digest)),
                                (f"chain {layer.chain_id}", self.layout.chain_dir(layer.chain_id))):
                 if not path.is_dir():
                     return f"{what}: {os.path.relpath(path, self.layout.root)} is missing"
             if not self.layout.layers_json(layer.digest).is_file():
                 return f"layer {layer.digest}: its layers.json is missing"
+            self._sound.add((layer.digest, layer.chain_id))
         return None
 
     def _names_current(self, target: Target, placement: Placement, config_digest: str | None) -> bool:
@@ -263,17 +327,43 @@ class Converter:
             return os.path.islink(self.layout.multiarch_link(name, registry, repository, tag))
         return True
 
-    def _podman_current(self, placement: Placement, manifest_digest: str | None) -> bool:
-        """An image whose layer dirs are no sound overlay lowers has its top chain as its
-        podman layer (podman_format); an older version stacked the layer dirs, which on a
-        real CernVM-FS show deleted files. Such a tag is published again (one stat here)."""
-        if not self.options.podman_store:
+    def _podman_current(self, target: Target, placement: Placement, config_digest: str | None,
+                        manifest_digest: str | None) -> bool:
+        """Does the podman store have the image under the tag's names? Store entries are
+        written after the state records the image (``_flush_podman``), so a run killed in
+        between leaves tags the next run publishes again here. And an image whose layer
+        dirs are no sound overlay lowers has its top chain as its podman layer
+        (podman_format); an older version stacked the layer dirs, which on a real
+        CernVM-FS show deleted files. Such a tag is published again (one stat here)."""
+        if not self.options.podman_store or self.podman_batch is None:
             return True
+        if config_digest is None:
+            return False
+        names = self._store_names(placement).get(parse_digest(config_digest).hex)
+        if names is None or not names.issuperset(podman_names(target.reference)):
+            return False
+
         layers = self.state.image_layers(manifest_digest or "")
         chains = [l.chain_id for l in layers]
         if not layers or fmt.per_layer_stack([l.whiteouts for l in layers], [l.parent_chain for l in layers], chains):
             return True
         return (placement.layout.podman_store / fmt.DRIVER_DIR / fmt.chain_layer_id(chains[-1])).is_dir()
+
+    def _store_names(self, placement: Placement) -> dict[str, set[str]]:
+        """images.json of the placement's store as image id -> names, read once per run
+        (and again after a flush); an unreadable one is empty (every tag is published again,
+        and writing the store reports the problem)."""
+        root = placement.layout.podman_store
+        if root not in self._podman_names:
+            from publisher.write.podman_store import PodmanStoreError
+
+            try:
+                images = PodmanStore(placement.layout).images()
+            except (PodmanStoreError, ValueError, OSError) as e:
+                log.warning("podman store %s: %s", root, e)
+                images = []
+            self._podman_names[root] = {str(i.get("id")): set(i.get("names") or ()) for i in images}
+        return self._podman_names[root]
 
     def _resolve(self, target: Target, head: str) -> ResolvedImage | None:
         """The image for the platform, read by the digest the HEAD returned (so a tag

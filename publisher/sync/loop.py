@@ -37,7 +37,7 @@ from pathlib import Path
 from cvmfs_common.oci.platform import Platform
 
 from publisher.sync.metrics import PublisherMetrics
-from publisher.core.progress import Progress, Summary
+from publisher.core.progress import ItemHooksProgress, Progress, Summary
 from publisher.sync.ratelog import RateLimitedLog
 from publisher.core.runlock import Busy, exclusive
 from publisher.sync.webhook import ListenerLimits, PushEvent, WebhookListener
@@ -63,26 +63,6 @@ class ListenError(RuntimeError):
 
 class _Stop(Exception):
     """A stop was requested: raised before the next image starts."""
-
-
-class ItemHooksProgress(Progress):
-    """The converter announces every image through ``start_item`` before it touches it
-    and calls ``clear`` after it: where a per-image deadline is armed and disarmed
-    (``on_item(name)`` / ``on_item(None)``) without reaching into the converter."""
-
-    def __init__(self, live: bool | None, on_item: Callable[[str | None], None] | None = None) -> None:
-        super().__init__(live=live)
-        self._on_item = on_item
-
-    def start_item(self, position: str, name: str) -> None:
-        super().start_item(position, name)
-        if self._on_item is not None:
-            self._on_item(name)
-
-    def clear(self) -> None:
-        if self._on_item is not None:
-            self._on_item(None)
-        super().clear()
 
 
 class _StoppableProgress(ItemHooksProgress):

@@ -70,7 +70,7 @@ def unpack_layer(blob: BinaryIO, workdir: os.PathLike[str] | str, *,
     which must not exist yet (its parent must). `lowers`: the parent chain's root fs, or its
     layer dirs topmost first, for the attributes of directories the layer omits.
     `preserve_owners` defaults to "running as root". `early_writeback`: syncfs in the
-    background while unpacking (publisher/unpack/unpack/writeback.py), for callers that sync after."""
+    background while unpacking (publisher/unpack/writeback.py), for callers that sync after."""
     expected = parse_digest(digest)
     expected_diff = parse_digest(diff_id) if diff_id is not None else None
     mode = WhiteoutMode(whiteouts)

@@ -48,6 +48,7 @@ def build_flat(layout: RepositoryLayout, flat: Path, top_chain: Path, config: di
         return FlatResult(flat, built=False)
     if clone is not None and not os.path.lexists(flat) and clone(top_chain, flat):
         return FlatResult(flat, built=True, singularity=write_singularity(flat, config))
+
     work = layout.make_work_dir("flat-")
     try:
         tree = work / "rootfs"

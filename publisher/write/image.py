@@ -4,6 +4,8 @@ Order, so that nothing of an image is visible before everything it needs is:
 layers (in parallel) -> chains (bottom up) -> ``.flat`` (a copy of the top chain with
 ``.singularity.d``) -> the human-readable link and its ``.multiarch`` twin -> podman
 store -> ``.metadata/.../config.json`` -> ``manifest.json`` (last: it marks the tag done).
+With a ``podman_batch`` (convert) the podman store entry is only collected here and written
+for all of a run's images at once, after their units (publisher/sync/convert.py).
 Every step is content-addressed or an atomic swap, so a crash at any point leaves the
 old state or a complete new one, and a re-run picks up what is already there.
 """
@@ -31,7 +33,7 @@ from publisher.unpack.ingest import Ingested, LayerIngester, LayerSpec
 from publisher.core.state import ImageRecord, LayerRecord
 from publisher.write import podman_format as fmt
 from publisher.write.names import Placement, multiarch_name_for, podman_names
-from publisher.write.podman_store import PodmanImage, PodmanLayer, PodmanRoot
+from publisher.write.podman_store import PodmanBatch, PodmanImage, PodmanLayer, PodmanRoot
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +50,7 @@ class Published:
 
 
 def layer_specs(image: ResolvedImage, config: dict) -> list[LayerSpec]:
+
     rootfs = config.get("rootfs")
     diff_ids = rootfs.get("diff_ids") if isinstance(rootfs, dict) else None
     if not isinstance(diff_ids, list):
@@ -67,16 +70,19 @@ def layer_specs(image: ResolvedImage, config: dict) -> list[LayerSpec]:
 class ImagePublisher:
     def __init__(self, layout: RepositoryLayout, ingester: LayerIngester, *, jobs: int = 4,
                  podman_store: Callable[[RepositoryLayout], object] | None = None,
-                 clone_tree: Callable[[Path, Path], bool] | None = None) -> None:
+                 clone_tree: Callable[[Path, Path], bool] | None = None,
+                 podman_batch: "PodmanBatch | None" = None) -> None:
         self.layout = layout
         self.clone_tree = clone_tree  # Backend.clone_tree: .flat without copying (cvmfs)
         self.ingester = ingester
         self.jobs = max(1, jobs)
         self.podman_store = podman_store  # PodmanStore class (or None: --no-podman-store)
+        self.podman_batch = podman_batch  # set: store entries are collected there, written later
 
     # -- the whole image ---------------------------------------------------------------
     def publish(self, ref: Reference, image: ResolvedImage, config_bytes: bytes, config: dict,
                 placement: Placement, platform: str) -> Published:
+
         specs = layer_specs(image, config)
         chains = chain_ids([s.diff_id for s in specs])
         layers, fetched, nbytes = self._layers(ref, image, specs, chains)
@@ -164,6 +170,7 @@ class ImagePublisher:
 
     def _chain(self, ref: Reference, spec: LayerSpec, layer: Ingested, chain_id: str, parent: Path | None,
                parent_chain: str | None) -> tuple[Path, int]:
+
         dest = self.layout.chain_dir(chain_id)
         if dest.is_dir():
             return dest, 0
@@ -214,7 +221,7 @@ class ImagePublisher:
         root = None if per_layer else PodmanRoot(chains[-1], self.layout.chain_dir(chains[-1]),
                                                  sum(l.meta.diff_size for l in layers))
         store = self.podman_store(placement.layout)  # type: ignore[misc]
-        store.add_image(PodmanImage(  # type: ignore[attr-defined]
+        entry = PodmanImage(
             config_digest=image.config_digest,
             config_bytes=config_bytes,
             manifest_digest=image.manifest_digest,
@@ -223,7 +230,11 @@ class ImagePublisher:
             layers=[PodmanLayer(l.spec.diff_id, l.spec.digest, l.spec.size, l.meta.diff_size, l.layerfs)
                     for l in layers],
             root=root,
-        ))
+        )
+        if self.podman_batch is not None:
+            self.podman_batch.add(store, entry)  # validated now; written at the batch's flush
+        else:
+            store.add_image(entry)  # type: ignore[attr-defined]
 
     def _metadata(self, ref: Reference, image: ResolvedImage, config_bytes: bytes, placement: Placement) -> None:
         registry, repository, tag = ref.link_components

@@ -3,6 +3,7 @@
     store = PodmanStore(layout)
     store.add_image(PodmanImage(config_digest, config_bytes, manifest_digest, manifest_bytes,
                                 names=["docker.io/library/debian:stable", ...], layers=[...]))
+    store.add_images([...])                # many at once: one write of the store's JSON
     store.remove_image(config_digest)      # gc: also drops layers no other image uses
     store.images()                         # images.json, for check/gc
 
@@ -154,33 +155,63 @@ class PodmanStore:
     def add_image(self, image: PodmanImage) -> None:
         """Make the image (and its layers) visible; idempotent. Its names are taken away
         from any other image that had them (a moved tag)."""
-        image_id, plans, names = self._plan(image)
+        self.add_images([image])
+
+    def add_images(self, new_images: Iterable[PodmanImage]) -> None:
+        """``add_image`` of many, in order (a later one's names win): the store's JSON is
+        read, written and swept once, not once per image (convert of many images into a
+        big store was quadratic). Readers see the old files or the new ones."""
+        todo = [(image, *self._plan(image)) for image in new_images]
+        if not todo:
+            return
         with self._locked():
             self._ensure_skeleton()
             layers = {e["id"]: e for e in self.layers()}
-            for plan in plans:
-                self._publish_layer(plan, layers)
+            done: set[tuple] = set()  # base layers most images share: published once
+            for _, _, plans, _ in todo:
+                for plan in plans:
+                    if (key := (plan.id, plan.diff_target, plan.short, plan.lower)) not in done:
+                        done.add(key)
+                        self._publish_layer(plan, layers)
             self._write_json(self.layers_json, list(layers.values()))
 
             images = self.images()
-            current = next((i for i in images if i.get("id") == image_id), None)
-            big_data = self._big_data(image, current)
-            self._write_big_data(image_id, big_data)
-            for other in images:
-                if other is not current:
-                    other["names"] = [n for n in other.get("names", []) if n not in names]
-            if current is not None:  # seen under another manifest: keep its names too
-                names = names + [n for n in current.get("names", []) if n not in names]
-            entry = fmt.image_entry(image_id, image.manifest_digest, names, plans[-1].id, big_data,
-                                    fmt.config_created(image.config_bytes))
-            images = [entry if i is current else i for i in images]
-            if current is None:
-                images.append(entry)
+            position: dict[str | None, int] = {}
+            for n, entry in enumerate(images):
+                position.setdefault(entry.get("id"), n)
+            holders: dict[str, list[dict]] = {}  # name -> the entries that have it
+            for entry in images:
+                for name in entry.get("names", []):
+                    holders.setdefault(name, []).append(entry)
+            for image, image_id, plans, names in todo:
+                n = position.get(image_id)
+                current = images[n] if n is not None else None
+                big_data = self._big_data(image, current)
+                self._write_big_data(image_id, big_data)
+                for name in names:
+                    for other in holders.pop(name, []):
+                        if other is not current:
+                            other["names"] = [x for x in other.get("names", []) if x != name]
+                if current is not None:  # seen under another manifest: keep its names too
+                    names = names + [x for x in current.get("names", []) if x not in names]
+                entry = fmt.image_entry(image_id, image.manifest_digest, names, plans[-1].id, big_data,
+                                        fmt.config_created(image.config_bytes))
+                for name in names:
+                    holders[name] = [entry]
+                if n is None:
+                    position[image_id] = len(images)
+                    images.append(entry)
+                else:
+                    images[n] = entry
             for other in images:
                 if not other.get("names"):
                     other.pop("names", None)
             self._write_json(self.images_json, images)
             self._sweep(images, layers)
+
+    def validate(self, image: PodmanImage) -> None:
+        """Raise PodmanStoreError when ``add_image`` would refuse the image."""
+        self._plan(image)
 
     def remove_image(self, config_digest: str) -> None:
         """Drop the image, its big data, and the layers no other image uses."""
@@ -398,6 +429,39 @@ class PodmanStore:
         work = self.layout.make_work_dir(prefix)
         os.chmod(work, _DIR_MODE)  # mkdtemp makes it 0700
         return work
+
+
+class PodmanBatch:
+    """The images of a convert run, per store, written by one ``add_images`` each at
+    ``flush`` (convert flushes at the end of a run and every so often): a store of N images
+    costs O(N) per flush, not per image. Images are validated when added."""
+
+    def __init__(self) -> None:
+        self._pending: dict[Path, tuple[PodmanStore, list[PodmanImage]]] = {}
+
+    def add(self, store: PodmanStore, image: PodmanImage) -> None:
+        store.validate(image)
+        self._pending.setdefault(store.root, (store, []))[1].append(image)
+
+    def __len__(self) -> int:
+        return sum(len(images) for _, images in self._pending.values())
+
+    def stores(self) -> list[PodmanStore]:
+        return [store for store, _ in self._pending.values()]
+
+    def flush(self) -> None:
+        """Write every store's pending images; the pending list is empty afterwards even
+        when a store failed (the first error is raised once all were tried: convert's
+        next run publishes the tags whose image a store lacks again)."""
+        pending, self._pending = self._pending, {}
+        error: Exception | None = None
+        for store, images in pending.values():
+            try:
+                store.add_images(images)
+            except Exception as e:  # noqa: BLE001 - the other stores still get theirs
+                error = error or e
+        if error is not None:
+            raise error
 
 
 # -- small helpers --------------------------------------------------------------------

@@ -65,6 +65,11 @@ def image_txn(name: str = REPO) -> list[list[str]]:
     return [*txn(name), ["transaction", "-T", name], ["publish", name]]
 
 
+def podman_txn(name: str = REPO) -> list[list[str]]:
+    """The run's podman store entries, all at once after its images."""
+    return txn(name)
+
+
 TEMPLATE = re.compile(r"/(\.platforms/[^/]+/)?\.chains/[0-9a-f]{2}/[0-9a-f]{64}="
                       r"/(\.platforms/[^/]+/)?\.flat/[0-9a-f]{2}/[0-9a-f]{64}")
 
@@ -162,7 +167,7 @@ def published(standard_images: StandardImages, tmp_path_factory: pytest.TempPath
 def test_exact_transaction_sequence_for_two_images(published: Published) -> None:
     assert published.first.rc == 0, published.first.stdout
     assert "2 images: 2 new" in published.first.stdout
-    assert shape(published.first_calls) == [["list"], *image_txn(), *image_txn()]
+    assert shape(published.first_calls) == [["list"], *image_txn(), *image_txn(), *podman_txn()]
     assert [c for c in published.standin.calls() if c["rc"] != 0] == []
 
 
@@ -287,7 +292,7 @@ def test_podman_store_never_references_a_raw_whiteout_layer_dir(published: Publi
 
 def test_two_platform_index_converted_for_both(published: Published) -> None:
     assert published.platforms.rc == 0, published.platforms.stdout
-    assert shape(published.platform_calls) == [["list"], *image_txn(), *image_txn()]
+    assert shape(published.platform_calls) == [["list"], *image_txn(), *image_txn(), *podman_txn()]
     lay = published.layout
     native = published.images.multiarch.images[HOST]
     other = published.images.multiarch.images[f"linux/{OTHER_ARCH}"]
@@ -324,7 +329,8 @@ def test_failing_image_is_aborted_and_the_others_published(cvmfs_standin: CvmfsS
     res = convert(repo, tmp_path / "state.db", wl)
     assert res.rc == 1, res.stdout
     assert f"FAILED {bad.ref}" in res.stdout
-    assert shape(cvmfs_standin.commands()) == [["list"], ["transaction", REPO], ["abort", "-f", REPO], *image_txn()]
+    assert shape(cvmfs_standin.commands()) == [["list"], ["transaction", REPO], ["abort", "-f", REPO], *image_txn(),
+                                               *podman_txn()]
     assert cvmfs_standin.refusals() == []
     lay = RepositoryLayout(repo)
     top = lay.chain_dir(chain_ids(good.diff_ids)[-1])
@@ -413,7 +419,7 @@ def test_kill_9_mid_transaction_then_rerun(cvmfs_standin: CvmfsStandin, big_imag
 
     again = run_cli(*args)
     assert again.rc == 0, again.stdout
-    assert shape(cvmfs_standin.commands()) == [["list"], ["abort", "-f", REPO], *image_txn()]
+    assert shape(cvmfs_standin.commands()) == [["list"], ["abort", "-f", REPO], *image_txn(), *podman_txn()]
     assert cvmfs_standin.refusals() == []
     assert not cvmfs_standin.in_transaction(REPO)
     lay = RepositoryLayout(repo)
@@ -461,7 +467,8 @@ def test_older_flat_entries_are_upgraded_in_a_transaction(cvmfs_standin: CvmfsSt
 
     res = convert(repo, db, wl)
     assert res.rc == 0, res.stdout
-    assert s.commands() == [["list"], *txn(), *txn()]  # one transaction per image, as for a new one
+    # one transaction per image, as for a new one, and the run's podman store entries
+    assert s.commands() == [["list"], *txn(), *txn(), *podman_txn()]
     assert s.refusals() == []
     for flat, top in zip(flats, tops):
         assert flat.is_dir() and not flat.is_symlink() and flat_minus_chain(flat, top) == []
@@ -508,7 +515,7 @@ def test_older_podman_entries_stacking_raw_layer_dirs_are_upgraded(cvmfs_standin
 
     res = convert(repo, db, wl)
     assert res.rc == 0, res.stdout
-    assert s.commands() == [["list"], *txn()]  # only the image with raw layers, as for a new one
+    assert s.commands() == [["list"], *txn(), *podman_txn()]  # only the image with raw layers, as for a new one
     [entry] = [i for i in store.images() if i["id"] == ml.config_digest[7:]]
     assert entry["layer"] == chain_layer and store.check() == []
     assert set(fmt.layer_ids(ml.diff_ids)).isdisjoint(l["id"] for l in store.layers())

@@ -164,6 +164,46 @@ def test_one_config_under_two_manifests_is_one_image(layout: RepositoryLayout) -
     assert store.check() == []
 
 
+def test_add_images_at_once_equals_one_by_one(tmp_path: Path) -> None:
+    """A batch (convert's one store write per run) ends as adding its images in order
+    does: shared layers once, a name moved within the batch on its last image, two
+    manifests of one config one image."""
+    def batch(layout: RepositoryLayout) -> list[PodmanImage]:
+        old = fake_image(layout, ["base", "a"], ["docker.io/x/a:latest", "docker.io/x/a:1"])
+        oci = fake_image(layout, ["base", "c"], ["docker.io/x/oci:1"])
+        manifest = oci.manifest_bytes.replace(b'"schemaVersion": 2', b'"schemaVersion": 2, "mediaType": "d"')
+        return [old, fake_image(layout, ["base", "b"], ["docker.io/x/a:latest", "docker.io/x/a:2"]), oci,
+                PodmanImage(oci.config_digest, oci.config_bytes, _digest(manifest), manifest,
+                            ["docker.io/x/docker:1"], oci.layers), old]
+    one, many = RepositoryLayout(tmp_path / "one"), RepositoryLayout(tmp_path / "many")
+    PodmanStore(one).add_image(fake_image(one, ["z"], ["docker.io/x/a:2"]))  # already there: loses its name
+    PodmanStore(many).add_image(fake_image(many, ["z"], ["docker.io/x/a:2"]))
+    for image in batch(one):
+        PodmanStore(one).add_image(image)
+    store = PodmanStore(many)
+    store.add_images(batch(many))
+    assert store.images() == PodmanStore(one).images()
+    assert [l["id"] for l in store.layers()] == [l["id"] for l in PodmanStore(one).layers()]
+    assert sorted(os.listdir(many.podman_store / "overlay")) == sorted(os.listdir(one.podman_store / "overlay"))
+    names = [i.get("names") for i in store.images()]
+    assert names == [None, ["docker.io/x/a:latest", "docker.io/x/a:1"], ["docker.io/x/a:2"],
+                     ["docker.io/x/docker:1", "docker.io/x/oci:1"]]
+    assert store.check() == []
+
+
+def test_a_batch_with_a_bad_image_is_refused_before_anything_is_written(layout: RepositoryLayout) -> None:
+    store = PodmanStore(layout)
+    good = fake_image(layout, ["a"], ["docker.io/x/a:1"])
+    bad = fake_image(layout, ["b"], ["docker.io/x/b:1"])
+    bad = PodmanImage(bad.config_digest, bad.config_bytes + b" ", bad.manifest_digest, bad.manifest_bytes,
+                      bad.names, bad.layers)
+    with pytest.raises(PodmanStoreError):
+        store.validate(bad)
+    with pytest.raises(PodmanStoreError):
+        store.add_images([good, bad])
+    assert not layout.podman_store.exists()
+
+
 def test_remove_image_keeps_shared_layers(layout: RepositoryLayout) -> None:
     store = PodmanStore(layout)
     a = fake_image(layout, ["base", "a"], ["docker.io/x/a:1"])
