@@ -34,13 +34,13 @@ class ContainerdClient:
     namespace: str = "default"
     timeout: float = 300.0
     lease: str | None = None
+    # A channel shared with other clients (the daemon keeps one per containerd, warm): not
+    # closed by close(). Without one the client opens its own.
+    channel: grpc.Channel | None = field(default=None, repr=False)
     _channel: grpc.Channel = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
-        self._channel = grpc.insecure_channel(
-            f"unix:{self.address}",
-            options=[("grpc.max_send_message_length", 16 << 20), ("grpc.max_receive_message_length", 16 << 20)],
-        )
+        self._channel = self.channel or open_channel(self.address)
         self.content = content_pb2_grpc.ContentStub(self._channel)
         self.images = images_pb2_grpc.ImagesStub(self._channel)
         self.leases = leases_pb2_grpc.LeasesStub(self._channel)
@@ -48,7 +48,8 @@ class ContainerdClient:
         self.snapshots = snapshots_pb2_grpc.SnapshotsStub(self._channel)
 
     def close(self) -> None:
-        self._channel.close()
+        if self.channel is None:
+            self._channel.close()
 
     def metadata(self) -> list[tuple[str, str]]:
         md = [("containerd-namespace", self.namespace)]
@@ -252,6 +253,13 @@ class ContainerdClient:
             mask = field_mask_pb2.FieldMask(paths=["target", "labels"])
             self.images.Update(images_pb2.UpdateImageRequest(image=image, update_mask=mask),
                                metadata=self.metadata(), timeout=self.timeout)
+
+
+def open_channel(address: str) -> grpc.Channel:
+    return grpc.insecure_channel(
+        f"unix:{address}",
+        options=[("grpc.max_send_message_length", 16 << 20), ("grpc.max_receive_message_length", 16 << 20)],
+    )
 
 
 def unique_key_part() -> str:

@@ -58,6 +58,10 @@ class Progress:
         if self.out is not None:
             print(text, file=self.out, flush=True)
 
+    def check(self) -> None:
+        """Called between steps and per downloaded chunk: a daemon's pull raises here when it
+        is cancelled (client gone, timeout), and the usual clean-up runs."""
+
 
 def _counting(chunks, counter: Callable[[int], None]):
     for chunk in chunks:
@@ -123,6 +127,7 @@ def pull_image(
 def _with_retries(step: Callable[[], None], progress: Progress, tag: str, attempts: int = 5) -> None:
     """containerd answers UNAVAILABLE while it re-dials a restarted snapshotter: retry."""
     for attempt in range(1, attempts + 1):
+        progress.check()
         try:
             return step()
         except grpc.RpcError as e:
@@ -167,6 +172,7 @@ def _download_and_apply(client, registry, ref, layer, mounts, progress: Progress
         last = [time.monotonic()]
 
         def count(n: int) -> None:
+            progress.check()
             done[0] += n
             result.bytes_downloaded += n
             now = time.monotonic()
