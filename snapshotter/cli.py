@@ -3,13 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
 
 from .pull_cli import add_pull_parser
-
-log = logging.getLogger("cvmfs-snapshotter")
 
 COMMANDS = ("serve", "pull")
 
@@ -57,6 +54,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run_serve(args: argparse.Namespace) -> int:
+    import logging
+
     from cvmfs_common.logs import setup_logging
 
     from .config import ConfigError, serve_config
@@ -74,6 +73,7 @@ def run_serve(args: argparse.Namespace) -> int:
     from .metrics import Metrics
     from .remote import build_remote_layers
 
+    log = logging.getLogger("cvmfs-snapshotter")
     metrics = Metrics()
     remote = build_remote_layers(
         cfg.repositories,

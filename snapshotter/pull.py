@@ -108,11 +108,12 @@ def pull_image(
         ):
             client.set_content_labels(image.manifest_digest, manifest_labels)
 
+        present = _present(client, snapshotter, chains)
         parent = ""
         for i, (layer, chain) in enumerate(zip(image.layers, chains), start=1):
             tag = f"layer {i}/{len(image.layers)} {layer.digest[:19]}"
             _with_retries(lambda: _layer(client, registry, src, snapshotter, layer, chain, parent, tag, progress,
-                                         result), progress, tag)
+                                         result, present), progress, tag)
             parent = chain
         client.put_image(name, image.media_type, image.manifest_digest, len(image.manifest_bytes), {})
     result.seconds = time.monotonic() - started
@@ -137,10 +138,20 @@ def _with_retries(step: Callable[[], None], progress: Progress, tag: str, attemp
             time.sleep(0.5 * attempt)
 
 
+def _present(client: ContainerdClient, snapshotter: str, chains: list[str]) -> set[str] | None:
+    """The chains containerd has already, asked in parallel; None: ask layer by layer (the
+    snapshotter is restarting, say, and each layer's retries will wait for it)."""
+    try:
+        return client.existing_snapshots(snapshotter, chains)
+    except grpc.RpcError:
+        return None
+
+
 def _layer(client: ContainerdClient, registry: RegistryClient, ref, snapshotter: str, layer, chain: str,
-           parent: str, tag: str, progress: Progress, result: PullResult) -> None:
-    """One layer, as containerd's unpacker does it: served remotely, present, or unpacked."""
-    if client.stat_snapshot(snapshotter, chain):
+           parent: str, tag: str, progress: Progress, result: PullResult, present: set[str] | None = None) -> None:
+    """One layer, as containerd's unpacker does it: served remotely, present, or unpacked.
+    `present` (chains that existed when the pull started) saves a Stat per layer."""
+    if chain in present if present is not None else client.stat_snapshot(snapshotter, chain):
         result.already_present += 1
         progress.say(f"  {tag}: already unpacked")
         return
