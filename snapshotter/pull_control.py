@@ -11,9 +11,9 @@ Standard library only: this is the `pull` command's hot path.
 
 from __future__ import annotations
 
+import io
 import json
 import socket
-from typing import TextIO
 
 from .pull_request import PullRequest
 
@@ -32,7 +32,7 @@ def encode(message: dict) -> bytes:
     return json.dumps(message, separators=(",", ":")).encode() + b"\n"
 
 
-def pull_via_daemon(path: str, req: PullRequest, out: TextIO, idle_timeout: float = IDLE_TIMEOUT) -> int:
+def pull_via_daemon(path: str, req: PullRequest, out: io.TextIOBase, idle_timeout: float = IDLE_TIMEOUT) -> int:
     """Have the daemon on `path` pull; its progress goes to `out`, errors as the in-process
     pull prints them. The exit code, or DaemonUnavailable before the pull started."""
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -78,6 +78,6 @@ def pull_via_daemon(path: str, req: PullRequest, out: TextIO, idle_timeout: floa
         sock.close()
 
 
-def _fail(message: str, out: TextIO) -> int:
+def _fail(message: str, out: io.TextIOBase) -> int:
     print(f"cvmfs-snapshotter pull: {message}", file=out, flush=True)
     return 1
