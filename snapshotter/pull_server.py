@@ -21,15 +21,16 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import grpc
 
-from .containerd_client import ContainerdClient, open_channel
-from .pull import Progress
 from .pull_control import HEARTBEAT, PROTOCOL, encode
-from .pull_job import execute
 from .pull_request import PullFailure, PullRequest, network_env
 from .server import prepare_socket_path
+
+if TYPE_CHECKING:
+    from .containerd_client import ContainerdClient
 
 log = logging.getLogger(__name__)
 
@@ -54,11 +55,10 @@ class _Job:
             self.cancelled = why
 
 
-class _JobProgress(Progress):
-    """Progress lines go to the client; a cancelled job stops at its next step."""
+class _JobProgress:
+    """pull.Progress's interface: lines go to the client; a cancelled job stops at its next step."""
 
     def __init__(self, job: _Job) -> None:
-        super().__init__(None)
         self.job = job
 
     def say(self, text: str) -> None:
@@ -120,7 +120,6 @@ class PullControlServer:
         sock.listen(64)
         self._sock = sock
         threading.Thread(target=self._accept, name="pull-accept", daemon=True).start()
-        threading.Thread(target=_warm_up, name="pull-warm-up", daemon=True).start()
         log.info("serving pulls on %s", self.path)
         return self
 
@@ -238,6 +237,7 @@ class PullControlServer:
         try:
             if job.cancelled is not None:
                 raise PullFailure(f"{job.req.image}: {job.cancelled}")
+            execute = _pull_code()
             execute(job.req, _JobProgress(job), client_factory=lambda a, ns: self._client(job, a, ns))
             job.rc, job.error = 0, None
         except PullFailure as e:
@@ -253,6 +253,8 @@ class PullControlServer:
     # -- warm channels to containerd -------------------------------------------------
 
     def _client(self, job: _Job, address: str, namespace: str) -> ContainerdClient:
+        from .containerd_client import ContainerdClient, open_channel
+
         with self._lock:
             entry = self._channels.get(address)
             if entry is None or entry.stale:
@@ -282,13 +284,19 @@ class PullControlServer:
             entry.channel.close()
 
 
-def _warm_up() -> None:
-    """Import now what the first pull would import on its way (~20 ms of it): gRPC's client
-    channel, the netrc lookup requests makes per request."""
+def _pull_code():
+    """pull_job.execute, imported at the first pull, not at start: requests, TLS, the registry
+    client and containerd's API stubs are ~9 MB that a node which never pulls through us
+    need not hold. Also what that first pull would import on its way (gRPC's client channel,
+    the netrc lookup requests makes per request)."""
     import netrc  # noqa: F401
     import shlex  # noqa: F401
 
-    from grpc import _channel, experimental  # noqa: F401
+    from grpc import _channel  # noqa: F401
+
+    from .pull_job import execute
+
+    return execute
 
 
 class _Refused(Exception):
