@@ -276,3 +276,13 @@ def test_daemon_killed_mid_pull_is_a_clear_error_and_a_restart_repairs(slow_imag
     # lease (expires) and an extract snapshot the next pull does not trip over.
     pull(cd, img.ref, "--plain-http", "--daemon", "--control-socket", control(sn))
     check_tree(cd, img)
+
+
+def test_a_pull_past_the_timeout_is_cancelled_and_cleaned_up(slow_image, snapshotter_factory, containerd_factory):
+    reg, img, slow_ref = slow_image
+    sn = snapshotter_factory(extra_args=["--pull-timeout", "3s"])
+    cd = containerd_factory(sn.address)
+    res = pull(cd, slow_ref, "--plain-http", "--daemon", "--control-socket", control(sn), check=False)
+    assert res.returncode == 1 and "timed out after 3s" in res.stderr, res.stderr
+    assert not leases(cd) and not active_snapshots(cd)
+    assert slow_ref not in cd.ctr("images", "ls", "-q").stdout.split()
