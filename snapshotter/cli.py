@@ -3,17 +3,26 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
 
-from cvmfs_common.version import version_text
-
 from .pull.cli import add_pull_parser
 
-log = logging.getLogger("cvmfs-snapshotter")
-
 COMMANDS = ("serve", "pull")
+
+
+class _Version(argparse.Action):
+    """--version, with importlib.metadata imported only when asked (it costs `pull` ~15 ms)."""
+
+    def __init__(self, option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS, help=None):
+        super().__init__(option_strings, dest=dest, default=default, nargs=0,
+                         help=help or "show program's version number and exit")
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        from cvmfs_common.version import version_text
+
+        print(version_text("cvmfs-snapshotter"))
+        parser.exit()
 
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
@@ -23,7 +32,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         prog="cvmfs-snapshotter",
         description="containerd proxy snapshotter serving image layers from CernVM-FS repositories",
     )
-    parser.add_argument("--version", action="version", version=version_text("cvmfs-snapshotter"))
+    parser.add_argument("--version", action=_Version)
     sub = parser.add_subparsers(dest="command")
     serve = sub.add_parser("serve", help="serve containerd's snapshots API on a unix socket (default)")
     if command in (None, "serve"):
@@ -45,6 +54,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run_serve(args: argparse.Namespace) -> int:
+    import logging
+
     from cvmfs_common.logs import setup_logging
 
     from .config import ConfigError, serve_config
@@ -62,6 +73,7 @@ def run_serve(args: argparse.Namespace) -> int:
     from .metrics import Metrics
     from .source.remote import build_remote_layers
 
+    log = logging.getLogger("cvmfs-snapshotter")
     metrics = Metrics()
     remote = build_remote_layers(
         cfg.repositories,
@@ -70,8 +82,13 @@ def run_serve(args: argparse.Namespace) -> int:
         on_failure=lambda root: metrics.probe_failures.labels(root).inc(),
     )
     remote.warn_about_missing_roots()
+    control = None
     try:
         snapshotter = Snapshotter(cfg.root, remote, metrics)
+        if cfg.control_address:
+            from .pull_server import PullControlServer
+
+            control = PullControlServer(cfg.control_address, cfg.pull_jobs, cfg.pull_timeout).start()
         rc = serve(cfg, snapshotter, metrics)
     except (SocketInUse, RootInUse) as e:
         log.error("%s", e)
@@ -79,6 +96,8 @@ def run_serve(args: argparse.Namespace) -> int:
     except OSError as e:  # e.g. a root or socket dir we may not create: no traceback
         log.error("cannot serve: %s", e)
         rc = 1
+    if control is not None:
+        control.close()
     # Exit now: interpreter shutdown would join worker threads, and one stuck in a
     # hung FUSE request (a dead repository) could hold the process for minutes.
     logging.shutdown()

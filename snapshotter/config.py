@@ -36,6 +36,10 @@ class ServeConfig:
     log_level: str = "info"
     log_format: str = "text"
     metrics_address: str | None = None
+    # The pull control socket (DESIGN-NOTES); None: no pulls through the daemon.
+    control_address: Path | None = None
+    pull_jobs: int = 4  # pulls run at once; more wait for a slot
+    pull_timeout: float = 3600.0  # seconds one pull may run before it is cancelled
 
 
 _KEYS = {
@@ -49,6 +53,9 @@ _KEYS = {
     "log-level",
     "log-format",
     "metrics-address",
+    "control-address",
+    "pull-jobs",
+    "pull-timeout",
 }
 
 
@@ -96,8 +103,9 @@ def _host_port(value: str, key: str, where: str) -> str:
     return value
 
 
-def load_toml(path: Path, cfg: ServeConfig) -> None:
-    """Read the TOML file into `cfg`; every problem is a ConfigError naming the file and key."""
+def load_toml(path: Path, cfg: ServeConfig) -> set[str]:
+    """Read the TOML file into `cfg`; every problem is a ConfigError naming the file and key.
+    Returns the keys the file set."""
     try:
         with open(path, "rb") as f:
             data = tomllib.load(f)
@@ -135,6 +143,26 @@ def load_toml(path: Path, cfg: ServeConfig) -> None:
         cfg.log_format = _choice(_string(data, "log-format", where), "log-format", where, LOG_FORMATS)
     if "metrics-address" in data:
         cfg.metrics_address = _host_port(_string(data, "metrics-address", where), "metrics-address", where)
+    if "control-address" in data:
+        cfg.control_address = _control(_string(data, "control-address", where))
+    if "pull-jobs" in data:
+        cfg.pull_jobs = _jobs(data["pull-jobs"], "pull-jobs", where)
+    if "pull-timeout" in data:
+        cfg.pull_timeout = _duration(data["pull-timeout"], "pull-timeout", where, allow_zero=False)
+    return set(data)
+
+
+def _control(value: str) -> Path | None:
+    """"" turns the control socket off."""
+    return Path(value) if value else None
+
+
+def _jobs(value: object, key: str, where: str) -> int:
+    if isinstance(value, str) and value.isdigit():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"{where}: {key} must be a whole number of at least 1, not {value!r}")
+    return value
 
 
 def add_serve_arguments(p: argparse.ArgumentParser) -> None:
@@ -151,6 +179,11 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--log-level", choices=LOG_LEVELS)
     p.add_argument("--log-format", choices=LOG_FORMATS)
     p.add_argument("--metrics-address", help="HOST:PORT to serve Prometheus /metrics on")
+    p.add_argument("--control-address",
+                   help="unix socket where `cvmfs-snapshotter pull` hands pulls to this daemon "
+                        "(default: the --address socket + .ctl; \"\" for none)")
+    p.add_argument("--pull-jobs", help="pulls the daemon runs at once (default 4)")
+    p.add_argument("--pull-timeout", help="bound on one pull through the daemon, e.g. 1h (default 1h)")
 
 
 def serve_config(args: argparse.Namespace) -> ServeConfig:
@@ -158,8 +191,9 @@ def serve_config(args: argparse.Namespace) -> ServeConfig:
     config_path = Path(args.config) if args.config else Path(DEFAULT_CONFIG)
     if args.config and not config_path.exists():
         raise ConfigError(f"config file {config_path} does not exist")
+    loaded: set[str] = set()
     if args.config or config_path.exists():
-        load_toml(config_path, cfg)
+        loaded = load_toml(config_path, cfg)
     if args.root:
         cfg.root = Path(args.root)
     if args.address:
@@ -174,6 +208,17 @@ def serve_config(args: argparse.Namespace) -> ServeConfig:
     cfg.log_format = args.log_format or cfg.log_format
     if args.metrics_address:
         cfg.metrics_address = _host_port(args.metrics_address, "--metrics-address", "command line")
+    control_set = args.control_address is not None or "control-address" in loaded
+    if args.control_address is not None:
+        cfg.control_address = _control(args.control_address)
+    if not control_set:
+        cfg.control_address = Path(f"{cfg.address}.ctl")
+    if args.pull_jobs is not None:
+        cfg.pull_jobs = _jobs(args.pull_jobs, "--pull-jobs", "command line")
+    if args.pull_timeout is not None:
+        cfg.pull_timeout = _duration(args.pull_timeout, "--pull-timeout", "command line", allow_zero=False)
+    if cfg.control_address is not None and not cfg.control_address.is_absolute():
+        raise ConfigError(f"control-address must be an absolute path, not {str(cfg.control_address)!r}")
     if not cfg.root.is_absolute() or not cfg.address.is_absolute():
         raise ConfigError(
             f"root and address must be absolute paths (containerd resolves mounts from them), "

@@ -41,11 +41,14 @@ class CredentialError(ValueError):
 HelperRunner = Callable[[str, str], "tuple[str, str] | None"]
 
 
-def run_helper(name: str, server: str, timeout: float = HELPER_TIMEOUT) -> tuple[str, str] | None:
-    """`docker-credential-NAME get` for `server`: (username, secret), or None when it has none."""
+def run_helper(name: str, server: str, timeout: float = HELPER_TIMEOUT,
+               env: Mapping[str, str] | None = None) -> tuple[str, str] | None:
+    """`docker-credential-NAME get` for `server`: (username, secret), or None when it has none.
+    `env` (default: ours) is the caller's when a daemon pulls for it: PATH finds the helper there."""
     prog = f"docker-credential-{name}"
     try:
-        res = subprocess.run([prog, "get"], input=server, capture_output=True, text=True, timeout=timeout)
+        res = subprocess.run([prog, "get"], input=server, capture_output=True, text=True, timeout=timeout,
+                             env=env)
     except FileNotFoundError:
         raise CredentialError(f"credential helper {prog} not found on PATH") from None
     except subprocess.TimeoutExpired:

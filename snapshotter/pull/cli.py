@@ -5,16 +5,12 @@
 from __future__ import annotations
 
 import argparse
-import getpass
-import logging
 import os
 import sys
 
-from cvmfs_common.logs import setup_logging
+from .request import DEFAULT_CONTAINERD, DEFAULT_NAMESPACE, PullFailure, PullRequest
 
-DEFAULT_CONTAINERD = "/run/containerd/containerd.sock"
-DEFAULT_NAMESPACE = "default"
-USER_AGENT = "cvmfs-images/0.1"
+CONTROL_ENV = "CVMFS_SNAPSHOTTER_CONTROL"
 
 
 def add_pull_parser(sub: argparse._SubParsersAction) -> None:
@@ -37,7 +33,16 @@ def add_pull_parser(sub: argparse._SubParsersAction) -> None:
                         "${XDG_RUNTIME_DIR}/containers/auth.json, ~/.config/containers/auth.json, "
                         "then ~/.docker/config.json, credential helpers included)")
     p.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
-    p.set_defaults(func=run_pull)
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--daemon", dest="mode", action="store_const", const="daemon",
+                       help="pull through the serving cvmfs-snapshotter's control socket only "
+                            "(default: through it when it answers, else in this process)")
+    where.add_argument("--local", dest="mode", action="store_const", const="local",
+                       help="pull in this process, never through the daemon")
+    p.add_argument("--control-socket", metavar="SOCK",
+                   help=f"the daemon's pull control socket (default: ${CONTROL_ENV} or the default "
+                        "snapshotter socket + .ctl)")
+    p.set_defaults(func=run_pull, mode="auto")
 
 
 def _fail(message: str, rc: int = 1) -> int:
@@ -45,70 +50,48 @@ def _fail(message: str, rc: int = 1) -> int:
     return rc
 
 
-def _ask_password() -> str:
-    if not sys.stdin.isatty():
-        from cvmfs_common.registry.auth import CredentialError
+def _ask_password(args: argparse.Namespace) -> str | None:
+    """`--user USER` without a password: ask on the terminal here, where the command runs
+    (the daemon has none). Bad references are refused first, as before asking."""
+    if not args.user or ":" in args.user or not sys.stdin.isatty():
+        return args.user  # complete, or the pull reports the missing password
+    from cvmfs_common.oci.reference import InvalidReference, parse_reference
 
-        raise CredentialError("--user without a password and no terminal to ask on")
-    return getpass.getpass("Password: ")
+    try:
+        parse_reference(args.image, insecure_registries=[])
+    except InvalidReference:
+        return args.user  # the pull reports it
+    import getpass
+
+    return f"{args.user}:{getpass.getpass('Password: ')}"
 
 
 def run_pull(args: argparse.Namespace) -> int:
-    setup_logging(args.log_level, "text")
-    from cvmfs_common.oci.reference import InvalidReference, parse_reference
-    from cvmfs_common.oci.platform import Platform
-    from cvmfs_common.registry.client import RegistryClient
-    from cvmfs_common.registry.errors import RegistryError
-    from cvmfs_common.registry.auth import CredentialError, load_credentials, parse_user
-    from cvmfs_common.registry.hosts import Endpoint, HostsConfigError, load_endpoints
+    """Through the daemon when it answers (its imports and containerd channel are warm), else
+    in this process; the same output and exit codes either way."""
+    args.user = _ask_password(args)
+    req = PullRequest.from_args(args)
+    if args.mode != "local":
+        from .control import DEFAULT_CONTROL, DaemonUnavailable, pull_via_daemon
 
-    from .containerd_client import ContainerdClient
-    from .image import PullError, pull_image
-
-    address = args.containerd_address or os.environ.get("CONTAINERD_ADDRESS") or DEFAULT_CONTAINERD
-    namespace = args.namespace or os.environ.get("CONTAINERD_NAMESPACE") or DEFAULT_NAMESPACE
-    try:
-        ref = parse_reference(args.image, insecure_registries=[])
-        if args.plain_http:
-            ref = parse_reference(args.image, insecure_registries=[ref.registry])
-    except InvalidReference as e:
-        return _fail(str(e), 2)
-    try:
-        user = parse_user(args.user, ref.registry, _ask_password) if args.user else None
-        credentials = load_credentials(explicit_file=args.credentials, user=user)
-        endpoints = load_endpoints(args.hosts_dir, ref)
-    except (CredentialError, HostsConfigError) as e:
-        return _fail(str(e), 2)
-    if endpoints is None:
-        endpoints = [Endpoint(ref.scheme, ref.api_host if ref.is_docker_hub else ref.registry)]
-    try:
-        platform = Platform.parse(args.platform) if args.platform else None
-    except ValueError as e:
-        return _fail(f"--platform {args.platform}: {e}", 2)
-
-    registry, source, errors = None, None, []
-    for endpoint in endpoints:  # the first that has the image; later failures are the pull's
-        candidate = RegistryClient(credentials=credentials, session=endpoint.session(USER_AGENT))
+        path = args.control_socket or os.environ.get(CONTROL_ENV) or DEFAULT_CONTROL
         try:
-            if len(endpoints) == 1 or candidate.head_manifest(endpoint.reference(ref)) is not None:
-                registry, source = candidate, endpoint.reference(ref)
-                break
-            errors.append(f"{endpoint.url}: manifest not found")
-        except RegistryError as e:
-            errors.append(f"{endpoint.url}: {e}")
-        candidate.close()
-    if registry is None:
-        return _fail(f"{args.image}: " + "; ".join(errors))
+            return pull_via_daemon(path, req, sys.stderr)
+        except DaemonUnavailable as e:
+            if args.mode == "daemon":
+                return _fail(f"no pull through the daemon: {e}")
+    return run_local(req)
 
-    client = ContainerdClient(address, namespace)
+
+def run_local(req: PullRequest) -> int:
+    from cvmfs_common.logs import setup_logging
+
+    setup_logging(req.log_level, "text")
+    from .image import Progress
+    from .job import execute
+
     try:
-        pull_image(client, registry, ref, args.snapshotter, platform, source=source)
-    except (RegistryError, PullError) as e:
-        return _fail(str(e))
-    except Exception as e:  # grpc errors from containerd: say what failed, not a traceback
-        logging.getLogger("cvmfs-snapshotter").debug("pull failed", exc_info=True)
-        return _fail(f"{args.image}: {e}")
-    finally:
-        client.close()
-        registry.close()
+        execute(req, Progress())
+    except PullFailure as e:
+        return _fail(e.message, e.rc)
     return 0

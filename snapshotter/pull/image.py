@@ -60,6 +60,10 @@ class Progress:
         if self.out is not None:
             print(text, file=self.out, flush=True)
 
+    def check(self) -> None:
+        """Called between steps and per downloaded chunk: a daemon's pull raises here when it
+        is cancelled (client gone, timeout), and the usual clean-up runs."""
+
 
 def _counting(chunks, counter: Callable[[int], None]):
     for chunk in chunks:
@@ -106,11 +110,12 @@ def pull_image(
         ):
             client.set_content_labels(image.manifest_digest, manifest_labels)
 
+        present = _present(client, snapshotter, chains)
         parent = ""
         for i, (layer, chain) in enumerate(zip(image.layers, chains), start=1):
             tag = f"layer {i}/{len(image.layers)} {layer.digest[:19]}"
             _with_retries(lambda: _layer(client, registry, src, snapshotter, layer, chain, parent, tag, progress,
-                                         result), progress, tag)
+                                         result, present), progress, tag)
             parent = chain
         client.put_image(name, image.media_type, image.manifest_digest, len(image.manifest_bytes), {})
     result.seconds = time.monotonic() - started
@@ -125,6 +130,7 @@ def pull_image(
 def _with_retries(step: Callable[[], None], progress: Progress, tag: str, attempts: int = 5) -> None:
     """containerd answers UNAVAILABLE while it re-dials a restarted snapshotter: retry."""
     for attempt in range(1, attempts + 1):
+        progress.check()
         try:
             return step()
         except grpc.RpcError as e:
@@ -134,10 +140,20 @@ def _with_retries(step: Callable[[], None], progress: Progress, tag: str, attemp
             time.sleep(0.5 * attempt)
 
 
+def _present(client: ContainerdClient, snapshotter: str, chains: list[str]) -> set[str] | None:
+    """The chains containerd has already, asked in parallel; None: ask layer by layer (the
+    snapshotter is restarting, say, and each layer's retries will wait for it)."""
+    try:
+        return client.existing_snapshots(snapshotter, chains)
+    except grpc.RpcError:
+        return None
+
+
 def _layer(client: ContainerdClient, registry: RegistryClient, ref, snapshotter: str, layer, chain: str,
-           parent: str, tag: str, progress: Progress, result: PullResult) -> None:
-    """One layer, as containerd's unpacker does it: served remotely, present, or unpacked."""
-    if client.stat_snapshot(snapshotter, chain):
+           parent: str, tag: str, progress: Progress, result: PullResult, present: set[str] | None = None) -> None:
+    """One layer, as containerd's unpacker does it: served remotely, present, or unpacked.
+    `present` (chains that existed when the pull started) saves a Stat per layer."""
+    if chain in present if present is not None else client.stat_snapshot(snapshotter, chain):
         result.already_present += 1
         progress.say(f"  {tag}: already unpacked")
         return
@@ -169,6 +185,7 @@ def _download_and_apply(client, registry, ref, layer, mounts, progress: Progress
         last = [time.monotonic()]
 
         def count(n: int) -> None:
+            progress.check()
             done[0] += n
             result.bytes_downloaded += n
             now = time.monotonic()

@@ -41,6 +41,9 @@ def test_our_pull_downloads_no_layer(rt, own_registry, stack_factory):
     res = stack.our_pull(img.ref)
     assert f"{len(img.layers)} layers from the repository, 0 downloaded" in res.stderr, res.stderr
     assert reg.blob_get_count() == 1  # the config only
+    # The command handed the pull to the snapshotter over its default control socket.
+    assert f"pull of {img.ref} into namespace default: done" in \
+        (stack.c.host_w / "snapshotter.log").read_text(errors="replace")
     stack.assert_tree(img)
 
 

@@ -1,7 +1,8 @@
 """`cvmfs-snapshotter pull` speaks ctr's language: -a/-n, CONTAINERD_ADDRESS/NAMESPACE,
 --hosts-dir (containerd's hosts.toml), the container tools' credentials (auth.json, Docker's
 config.json with credential helpers, --user), --version. Through the real stack: containerd,
-our snapshotter, docker-registry (htpasswd where credentials matter)."""
+our snapshotter, docker-registry (htpasswd where credentials matter). Each test runs twice:
+the pull in-process (`--local`) and through the snapshotter daemon's control socket."""
 from __future__ import annotations
 
 import json
@@ -19,14 +20,30 @@ pytestmark = pytest.mark.e2e
 
 BIN = Path(sys.executable).parent
 SNAPSHOTTER_BIN = BIN / "cvmfs-snapshotter"
+_MODE: list[str] = []  # the pull flags of the running test's mode
+
+
+@pytest.fixture(autouse=True, params=["local", "daemon"])
+def pull_mode(request: pytest.FixtureRequest):
+    if "containerd" not in request.fixturenames:
+        if request.param == "daemon":
+            pytest.skip("no pull in this test")
+        _MODE[:] = []
+    elif request.param == "local":
+        _MODE[:] = ["--local"]
+    else:
+        sn = request.getfixturevalue("snapshotter")
+        _MODE[:] = ["--daemon", "--control-socket", f"{sn.address}.ctl"]
+    yield
+    _MODE[:] = []
 
 
 def pull(*args: str, env: dict[str, str] | None = None, check: bool = True) -> subprocess.CompletedProcess:
     full_env = {k: v for k, v in os.environ.items()
                 if k not in ("CONTAINERD_ADDRESS", "CONTAINERD_NAMESPACE", "REGISTRY_AUTH_FILE", "DOCKER_CONFIG",
-                             "XDG_RUNTIME_DIR")}
+                             "XDG_RUNTIME_DIR", "CVMFS_SNAPSHOTTER_CONTROL")}
     full_env.update(env or {})
-    res = subprocess.run([str(SNAPSHOTTER_BIN), "pull", *args], capture_output=True, text=True, timeout=300,
+    res = subprocess.run([str(SNAPSHOTTER_BIN), "pull", *_MODE, *args], capture_output=True, text=True, timeout=300,
                          env=full_env, stdin=subprocess.DEVNULL)
     if check:
         assert res.returncode == 0, f"pull {args} failed ({res.returncode}):\n{res.stdout}\n{res.stderr}"

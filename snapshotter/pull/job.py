@@ -1,0 +1,81 @@
+"""Run one PullRequest: credentials, registry endpoints, then pull.pull_image. The same code
+in-process (`pull --local`) and in the serving daemon (its control socket), so both give the
+same messages and exit codes: 2 for bad input, 1 for a pull that failed."""
+
+from __future__ import annotations
+
+import logging
+from typing import Callable
+
+from cvmfs_common.oci.reference import InvalidReference, parse_reference
+from cvmfs_common.oci.platform import Platform
+from cvmfs_common.registry.client import RegistryClient
+from cvmfs_common.registry.errors import RegistryError
+from cvmfs_common.registry.auth import CredentialError, load_credentials, parse_user, run_helper
+from cvmfs_common.registry.hosts import Endpoint, HostsConfigError, load_endpoints
+
+from .containerd_client import ContainerdClient
+from .image import Progress, PullError, PullResult, pull_image
+from .request import PullFailure, PullRequest
+
+log = logging.getLogger("cvmfs-snapshotter")
+
+USER_AGENT = "cvmfs-images/0.1"
+
+ClientFactory = Callable[[str, str], ContainerdClient]
+
+
+def _no_terminal() -> str:
+    raise CredentialError("--user without a password and no terminal to ask on")
+
+
+def execute(req: PullRequest, progress: Progress, client_factory: ClientFactory = ContainerdClient) -> PullResult:
+    """The pull `req` asks for; PullFailure(message, rc) when it cannot be done. A password
+    left out of --user was asked for by the command already (it has the terminal)."""
+    try:
+        ref = parse_reference(req.image, insecure_registries=[])
+        if req.plain_http:
+            ref = parse_reference(req.image, insecure_registries=[ref.registry])
+    except InvalidReference as e:
+        raise PullFailure(str(e), 2) from None
+    try:
+        user = parse_user(req.user, ref.registry, _no_terminal) if req.user else None
+        credentials = load_credentials(explicit_file=req.credentials, user=user, env=req.env,
+                                       runner=lambda name, server: run_helper(name, server, env=req.env))
+        endpoints = load_endpoints(req.hosts_dir, ref)
+    except (CredentialError, HostsConfigError) as e:
+        raise PullFailure(str(e), 2) from None
+    if endpoints is None:
+        endpoints = [Endpoint(ref.scheme, ref.api_host if ref.is_docker_hub else ref.registry)]
+    try:
+        platform = Platform.parse(req.platform) if req.platform else None
+    except ValueError as e:
+        raise PullFailure(f"--platform {req.platform}: {e}", 2) from None
+
+    registry, source, errors = None, None, []
+    for endpoint in endpoints:  # the first that has the image; later failures are the pull's
+        candidate = RegistryClient(credentials=credentials, session=endpoint.session(USER_AGENT))
+        try:
+            if len(endpoints) == 1 or candidate.head_manifest(endpoint.reference(ref)) is not None:
+                registry, source = candidate, endpoint.reference(ref)
+                break
+            errors.append(f"{endpoint.url}: manifest not found")
+        except RegistryError as e:
+            errors.append(f"{endpoint.url}: {e}")
+        candidate.close()
+    if registry is None:
+        raise PullFailure(f"{req.image}: " + "; ".join(errors))
+
+    client = client_factory(req.containerd_address, req.namespace)
+    try:
+        return pull_image(client, registry, ref, req.snapshotter, platform, progress=progress, source=source)
+    except PullFailure:  # cancelled by the daemon: its own message
+        raise
+    except (RegistryError, PullError) as e:
+        raise PullFailure(str(e)) from None
+    except Exception as e:  # grpc errors from containerd: say what failed, not a traceback
+        log.debug("pull failed", exc_info=True)
+        raise PullFailure(f"{req.image}: {e}") from None
+    finally:
+        client.close()
+        registry.close()

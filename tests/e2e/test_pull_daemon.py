@@ -1,0 +1,288 @@
+"""`cvmfs-snapshotter pull` through the serving daemon's control socket, through the real stack
+(containerd 1.6, our snapshotter process, docker-registry): no layer download, the same
+output and exit codes as the in-process pull, fallback when no daemon answers, concurrent
+pulls, and either side killed -9 in the middle of a pull."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from cvmfs_common.repo.paths import RepositoryLayout
+from tests.cvmfs_common.netfaults import TricklingProxy
+from tests.e2e.repo_writer import publish_layers
+from tests.fixtures._proc import free_port, wait_until
+from tests.fixtures.tree import LISTING_COMMAND, compare_trees, parse_listing
+
+pytestmark = pytest.mark.e2e
+
+SNAPSHOTTER_BIN = Path(sys.executable).with_name("cvmfs-snapshotter")
+
+
+def control(sn) -> str:
+    return f"{sn.address}.ctl"
+
+
+def pull_command(cd, ref: str, *extra: str, namespace: str = "default") -> list[str]:
+    return [str(SNAPSHOTTER_BIN), "pull", "-a", str(cd.address), "-n", namespace, *extra, ref]
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("CONTAINERD_ADDRESS", "CONTAINERD_NAMESPACE", "REGISTRY_AUTH_FILE", "DOCKER_CONFIG",
+                        "XDG_RUNTIME_DIR", "CVMFS_SNAPSHOTTER_CONTROL")}
+    env.update(extra)
+    return env
+
+
+def pull(cd, ref: str, *extra: str, namespace: str = "default", env: dict | None = None,
+         check: bool = True) -> subprocess.CompletedProcess:
+    res = subprocess.run(pull_command(cd, ref, *extra, namespace=namespace), capture_output=True, text=True,
+                         timeout=300, env=env or clean_env(), stdin=subprocess.DEVNULL)
+    if check:
+        assert res.returncode == 0, f"pull failed ({res.returncode}): {res.stdout}\n{res.stderr}"
+    return res
+
+
+def daemon_pulls(sn) -> int:
+    return len(re.findall(r"pull of \S+ into namespace", sn.log()))
+
+
+def check_tree(cd, image, ref: str | None = None, namespace: str = "default") -> None:
+    out = cd.run(ref or image.ref, *LISTING_COMMAND, namespace=namespace).stdout
+    problems = compare_trees(image.tree, parse_listing(out))
+    assert not problems, "\n".join(problems)
+
+
+def normalized(text: str) -> str:
+    return re.sub(r"done in [0-9.]+s", "done in Xs", text)
+
+
+@pytest.fixture
+def own_registry(registry_factory, push_standard_images):
+    reg = registry_factory()
+    return reg, push_standard_images(reg)
+
+
+@pytest.fixture
+def repo(e2e_base):
+    from tests.fixtures.workdirs import new_workdir
+
+    return RepositoryLayout(new_workdir("repo-", e2e_base))
+
+
+def test_daemon_pull_downloads_no_layer_and_prints_what_the_local_pull_prints(
+        own_registry, repo, snapshotter_factory, containerd_factory):
+    reg, images = own_registry
+    img = images.multilayer
+    publish_layers(reg.host, img, repo, range(len(img.layers)))
+    for digest in img.layers:
+        reg.delete_blob_files(digest)  # any download attempt would now fail
+    sn = snapshotter_factory(repositories=[repo.root])
+    assert (os.stat(control(sn)).st_mode & 0o777) == 0o600
+    cd = containerd_factory(sn.address)
+    reg.clear_log()
+    via = pull(cd, img.ref, "--plain-http", "--daemon", "--control-socket", control(sn))
+    assert daemon_pulls(sn) == 1, sn.log()
+    assert f"{len(img.layers)} layers from the repository, 0 downloaded" in via.stderr, via.stderr
+    assert reg.blob_get_count() == 1  # the config only
+    check_tree(cd, img)
+    # The same pull in-process, into another namespace: the same lines.
+    local = pull(cd, img.ref, "--plain-http", "--local", "--control-socket", control(sn), namespace="other")
+    assert daemon_pulls(sn) == 1
+    assert normalized(local.stderr) == normalized(via.stderr)
+    # The environment names the socket too, and auto mode uses it.
+    pull(cd, img.ref, "--plain-http", namespace="third", env=clean_env(CVMFS_SNAPSHOTTER_CONTROL=control(sn)))
+    assert daemon_pulls(sn) == 2
+    check_tree(cd, img, namespace="third")
+
+
+def test_without_a_daemon_the_pull_runs_in_process(own_registry, snapshotter_factory, containerd_factory,
+                                                   tmp_path):
+    reg, images = own_registry
+    img = images.multilayer_docker
+    sn = snapshotter_factory(extra_args=["--control-address", ""])  # no control socket
+    assert not os.path.exists(control(sn))
+    cd = containerd_factory(sn.address)
+    res = pull(cd, img.ref, "--plain-http", "--control-socket", control(sn))
+    assert f"0 layers from the repository, {len(img.layers)} downloaded" in res.stderr
+    check_tree(cd, img)
+    # A socket nobody listens on (a crashed daemon's) is the same as none.
+    import socket
+    dead = tmp_path / "dead.ctl"
+    s = socket.socket(socket.AF_UNIX)
+    s.bind(str(dead))
+    s.close()
+    pull(cd, img.ref, "--plain-http", "--control-socket", str(dead), namespace="dead")
+    # --daemon insists.
+    res = pull(cd, img.ref, "--plain-http", "--daemon", "--control-socket", control(sn), check=False)
+    assert res.returncode == 1 and "no pull through the daemon" in res.stderr, res.stderr
+    assert daemon_pulls(sn) == 0
+
+
+def test_a_daemon_with_other_proxy_settings_hands_the_pull_back(own_registry, snapshotter_factory,
+                                                               containerd_factory):
+    reg, images = own_registry
+    img = images.multilayer
+    sn = snapshotter_factory()
+    cd = containerd_factory(sn.address)
+    env = clean_env(NO_PROXY="127.0.0.1,localhost")
+    pull(cd, img.ref, "--plain-http", "--control-socket", control(sn), env=env)
+    assert daemon_pulls(sn) == 0
+    res = pull(cd, img.ref, "--plain-http", "--daemon", "--control-socket", control(sn), env=env, check=False)
+    assert res.returncode == 1 and "proxy" in res.stderr, res.stderr
+
+
+def test_errors_and_exit_codes_are_the_same_in_both_modes(registry_factory, push_standard_images,
+                                                          snapshotter_factory, containerd_factory, tmp_path):
+    reg = registry_factory(users={"alice": "s3cret"})
+    img = push_standard_images(reg).multilayer
+    sn = snapshotter_factory()
+    cd = containerd_factory(sn.address)
+    home = tmp_path / "home"
+    home.mkdir()
+    dead = f"127.0.0.1:{free_port()}"
+    cases = [
+        ([img.ref.upper()], {}),                                                  # bad reference: 2
+        ([f"{dead}/nobody/here:1"], {}),                                         # nobody answers: 1
+        (["--plain-http", img.ref], {}),                                         # wants credentials: 1
+        (["--plain-http", "-u", "alice:wrong", img.ref], {}),                    # wrong password: 1
+        (["--plain-http", "-u", "alice", img.ref], {}),                          # no terminal: 2
+        (["--plain-http", "--platform", "no/such/thing/x", img.ref], {}),        # bad platform: 2
+        (["--plain-http", img.ref], {"REGISTRY_AUTH_FILE": str(tmp_path / "missing.json")}),  # 2
+        (["--plain-http", "--hosts-dir", str(tmp_path / "nohosts"), f"{reg.host}/no/such:1"], {}),  # 1
+    ]
+    codes = []
+    for args, env in cases:
+        e = clean_env(HOME=str(home), **env)
+        local = pull(cd, args[-1], *args[:-1], "--local", env=e, check=False)
+        before = daemon_pulls(sn)
+        via = pull(cd, args[-1], *args[:-1], "--daemon", "--control-socket", control(sn), env=e, check=False)
+        assert daemon_pulls(sn) == before + 1
+        assert local.returncode != 0 and local.stderr, (args, local)
+        assert (via.returncode, via.stderr) == (local.returncode, local.stderr), args
+        codes.append(local.returncode)
+    assert codes == [2, 1, 1, 1, 2, 2, 2, 1]
+    # ... and the daemon still pulls afterwards, with credentials it never logs.
+    pull(cd, img.ref, "--plain-http", "-u", "alice:s3cret", "--daemon", "--control-socket", control(sn),
+         env=clean_env(HOME=str(home)))
+    assert "s3cret" not in sn.log()
+
+
+def test_credential_helper_runs_with_the_callers_environment(registry_factory, push_standard_images,
+                                                             snapshotter_factory, containerd_factory, tmp_path):
+    from tests.snapshotter.pull.test_pull_cli import write_helper
+
+    reg = registry_factory(users={"alice": "s3cret"})
+    img = push_standard_images(reg).multilayer
+    sn = snapshotter_factory()
+    cd = containerd_factory(sn.address)
+    home = tmp_path / "home"
+    (home / ".docker").mkdir(parents=True)
+    (home / ".docker" / "config.json").write_text(json.dumps({"credHelpers": {reg.host: "cvmfstest"}}))
+    calls = tmp_path / "helper.log"
+    write_helper(tmp_path / "bin", "cvmfstest", reg.host, calls)
+    env = clean_env(HOME=str(home), PATH=f"{tmp_path / 'bin'}:{os.environ['PATH']}")
+    pull(cd, img.ref, "--plain-http", "--daemon", "--control-socket", control(sn), env=env)
+    assert calls.read_text().splitlines()[0] == f"get {reg.host}"
+    check_tree(cd, img)
+
+
+def test_two_concurrent_pulls(own_registry, snapshotter_factory, containerd_factory):
+    reg, images = own_registry
+    sn = snapshotter_factory()
+    cd = containerd_factory(sn.address)
+    jobs = [(images.multilayer, "one"), (images.multilayer_docker, "two"), (images.multilayer, "three")]
+    procs = [subprocess.Popen(pull_command(cd, img.ref, "--plain-http", "--daemon", "--control-socket",
+                                           control(sn), namespace=ns),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=clean_env())
+             for img, ns in jobs]
+    for p in procs:
+        out, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err
+    assert daemon_pulls(sn) == 3
+    for img, ns in jobs:
+        check_tree(cd, img, namespace=ns)
+
+
+@pytest.fixture
+def slow_image(own_registry):
+    """The multilayer image behind a proxy that trickles every response after the first
+    few KiB (manifest and config pass, the first layer crawls): a pull in progress."""
+    reg, images = own_registry
+    img = images.multilayer
+    host, port = reg.host.rsplit(":", 1)
+    with TricklingProxy((host, int(port)), after=6000, every=0.05, step=256) as proxy:
+        yield reg, img, f"{proxy.host}/{img.name}:{img.tag}"
+
+
+def leases(cd) -> list[str]:
+    return cd.ctr("leases", "ls", "-q").stdout.split()
+
+
+def active_snapshots(cd) -> list[dict]:
+    return [s for s in cd.snapshots() if s["kind"] != "Committed"]
+
+
+def wait_for_download(sn, cd, proc: subprocess.Popen) -> None:
+    """Until the pull holds a lease and an extract snapshot: the middle of a pull."""
+    wait_until(lambda: leases(cd) and active_snapshots(cd), 60, "a pull in progress", proc, sn.log_path,
+               interval=0.2)
+
+
+def test_client_killed_mid_pull_cancels_it_cleanly(slow_image, snapshotter_factory, containerd_factory):
+    reg, img, slow_ref = slow_image
+    sn = snapshotter_factory()
+    cd = containerd_factory(sn.address)
+    proc = subprocess.Popen(pull_command(cd, slow_ref, "--plain-http", "--daemon", "--control-socket", control(sn)),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=clean_env())
+    wait_for_download(sn, cd, proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(10)
+    # The daemon notices (at its next progress line or heartbeat), cancels, and cleans up.
+    wait_until(lambda: "the pull command went away" in sn.log(), 60, "the daemon cancelling the pull",
+               None, sn.log_path)
+    wait_until(lambda: not leases(cd) and not active_snapshots(cd), 30, "the pull's lease and snapshot gone",
+               None, sn.log_path)
+    assert slow_ref not in cd.ctr("images", "ls", "-q").stdout.split()
+    # The next pull (straight from the registry) works.
+    pull(cd, img.ref, "--plain-http", "--daemon", "--control-socket", control(sn))
+    check_tree(cd, img)
+
+
+def test_daemon_killed_mid_pull_is_a_clear_error_and_a_restart_repairs(slow_image, snapshotter_factory,
+                                                                       containerd_factory):
+    reg, img, slow_ref = slow_image
+    sn = snapshotter_factory()
+    cd = containerd_factory(sn.address)
+    proc = subprocess.Popen(pull_command(cd, slow_ref, "--plain-http", "--daemon", "--control-socket", control(sn)),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=clean_env())
+    wait_for_download(sn, cd, proc)
+    sn.kill9()
+    started = time.monotonic()
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 1 and "went away before the pull finished" in err, err
+    assert time.monotonic() - started < 30  # an answer, not a hang (the idle timeout is 60 s)
+    sn.start()
+    # A fresh pull of the same image completes; what the dead one left is containerd's
+    # lease (expires) and an extract snapshot the next pull does not trip over.
+    pull(cd, img.ref, "--plain-http", "--daemon", "--control-socket", control(sn))
+    check_tree(cd, img)
+
+
+def test_a_pull_past_the_timeout_is_cancelled_and_cleaned_up(slow_image, snapshotter_factory, containerd_factory):
+    reg, img, slow_ref = slow_image
+    sn = snapshotter_factory(extra_args=["--pull-timeout", "3s"])
+    cd = containerd_factory(sn.address)
+    res = pull(cd, slow_ref, "--plain-http", "--daemon", "--control-socket", control(sn), check=False)
+    assert res.returncode == 1 and "timed out after 3s" in res.stderr, res.stderr
+    assert not leases(cd) and not active_snapshots(cd)
+    assert slow_ref not in cd.ctr("images", "ls", "-q").stdout.split()
