@@ -61,7 +61,7 @@ NO_WRITEBACK_ENV = "BENCH_NO_EARLY_WRITEBACK"   # set by --writeback-ab for its 
 
 def _maybe_without_writeback() -> None:
     if os.environ.get(NO_WRITEBACK_ENV):
-        from publisher.unpack.unpack import writeback
+        from publisher.unpack import writeback
         writeback.STEP = 1 << 62   # never reached: the layer stays dirty until the final syncfs
 
 

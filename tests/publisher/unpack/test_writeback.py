@@ -1,4 +1,4 @@
-"""publisher.unpack.unpack.writeback: syncfs in a thread while a layer unpacks; its errors reach the
+"""publisher.unpack.writeback: syncfs in a thread while a layer unpacks; its errors reach the
 unpacking thread, the unpack then fails cleanly, and kill -9 meanwhile leaves only .tmp."""
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from cvmfs_common.repo.paths import RepositoryLayout
-from publisher.unpack.unpack import writeback
+from publisher.unpack import writeback
 from publisher.unpack.layererrors import DigestMismatchError, LayerError
 from publisher.unpack.unpack import unpack_layer
 from publisher.unpack.writeback import EarlyWriteback
