@@ -31,6 +31,7 @@ def test_defaults():
         log_level="info",
         log_format="text",
         metrics_address=None,
+        control_address=Path("/run/containerd-cvmfs-grpc/containerd-cvmfs-grpc.sock.ctl"),  # <address>.ctl
     )
 
 
@@ -41,7 +42,7 @@ def test_every_key_of_the_file(tmp_path):
                  'metrics-address = "127.0.0.1:9102"\n')
     cfg = config("--config", str(f))
     assert cfg == ServeConfig(Path("/r"), Path("/a.sock"), ["/x", "/cvmfs/sft.cern.ch"], 1.5, 0.0, "debug",
-                              "json", "127.0.0.1:9102")
+                              "json", "127.0.0.1:9102", control_address=Path("/a.sock.ctl"))
 
 
 def test_flags_win_over_the_file(tmp_path):

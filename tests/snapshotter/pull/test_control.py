@@ -15,7 +15,7 @@ from snapshotter.config import DEFAULT_ADDRESS, add_serve_arguments, serve_confi
 from snapshotter.pull.control import DEFAULT_CONTROL
 from snapshotter.pull.request import PullRequest
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 
 
 def test_default_control_socket_is_next_to_the_default_snapshots_socket():

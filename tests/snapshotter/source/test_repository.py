@@ -9,7 +9,7 @@ import time
 import pytest
 
 import snapshotter.source.repository as repository_mod
-from cvmfs_common.repo import paths as layout_mod
+from cvmfs_common.repo import lookup as layout_mod
 from cvmfs_common.repo.paths import RepositoryLayout
 from snapshotter.core import Snapshotter
 from snapshotter.errors import AlreadyExists, Unavailable
