@@ -47,6 +47,8 @@ def test_import_contracts_hold() -> None:
     # the value types, the repository scheme and the wishlist never pull in the HTTP client
     (["cvmfs_common.oci.platform", "cvmfs_common.registry.manifest", "cvmfs_common.repo.lookup",
       "publisher.write.names", "publisher.sync.wishlist"], ["requests"]),
+    # a no-change convert never loads the unpacker or the chain/flat writers (image.py imports them late)
+    (["publisher.sync.convert"], ["publisher.unpack.ingest", "publisher.unpack.unpack", "publisher.write.chains"]),
 ])
 def test_light_modules_stay_light(modules: list[str], absent: list[str]) -> None:
     code = f"import sys\nfor m in {modules!r}: __import__(m)\nprint([m for m in {absent!r} if m in sys.modules])"

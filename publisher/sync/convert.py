@@ -31,7 +31,6 @@ from publisher.backend.base import Backend
 from publisher.write.flat import is_complete
 from publisher.write.image import ImagePublisher
 from publisher.write.names import Placement, multiarch_name_for, podman_names
-from publisher.unpack.ingest import LayerIngester
 from publisher.core.outcome import FailureKind, Outcome, failure_kind_of
 from publisher.core.progress import ItemResult, Progress, Summary
 from publisher.core.runlock import exclusive, exclusive_repository, lock_path_for
@@ -91,6 +90,8 @@ class Converter:
         """Made when the first item needs publishing: a re-sync where nothing changed never
         imports the unpacker."""
         if self._publisher is None:
+            from publisher.unpack.ingest import LayerIngester  # deliberately late (see above)
+
             assert self.backend is not None
             self.ingester = LayerIngester(self.layout, self.client, whiteouts=self.options.whiteouts,
                                           on_bytes=self.progress.add_bytes)

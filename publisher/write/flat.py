@@ -15,13 +15,15 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from cvmfs_common.repo.paths import RepositoryLayout
 from cvmfs_common.fsutil.atomic import exchange_dirs, publish_dir, remove_tree, syncfs
 
-from publisher.write.chains import ChainMerger, ChainStats
 from publisher.write.singularity import SingularityStats, has_singularity, write_singularity
+
+if TYPE_CHECKING:  # pragma: no cover
+    from publisher.write.chains import ChainStats
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +54,8 @@ def build_flat(layout: RepositoryLayout, flat: Path, top_chain: Path, config: di
     work = layout.make_work_dir("flat-")
     try:
         tree = work / "rootfs"
+        from publisher.write.chains import ChainMerger  # late: a no-change re-sync only asks is_complete
+
         copy = ChainMerger().merge(tree, None, top_chain)
         sing = write_singularity(tree, config)
         syncfs(work)  # data on disk before the rename makes it visible
