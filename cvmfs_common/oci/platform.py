@@ -56,6 +56,11 @@ class Platform:
         """``<os>-<arch>[-<variant>]`` as the state records a non-default platform."""
         return "-".join([self.os, self.architecture] + ([self.variant] if self.variant else []))
 
+    @property
+    def normalized_variant(self) -> str | None:
+        """The variant, or the architecture's default one (arm64 -> v8, arm -> v7) when none is set."""
+        return self._norm_variant(self.variant)
+
     def _norm_variant(self, variant: str | None) -> str | None:
         return variant or _DEFAULT_VARIANT.get(self.architecture)
 

@@ -54,16 +54,16 @@ from typing import IO, Any
 import requests
 
 from cvmfs_common.oci.digest import Digest, InvalidDigest, parse_digest, sha256_of
-from cvmfs_common.oci.media import (DOCKER_SCHEMA1, DOCKER_SCHEMA1_SIGNED, IMAGE_MANIFESTS, INDEXES, MANIFEST_ACCEPT,
-                                     OCI_INDEX, OCI_MANIFEST)
-from cvmfs_common.oci.platform import _DEFAULT_VARIANT, Platform
+from cvmfs_common.oci.media import MANIFEST_ACCEPT
+from cvmfs_common.oci.platform import Platform
 from cvmfs_common.oci.reference import InvalidReference, Reference, parse_reference
 from cvmfs_common.fsutil.atomic import replacing_file
 from cvmfs_common.registry.challenge import _Token, parse_www_authenticate
 from cvmfs_common.registry.credentials import Credentials
-from cvmfs_common.registry.errors import (Aborted, AuthenticationError, DeadlineExceeded, DigestMismatch, ManifestError,
-                                          NotFound, PlatformNotInIndex, RegistryError, RetriesExhausted)
-from cvmfs_common.registry.manifest import Descriptor, Manifest, ResolvedImage
+from cvmfs_common.registry.errors import (Aborted, AuthenticationError, DeadlineExceeded, DigestMismatch, NotFound,
+                                          RegistryError, RetriesExhausted)
+from cvmfs_common.registry.manifest import (Manifest, ResolvedImage, image_of, parse_config, parse_manifest,
+                                            select_platform)
 from cvmfs_common.registry.transport import (_TRANSIENT_EXC, DEFAULT_CHUNK, BlobStream, RetryPolicy, TransferLimits,
                                              _content_range_start, _is_transient_status, _retry_after_seconds,
                                              _Transfer)
@@ -378,20 +378,7 @@ class RegistryClient:
         header = resp.headers.get("Docker-Content-Digest")
         if header and header.startswith("sha256:") and header != actual:
             raise DigestMismatch(ref, f"manifest {target}: Docker-Content-Digest {header} but content is {actual}")
-        try:
-            parsed = json.loads(raw)
-        except (ValueError, UnicodeDecodeError) as e:
-            raise ManifestError(ref, f"manifest {target} is not JSON: {e}") from None
-        if not isinstance(parsed, dict):
-            raise ManifestError(ref, f"manifest {target} is not a JSON object")
-        media_type = parsed.get("mediaType") or resp.headers.get("Content-Type", "").split(";")[0].strip()
-        if not media_type:  # OCI allows omitting it; infer from the shape
-            media_type = OCI_INDEX if "manifests" in parsed else OCI_MANIFEST
-        if media_type in (DOCKER_SCHEMA1, DOCKER_SCHEMA1_SIGNED) or parsed.get("schemaVersion") == 1:
-            raise ManifestError(ref, f"manifest {target}: Docker schema 1 is not supported")
-        if media_type not in IMAGE_MANIFESTS and media_type not in INDEXES:
-            raise ManifestError(ref, f"manifest {target}: unsupported media type {media_type!r}")
-        return Manifest(digest=actual, media_type=media_type, raw=raw, parsed=parsed)
+        return parse_manifest(ref, raw, resp.headers.get("Content-Type", ""), name=target)
 
     def head_manifest(self, ref: "Reference | str") -> str | None:
         """The digest the tag points at now (Docker-Content-Digest), None if unknown.
@@ -420,68 +407,17 @@ class RegistryClient:
         ref = self.reference(ref)
         want = platform or Platform.host()
         top = self.get_manifest(ref)
-        index_digest = None
-        chosen_platform: Platform | None = None
-        manifest = top
-        if top.is_index:
-            index_digest = top.digest
-            desc = self.select_platform(ref, top, want)
-            chosen_platform = desc.platform
-            manifest = self.get_manifest(ref, desc.digest)
-            if manifest.is_index:
-                raise ManifestError(ref, f"index {top.digest} points at another index {desc.digest}")
-        body = manifest.parsed
-        config = Descriptor.from_json(body.get("config"), ref)
-        layers_json = body.get("layers")
-        if not isinstance(layers_json, list):
-            raise ManifestError(ref, f"manifest {manifest.digest} has no layers list")
-        layers = tuple(Descriptor.from_json(layer, ref) for layer in layers_json)
-        return ResolvedImage(
-            reference=ref,
-            manifest_digest=manifest.digest,
-            manifest_bytes=manifest.raw,
-            manifest=body,
-            media_type=manifest.media_type,
-            config=config,
-            layers=layers,
-            platform=chosen_platform,
-            index_digest=index_digest,
-        )
+        if not top.is_index:
+            return image_of(ref, top)
+        desc = select_platform(ref, top, want)
+        return image_of(ref, self.get_manifest(ref, desc.digest), desc.platform, index=top)
 
-    @staticmethod
-    def select_platform(ref: Reference, index: Manifest, want: Platform) -> Descriptor:
-        entries = index.parsed.get("manifests")
-        if not isinstance(entries, list):
-            raise ManifestError(ref, f"index {index.digest} has no manifests list")
-        candidates: list[Descriptor] = []
-        for e in entries:
-            d = Descriptor.from_json(e, ref)
-            # BuildKit attestations sit in indexes as platform unknown/unknown.
-            if d.annotations.get("vnd.docker.reference.type") == "attestation-manifest":
-                continue
-            if d.media_type and d.media_type not in IMAGE_MANIFESTS:
-                continue
-            if d.platform is not None and want.matches(d.platform):
-                candidates.append(d)
-        if not candidates:
-            offered = sorted({str(Descriptor.from_json(e, ref).platform) for e in entries})
-            raise PlatformNotInIndex(ref, f"no manifest for platform {want} in index {index.digest} (has: {', '.join(offered)})")
-        if want.variant is None:
-            # Prefer the architecture's default variant (or none) over e.g. arm/v6.
-            default = _DEFAULT_VARIANT.get(want.architecture)
-            candidates.sort(key=lambda d: 0 if d.platform and d.platform.variant in (None, default) else 1)
-        return candidates[0]
+    select_platform = staticmethod(select_platform)
 
     def fetch_config(self, image: ResolvedImage) -> tuple[bytes, dict]:
         """The image config blob (verified), raw and parsed."""
         data = self.get_blob_bytes(image.reference, image.config.digest, size=image.config.size, limit=MAX_CONFIG_BYTES)
-        try:
-            parsed = json.loads(data)
-        except (ValueError, UnicodeDecodeError) as e:
-            raise ManifestError(image.reference, f"config {image.config.digest} is not JSON: {e}") from None
-        if not isinstance(parsed, dict):
-            raise ManifestError(image.reference, f"config {image.config.digest} is not a JSON object")
-        return data, parsed
+        return data, parse_config(image.reference, image.config.digest, data)
 
     # -- tags -------------------------------------------------------------------------
     def list_tags(self, ref: "Reference | str", page_size: int | None = None, max_pages: int = 10_000) -> list[str]:
