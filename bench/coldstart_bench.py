@@ -1,8 +1,11 @@
 #!/usr/bin/env python3
 """Cold start of an image whose layers are all in the repository:
 `cvmfs-snapshotter pull` + `ctr run` vs plain `ctr image pull` + `ctr run` with overlayfs,
-and vs a warm run of the already-unpacked image. The pull command runs twice per round:
-through the snapshotter daemon's control socket (the default) and in-process (`--local`).
+and vs a warm run of the already-unpacked image. The pull command runs three times per
+round: through the snapshotter daemon's control socket (the default) with the tag's
+manifest and config in the repository's `.metadata/` as the publisher leaves them (one HEAD
+at the registry), the same without them (`cvmfs-nometa`: manifest and config GETs), and
+in-process (`--local`, which resolves at the registry).
 
     sudo .venv/bin/python bench/coldstart_bench.py                 # 1 GiB, 20 000 files, 5+1 layers
     sudo .venv/bin/python bench/coldstart_bench.py --size-gb 0.1   # quick: 100 MiB, 2 000 files
@@ -110,11 +113,34 @@ def process_cpu(pid: int) -> float:
 WARM_DAEMON = True
 
 
-def cvmfs_side(base: Path, inputs: Inputs, drop: bool, mode: str = "daemon") -> dict[str, float]:
+def published_metadata(inputs: Inputs) -> Path:
+    """The tag's `.metadata/<registry>/<repo>:<tag>/` as the publisher writes it (manifest.json,
+    config.json): the registry's port, part of that path, changes every run."""
+    from cvmfs_common.registry.client import RegistryClient
+
+    client = RegistryClient(insecure_registries=[inputs.registry.host])
+    try:
+        image = client.resolve(inputs.image.ref)
+        config, _ = client.fetch_config(image)
+    finally:
+        client.close()
+    lay = RepositoryLayout(inputs.repository)
+    manifest = lay.manifest_json(*image.reference.link_components)
+    manifest.parent.mkdir(parents=True, exist_ok=True)
+    (manifest.parent / "config.json").write_bytes(config)
+    manifest.write_bytes(image.manifest_bytes)
+    return lay.metadata_root
+
+
+def cvmfs_side(base: Path, inputs: Inputs, drop: bool, mode: str = "daemon", metadata: bool = True) -> dict[str, float]:
     """`cvmfs-snapshotter pull` + `ctr run`; `mode` daemon: the command hands the pull to the
     snapshotter daemon's control socket (the default), local: the pull runs in the command.
     The daemon imports its pull code at its first pull; a node's daemon has pulled before,
-    so (unless --cold-daemon) one pull of an invalid name, not timed, goes first."""
+    so (unless --cold-daemon) one pull of an invalid name, not timed, goes first.
+    `metadata`: the repository holds the tag's manifest and config, as the publisher leaves
+    it, and the daemon's pull takes them from there after one HEAD; without, it resolves
+    the tag at the registry (manifest and config GETs)."""
+    meta = published_metadata(inputs) if metadata else None
     sn = SnapshotterProcess(base / "sn", repositories=[inputs.repository],
                             extra_args=["--log-level", "warning"]).start()
     cd = Containerd(base / "cd", sn.address, log_level="warn").start()
@@ -145,11 +171,13 @@ def cvmfs_side(base: Path, inputs: Inputs, drop: bool, mode: str = "daemon") -> 
             print(f"warning: not every layer came from the repository:\n{out[0]}", file=sys.stderr)
         blob_gets = inputs.registry.blob_get_count()
         return {"pull": t_pull, "run": t_run, "cold": t_pull + t_run, "warm": t_warm, "blob_gets": blob_gets,
-                "pull_cpu": cpu, "daemon_cpu": daemon_cpu}
+                "manifest_gets": inputs.registry.manifest_get_count(), "pull_cpu": cpu, "daemon_cpu": daemon_cpu}
     finally:
         cd.cleanup_tasks()
         cd.stop()
         sn.stop()
+        if meta is not None:
+            run(["rm", "-rf", str(meta)])
 
 
 def cri_side(base: Path, inputs: Inputs, drop: bool) -> dict[str, float]:
@@ -222,8 +250,8 @@ def main(argv: list[str] | None = None) -> int:
     img = inputs.image
     print(f"image {img.ref}: {len(img.layers)} layers, {img.unpacked_bytes / 2**30:.2f} GiB unpacked, "
           f"{img.files} entries, {img.blob_bytes / 2**30:.2f} GiB compressed")
-    sides = {"cvmfs": cvmfs_side, "cvmfs-local": lambda *a: cvmfs_side(*a, mode="local"),
-             "overlayfs": overlay_side}
+    sides = {"cvmfs": cvmfs_side, "cvmfs-nometa": lambda *a: cvmfs_side(*a, metadata=False),
+             "cvmfs-local": lambda *a: cvmfs_side(*a, mode="local"), "overlayfs": overlay_side}
     if not args.no_cri:
         sides["cvmfs-cri"] = cri_side
     results: dict[str, list[dict[str, float]]] = {side: [] for side in sides}
@@ -242,12 +270,14 @@ def main(argv: list[str] | None = None) -> int:
     def med(side: str, key: str) -> float:
         return statistics.median(r[key] for r in results[side])
 
-    labels = {"cvmfs": "cvmfs pull", "cvmfs-local": "pull --local", "overlayfs": "overlayfs",
-              "cvmfs-cri": "cvmfs via CRI"}
+    labels = {"cvmfs": "cvmfs pull", "cvmfs-nometa": "no .metadata", "cvmfs-local": "pull --local",
+              "overlayfs": "overlayfs", "cvmfs-cri": "cvmfs via CRI"}
     print(f"\n{'':22} " + " ".join(f"{labels[s]:>14}" for s in sides) + f"   (seconds, median of {args.runs})")
     for key, label in (("pull", "pull"), ("run", "first ctr run"), ("cold", "cold start (pull+run)"),
                        ("warm", "warm ctr run"), ("blob_gets", "registry blob GETs")):
         print(f"{label:22} " + " ".join(f"{med(s, key):14.2f}" for s in sides))
+    print(f"{'registry manifest GETs':22} " + " ".join(
+        f"{med(s, 'manifest_gets'):14.2f}" if "manifest_gets" in results[s][0] else f"{'-':>14}" for s in sides))
     print(f"pull command CPU (user+sys): {med('cvmfs', 'pull_cpu'):.3f} s through the daemon (+ "
           f"{med('cvmfs', 'daemon_cpu'):.2f} s in the daemon), {med('cvmfs-local', 'pull_cpu'):.3f} s in-process "
           f"(medians; load-independent, unlike wall)")
@@ -261,6 +291,8 @@ def main(argv: list[str] | None = None) -> int:
           f"{med('cvmfs-local', 'cold') / warm:.2f}x")
     print(f"cvmfs-snapshotter pull+run / warm run of the unpacked image:          "
           f"{med('cvmfs', 'cold') / warm:.2f}x (target <= 1.5x)")
+    print(f"the same, the tag's manifest and config not in the repository:        "
+          f"{med('cvmfs-nometa', 'cold') / warm:.2f}x")
     if "cvmfs-cri" in sides:
         print(f"CRI PullImage+run (no pull process) / warm run of the unpacked image: "
               f"{med('cvmfs-cri', 'cold') / warm:.2f}x; speedup vs overlayfs "

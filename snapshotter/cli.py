@@ -88,7 +88,8 @@ def run_serve(args: argparse.Namespace) -> int:
         if cfg.control_address:
             from .pull_server import PullControlServer
 
-            control = PullControlServer(cfg.control_address, cfg.pull_jobs, cfg.pull_timeout).start()
+            control = PullControlServer(cfg.control_address, cfg.pull_jobs, cfg.pull_timeout,
+                                        published=remote.published).start()
         rc = serve(cfg, snapshotter, metrics)
     except (SocketInUse, RootInUse) as e:
         log.error("%s", e)

@@ -31,6 +31,7 @@ from .server import prepare_socket_path
 
 if TYPE_CHECKING:
     from .pull.containerd_client import ContainerdClient
+    from .pull.image import PublishedLookup
 
 log = logging.getLogger(__name__)
 
@@ -95,8 +96,10 @@ class _Channel:
 
 
 class PullControlServer:
-    def __init__(self, path: Path, jobs: int = 4, timeout: float = 3600.0, max_waiting: int = 64) -> None:
+    def __init__(self, path: Path, jobs: int = 4, timeout: float = 3600.0, max_waiting: int = 64,
+                 published: "PublishedLookup | None" = None) -> None:
         self.path = Path(path)
+        self.published = published  # the repositories' copies of tags (pull.image.pull_image)
         self.timeout = timeout
         self.max_waiting = max_waiting
         self._pool = ThreadPoolExecutor(max_workers=jobs, thread_name_prefix="pull")
@@ -238,7 +241,8 @@ class PullControlServer:
             if job.cancelled is not None:
                 raise PullFailure(f"{job.req.image}: {job.cancelled}")
             execute = _pull_code()
-            execute(job.req, _JobProgress(job), client_factory=lambda a, ns: self._client(job, a, ns))
+            execute(job.req, _JobProgress(job), client_factory=lambda a, ns: self._client(job, a, ns),
+                    published=self.published)
             job.rc, job.error = 0, None
         except PullFailure as e:
             job.rc, job.error = e.rc, e.message

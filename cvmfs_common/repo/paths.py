@@ -54,6 +54,7 @@ LAYERS_JSON = "layers.json"
 ORIGIN_JSON = "origin.json"
 MANIFEST_JSON = "manifest.json"
 CONFIG_JSON = "config.json"  # next to manifest.json
+INDEX_JSON = "index.json"  # next to manifest.json when the tag points at an index
 
 # Top-level names a registry must never shadow (a registry called "podmanStore"
 # would otherwise put links inside the podman store).

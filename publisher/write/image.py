@@ -3,7 +3,7 @@
 Order, so that nothing of an image is visible before everything it needs is:
 layers (in parallel) -> chains (bottom up) -> ``.flat`` (a copy of the top chain with
 ``.singularity.d``) -> the human-readable link and its ``.multiarch`` twin -> podman
-store -> ``.metadata/.../config.json`` -> ``manifest.json`` (last: it marks the tag done).
+store -> ``.metadata/.../config.json`` (+ ``index.json``) -> ``manifest.json`` (last: it marks the tag done).
 With a ``podman_batch`` (convert) the podman store entry is only collected here and written
 for all of a run's images at once, after their units (publisher/sync/convert.py).
 Every step is content-addressed or an atomic swap, so a crash at any point leaves the
@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 
 from cvmfs_common.fsutil.entries import readlink
 from cvmfs_common.oci.digest import chain_ids, parse_digest
-from cvmfs_common.repo.paths import CONFIG_JSON, LAYERFS, RepositoryLayout
+from cvmfs_common.repo.paths import CONFIG_JSON, INDEX_JSON, LAYERFS, RepositoryLayout
 from cvmfs_common.fsutil.atomic import relative_link_target, remove_tree
 from cvmfs_common.oci.reference import Reference
 from cvmfs_common.oci.media import FOREIGN_LAYER_TYPES
@@ -248,8 +248,14 @@ class ImagePublisher:
         registry, repository, tag = ref.link_components
         lay = placement.layout
         manifest = lay.manifest_json(registry, repository, tag)
-        for path, data in ((manifest.parent / CONFIG_JSON, config_bytes), (manifest, image.manifest_bytes)):
-            if _read(path) != data:
+        index = manifest.parent / INDEX_JSON
+        # index.json lets `cvmfs-snapshotter pull` match the tag's HEAD digest without
+        # fetching the index; a tag that no longer points at an index loses it first.
+        if image.index_bytes is None:
+            index.unlink(missing_ok=True)
+        for path, data in ((manifest.parent / CONFIG_JSON, config_bytes), (index, image.index_bytes),
+                           (manifest, image.manifest_bytes)):
+            if data is not None and _read(path) != data:
                 lay.atomic_write_file(path, data)
 
 

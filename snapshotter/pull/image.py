@@ -23,6 +23,7 @@ from cvmfs_common.oci.reference import Reference
 from cvmfs_common.oci.platform import Platform
 from cvmfs_common.registry.client import RegistryClient
 from cvmfs_common.registry.manifest import ResolvedImage
+from cvmfs_common.registry.published import PublishedFiles, match_published
 
 from .containerd_client import ContainerdClient, unique_key_part
 from ..labels import CVMFS_LAYER_DIGEST_LABEL, SNAPSHOT_REF_LABEL
@@ -65,6 +66,33 @@ class Progress:
         is cancelled (client gone, timeout), and the usual clean-up runs."""
 
 
+# (registry, repository, tag, platform) -> the metadata files repositories hold for that tag
+PublishedLookup = Callable[[str, str, str, Platform], "list[PublishedFiles]"]
+
+
+def _from_repository(registry: RegistryClient, ref: Reference, src: Reference, want: Platform,
+                     published: PublishedLookup) -> tuple[ResolvedImage, bytes, dict] | None:
+    """The image from a repository's copy of the tag's manifest and config, when they are
+    what the registry has now (one HEAD, or none for a reference by digest); else None."""
+    try:
+        files = published(*ref.link_components, want)
+    except (ValueError, OSError) as e:  # a name the layout refuses, an unreadable repository
+        log.debug("no repository lookup for %s: %s", ref, e)
+        return None
+    if not files:
+        return None
+    top = src.digest or registry.head_manifest(src)
+    if top is None:
+        return None  # the registry says the tag is gone: let resolve() say so
+    for f in files:
+        match = match_published(src, top, want, f)
+        if match is not None:
+            log.info("%s: manifest and config of %s from %s", ref, top, f.where)
+            return match
+    log.info("%s: the repository's copy is not the tag's %s; resolving at the registry", ref, top)
+    return None
+
+
 def _counting(chunks, counter: Callable[[int], None]):
     for chunk in chunks:
         counter(len(chunk))
@@ -79,15 +107,22 @@ def pull_image(
     platform: Platform | None = None,
     progress: Progress | None = None,
     source: Reference | None = None,
+    published: PublishedLookup | None = None,
 ) -> PullResult:
     """Pull `reference` into containerd under its own name; with `source` (a mirror of it,
-    from hosts.toml) the registry requests go there."""
+    from hosts.toml) the registry requests go there. With `published` (the serving daemon's
+    repositories) a tag the repository holds as of the tag's HEAD costs that one HEAD: the
+    manifest and config come from the repository, checked against the digests."""
     progress = progress or Progress()
     started = time.monotonic()
     ref = registry.reference(reference)
     src = source or ref
-    image: ResolvedImage = registry.resolve(src, platform)
-    config_bytes, config = registry.fetch_config(image)
+    known = _from_repository(registry, ref, src, platform or Platform.host(), published) if published else None
+    if known is not None:
+        image, config_bytes, config = known
+    else:
+        image = registry.resolve(src, platform)
+        config_bytes, config = registry.fetch_config(image)
     diff_ids = list(config.get("rootfs", {}).get("diff_ids", []))
     if len(diff_ids) != len(image.layers):
         raise PullError(f"{ref}: config lists {len(diff_ids)} diff_ids for {len(image.layers)} layers")
@@ -95,7 +130,8 @@ def pull_image(
     top = chains[-1] if chains else ""
     name = ref.docker_name
     result = PullResult(name, image.manifest_digest, top, layers=len(image.layers))
-    progress.say(f"{name}: manifest {image.manifest_digest}, {len(image.layers)} layers")
+    progress.say(f"{name}: manifest {image.manifest_digest}, {len(image.layers)} layers"
+                 + (" (manifest and config from the repository)" if known is not None else ""))
 
     with client.leased():
         config_labels = {f"containerd.io/gc.ref.snapshot.{snapshotter}": top} if top else {}

@@ -15,7 +15,7 @@ from cvmfs_common.registry.auth import CredentialError, load_credentials, parse_
 from cvmfs_common.registry.hosts import Endpoint, HostsConfigError, load_endpoints
 
 from .containerd_client import ContainerdClient
-from .image import Progress, PullError, PullResult, pull_image
+from .image import Progress, PublishedLookup, PullError, PullResult, pull_image
 from .request import PullFailure, PullRequest
 
 log = logging.getLogger("cvmfs-snapshotter")
@@ -29,9 +29,11 @@ def _no_terminal() -> str:
     raise CredentialError("--user without a password and no terminal to ask on")
 
 
-def execute(req: PullRequest, progress: Progress, client_factory: ClientFactory = ContainerdClient) -> PullResult:
+def execute(req: PullRequest, progress: Progress, client_factory: ClientFactory = ContainerdClient,
+            published: PublishedLookup | None = None) -> PullResult:
     """The pull `req` asks for; PullFailure(message, rc) when it cannot be done. A password
-    left out of --user was asked for by the command already (it has the terminal)."""
+    left out of --user was asked for by the command already (it has the terminal).
+    `published`: the repositories' copies of tags (the daemon has them; pull_image)."""
     try:
         ref = parse_reference(req.image, insecure_registries=[])
         if req.plain_http:
@@ -68,7 +70,8 @@ def execute(req: PullRequest, progress: Progress, client_factory: ClientFactory 
 
     client = client_factory(req.containerd_address, req.namespace)
     try:
-        return pull_image(client, registry, ref, req.snapshotter, platform, progress=progress, source=source)
+        return pull_image(client, registry, ref, req.snapshotter, platform, progress=progress, source=source,
+                          published=published)
     except PullFailure:  # cancelled by the daemon: its own message
         raise
     except (RegistryError, PullError) as e:

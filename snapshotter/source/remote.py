@@ -17,6 +17,8 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from cvmfs_common.oci.digest import InvalidDigest, next_chain_id, parse_digest
+from cvmfs_common.oci.platform import Platform
+from cvmfs_common.registry.published import PublishedFiles
 
 from ..layer_source import LayerMatch, LayerRequest
 from .repository import BoundedRepository, RepositoryUnavailable
@@ -76,6 +78,17 @@ class RemoteLayers:
             if path is not None:
                 return LayerMatch(str(path), True, repo.root)
         return None
+
+    def published(self, registry: str, repository: str, tag: str, want: Platform) -> list[PublishedFiles]:
+        """Every repository's metadata files for the tag (repositories that do not answer
+        in time are skipped: the pull then asks the registry)."""
+        found: list[PublishedFiles] = []
+        for repo in self.repositories:
+            try:
+                found += repo.published(registry, repository, tag, want)
+            except RepositoryUnavailable as e:
+                log.warning("%s; resolving the image at the registry", e)
+        return found
 
     def is_available(self, source: str) -> bool:
         """Is a directory we serve still there? Raises RepositoryUnavailable on a hang."""

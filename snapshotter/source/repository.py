@@ -22,14 +22,30 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, TypeVar
 
+from cvmfs_common.oci.platform import Platform
+from cvmfs_common.registry.published import PublishedFiles
 from cvmfs_common.repo.lookup import LayerPresence, find_chain, find_layer
-from cvmfs_common.repo.paths import RepositoryLayout
+from cvmfs_common.repo.paths import CONFIG_JSON, INDEX_JSON, LayoutError, RepositoryLayout
 
 from ..layer_source import SourceUnavailable
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+
+
+MAX_MANIFEST = 4 << 20  # bytes; the registry's own manifest limit
+MAX_CONFIG = 16 << 20
+
+
+def _small(path: Path, limit: int) -> bytes | None:
+    """A file's bytes, or None when it is missing, unreadable or over `limit`."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read(limit + 1)
+    except OSError:
+        return None
+    return data if len(data) <= limit else None
 
 
 class RepositoryUnavailable(SourceUnavailable):
@@ -127,6 +143,27 @@ class BoundedRepository:
             return st.st_mode, st.st_uid, st.st_gid
 
         return self._cached("stat", path, probe)
+
+    def published(self, registry: str, repository: str, tag: str, want: Platform) -> list[PublishedFiles]:
+        """The tag's metadata files, where the publisher put them for `want` (its platform
+        dir) and for the repository's default platform (the top level). Read fresh, in one
+        bounded question: tags move, and the caller checks every byte against a digest."""
+        try:
+            dirs = [self.layout.for_platform(want.os, want.architecture, want.variant), self.layout]
+            paths = [lay.manifest_json(registry, repository, tag) for lay in dirs]
+        except (LayoutError, ValueError):
+            return []  # a name the repository cannot hold is not in it
+
+        def read() -> list[PublishedFiles]:
+            found = []
+            for manifest in dict.fromkeys(paths):
+                files = PublishedFiles(_small(manifest, MAX_MANIFEST), _small(manifest.parent / CONFIG_JSON, MAX_CONFIG),
+                                       _small(manifest.parent / INDEX_JSON, MAX_MANIFEST), str(manifest.parent))
+                if files.manifest is not None:
+                    found.append(files)
+            return found
+
+        return self._run(f"metadata of {registry}/{repository}:{tag}", read)
 
     def owns(self, path: str) -> bool:
         root = str(self.root).rstrip("/") + "/"

@@ -105,6 +105,44 @@ def test_daemon_pull_downloads_no_layer_and_prints_what_the_local_pull_prints(
     check_tree(cd, img, namespace="third")
 
 
+def test_a_tag_the_repository_holds_costs_one_head(own_registry, repo, snapshotter_factory, containerd_factory,
+                                                   e2e_base):
+    """The publisher's .metadata copy of a tag (manifest.json, config.json, index.json) stands
+    in for the registry's manifest and config when the tag's HEAD digest matches it: an index
+    tag and a plain one each cost one HEAD, no GET. A tag that moved since it was published
+    is resolved at the registry: the pull gets the new image, never the stale copy."""
+    from tests.fixtures.images import Pusher, host_arch
+    from tests.fixtures.workdirs import new_workdir
+    from tests.publisher.clirun import run_cli
+
+    reg, images = own_registry
+    index, plain = images.multiarch, images.multilayer
+    state = new_workdir("pub-state-", e2e_base) / "state.db"
+    for ref in (index.ref, plain.ref):
+        res = run_cli("convert-image", ref, "--repository-root", repo.root, "--state-db", state)
+        assert res.rc == 0, res.stdout
+    sn = snapshotter_factory(repositories=[repo.root])
+    cd = containerd_factory(sn.address)
+
+    for ref, image in ((index.ref, index.images[f"linux/{host_arch()}"]), (plain.ref, plain)):
+        reg.clear_log()
+        res = pull(cd, ref, "--plain-http", "--daemon", "--control-socket", control(sn))
+        assert "(manifest and config from the repository)" in res.stderr, res.stderr
+        assert f"{len(image.layers)} layers from the repository, 0 downloaded" in res.stderr, res.stderr
+        wait_until(lambda: any(e.method == "HEAD" for e in reg.access_log()), 10, "the registry's access log")
+        requests = [(e.method, e.path) for e in reg.access_log()]
+        assert [m for m, _ in requests] == ["HEAD"], requests
+        check_tree(cd, image, ref=ref)
+
+    # `plain`'s tag now names another image: the registry's answer wins.
+    Pusher(reg.host).copy(images.layout, "apptainer", plain.name, plain.tag, fmt="oci")
+    reg.clear_log()
+    res = pull(cd, plain.ref, "--plain-http", "--daemon", "--control-socket", control(sn), namespace="moved")
+    assert "from the repository)" not in res.stderr.splitlines()[0], res.stderr
+    assert reg.manifest_get_count() >= 1
+    check_tree(cd, images.apptainer, ref=plain.ref, namespace="moved")
+
+
 def test_without_a_daemon_the_pull_runs_in_process(own_registry, snapshotter_factory, containerd_factory,
                                                    tmp_path):
     reg, images = own_registry

@@ -190,6 +190,13 @@ def test_links_metadata_and_platforms(published: Published) -> None:
     assert (plat.link_path(other.host, other.name, "v1") / "platform").read_text() == OTHER_ARCH + "\n"
     assert sha256_of(plat.manifest_json(other.host, other.name, "v1").read_bytes()) == other.manifest_digest
     assert not lay.manifest_json(img.host, "test/does-not-exist", "nope").exists()
+    # The tag's index next to each platform's manifest (the snapshotter's pull matches a
+    # HEAD against it); a tag of one image manifest has none.
+    index = published.images.multiarch.digest
+    for layout in (lay, plat):
+        assert sha256_of(layout.manifest_json(other.host, other.name, "v1").with_name("index.json").read_bytes()) \
+            == index
+    assert not lay.manifest_json(img.host, img.name, img.tag).with_name("index.json").exists()
 
 
 def test_multiarch_links_for_every_platform(published: Published) -> None:
@@ -290,6 +297,9 @@ def test_moved_tag_switches_link(registry, tmp_path: Path) -> None:
     assert first.rc == 0 and "1 new" in first.stdout, first.stdout
     assert (link / "etc/version").read_text() == "one\n"
     old_target = os.readlink(link)
+    # as if `latest` had been an index before: an update to a plain manifest drops index.json
+    stale_index = lay.manifest_json(registry.host, "moving/app", "latest").with_name("index.json")
+    stale_index.write_bytes(b'{"manifests": []}')
 
     pusher.copy(oci.root, "two", "moving/app", "latest")
     second = run_cli("convert-image", ref, "--repository-root", root, "--state-db", db)
@@ -298,6 +308,7 @@ def test_moved_tag_switches_link(registry, tmp_path: Path) -> None:
     assert os.readlink(link) != old_target
     two = pusher.describe("moving/app", "latest")
     assert sha256_of(lay.manifest_json(registry.host, "moving/app", "latest").read_bytes()) == two.manifest_digest
+    assert not stale_index.exists()
     images = json.loads((lay.podman_store / "overlay-images/images.json").read_text())
     owners = [i["id"] for i in images if ref in i.get("names", [])]
     assert owners == [two.config_digest[7:]]

@@ -190,3 +190,46 @@ def test_the_core_reports_a_hung_repository_as_unavailable(layout, tmp_path, han
     finally:
         hang.set()
         sn.close()
+
+
+def _write_tag(lay: RepositoryLayout, files: dict[str, bytes]) -> None:
+    meta = lay.manifest_json("reg.example", "team/app", "v1").parent
+    meta.mkdir(parents=True, exist_ok=True)
+    for name, data in files.items():
+        (meta / name).write_bytes(data)
+
+
+def test_published_reads_the_platform_dir_then_the_default_one(layout, bounded):
+    from cvmfs_common.oci.platform import Platform
+
+    arm = Platform("linux", "arm64")
+    _write_tag(layout, {"manifest.json": b"M", "config.json": b"C", "index.json": b"I"})
+    _write_tag(layout.for_platform("linux", "arm64"), {"manifest.json": b"m", "config.json": b"c"})
+    repo = bounded()
+    got = repo.published("reg.example", "team/app", "v1", arm)
+    assert [(f.manifest, f.config, f.index) for f in got] == [(b"m", b"c", None), (b"M", b"C", b"I")]
+    assert "/.multiarch/arm64:v8/" in got[0].where and ".multiarch" not in got[1].where, got
+    # only the default dir for the default platform; nothing for unknown tags or bad names
+    assert len(repo.published("reg.example", "team/app", "v1", Platform("linux", "amd64"))) == 1
+    assert repo.published("reg.example", "team/app", "v2", arm) == []
+    assert repo.published("reg.example", "../../etc", "v1", arm) == []
+    # a file over the limit is not read
+    _write_tag(layout, {"config.json": b"x" * (repository_mod.MAX_CONFIG + 1)})
+    assert repo.published("reg.example", "team/app", "v1", Platform("linux", "amd64"))[0].config is None
+
+
+def test_published_of_a_hung_repository_is_nothing_within_the_timeout(layout, tmp_path, monkeypatch):
+    from cvmfs_common.oci.platform import Platform
+
+    _write_tag(layout, {"manifest.json": b"M", "config.json": b"C"})
+    release = threading.Event()
+    real = repository_mod._small
+    monkeypatch.setattr(repository_mod, "_small", lambda path, limit: real(path, limit) if release.wait(60) else None)
+    remote = build_remote_layers([str(layout.root)], TIMEOUT, 5.0)
+    try:
+        started = time.monotonic()
+        assert remote.published("reg.example", "team/app", "v1", Platform("linux", "amd64")) == []
+        assert time.monotonic() - started < TIMEOUT + MARGIN
+    finally:
+        release.set()
+        remote.close()
