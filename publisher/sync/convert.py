@@ -20,7 +20,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from cvmfs_common.oci.digest import parse_digest
-from cvmfs_common.repo.paths import RepositoryLayout, multiarch_aliases
+from cvmfs_common.repo.paths import INDEX_JSON, RepositoryLayout, multiarch_aliases
 from cvmfs_common.oci.reference import InvalidReference, Reference
 from cvmfs_common.registry.errors import NotFound, PlatformNotInIndex
 from cvmfs_common.oci.platform import Platform
@@ -34,7 +34,7 @@ from publisher.write.names import Placement, multiarch_name_for, podman_names
 from publisher.core.outcome import FailureKind, Outcome, failure_kind_of
 from publisher.core.progress import ItemResult, Progress, Summary
 from publisher.core.runlock import exclusive, exclusive_repository, lock_path_for
-from publisher.core.state import State
+from publisher.core.state import State, TagRecord
 from publisher.unpack.whiteouts import WhiteoutMode
 from publisher.sync.thin import ThinPublisher, ThinSettings
 from publisher.sync.wishlist import Target, WishlistEntry
@@ -83,6 +83,8 @@ class Converter:
         self._podman_names: dict[Path, dict[str, set[str]]] = {}  # store -> image id -> names
         self._podman_class = podman
         self._sound: set[tuple[str, str]] = set()  # (layer, chain) found complete by _damage this run
+        # unchanged index tags published before index.json existed: (its path, the tag, the index digest)
+        self._missing_indexes: list[tuple[Path, Reference, str]] = []
         self._publisher: ImagePublisher | None = None
 
     @property
@@ -125,6 +127,7 @@ class Converter:
                 if time.monotonic() - flushed >= self.options.podman_flush_seconds:
                     self._flush_podman(summary, unflushed)
                     flushed = time.monotonic()
+            self._backfill_indexes()
         finally:
             self.progress.clear()
             try:
@@ -253,6 +256,7 @@ class Converter:
                     and self._podman_current(target, placement, known.config_digest, known.manifest_digest)):
                 damage = self._damage(known.manifest_digest)
                 if damage is None:
+                    self._note_missing_index(target, placement, known)
                     self.state.touch_tag(key, placement.platform_dir, target.entry_id)
                     return ItemResult(target.name, Outcome.UNCHANGED, seconds=time.monotonic() - started)
                 log.warning("%s: %s; publishing it again", target.name, damage)
@@ -294,6 +298,44 @@ class Converter:
             f"; repaired: {damage}" if damage is not None else "")
         return ItemResult(target.name, outcome, detail, published.layers_fetched,
                           published.bytes_fetched + len(config_bytes), time.monotonic() - started)
+
+    def _note_missing_index(self, target: Target, placement: Placement, known: TagRecord) -> None:
+        """An unchanged tag that points at an index but has no index.json (published by an
+        older version): remember it for _backfill_indexes (one stat, for index tags only)."""
+        if known.top_digest is None or known.top_digest == known.manifest_digest:
+            return
+        key = target.key
+        path = placement.layout.manifest_json(key.registry, key.repository, key.tag).with_name(INDEX_JSON)
+        if not path.exists():
+            self._missing_indexes.append((path, target.reference, known.top_digest))
+
+    def _backfill_indexes(self) -> None:
+        """Write the index.json of the tags _note_missing_index found, all in one unit (cvmfs:
+        one transaction, not one per tag), so `cvmfs-snapshotter pull` can match their HEAD
+        digest. Each index is one GET by digest, once; a failure only costs that tag the
+        shortcut (the pull then resolves at the registry) and is tried again next run."""
+        todo, self._missing_indexes = self._missing_indexes, []
+        fetched: list[tuple[Path, bytes]] = []
+        for path, ref, digest in todo:
+            try:
+                index = self.client.get_manifest(ref, digest)  # checked against the digest
+            except Exception as e:  # noqa: BLE001 - best effort, see above
+                log.warning("%s: could not fetch its index %s for index.json: %s", ref.spelling, digest, e)
+                continue
+            if index.is_index:
+                fetched.append((path, index.raw))
+        if not fetched:
+            return
+        assert self.backend is not None
+        try:
+            with self.backend.unit(f"index.json of {len(fetched)} tag(s)"):
+                for path, raw in fetched:
+                    if path.parent.is_dir():  # (a tag gc removed meanwhile is not brought back)
+                        self.layout.atomic_write_file(path, raw)
+        except Exception as e:  # noqa: BLE001 - the images are published; only the shortcut is missing
+            log.warning("writing index.json of %d tag(s) failed: %s", len(fetched), e)
+        else:
+            log.info("wrote index.json of %d tag(s) published before it was kept", len(fetched))
 
     def _damage(self, manifest_digest: str | None) -> str | None:
         """What of a published image's content is not there (a layer dir without

@@ -414,3 +414,26 @@ def test_overlay_xattrs_of_a_tar_are_dropped_user_namespace_too(registry, tmp_pa
         for path in (top / "data", top / "data/file"):
             assert os.listxattr(path) == ["user.kept"], (path, os.listxattr(path))
     assert (chain / "data/below").read_text() == "b"  # no opaque dir forged over the lower one
+
+
+def test_an_index_tag_published_without_index_json_gets_it_at_the_next_resync(standard_images: StandardImages,
+                                                                              registry, tmp_path: Path) -> None:
+    """Tags published before index.json was kept gain it without being published again:
+    one GET of the index by digest, written in one unit with the run's others."""
+    img = standard_images.multiarch
+    root, db = tmp_path / "repo", tmp_path / "state.db"
+    assert run_cli("convert-image", img.ref, "--repository-root", root, "--state-db", db).rc == 0
+    index = RepositoryLayout(root).manifest_json(img.host, img.name, img.tag).with_name("index.json")
+    index.unlink()
+    before = {p: p.stat().st_mtime_ns for p in index.parent.iterdir()}
+    registry.clear_log()
+    again = run_cli("convert-image", img.ref, "--repository-root", root, "--state-db", db)
+    assert again.rc == 0 and "1 unchanged" in again.stdout, again.stdout
+    assert sha256_of(index.read_bytes()) == img.digest
+    assert {p: p.stat().st_mtime_ns for p in before} == before  # manifest.json, config.json untouched
+    gets = [e.path for e in registry.access_log() if e.method == "GET" and "/manifests/" in e.path]
+    assert gets == [f"/v2/{img.name}/manifests/{img.digest}"], gets
+    assert registry.blob_get_count() == 0
+    registry.clear_log()
+    assert run_cli("convert-image", img.ref, "--repository-root", root, "--state-db", db).rc == 0
+    assert registry.manifest_get_count() == 0
