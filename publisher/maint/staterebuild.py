@@ -5,9 +5,9 @@ platform; under ``.multiarch/<arch>[:<variant>]/``: that platform) with its
 ``config.json`` becomes a published tag and its image; each layer's
 ``.layers/<xx>/<hex>/.metadata/layers.json`` gives the layer row. What the
 repository cannot tell is left empty: wishlist entries and runs (the next convert
-records them), the index a tag pointed at (``top_digest`` is the manifest: a tag
-that names an index is resolved again by the next convert, without fetching
-layers), errors.
+records them) and errors. The index a tag pointed at comes from ``index.json`` when it
+is there and lists the tag's manifest; else ``top_digest`` is the manifest, and a tag that
+names an index is resolved again by the next convert, without fetching layers.
 
 The new DB is written next to the old one and renamed over it; the old one is kept
 as ``<state-db>.broken-<unix time>``. Under the state and repository locks.
@@ -30,7 +30,7 @@ from cvmfs_common.repo.paths import (DEFAULT_VARIANTS, MANIFEST_JSON, METADATA_D
 from cvmfs_common.repo.metadata import LayerMetadata, MetadataError, read_layers_json
 from cvmfs_common.oci.platform import Platform
 
-from cvmfs_common.repo.paths import CONFIG_JSON
+from cvmfs_common.repo.paths import CONFIG_JSON, INDEX_JSON
 from publisher.core.runlock import exclusive, exclusive_repository, lock_path_for
 from publisher.core.state import ImageRecord, LayerRecord, State, TagKey
 
@@ -59,6 +59,20 @@ class _Found:
     key: TagKey
     platform_dir: str
     record: ImageRecord
+    top_digest: str  # what the tag pointed at: its index (index.json) or the manifest
+
+
+def _top_digest(directory: Path, manifest_digest: str) -> str:
+    """The digest of the tag's index.json when it is an index listing `manifest_digest`
+    (what a HEAD of the tag answered when it was published), else the manifest's."""
+    try:
+        raw = (directory / INDEX_JSON).read_bytes()
+        entries = json.loads(raw).get("manifests")
+    except (OSError, ValueError, AttributeError):
+        return manifest_digest
+    listed = isinstance(entries, list) and any(isinstance(e, dict) and e.get("digest") == manifest_digest
+                                               for e in entries)
+    return sha256_of(raw) if listed else manifest_digest
 
 
 def _metadata_dirs(metadata_root: Path) -> list[tuple[str, Path]]:
@@ -169,7 +183,8 @@ def _scan(layout: RepositoryLayout, report: RebuildReport) -> tuple[list[_Found]
                     pending_root.append((rel, directory, {"key": (registry, repository, tag)}))
                     continue
                 record = reader.image(directory, platform)
-                found.append(_Found(TagKey(registry, repository, tag, platform), pdir, record))
+                found.append(_Found(TagKey(registry, repository, tag, platform), pdir, record,
+                                    _top_digest(directory, record.manifest_digest)))
             except (OSError, ValueError, KeyError, TypeError, InvalidDigest, MetadataError) as e:
                 report.skipped.append(f"{where}: {e}")
     default = root_platforms.most_common(1)[0][0] if root_platforms else None
@@ -179,7 +194,8 @@ def _scan(layout: RepositoryLayout, report: RebuildReport) -> tuple[list[_Found]
         registry, repository, tag = info["key"]
         try:
             record = reader.image(directory, default)  # type: ignore[arg-type]
-            found.append(_Found(TagKey(registry, repository, tag, default), "", record))  # type: ignore[arg-type]
+            found.append(_Found(TagKey(registry, repository, tag, default), "", record,  # type: ignore[arg-type]
+                                _top_digest(directory, record.manifest_digest)))
         except (OSError, ValueError, KeyError, TypeError, InvalidDigest, MetadataError) as e:
             report.skipped.append(f"{os.path.relpath(directory, layout.root)}: {e}")
     return found, default
@@ -202,7 +218,7 @@ def rebuild(root: Path, state_db: Path) -> RebuildReport:
                 if default is not None:
                     state.default_platform(default)
                 for f in found:
-                    state.record_published(f.key, f.platform_dir, None, f.record.manifest_digest, f.record)
+                    state.record_published(f.key, f.platform_dir, None, f.top_digest, f.record)
                 state.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
             report.tags = len(found)
             report.images = len({f.record.manifest_digest for f in found})

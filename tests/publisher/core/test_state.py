@@ -79,7 +79,7 @@ def test_second_publisher_on_the_same_state_is_refused(tmp_path: Path, capsys) -
 
 def _published(db: Path, root: Path) -> list[tuple]:
     with State.open(db, root) as st:
-        return sorted((str(t.key), t.platform_dir, t.manifest_digest, t.config_digest,
+        return sorted((str(t.key), t.platform_dir, t.top_digest, t.manifest_digest, t.config_digest,
                        tuple((l.digest, l.diff_id, l.diff_size, l.whiteouts, l.parent_chain, l.chain_id)
                              for l in st.image_layers(t.manifest_digest)))
                       for t in st.published_tags())
