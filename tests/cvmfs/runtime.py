@@ -68,9 +68,12 @@ class InnerRuntime:
     def ctr(self, *args: str, check: bool = True, timeout: float = 300):
         return self.s0.c.exec(shlex.join(["ctr", "--address", self.address, *args]), check=check, timeout=timeout)
 
-    def pull(self, ref: str, timeout: float = 300):
+    def pull(self, ref: str, timeout: float = 300, daemon: bool = False):
+        """In-process by default (the snapshotter's control socket is not at the default
+        address); `daemon`: through that socket, as a node's `pull` runs."""
+        via = ["--daemon", "--control-socket", f"{self.sn_address}.ctl"] if daemon else []
         return self.s0.c.exec(shlex.join(["cvmfs-snapshotter", "pull", "--containerd-address", self.address,
-                                          "--plain-http", ref]), timeout=timeout)
+                                          "--plain-http", *via, ref]), timeout=timeout)
 
     def run(self, ref: str, *cmd: str, check: bool = True, timeout: float = 300):
         cid = f"t-{uuid.uuid4().hex[:12]}"

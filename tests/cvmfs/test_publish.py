@@ -196,6 +196,21 @@ def test_ctr_run_through_the_snapshotter_on_the_client_mount(published: Publishe
     assert registry.blob_get_count() == 1
 
 
+def test_a_published_tag_pulls_through_the_daemon_with_one_head(published: Published, runtime: InnerRuntime,
+                                                                registry: Registry) -> None:
+    """The daemon's pull reads the tag's manifest and config from .metadata through the client
+    mount: one HEAD at the registry, no manifest and no blob GET."""
+    img = published.images["tagged:2.0"]
+    registry.clear_log()
+    res = runtime.pull(img.ref, daemon=True)
+    assert "(manifest and config from the repository)" in res.stderr, res.stderr
+    assert "layers from the repository, 0 downloaded" in res.stderr, res.stderr  # (1.1 shares its lower layers)
+    assert registry.manifest_get_count() == 0 and registry.blob_get_count() == 0
+    assert [e.method for e in registry.access_log()] == ["HEAD"]
+    out = parse_listing(runtime.run(img.ref, "/bin/sh", "-c", LISTING_SCRIPT).stdout)
+    assert split_hardlinks(img, out, compare_trees(img.tree, out, ignore=RUNTIME_MOUNTS | IGNORE)) == []
+
+
 @pytest.mark.parametrize("overlay", ["fuse-overlayfs", "kernel"])
 def test_podman_runs_from_the_published_podman_store(published: Published, registry: Registry,
                                                      overlay: str) -> None:
