@@ -93,12 +93,7 @@ def parse_manifest(ref: Reference, raw: bytes, content_type: str = "", name: str
     call it (default: its digest)."""
     digest = sha256_of(raw)
     name = name or digest
-    try:
-        parsed = json.loads(raw)
-    except (ValueError, UnicodeDecodeError, RecursionError) as e:
-        raise ManifestError(ref, f"manifest {name} is not JSON: {e}") from None
-    if not isinstance(parsed, dict):
-        raise ManifestError(ref, f"manifest {name} is not a JSON object")
+    parsed = _json_object(ref, raw, f"manifest {name}")
     media_type = parsed.get("mediaType") or content_type.split(";")[0].strip()
     if not media_type:  # OCI allows omitting it; infer from the shape
         media_type = OCI_INDEX if "manifests" in parsed else OCI_MANIFEST
@@ -164,10 +159,14 @@ def image_of(ref: Reference, manifest: Manifest, platform: Platform | None = Non
 
 def parse_config(ref: Reference, digest: str, data: bytes) -> dict:
     """An image config blob's JSON object, or ManifestError."""
+    return _json_object(ref, data, f"config {digest}")
+
+
+def _json_object(ref: Reference, raw: bytes, what: str) -> dict:
     try:
-        parsed = json.loads(data)
+        parsed = json.loads(raw)
     except (ValueError, UnicodeDecodeError, RecursionError) as e:
-        raise ManifestError(ref, f"config {digest} is not JSON: {e}") from None
+        raise ManifestError(ref, f"{what} is not JSON: {e}") from None
     if not isinstance(parsed, dict):
-        raise ManifestError(ref, f"config {digest} is not a JSON object")
+        raise ManifestError(ref, f"{what} is not a JSON object")
     return parsed
