@@ -125,7 +125,7 @@ def select_platform(ref: Reference, index: Manifest, want: Platform) -> Descript
         raise PlatformNotInIndex(ref, f"no manifest for platform {want} in index {index.digest} (has: {', '.join(offered)})")
     if want.variant is None:
         # Prefer the architecture's default variant (or none) over e.g. arm/v6.
-        default = Platform(want.os, want.architecture).normalized_variant
+        default = want.normalized_variant  # (no variant asked for: the architecture's default)
         candidates.sort(key=lambda d: 0 if d.platform and d.platform.variant in (None, default) else 1)
     return candidates[0]
 

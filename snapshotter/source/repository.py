@@ -156,7 +156,7 @@ class BoundedRepository:
 
         def read() -> list[PublishedFiles]:
             found = []
-            for manifest in dict.fromkeys(paths):
+            for manifest in paths:
                 files = PublishedFiles(_small(manifest, MAX_MANIFEST), _small(manifest.parent / CONFIG_JSON, MAX_CONFIG),
                                        _small(manifest.parent / INDEX_JSON, MAX_MANIFEST), str(manifest.parent))
                 if files.manifest is not None:
