@@ -1,4 +1,4 @@
-"""``cvmfs-publisher <convert|convert-image|loop|gc|check> ...`` (DESIGN §4, docs/publisher.md).
+"""``cvmfs-publisher <convert|convert-image|loop|gc|check> ...`` (docs/DESIGN.md#commands, docs/publisher.md).
 
 Exit codes: 0 everything converted (or unchanged); 1 at least one image failed;
 2 nothing was attempted (bad wishlist or options, another publisher running,

@@ -1,4 +1,4 @@
-"""`cvmfs-snapshotter [serve] ...` (DESIGN §4); no subcommand means serve."""
+"""`cvmfs-snapshotter [serve] ...` (docs/DESIGN.md#commands); no subcommand means serve."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Command line and TOML configuration of `cvmfs-snapshotter` (DESIGN §4).
+"""Command line and TOML configuration of `cvmfs-snapshotter` (docs/DESIGN.md#commands).
 
 TOML keys are spelled like the flags (`root`, `address`, `stat-timeout`, ...), except
 the repeatable `--repository PATH`, which is `repositories = [paths]`: sites' existing
@@ -36,7 +36,7 @@ class ServeConfig:
     log_level: str = "info"
     log_format: str = "text"
     metrics_address: str | None = None
-    # The pull control socket (DESIGN-NOTES); None: no pulls through the daemon.
+    # The pull control socket (docs/DESIGN.md#pull-daemon); None: no pulls through the daemon.
     control_address: Path | None = None
     pull_jobs: int = 4  # pulls run at once; more wait for a slot
     pull_timeout: float = 3600.0  # seconds one pull may run before it is cancelled

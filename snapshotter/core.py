@@ -118,7 +118,7 @@ class Snapshotter:
 
     def _try_remote(self, parent: str, labels: dict[str, str], lineage: Lineage, facts: ParentFacts | None) -> None:
         """Serve the layer from a repository: create a committed snapshot carrying the
-        ref label with exactly this parent, then answer ALREADY_EXISTS (DESIGN §3);
+        ref label with exactly this parent, then answer ALREADY_EXISTS (docs/DESIGN.md#remote-snapshots);
         containerd finds it with a List filter on (ref, parent)."""
         assert self.remote is not None
         ref = labels[SNAPSHOT_REF_LABEL]

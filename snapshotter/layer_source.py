@@ -1,4 +1,4 @@
-"""What the core asks of a layer source (DESIGN §2a, §3), whatever serves the layers.
+"""What the core asks of a layer source (docs/DESIGN.md#layer-source), whatever serves the layers.
 
 core.py depends on this protocol only; which concrete source (source/: repository
 directories) serves is decided where the server is wired up (cli.py).

@@ -1,4 +1,4 @@
-"""The serving daemon's pull control socket (DESIGN-NOTES: "pull through the daemon").
+"""The serving daemon's pull control socket (docs/DESIGN.md#pull-daemon).
 
 `cvmfs-snapshotter pull` hands its request here (pull/control.py has the protocol) and the
 daemon runs the same pull code as the command would (pull.job.execute), with its imports and

@@ -124,7 +124,7 @@ class Store:
     def _sync_mode(self, db: sqlite3.Connection, durable: bool) -> None:
         """FULL (the WAL is fsynced at COMMIT, as bolt fsyncs containerd's transactions)
         for what containerd builds on; NORMAL for removals, whose loss in a power cut
-        containerd's GC and Cleanup redo (docs/DESIGN-NOTES.md). A FULL commit also makes
+        containerd's GC and Cleanup redo (docs/DESIGN.md#durability). A FULL commit also makes
         every earlier NORMAL one durable: the WAL is synced up to its end."""
         if self._local.durable != durable:
             db.execute("PRAGMA synchronous = FULL" if durable else "PRAGMA synchronous = NORMAL")

@@ -27,7 +27,7 @@ def find_layer(layout: RepositoryLayout, layer_digest: "str | Digest") -> LayerP
 
     Returns None when ``layerfs`` is not a directory. A missing or malformed
     layers.json gives ``metadata=None`` (with the reason) rather than an error:
-    such a layer must not be served as a lower (DESIGN §2a) but may still exist.
+    such a layer must not be served as a lower (docs/DESIGN.md#whiteouts) but may still exist.
     """
     d = _digest(layer_digest)
     fs = layout.layerfs(d)

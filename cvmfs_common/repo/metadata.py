@@ -36,7 +36,7 @@ class LayerMetadata:
     diff_digest             ``sha256:<diffID hex>``
     diff_size               uncompressed size in bytes
     whiteouts               "none" | "overlay" | "raw"; None = unknown (DUCC wrote it)
-    parent_chain            OCI chainID the layer dir was completed on (DESIGN §2a)
+    parent_chain            OCI chainID the layer dir was completed on (docs/DESIGN.md#parent-chain)
     """
 
     id: str

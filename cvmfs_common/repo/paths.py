@@ -1,4 +1,4 @@
-"""THE repository layout (DESIGN.md §2): every path, from validated digests and names.
+"""THE repository layout (docs/DESIGN.md#layout): every path, from validated digests and names.
 
 The publisher writes it, the snapshotter and podman read it; both import
 :class:`RepositoryLayout` from here and never spell a path themselves::
@@ -19,8 +19,8 @@ Every digest goes through :func:`cvmfs_common.oci.digest.parse_digest` and every
 name through the reference validators BEFORE a path is built, and every built
 path is checked to stay under the root (pure string checks: nothing is touched).
 
-Publishing helpers (all-or-nothing, DESIGN §2; in :mod:`cvmfs_common.fsutil.atomic`): build under ``.tmp/``
-(:meth:`RepositoryLayout.make_work_dir`), sync, then :func:`publish_dir`
+Publishing helpers (all-or-nothing, docs/DESIGN.md#atomic-publish; in :mod:`cvmfs_common.fsutil.atomic`):
+build under ``.tmp/`` (:meth:`RepositoryLayout.make_work_dir`), sync, then :func:`publish_dir`
 (rename that never replaces), :func:`exchange_dirs` (atomic swap for a dir that
 must be replaced), :func:`atomic_symlink`, :func:`atomic_write_file`.
 :meth:`RepositoryLayout.clean_tmp` at start-up. :func:`find_layer` /
@@ -66,7 +66,7 @@ RESERVED_TOP_LEVEL = frozenset(
 
 # Variants Go/containerd assume when an index names none (platforms.Normalize).
 DEFAULT_VARIANTS = {"arm64": "v8", "arm": "v7"}
-# `uname -m` (CVMFS_ARCH) and other spellings -> the OCI name, as DUCC links them (DESIGN §2).
+# `uname -m` (CVMFS_ARCH) and other spellings -> the OCI name, as DUCC links them (docs/DESIGN.md#layout).
 MULTIARCH_ALIASES: dict[str, str] = {
     "x86_64": "amd64", "x86-64": "amd64", "aarch64": "arm64:v8", "arm64": "arm64:v8",
     "armel": "arm:v6", "i386": "386",

@@ -1,4 +1,4 @@
-"""Where the repository lives and how a unit of work reaches it (DESIGN §5).
+"""Where the repository lives and how a unit of work reaches it (docs/DESIGN.md#backends).
 
     backend = make_backend("cvmfs", root)      # or "local" (publisher/cli.py)
     with exclusive(lock):
@@ -56,7 +56,7 @@ class Backend:
     """The local backend; the base of the others."""
 
     name = "local"
-    whiteouts = WhiteoutMode.OVERLAY  # how layer dirs store deletions (DESIGN §2a)
+    whiteouts = WhiteoutMode.OVERLAY  # how layer dirs store deletions (docs/DESIGN.md#whiteouts)
 
     def __init__(self, root: Path) -> None:
         self.root = Path(os.path.abspath(root))

@@ -1,4 +1,4 @@
-"""``.cvmfscatalog`` markers: where CVMFS cuts the repository into nested catalogs (DESIGN §2).
+"""``.cvmfscatalog`` markers: where CVMFS cuts the repository into nested catalogs (docs/DESIGN.md#catalogs).
 
 An empty file named ``.cvmfscatalog`` in a directory makes ``cvmfs_server publish``
 start a nested catalog there, so a client walking one image never loads the

@@ -1,4 +1,4 @@
-"""The cvmfs backend: every unit of work in one ``cvmfs_server`` transaction (DESIGN §5).
+"""The cvmfs backend: every unit of work in one ``cvmfs_server`` transaction (docs/DESIGN.md#cvmfs).
 
     cvmfs_server transaction REPO      (the repository becomes writable)
       ... one image: layers, chains, .flat copy, link, podman entry, .metadata,
@@ -17,7 +17,7 @@ open under it (``cvmfs_server`` refuses to publish or abort while one is).
 Work dirs (``.tmp/``) live inside the repository, in the transaction, so that a
 finished layer or chain is renamed into place on the same file system; the whole
 ``.tmp/`` is removed before ``publish``, so it is never published. Whiteouts stay
-raw (``.wh.*`` files: DESIGN §2a); chains apply them. ``.flat/<xx>/<config>`` is a
+raw (``.wh.*`` files: docs/DESIGN.md#whiteouts); chains apply them. ``.flat/<xx>/<config>`` is a
 directory cloned from the top chain by a template transaction: the unit publishes its
 layers and chains, then continues as ``cvmfs_server transaction -T chain=flat`` and adds
 ``.singularity.d`` to the clone (docs/cvmfs-backend.md has the figures against the

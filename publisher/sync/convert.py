@@ -52,7 +52,7 @@ HEAD_JOBS = 16
 class ConvertOptions:
     jobs: int = 4
     podman_store: bool = True
-    whiteouts: WhiteoutMode = WhiteoutMode.OVERLAY  # the local backend converts whiteouts (DESIGN §2a)
+    whiteouts: WhiteoutMode = WhiteoutMode.OVERLAY  # the local backend converts whiteouts (docs/DESIGN.md#whiteouts)
     # the run's podman store entries are written at its end, and at least this often meanwhile
     podman_flush_seconds: float = 60.0
 

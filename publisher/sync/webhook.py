@@ -1,4 +1,4 @@
-"""Registry push notifications for ``loop --listen HOST:PORT`` (DESIGN §5).
+"""Registry push notifications for ``loop --listen HOST:PORT`` (docs/DESIGN.md#webhook).
 
 The distribution registry (``docker-registry``) POSTs to every URL in its config's
 ``notifications.endpoints`` an envelope::

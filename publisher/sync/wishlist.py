@@ -1,4 +1,4 @@
-"""Wishlists: which images a repository should hold (DESIGN §4).
+"""Wishlists: which images a repository should hold (docs/DESIGN.md#commands).
 
 The YAML sites write for DUCC today, plus our optional ``platforms``::
 

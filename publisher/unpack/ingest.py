@@ -1,4 +1,4 @@
-"""One layer: registry blob -> hardened unpacker -> ``.layers/<xx>/<hex>`` (DESIGN §2).
+"""One layer: registry blob -> hardened unpacker -> ``.layers/<xx>/<hex>`` (docs/DESIGN.md#unpack).
 
 The blob streams from the registry straight into the unpacker (never a whole
 layer in memory or on disk twice); both digests are verified while streaming.

@@ -173,7 +173,7 @@ class TreeWriter:
     def _entry(self, tar: tarfile.TarFile, parts: Parts, member: tarfile.TarInfo,
                times: tuple[int, int]) -> None:
         if member.ischr() or member.isblk():
-            # Containers get /dev from the runtime; FIFOs are kept (DESIGN §2).
+            # Containers get /dev from the runtime; FIFOs are kept (docs/DESIGN.md#layout).
             self.skip(f"{'character' if member.ischr() else 'block'} device not allowed in a repository")
             return
         if not (member.isreg() or member.isdir() or member.issym() or member.islnk() or member.isfifo()):

@@ -41,7 +41,7 @@ class UnpackResult:
     diff_size: int                       # uncompressed tar size
     compressed_size: int
     compression: str                     # gzip | zstd | none
-    whiteouts: str                       # none | overlay | raw (DESIGN §2a)
+    whiteouts: str                       # none | overlay | raw (docs/DESIGN.md#whiteouts)
     entries: int                         # tar members seen
     counts: EntryCounts
     file_bytes: int                      # sum of regular file sizes

@@ -1,4 +1,4 @@
-"""Whiteout names in layer tars and their two on-disk forms (DESIGN §2a).
+"""Whiteout names in layer tars and their two on-disk forms (docs/DESIGN.md#whiteouts).
 
 overlay: `.wh.NAME` becomes a char device 0:0 NAME, `.wh..wh..opq` in D becomes the xattr
          trusted.overlay.opaque=y on D (what kernel overlayfs understands);

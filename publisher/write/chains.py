@@ -1,4 +1,4 @@
-"""``.chains/<xx>/<chainid-hex>``: the full root fs of a layer stack (DESIGN §2).
+"""``.chains/<xx>/<chainid-hex>``: the full root fs of a layer stack (docs/DESIGN.md#chains).
 
 Chain N is built from chain N-1 and layer N's dir in one merged walk, as overlayfs
 would show them: directories are created fresh (with the attributes of the

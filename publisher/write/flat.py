@@ -1,4 +1,4 @@
-"""``.flat/<xx>/<config>``: the image's root fs for apptainer, a real directory (DESIGN §2, §2c).
+"""``.flat/<xx>/<config>``: the image's root fs for apptainer, a real directory (docs/DESIGN.md#flat).
 
 A hard-link copy of the top chain (fresh directories, the chain's file inodes: nothing
 shared is ever edited) plus ``/.singularity.d`` from the image config. Chains stay

@@ -1,4 +1,4 @@
-"""Publish one resolved image into the repository (DESIGN §2).
+"""Publish one resolved image into the repository (docs/DESIGN.md#write).
 
 Order, so that nothing of an image is visible before everything it needs is:
 layers (in parallel) -> chains (bottom up) -> ``.flat`` (a copy of the top chain with

@@ -1,6 +1,6 @@
 """The on-disk format of a containers-storage (podman 4.x) overlay image store, as pure functions.
 
-What podman reads from a read-only additional image store (DESIGN §2b), checked against
+What podman reads from a read-only additional image store (docs/DESIGN.md#podman-store), checked against
 containers/storage (``images.go`` ``Image``, ``layers.go`` ``Layer``, ``store.go``
 ``makeBigDataBaseName``, ``drivers/overlay`` ``getLower``) and against what podman 4.3.1
 itself writes when it pulls an image::
@@ -21,7 +21,7 @@ the bottom layer's id is its diffID hex, each further layer's is
 
 An image with a layer dir that is not right as an overlay lower on this stack (raw
 whiteouts, which a real CernVM-FS drops at publish; or completed on another parent
-chain -- the snapshotter's rule, DESIGN §2a) is instead ONE podman layer whose ``diff``
+chain -- the snapshotter's rule, docs/DESIGN.md#whiteouts) is instead ONE podman layer whose ``diff``
 is the image's top chain dir (the whole root fs, deletions applied): its id is
 ``chain_layer_id(top chainID)``, shared by images with the same chain, never equal to a
 per-layer id. podman refuses a layer without ``diff-digest`` ("size for layer ... is
@@ -80,7 +80,7 @@ def chain_layer_id(chain_id: str) -> str:
 
 def serves_per_layer(whiteouts: str | None, parent_chain: str | None, chain_below: str | None) -> bool:
     """Whether a layer dir is right as an overlay lower on ``chain_below`` (the chainID of
-    the layers under it, None for a base layer): the snapshotter's rule (DESIGN §2a)."""
+    the layers under it, None for a base layer): the snapshotter's rule (docs/DESIGN.md#whiteouts)."""
     return whiteouts in ("none", "overlay") and (parent_chain is None or parent_chain == chain_below)
 
 

@@ -1,4 +1,4 @@
-"""``/.singularity.d`` in a flat root fs: what apptainer reads from a sandbox (DESIGN §2c).
+"""``/.singularity.d`` in a flat root fs: what apptainer reads from a sandbox (docs/DESIGN.md#apptainer).
 
 Apptainer takes an image's environment, runscript and labels ONLY from this directory:
 without it ``apptainer exec`` gets apptainer's default PATH and none of the image's ENV,

@@ -1,4 +1,4 @@
-"""Arguments of `cvmfs-snapshotter pull` (DESIGN §4), spelled as ctr spells them:
+"""Arguments of `cvmfs-snapshotter pull` (docs/DESIGN.md#commands), spelled as ctr spells them:
 `-a/--address`, `-n/--namespace`, `CONTAINERD_ADDRESS`/`CONTAINERD_NAMESPACE`, `--hosts-dir`
 (containerd's hosts.toml), `--user`, and the credentials files the container tools use."""
 

@@ -1,4 +1,4 @@
-"""The pull control socket's protocol and its client (DESIGN-NOTES: "pull through the daemon").
+"""The pull control socket's protocol and its client (docs/DESIGN.md#pull-daemon).
 
 One JSON line from the client, `{"v": 1, "pull": {...PullRequest...}}`; then JSON lines from
 the daemon: `{"accepted": true}` first, `{"say": text}` (progress, as the in-process pull prints it), `{"log": text}`

@@ -1,5 +1,5 @@
 """`cvmfs-snapshotter pull`: what containerd's unpacker does, over containerd's API,
-downloading only the layers no repository has (DESIGN §3).
+downloading only the layers no repository has (docs/DESIGN.md#pull).
 
 Under a lease: store config + manifest with gc labels, prepare each layer through
 containerd with the ref and layer-digest labels (our snapshotter answers ALREADY_EXISTS

@@ -1,4 +1,4 @@
-"""Which repository directory, if any, may stand in for a layer (DESIGN §2a, §3).
+"""Which repository directory, if any, may stand in for a layer (docs/DESIGN.md#whiteouts).
 
 A layer dir (`.layers/<xx>/<hex>/layerfs`) is an overlay lower ONLY when its
 layers.json says whiteouts none|overlay AND it has no `parent-chain` or that equals

@@ -247,7 +247,7 @@ def test_podman_runs_from_the_published_podman_store(published: Published, regis
 
 def test_publish_drops_the_layers_whiteout_files(published: Published) -> None:
     """CernVM-FS takes every `.wh.` name in the scratch area for an aufs whiteout: the
-    raw whiteouts the publisher writes into layer dirs (DESIGN §2a) never reach a client,
+    raw whiteouts the publisher writes into layer dirs (docs/DESIGN.md#whiteouts) never reach a client,
     while the chains hold the result (which is why the snapshotter and podman use the
     chains of such images). If this starts failing, CernVM-FS changed: update
     docs/cvmfs-backend.md."""

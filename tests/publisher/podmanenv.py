@@ -11,7 +11,7 @@ from pathlib import Path
 
 PODMAN_BIN = "podman"
 FUSE_OVERLAYFS = "/usr/bin/fuse-overlayfs"
-# DESIGN §3: no systemd here, and the default ulimits exceed what the sandbox allows.
+# docs/DESIGN.md#test-environment: no systemd here, and the default ulimits exceed what the sandbox allows.
 GLOBAL_FLAGS = ("--cgroup-manager", "cgroupfs", "--events-backend", "file")
 RUN_FLAGS = ("--ulimit", "nofile=1024:1024", "--ulimit", "nproc=1024:1024", "--network", "none")
 

@@ -290,7 +290,7 @@ def test_failed_remove_transaction_gives_the_snapshot_its_dir_back(sn, monkeypat
 
 
 def test_writes_containerd_builds_on_are_fsynced_removals_need_not_be(sn):
-    """Power-loss durability (docs/DESIGN-NOTES.md): Prepare and Commit commit with
+    """Power-loss durability (docs/DESIGN.md#durability): Prepare and Commit commit with
     synchronous=FULL (the WAL is fsynced, as bolt fsyncs), Remove with NORMAL."""
 
     def level() -> int:  # the calling thread's connection: 1 NORMAL, 2 FULL

@@ -38,7 +38,7 @@ pytestmark = requires_root
 REPO = "unpacked.example.org"
 OTHER_ARCH = "arm64" if host_arch() != "arm64" else "amd64"
 HOST = f"linux/{host_arch()}"
-IGNORE = frozenset({"/" + CATALOG_MARKER})  # a chain/flat dir is a catalog root (DESIGN §2)
+IGNORE = frozenset({"/" + CATALOG_MARKER})  # a chain/flat dir is a catalog root (docs/DESIGN.md#catalogs)
 
 
 def wishlist(path: Path, inputs: list[str], platforms: list[str] | None = None) -> Path:

@@ -1,4 +1,4 @@
-"""Layers used more than once. One that omits parent directories (DESIGN §2a) is completed
+"""Layers used more than once. One that omits parent directories (docs/DESIGN.md#parent-chain) is completed
 on its parent chain, recorded as `parent-chain`, and unpacked privately for a chain on
 another parent; a blob repeated within an image is fetched once."""
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""podmanStore (DESIGN §2b): the format checked without podman, then real podman 4.3 running
+"""podmanStore (docs/DESIGN.md#podman-store): the format checked without podman, then real podman 4.3 running
 the standard test images straight from a test repository -- kernel overlay for converted
 whiteouts, fuse-overlayfs for raw ones -- with no layer copied into its graphroot."""
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Remote-layer decisions (DESIGN §2a) on a repository written with the layout module."""
+"""Remote-layer decisions (docs/DESIGN.md#whiteouts) on a repository written with the layout module."""
 
 import hashlib
 import logging
