@@ -1,5 +1,5 @@
 """containerd + cvmfs-snapshotter (+ dockerd) inside a newer Debian's root fs, configured with
-exactly the files the README shows (docs/containerd/, docs/docker/).
+exactly the files docs/snapshotter.md shows (docs/containerd/).
 
 Everything runs at its production path: the config in /etc/containerd/config.toml, the
 snapshotter with its defaults (socket in /run/containerd-cvmfs-grpc, root in

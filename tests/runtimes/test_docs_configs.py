@@ -1,4 +1,4 @@
-"""The README shows exactly the config files the runtime tier runs containerd and Docker with."""
+"""docs/snapshotter.md shows exactly the config files the runtime tier runs containerd and Docker with."""
 from __future__ import annotations
 
 import json
@@ -10,14 +10,14 @@ import pytest
 
 from .stack import CONFIG_V2, CONFIG_V3, DAEMON_JSON, HOSTS_TOML
 
-README = Path(__file__).resolve().parents[2] / "README.md"
+DOC = Path(__file__).resolve().parents[2] / "docs" / "snapshotter.md"
 BLOCK = re.compile(r"^```(\w+)\n(.*?)^```\n", re.S | re.M)
 
 
 @pytest.mark.parametrize("path", [CONFIG_V3, CONFIG_V2, HOSTS_TOML, DAEMON_JSON], ids=lambda p: p.name)
-def test_readme_block_equals_the_tested_file(path: Path):
-    blocks = [body for _, body in BLOCK.findall(README.read_text())]
-    assert path.read_text() in blocks, f"README.md has no code block equal to {path}"
+def test_doc_block_equals_the_tested_file(path: Path):
+    blocks = [body for _, body in BLOCK.findall(DOC.read_text())]
+    assert path.read_text() in blocks, f"docs/snapshotter.md has no code block equal to {path}"
 
 
 def test_the_files_parse_and_say_what_the_runtimes_need():

@@ -1,5 +1,5 @@
 """The real stack on the runtimes sites run today: containerd 2.1 (sid) and 1.7 (trixie), each
-in its own Debian root fs, configured with the README's files (docs/containerd/).
+in its own Debian root fs, configured with the files docs/snapshotter.md shows (docs/containerd/).
 
 Which case runs where (the tier must fit the CI's hour on 2 cores): everything on sid
 (containerd 2.1, Docker 28); on trixie (containerd 1.7) the core: our pull, CRI, the
