@@ -4,9 +4,10 @@ from a loopback registry, measured in the same run. The ratio is printed last.
     sudo .venv/bin/python bench/podman_bench.py [--runs 5] [--payload-mb 64]
 
 Both sides start from an empty private graphroot every time (the pull side must download
-and unpack; the store side must not), with the same podman flags (docs/DESIGN.md#test-environment). The image
-is the fixtures' busybox root plus one layer of --payload-mb MiB of incompressible data,
-so the difference grows with image size as it does for real images.
+and unpack; the store side must not), with the same podman flags
+(docs/DESIGN.md#test-environment). The image is the fixtures' busybox root plus one layer
+of --payload-mb MiB of incompressible data, so the difference grows with image size as it
+does for real images.
 """
 from __future__ import annotations
 
