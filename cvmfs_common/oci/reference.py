@@ -222,6 +222,9 @@ class Reference:
         return (self.registry, self.repository, self.tag if self.tag is not None else self.digest)  # type: ignore[return-value]
 
     def with_tag(self, tag: str) -> "Reference":
+        """This reference with one concrete tag: never a glob (a tag from a registry's
+        list or a push event is data, and ``*`` there is no pattern)."""
+        validate_tag(tag)
         return replace(self, tag=tag, digest=None)
 
     def with_digest(self, digest: str) -> "Reference":

@@ -44,6 +44,7 @@ class ItemResult:
 class Summary:
     started: float = field(default_factory=time.monotonic)
     results: list[ItemResult] = field(default_factory=list)
+    invalid_tags: int = 0  # names in a registry's tag list that are no valid tag (skipped)
 
     def add(self, result: ItemResult) -> None:
         self.results.append(result)
@@ -78,6 +79,9 @@ class Summary:
             f"{len(self.results)} images: {counts}; "
             f"{self.layers_fetched} layers fetched ({human_bytes(self.bytes)}); {elapsed:.1f} s"
         ]
+        if self.invalid_tags:
+            lines.append(f"  skipped {self.invalid_tags} invalid tag name{'' if self.invalid_tags == 1 else 's'} "
+                         "from registry tag lists")
         for r in self.failed:
             lines.append(f"  FAILED {r.name}: {r.detail}")
         return "\n".join(lines)

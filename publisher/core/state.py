@@ -336,13 +336,17 @@ class State:
             cur = self.conn.execute("INSERT INTO runs (command, started) VALUES (?, ?)", (command, now or time.time()))
             return int(cur.lastrowid)  # type: ignore[arg-type]
 
-    def finish_run(self, run_id: int, counts: RunCounts, now: float | None = None) -> None:
+    def finish_run(self, run_id: int, counts: RunCounts, now: float | None = None, *, complete: bool = True) -> None:
+        """``complete`` False: the run stopped part-way or missed some entry's tags; gc
+        does not take it for a full look at the wishlists (``last_full_run``)."""
         with self.transaction():
             self.conn.execute(
                 "UPDATE runs SET finished=?, new=?, updated=?, unchanged=?, failed=?, skipped=?, bytes=? WHERE id=?",
                 (now or time.time(), counts.new, counts.updated, counts.unchanged, counts.failed, counts.skipped,
                  counts.bytes, run_id),
             )
+            if not complete:
+                self.conn.execute("INSERT OR IGNORE INTO interrupted_runs (run_id) VALUES (?)", (run_id,))
 
     # -- wishlist entries -------------------------------------------------------
     def upsert_entry(self, reference: str, platform: str, source: str, now: float | None = None) -> int:
@@ -484,6 +488,17 @@ class State:
             "AND id NOT IN (SELECT run_id FROM interrupted_runs)", FULL_RUN_COMMANDS
         ).fetchone()
         return None if row[0] is None else float(row[0])
+
+    def current_entries(self) -> list[tuple[str, str]]:
+        """(reference, platform) of the wishlist entries the latest convert or loop run
+        read, whether or not it finished: what the wishlists name now."""
+        marks = ", ".join("?" * len(FULL_RUN_COMMANDS))
+        row = self.conn.execute(f"SELECT MAX(started) FROM runs WHERE command IN ({marks})",
+                                FULL_RUN_COMMANDS).fetchone()
+        if row[0] is None:
+            return []
+        return [tuple(r) for r in self.conn.execute(
+            "SELECT reference, platform FROM wishlist_entries WHERE last_seen >= ? ORDER BY id", (row[0],))]
 
     def mark_interrupted(self, command: str, since: float) -> None:
         """Runs of ``command`` started at or after ``since`` ended part-way (stopped, or

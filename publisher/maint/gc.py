@@ -5,6 +5,7 @@ is ever touched, e.g. what DUCC wrote):
 
 * a **tag** the latest finished full run (convert, or a loop round) did not touch
   -- no wishlist names it any more -- and that nobody named for ``--older-than``;
+  never one the wishlists of the latest convert or loop run name by tag or digest;
 * an **image** no remaining tag points at (dropped tags, moved tags) whose last use
   is older than ``--older-than``;
 * the **layers, chains and flat dirs** only such images use.
@@ -34,13 +35,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cvmfs_common.fsutil.fdtree import lstat_tree
+from cvmfs_common.oci.reference import InvalidReference, parse_reference
 from cvmfs_common.repo.paths import METADATA_DIR, RepositoryLayout
 from cvmfs_common.fsutil.atomic import remove_tree
 
 from publisher.backend.base import Backend
 from publisher.maint.lockwait import run_locks_waiting
 from publisher.core.progress import human_bytes
-from publisher.core.state import ImageRow, State, TagRecord
+from publisher.core.state import ImageRow, State, TagKey, TagRecord
 from publisher.write.names import multiarch_name_for, placement, podman_name_choices
 from publisher.write.podman_store import PodmanStore
 
@@ -72,6 +74,20 @@ class GcPlan:
                     or self.old_platforms_dir)
 
 
+def named_tags(state: State) -> set[TagKey]:
+    """The tags the current wishlists name by tag or digest (not through a glob: a tag
+    that left a registry's list is for gc to take)."""
+    out: set[TagKey] = set()
+    for reference, platform in state.current_entries():
+        try:
+            ref = parse_reference(reference)
+            if not ref.is_glob:
+                out.add(TagKey(*ref.link_components, platform))
+        except InvalidReference:
+            continue
+    return out
+
+
 def make_plan(state: State, now: float, older_than: float) -> GcPlan:
     cutoff = now - older_than
     full = state.last_full_run()
@@ -82,9 +98,11 @@ def make_plan(state: State, now: float, older_than: float) -> GcPlan:
     for manifest, _pos, layer, chain in state.image_layer_rows():
         layers_of.setdefault(manifest, []).append((layer, chain))
 
-    # Tags: not touched by the latest full run (no wishlist names them) and not for a while.
+    # Tags: not touched by the latest full run (no wishlist names them) and not for a while;
+    # never one the current wishlists name outright (whatever the runs recorded).
     horizon = cutoff if full is None else min(cutoff, full)
-    plan.tags = [t for t in tags if full is not None and t.last_seen < horizon]
+    named = named_tags(state)
+    plan.tags = [t for t in tags if full is not None and t.last_seen < horizon and t.key not in named]
     stale_ids = {t.id for t in plan.tags}
     remaining = [t for t in tags if t.id not in stale_ids]
 

@@ -86,6 +86,7 @@ class Converter:
         # unchanged index tags published before index.json existed: (its path, the tag, the index digest)
         self._missing_indexes: list[tuple[Path, Reference, str]] = []
         self._publisher: ImagePublisher | None = None
+        self._unfinished: list[str] = []  # why a run did not see every entry's tags (see run)
 
     @property
     def publisher(self) -> ImagePublisher:
@@ -108,15 +109,15 @@ class Converter:
         run_id = self.state.begin_run(command)
         unflushed: list[int] = []  # summary.results of the images the podman batch holds
         flushed = time.monotonic()
+        self._unfinished: list[str] = []  # why the run did not see every entry's tags
+        complete = False
         try:
             targets = self._expand(entries, default_platform, summary)
             heads = self._heads(targets)
             for i, target in enumerate(targets, 1):
                 self.progress.start_item(f"{i}/{len(targets)}", target.name)
                 pending = len(self.podman_batch or ())
-                result = self._one(target, heads[_ref_key(target.reference)])
-                if self.post_item is not None:
-                    result = self.post_item(target, result)
+                result = self._item(target, heads[_ref_key(target.reference)])
                 self.progress.clear()
                 if len(self.podman_batch or ()) > pending and result.outcome != Outcome.FAILED:
                     unflushed.append(len(summary.results))
@@ -128,13 +129,32 @@ class Converter:
                     self._flush_podman(summary, unflushed)
                     flushed = time.monotonic()
             self._backfill_indexes()
+            complete = not self._unfinished
+            if self._unfinished:
+                log.warning("this run does not count as a full look at the wishlists for gc: %s",
+                            "; ".join(self._unfinished[:5]) + (" ..." if len(self._unfinished) > 5 else ""))
         finally:
             self.progress.clear()
             try:
                 self._flush_podman(summary, unflushed)
             finally:
-                self.state.finish_run(run_id, summary.run_counts())
+                # a run that stopped part-way (or missed an entry's tags) is recorded as
+                # such: gc must not take the tags it did not touch for unwanted ones
+                self.state.finish_run(run_id, summary.run_counts(), complete=complete)
         return summary
+
+    def _item(self, target: Target, head: str | Exception) -> ItemResult:
+        """One target, whatever happens: an error escaping _one (or the thin-image hook)
+        fails this item, never the run."""
+        try:
+            result = self._one(target, head)
+            if self.post_item is not None:
+                result = self.post_item(target, result)
+            return result
+        except Exception as e:  # noqa: BLE001 - one item never stops the others
+            log.debug("%s failed", target.name, exc_info=True)
+            self._unfinished.append(f"{target.name} could not be recorded")
+            return ItemResult(target.name, Outcome.FAILED, f"{type(e).__name__}: {e}", failure=failure_kind_of(e))
 
     def _flush_podman(self, summary: Summary, unflushed: list[int]) -> None:
         """Write the podman store entries of the images published since the last flush,
@@ -167,7 +187,7 @@ class Converter:
 
     def _expand(self, entries: Sequence[WishlistEntry], default: Platform, summary: Summary) -> list[Target]:
         """Entries -> concrete targets (globs via the tag list), deduplicated."""
-        expanded: dict[int, list[Reference] | Exception] = {}
+        expanded: dict[int, tuple[list[Reference], list[str]] | Exception] = {}
         globs = [(i, e) for i, e in enumerate(entries) if e.reference.is_glob]
         if globs:
             with self._pool(len(globs)) as pool:
@@ -179,7 +199,13 @@ class Converter:
                     expanded[i] = e
         targets: dict[tuple, Target] = {}
         for i, entry in enumerate(entries):
-            refs = expanded.get(i, [entry.reference])
+            listed = expanded.get(i, ([entry.reference], []))
+            if isinstance(listed, Exception):
+                refs: list[Reference] | Exception = listed
+                self._unfinished.append(f"the tags of {entry.reference.spelling} could not be listed")
+            else:
+                refs, invalid = listed
+                summary.invalid_tags += len(invalid)
             for plat in entry.platforms:
                 entry_id = self.state.upsert_entry(entry.reference.spelling, str(plat), entry.source)
                 name = f"{entry.reference.spelling} ({plat})"
@@ -197,17 +223,19 @@ class Converter:
                         targets[key] = Target(ref, plat, plat == default, entry_id, entry.key)
         return list(targets.values())
 
-    def _glob_tags(self, entry: WishlistEntry) -> list[Reference]:
-        """The tags a glob entry matches; a tag the registry lists that is not a valid tag
-        is skipped with a warning (it cannot be pulled or linked), not the whole entry."""
-        refs = []
+    def _glob_tags(self, entry: WishlistEntry) -> tuple[list[Reference], list[str]]:
+        """The tags a glob entry matches, and the names in the registry's list that are no
+        valid tag (glob characters included: ``*`` listed is a name, not a pattern); those
+        cannot be pulled or linked and are skipped with a warning, not the whole entry."""
+        refs, invalid = [], []
         for tag in self.client.match_tags(entry.reference):
             try:
                 refs.append(entry.reference.with_tag(tag))
             except InvalidReference as e:
+                invalid.append(tag)
                 log.warning("%s (%s): skipping %r from the registry's tag list: %s", entry.reference.spelling,
                             entry.source, tag[:200], e)
-        return refs
+        return refs, invalid
 
     def _heads(self, targets: Sequence[Target]) -> dict[tuple, str | Exception]:
         """What every tag points at now: one HEAD per tag (none for pinned digests)."""
@@ -285,6 +313,7 @@ class Converter:
                 self.state.record_failure(key, placement.platform_dir, target.entry_id, str(e))
             except Exception:  # noqa: BLE001 - the report matters more
                 log.exception("recording the failure of %s", target.name)
+                self._unfinished.append(f"{target.name} could not be recorded")
             return ItemResult(target.name, Outcome.FAILED, f"{type(e).__name__}: {e}", seconds=time.monotonic() - started,
                               failure=failure_kind_of(e))
         if known is None or known.manifest_digest is None:
