@@ -24,7 +24,7 @@ from cvmfs_common.oci.platform import Platform
 from cvmfs_common.oci.reference import InvalidReference, is_loopback_host, parse_reference
 
 from publisher.backend.base import BACKENDS, Backend, BackendError
-from publisher.core.runlock import Busy
+from publisher.core.runlock import Busy, LockError
 from publisher.core.state import State, StateCorrupt, StateError, default_state_db
 
 # Deliberately lazy: the registry client (requests), yaml and the conversion modules are
@@ -414,7 +414,7 @@ def run_convert(args: argparse.Namespace) -> int:
 def _usage_errors() -> tuple[type[Exception], ...]:
     """Evaluated when an exception propagates: the wishlist module (yaml, the registry
     client) is only loaded by the subcommands that read wishlists."""
-    errors: tuple[type[Exception], ...] = (UsageError, StateError, Busy, BackendError)
+    errors: tuple[type[Exception], ...] = (UsageError, StateError, Busy, LockError, BackendError)
     wishlist = sys.modules.get("publisher.sync.wishlist")
     return errors + (wishlist.WishlistError,) if wishlist is not None else errors
 

@@ -19,15 +19,16 @@ log = logging.getLogger(__name__)
 
 
 @contextmanager
-def exclusive_waiting(path: Path, wait: float, poll: float = 0.5, what: str | None = None) -> Iterator[None]:
+def exclusive_waiting(path: Path, wait: float, poll: float = 0.5, what: str | None = None,
+                      private: bool = False) -> Iterator[None]:
     """Hold ``path``'s lock; wait up to ``wait`` seconds for it (Busy afterwards).
-    ``what``: the repository, for the messages (runlock.exclusive)."""
+    ``what``, ``private``: as runlock.exclusive."""
     deadline = time.monotonic() + wait
     told = False
     with ExitStack() as stack:
         while True:
             try:
-                stack.enter_context(exclusive(path, what))
+                stack.enter_context(exclusive(path, what, private=private))
                 break
             except Busy:
                 left = deadline - time.monotonic()
@@ -48,5 +49,5 @@ def run_locks_waiting(state_db: Path, root: Path, wait: float) -> Iterator[None]
     deadline = time.monotonic() + wait
     with exclusive_waiting(lock_path_for(state_db), wait):
         with exclusive_waiting(repository_lock_path(root), max(0.0, deadline - time.monotonic()),
-                               what=repository_what(root)):
+                               what=repository_what(root), private=True):
             yield

@@ -39,7 +39,7 @@ from cvmfs_common.oci.platform import Platform
 from publisher.sync.metrics import PublisherMetrics
 from publisher.core.progress import ItemHooksProgress, Progress, Summary
 from publisher.sync.ratelog import RateLimitedLog
-from publisher.core.runlock import Busy, exclusive
+from publisher.core.runlock import Busy, LockError, exclusive
 from publisher.sync.webhook import ListenerLimits, PushEvent, WebhookListener
 from publisher.sync.wishlist import Wishlist, WishlistEntry, WishlistError, load_wishlists
 
@@ -282,6 +282,10 @@ class Loop:
         except Busy as e:
             log.info("%s; trying again in %.0f s", e, BUSY_RETRY)
             return "busy"
+        except LockError as e:  # (said plainly: a traceback adds nothing)
+            log.error("%s failed: %s", command, e)
+            self._fail_kind("round")
+            return "error"
         except Exception:  # noqa: BLE001 - the loop outlives any one failure
             log.exception("%s failed", command)
             self._fail_kind("round")
