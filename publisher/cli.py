@@ -84,6 +84,10 @@ def _common(p: argparse.ArgumentParser) -> None:
                    help="the window --min-transfer-rate is measured over (default 60s)")
     g.add_argument("--blob-timeout", metavar="DURATION", type=_duration, default="0",
                    help="one blob's download may take this long at most, resumes included (default 0: no limit)")
+    g.add_argument("--head-timeout", metavar="DURATION", type=_duration, default="30s",
+                   help="one tag's HEAD, retries included, must be answered within this (default 30s; "
+                        "the HEADs run in parallel before any image, so a registry that never answers "
+                        "delays the run by this once)")
     g.add_argument("--image-timeout", metavar="DURATION", type=_duration, default="2h",
                    help="one image's registry transfers must end within this (default 2h, 0: no limit)")
     g.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
@@ -187,7 +191,7 @@ def run_loop(args: argparse.Namespace) -> int:
     root = args.repository_root or Path("/cvmfs") / wishlist.cvmfs_repos[0]
     backend = _backend(args, root, wishlist.cvmfs_repos[0])
     state_db = args.state_db or default_state_db(root)
-    options = ConvertOptions(jobs=args.jobs, podman_store=not args.no_podman_store)
+    options = ConvertOptions(jobs=args.jobs, podman_store=not args.no_podman_store, head_timeout=args.head_timeout)
     thin_cache: dict[tuple, object] = {}
 
     def thin_for(wl) -> "ThinSettings | None":
@@ -398,7 +402,7 @@ def run_convert(args: argparse.Namespace) -> int:
             raise UsageError("convert-image needs --repository-root")
         thin, backend = None, _backend(args, root, None)
     state_db = args.state_db or default_state_db(root)
-    options = ConvertOptions(jobs=args.jobs, podman_store=not args.no_podman_store)
+    options = ConvertOptions(jobs=args.jobs, podman_store=not args.no_podman_store, head_timeout=args.head_timeout)
     from publisher.core.progress import ItemHooksProgress  # (not via loop: the webhook server and metrics)
 
     log.info("%s: %d wishlist entries into %s (state %s)", args.command, len(entries), root, state_db)

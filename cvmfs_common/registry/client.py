@@ -64,7 +64,7 @@ from cvmfs_common.registry.errors import (Aborted, AuthenticationError, Deadline
                                           RegistryError, RetriesExhausted)
 from cvmfs_common.registry.manifest import (Manifest, ResolvedImage, image_of, parse_config, parse_manifest,
                                             select_platform)
-from cvmfs_common.registry.transport import (_TRANSIENT_EXC, DEFAULT_CHUNK, BlobStream, RetryPolicy, TransferLimits,
+from cvmfs_common.registry.transport import (_TIMEOUT_EXC, _TRANSIENT_EXC, DEFAULT_CHUNK, BlobStream, RetryPolicy, TransferLimits,
                                              _content_range_start, _is_transient_status, _retry_after_seconds,
                                              _Transfer)
 
@@ -210,7 +210,8 @@ class RegistryClient:
             return None
         return "Basic " + base64.b64encode(f"{creds[0]}:{creds[1]}".encode()).decode()
 
-    def _auth_header(self, ref: Reference, scope: str, *, fetch: bool) -> str | None:
+    def _auth_header(self, ref: Reference, scope: str, *, fetch: bool,
+                     deadline: "tuple[float, str] | None" = None) -> str | None:
         """A header for this scope from the cache, or (fetch=True) from the known challenge."""
         challenge = self._challenges.get(ref.api_host)
         if challenge is None:
@@ -227,9 +228,10 @@ class RegistryClient:
                 return tok.header
         if not fetch:
             return None
-        return self._fetch_token(ref, params, scope)
+        return self._fetch_token(ref, params, scope, deadline=deadline)
 
-    def _fetch_token(self, ref: Reference, params: dict[str, str], scope: str, extra_scope: str | None = None) -> str:
+    def _fetch_token(self, ref: Reference, params: dict[str, str], scope: str, extra_scope: str | None = None,
+                     deadline: "tuple[float, str] | None" = None) -> str:
         """GET the realm for ``scope`` (plus the challenge's own scope when it asked
         for something else, as Docker does); cache the token under ``scope``."""
         realm = params.get("realm")
@@ -245,7 +247,7 @@ class RegistryClient:
         basic = self._basic_header(ref)
         if basic:
             headers["Authorization"] = basic
-        resp = self._send(ref, "GET", realm, params=query, headers=headers, auth_retry=False)
+        resp = self._send(ref, "GET", realm, params=query, headers=headers, auth_retry=False, deadline=deadline)
         try:
             if resp.status_code in (401, 403):
                 raise AuthenticationError(ref, f"token endpoint {realm} refused ({resp.status_code})", status=resp.status_code)
@@ -285,10 +287,13 @@ class RegistryClient:
         auth_retry: bool = True,
         stream: bool = False,
         headers: dict[str, str] | None = None,
+        deadline: "tuple[float, str] | None" = None,
         **kwargs: Any,
     ) -> requests.Response:
         """One logical request: auth (401 -> challenge -> retry once) and retries on
-        transient failures. Returns the final response (caller checks the status)."""
+        transient failures. Returns the final response (caller checks the status).
+        ``deadline``: (time.monotonic(), what it is): the request, its token fetch and its
+        retries all end by then (DeadlineExceeded), whatever the timeouts allow."""
         timeout = (self.retry.connect_timeout, self.retry.read_timeout)
         # Bodies are always streamed, so that they are read through _read_limited (capped),
         # never whole by requests; HEADs have none (and keep their connection for reuse).
@@ -297,9 +302,14 @@ class RegistryClient:
         authed_after_challenge = False
         while True:
             self._check_now(ref, f"{method} {url}")
+            if deadline is not None:
+                left = deadline[0] - time.monotonic()
+                if left <= 0:
+                    raise DeadlineExceeded(ref, f"{method} {url}: no answer within {deadline[1]}")
+                timeout = (min(self.retry.connect_timeout, left), min(self.retry.read_timeout, left))
             hdrs = dict(headers or {})
             if scope is not None and "Authorization" not in hdrs:
-                auth = self._auth_header(ref, scope, fetch=True)
+                auth = self._auth_header(ref, scope, fetch=True, deadline=deadline)
                 if auth:
                     hdrs["Authorization"] = auth
             try:
@@ -307,7 +317,12 @@ class RegistryClient:
             except _TRANSIENT_EXC as e:
                 if attempt + 1 >= self.retry.attempts:
                     raise RetriesExhausted(ref, f"{method} {url}: {type(e).__name__}: {e}") from e
-                self._sleep(self.retry.delay(attempt))
+                delay = self.retry.delay(attempt)
+                if deadline is not None and time.monotonic() + delay >= deadline[0]:
+                    happened = "timed out" if isinstance(e, _TIMEOUT_EXC) else f"failed ({type(e).__name__})"
+                    raise DeadlineExceeded(ref, f"{method} {url}: {happened}, and no answer within "
+                                                f"{deadline[1]}") from e
+                self._sleep(delay)
                 attempt += 1
                 continue
             except requests.RequestException as e:
@@ -324,7 +339,7 @@ class RegistryClient:
                 with self._lock:
                     self._challenges[ref.api_host] = (kind, params)
                 if kind == "bearer":  # (re)fetch: a cached token was refused or missing
-                    self._fetch_token(ref, params, scope, extra_scope=params.get("scope"))
+                    self._fetch_token(ref, params, scope, extra_scope=params.get("scope"), deadline=deadline)
                 authed_after_challenge = True
                 continue
             if _is_transient_status(resp.status_code):
@@ -335,6 +350,9 @@ class RegistryClient:
                     raise RetriesExhausted(ref, f"{method} {url}: HTTP {status} after {attempt + 1} attempts", status=status)
                 self._discard(ref, resp)
                 delay = self.retry.delay(attempt) if wait is None else min(wait, self.retry.max_retry_after)
+                if deadline is not None and time.monotonic() + delay >= deadline[0]:
+                    raise DeadlineExceeded(ref, f"{method} {url}: HTTP {resp.status_code}, and no answer within "
+                                                f"{deadline[1]}", status=resp.status_code)
                 self._sleep(delay)
                 attempt += 1
                 continue
@@ -380,16 +398,19 @@ class RegistryClient:
             raise DigestMismatch(ref, f"manifest {target}: Docker-Content-Digest {header} but content is {actual}")
         return parse_manifest(ref, raw, resp.headers.get("Content-Type", ""), name=target)
 
-    def head_manifest(self, ref: "Reference | str") -> str | None:
+    def head_manifest(self, ref: "Reference | str", *, timeout: float | None = None) -> str | None:
         """The digest the tag points at now (Docker-Content-Digest), None if unknown.
 
         Cheap: a HEAD, which Docker Hub does not count against pull limits.
-        Falls back to a GET when the registry sends no digest header.
+        Falls back to a GET when the registry sends no digest header. ``timeout``: the
+        HEAD (token and retries included) ends within it (DeadlineExceeded).
         """
         ref = self.reference(ref)
         target = ref.manifest_reference
         url = self._url(ref, "manifests", target)
-        resp = self._send(ref, "HEAD", url, scope=self._scope(ref, False), headers={"Accept": MANIFEST_ACCEPT})
+        deadline = None if not timeout else (time.monotonic() + timeout, f"the HEAD deadline of {timeout:g} s")
+        resp = self._send(ref, "HEAD", url, scope=self._scope(ref, False), headers={"Accept": MANIFEST_ACCEPT},
+                          deadline=deadline)
         resp.close()
         if resp.status_code == 404:
             return None

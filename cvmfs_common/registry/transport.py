@@ -118,6 +118,9 @@ _TRANSIENT_EXC = (
 )
 
 
+_TIMEOUT_EXC = (requests.exceptions.Timeout, urllib3.exceptions.ReadTimeoutError)
+
+
 def _is_transient_status(code: int) -> bool:
     return code == 429 or 500 <= code <= 599
 

@@ -55,6 +55,9 @@ class ConvertOptions:
     whiteouts: WhiteoutMode = WhiteoutMode.OVERLAY  # the local backend converts whiteouts (docs/DESIGN.md#whiteouts)
     # the run's podman store entries are written at its end, and at least this often meanwhile
     podman_flush_seconds: float = 60.0
+    # one tag's HEAD (token and retries included) ends within this: the HEADs of a run go
+    # before any image, so a registry that never answers costs the run this, once
+    head_timeout: float = 30.0
 
 
 def _ref_key(ref: Reference) -> tuple:
@@ -247,7 +250,8 @@ class Converter:
                 out[k] = r.digest
         if todo:
             with ThreadPoolExecutor(max_workers=min(HEAD_JOBS, len(todo)), thread_name_prefix="registry") as pool:
-                futures = {k: pool.submit(self.client.head_manifest, r) for k, r in todo.items()}
+                futures = {k: pool.submit(self.client.head_manifest, r, timeout=self.options.head_timeout)
+                           for k, r in todo.items()}
             for k, fut in futures.items():
                 try:
                     digest = fut.result()

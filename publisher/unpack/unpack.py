@@ -178,9 +178,14 @@ def _as_layer_errors(layer: str, writer: TreeWriter, raw: HashingReader,
 
 
 def _raise_if_corrupt(layer: str, raw: HashingReader, err: LayerError) -> None:
+    """The layer did not unpack: a blob whose digest is wrong is a corrupt download
+    (DigestMismatchError); one that could not be downloaded whole (too slow, timed out,
+    cut) was never judged: that download failure is raised, not "malformed"."""
     try:
         drain(raw)
-    except Exception:  # the download itself failed: the original error says enough
+    except SourceFailed as exc:
+        raise exc.original from None
+    except Exception:  # (anything else: the unpacking error says enough)
         return
     got = f"sha256:{raw.hexdigest()}"
     if got != layer:
