@@ -423,6 +423,10 @@ def _usage_errors() -> tuple[type[Exception], ...]:
     return errors + (wishlist.WishlistError,) if wishlist is not None else errors
 
 
+def _errorname(e: sqlite3.DatabaseError) -> str:
+    return getattr(e, "sqlite_errorname", None) or type(e).__name__
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.log_level, args.log_format)
@@ -435,7 +439,11 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_STATE
     except sqlite3.DatabaseError as e:
         if getattr(e, "sqlite_errorcode", None) not in (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB):
-            raise
+            # e.g. a full or read-only disk under the state: said plainly, nothing was lost
+            log.debug("state database error", exc_info=True)
+            print(f"cvmfs-publisher: the state database failed: {e} ({_errorname(e)}); what was published "
+                  "is kept, run the command again once that is fixed", file=sys.stderr)
+            return EXIT_FAILED
         print(f"cvmfs-publisher: the state database is damaged ({e}); restore it from a backup, or rebuild "
               "it from the repository: cvmfs-publisher state rebuild --repository-root DIR [--state-db PATH]",
               file=sys.stderr)
@@ -443,6 +451,11 @@ def main(argv: list[str] | None = None) -> int:
     except _usage_errors() as e:
         print(f"cvmfs-publisher: {e}", file=sys.stderr)
         return EXIT_USAGE
+    except OSError as e:  # the file system refused (read-only, full, ...): no traceback for that
+        log.debug("file system error", exc_info=True)
+        print(f"cvmfs-publisher: {e}; what was published is kept, run the command again once that is fixed",
+              file=sys.stderr)
+        return EXIT_FAILED
     except KeyboardInterrupt:
         print("cvmfs-publisher: interrupted; the next run cleans up and continues", file=sys.stderr)
         return 130

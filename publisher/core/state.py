@@ -24,8 +24,11 @@ One connection, used by one thread; WAL so readers (check, metrics) never block.
 
 from __future__ import annotations
 
+import logging
 import os
+import re
 import sqlite3
+import stat
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -33,6 +36,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 SCHEMA_VERSION = 1
+
+log = logging.getLogger(__name__)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (
@@ -116,6 +121,49 @@ CREATE TABLE IF NOT EXISTS interrupted_runs (  -- stopped part-way: did not see 
     run_id INTEGER PRIMARY KEY REFERENCES runs (id) ON DELETE CASCADE
 );
 """
+
+
+# Room the state's disk keeps for opening the DB (sqlite's -shm and -wal) when it is full.
+RESERVE_BYTES = 1024 * 1024
+
+
+def reserve_path(state_db: Path) -> Path:
+    return state_db.with_name(state_db.name + ".reserve")
+
+
+def _keep_reserve(path: Path) -> None:
+    """Best effort: a reserve that cannot be made now is made by a later open."""
+    try:
+        if path.is_file() and path.stat().st_size >= RESERVE_BYTES:
+            return
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        try:
+            os.posix_fallocate(fd, 0, RESERVE_BYTES)
+        finally:
+            os.close(fd)
+    except OSError as e:
+        log.debug("no reserve %s: %s", path, e)
+        try:
+            if path.is_file() and path.stat().st_size < RESERVE_BYTES:
+                path.unlink()  # (a partial one would look usable)
+        except OSError:
+            pass
+
+
+def _full_disk(e: sqlite3.OperationalError) -> bool:
+    return getattr(e, "sqlite_errorcode", None) in (sqlite3.SQLITE_IOERR, sqlite3.SQLITE_FULL) or \
+        getattr(e, "sqlite_errorcode", 0) & 0xFF in (sqlite3.SQLITE_IOERR, sqlite3.SQLITE_FULL)
+
+
+_SCHEMA_NAMES = frozenset(re.findall(r"CREATE (?:TABLE|INDEX) IF NOT EXISTS (\w+)", _SCHEMA))
+
+
+def _kind(mode: int) -> str:
+    for test, name in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"),
+                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device")):
+        if test(mode):
+            return name
+    return "not a regular file"
 
 
 class StateError(RuntimeError):
@@ -249,10 +297,36 @@ class State:
         self.path = path
 
     @classmethod
-    def open(cls, path: str | os.PathLike[str], repository_root: str | os.PathLike[str]) -> "State":
-        path = Path(path)
+    def open(cls, path: str | os.PathLike[str], repository_root: str | os.PathLike[str], *,
+             use_reserve: bool = False) -> "State":
+        """Open (and keep ``<path>.reserve``, RESERVE_BYTES, beside it). ``use_reserve``
+        (gc): when sqlite cannot open for want of space (its -shm/-wal files), give the
+        reserve back to the disk and try once more -- gc is what frees space."""
+        try:
+            state = cls._open(Path(path), repository_root)
+        except sqlite3.OperationalError as e:
+            reserve = reserve_path(Path(path))
+            if not use_reserve or not _full_disk(e) or not reserve.is_file():
+                raise
+            log.warning("the disk of %s is full (%s): using its reserve %s to open it", path, e, reserve)
+            reserve.unlink()
+            state = cls._open(Path(path), repository_root)
+        else:
+            _keep_reserve(reserve_path(state.path))
+        return state
+
+    @classmethod
+    def _open(cls, path: Path, repository_root: str | os.PathLike[str]) -> "State":
         root = Path(os.path.abspath(repository_root))
         path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            st = os.stat(path)
+        except FileNotFoundError:
+            pass
+        else:
+            if not stat.S_ISREG(st.st_mode):
+                raise StateError(f"state database {path} is not a file ({_kind(st.st_mode)}); "
+                                 "move it away or give --state-db a file path")
         if _empty_file(path) and _has_content(root):
             # sqlite takes an empty file for a new database: every publish would be forgotten.
             raise StateCorrupt(f"state database {path} is empty (truncated?) but {root} has published "
@@ -273,6 +347,8 @@ class State:
             conn.execute("PRAGMA foreign_keys=ON")
             conn.execute("PRAGMA busy_timeout=30000")
             state = cls(conn, path)
+            if state._up_to_date(root):
+                return state  # nothing to write: gc can start on a full disk, check on a read-only one
             with state.transaction():
                 # executescript() would COMMIT on its own: run the statements one by one.
                 for stmt in _statements(_SCHEMA):
@@ -301,6 +377,15 @@ class State:
             self.conn.execute("ROLLBACK")
             raise
         self.conn.execute("COMMIT")
+
+    def _up_to_date(self, root: Path) -> bool:
+        """Every table and index there, this schema version, this repository: the open
+        needs no write."""
+        names = {r[0] for r in self.conn.execute("SELECT name FROM sqlite_master WHERE type IN ('table', 'index')")}
+        if not _SCHEMA_NAMES <= names:
+            return False
+        rows = dict(self.conn.execute("SELECT key, value FROM meta").fetchall())
+        return rows.get("schema_version") == str(SCHEMA_VERSION) and rows.get("repository_root") == str(root)
 
     def _check_meta(self, root: Path) -> None:
         rows = dict(self.conn.execute("SELECT key, value FROM meta").fetchall())

@@ -28,6 +28,7 @@ import datetime as _dt
 import errno
 import logging
 import os
+import sqlite3
 import stat
 import time
 from collections.abc import Iterable
@@ -237,7 +238,13 @@ class _Remover:
         if not stat.S_ISDIR(st.st_mode):
             os.unlink(path)
             return
-        work = self.layout.make_work_dir("gc-")
+        try:
+            work = self.layout.make_work_dir("gc-")
+        except OSError as e:
+            if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            remove_tree(path)  # a full disk: free the space in place (gc is what makes room)
+            return
         try:
             os.rename(path, work / "gone")
         except OSError as e:
@@ -309,7 +316,7 @@ def collect(root: Path, state_db: Path, *, older_than: float, dry_run: bool, pod
     layout = RepositoryLayout(root)
     backend = backend or Backend(layout.root)
     started = time.monotonic()
-    with run_locks_waiting(state_db, root, lock_wait), State.open(state_db, root) as state:
+    with run_locks_waiting(state_db, root, lock_wait), State.open(state_db, root, use_reserve=True) as state:
         plan = make_plan(state, time.time() if now is None else now, older_than)
         plan.old_platforms_dir = os.path.lexists(layout.platforms_dir)
         report = GcReport(plan, dry_run)
@@ -335,8 +342,13 @@ def collect(root: Path, state_db: Path, *, older_than: float, dry_run: bool, pod
             _remove(plan, layout, rm, podman)
         report.errors = rm.errors
         if not rm.errors:
-            state.forget(tag_ids=[t.id for t in plan.tags], manifests=[i.manifest_digest for i in plan.images],
-                         layers=plan.layers, entry_ids=[e[0] for e in plan.entries])
+            try:
+                state.forget(tag_ids=[t.id for t in plan.tags], manifests=[i.manifest_digest for i in plan.images],
+                             layers=plan.layers, entry_ids=[e[0] for e in plan.entries])
+            except sqlite3.OperationalError as e:  # e.g. still no space for the state's own disk
+                log.error("gc: the removals are done, but the state could not forget them: %s", e)
+                report.errors.append(f"the state {state.path} could not forget the removed rows ({e}); "
+                                     "run gc again (what is gone already is skipped)")
         else:
             log.error("gc: %d removals failed; the state keeps every row (run gc again)", len(rm.errors))
         report.seconds = time.monotonic() - started

@@ -1,0 +1,105 @@
+"""The publisher's file systems misbehaving: full, read-only, a directory where the state
+DB should be. Clean errors and exit codes, nothing lost (issue 23, item 6)."""
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from cvmfs_common.repo.paths import RepositoryLayout
+from publisher.core.state import State, reserve_path
+
+from tests.publisher.clirun import run_proc, write_wishlist
+from tests.publisher.conftest import requires_root
+from tests.publisher.looprun import Images
+
+pytestmark = requires_root
+
+
+@pytest.fixture
+def small_fs(tmp_path: Path):
+    """A 16 MiB tmpfs of its own (to fill it without filling the machine's disk)."""
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    res = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m,mode=0755", "tmpfs", str(mnt)],
+                         capture_output=True, text=True)
+    if res.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs: {res.stderr.strip()}")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def _fill(path: Path) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        for block in (1 << 20, 4096, 1):
+            try:
+                while True:
+                    os.write(fd, b"\0" * block)
+            except OSError:
+                continue
+    finally:
+        os.close(fd)
+
+
+def _free(path: Path) -> int:
+    st = os.statvfs(path)
+    return st.f_bavail * st.f_frsize
+
+
+def test_gc_frees_space_on_a_full_disk(registry, tmp_path: Path, small_fs: Path) -> None:
+    images = Images(registry.host, tmp_path)
+    images.make("big", {"/etc/version": "big\n", "/data/big": os.urandom(2_000_000).hex()})
+    images.push("big", "full/big", "v1")
+    images.push("small", "full/small", "v1")
+    root, db = small_fs / "repo", small_fs / "state" / "s.db"
+    args = ("--repository-root", root, "--state-db", db, "--no-podman-store")
+    both = write_wishlist(tmp_path / "both.yaml", [f"{registry.host}/full/big:v1", f"{registry.host}/full/small:v1"])
+    assert run_proc("convert", both, *args).rc == 0
+    small = write_wishlist(tmp_path / "small.yaml", [f"{registry.host}/full/small:v1"])
+    assert run_proc("convert", small, *args).rc == 0  # full/big is no longer wanted
+    assert reserve_path(db).is_file()
+    _fill(small_fs / "filler")
+    assert _free(small_fs) < 64 * 1024
+
+    res = run_proc("gc", "--older-than", "0s", *args)
+    assert res.rc == 0, res.stdout + res.stderr
+    assert "Traceback" not in res.stderr and "removed 1 tag, 1 image, 1 layer" in res.stdout, res.stdout + res.stderr
+    assert "using its reserve" in res.stderr
+    assert _free(small_fs) > 3_000_000  # the big layer (and its chain and flat dir) are gone
+    lay = RepositoryLayout(root)
+    assert not os.path.lexists(lay.link_path(registry.host, "full/big", "v1"))
+    assert os.path.islink(lay.link_path(registry.host, "full/small", "v1"))
+    with State.open(db, root) as state:  # the state forgot what went
+        assert [t.key.repository for t in state.tag_rows()] == ["full/small"]
+    assert run_proc("check", *args).rc == 0
+
+
+def test_a_directory_in_place_of_the_state_db_is_a_clean_error(tmp_path: Path) -> None:
+    db = tmp_path / "state.db"
+    db.mkdir()
+    wl = write_wishlist(tmp_path / "w.yaml", ["127.0.0.1:1/x/y:z"])
+    res = run_proc("convert", wl, "--repository-root", tmp_path / "repo", "--state-db", db)
+    assert res.rc == 2 and "Traceback" not in res.stderr, res.stderr
+    assert f"state database {db} is not a file (a directory)" in res.stderr, res.stderr
+
+
+def test_a_read_only_repository_is_a_clean_error(registry, tmp_path: Path, small_fs: Path) -> None:
+    images = Images(registry.host, tmp_path)
+    images.push("one", "ro/one", "v1")
+    images.push("two", "ro/two", "v1")
+    root, db = small_fs / "repo", tmp_path / "s.db"
+    args = ("--repository-root", root, "--state-db", db)
+    assert run_proc("convert", write_wishlist(tmp_path / "a.yaml", [f"{registry.host}/ro/one:v1"]), *args).rc == 0
+    (RepositoryLayout(root).tmp_dir / "layer-left-over").mkdir(parents=True)  # a crashed run's work
+    subprocess.run(["mount", "-o", "remount,ro", str(small_fs)], check=True)
+    both = write_wishlist(tmp_path / "b.yaml", [f"{registry.host}/ro/one:v1", f"{registry.host}/ro/two:v1"])
+    res = run_proc("convert", both, *args)
+    assert res.rc == 1 and "Traceback" not in res.stderr, res.stdout + res.stderr
+    assert "Read-only file system" in res.stdout + res.stderr, res.stdout + res.stderr
+    gc = run_proc("gc", "--older-than", "0s", *args)
+    assert gc.rc in (0, 1) and "Traceback" not in gc.stderr, gc.stdout + gc.stderr
