@@ -9,6 +9,11 @@ records them) and errors. The index a tag pointed at comes from ``index.json`` w
 is there and lists the tag's manifest; else ``top_digest`` is the manifest, and a tag that
 names an index is resolved again by the next convert, without fetching layers.
 
+The repository is read as untrusted input, like convert reads a registry: metadata
+files are opened only when regular (no symlink followed, no FIFO or device waited on)
+and read with a size cap, JSON nested beyond the parser is a skipped tag, and the walk
+of ``.metadata`` is iterative and depth-bounded.
+
 The new DB is written next to the old one and renamed over it; the old one is kept
 as ``<state-db>.broken-<unix time>``. Under the state and repository locks.
 """
@@ -19,6 +24,7 @@ import json
 import logging
 import os
 import re
+import stat
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -27,7 +33,7 @@ from pathlib import Path
 from cvmfs_common.oci.digest import InvalidDigest, chain_ids, parse_digest, sha256_of
 from cvmfs_common.repo.paths import (DEFAULT_VARIANTS, MANIFEST_JSON, METADATA_DIR, LayoutError, RepositoryLayout,
     multiarch_name_of_dir, platform_dir_name)
-from cvmfs_common.repo.metadata import LayerMetadata, MetadataError, read_layers_json
+from cvmfs_common.repo.metadata import LayerMetadata, MetadataError
 from cvmfs_common.oci.platform import Platform
 
 from cvmfs_common.repo.paths import CONFIG_JSON, INDEX_JSON
@@ -62,12 +68,56 @@ class _Found:
     top_digest: str  # what the tag pointed at: its index (index.json) or the manifest
 
 
+# Caps on what one metadata file may hold (the registry client's own limits for manifests
+# and configs; a layers.json is a few hundred bytes).
+MAX_MANIFEST_BYTES = 4 * 1024 * 1024
+MAX_CONFIG_BYTES = 16 * 1024 * 1024
+MAX_LAYERS_JSON_BYTES = 1024 * 1024
+# .metadata/<registry>/<repository components>:<tag>: a repository name has at most 255
+# characters, so at most 128 components
+MAX_METADATA_DEPTH = 130
+_PARSE_ERRORS = (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError, InvalidDigest,
+                 MetadataError)
+
+
+def read_regular(path: Path, limit: int) -> bytes:
+    """The bytes of ``path`` if it is a regular file of at most ``limit`` bytes: the last
+    component is never followed as a symlink (ELOOP), and a FIFO or device is refused
+    without waiting on it. (A local reader; cvmfs_common may offer a shared one.)"""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise ValueError(f"{path.name} is not a regular file")
+        if st.st_size > limit:
+            raise ValueError(f"{path.name} is {st.st_size} bytes, more than the {limit} a metadata file may have")
+        chunks, got = [], 0
+        while got <= limit:
+            chunk = os.read(fd, min(1 << 20, limit + 1 - got))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            got += len(chunk)
+        if got > limit:
+            raise ValueError(f"{path.name} grows beyond the {limit} bytes a metadata file may have")
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
+
+
+def _json(raw: bytes) -> object:
+    try:
+        return json.loads(raw)
+    except RecursionError:
+        raise ValueError("JSON nested too deeply") from None
+
+
 def _top_digest(directory: Path, manifest_digest: str) -> str:
     """The digest of the tag's index.json when it is an index listing `manifest_digest`
     (what a HEAD of the tag answered when it was published), else the manifest's."""
     try:
-        raw = (directory / INDEX_JSON).read_bytes()
-        entries = json.loads(raw).get("manifests")
+        raw = read_regular(directory / INDEX_JSON, MAX_MANIFEST_BYTES)
+        entries = _json(raw).get("manifests")  # type: ignore[union-attr]
     except (OSError, ValueError, AttributeError):
         return manifest_digest
     listed = isinstance(entries, list) and any(isinstance(e, dict) and e.get("digest") == manifest_digest
@@ -75,14 +125,32 @@ def _top_digest(directory: Path, manifest_digest: str) -> str:
     return sha256_of(raw) if listed else manifest_digest
 
 
-def _metadata_dirs(metadata_root: Path) -> list[tuple[str, Path]]:
-    """(``<registry>/<repo>:<tag>``, dir) of every dir holding a manifest.json."""
+def _metadata_dirs(metadata_root: Path, report: RebuildReport) -> list[tuple[str, Path]]:
+    """(``<registry>/<repo>:<tag>``, dir) of every dir holding a manifest.json: a walk
+    without recursion or symlinks, no deeper than a tag's name can be (deeper trees are
+    reported once per metadata root, not walked)."""
     out = []
-    for top, dirs, files in os.walk(metadata_root):  # a few levels of names, never a layer tree
-        dirs.sort()
-        if MANIFEST_JSON in files:
-            out.append((os.path.relpath(top, metadata_root), Path(top)))
-    return out
+    todo: list[tuple[Path, int]] = [(metadata_root, 0)]
+    too_deep = None
+    while todo:
+        top, depth = todo.pop()
+        try:
+            with os.scandir(top) as it:
+                entries = sorted(it, key=lambda e: e.name)
+        except OSError:
+            continue
+        names = {e.name for e in entries}
+        if MANIFEST_JSON in names:
+            out.append((os.path.relpath(top, metadata_root), top))
+        subdirs = [e for e in entries if e.is_dir(follow_symlinks=False)]
+        if subdirs and depth >= MAX_METADATA_DEPTH:
+            too_deep = too_deep or top
+            continue
+        todo.extend((Path(e.path), depth + 1) for e in reversed(subdirs))
+    if too_deep is not None:
+        report.skipped.append(f"{os.path.relpath(too_deep, metadata_root.parent)}/...: deeper than "
+                              f"{MAX_METADATA_DEPTH} levels, not a tag name; not read")
+    return sorted(out)
 
 
 def _split_name(rel: str) -> tuple[str, str, str]:
@@ -107,9 +175,9 @@ class _Reader:
         self.layer_meta: dict[str, LayerMetadata] = {}
 
     def image(self, directory: Path, platform: str) -> ImageRecord:
-        manifest_bytes = (directory / MANIFEST_JSON).read_bytes()
-        config_bytes = (directory / CONFIG_JSON).read_bytes()
-        manifest, config = json.loads(manifest_bytes), json.loads(config_bytes)
+        manifest_bytes = read_regular(directory / MANIFEST_JSON, MAX_MANIFEST_BYTES)
+        config_bytes = read_regular(directory / CONFIG_JSON, MAX_CONFIG_BYTES)
+        manifest, config = _json(manifest_bytes), _json(config_bytes)
         config_digest = str(parse_digest(manifest["config"]["digest"]))
         if sha256_of(config_bytes) != config_digest:
             raise ValueError(f"config.json is not {config_digest}")
@@ -132,7 +200,8 @@ class _Reader:
     def layer(self, digest: str) -> LayerMetadata:
         if digest not in self.layer_meta:
             try:
-                self.layer_meta[digest] = read_layers_json(self.layout.layers_json(digest))
+                self.layer_meta[digest] = LayerMetadata.from_bytes(
+                    read_regular(self.layout.layers_json(digest), MAX_LAYERS_JSON_BYTES))
             except FileNotFoundError:
                 raise ValueError(f"layer {digest} has no layers.json in the repository") from None
         return self.layer_meta[digest]
@@ -170,13 +239,13 @@ def _scan(layout: RepositoryLayout, report: RebuildReport) -> tuple[list[_Found]
     root_platforms: Counter[str] = Counter()
     pending_root: list[tuple[str, Path, dict]] = []
     for pdir, lay, platform in places:
-        for rel, directory in _metadata_dirs(lay.metadata_root):
+        for rel, directory in _metadata_dirs(lay.metadata_root, report):
             where = os.path.relpath(directory, layout.root)
             try:
                 registry, repository, tag = _split_name(rel)
                 lay.manifest_json(registry, repository, tag)  # the names are valid ones
                 if platform is None:  # the default platform: decided once all are read
-                    config = json.loads((directory / CONFIG_JSON).read_bytes())
+                    config = _json(read_regular(directory / CONFIG_JSON, MAX_CONFIG_BYTES))
                     plat = _config_platform(config)
                     if plat is not None:
                         root_platforms[str(plat)] += 1
@@ -185,7 +254,7 @@ def _scan(layout: RepositoryLayout, report: RebuildReport) -> tuple[list[_Found]
                 record = reader.image(directory, platform)
                 found.append(_Found(TagKey(registry, repository, tag, platform), pdir, record,
                                     _top_digest(directory, record.manifest_digest)))
-            except (OSError, ValueError, KeyError, TypeError, InvalidDigest, MetadataError) as e:
+            except _PARSE_ERRORS as e:
                 report.skipped.append(f"{where}: {e}")
     default = root_platforms.most_common(1)[0][0] if root_platforms else None
     if pending_root and default is None:
@@ -196,7 +265,7 @@ def _scan(layout: RepositoryLayout, report: RebuildReport) -> tuple[list[_Found]
             record = reader.image(directory, default)  # type: ignore[arg-type]
             found.append(_Found(TagKey(registry, repository, tag, default), "", record,  # type: ignore[arg-type]
                                 _top_digest(directory, record.manifest_digest)))
-        except (OSError, ValueError, KeyError, TypeError, InvalidDigest, MetadataError) as e:
+        except _PARSE_ERRORS as e:
             report.skipped.append(f"{os.path.relpath(directory, layout.root)}: {e}")
     return found, default
 

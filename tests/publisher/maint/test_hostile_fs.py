@@ -103,3 +103,53 @@ def test_a_read_only_repository_is_a_clean_error(registry, tmp_path: Path, small
     assert "Read-only file system" in res.stdout + res.stderr, res.stdout + res.stderr
     gc = run_proc("gc", "--older-than", "0s", *args)
     assert gc.rc in (0, 1) and "Traceback" not in gc.stderr, gc.stdout + gc.stderr
+
+
+def test_state_rebuild_skips_hostile_metadata_without_hanging(registry, tmp_path: Path) -> None:
+    """Forged .metadata: JSON nested beyond the parser, a tree deeper than any tag name, a
+    manifest.json that is a symlink to /dev/zero, a config.json that is a FIFO. The
+    rebuild skips each (naming it), keeps the real tag, and never blocks on the FIFO."""
+    images = Images(registry.host, tmp_path)
+    images.push("real", "rebuild/real", "v1")
+    root, db = tmp_path / "repo", tmp_path / "s.db"
+    args = ("--repository-root", root, "--state-db", db, "--no-podman-store")
+    assert run_proc("convert-image", f"{registry.host}/rebuild/real:v1", *args).rc == 0
+    lay = RepositoryLayout(root)
+    real = lay.image_metadata_dir(registry.host, "rebuild/real", "v1")
+
+    def forged(tag: str) -> Path:
+        d = lay.image_metadata_dir(registry.host, "rebuild/forged", tag)
+        d.mkdir(parents=True)
+        return d
+
+    nested = forged("nested")
+    (nested / "manifest.json").write_text("[" * 200_000 + "]" * 200_000)
+    (nested / "config.json").write_bytes((real / "config.json").read_bytes())
+    zero = forged("zero")
+    os.symlink("/dev/zero", zero / "manifest.json")
+    (zero / "config.json").write_bytes((real / "config.json").read_bytes())
+    fifo = forged("fifo")
+    (fifo / "manifest.json").write_bytes((real / "manifest.json").read_bytes())
+    os.mkfifo(fifo / "config.json")
+    deep = lay.metadata_root / "deep.example.org"
+    deep.mkdir()
+    fd = os.open(deep, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for _ in range(3000):  # far deeper than PATH_MAX allows as one path
+            os.mkdir("d", dir_fd=fd)
+            nxt = os.open("d", os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+            os.close(fd)
+            fd = nxt
+    finally:
+        os.close(fd)
+
+    res = run_proc("state", "rebuild", *args[:4], timeout=120)
+    assert res.rc == 1 and "Traceback" not in res.stderr, res.stdout + res.stderr
+    assert "state rebuild: 1 tags, 1 images, 1 layers" in res.stdout, res.stdout
+    skipped = [line for line in res.stdout.splitlines() if "SKIPPED" in line]
+    assert any("rebuild/forged:nested" in s and "nested too deeply" in s for s in skipped), skipped
+    assert any("rebuild/forged:zero" in s and "Too many levels of symbolic links" in s for s in skipped), skipped
+    assert any("rebuild/forged:fifo" in s and "config.json is not a regular file" in s for s in skipped), skipped
+    assert any("deep.example.org" in s and "deeper than" in s for s in skipped), skipped
+    with State.open(db, root) as state:
+        assert [t.key.repository for t in state.published_tags()] == ["rebuild/real"]
