@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from cvmfs_common.fsutil import fdtree
+from cvmfs_common.fsutil.beneath import parent_beneath
 
 
 _RENAME_NOREPLACE = 1
@@ -29,11 +30,11 @@ def _libc() -> ctypes.CDLL:
     return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 
 
-def _renameat2(src: Path, dst: Path, flags: int) -> None:
+def _renameat2(src: Path | str, dst: Path | str, flags: int, src_fd: int = _AT_FDCWD, dst_fd: int = _AT_FDCWD) -> None:
     libc = _libc()
     fn = libc.renameat2
     fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
-    if fn(_AT_FDCWD, os.fsencode(src), _AT_FDCWD, os.fsencode(dst), flags) != 0:
+    if fn(src_fd, os.fsencode(src), dst_fd, os.fsencode(dst), flags) != 0:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err), str(dst))
 
@@ -64,15 +65,31 @@ def syncfs(path: Path) -> None:
         os.close(fd)
 
 
-def publish_dir(src: Path, dst: Path) -> bool:
+def publish_dir(src: Path, dst: Path, root: Path | None = None) -> bool:
     """Rename a finished work dir into place, never replacing an existing ``dst``.
 
     Uses renameat2(RENAME_NOREPLACE) (plain rename() would silently replace an
     EMPTY directory). Returns False (and leaves ``src``) when ``dst`` exists --
     someone published the same content first, which is fine for content-addressed
     dirs. Parent directories of ``dst`` are created; the parent is fsynced.
+    ``root``: both are below it and reached without following a symlink (beneath.py).
     """
     src, dst = Path(src), Path(dst)
+    if root is not None:
+        with parent_beneath(root, src) as (src_fd, src_name), \
+                parent_beneath(root, dst, create=True) as (dst_fd, dst_name):
+            try:
+                _renameat2(src_name, dst_name, _RENAME_NOREPLACE, src_fd, dst_fd)
+            except OSError as e:
+                if e.errno == errno.EEXIST:
+                    return False
+                if e.errno not in (errno.EINVAL, errno.ENOSYS):
+                    raise
+                if _lexists_at(dst_fd, dst_name):
+                    return False
+                os.rename(src_name, dst_name, src_dir_fd=src_fd, dst_dir_fd=dst_fd)
+            os.fsync(dst_fd)
+        return True
     dst.parent.mkdir(parents=True, exist_ok=True)
     try:
         _renameat2(src, dst, _RENAME_NOREPLACE)
@@ -90,14 +107,42 @@ def publish_dir(src: Path, dst: Path) -> bool:
     return True
 
 
-def exchange_dirs(new: Path, current: Path) -> None:
+def _lexists_at(dir_fd: int, name: str) -> bool:
+    try:
+        os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+        return True
+    except FileNotFoundError:
+        return False
+
+
+def _exchange_beneath(root: Path, new: Path, current: Path) -> None:
+    with parent_beneath(root, new) as (new_fd, new_name), \
+            parent_beneath(root, current, create=True) as (cur_fd, cur_name):
+        if not _lexists_at(cur_fd, cur_name) and publish_dir(new, current, root):
+            return
+        try:
+            _renameat2(new_name, cur_name, _RENAME_EXCHANGE, new_fd, cur_fd)
+        except OSError as e:
+            if e.errno != errno.EXDEV:
+                raise
+            fdtree.remove_tree_at(cur_fd, cur_name)  # (an overlay union: see exchange_dirs)
+            os.rename(new_name, cur_name, src_dir_fd=new_fd, dst_dir_fd=cur_fd)
+        os.fsync(cur_fd)
+        os.fsync(new_fd)
+
+
+def exchange_dirs(new: Path, current: Path, root: Path | None = None) -> None:
     """Atomically swap ``new`` into ``current``'s place (renameat2 RENAME_EXCHANGE).
 
     Afterwards ``new`` holds the OLD content: the caller removes it. Readers
     see either the old or the new directory, never a missing one. If
-    ``current`` does not exist this is a plain NOREPLACE publish.
+    ``current`` does not exist this is a plain NOREPLACE publish. ``root``: as for
+    publish_dir.
     """
     new, current = Path(new), Path(current)
+    if root is not None:
+        _exchange_beneath(root, new, current)
+        return
     if not os.path.lexists(current):
         if publish_dir(new, current):
             return

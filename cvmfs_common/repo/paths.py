@@ -35,7 +35,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from cvmfs_common.fsutil.atomic import atomic_symlink, atomic_write_file, clean_tmp
+from cvmfs_common.fsutil.atomic import clean_tmp
+from cvmfs_common.fsutil.beneath import open_dir_beneath, symlink_beneath, write_file_beneath
 from cvmfs_common.fsutil.entries import readlink
 from cvmfs_common.oci.digest import Digest, InvalidDigest, parse_digest
 from cvmfs_common.oci.reference import InvalidReference, validate_registry, validate_repository, validate_tag
@@ -271,10 +272,11 @@ class RepositoryLayout:
 
     # -- work in progress --------------------------------------------------
     def make_work_dir(self, prefix: str = "work-") -> Path:
-        """A fresh directory under ``.tmp/`` (same file system, so rename works)."""
+        """A fresh directory under ``.tmp/`` (same file system, so rename works); a
+        ``.tmp`` that is a symlink is refused (NotBeneath), never written through."""
         if "/" in prefix or "\x00" in prefix:
             raise LayoutError(f"invalid work dir prefix: {prefix!r}")
-        self.tmp_dir.mkdir(parents=True, exist_ok=True)
+        os.close(open_dir_beneath(self.root, self.tmp_dir, create=True))
         return Path(tempfile.mkdtemp(prefix=prefix, dir=self.tmp_dir))
 
     def clean_tmp(self) -> int:
@@ -282,12 +284,14 @@ class RepositoryLayout:
         return clean_tmp(self.tmp_dir)
 
     def atomic_write_file(self, path: Path, data: bytes, mode: int = 0o644) -> None:
-        """atomic_write_file with the temp file under ``.tmp/``; path must be under root."""
-        atomic_write_file(self._under_root(Path(path)), data, mode=mode, tmp_dir=self.tmp_dir)
+        """atomic_write_file with the temp file under ``.tmp/``; path must be under root,
+        reached without following a symlink planted inside the repository (beneath.py)."""
+        write_file_beneath(self.root, self._under_root(Path(path)), data, tmp=self.tmp_dir, mode=mode)
 
     def atomic_symlink(self, target_rel: str, link_path: Path) -> None:
-        """atomic_symlink with the temp link under ``.tmp/``; link must be under root."""
-        atomic_symlink(target_rel, self._under_root(Path(link_path)), tmp_dir=self.tmp_dir)
+        """atomic_symlink with the temp link under ``.tmp/``; link must be under root,
+        reached as atomic_write_file's path."""
+        symlink_beneath(self.root, target_rel, self._under_root(Path(link_path)), tmp=self.tmp_dir)
 
     def ensure_multiarch_aliases(self, multiarch: str) -> list[Path]:
         """The alias links (``x86_64 -> amd64``, ...) for an existing ``.multiarch/<multiarch>``;

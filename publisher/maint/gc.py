@@ -24,6 +24,7 @@ layer that stays) frees nothing.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import errno
 import logging
@@ -35,10 +36,10 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from cvmfs_common.fsutil.fdtree import lstat_tree
+from cvmfs_common.fsutil.beneath import open_dir_beneath, parent_beneath
+from cvmfs_common.fsutil.fdtree import DIR_FLAGS, lstat_tree, remove_tree_at
 from cvmfs_common.oci.reference import InvalidReference, parse_reference
 from cvmfs_common.repo.paths import METADATA_DIR, RepositoryLayout
-from cvmfs_common.fsutil.atomic import remove_tree
 
 from publisher.backend.base import Backend
 from publisher.maint.lockwait import run_locks_waiting
@@ -231,52 +232,72 @@ class _Remover:
         self.attempt(f"removing {path}", self._retire, path)
 
     def _retire(self, path: Path) -> None:
+        """Reached from the root without following a symlink (a symlink planted in the
+        repository never leads a removal elsewhere); acted on fd-relative."""
+        root = self.layout.root
         try:
-            st = os.lstat(path)
+            with parent_beneath(root, path) as (parent_fd, name):
+                try:
+                    st = os.stat(name, dir_fd=parent_fd, follow_symlinks=False)
+                except FileNotFoundError:
+                    return
+                if not stat.S_ISDIR(st.st_mode):
+                    os.unlink(name, dir_fd=parent_fd)
+                    return
+                try:
+                    work = self.layout.make_work_dir("gc-")
+                except OSError as e:
+                    if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+                        raise
+                    remove_tree_at(parent_fd, name)  # a full disk: free the space in place (gc makes room)
+                    return
+                tmp_fd = open_dir_beneath(root, work.parent)
+                try:
+                    work_fd = os.open(work.name, DIR_FLAGS, dir_fd=tmp_fd)
+                    try:
+                        os.rename(name, "gone", src_dir_fd=parent_fd, dst_dir_fd=work_fd)
+                    except OSError as e:
+                        if e.errno != errno.EXDEV:
+                            raise
+                        # An overlay union (cvmfs_server transaction) cannot move a published dir;
+                        # there the transaction makes the removal atomic for clients anyway.
+                        remove_tree_at(parent_fd, name)
+                    finally:
+                        os.close(work_fd)
+                    remove_tree_at(tmp_fd, work.name)
+                finally:
+                    os.close(tmp_fd)
         except FileNotFoundError:
-            return
-        if not stat.S_ISDIR(st.st_mode):
-            os.unlink(path)
-            return
-        try:
-            work = self.layout.make_work_dir("gc-")
-        except OSError as e:
-            if e.errno not in (errno.ENOSPC, errno.EDQUOT):
-                raise
-            remove_tree(path)  # a full disk: free the space in place (gc is what makes room)
-            return
-        try:
-            os.rename(path, work / "gone")
-        except OSError as e:
-            if e.errno != errno.EXDEV:
-                raise
-            # An overlay union (cvmfs_server transaction) cannot move a published dir;
-            # there the transaction makes the removal atomic for clients anyway.
-            remove_tree(path)
-        remove_tree(work)
+            return  # (its parent is gone: so is it)
 
     def unlink_link(self, path: Path, stop: Path) -> None:
         def run() -> None:
-            if os.path.islink(path):
-                os.unlink(path)
-            elif os.path.lexists(path):
-                raise IsADirectoryError(errno.EISDIR, "not a symlink; left alone", str(path))
-            prune_empty(path.parent, stop)
+            try:
+                with parent_beneath(self.layout.root, path) as (parent_fd, name):
+                    st = os.stat(name, dir_fd=parent_fd, follow_symlinks=False)
+                    if not stat.S_ISLNK(st.st_mode):
+                        raise IsADirectoryError(errno.EISDIR, "not a symlink; left alone", str(path))
+                    os.unlink(name, dir_fd=parent_fd)
+            except FileNotFoundError:
+                pass
+            prune_empty(path.parent, stop, self.layout.root)
         self.attempt(f"removing link {path}", run)
 
     def remove_metadata(self, path: Path, stop: Path) -> None:
         def run() -> None:
             self._retire(path)
-            prune_empty(path.parent, stop)
+            prune_empty(path.parent, stop, self.layout.root)
         self.attempt(f"removing {path}", run)
 
 
-def prune_empty(directory: Path, stop: Path) -> None:
-    """rmdir ``directory`` and its parents while empty, up to (not including) ``stop``."""
+def prune_empty(directory: Path, stop: Path, root: Path) -> None:
+    """rmdir ``directory`` and its parents while empty, up to (not including) ``stop``;
+    each reached from ``root`` without following a symlink."""
     d, stop = Path(directory), Path(stop)
     while d != stop and stop in d.parents:
         try:
-            os.rmdir(d)
+            with parent_beneath(root, d) as (parent_fd, name):
+                os.rmdir(name, dir_fd=parent_fd)
         except OSError:
             return
         d = d.parent
@@ -284,29 +305,39 @@ def prune_empty(directory: Path, stop: Path) -> None:
 
 def prune_multiarch(layout: RepositoryLayout) -> None:
     """Remove ``.multiarch/<arch>`` dirs left empty (an empty ``.metadata`` aside) and the
-    alias links that pointed at them."""
-    top = layout.multiarch_dir
+    alias links that pointed at them (fd-relative: a ``.multiarch`` that is a symlink is
+    not followed)."""
     try:
-        entries = list(os.scandir(top))
+        top_fd = open_dir_beneath(layout.root, layout.multiarch_dir)
     except FileNotFoundError:
         return
-    for e in entries:
-        if e.name.startswith(".") or not e.is_dir(follow_symlinks=False):
-            continue
-        meta = Path(e.path) / METADATA_DIR
-        if meta.is_dir() and not meta.is_symlink():
-            try:
-                os.rmdir(meta)
-            except OSError:
+    try:
+        with os.scandir(top_fd) as it:
+            entries = [(e.name, e.is_dir(follow_symlinks=False), e.is_symlink()) for e in it]
+        for name, is_dir, _ in entries:
+            if name.startswith(".") or not is_dir:
                 continue
-        try:
-            os.rmdir(e.path)
-        except OSError:
-            pass
-    for e in entries:
-        if e.is_symlink() and not os.path.exists(e.path):
-            os.unlink(e.path)  # an alias of an arch that is gone
-    prune_empty(top, layout.root)
+            try:
+                with contextlib.suppress(OSError):
+                    arch_fd = os.open(name, DIR_FLAGS, dir_fd=top_fd)
+                    try:
+                        os.rmdir(METADATA_DIR, dir_fd=arch_fd)
+                    except OSError:
+                        pass
+                    finally:
+                        os.close(arch_fd)
+                os.rmdir(name, dir_fd=top_fd)
+            except OSError:
+                pass
+        for name, _, is_link in entries:
+            if is_link:
+                try:
+                    os.stat(name, dir_fd=top_fd)  # (follows the alias: is its arch still there?)
+                except FileNotFoundError:
+                    os.unlink(name, dir_fd=top_fd)  # an alias of an arch that is gone
+    finally:
+        os.close(top_fd)
+    prune_empty(layout.multiarch_dir, layout.root, layout.root)
 
 
 def collect(root: Path, state_db: Path, *, older_than: float, dry_run: bool, podman: bool = True,

@@ -161,8 +161,8 @@ class LayerIngester:
             syncfs(work)
             dest = self.layout.layer_dir(spec.digest)
             if replace_invalid and os.path.lexists(dest):
-                exchange_dirs(work, dest)  # work now holds the old, unusable dir
-            elif not publish_dir(work, dest):
+                exchange_dirs(work, dest, self.layout.root)  # work now holds the old, unusable dir
+            elif not publish_dir(work, dest, self.layout.root):
                 # Published meanwhile by someone else: theirs is as good as ours.
                 theirs, why = self.present(spec)
                 if theirs is None:

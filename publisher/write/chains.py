@@ -293,7 +293,7 @@ def build_chain(layout: RepositoryLayout, chain_id: str | Digest, parent: Path |
         merger = merger or ChainMerger()
         stats = merger.merge(root, parent, layer_dir)
         syncfs(work)  # data on disk before the rename makes it visible
-        publish_dir(root, dest)  # False: someone else published the same chain first; fine
+        publish_dir(root, dest, layout.root)  # False: someone else published the same chain first; fine
     finally:
         remove_tree(work)
     return dest, stats

@@ -63,8 +63,8 @@ def build_flat(layout: RepositoryLayout, flat: Path, top_chain: Path, config: di
         if old:
             log.info("upgrading %s (%s) to a directory with .singularity.d", flat,
                      "a symlink" if flat.is_symlink() else "no .singularity.d")
-            exchange_dirs(tree, flat)  # the old entry lands in work/ and goes with it
-        elif not publish_dir(tree, flat):
+            exchange_dirs(tree, flat, layout.root)  # the old entry lands in work/ and goes with it
+        elif not publish_dir(tree, flat, layout.root):
             return FlatResult(flat, built=False)  # someone else published it first
         return FlatResult(flat, built=True, upgraded=old, copy=copy, singularity=sing)
     finally:

@@ -341,10 +341,10 @@ class PodmanStore:
                 if plan.lower:
                     _write_small(work / "lower", plan.lower)
                 if existing is None:
-                    if not publish_dir(work, ldir):
+                    if not publish_dir(work, ldir, self.layout.root):
                         raise PodmanStoreError(f"{ldir} appeared while the store was locked")
                 else:
-                    exchange_dirs(work, ldir)
+                    exchange_dirs(work, ldir, self.layout.root)
             finally:
                 remove_tree(work)
         link = self._link_dir / plan.short
@@ -389,7 +389,7 @@ class PodmanStore:
         try:
             for name, content in wanted.items():
                 _write_small(work / name, content)
-            exchange_dirs(work, target)  # readers see the old set or the new one
+            exchange_dirs(work, target, self.layout.root)  # readers see the old set or the new one
         finally:
             remove_tree(work)
 

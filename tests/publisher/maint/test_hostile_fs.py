@@ -14,6 +14,7 @@ from publisher.core.state import State, reserve_path
 from tests.publisher.clirun import run_proc, write_wishlist
 from tests.publisher.conftest import requires_root
 from tests.publisher.looprun import Images
+from tests.publisher.treeview import tree_snapshot
 
 pytestmark = requires_root
 
@@ -153,3 +154,48 @@ def test_state_rebuild_skips_hostile_metadata_without_hanging(registry, tmp_path
     assert any("deep.example.org" in s and "deeper than" in s for s in skipped), skipped
     with State.open(db, root) as state:
         assert [t.key.repository for t in state.published_tags()] == ["rebuild/real"]
+
+
+def _plant(registry, tmp_path: Path) -> tuple[Path, tuple, Path]:
+    """sym/a:v1 converted, then its `.metadata/<registry>/sym` and its layer's `.layers/<xx>`
+    dirs moved outside the repository and symlinks to them put in their place."""
+    images = Images(registry.host, tmp_path)
+    images.push("a", "sym/a", "v1")
+    images.make("b", {"/etc/version": "b\n", "/b": "bbb"})
+    images.push("b", "sym/b", "v1")
+    images.make("c", {"/etc/version": "c\n", "/c": "ccc"})
+    images.push("c", "other/c", "v1")
+    root, db = tmp_path / "repo", tmp_path / "s.db"
+    args = ("--repository-root", root, "--state-db", db, "--no-podman-store")
+    assert run_proc("convert", write_wishlist(tmp_path / "a.yaml", [f"{registry.host}/sym/a:v1"]), *args).rc == 0
+    lay = RepositoryLayout(root)
+    with State.open(db, root) as state:
+        (a,) = state.published_tags()
+        layer = state.image_layers(a.manifest_digest)[0].digest
+    victim = tmp_path / "outside"
+    victim.mkdir()
+    for inside, name in ((lay.metadata_root / registry.host / "sym", "meta-sym"),
+                         (lay.layer_dir(layer).parent, "layers-prefix")):
+        os.rename(inside, victim / name)  # (what the repository had, now outside)
+        os.symlink(victim / name, inside)
+    return root, args, victim
+
+
+def test_convert_never_writes_through_a_symlink_planted_in_the_repository(registry, tmp_path: Path) -> None:
+    root, args, victim = _plant(registry, tmp_path)
+    before = tree_snapshot(victim)
+    b = run_proc("convert", write_wishlist(tmp_path / "b.yaml", [f"{registry.host}/sym/b:v1"]), *args)
+    assert tree_snapshot(victim) == before
+    assert b.rc == 1 and "Traceback" not in b.stderr, b.stdout + b.stderr
+    assert "'sym' is a symlink or no directory; not followed" in b.stdout, b.stdout
+
+
+def test_gc_never_removes_through_a_symlink_planted_in_the_repository(registry, tmp_path: Path) -> None:
+    root, args, victim = _plant(registry, tmp_path)
+    before = tree_snapshot(victim)
+    c = run_proc("convert", write_wishlist(tmp_path / "c.yaml", [f"{registry.host}/other/c:v1"]), *args)
+    assert c.rc == 0, c.stdout + c.stderr  # sym/a:v1 is no longer wanted
+    gc = run_proc("gc", "--older-than", "0s", *args)
+    assert tree_snapshot(victim) == before
+    assert gc.rc == 1 and "Traceback" not in gc.stderr, gc.stdout + gc.stderr
+    assert "not followed" in gc.stdout, gc.stdout
