@@ -315,8 +315,9 @@ class Converter:
             log.debug("%s failed", target.name, exc_info=True)
             try:
                 self.state.record_failure(key, placement.platform_dir, target.entry_id, str(e))
-            except Exception:  # noqa: BLE001 - the report matters more
-                log.exception("recording the failure of %s", target.name)
+            except Exception as record_error:  # noqa: BLE001 - the report matters more
+                log.error("recording the failure of %s: %s", target.name, record_error)
+                log.debug("recording the failure of %s", target.name, exc_info=True)
                 self._unfinished.append(f"{target.name} could not be recorded")
             return ItemResult(target.name, Outcome.FAILED, f"{type(e).__name__}: {e}", seconds=time.monotonic() - started,
                               failure=failure_kind_of(e))

@@ -199,3 +199,20 @@ def test_gc_never_removes_through_a_symlink_planted_in_the_repository(registry, 
     assert tree_snapshot(victim) == before
     assert gc.rc == 1 and "Traceback" not in gc.stderr, gc.stdout + gc.stderr
     assert "not followed" in gc.stdout, gc.stdout
+
+
+def test_a_full_state_disk_is_a_clean_error(registry, tmp_path: Path, small_fs: Path) -> None:
+    images = Images(registry.host, tmp_path)
+    images.push("one", "statefull/one", "v1")
+    root, db = tmp_path / "repo", small_fs / "s.db"
+    args = ("--repository-root", root, "--state-db", db, "--no-podman-store")
+    wl = write_wishlist(tmp_path / "w.yaml", [f"{registry.host}/statefull/one:v1"])
+    assert run_proc("convert", wl, *args).rc == 0
+    reserve_path(db).unlink()  # (convert does not use it; gc would)
+    _fill(small_fs / "filler")
+    res = run_proc("convert", wl, *args)
+    assert res.rc == 1 and "Traceback" not in res.stderr, res.stdout + res.stderr
+    assert "the state database failed: disk I/O error" in res.stderr, res.stderr
+    os.unlink(small_fs / "filler")
+    again = run_proc("convert", wl, *args)
+    assert again.rc == 0 and "1 unchanged" in again.stdout, again.stdout + again.stderr
