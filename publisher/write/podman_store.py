@@ -30,15 +30,21 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from cvmfs_common.fsutil.entries import readlink, scandir
+from cvmfs_common.fsutil.entries import readlink
 from cvmfs_common.oci.digest import chain_ids, parse_digest, sha256_of
 from cvmfs_common.repo.paths import LAYERFS, LAYERS_JSON, METADATA_DIR, RepositoryLayout
 from cvmfs_common.repo.metadata import MetadataError, read_layers_json
 from cvmfs_common.fsutil.atomic import exchange_dirs, publish_dir, relative_link_target, remove_tree
+from cvmfs_common.fsutil.beneath import open_dir_beneath
+from cvmfs_common.fsutil.fdtree import remove_tree_at
 
 from publisher.write import podman_format as fmt
 
 LOCK_FILE = "publisher.lock"
+
+
+def _unlink_at(dir_fd: int, name: str) -> None:
+    os.unlink(name, dir_fd=dir_fd)
 _DIR_MODE = 0o755   # podman may run rootless on the nodes: everything world-readable
 _FILE_MODE = 0o644
 
@@ -303,8 +309,12 @@ class PodmanStore:
 
     @contextmanager
     def _locked(self) -> Iterator[None]:
-        self.root.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.root / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, _FILE_MODE)
+        dir_fd = open_dir_beneath(self.layout.root, self.root, create=True)
+        try:
+            fd = os.open(LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
+                         _FILE_MODE, dir_fd=dir_fd)
+        finally:
+            os.close(dir_fd)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             yield
@@ -314,9 +324,12 @@ class PodmanStore:
     def _ensure_skeleton(self) -> None:
         # podman opens the lock files read-only and fails when they are missing.
         for d in (self.root, self.root / fmt.IMAGES_DIR, self.root / fmt.LAYERS_DIR, self._link_dir):
-            d.mkdir(parents=True, exist_ok=True)
-            if stat.S_IMODE(d.stat().st_mode) != _DIR_MODE:  # a no-op chmod still copies up on CVMFS
-                os.chmod(d, _DIR_MODE)
+            fd = open_dir_beneath(self.layout.root, d, create=True)  # (never chmod through a symlink)
+            try:
+                if stat.S_IMODE(os.fstat(fd).st_mode) != _DIR_MODE:  # a no-op chmod still copies up on CVMFS
+                    os.fchmod(fd, _DIR_MODE)
+            finally:
+                os.close(fd)
         for lock in (self.root / fmt.IMAGES_DIR / fmt.IMAGES_LOCK,
                      self.root / fmt.LAYERS_DIR / fmt.LAYERS_LOCK):
             if not lock.exists():
@@ -404,17 +417,22 @@ class PodmanStore:
         if set(layers) - needed:
             self._write_json(self.layers_json, [e for lid, e in layers.items() if lid in needed])
         shorts = {_read_text(self.layer_dir(lid) / "link") for lid in needed}
-        # Dot names are not ours to sweep (e.g. the cvmfs backend's .cvmfscatalog).
-        for entry in scandir(self.root / fmt.DRIVER_DIR):
-            if entry.name not in needed and entry.name != fmt.LINK_DIR and not entry.name.startswith("."):
-                remove_tree(Path(entry.path))
-        for entry in scandir(self._link_dir):
-            if entry.name not in shorts and not entry.name.startswith("."):
-                os.unlink(entry.path)
+        # Dot names are not ours to sweep (e.g. the cvmfs backend's .cvmfscatalog). Each
+        # dir is reached without following a symlink, its entries removed fd-relative.
         keep_images = {i.get("id") for i in images} | {fmt.IMAGES_JSON, fmt.IMAGES_LOCK}
-        for entry in scandir(self.root / fmt.IMAGES_DIR):
-            if entry.name not in keep_images and not entry.name.startswith("."):
-                remove_tree(Path(entry.path))
+        for where, keep, remove in ((self.root / fmt.DRIVER_DIR, needed | {fmt.LINK_DIR}, remove_tree_at),
+                                    (self._link_dir, shorts, _unlink_at),
+                                    (self.root / fmt.IMAGES_DIR, keep_images, remove_tree_at)):
+            try:
+                fd = open_dir_beneath(self.layout.root, where)
+            except FileNotFoundError:
+                continue
+            try:
+                for name in os.listdir(fd):
+                    if name not in keep and not name.startswith("."):
+                        remove(fd, name)
+            finally:
+                os.close(fd)
 
     def _write_json(self, path: Path, obj: list) -> None:
         data = fmt.dump_json(obj)

@@ -216,3 +216,26 @@ def test_a_full_state_disk_is_a_clean_error(registry, tmp_path: Path, small_fs: 
     os.unlink(small_fs / "filler")
     again = run_proc("convert", wl, *args)
     assert again.rc == 0 and "1 unchanged" in again.stdout, again.stdout + again.stderr
+
+
+def test_the_podman_store_is_never_written_or_swept_through_a_planted_symlink(registry, tmp_path: Path) -> None:
+    images = Images(registry.host, tmp_path)
+    images.push("a", "pod/a", "v1")
+    images.make("b", {"/etc/version": "b\n", "/b": "bbb"})
+    images.push("b", "pod/b", "v1")
+    root, db = tmp_path / "repo", tmp_path / "s.db"
+    args = ("--repository-root", root, "--state-db", db)
+    assert run_proc("convert-image", f"{registry.host}/pod/a:v1", *args).rc == 0
+    lay = RepositoryLayout(root)
+    victim = tmp_path / "outside"
+    (victim / "precious-dir").mkdir(parents=True)
+    (victim / "precious").write_text("keep\n")
+    victim.chmod(0o700)
+    planted = lay.podman_store / "overlay-images"
+    os.rename(planted, tmp_path / "was-overlay-images")
+    os.symlink(victim, planted)
+    before = tree_snapshot(victim)
+    res = run_proc("convert-image", f"{registry.host}/pod/b:v1", *args)
+    assert tree_snapshot(victim) == before
+    assert res.rc == 1 and "Traceback" not in res.stderr, res.stdout + res.stderr
+    assert "not followed" in res.stdout, res.stdout
