@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
+import stat
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -24,6 +25,7 @@ from cvmfs_common.fsutil.entries import readlink
 from cvmfs_common.oci.digest import chain_ids, parse_digest
 from cvmfs_common.repo.paths import CONFIG_JSON, INDEX_JSON, LAYERFS, RepositoryLayout
 from cvmfs_common.fsutil.atomic import relative_link_target, remove_tree
+from cvmfs_common.fsutil.beneath import parent_beneath
 from cvmfs_common.oci.reference import Reference
 from cvmfs_common.oci.media import FOREIGN_LAYER_TYPES
 from cvmfs_common.registry.manifest import ResolvedImage
@@ -252,7 +254,11 @@ class ImagePublisher:
         # index.json lets `cvmfs-snapshotter pull` match the tag's HEAD digest without
         # fetching the index; a tag that no longer points at an index loses it first.
         if image.index_bytes is None:
-            index.unlink(missing_ok=True)
+            try:
+                with parent_beneath(lay.root, index) as (dir_fd, name):  # (no planted symlink followed)
+                    os.unlink(name, dir_fd=dir_fd)
+            except FileNotFoundError:
+                pass
         for path, data in ((manifest.parent / CONFIG_JSON, config_bytes), (index, image.index_bytes),
                            (manifest, image.manifest_bytes)):
             if data is not None and _read(path) != data:
@@ -260,10 +266,21 @@ class ImagePublisher:
 
 
 def _read(path: Path) -> bytes | None:
+    """What a regular file holds (None for anything else: a FIFO is not waited on, a
+    symlink not followed; the caller then writes the file anew)."""
     try:
-        return path.read_bytes()
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError:
         return None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None
+        with os.fdopen(os.dup(fd), "rb") as f:
+            return f.read()
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
 
 
 __all__ = ["ImageError", "ImagePublisher", "Published", "layer_specs"]

@@ -239,3 +239,18 @@ def test_the_podman_store_is_never_written_or_swept_through_a_planted_symlink(re
     assert tree_snapshot(victim) == before
     assert res.rc == 1 and "Traceback" not in res.stderr, res.stdout + res.stderr
     assert "not followed" in res.stdout, res.stdout
+
+
+def test_a_fifo_in_place_of_a_tags_manifest_json_is_replaced_not_waited_on(registry, tmp_path: Path) -> None:
+    images = Images(registry.host, tmp_path)
+    images.push("a", "fifo/a", "v1")
+    root, db = tmp_path / "repo", tmp_path / "s.db"
+    args = ("--repository-root", root, "--state-db", db, "--no-podman-store")
+    assert run_proc("convert-image", f"{registry.host}/fifo/a:v1", *args).rc == 0
+    manifest = RepositoryLayout(root).manifest_json(registry.host, "fifo/a", "v1")
+    good = manifest.read_bytes()
+    manifest.unlink()
+    os.mkfifo(manifest)
+    res = run_proc("convert-image", f"{registry.host}/fifo/a:v1", *args, timeout=120)
+    assert res.rc == 0, res.stdout + res.stderr
+    assert manifest.is_file() and manifest.read_bytes() == good
