@@ -22,6 +22,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from cvmfs_common.fsutil.beneath import NotBeneath, open_dir_beneath
 from cvmfs_common.repo.paths import RepositoryLayout
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -51,31 +52,49 @@ def catalog_dirs(layout: RepositoryLayout, record: "ImageRecord", podman_stores:
     return list(dict.fromkeys(dirs))
 
 
-def ensure_markers(dirs: Iterable[Path]) -> list[Path]:
+def ensure_markers(dirs: Iterable[Path], root: Path | None = None) -> list[Path]:
     """Create the missing markers in those of ``dirs`` that are real directories
-    (a ``.flat`` symlink is skipped), replacing hard-linked ones; returns the markers made."""
+    (a ``.flat`` symlink is skipped), replacing hard-linked ones; returns the markers made.
+    ``root``: each dir is reached from it without following a symlink (one planted in the
+    repository is skipped like a ``.flat`` symlink), the marker made fd-relative."""
     made: list[Path] = []
     for d in dirs:
-        if not _is_real_dir(d):
+        try:
+            dir_fd = open_dir_beneath(root, d) if root is not None else _open_real_dir(d)
+        except (FileNotFoundError, NotADirectoryError, NotBeneath):
             continue
-        marker = d / CATALOG_MARKER
         try:
-            st = os.lstat(marker)
-        except FileNotFoundError:
-            pass
-        else:
-            if stat.S_ISREG(st.st_mode) and st.st_nlink == 1:
-                continue
-            # A chain or flat copy hard-links its parent's marker: give each catalog its
-            # own (CVMFS refuses non-regular markers and mishandled hard-linked ones).
-            os.unlink(marker)
-        fd = os.open(marker, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
-        try:
-            os.fchmod(fd, 0o644)  # whatever the umask: every node reads the repository
+            if _ensure_marker_at(dir_fd):
+                made.append(d / CATALOG_MARKER)
         finally:
-            os.close(fd)
-        made.append(marker)
+            os.close(dir_fd)
     return made
+
+
+def _open_real_dir(path: Path) -> int:
+    if not _is_real_dir(path):
+        raise NotADirectoryError(path)
+    return os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+
+
+def _ensure_marker_at(dir_fd: int) -> bool:
+    try:
+        st = os.stat(CATALOG_MARKER, dir_fd=dir_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        pass
+    else:
+        if stat.S_ISREG(st.st_mode) and st.st_nlink == 1:
+            return False
+        # A chain or flat copy hard-links its parent's marker: give each catalog its
+        # own (CVMFS refuses non-regular markers and mishandled hard-linked ones).
+        os.unlink(CATALOG_MARKER, dir_fd=dir_fd)
+    fd = os.open(CATALOG_MARKER, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644,
+                 dir_fd=dir_fd)
+    try:
+        os.fchmod(fd, 0o644)  # whatever the umask: every node reads the repository
+    finally:
+        os.close(fd)
+    return True
 
 
 def is_marker(name: str) -> bool:

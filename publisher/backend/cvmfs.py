@@ -222,12 +222,12 @@ class CvmfsBackend(Backend):
             remove_tree(tmp)
 
     def after_image(self, layout: RepositoryLayout, record: "ImageRecord", placement: "Placement") -> None:
-        made = ensure_markers(catalog_dirs(layout, record, [placement.layout.podman_store]))
+        made = ensure_markers(catalog_dirs(layout, record, [placement.layout.podman_store]), self.root)
         if made:
             log.debug("catalog markers: %s", ", ".join(str(m.relative_to(self.root)) for m in made))
 
     def after_podman_stores(self, stores: "list[Path]") -> None:
-        ensure_markers(stores)
+        ensure_markers(stores, self.root)
 
     def clone_tree(self, top_chain: Path, flat: Path) -> bool:
         """``flat`` = a clone of ``top_chain`` by a template transaction, when one is open
@@ -241,7 +241,7 @@ class CvmfsBackend(Backend):
         src = "/" + str(top_chain.relative_to(self.root))
         dst = "/" + str(flat.relative_to(self.root))
         flat.parent.mkdir(parents=True, exist_ok=True)
-        ensure_markers([top_chain])  # the clone is a nested catalog as well
+        ensure_markers([top_chain], self.root)  # the clone is a nested catalog as well
         self._discard_tmp()
         self._publish()
         try:

@@ -444,6 +444,19 @@ def test_markers_are_files_of_their_own(tmp_path: Path) -> None:
     assert ensure_markers([a, b]) == []
 
 
+def test_markers_never_go_through_a_symlink_planted_in_the_repository(tmp_path: Path) -> None:
+    from publisher.backend.catalogs import ensure_markers
+
+    root, outside = tmp_path / "repo", tmp_path / "outside"
+    (outside / "ab" / "cd").mkdir(parents=True)
+    (root / ".layers").mkdir(parents=True)
+    (root / ".layers" / "ab").symlink_to(outside / "ab")  # planted: .layers/ab leads out
+    (root / ".chains" / "ef").mkdir(parents=True)
+    made = ensure_markers([root / ".layers" / "ab" / "cd", root / ".chains" / "ef"], root)
+    assert made == [root / ".chains" / "ef" / CATALOG_MARKER]
+    assert not (outside / "ab" / "cd" / CATALOG_MARKER).exists()
+
+
 def test_older_flat_entries_are_upgraded_in_a_transaction(cvmfs_standin: CvmfsStandin, standard_images,
                                                           tmp_path: Path) -> None:
     """A repository an older version published (.flat symlinks, copies without
