@@ -18,18 +18,24 @@ from __future__ import annotations
 import json
 import logging
 import os
+import selectors
+import signal
 import subprocess
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Mapping
 
+from cvmfs_common.fsutil.bounded import UnreadableFile
 from cvmfs_common.oci.reference import Reference
-from cvmfs_common.registry.credentials import Credentials
+from cvmfs_common.registry.credentials import Credentials, read_json_file
 
 log = logging.getLogger(__name__)
 
 HELPER_TIMEOUT = 30.0
+# A helper's answer is a small JSON object (tokens of a few KiB): more is not an answer.
+HELPER_OUTPUT_LIMIT = 1 << 20
 # What Docker passes helpers for Docker Hub.
 DOCKER_HUB_SERVER_URL = "https://index.docker.io/v1/"
 
@@ -42,32 +48,89 @@ HelperRunner = Callable[[str, str], "tuple[str, str] | None"]
 
 
 def run_helper(name: str, server: str, timeout: float = HELPER_TIMEOUT,
-               env: Mapping[str, str] | None = None) -> tuple[str, str] | None:
+               env: Mapping[str, str] | None = None, check: Callable[[], None] | None = None,
+               limit: int = HELPER_OUTPUT_LIMIT) -> tuple[str, str] | None:
     """`docker-credential-NAME get` for `server`: (username, secret), or None when it has none.
-    `env` (default: ours) is the caller's when a daemon pulls for it: PATH finds the helper there."""
+    `env` (default: ours) is the caller's when a daemon pulls for it: PATH finds the helper there.
+    The helper (and whatever it started) is killed past `timeout` or `limit` bytes of output,
+    and when `check` (called a few times a second) raises: a cancelled pull's."""
     prog = f"docker-credential-{name}"
     try:
-        res = subprocess.run([prog, "get"], input=server, capture_output=True, text=True, timeout=timeout,
-                             env=env)
+        code, out, err = _run_bounded([prog, "get"], server.encode(), timeout, env, check, limit)
     except FileNotFoundError:
         raise CredentialError(f"credential helper {prog} not found on PATH") from None
-    except subprocess.TimeoutExpired:
-        raise CredentialError(f"credential helper {prog} did not answer within {timeout:.0f}s") from None
-    if res.returncode != 0:
+    except PermissionError:
+        raise CredentialError(f"credential helper {prog} is not executable") from None
+    except _Overrun as e:
+        raise CredentialError(f"credential helper {prog} {e}") from None
+    stdout, stderr = out.decode(errors="replace"), err.decode(errors="replace")
+    if code != 0:
         # The protocol's "no credentials" answer; anything else is worth a warning.
-        if "credentials not found" not in (res.stdout + res.stderr).lower():
-            log.warning("%s get %s failed (%d): %s", prog, server, res.returncode,
-                        (res.stderr or res.stdout).strip()[:200])
+        if "credentials not found" not in (stdout + stderr).lower():
+            log.warning("%s get %s failed (%d): %s", prog, server, code, (stderr or stdout).strip()[:200])
         return None
     try:
-        data = json.loads(res.stdout)
+        data = json.loads(stdout)
         user, secret = data["Username"], data["Secret"]
-    except (ValueError, KeyError, TypeError):
+    except (ValueError, KeyError, TypeError, RecursionError):
         raise CredentialError(f"credential helper {prog} answered no JSON with Username and Secret") from None
     if user == "<token>":  # an identity token needs an OAuth2 exchange we do not do
         log.warning("%s gave an identity token for %s; not supported, trying anonymous", prog, server)
         return None
     return str(user), str(secret)
+
+
+class _Overrun(Exception):
+    """A helper that ran too long or said too much; the message ends the sentence."""
+
+
+def _run_bounded(argv: list[str], stdin: bytes, timeout: float, env: Mapping[str, str] | None,
+                 check: Callable[[], None] | None, limit: int) -> tuple[int, bytes, bytes]:
+    """(exit code, stdout, stderr) of argv, read in chunks; its process group killed on a
+    deadline, on more than `limit` bytes of output, or when `check` raises (re-raised)."""
+    deadline = time.monotonic() + timeout
+    proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env=env, start_new_session=True)  # its own group: grandchildren die with it
+    try:
+        try:
+            proc.stdin.write(stdin)  # a few bytes: fits the pipe even if the helper never reads
+            proc.stdin.close()
+        except BrokenPipeError:
+            pass
+        out: dict[int, list[bytes]] = {proc.stdout.fileno(): [], proc.stderr.fileno(): []}
+        total = 0
+        with selectors.DefaultSelector() as sel:
+            for f in (proc.stdout, proc.stderr):
+                sel.register(f, selectors.EVENT_READ)
+            while sel.get_map():
+                if check is not None:
+                    check()
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise _Overrun(f"did not answer within {timeout:.0f}s")
+                for key, _ in sel.select(min(left, 0.2)):
+                    chunk = os.read(key.fd, 65536)
+                    if not chunk:
+                        sel.unregister(key.fileobj)
+                        continue
+                    total += len(chunk)
+                    if total > limit:
+                        raise _Overrun(f"printed more than {limit} bytes")
+                    out[key.fd].append(chunk)
+        try:
+            code = proc.wait(max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:  # closed its output but runs on
+            raise _Overrun(f"did not answer within {timeout:.0f}s") from None
+        return code, b"".join(out[proc.stdout.fileno()]), b"".join(out[proc.stderr.fileno()])
+    finally:
+        if proc.returncode is None:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            proc.wait()
+        for f in (proc.stdout, proc.stderr):
+            f.close()
 
 
 def _host_key(key: str) -> str:
@@ -84,17 +147,22 @@ class AuthFile:
 
     @classmethod
     def load(cls, path: Path) -> "AuthFile":
+        """Read bounded (a FIFO, device or huge file is refused unread); CredentialError when
+        the file cannot be used."""
         try:
-            data = json.loads(path.read_text())
-        except (OSError, ValueError) as e:
-            raise CredentialError(f"{path}: {e}") from None
-        if not isinstance(data, dict):
-            raise CredentialError(f"{path}: not a JSON object")
-        try:
-            static = Credentials.load(path)
+            data = read_json_file(path)
+            static = Credentials.from_json(data, path)
+        except UnreadableFile as e:
+            raise CredentialError(str(e)) from None
+        except OSError as e:
+            raise CredentialError(f"{path}: {e.strerror or e}") from None
         except ValueError as e:
             raise CredentialError(str(e)) from None
-        helpers = {_host_key(k): v for k, v in (data.get("credHelpers") or {}).items() if isinstance(v, str) and v}
+        assert isinstance(data, dict)  # from_json checked
+        cred_helpers = data.get("credHelpers") or {}
+        if not isinstance(cred_helpers, dict):
+            raise CredentialError(f"{path}: 'credHelpers' must be an object")
+        helpers = {_host_key(k): v for k, v in cred_helpers.items() if isinstance(v, str) and v}
         store = data.get("credsStore") if isinstance(data.get("credsStore"), str) and data.get("credsStore") else None
         return cls(path, static, helpers, store)
 
@@ -191,6 +259,6 @@ def load_credentials(*, explicit_file: str | os.PathLike[str] | None = None, use
         if env_file and not Path(env_file).exists():
             raise CredentialError(f"REGISTRY_AUTH_FILE={env_file} does not exist")
     for p in paths:
-        if p.is_file():
+        if p.exists():  # a FIFO or device there is an error (AuthFile.load), not a missing file
             files.append(AuthFile.load(p))
     return CredentialChain(user=user, files=tuple(files), runner=runner)

@@ -7,9 +7,12 @@ import json
 import os
 import urllib.parse
 from dataclasses import dataclass, field
-from pathlib import Path
 
+from cvmfs_common.fsutil.bounded import read_regular
 from cvmfs_common.oci.reference import Reference
+
+# An auth.json holds a few entries: a larger file is not one (and is never read whole).
+AUTH_FILE_LIMIT = 4 << 20
 
 
 # credentials -------------------------------------------------------------------
@@ -25,19 +28,32 @@ class Credentials:
 
     @classmethod
     def load(cls, path: "str | os.PathLike[str]") -> "Credentials":
-        data = json.loads(Path(path).read_text())
+        """From a file (a symlink is followed; a FIFO, device or directory is refused unread).
+        Raises OSError (unreadable, not a regular file, too large) or ValueError (not JSON,
+        wrong shape), each with the path in its message."""
+        return cls.from_json(read_json_file(path), path)
+
+    @classmethod
+    def from_json(cls, data: object, path: "str | os.PathLike[str]") -> "Credentials":
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: not a JSON object")
+        auths = data.get("auths") or {}
+        if not isinstance(auths, dict):
+            raise ValueError(f"{path}: 'auths' must be an object")
         out: dict[str, tuple[str, str]] = {}
-        for key, entry in (data.get("auths") or {}).items():
+        for key, entry in auths.items():
             if not isinstance(entry, dict):
                 continue
             user = pwd = None
             if entry.get("auth"):
                 try:
                     user, _, pwd = base64.b64decode(entry["auth"]).decode().partition(":")
-                except (ValueError, UnicodeDecodeError):
+                except (ValueError, TypeError, UnicodeDecodeError):
                     raise ValueError(f"{path}: bad base64 'auth' for {key}") from None
             elif "username" in entry and "password" in entry:
                 user, pwd = entry["username"], entry["password"]
+                if not isinstance(user, str) or not isinstance(pwd, str):
+                    raise ValueError(f"{path}: username and password for {key} must be strings")
             if user is not None and pwd is not None:
                 out[cls._normalise_key(key)] = (user, pwd)
         return cls(out)
@@ -63,3 +79,13 @@ class Credentials:
             if k in self.by_host:
                 return self.by_host[k]
         return None
+
+
+def read_json_file(path: "str | os.PathLike[str]") -> object:
+    """A credentials file's JSON, read bounded (read_regular); OSError or ValueError with the
+    path in the message."""
+    data = read_regular(path, AUTH_FILE_LIMIT, follow_symlinks=True)
+    try:
+        return json.loads(data)
+    except (ValueError, RecursionError) as e:
+        raise ValueError(f"{path}: not JSON: {e}") from None

@@ -20,6 +20,8 @@ they are refused with a clear error rather than guessed.
 
 from __future__ import annotations
 
+import os
+import stat
 import tomllib
 import urllib.parse
 from dataclasses import dataclass, field, replace
@@ -28,10 +30,13 @@ from pathlib import Path
 import requests
 import requests.adapters
 
+from cvmfs_common.fsutil.bounded import UnreadableFile, kind, read_regular
 from cvmfs_common.oci.reference import Reference
 
 DOCKER_HUB_SERVER = "https://registry-1.docker.io"
 DEFAULT_CAPABILITIES = ("pull", "resolve", "push")
+HOSTS_FILE_LIMIT = 1 << 20  # a hosts.toml names a few mirrors
+TLS_FILE_LIMIT = 16 << 20   # a CA bundle, a client certificate or key
 
 
 class HostsConfigError(ValueError):
@@ -100,6 +105,20 @@ def _strings(value, what: str, path: Path) -> tuple[str, ...]:
     raise HostsConfigError(f"{path}: {what} must be a string or a list of strings")
 
 
+def _tls_files(files: tuple[str, ...], url: str, path: Path) -> None:
+    """The TLS stack reads these whole and blocking: a FIFO, device or directory (or a huge
+    file) there is refused here. A missing file is the connection's error, as before."""
+    for name in files:
+        try:
+            st = os.stat(name)
+        except OSError:
+            continue
+        if not stat.S_ISREG(st.st_mode):
+            raise HostsConfigError(f"{path}: {url!r}: {name} is {kind(st.st_mode)}, not a regular file")
+        if st.st_size > TLS_FILE_LIMIT:
+            raise HostsConfigError(f"{path}: {url!r}: {name} is larger than {TLS_FILE_LIMIT} bytes")
+
+
 def _endpoint(url: str, table: dict, path: Path, *, mirror: bool) -> Endpoint:
     parts = urllib.parse.urlsplit(url if "://" in url else f"https://{url}")
     if parts.scheme not in ("http", "https") or not parts.netloc:
@@ -122,11 +141,15 @@ def _endpoint(url: str, table: dict, path: Path, *, mirror: bool) -> Endpoint:
                 client.append(tuple(c))
             else:
                 raise HostsConfigError(f"{path}: {url!r}: client must be paths or [cert, key] pairs")
+    _tls_files(ca + tuple(f for pair in client for f in pair), url, path)
     skip = table.get("skip_verify", False)
     if not isinstance(skip, bool):
         raise HostsConfigError(f"{path}: {url!r}: skip_verify must be true or false")
     headers: dict[str, str] = {}
-    for k, v in (table.get("header") or {}).items():
+    header = table.get("header") or {}
+    if not isinstance(header, dict):
+        raise HostsConfigError(f"{path}: {url!r}: header must be a table")
+    for k, v in header.items():
         headers[k] = ", ".join(_strings(v, f"header {k}", path))
     return Endpoint(parts.scheme, parts.netloc, caps, ca, tuple(client), skip, headers, mirror)
 
@@ -137,16 +160,24 @@ def load_endpoints(hosts_dir: str | Path | None, ref: Reference) -> list[Endpoin
     if hosts_dir is None:
         return None
     base = Path(hosts_dir)
+    # exists(), not is_file(): a FIFO or device there is an error (read_regular), not "no file"
     path = next((p for p in (base / _host_dir_name(ref) / "hosts.toml", base / "_default" / "hosts.toml")
-                 if p.is_file()), None)
+                 if p.exists()), None)
     if path is None:
         return None
     try:
-        data = tomllib.loads(path.read_text())
-    except (OSError, tomllib.TOMLDecodeError) as e:
+        data = tomllib.loads(read_regular(path, HOSTS_FILE_LIMIT, follow_symlinks=True).decode())
+    except UnreadableFile as e:  # a FIFO, device, directory, huge file: its message names it
+        raise HostsConfigError(str(e)) from None
+    except OSError as e:
+        raise HostsConfigError(f"{path}: {e.strerror or e}") from None
+    except (ValueError, RecursionError) as e:  # TOMLDecodeError, UnicodeDecodeError, deep nesting
         raise HostsConfigError(f"{path}: {e}") from None
+    hosts = data.get("host") or {}
+    if not isinstance(hosts, dict):
+        raise HostsConfigError(f"{path}: host must be a table of [host.\"URL\"] tables")
     out = []
-    for url, table in (data.get("host") or {}).items():
+    for url, table in hosts.items():
         if not isinstance(table, dict):
             raise HostsConfigError(f"{path}: [host.{url!r}] must be a table")
         out.append(_endpoint(url, table, path, mirror=True))

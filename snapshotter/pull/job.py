@@ -42,8 +42,10 @@ def execute(req: PullRequest, progress: Progress, client_factory: ClientFactory 
         raise PullFailure(str(e), 2) from None
     try:
         user = parse_user(req.user, ref.registry, _no_terminal) if req.user else None
+        # A helper runs when a registry asks for credentials; a cancelled pull kills it.
         credentials = load_credentials(explicit_file=req.credentials, user=user, env=req.env,
-                                       runner=lambda name, server: run_helper(name, server, env=req.env))
+                                       runner=lambda name, server: run_helper(name, server, env=req.env,
+                                                                              check=progress.check))
         endpoints = load_endpoints(req.hosts_dir, ref)
     except (CredentialError, HostsConfigError) as e:
         raise PullFailure(str(e), 2) from None
@@ -64,6 +66,9 @@ def execute(req: PullRequest, progress: Progress, client_factory: ClientFactory 
             errors.append(f"{endpoint.url}: manifest not found")
         except RegistryError as e:
             errors.append(f"{endpoint.url}: {e}")
+        except CredentialError as e:
+            candidate.close()
+            raise PullFailure(str(e), 2) from None
         candidate.close()
     if registry is None:
         raise PullFailure(f"{req.image}: " + "; ".join(errors))
@@ -74,6 +79,8 @@ def execute(req: PullRequest, progress: Progress, client_factory: ClientFactory 
                           published=published)
     except PullFailure:  # cancelled by the daemon: its own message
         raise
+    except CredentialError as e:  # a helper asked for on the way: bad input, as a bad file is
+        raise PullFailure(str(e), 2) from None
     except (RegistryError, PullError) as e:
         raise PullFailure(str(e)) from None
     except Exception as e:  # grpc errors from containerd: say what failed, not a traceback

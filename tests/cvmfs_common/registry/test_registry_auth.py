@@ -75,3 +75,79 @@ def test_bad_files_are_clear_errors(tmp_path):
         load_credentials(explicit_file=bad, env={}, home=tmp_path)
     with pytest.raises(CredentialError, match="REGISTRY_AUTH_FILE"):
         load_credentials(env={"REGISTRY_AUTH_FILE": str(tmp_path / "missing.json")}, home=tmp_path)
+
+
+def _helper(tmp_path, body: str) -> dict:
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    prog = bin_dir / "docker-credential-t"
+    prog.write_text(f"#!/bin/sh\n{body}\n")
+    prog.chmod(0o755)
+    return {"PATH": f"{bin_dir}:/usr/bin:/bin"}
+
+
+def test_a_helper_answer_is_read(tmp_path):
+    from cvmfs_common.registry.auth import run_helper
+
+    env = _helper(tmp_path, 'read s; echo "{\\"Username\\": \\"u\\", \\"Secret\\": \\"$s\\"}"')
+    assert run_helper("t", "r.example.org", env=env) == ("u", "r.example.org")
+
+
+@pytest.mark.parametrize("body, says", [
+    ("exec cat /dev/zero", "printed more than 65536 bytes"),
+    ("exec cat /dev/zero >&2", "printed more than 65536 bytes"),
+    ("sleep 1000 & wait", "did not answer within 1s"),           # a grandchild holding the pipes
+    ("exec >&- 2>&-; sleep 1000", "did not answer within 1s"),   # closed its output, runs on
+])
+def test_a_helper_is_cut_off_by_its_limits(tmp_path, body, says):
+    import time
+
+    from cvmfs_common.registry.auth import run_helper
+
+    started = time.monotonic()
+    with pytest.raises(CredentialError, match=says):
+        run_helper("t", "r.example.org", timeout=1, env=_helper(tmp_path, body), limit=65536)
+    assert time.monotonic() - started < 10
+
+
+def test_a_cancelled_pull_kills_its_helper_and_the_helpers_children(tmp_path):
+    import os
+    import time
+
+    from cvmfs_common.registry.auth import run_helper
+
+    pids = tmp_path / "pids"
+    env = _helper(tmp_path, f"sleep 1000 & echo $$ $! > {pids}; wait")
+    deadline = time.monotonic() + 1
+
+    def check():
+        if time.monotonic() > deadline:
+            raise KeyboardInterrupt("cancelled")
+
+    with pytest.raises(KeyboardInterrupt):
+        run_helper("t", "r.example.org", env=env, check=check)
+    for pid in map(int, pids.read_text().split()):
+        try:
+            os.kill(pid, 0)
+            state = open(f"/proc/{pid}/stat").read().split()[2]
+            assert state == "Z", f"{pid} still runs"
+        except ProcessLookupError:
+            pass
+
+
+@pytest.mark.parametrize("text", ['{"auths": [1]}', '{"auths": {"r": {"auth": 5}}}', '{"credHelpers": [1]}',
+                                  '{"auths": {"r": {"username": 1, "password": 2}}}', "[" * 100_000, "[]"])
+def test_malformed_auth_files_are_credential_errors(tmp_path, text):
+    bad = tmp_path / "auth.json"
+    bad.write_text(text)
+    with pytest.raises(CredentialError, match="auth.json"):
+        load_credentials(explicit_file=bad, env={}, home=tmp_path)
+
+
+def test_a_fifo_in_a_default_place_is_an_error_not_a_hang(tmp_path):
+    import os
+
+    (tmp_path / ".docker").mkdir()
+    os.mkfifo(tmp_path / ".docker/config.json")
+    with pytest.raises(CredentialError, match="FIFO"):
+        load_credentials(env={}, home=tmp_path)

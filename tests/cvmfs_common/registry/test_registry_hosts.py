@@ -67,8 +67,22 @@ def test_default_dir_and_docker_hub(tmp_path):
     ('[host."https://m.example.org"]\n  skip_verify = "yes"\n', "skip_verify"),
     ('server = "https://r"\ncapabilities = ["push"]\n', "pull and resolve"),
     ('not toml', "hosts.toml"),
+    ('host = "x"\n', "table"),
+    ('[host."https://m.example.org"]\n  header = "x"\n', "header"),
+    ('[host."https://m.example.org"]\n  ca = "/dev/zero"\n', "character device"),
+    ('[host."https://m.example.org"]\n  client = [["/dev/null", "/k"]]\n', "character device"),
+    ('a = ' + '[' * 100_000, "hosts.toml"),
 ])
 def test_bad_files_are_clear_errors(tmp_path, text, message):
     write(tmp_path, "r.example.org", text)
     with pytest.raises(HostsConfigError, match=message):
+        load_endpoints(tmp_path, parse_reference("r.example.org/a:1"))
+
+
+def test_a_fifo_hosts_toml_is_an_error_not_a_hang(tmp_path):
+    import os
+
+    (tmp_path / "r.example.org").mkdir()
+    os.mkfifo(tmp_path / "r.example.org" / "hosts.toml")
+    with pytest.raises(HostsConfigError, match="FIFO"):
         load_endpoints(tmp_path, parse_reference("r.example.org/a:1"))
