@@ -36,6 +36,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 REQUEST_LIMIT = 1 << 20  # bytes of the request line (the caller's environment is in it)
+REQUEST_DEADLINE = 10.0  # seconds for the whole request line (the client sends it at once)
+MAX_CONNECTIONS = 64  # connections served at once (each a thread); more are refused at once
 LOG_LEVELS = ("debug", "info", "warning", "error")
 MAX_CHANNELS = 8
 _DONE = object()
@@ -97,11 +99,15 @@ class _Channel:
 
 class PullControlServer:
     def __init__(self, path: Path, jobs: int = 4, timeout: float = 3600.0, max_waiting: int = 64,
-                 published: "PublishedLookup | None" = None) -> None:
+                 published: "PublishedLookup | None" = None, max_connections: int = MAX_CONNECTIONS,
+                 request_deadline: float = REQUEST_DEADLINE) -> None:
         self.path = Path(path)
         self.published = published  # the repositories' copies of tags (pull.image.pull_image)
         self.timeout = timeout
         self.max_waiting = max_waiting
+        self.max_connections = max_connections
+        self.request_deadline = request_deadline
+        self._connections = 0
         self._pool = ThreadPoolExecutor(max_workers=jobs, thread_name_prefix="pull")
         self._lock = threading.Lock()
         self._jobs: set[_Job] = set()
@@ -152,6 +158,8 @@ class PullControlServer:
             time.sleep(0.05)
 
     def _accept(self) -> None:
+        """Never ends but at close: a connection it cannot serve is refused (the command then
+        pulls in-process), whatever went wrong."""
         assert self._sock is not None
         while not self._closing:
             try:
@@ -161,42 +169,72 @@ class PullControlServer:
                     return
                 time.sleep(0.1)  # e.g. EMFILE: do not spin
                 continue
+            try:
+                self._hand_over(conn)
+            except Exception:
+                log.exception("pull control socket: a connection could not be handed over")
+                _refuse_now(conn, "busy: the daemon could not take the connection")
+
+    def _hand_over(self, conn: socket.socket) -> None:
+        with self._lock:
+            full = self._connections >= self.max_connections
+            if not full:
+                self._connections += 1
+        if full:
+            _refuse_now(conn, f"busy: {self.max_connections} connections open")
+            return
+        try:
             threading.Thread(target=self._serve_connection, args=(conn,), name="pull-conn", daemon=True).start()
+        except RuntimeError as e:  # "can't start new thread": a task limit (systemd TasksMax)
+            with self._lock:
+                self._connections -= 1
+            log.warning("pull control socket: refusing a connection: %s", e)
+            _refuse_now(conn, f"busy: cannot start a thread ({e})")
 
     # -- one connection ------------------------------------------------------------
 
     def _serve_connection(self, conn: socket.socket) -> None:
-        with conn:
-            try:
-                req = self._read_request(conn)
-            except _Refused as e:
-                _send(conn, {"refused": str(e)})
-                return
-            except OSError:
-                return
-            job = _Job(req)
+        try:
+            with conn:
+                self._serve(conn)
+        finally:
             with self._lock:
-                if len(self._jobs) >= self.max_waiting or self._closing:
-                    _send(conn, {"refused": "busy: too many pulls waiting"})
-                    return
-                self._jobs.add(job)
+                self._connections -= 1
+
+    def _serve(self, conn: socket.socket) -> None:
+        try:
+            req = self._read_request(conn)
+        except _Refused as e:
+            _send(conn, {"refused": str(e)})
+            return
+        except OSError:
+            return
+        job = _Job(req)
+        with self._lock:
+            if len(self._jobs) >= self.max_waiting or self._closing:
+                _send(conn, {"refused": "busy: too many pulls waiting"})
+                return
+            self._jobs.add(job)
+        try:
             try:
-                if not _send(conn, {"accepted": True}):
-                    return
                 self._pool.submit(self._run, job)
-                self._relay(conn, job)
-            finally:
-                with self._lock:
-                    self._jobs.discard(job)
+            except RuntimeError as e:  # no thread for a worker (task limit), or closing
+                job.cancel("refused")  # queued all the same: it ends at once when a worker takes it
+                log.warning("pull control socket: refusing a pull: %s", e)
+                _send(conn, {"refused": f"busy: cannot start a pull worker ({e})"})
+                return
+            if not _send(conn, {"accepted": True}):
+                job.cancel("cancelled: the pull command went away")
+            self._relay(conn, job)
+        finally:
+            with self._lock:
+                self._jobs.discard(job)
 
     def _read_request(self, conn: socket.socket) -> PullRequest:
-        conn.settimeout(30.0)
-        line = conn.makefile("rb").readline(REQUEST_LIMIT)
-        if not line.endswith(b"\n"):
-            raise _Refused("request missing or too long")
+        line = _read_line(conn, REQUEST_LIMIT, time.monotonic() + self.request_deadline)
         try:
             msg = json.loads(line)
-        except ValueError:
+        except (ValueError, RecursionError):
             raise _Refused("request is not JSON") from None
         if not isinstance(msg, dict) or msg.get("v") != PROTOCOL:
             raise _Refused(f"protocol version {msg.get('v') if isinstance(msg, dict) else None!r} "
@@ -305,6 +343,51 @@ def _pull_code():
 
 class _Refused(Exception):
     pass
+
+
+def _read_line(conn: socket.socket, limit: int, deadline: float) -> bytes:
+    """One line, whole by `deadline`: a client that trickles its request does not keep a
+    thread for longer (a per-recv timeout alone would let it)."""
+    buf = bytearray()
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise _Refused("request not complete in time")
+        conn.settimeout(left)
+        try:
+            chunk = conn.recv(65536)
+        except TimeoutError:
+            raise _Refused("request not complete in time") from None
+        if not chunk:
+            raise _Refused("request missing or too long")
+        end = chunk.find(b"\n")
+        if end >= 0:
+            buf += chunk[:end + 1]
+            return bytes(buf)
+        buf += chunk
+        if len(buf) > limit:
+            raise _Refused("request missing or too long")
+
+
+def _refuse_now(conn: socket.socket, why: str) -> None:
+    """From the accept thread: never blocks (a full socket buffer drops the answer, the client
+    then sees the connection closed, which also sends it in-process)."""
+    try:
+        conn.setblocking(False)
+        try:
+            drained = 0  # what the client sent: unread data would reset the connection
+            while drained <= REQUEST_LIMIT:
+                chunk = conn.recv(65536)
+                if not chunk:
+                    break
+                drained += len(chunk)
+        except OSError:
+            pass
+        conn.send(encode({"refused": why}))
+    except OSError:
+        pass
+    finally:
+        conn.close()
 
 
 def _send(conn: socket.socket, message: dict) -> bool:

@@ -68,7 +68,8 @@ def _ask_password(args: argparse.Namespace) -> str | None:
 
 def run_pull(args: argparse.Namespace) -> int:
     """Through the daemon when it answers (its imports and containerd channel are warm), else
-    in this process; the same output and exit codes either way."""
+    in this process; the same output and exit codes either way, after a first line that says
+    which (none with --local)."""
     args.user = _ask_password(args)
     req = PullRequest.from_args(args)
     if args.mode != "local":
@@ -76,10 +77,12 @@ def run_pull(args: argparse.Namespace) -> int:
 
         path = args.control_socket or os.environ.get(CONTROL_ENV) or DEFAULT_CONTROL
         try:
-            return pull_via_daemon(path, req, sys.stderr)
+            return pull_via_daemon(path, req, sys.stderr, first_line=f"pulling through the snapshotter daemon ({path})")
         except DaemonUnavailable as e:
             if args.mode == "daemon":
                 return _fail(f"no pull through the daemon: {e}")
+            print(f"pulling in this process: the snapshotter daemon cannot take it ({e})", file=sys.stderr,
+                  flush=True)
     return run_local(req)
 
 

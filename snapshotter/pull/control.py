@@ -4,7 +4,8 @@ One JSON line from the client, `{"v": 1, "pull": {...PullRequest...}}`; then JSO
 the daemon: `{"accepted": true}` first, `{"say": text}` (progress, as the in-process pull prints it), `{"log": text}`
 (the pull's log records at the asked level), `{"alive": true}` (every few seconds while a
 step runs), and last `{"rc": N, "error": text|null}`. A first line `{"refused": reason}`
-means "pull in-process instead" (another protocol version, the caller's proxy settings).
+means "pull in-process instead" (another protocol version, the caller's proxy settings, a
+busy daemon); so does no first line within ANSWER_TIMEOUT.
 
 Standard library only: this is the `pull` command's hot path.
 """
@@ -22,6 +23,9 @@ PROTOCOL = 1
 DEFAULT_CONTROL = "/run/containerd-cvmfs-grpc/containerd-cvmfs-grpc.sock.ctl"
 HEARTBEAT = 5.0  # seconds between the daemon's "alive" lines while a step runs
 IDLE_TIMEOUT = 60.0  # the client gives up when the daemon says nothing for this long
+# Connecting, sending the request and the daemon's first answer: a daemon that cannot take
+# the pull by then (hung, out of threads) is passed by, and the pull runs in-process.
+ANSWER_TIMEOUT = 10.0
 
 
 class DaemonUnavailable(Exception):
@@ -32,23 +36,34 @@ def encode(message: dict) -> bytes:
     return json.dumps(message, separators=(",", ":")).encode() + b"\n"
 
 
-def pull_via_daemon(path: str, req: PullRequest, out: io.TextIOBase, idle_timeout: float = IDLE_TIMEOUT) -> int:
-    """Have the daemon on `path` pull; its progress goes to `out`, errors as the in-process
-    pull prints them. The exit code, or DaemonUnavailable before the pull started."""
+def pull_via_daemon(path: str, req: PullRequest, out: io.TextIOBase, idle_timeout: float = IDLE_TIMEOUT,
+                    answer_timeout: float = ANSWER_TIMEOUT, first_line: str | None = None) -> int:
+    """Have the daemon on `path` pull; its progress goes to `out` (after `first_line`, once the
+    daemon took the pull), errors as the in-process pull prints them. The exit code, or
+    DaemonUnavailable before the pull started."""
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
-        sock.settimeout(idle_timeout)
+        sock.settimeout(answer_timeout)
         try:
             sock.connect(path)
-            sock.sendall(encode({"v": PROTOCOL, "pull": req.to_wire()}))
+        except TimeoutError:  # a full backlog
+            raise DaemonUnavailable(f"{path}: no answer within {answer_timeout:.0f}s") from None
         except OSError as e:  # no socket, nobody listening, not ours to use
             raise DaemonUnavailable(f"{path}: {e.strerror or e}") from None
+        try:
+            sock.sendall(encode({"v": PROTOCOL, "pull": req.to_wire()}))
+        except TimeoutError:  # a daemon that reads nothing
+            raise DaemonUnavailable(f"{path}: no answer within {answer_timeout:.0f}s") from None
+        except OSError as e:  # closed on us: a busy daemon refuses before the request is read
+            raise DaemonUnavailable(f"{path}: {_refusal(sock) or e.strerror or e}") from None
         lines = sock.makefile("rb")
         first = True
         while True:
             try:
                 line = lines.readline()
             except TimeoutError:
+                if first:
+                    raise DaemonUnavailable(f"{path}: no answer within {answer_timeout:.0f}s") from None
                 return _fail(f"the snapshotter daemon on {path} said nothing for {idle_timeout:.0f}s; "
                              "it may be hung (its pull goes on or times out there)", out)
             except OSError:  # reset: the daemon died
@@ -63,9 +78,12 @@ def pull_via_daemon(path: str, req: PullRequest, out: io.TextIOBase, idle_timeou
             except ValueError:
                 return _fail(f"the snapshotter daemon on {path} answered garbage: {line[:80]!r}", out)
             if first:
-                if "refused" in msg:
-                    raise DaemonUnavailable(f"{path}: {msg['refused']}")
+                if not isinstance(msg, dict) or "refused" in msg:
+                    raise DaemonUnavailable(f"{path}: {msg.get('refused') if isinstance(msg, dict) else msg!r}")
                 first = False  # {"accepted": true}: from now on the pull is the daemon's
+                sock.settimeout(idle_timeout)
+                if first_line:
+                    print(first_line, file=out, flush=True)
             elif "say" in msg:
                 print(msg["say"], file=out, flush=True)
             elif "log" in msg:
@@ -76,6 +94,16 @@ def pull_via_daemon(path: str, req: PullRequest, out: io.TextIOBase, idle_timeou
                 return int(msg["rc"])
     finally:
         sock.close()
+
+
+def _refusal(sock: socket.socket) -> str | None:
+    """The reason in a refusal the daemon sent before it closed, if there is one."""
+    try:
+        sock.settimeout(1.0)
+        msg = json.loads(sock.makefile("rb").readline(4096))
+        return str(msg["refused"])
+    except (OSError, ValueError, TypeError, KeyError):
+        return None
 
 
 def _fail(message: str, out: io.TextIOBase) -> int:

@@ -66,6 +66,13 @@ def normalized(text: str) -> str:
     return re.sub(r"done in [0-9.]+s", "done in Xs", text)
 
 
+def after_first_line(res: subprocess.CompletedProcess, sn) -> str:
+    """A daemon pull's output after the line saying it went through the daemon."""
+    first, _, rest = res.stderr.partition("\n")
+    assert first == f"pulling through the snapshotter daemon ({control(sn)})", res.stderr
+    return rest
+
+
 @pytest.fixture
 def own_registry(registry_factory, push_standard_images):
     reg = registry_factory()
@@ -98,7 +105,7 @@ def test_daemon_pull_downloads_no_layer_and_prints_what_the_local_pull_prints(
     # The same pull in-process, into another namespace: the same lines.
     local = pull(cd, img.ref, "--plain-http", "--local", "--control-socket", control(sn), namespace="other")
     assert daemon_pulls(sn) == 1
-    assert normalized(local.stderr) == normalized(via.stderr)
+    assert normalized(local.stderr) == normalized(after_first_line(via, sn))
     # The environment names the socket too, and auto mode uses it.
     pull(cd, img.ref, "--plain-http", namespace="third", env=clean_env(CVMFS_SNAPSHOTTER_CONTROL=control(sn)))
     assert daemon_pulls(sn) == 2
@@ -138,7 +145,7 @@ def test_a_tag_the_repository_holds_costs_one_head(own_registry, repo, snapshott
     Pusher(reg.host).copy(images.layout, "apptainer", plain.name, plain.tag, fmt="oci")
     reg.clear_log()
     res = pull(cd, plain.ref, "--plain-http", "--daemon", "--control-socket", control(sn), namespace="moved")
-    assert "from the repository)" not in res.stderr.splitlines()[0], res.stderr
+    assert "from the repository)" not in res.stderr.splitlines()[1], res.stderr
     assert reg.manifest_get_count() >= 1
     check_tree(cd, images.apptainer, ref=plain.ref, namespace="moved")
 
@@ -151,6 +158,8 @@ def test_without_a_daemon_the_pull_runs_in_process(own_registry, snapshotter_fac
     assert not os.path.exists(control(sn))
     cd = containerd_factory(sn.address)
     res = pull(cd, img.ref, "--plain-http", "--control-socket", control(sn))
+    assert res.stderr.startswith(f"pulling in this process: the snapshotter daemon cannot take it ({control(sn)}: "), \
+        res.stderr
     assert f"0 layers from the repository, {len(img.layers)} downloaded" in res.stderr
     check_tree(cd, img)
     # A socket nobody listens on (a crashed daemon's) is the same as none.
@@ -173,7 +182,8 @@ def test_a_daemon_with_other_proxy_settings_hands_the_pull_back(own_registry, sn
     sn = snapshotter_factory()
     cd = containerd_factory(sn.address)
     env = clean_env(NO_PROXY="127.0.0.1,localhost")
-    pull(cd, img.ref, "--plain-http", "--control-socket", control(sn), env=env)
+    res = pull(cd, img.ref, "--plain-http", "--control-socket", control(sn), env=env)
+    assert res.stderr.startswith("pulling in this process: ") and "proxy" in res.stderr.splitlines()[0], res.stderr
     assert daemon_pulls(sn) == 0
     res = pull(cd, img.ref, "--plain-http", "--daemon", "--control-socket", control(sn), env=env, check=False)
     assert res.returncode == 1 and "proxy" in res.stderr, res.stderr
@@ -206,7 +216,7 @@ def test_errors_and_exit_codes_are_the_same_in_both_modes(registry_factory, push
         via = pull(cd, args[-1], *args[:-1], "--daemon", "--control-socket", control(sn), env=e, check=False)
         assert daemon_pulls(sn) == before + 1
         assert local.returncode != 0 and local.stderr, (args, local)
-        assert (via.returncode, via.stderr) == (local.returncode, local.stderr), args
+        assert (via.returncode, after_first_line(via, sn)) == (local.returncode, local.stderr), args
         codes.append(local.returncode)
     assert codes == [2, 1, 1, 1, 2, 2, 2, 1]
     # ... and the daemon still pulls afterwards, with credentials it never logs.
