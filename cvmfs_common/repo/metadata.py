@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Literal
 
 from cvmfs_common.fsutil.atomic import atomic_write_file
+from cvmfs_common.fsutil.bounded import read_regular
 from cvmfs_common.oci.digest import Digest, InvalidDigest, parse_digest, parse_hex
 
 Whiteouts = Literal["none", "overlay", "raw"]
@@ -104,7 +105,7 @@ class LayerMetadata:
     def from_bytes(cls, data: bytes) -> "LayerMetadata":
         try:
             obj = json.loads(data)
-        except (ValueError, UnicodeDecodeError) as e:
+        except (ValueError, UnicodeDecodeError, RecursionError) as e:
             raise MetadataError(f"layers.json is not JSON: {e}") from None
         if not isinstance(obj, list) or len(obj) != 1:
             raise MetadataError("layers.json must be a list with one object")
@@ -116,8 +117,14 @@ class LayerMetadata:
         return self.whiteouts in ("none", "overlay")
 
 
+# A layers.json or origin.json is a few hundred bytes: the limit only stops a hostile file.
+METADATA_FILE_LIMIT = 1 << 20
+
+
 def read_layers_json(path: Path) -> LayerMetadata:
-    return LayerMetadata.from_bytes(Path(path).read_bytes())
+    """Raises OSError (fsutil.bounded: a FIFO or device there is refused unread, not waited
+    for) or MetadataError."""
+    return LayerMetadata.from_bytes(read_regular(path, METADATA_FILE_LIMIT, follow_symlinks=True))
 
 
 def write_layers_json(path: Path, meta: LayerMetadata) -> None:
@@ -127,8 +134,8 @@ def write_layers_json(path: Path, meta: LayerMetadata) -> None:
 def read_origin_json(path: Path) -> list[str]:
     """``{"origin": [config digests]}``; invalid entries are an error."""
     try:
-        obj = json.loads(Path(path).read_bytes())
-    except (ValueError, UnicodeDecodeError) as e:
+        obj = json.loads(read_regular(path, METADATA_FILE_LIMIT, follow_symlinks=True))
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:
         raise MetadataError(f"origin.json is not JSON: {e}") from None
     origins = obj.get("origin") if isinstance(obj, dict) else None
     if not isinstance(origins, list):

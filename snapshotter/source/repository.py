@@ -2,11 +2,14 @@
 
 A hung FUSE mount (an unreachable CVMFS server) blocks `stat` in the kernel, and a
 Python thread stuck there cannot be cancelled. So every file-system question about a
-repository runs on that repository's own single worker thread; the RPC waits at most
-`timeout` seconds. While a question is stuck, the repository is "unavailable" and later
-questions fail at once instead of queueing behind it; when the stuck call returns, the
-repository is healthy again. Answers are cached for a short time: containerd asks about
-the same layers for every container start.
+repository runs on that repository's worker thread; the RPC waits at most `timeout`
+seconds. A question that times out leaves its worker behind (it ends when the call
+returns) and the next question gets a fresh worker: one hung entry costs one thread, not
+the repository. The same question while it is still stuck fails at once; with MAX_STUCK
+questions stuck (the whole mount hangs), the repository is "unavailable" and every
+question fails at once until one returns. Metadata files are read only when regular and
+without blocking (fsutil.bounded): a FIFO there is no answer, not a hang. Answers are
+cached for a short time: containerd asks about the same layers for every container start.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, TypeVar
 
+from cvmfs_common.fsutil.bounded import read_regular
 from cvmfs_common.oci.platform import Platform
 from cvmfs_common.registry.published import PublishedFiles
 from cvmfs_common.repo.lookup import LayerPresence, find_chain, find_layer
@@ -36,16 +40,16 @@ T = TypeVar("T")
 
 MAX_MANIFEST = 4 << 20  # bytes; the registry's own manifest limit
 MAX_CONFIG = 16 << 20
+MAX_STUCK = 3  # questions left stuck before the whole repository counts as not answering
 
 
 def _small(path: Path, limit: int) -> bytes | None:
-    """A file's bytes, or None when it is missing, unreadable or over `limit`."""
+    """A regular file's bytes, or None when it is missing, unreadable, not a regular file
+    (a FIFO would block the open) or over `limit`."""
     try:
-        with open(path, "rb") as f:
-            data = f.read(limit + 1)
+        return read_regular(path, limit, follow_symlinks=True)
     except OSError:
         return None
-    return data if len(data) <= limit else None
 
 
 class RepositoryUnavailable(SourceUnavailable):
@@ -61,49 +65,54 @@ class BoundedRepository:
     cache_ttl: float = 5.0
     clock: Callable[[], float] = time.monotonic
     on_failure: Callable[[str], None] | None = None  # called with the root on a timeout
-    _jobs: queue.SimpleQueue = field(default_factory=queue.SimpleQueue, init=False, repr=False)
-    _stuck: Future | None = field(default=None, init=False, repr=False)
+    _worker: "_Worker | None" = field(default=None, init=False, repr=False)
+    _stuck: dict[Future, str] = field(default_factory=dict, init=False, repr=False)  # -> what it asked
     _cache: dict[tuple[str, str], tuple[float, object]] = field(default_factory=dict, init=False, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
+    _closed: bool = field(default=False, init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.root = Path(self.root)
         self.layout = RepositoryLayout(self.root)
-        # A daemon thread, not a ThreadPoolExecutor: executor threads are joined at exit,
-        # so a thread stuck in a hung FUSE stat would keep the process from stopping.
-        threading.Thread(target=self._work, name=f"probe-{self.root.name}", daemon=True).start()
-
-    def _work(self) -> None:
-        while True:
-            job = self._jobs.get()
-            if job is None:
-                return
-            future, fn = job
-            if not future.set_running_or_notify_cancel():
-                continue
-            try:
-                future.set_result(fn())
-            except BaseException as e:  # noqa: BLE001 - handed to the waiting RPC
-                future.set_exception(e)
+        self._worker = _Worker(f"probe-{self.root.name}")
 
     @property
     def healthy(self) -> bool:
         with self._lock:
-            return self._stuck is None or self._stuck.done()
+            return not self._still_stuck()
+
+    def _still_stuck(self) -> dict[Future, str]:
+        self._stuck = {f: what for f, what in self._stuck.items() if not f.done()}
+        return self._stuck
 
     def _run(self, what: str, fn: Callable[[], T]) -> T:
         with self._lock:
-            if self._stuck is not None and not self._stuck.done():
+            stuck = self._still_stuck()
+            if len(stuck) >= MAX_STUCK or what in stuck.values():
                 self._report_failure()
-                raise RepositoryUnavailable(f"{self.root} is not answering (an earlier lookup is still stuck)")
-            self._stuck = None
+                why = f"{what} is still stuck" if what in stuck.values() else f"{len(stuck)} lookups are still stuck"
+                raise RepositoryUnavailable(f"{self.root} is not answering ({why})")
+            if self._closed:
+                raise RepositoryUnavailable(f"{self.root}: closed")
+            if self._worker is None:
+                try:
+                    self._worker = _Worker(f"probe-{self.root.name}")
+                except RuntimeError as e:  # no thread to be had (a task limit)
+                    raise RepositoryUnavailable(f"{self.root}: no prober thread ({e})") from None
+            worker = self._worker
             future: Future = Future()
-            self._jobs.put((future, fn))
+            worker.jobs.put((future, fn))
         try:
             return future.result(timeout=self.timeout)
         except FutureTimeout:
+            if future.cancel():  # queued behind another question that is stuck: never ran
+                self._report_failure()
+                raise RepositoryUnavailable(f"{self.root} did not answer {what} within {self.timeout:g}s") from None
             with self._lock:
-                self._stuck = future
+                self._stuck[future] = what
+                if self._worker is worker:  # leave it to its stuck call; the next question gets a fresh one
+                    worker.retire()
+                    self._worker = None
             self._report_failure()
             log.warning("repository %s did not answer %s within %.1fs; falling back", self.root, what, self.timeout)
             raise RepositoryUnavailable(f"{self.root} did not answer {what} within {self.timeout:g}s") from None
@@ -170,4 +179,34 @@ class BoundedRepository:
         return path.startswith(root)
 
     def close(self) -> None:
-        self._jobs.put(None)
+        with self._lock:
+            worker, self._worker, self._closed = self._worker, None, True
+        if worker is not None:
+            worker.retire()
+
+
+class _Worker:
+    """One prober thread and its queue. A daemon thread, not a ThreadPoolExecutor: executor
+    threads are joined at exit, so a thread stuck in a hung FUSE stat would keep the process
+    from stopping."""
+
+    def __init__(self, name: str) -> None:
+        self.jobs: queue.SimpleQueue = queue.SimpleQueue()
+        threading.Thread(target=self._work, name=name, daemon=True).start()
+
+    def retire(self) -> None:
+        """End after the questions queued so far."""
+        self.jobs.put(None)
+
+    def _work(self) -> None:
+        while True:
+            job = self.jobs.get()
+            if job is None:
+                return
+            future, fn = job
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                future.set_result(fn())
+            except BaseException as e:  # noqa: BLE001 - handed to the waiting RPC
+                future.set_exception(e)

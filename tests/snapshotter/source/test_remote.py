@@ -15,6 +15,7 @@ from snapshotter.core import Snapshotter, remote_snapshot_name
 from snapshotter.errors import AlreadyExists, Unavailable
 from snapshotter.labels import CVMFS_LAYER_DIGEST_LABEL, SNAPSHOT_REF_LABEL
 from snapshotter.source.remote import build_remote_layers
+from snapshotter.source.repository import RepositoryUnavailable
 
 
 def d(text: str) -> str:
@@ -194,11 +195,19 @@ def test_hung_repository_falls_back_within_timeout(repo, make_sn, monkeypatch, c
         elapsed = time.monotonic() - start
         assert timeout * 0.9 <= elapsed < timeout + margin, elapsed  # waited for the lookup, not for the hang
         assert f"did not answer layer {BLOBS[0]} within 0.3s" in caplog.text
-        assert not sn.remote.repositories[0].healthy
+        repo = sn.remote.repositories[0]
+        assert not repo.healthy
+        # The same question fails fast while it is stuck; others get a fresh prober thread
+        # each, until MAX_STUCK of them are stuck (the whole mount hangs): then all fail fast.
+        with pytest.raises(RepositoryUnavailable, match=f"layer {BLOBS[0]} is still stuck"):  # the fast path's words
+            repo.layer(BLOBS[0])
+        for blob in [d(f"other{i}") for i in range(repository_mod.MAX_STUCK - 1)]:
+            with pytest.raises(RepositoryUnavailable, match="did not answer"):
+                repo.layer(blob)
         caplog.clear()
         start = time.monotonic()
         assert not prepare_layer(sn, 1, f"ns/0/{CHAINS[0]}")  # fails fast while stuck
         assert time.monotonic() - start < timeout + margin
-        assert "is not answering (an earlier lookup is still stuck)" in caplog.text
+        assert f"is not answering ({repository_mod.MAX_STUCK} lookups are still stuck)" in caplog.text
     finally:
         release.set()
