@@ -175,7 +175,13 @@ class Snapshotter:
         validate_labels(labels)
         snapshot_id, kind, _ = self.store.lookup(key)
         # Measure outside the transaction: a big upper dir takes a while to walk.
-        usage = disk_usage(self.dirs.fs_dir(snapshot_id)) if kind == Kind.ACTIVE else Usage(0, 0)
+        try:
+            usage = disk_usage(self.dirs.fs_dir(snapshot_id)) if kind == Kind.ACTIVE else Usage(0, 0)
+        except OSError:
+            # A Remove of the same key renamed the directory away mid-walk: NotFound, as if it
+            # had come first (containerd's unpacker removes what a cancelled pull commits).
+            self.store.lookup(key, settled=True)
+            raise
         # The link is made in the commit's transaction, before the row says "committed":
         # a committed snapshot always has its link. Should the commit fail, the active
         # snapshot keeps a harmless link until Remove.
@@ -216,7 +222,11 @@ class Snapshotter:
         snapshot_id, kind, stored = self.store.lookup(key)
         if kind == Kind.COMMITTED:
             return stored
-        return disk_usage(self.dirs.fs_dir(snapshot_id))
+        try:
+            return disk_usage(self.dirs.fs_dir(snapshot_id))
+        except OSError:  # removed meanwhile (as in commit): NotFound
+            self.store.lookup(key, settled=True)
+            raise
 
     def cleanup(self) -> None:
         # Decided and renamed away under the write lock, deleted after it (see fs.py).

@@ -294,8 +294,17 @@ class Store:
             raise NotFound(f"snapshot {key!r} does not exist")
         return Snapshot(snapshot_id, Kind(kind), lowers)
 
-    def lookup(self, key: str) -> tuple[int, Kind, Usage]:
-        row = self._conn().execute("SELECT id, kind, size, inodes FROM snapshots WHERE key = ?", (key,)).fetchone()
+    def lookup(self, key: str, settled: bool = False) -> tuple[int, Kind, Usage]:
+        """`settled`: after any write transaction in flight (a Remove renames the snapshot's
+        directory away inside its transaction, before its row is gone for readers)."""
+        if settled:
+            with self._tx(durable=False) as db:
+                return self._lookup(db, key)
+        return self._lookup(self._conn(), key)
+
+    @staticmethod
+    def _lookup(db: sqlite3.Connection, key: str) -> tuple[int, Kind, Usage]:
+        row = db.execute("SELECT id, kind, size, inodes FROM snapshots WHERE key = ?", (key,)).fetchone()
         if row is None:
             raise NotFound(f"snapshot {key!r} does not exist")
         return row[0], Kind(row[1]), Usage(row[2], row[3])

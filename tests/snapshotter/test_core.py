@@ -306,3 +306,20 @@ def test_writes_containerd_builds_on_are_fsynced_removals_need_not_be(sn):
     sn.store._local.durable = False
     sn.commit("c", "b", {})
     assert level() == 2
+
+
+@pytest.mark.parametrize("call", ["commit", "usage"])
+def test_a_remove_while_the_usage_is_measured_is_not_found(sn, monkeypatch, call):
+    """Remove renames the directory away inside its transaction: the walk of Commit/Usage
+    fails (ENOENT) while the row is still there for readers. The answer is NotFound."""
+    import snapshotter.core as core_mod
+
+    sn.prepare("k", "", {})
+
+    def removed_meanwhile(path):
+        sn.remove("k")
+        raise FileNotFoundError(2, "No such file or directory", path)  # what the walk meets
+
+    monkeypatch.setattr(core_mod, "disk_usage", removed_meanwhile)
+    with pytest.raises(NotFound):
+        sn.commit("c", "k", {}) if call == "commit" else sn.usage("k")
