@@ -8,9 +8,8 @@ import argparse
 import os
 import sys
 
+from .control import CONTROL_ENV, DEFAULT_CONFIG
 from .request import DEFAULT_CONTAINERD, DEFAULT_NAMESPACE, PullFailure, PullRequest
-
-CONTROL_ENV = "CVMFS_SNAPSHOTTER_CONTROL"
 
 
 def add_pull_parser(sub: argparse._SubParsersAction) -> None:
@@ -40,8 +39,12 @@ def add_pull_parser(sub: argparse._SubParsersAction) -> None:
     where.add_argument("--local", dest="mode", action="store_const", const="local",
                        help="pull in this process, never through the daemon")
     p.add_argument("--control-socket", metavar="SOCK",
-                   help=f"the daemon's pull control socket (default: ${CONTROL_ENV} or the default "
+                   help=f"the daemon's pull control socket (default: the one --config names, else "
+                        f"${CONTROL_ENV}, else the one {DEFAULT_CONFIG} names, else the default "
                         "snapshotter socket + .ctl)")
+    p.add_argument("--config", metavar="FILE",
+                   help="the serving snapshotter's config file, to find its control socket "
+                        "(control-address, else address + .ctl)")
     p.set_defaults(func=run_pull, mode="auto")
 
 
@@ -73,17 +76,29 @@ def run_pull(args: argparse.Namespace) -> int:
     args.user = _ask_password(args)
     req = PullRequest.from_args(args)
     if args.mode != "local":
-        from .control import DEFAULT_CONTROL, DaemonUnavailable, pull_via_daemon
+        from .control import ControlConfigError, DaemonUnavailable, find_control, pull_via_daemon
 
-        path = args.control_socket or os.environ.get(CONTROL_ENV) or DEFAULT_CONTROL
         try:
-            return pull_via_daemon(path, req, sys.stderr, first_line=f"pulling through the snapshotter daemon ({path})")
+            path, source = find_control(args.control_socket, args.config, os.environ)
+        except ControlConfigError as e:
+            return _fail(f"--config: {e}", 2)
+        if path is None:
+            if args.mode == "daemon":
+                return _fail(f"no pull through the daemon: {source} turns its control socket off")
+            _say(f"pulling in this process: {source} turns the daemon's control socket off")
+            return run_local(req)
+        try:
+            return pull_via_daemon(path, req, sys.stderr,
+                                   first_line=f"pulling through the snapshotter daemon ({path}, from {source})")
         except DaemonUnavailable as e:
             if args.mode == "daemon":
-                return _fail(f"no pull through the daemon: {e}")
-            print(f"pulling in this process: the snapshotter daemon cannot take it ({e})", file=sys.stderr,
-                  flush=True)
+                return _fail(f"no pull through the daemon: {e} (socket from {source})")
+            _say(f"pulling in this process: the snapshotter daemon cannot take it ({e}; socket from {source})")
     return run_local(req)
+
+
+def _say(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
 
 
 def run_local(req: PullRequest) -> int:

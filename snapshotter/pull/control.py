@@ -14,13 +14,19 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import socket
 
 from .request import PullRequest
 
 PROTOCOL = 1
+CONTROL_ENV = "CVMFS_SNAPSHOTTER_CONTROL"
 # Next to the default snapshots socket (config.DEFAULT_ADDRESS + ".ctl"; a test checks they agree).
 DEFAULT_CONTROL = "/run/containerd-cvmfs-grpc/containerd-cvmfs-grpc.sock.ctl"
+# The snapshotter's config file (config.DEFAULT_CONFIG; a test checks they agree): its
+# `control-address`, else its `address` + ".ctl", names the socket.
+DEFAULT_CONFIG = "/etc/containerd-cvmfs-grpc/config.toml"
+CONFIG_LIMIT = 1 << 20
 HEARTBEAT = 5.0  # seconds between the daemon's "alive" lines while a step runs
 IDLE_TIMEOUT = 60.0  # the client gives up when the daemon says nothing for this long
 # Connecting, sending the request and the daemon's first answer: a daemon that cannot take
@@ -30,6 +36,50 @@ ANSWER_TIMEOUT = 10.0
 
 class DaemonUnavailable(Exception):
     """No daemon pull: nobody listens, or the daemon refused; the reason says which."""
+
+
+class ControlConfigError(ValueError):
+    """The snapshotter's config file, given with --config, cannot say where its socket is."""
+
+
+def find_control(socket_arg: str | None, config_arg: str | None, env) -> tuple[str | None, str]:
+    """(the control socket's path or None for "turned off", where that came from): --control-socket,
+    else --config's file, else $CVMFS_SNAPSHOTTER_CONTROL, else the default config file (if
+    there is one), else the default path."""
+    if socket_arg:
+        return socket_arg, "--control-socket"
+    if config_arg:
+        return _from_config(config_arg, explicit=True)
+    if env.get(CONTROL_ENV):
+        return env[CONTROL_ENV], f"${CONTROL_ENV}"
+    if os.path.lexists(DEFAULT_CONFIG):
+        return _from_config(DEFAULT_CONFIG, explicit=False)
+    return DEFAULT_CONTROL, "the default"
+
+
+def _from_config(path: str, explicit: bool) -> tuple[str | None, str]:
+    """The serving daemon's rules (config.serve_config): `control-address` ("" for none), else
+    `address` + ".ctl", else the default socket. A file that cannot be read is an error when
+    given, else passed over (the default path, saying why)."""
+    import tomllib
+
+    from cvmfs_common.fsutil.bounded import read_regular
+
+    try:
+        data = tomllib.loads(read_regular(path, CONFIG_LIMIT, follow_symlinks=True).decode())
+        for key in ("control-address", "address"):
+            if key in data and not isinstance(data[key], str):
+                raise ValueError(f"{key} must be a string")
+    except (OSError, ValueError, RecursionError) as e:  # read_regular's message names the file
+        why = str(e) if str(e).startswith(path) else f"{path}: {e}"
+        if explicit:
+            raise ControlConfigError(why) from None
+        return DEFAULT_CONTROL, f"the default; the config file {why}"
+    if "control-address" in data:
+        return data["control-address"] or None, f"control-address in {path}"
+    if "address" in data:
+        return f"{data['address']}.ctl", f"address in {path} + .ctl"
+    return DEFAULT_CONTROL, f"the default; {path} sets no address"
 
 
 def encode(message: dict) -> bytes:

@@ -87,7 +87,8 @@ def test_connections_beyond_the_bound_are_refused_and_slow_ones_dropped(stack):
         for s in idle:
             s.close()
     res = pull(cd, img.ref, "--plain-http", "--daemon", "--control-socket", control(sn), namespace="after")
-    assert res.stderr.splitlines()[0] == f"pulling through the snapshotter daemon ({control(sn)})", res.stderr
+    assert res.stderr.splitlines()[0] == \
+        f"pulling through the snapshotter daemon ({control(sn)}, from --control-socket)", res.stderr
     assert daemon_pulls(sn) == 1
     check_tree(cd, img, namespace="after")
 

@@ -69,7 +69,7 @@ def normalized(text: str) -> str:
 def after_first_line(res: subprocess.CompletedProcess, sn) -> str:
     """A daemon pull's output after the line saying it went through the daemon."""
     first, _, rest = res.stderr.partition("\n")
-    assert first == f"pulling through the snapshotter daemon ({control(sn)})", res.stderr
+    assert first.startswith(f"pulling through the snapshotter daemon ({control(sn)}, from "), res.stderr
     return rest
 
 
@@ -173,6 +173,42 @@ def test_without_a_daemon_the_pull_runs_in_process(own_registry, snapshotter_fac
     res = pull(cd, img.ref, "--plain-http", "--daemon", "--control-socket", control(sn), check=False)
     assert res.returncode == 1 and "no pull through the daemon" in res.stderr, res.stderr
     assert daemon_pulls(sn) == 0
+
+
+def test_the_pull_finds_the_daemon_from_its_config_file(own_registry, snapshotter_factory, containerd_factory,
+                                                        e2e_base):
+    """`--config` (else /etc/containerd-cvmfs-grpc/config.toml) names the socket as the daemon
+    reads it: `control-address`, else `address` + ".ctl"; the first line says which it took."""
+    from tests.fixtures.workdirs import new_workdir
+
+    reg, images = own_registry
+    img = images.multilayer
+    here = new_workdir("conf-", e2e_base)
+    conf = here / "config.toml"
+    conf.write_text(f'control-address = "{here / "pull.ctl"}"\n')
+    sn = snapshotter_factory(extra_args=["--config", str(conf)])
+    plain = snapshotter_factory()  # control socket: its --address + .ctl
+    cd = containerd_factory(sn.address)
+    res = pull(cd, img.ref, "--plain-http", "--config", str(conf))
+    assert res.stderr.splitlines()[0] == \
+        f"pulling through the snapshotter daemon ({here / 'pull.ctl'}, from control-address in {conf})", res.stderr
+    assert daemon_pulls(sn) == 1
+    check_tree(cd, img)
+    by_address = here / "by-address.toml"
+    by_address.write_text(f'address = "{plain.address}"\n')
+    cd2 = containerd_factory(plain.address)
+    res = pull(cd2, img.ref, "--plain-http", "--daemon", "--config", str(by_address))
+    assert res.stderr.splitlines()[0] == \
+        f"pulling through the snapshotter daemon ({control(plain)}, from address in {by_address} + .ctl)", res.stderr
+    assert daemon_pulls(plain) == 1
+    off = here / "off.toml"
+    off.write_text('control-address = ""\n')
+    res = pull(cd, img.ref, "--plain-http", "--config", str(off), namespace="off")
+    assert res.stderr.splitlines()[0] == \
+        f"pulling in this process: control-address in {off} turns the daemon's control socket off", res.stderr
+    res = pull(cd, img.ref, "--plain-http", "--config", str(here / "missing.toml"), check=False)
+    assert res.returncode == 2 and "missing.toml" in res.stderr, res.stderr
+    assert daemon_pulls(sn) == 1 and daemon_pulls(plain) == 1
 
 
 def test_a_daemon_with_other_proxy_settings_hands_the_pull_back(own_registry, snapshotter_factory,

@@ -5,13 +5,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from snapshotter.config import DEFAULT_ADDRESS, add_serve_arguments, serve_config
+import snapshotter.pull.control as control_mod
+from snapshotter.config import DEFAULT_ADDRESS, DEFAULT_CONFIG, add_serve_arguments, serve_config
 from snapshotter.pull.control import DEFAULT_CONTROL
 from snapshotter.pull.request import PullRequest
 
@@ -20,6 +22,36 @@ ROOT = Path(__file__).resolve().parents[3]
 
 def test_default_control_socket_is_next_to_the_default_snapshots_socket():
     assert DEFAULT_CONTROL == DEFAULT_ADDRESS + ".ctl"
+    assert control_mod.DEFAULT_CONFIG == DEFAULT_CONFIG
+
+
+def test_the_pull_finds_the_control_socket_as_the_daemon_names_it(tmp_path, monkeypatch):
+    find = control_mod.find_control
+    conf = tmp_path / "c.toml"
+    conf.write_text('address = "/run/x/s.sock"\n')
+    assert find(None, str(conf), {}) == ("/run/x/s.sock.ctl", f"address in {conf} + .ctl")
+    conf.write_text('address = "/run/x/s.sock"\ncontrol-address = "/run/y/p.ctl"\n')
+    assert find(None, str(conf), {}) == ("/run/y/p.ctl", f"control-address in {conf}")
+    conf.write_text('control-address = ""\n')
+    assert find(None, str(conf), {})[0] is None  # turned off: in-process
+    conf.write_text('root = "/r"\n')
+    assert find(None, str(conf), {})[0] == DEFAULT_CONTROL
+    # --control-socket, then --config, then the environment, then the default file, then the default
+    env = {control_mod.CONTROL_ENV: "/env.ctl"}
+    assert find("/arg.ctl", str(conf), env) == ("/arg.ctl", "--control-socket")
+    assert find(None, None, env) == ("/env.ctl", f"${control_mod.CONTROL_ENV}")
+    monkeypatch.setattr(control_mod, "DEFAULT_CONFIG", str(tmp_path / "etc.toml"))
+    assert find(None, None, {}) == (DEFAULT_CONTROL, "the default")
+    (tmp_path / "etc.toml").write_text('address = "/run/z/s.sock"\n')
+    assert find(None, None, {})[0] == "/run/z/s.sock.ctl"
+    # A broken default file is passed over, saying why; a broken --config is an error.
+    (tmp_path / "etc.toml").write_text("address = 5\n")
+    path, source = find(None, None, {})
+    assert path == DEFAULT_CONTROL and "address must be a string" in source
+    os.mkfifo(tmp_path / "fifo.toml")
+    for bad in (tmp_path / "fifo.toml", tmp_path / "missing.toml", tmp_path / "etc.toml"):
+        with pytest.raises(control_mod.ControlConfigError, match=str(bad)):
+            find(None, str(bad), {})
 
 
 def test_request_round_trips_and_hides_secrets():
