@@ -185,9 +185,12 @@ class PullControlServer:
             return
         try:
             threading.Thread(target=self._serve_connection, args=(conn,), name="pull-conn", daemon=True).start()
-        except RuntimeError as e:  # "can't start new thread": a task limit (systemd TasksMax)
+        except BaseException as e:
             with self._lock:
                 self._connections -= 1
+            if not isinstance(e, RuntimeError):
+                raise
+            # "can't start new thread": a task limit (systemd TasksMax)
             log.warning("pull control socket: refusing a connection: %s", e)
             _refuse_now(conn, f"busy: cannot start a thread ({e})")
 

@@ -117,3 +117,43 @@ def test_the_pull_command_imports_only_the_standard_library(tmp_path):
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=60)
     assert res.stdout.strip() == "1 []", res.stdout + res.stderr
     assert "no pull through the daemon" in res.stderr
+
+
+def _ask(path: Path, line: bytes, within: float = 10) -> dict | None:
+    import socket
+
+    with socket.socket(socket.AF_UNIX) as s:
+        s.settimeout(within)
+        s.connect(str(path))
+        try:
+            s.sendall(line)
+        except OSError:
+            pass
+        data = s.makefile("rb").readline()
+    return json.loads(data) if data else None
+
+
+def test_the_accept_thread_outlives_a_thread_start_failure(tmp_path, monkeypatch):
+    """Unit-sized twin of the e2e task-limit test (which needs a cgroup): Thread.start raising
+    (as under TasksMax) refuses that connection; the next one is served."""
+    import threading
+
+    from snapshotter.pull_server import PullControlServer
+
+    server = PullControlServer(tmp_path / "c.ctl", request_deadline=1.0).start()
+    real_start = threading.Thread.start
+    failing = [True]
+
+    def start(self):
+        if self.name == "pull-conn" and failing[0]:
+            raise RuntimeError("can't start new thread")
+        return real_start(self)
+
+    monkeypatch.setattr(threading.Thread, "start", start)
+    try:
+        assert _ask(server.path, b"junk\n") == {"refused": "busy: cannot start a thread (can't start new thread)"}
+        failing[0] = False
+        assert _ask(server.path, b"junk\n") == {"refused": "request is not JSON"}
+        assert _ask(server.path, b"{") == {"refused": "request not complete in time"}  # the request deadline
+    finally:
+        server.close()
