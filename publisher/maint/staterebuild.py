@@ -24,12 +24,12 @@ import json
 import logging
 import os
 import re
-import stat
 import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from cvmfs_common.fsutil.bounded import read_regular
 from cvmfs_common.oci.digest import InvalidDigest, chain_ids, parse_digest, sha256_of
 from cvmfs_common.repo.paths import (DEFAULT_VARIANTS, MANIFEST_JSON, METADATA_DIR, LayoutError, RepositoryLayout,
     multiarch_name_of_dir, platform_dir_name)
@@ -78,31 +78,6 @@ MAX_LAYERS_JSON_BYTES = 1024 * 1024
 MAX_METADATA_DEPTH = 130
 _PARSE_ERRORS = (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError, InvalidDigest,
                  MetadataError)
-
-
-def read_regular(path: Path, limit: int) -> bytes:
-    """The bytes of ``path`` if it is a regular file of at most ``limit`` bytes: the last
-    component is never followed as a symlink (ELOOP), and a FIFO or device is refused
-    without waiting on it. (A local reader; cvmfs_common may offer a shared one.)"""
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise ValueError(f"{path.name} is not a regular file")
-        if st.st_size > limit:
-            raise ValueError(f"{path.name} is {st.st_size} bytes, more than the {limit} a metadata file may have")
-        chunks, got = [], 0
-        while got <= limit:
-            chunk = os.read(fd, min(1 << 20, limit + 1 - got))
-            if not chunk:
-                break
-            chunks.append(chunk)
-            got += len(chunk)
-        if got > limit:
-            raise ValueError(f"{path.name} grows beyond the {limit} bytes a metadata file may have")
-        return b"".join(chunks)
-    finally:
-        os.close(fd)
 
 
 def _json(raw: bytes) -> object:

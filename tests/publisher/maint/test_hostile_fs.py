@@ -149,8 +149,8 @@ def test_state_rebuild_skips_hostile_metadata_without_hanging(registry, tmp_path
     assert "state rebuild: 1 tags, 1 images, 1 layers" in res.stdout, res.stdout
     skipped = [line for line in res.stdout.splitlines() if "SKIPPED" in line]
     assert any("rebuild/forged:nested" in s and "nested too deeply" in s for s in skipped), skipped
-    assert any("rebuild/forged:zero" in s and "Too many levels of symbolic links" in s for s in skipped), skipped
-    assert any("rebuild/forged:fifo" in s and "config.json is not a regular file" in s for s in skipped), skipped
+    assert any("rebuild/forged:zero" in s and "symbolic link" in s for s in skipped), skipped
+    assert any("rebuild/forged:fifo" in s and "config.json" in s and "not a regular file" in s for s in skipped), skipped
     assert any("deep.example.org" in s and "deeper than" in s for s in skipped), skipped
     with State.open(db, root) as state:
         assert [t.key.repository for t in state.published_tags()] == ["rebuild/real"]
