@@ -15,7 +15,8 @@ from typing import Sequence
 from .errors import AlreadyExists, InvalidArgument, Unavailable
 from .filters import FilterSyntaxError, parse_all
 from .fs import Doomed, SnapshotDirs, disk_usage, overlay_supports_index
-from .labels import CRI_LAYER_DIGEST_LABEL, CVMFS_LAYER_DIGEST_LABEL, SNAPSHOT_REF_LABEL, SOURCE_LABEL, validate_labels
+from .labels import (CRI_LAYER_DIGEST_LABEL, CVMFS_LAYER_DIGEST_LABEL, DIFF_ID_LABEL, SNAPSHOT_REF_LABEL, SOURCE_LABEL,
+                     validate_labels)
 from .layer_source import LayerRequest, LayerSource, SourceUnavailable
 from .lineage import Lineage, next_ducc_ids
 from .metrics import Metrics
@@ -125,7 +126,10 @@ class Snapshotter:
         if parent and (facts is None or facts.kind != Kind.COMMITTED):
             return  # the normal path reports the bad parent
         digest = labels.get(CVMFS_LAYER_DIGEST_LABEL) or labels.get(CRI_LAYER_DIGEST_LABEL)
-        request = LayerRequest(ref, digest, bool(parent), facts.lineage.chain_id if facts else None, lineage.ducc)
+        # A bottom layer's chainID is its diffID (containerd before 2.3 sends no diff-id label).
+        diff_id = labels.get(DIFF_ID_LABEL) or (None if parent else ref)
+        request = LayerRequest(ref, digest, bool(parent), facts.lineage.chain_id if facts else None, lineage.ducc,
+                               diff_id)
         match = self.remote.find(request)
         self._count("remote_layers", "hit" if match is not None else "miss")
         if match is None:

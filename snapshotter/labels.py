@@ -10,6 +10,8 @@ from .errors import InvalidArgument
 MAX_LABEL_SIZE = 4096  # bytes of key + value of one label
 
 SNAPSHOT_REF_LABEL = "containerd.io/snapshot.ref"  # the OCI chainID of the stack up to this layer
+# containerd 2.3+'s unpacker adds the layer's diffID to every unpack Prepare.
+DIFF_ID_LABEL = "containerd.io/snapshot/diff-id"
 CRI_LAYER_DIGEST_LABEL = "containerd.io/snapshot/cri.layer-digest"
 CVMFS_LAYER_DIGEST_LABEL = "containerd.io/snapshot/cvmfs.layer-digest"
 SOURCE_LABEL = "containerd.io/snapshot/cvmfs.source"  # the directory a remote snapshot shows

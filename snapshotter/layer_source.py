@@ -26,6 +26,7 @@ class LayerRequest:
     has_parent: bool
     parent_chain_id: str | None
     ducc_ids: DuccIds | None  # DUCC's chain ids up to this layer
+    diff_id: str | None = None  # the layer's diffID, when containerd (2.3+) told us
 
 
 @dataclass(frozen=True)

@@ -52,6 +52,25 @@ def find_layer(layout: RepositoryLayout, layer_digest: "str | Digest") -> LayerP
     return LayerPresence(digest=str(d), layerfs=fs, metadata=meta, metadata_error=why)
 
 
+def find_layer_by_diff_id(layout: RepositoryLayout, diff_id: "str | Digest") -> LayerPresence | None:
+    """A layer dir with this diffID, through ``.diffids/<xx>/<hex>`` (read-only): one
+    readlink, then :func:`find_layer` of the dir it names. None when there is no link,
+    the link names anything but a layer dir, or that layer's layers.json gives another
+    diffID (a stale or forged link is never followed to the wrong content)."""
+    d = _digest(diff_id)
+    try:
+        target = os.readlink(layout.diffid_link(d))
+    except (FileNotFoundError, NotADirectoryError, OSError):
+        return None
+    layer = layout.layer_digest_of_link_target(target)
+    if layer is None:
+        return None
+    found = find_layer(layout, layer)
+    if found is None or found.metadata is None or found.metadata.diff_digest != str(d):
+        return None
+    return found
+
+
 def find_chain(layout: RepositoryLayout, chain_id: "str | Digest") -> Path | None:
     """The chain directory if it exists (read-only)."""
     p = layout.chain_dir(chain_id)

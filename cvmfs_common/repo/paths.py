@@ -7,6 +7,7 @@ The publisher writes it, the snapshotter and podman read it; both import
     layout.layerfs("sha256:<hex>")            .layers/<xx>/<hex>/layerfs
     layout.layers_json(d), layout.origin_json(d)   .layers/<xx>/<hex>/.metadata/...
     layout.chain_dir(chain_id)                 .chains/<xx>/<hex>
+    layout.diffid_link(diff_id)                .diffids/<xx>/<diffid hex> -> ../../.layers/<xx>/<hex>
     layout.flat_dir(config_digest)             .flat/<xx>/<hex>
     layout.link_path(registry, repo, tag)      <registry>/<repo>:<tag>
     layout.manifest_json(registry, repo, tag)  .metadata/<registry>/<repo>:<tag>/manifest.json
@@ -38,11 +39,12 @@ from pathlib import Path
 from cvmfs_common.fsutil.atomic import clean_tmp
 from cvmfs_common.fsutil.beneath import open_dir_beneath, symlink_beneath, write_file_beneath
 from cvmfs_common.fsutil.entries import readlink
-from cvmfs_common.oci.digest import Digest, InvalidDigest, parse_digest
+from cvmfs_common.oci.digest import Digest, InvalidDigest, parse_digest, parse_hex
 from cvmfs_common.oci.reference import InvalidReference, validate_registry, validate_repository, validate_tag
 
 LAYERS_DIR = ".layers"
 CHAINS_DIR = ".chains"
+DIFFIDS_DIR = ".diffids"  # a layer dir by its diffID (uncompressed digest): relative symlinks
 FLAT_DIR = ".flat"
 METADATA_DIR = ".metadata"
 PLATFORMS_DIR = ".platforms"  # the old per-platform layout; removed by gc and convert
@@ -61,7 +63,7 @@ INDEX_JSON = "index.json"  # next to manifest.json when the tag points at an ind
 # would otherwise put links inside the podman store).
 RESERVED_TOP_LEVEL = frozenset(
     n.lower()
-    for n in (LAYERS_DIR, CHAINS_DIR, FLAT_DIR, METADATA_DIR, PLATFORMS_DIR, MULTIARCH_DIR, PODMAN_STORE_DIR,
+    for n in (LAYERS_DIR, CHAINS_DIR, DIFFIDS_DIR, FLAT_DIR, METADATA_DIR, PLATFORMS_DIR, MULTIARCH_DIR, PODMAN_STORE_DIR,
               TMP_DIR)
 )
 
@@ -180,6 +182,10 @@ class RepositoryLayout:
         return self.root / CHAINS_DIR
 
     @property
+    def diffids_dir(self) -> Path:
+        return self.root / DIFFIDS_DIR
+
+    @property
     def flat_root(self) -> Path:
         return self.root / FLAT_DIR
 
@@ -224,6 +230,28 @@ class RepositoryLayout:
 
     def origin_json(self, layer_digest: "str | Digest") -> Path:
         return self.layer_metadata_dir(layer_digest) / ORIGIN_JSON
+
+    def diffid_link(self, diff_id: "str | Digest") -> Path:
+        """``.diffids/<xx>/<hex>``: a symlink to the dir of one layer with this diffID (any
+        of its compressed forms: gzip, zstd, another registry's recompression)."""
+        d = _digest(diff_id)
+        return self._under_root(self.diffids_dir / d.prefix / d.hex)
+
+    def diffid_link_target(self, layer_digest: "str | Digest") -> str:
+        """The relative target of a ``diffid_link`` pointing at this layer's dir."""
+        d = _digest(layer_digest)
+        return f"../../{LAYERS_DIR}/{d.prefix}/{d.hex}"
+
+    def layer_digest_of_link_target(self, target: str) -> Digest | None:
+        """The inverse of ``diffid_link_target``; None for any other target."""
+        parts = target.split("/")
+        if len(parts) != 5 or parts[:3] != ["..", "..", LAYERS_DIR]:
+            return None
+        try:
+            d = parse_hex(parts[4])
+        except InvalidDigest:
+            return None
+        return d if d.prefix == parts[3] else None
 
     # -- chains and flat images -------------------------------------------
     def chain_dir(self, chain_id: "str | Digest") -> Path:

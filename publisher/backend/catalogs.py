@@ -6,6 +6,7 @@ catalog of the whole repository. The cvmfs backend puts one in::
 
     .layers  .layers/<xx>  .layers/<xx>/<hex>        every layer dir
     .chains  .chains/<xx>  .chains/<xx>/<hex>        every chain dir (its root fs)
+    .diffids .diffids/<xx>                           the layer links by diffID (symlinks only)
     .flat    .flat/<xx>    .flat/<xx>/<hex>          every flat dir (a real directory on CVMFS)
     podmanStore                                      and .multiarch/.podman/<p>
 
@@ -40,10 +41,10 @@ def _is_real_dir(path: Path) -> bool:
 
 def catalog_dirs(layout: RepositoryLayout, record: "ImageRecord", podman_stores: Iterable[Path] = ()) -> list[Path]:
     """The directories that must carry a marker for one published image."""
-    dirs: list[Path] = [layout.layers_dir, layout.chains_dir, layout.flat_root]
+    dirs: list[Path] = [layout.layers_dir, layout.chains_dir, layout.diffids_dir, layout.flat_root]
     for layer in record.layers:
         d = layout.layer_dir(layer.digest)
-        dirs += [d.parent, d]
+        dirs += [d.parent, d, layout.diffid_link(layer.diff_id).parent]
         c = layout.chain_dir(layer.chain_id)
         dirs += [c.parent, c]
     flat = layout.flat_dir(record.config_digest)

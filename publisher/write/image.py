@@ -1,7 +1,7 @@
 """Publish one resolved image into the repository (docs/DESIGN.md#write).
 
 Order, so that nothing of an image is visible before everything it needs is:
-layers (in parallel) -> chains (bottom up) -> ``.flat`` (a copy of the top chain with
+layers (in parallel) -> chains (bottom up) + ``.diffids`` links -> ``.flat`` (a copy of the top chain with
 ``.singularity.d``) -> the human-readable link and its ``.multiarch`` twin -> podman
 store -> ``.metadata/.../config.json`` (+ ``index.json``) -> ``manifest.json`` (last: it marks the tag done).
 With a ``podman_batch`` (convert) the podman store entry is only collected here and written
@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING
 
 from cvmfs_common.fsutil.entries import readlink
 from cvmfs_common.oci.digest import chain_ids, parse_digest
+from cvmfs_common.repo.diffids import ensure_diffid_link
 from cvmfs_common.repo.paths import CONFIG_JSON, INDEX_JSON, LAYERFS, RepositoryLayout
 from cvmfs_common.fsutil.atomic import relative_link_target, remove_tree
 from cvmfs_common.fsutil.beneath import parent_beneath
@@ -175,6 +176,8 @@ class ImagePublisher:
             nbytes += extra
         for digest in first:
             self.ingester.add_origin(digest, image.config_digest)
+        for spec in first.values():  # containerd finds the layer by diffID (every compression)
+            ensure_diffid_link(self.layout, spec.diff_id, spec.digest)
         return [done[s.index] for s in specs], fetched, nbytes
 
     def _chain(self, ref: Reference, spec: LayerSpec, layer: Ingested, chain_id: str, parent: Path | None,

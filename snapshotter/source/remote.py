@@ -20,6 +20,8 @@ from cvmfs_common.oci.digest import InvalidDigest, next_chain_id, parse_digest
 from cvmfs_common.oci.platform import Platform
 from cvmfs_common.registry.published import PublishedFiles
 
+from cvmfs_common.repo.lookup import LayerPresence
+
 from ..layer_source import LayerMatch, LayerRequest
 from .repository import BoundedRepository, RepositoryUnavailable
 
@@ -38,8 +40,9 @@ class RemoteLayers:
     def find(self, req: LayerRequest) -> LayerMatch | None:
         try:
             parse_digest(req.chain_id)
-            if req.layer_digest is not None:
-                parse_digest(req.layer_digest)
+            for digest in (req.layer_digest, req.diff_id):
+                if digest is not None:
+                    parse_digest(digest)
         except InvalidDigest as e:
             log.warning("not looking up a layer with a malformed digest: %s", e)
             return None
@@ -54,24 +57,15 @@ class RemoteLayers:
         return None
 
     def _find_in(self, repo: BoundedRepository, req: LayerRequest) -> LayerMatch | None:
-        if req.layer_digest is not None:
-            presence = repo.layer(req.layer_digest)
-            if presence is not None:
-                meta = presence.metadata
-                if meta is None:
-                    log.debug("layer %s: %s; trying its chain", req.layer_digest, presence.metadata_error)
-                elif not meta.serves_as_overlay_lower:
-                    log.debug("layer %s has %s whiteouts; trying its chain", req.layer_digest, meta.whiteouts)
-                elif meta.parent_chain is not None and meta.parent_chain != req.parent_chain_id:
-                    log.debug("layer %s was completed on chain %s, not %s", req.layer_digest, meta.parent_chain,
-                              req.parent_chain_id)
-                elif req.has_parent and req.parent_chain_id is None:
-                    log.debug("layer %s: parent chain unknown; trying its chain", req.layer_digest)
-                elif next_chain_id(req.parent_chain_id, meta.diff_digest) != req.chain_id:
-                    log.warning("layer %s: diffID %s does not give chain %s; not serving it", req.layer_digest,
-                                meta.diff_digest, req.chain_id)
-                else:
-                    return LayerMatch(str(presence.layerfs), False, repo.root)
+        # The layer dir: by the blob digest (CRI's or our pull's label), else by the diffID
+        # (containerd 2.3+), which also finds the layer pushed with another compression.
+        presence = repo.layer(req.layer_digest) if req.layer_digest is not None else None
+        if presence is None and req.diff_id is not None:
+            presence = repo.layer_by_diff_id(req.diff_id)
+        if presence is not None:
+            match = _layer_match(presence, req, repo.root)
+            if match is not None:
+                return match
         candidates = [req.chain_id, *(req.ducc_ids or ())]
         for chain in candidates:
             path = repo.chain(chain)
@@ -117,6 +111,25 @@ class RemoteLayers:
     def close(self) -> None:
         for r in self.repositories:
             r.close()
+
+
+def _layer_match(presence: LayerPresence, req: LayerRequest, root: Path) -> LayerMatch | None:
+    """The layer dir as an overlay lower on this parent, or None (then its chain is tried)."""
+    meta, name = presence.metadata, presence.digest
+    if meta is None:
+        log.debug("layer %s: %s; trying its chain", name, presence.metadata_error)
+    elif not meta.serves_as_overlay_lower:
+        log.debug("layer %s has %s whiteouts; trying its chain", name, meta.whiteouts)
+    elif meta.parent_chain is not None and meta.parent_chain != req.parent_chain_id:
+        log.debug("layer %s was completed on chain %s, not %s", name, meta.parent_chain, req.parent_chain_id)
+    elif req.has_parent and req.parent_chain_id is None:
+        log.debug("layer %s: parent chain unknown; trying its chain", name)
+    elif next_chain_id(req.parent_chain_id, meta.diff_digest) != req.chain_id:
+        log.warning("layer %s: diffID %s does not give chain %s; not serving it", name, meta.diff_digest,
+                    req.chain_id)
+    else:
+        return LayerMatch(str(presence.layerfs), False, root)
+    return None
 
 
 def build_remote_layers(

@@ -28,7 +28,7 @@ from typing import Callable, TypeVar
 from cvmfs_common.fsutil.bounded import read_regular
 from cvmfs_common.oci.platform import Platform
 from cvmfs_common.registry.published import PublishedFiles
-from cvmfs_common.repo.lookup import LayerPresence, find_chain, find_layer
+from cvmfs_common.repo.lookup import LayerPresence, find_chain, find_layer, find_layer_by_diff_id
 from cvmfs_common.repo.paths import CONFIG_JSON, INDEX_JSON, LayoutError, RepositoryLayout
 
 from ..layer_source import SourceUnavailable
@@ -138,6 +138,9 @@ class BoundedRepository:
 
     def layer(self, digest: str) -> LayerPresence | None:
         return self._cached("layer", digest, lambda: find_layer(self.layout, digest))
+
+    def layer_by_diff_id(self, diff_id: str) -> LayerPresence | None:
+        return self._cached("diffid", diff_id, lambda: find_layer_by_diff_id(self.layout, diff_id))
 
     def chain(self, chain_id: str) -> Path | None:
         return self._cached("chain", chain_id, lambda: find_chain(self.layout, chain_id))

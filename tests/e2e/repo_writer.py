@@ -10,14 +10,17 @@ import tempfile
 from pathlib import Path
 
 from cvmfs_common.oci.digest import ducc_chain_ids
+from cvmfs_common.repo.diffids import ensure_diffid_link
 from cvmfs_common.repo.metadata import LayerMetadata, write_layers_json
 from cvmfs_common.repo.paths import RepositoryLayout
 from cvmfs_common.registry.client import RegistryClient
 from publisher.unpack.unpack import unpack_layer
 
 
-def publish_layers(host: str, image, layout: RepositoryLayout, indices, whiteouts: str = "overlay") -> None:
-    """Unpack the image's layers `indices` into `.layers/` with layers.json (bottom first)."""
+def publish_layers(host: str, image, layout: RepositoryLayout, indices, whiteouts: str = "overlay",
+                   diffid_links: bool = True) -> None:
+    """Unpack the image's layers `indices` into `.layers/` with layers.json (bottom first) and,
+    as the publisher does, their `.diffids` links (no chains: `publish_chains`)."""
     client = RegistryClient(insecure_registries=[host])
     chains = image.chain_ids()
     layout.tmp_dir.mkdir(parents=True, exist_ok=True)
@@ -38,14 +41,29 @@ def publish_layers(host: str, image, layout: RepositoryLayout, indices, whiteout
             meta = LayerMetadata(image.diff_ids[i][7:], digest, image.diff_ids[i], result.diff_size,
                                  result.whiteouts, parent_chain=parent_chain)
             write_layers_json(layout.layers_json(digest), meta)
+            if diffid_links:
+                ensure_diffid_link(layout, image.diff_ids[i], digest)
     finally:
         client.close()
+
+
+def publish_chains(image, layout: RepositoryLayout) -> list[Path]:
+    """The image's `.chains/<chainID>` dirs from its published layer dirs, with the publisher's
+    chain writer (every layer must be in `.layers`)."""
+    from publisher.write.chains import build_chain
+
+    parent = None
+    made = []
+    for digest, chain in zip(image.layers, image.chain_ids()):
+        parent, _ = build_chain(layout, chain, parent, layout.layerfs(digest))
+        made.append(parent)
+    return made
 
 
 def publish_ducc_style(host: str, image, layout: RepositoryLayout) -> list[Path]:
     """As DUCC writes unpacked.cern.ch: raw `.wh.` files in `.layers` (no `whiteouts` field,
     DUCC's layers.json has none), and `.chains/<DUCC id>` holding each converted chain."""
-    publish_layers(host, image, layout, range(len(image.layers)), whiteouts="raw")
+    publish_layers(host, image, layout, range(len(image.layers)), whiteouts="raw", diffid_links=False)
     for digest in image.layers:  # DUCC's metadata carries no whiteouts field: unknown
         path = layout.layers_json(digest)
         meta = LayerMetadata.from_bytes(path.read_bytes())

@@ -14,7 +14,8 @@ from cvmfs_common.repo.metadata import (LayerMetadata, MetadataError, add_origin
 from cvmfs_common.repo.paths import LayoutError, RepositoryLayout, multiarch_aliases, multiarch_name
 from cvmfs_common.fsutil.atomic import (atomic_symlink, atomic_write_file, exchange_dirs, fsync_dir, publish_dir,
     relative_link_target, syncfs)
-from cvmfs_common.repo.lookup import find_chain, find_layer
+from cvmfs_common.repo.diffids import ensure_diffid_link, retarget_or_drop
+from cvmfs_common.repo.lookup import find_chain, find_layer, find_layer_by_diff_id
 from cvmfs_common.oci.reference import InvalidReference
 
 HEX = "ab" + "0123456789abcdef" * 3 + "0123456789abcd"
@@ -240,6 +241,37 @@ def test_find_layer(tmp_path):
     L.layer_dir(other).mkdir(parents=True)
     L.layerfs(other).write_text("not a dir")
     assert find_layer(L, other) is None
+
+
+def test_diffid_links(tmp_path):
+    L = RepositoryLayout(tmp_path)
+    diff = f"sha256:{DIFF}"
+    gz, zst = D, "sha256:" + "34" * 32
+    assert L.diffid_link(diff) == tmp_path / ".diffids" / "ef" / DIFF
+    assert find_layer_by_diff_id(L, diff) is None
+    with pytest.raises(ValueError):
+        ensure_diffid_link(L, diff, gz)  # not published
+    for blob in (gz, zst):
+        L.layerfs(blob).mkdir(parents=True)
+        write_layers_json(L.layers_json(blob), _meta(compressed_diff_digest=blob))
+    assert ensure_diffid_link(L, diff, gz)
+    assert os.readlink(L.diffid_link(diff)) == f"../../.layers/ab/{HEX}"
+    assert find_layer_by_diff_id(L, diff).digest == gz
+    assert not ensure_diffid_link(L, diff, zst)  # the link already names a sound layer
+    # gc removed the gzip dir: the zstd one takes over; once both are gone the link goes
+    assert retarget_or_drop(L, diff, [zst], [gz]) is None  # names a layer that stays
+    assert retarget_or_drop(L, diff, [gz], [zst]) == "retargeted"
+    assert find_layer_by_diff_id(L, diff).digest == zst
+    assert retarget_or_drop(L, diff, [zst], []) == "removed"
+    assert not os.path.lexists(L.diffid_link(diff))
+    # a link naming anything but a layer dir of that diffID is not followed
+    L.diffid_link(diff).symlink_to("../../.chains/ab/" + HEX)
+    assert find_layer_by_diff_id(L, diff) is None
+    L.diffid_link(diff).unlink()
+    write_layers_json(L.layers_json(gz), _meta(compressed_diff_digest=gz, diff_digest="sha256:" + "56" * 32,
+                                               id="56" * 32))
+    L.diffid_link(diff).symlink_to(L.diffid_link_target(gz))
+    assert find_layer_by_diff_id(L, diff) is None
 
 
 def test_find_chain(tmp_path):

@@ -180,7 +180,8 @@ def test_unchanged_rerun_opens_no_transaction(published: Published) -> None:
 def test_tmp_is_never_published(published: Published) -> None:
     assert not os.path.lexists(published.layout.tmp_dir)
     assert {p.name for p in published.repo.iterdir()} == {
-        ".layers", ".chains", ".flat", ".metadata", ".multiarch", "podmanStore", published.images.multilayer.host}
+        ".layers", ".chains", ".diffids", ".flat", ".metadata", ".multiarch", "podmanStore",
+        published.images.multilayer.host}
 
 
 def test_layers_keep_raw_whiteouts(published: Published) -> None:
@@ -236,12 +237,14 @@ def test_flat_is_a_directory_copy_of_the_chain(published: Published, name: str) 
 
 def test_catalog_markers(published: Published) -> None:
     lay = published.layout
-    want = [lay.layers_dir, lay.chains_dir, lay.flat_root, lay.podman_store]
+    want = [lay.layers_dir, lay.chains_dir, lay.diffids_dir, lay.flat_root, lay.podman_store]
     images = [published.images.multilayer, published.images.tagged["1.1"],
               *published.images.multiarch.images.values()]
     for img in images:
         for d in img.layers:
             want += [lay.layer_dir(d).parent, lay.layer_dir(d)]
+        for diff in img.diff_ids:
+            want.append(lay.diffid_link(diff).parent)
         for c in chain_ids(img.diff_ids):
             want += [lay.chain_dir(c).parent, lay.chain_dir(c)]
         want += [lay.flat_dir(img.config_digest).parent, lay.flat_dir(img.config_digest)]

@@ -13,7 +13,8 @@ from cvmfs_common.repo.metadata import LayerMetadata, write_layers_json
 from cvmfs_common.repo.paths import RepositoryLayout
 from snapshotter.core import Snapshotter, remote_snapshot_name
 from snapshotter.errors import AlreadyExists, Unavailable
-from snapshotter.labels import CVMFS_LAYER_DIGEST_LABEL, SNAPSHOT_REF_LABEL
+from cvmfs_common.repo.diffids import ensure_diffid_link
+from snapshotter.labels import CVMFS_LAYER_DIGEST_LABEL, DIFF_ID_LABEL, SNAPSHOT_REF_LABEL
 from snapshotter.source.remote import build_remote_layers
 from snapshotter.source.repository import RepositoryUnavailable
 
@@ -27,13 +28,15 @@ DIFFS = [d("diff0"), d("diff1"), d("diff2")]
 CHAINS = chain_ids(DIFFS)
 
 
-def publish_layer(layout: RepositoryLayout, i: int, whiteouts="overlay", parent_chain=None) -> Path:
-    fs = layout.layerfs(BLOBS[i])
+def publish_layer(layout: RepositoryLayout, i: int, whiteouts="overlay", parent_chain=None, blob=None) -> Path:
+    blob = blob or BLOBS[i]
+    fs = layout.layerfs(blob)
     fs.mkdir(parents=True)
     (fs / f"file{i}").write_text(str(i))
-    layout.layers_json(BLOBS[i]).parent.mkdir(parents=True)
-    meta = LayerMetadata(DIFFS[i][7:], BLOBS[i], DIFFS[i], 10, whiteouts, parent_chain=parent_chain)
-    write_layers_json(layout.layers_json(BLOBS[i]), meta)
+    layout.layers_json(blob).parent.mkdir(parents=True)
+    meta = LayerMetadata(DIFFS[i][7:], blob, DIFFS[i], 10, whiteouts, parent_chain=parent_chain)
+    write_layers_json(layout.layers_json(blob), meta)
+    ensure_diffid_link(layout, DIFFS[i], blob)
     return fs
 
 
@@ -63,9 +66,9 @@ def make_sn(tmp_path):
         s.close()
 
 
-def prepare_layer(sn: Snapshotter, i: int, parent: str) -> bool:
+def prepare_layer(sn: Snapshotter, i: int, parent: str, labels: dict | None = None) -> bool:
     """Like containerd's unpacker; True when served remotely (ALREADY_EXISTS)."""
-    labels = {SNAPSHOT_REF_LABEL: CHAINS[i], CVMFS_LAYER_DIGEST_LABEL: BLOBS[i]}
+    labels = labels if labels is not None else {SNAPSHOT_REF_LABEL: CHAINS[i], CVMFS_LAYER_DIGEST_LABEL: BLOBS[i]}
     key = f"ns/{i}/extract-x {CHAINS[i]}"
     try:
         sn.prepare(key, parent, labels)
@@ -211,3 +214,77 @@ def test_hung_repository_falls_back_within_timeout(repo, make_sn, monkeypatch, c
         assert f"is not answering ({repository_mod.MAX_STUCK} lookups are still stuck)" in caplog.text
     finally:
         release.set()
+
+
+def minimal(i: int, with_diff_id: bool = True) -> dict:
+    """What containerd's unpacker sends with no CRI labels: the chainID, and (2.3+) the diffID."""
+    return {SNAPSHOT_REF_LABEL: CHAINS[i], **({DIFF_ID_LABEL: DIFFS[i]} if with_diff_id else {})}
+
+
+def lowers_of(sn: Snapshotter, parent: str) -> list[str]:
+    (m,) = sn.prepare(f"c-{parent}", parent, {})
+    if m.type == "bind":
+        return [str(Path(m.source).resolve())]
+    return [str(Path(p).resolve()) for p in
+            next(o for o in m.options if o.startswith("lowerdir=")).split("=", 1)[1].split(":")]
+
+
+def test_layers_found_by_diff_id_without_digest_labels(repo, make_sn):
+    """containerd 2.3's unpacker with no CRI labels: every layer dir served, stacked per layer."""
+    dirs = [publish_layer(repo, i) for i in range(3)]
+    sn = make_sn(repo.root)
+    parent = ""
+    for i in range(3):
+        assert prepare_layer(sn, i, parent, minimal(i))
+        parent = remote_name(sn, i, parent)
+    assert lowers_of(sn, parent) == [str(x) for x in reversed(dirs)]
+
+
+def test_recompressed_layer_served_by_diff_id(repo, make_sn):
+    """The same layer pushed again with another compression: another blob digest, the same diffID."""
+    publish_layer(repo, 0)
+    zstd_blob = d("blob0 as zstd")
+    sn = make_sn(repo.root)
+    labels = {**minimal(0), CVMFS_LAYER_DIGEST_LABEL: zstd_blob}  # the blob is unknown, the diffID is not
+    assert prepare_layer(sn, 0, "", labels)
+    assert lowers_of(sn, remote_name(sn, 0, "")) == [str(repo.layerfs(BLOBS[0]))]
+
+
+def test_chain_id_alone_finds_the_bottom_layer_and_published_chains(repo, make_sn):
+    """containerd before 2.3 with no CRI labels sends only the chainID: the bottom layer's is its
+    diffID; above it the chain dir the publisher wrote serves."""
+    publish_layer(repo, 0)
+    publish_layer(repo, 1)
+    chain_dir = publish_chain(repo, CHAINS[1])
+    sn = make_sn(repo.root)
+    assert prepare_layer(sn, 0, "", minimal(0, with_diff_id=False))
+    p0 = remote_name(sn, 0, "")
+    assert lowers_of(sn, p0) == [str(repo.layerfs(BLOBS[0]))]
+    assert prepare_layer(sn, 1, p0, minimal(1, with_diff_id=False))
+    assert lowers_of(sn, remote_name(sn, 1, p0)) == [str(chain_dir)]
+    assert not prepare_layer(sn, 2, remote_name(sn, 1, p0), minimal(2, with_diff_id=False))
+
+
+def test_diff_id_link_to_another_layer_is_not_followed(repo, make_sn):
+    publish_layer(repo, 0)
+    publish_layer(repo, 1)
+    link = repo.diffid_link(DIFFS[1])
+    link.unlink()
+    link.symlink_to(repo.diffid_link_target(BLOBS[0]))  # names a layer whose diffID is another
+    sn = make_sn(repo.root)
+    assert prepare_layer(sn, 0, "", minimal(0))
+    assert not prepare_layer(sn, 1, remote_name(sn, 0, ""), minimal(1))
+
+
+def test_no_labels_no_lookup(repo, make_sn, monkeypatch):
+    """A Prepare that is no unpack (a container's root) asks no repository anything."""
+    publish_layer(repo, 0)
+    sn = make_sn(repo.root)
+    import snapshotter.source.repository as repository_mod
+
+    def fail(*a):
+        raise AssertionError("looked up")
+
+    for name in ("find_layer", "find_layer_by_diff_id", "find_chain"):
+        monkeypatch.setattr(repository_mod, name, fail)
+    sn.prepare("container", "", {})
