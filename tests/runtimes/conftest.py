@@ -9,7 +9,7 @@ import pytest
 
 from cvmfs_common.repo.paths import RepositoryLayout
 
-from .stack import Runtime, Stack
+from .stack import DIST_IN_CONTAINER, Runtime, Stack, shared_containerd_dir
 
 
 @pytest.fixture
@@ -26,7 +26,14 @@ def stack_factory(request: pytest.FixtureRequest, rootfs_factory) -> Iterator[Ca
     made: list[Stack] = []
 
     def make(runtime: Runtime, *, before_start: Callable | None = None, **kw) -> Stack:
-        c = rootfs_factory(runtime.spec)
+        binds = []
+        if runtime.tarball:
+            dist = shared_containerd_dir()
+            if dist is None or not (dist / runtime.tarball).is_file():
+                pytest.skip(f"containerd {runtime.containerd} needs {runtime.tarball} in ../shared/containerd "
+                            "(or $CVMFS_TEST_CONTAINERD_DIST)")
+            binds.append((str(dist), DIST_IN_CONTAINER, True))
+        c = rootfs_factory(runtime.spec, binds=binds)
         stack = Stack(c, runtime, **kw)
         made.append(stack)
         if before_start is not None:

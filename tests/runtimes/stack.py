@@ -9,7 +9,9 @@ on the container's own overlay root."""
 from __future__ import annotations
 
 import json
+import os
 import shlex
+import subprocess
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +22,12 @@ from tests.fixtures.tree import LISTING_COMMAND, RUNTIME_MOUNTS, compare_trees, 
 DOCS = Path(__file__).resolve().parents[2] / "docs"
 CONFIG_V2 = DOCS / "containerd" / "config-v2.toml"
 CONFIG_V3 = DOCS / "containerd" / "config-v3.toml"
+# The least a site writes: the proxy plugin (+ containerd 2's unpack_config), no label settings.
+CONFIG_V2_MINIMAL = DOCS / "containerd" / "config-v2-minimal.toml"
+CONFIG_V3_MINIMAL = DOCS / "containerd" / "config-v3-minimal.toml"
+# containerd 2.3 (LTS) is not in Debian: its release binaries, unpacked in front of the root fs' own.
+CONTAINERD23_TARBALL = "containerd-2.3.4-linux-amd64.tar.xz"
+DIST_IN_CONTAINER = "/opt/containerd-dist"
 HOSTS_TOML = DOCS / "containerd" / "hosts.toml"
 DAEMON_JSON = DOCS / "containerd" / "daemon.json"
 # The placeholders the documented hosts.toml uses for a registry and its mirror.
@@ -48,6 +56,8 @@ class Runtime:
     containerd: str         # "1.7" | "2.1"
     podman: str             # "5.4" | "5.8"
     config: Path            # the documented containerd config for it
+    minimal: Path = CONFIG_V3_MINIMAL   # the least config for it
+    tarball: str = ""       # containerd binaries put in front of Debian's (shared_containerd_dir())
 
     @property
     def major(self) -> int:
@@ -62,9 +72,27 @@ class Runtime:
         return f"{self.release}-podman{self.podman}"
 
 
-TRIXIE_RT = Runtime("trixie", TRIXIE, "1.7", "5.4", CONFIG_V2)
+TRIXIE_RT = Runtime("trixie", TRIXIE, "1.7", "5.4", CONFIG_V2, CONFIG_V2_MINIMAL)
 SID_RT = Runtime("sid", SID, "2.1", "5.8", CONFIG_V3)
-RUNTIMES = (SID_RT, TRIXIE_RT)
+SID23_RT = Runtime("sid", SID, "2.3", "5.8", CONFIG_V3, tarball=CONTAINERD23_TARBALL)
+RUNTIMES = (SID_RT, SID23_RT, TRIXIE_RT)
+
+
+def shared_containerd_dir() -> Path | None:
+    """`../shared/containerd` next to the checkout (or next to the main checkout of a git
+    worktree), or $CVMFS_TEST_CONTAINERD_DIST; None when absent."""
+    if os.environ.get("CVMFS_TEST_CONTAINERD_DIST"):
+        return Path(os.environ["CVMFS_TEST_CONTAINERD_DIST"])
+    roots = [DOCS.parent]
+    r = subprocess.run(["git", "-C", str(DOCS.parent), "rev-parse", "--path-format=absolute", "--git-common-dir"],
+                       capture_output=True, text=True)
+    if r.returncode == 0 and r.stdout.strip():
+        roots.append(Path(r.stdout.strip()).parent)
+    for root in roots:
+        d = root.parent / "shared" / "containerd"
+        if d.is_dir():
+            return d
+    return None
 
 
 def hosts_toml(registry_url: str) -> str:
@@ -78,18 +106,23 @@ class Stack:
     """The snapshotter and containerd (and dockerd on demand) inside `c`."""
 
     def __init__(self, c: RootfsContainer, runtime: Runtime, repositories: list[str] = ("/w/repo",),
-                 registries: list[str] = ()) -> None:
+                 registries: list[str] = (), config: Path | None = None) -> None:
         self.c = c
         self.rt = runtime
+        self.config = config or runtime.config
         self.repositories = list(repositories)
         self.registries = list(registries)   # "http://127.0.0.1:PORT": hosts.toml for each
 
     # -- lifecycle -------------------------------------------------------------------
     def start(self) -> "Stack":
+        if self.rt.tarball:
+            # (no xz in a minbase root fs: Python's tarfile reads it)
+            self.c.exec("python3 -c 'import sys, tarfile; tarfile.open(sys.argv[1]).extractall(sys.argv[2], "
+                        f"filter=\"fully_trusted\")' {DIST_IN_CONTAINER}/{self.rt.tarball} /usr/local/bin")
         self.check_versions()
         binds = " && ".join(f"mkdir -p /w/{d} {p} && mount --bind /w/{d} {p}" for p, d in STATE_DIRS.items())
         self.c.exec(binds)
-        self.write_file("/etc/containerd/config.toml", self.rt.config.read_text() + CONFIG_TEST_TAIL)
+        self.write_file("/etc/containerd/config.toml", self.config.read_text() + CONFIG_TEST_TAIL)
         for url in self.registries:
             host = url.split("://", 1)[1]
             self.write_file(f"/etc/containerd/certs.d/{host}/hosts.toml", hosts_toml(url))
@@ -101,8 +134,9 @@ class Stack:
         return self
 
     def check_versions(self) -> None:
-        out = self.c.exec("containerd --version").stdout
-        assert f" {self.rt.containerd}." in out or f" v{self.rt.containerd}." in out, out
+        for binary in ("containerd", "ctr"):
+            out = self.c.exec(f"{binary} --version").stdout
+            assert f" {self.rt.containerd}." in out or f" v{self.rt.containerd}." in out, out
 
     def write_file(self, path: str, text: str) -> None:
         self.c.exec(f"mkdir -p {shlex.quote(str(Path(path).parent))} && cat > {shlex.quote(path)} <<'__EOF__'\n"

@@ -8,16 +8,29 @@ from pathlib import Path
 
 import pytest
 
-from .stack import CONFIG_V2, CONFIG_V3, DAEMON_JSON, HOSTS_TOML
+from .stack import CONFIG_V2, CONFIG_V2_MINIMAL, CONFIG_V3, CONFIG_V3_MINIMAL, DAEMON_JSON, HOSTS_TOML
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "snapshotter.md"
 BLOCK = re.compile(r"^```(\w+)\n(.*?)^```\n", re.S | re.M)
 
 
-@pytest.mark.parametrize("path", [CONFIG_V3, CONFIG_V2, HOSTS_TOML, DAEMON_JSON], ids=lambda p: p.name)
+@pytest.mark.parametrize("path", [CONFIG_V3_MINIMAL, CONFIG_V2_MINIMAL, CONFIG_V3, CONFIG_V2, HOSTS_TOML, DAEMON_JSON],
+                         ids=lambda p: p.name)
 def test_doc_block_equals_the_tested_file(path: Path):
     blocks = [body for _, body in BLOCK.findall(DOC.read_text())]
     assert path.read_text() in blocks, f"docs/snapshotter.md has no code block equal to {path}"
+
+
+def test_the_least_configs_set_no_label():
+    for path in (CONFIG_V3_MINIMAL, CONFIG_V2_MINIMAL):
+        text = path.read_text()
+        assert "annotations" not in text and "exports" not in text, path
+    v3 = tomllib.loads(CONFIG_V3_MINIMAL.read_text())
+    unpack = v3["plugins"]["io.containerd.transfer.v1.local"]["unpack_config"]
+    assert {"platform": v3["proxy_plugins"]["cvmfs-snapshotter"]["platform"], "snapshotter": "cvmfs-snapshotter"} in unpack
+    assert v3["plugins"]["io.containerd.cri.v1.images"]["snapshotter"] == "cvmfs-snapshotter"
+    v2 = tomllib.loads(CONFIG_V2_MINIMAL.read_text())
+    assert v2["plugins"]["io.containerd.grpc.v1.cri"]["containerd"]["snapshotter"] == "cvmfs-snapshotter"
 
 
 def test_the_files_parse_and_say_what_the_runtimes_need():

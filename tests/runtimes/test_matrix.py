@@ -1,8 +1,9 @@
-"""The real stack on the runtimes sites run today: containerd 2.1 (sid) and 1.7 (trixie), each
-in its own Debian root fs, configured with the files docs/snapshotter.md shows (docs/containerd/).
+"""The real stack on the runtimes sites run: containerd 2.1 (sid), 2.3 (sid with the 2.3.4
+release binaries in front, from ../shared/containerd) and 1.7 (trixie), each in its own Debian
+root fs, configured with the files docs/snapshotter.md shows (docs/containerd/).
 
 Which case runs where (the tier must fit the CI's hour on 2 cores): everything on sid
-(containerd 2.1, Docker 28); on trixie (containerd 1.7) the core: our pull, CRI, the
+(containerd 2.1 and 2.3, Docker 28); on trixie (containerd 1.7) the core: our pull, CRI, the
 per-layer mix and restarts. Proof of "no download": blob GETs in the registry's access log,
 with the published layers' blobs deleted from the registry."""
 from __future__ import annotations
@@ -12,12 +13,12 @@ import pytest
 from tests.e2e.repo_writer import publish_ducc_style, publish_layers
 
 from .conftest import repo_in
-from .stack import DOCKER_RUNTIME_FILES, RUNTIMES, SID_RT, TRIXIE_RT, Runtime, Stack
+from .stack import DOCKER_RUNTIME_FILES, RUNTIMES, SID23_RT, SID_RT, Runtime, Stack
 
 pytestmark = [pytest.mark.e2e, pytest.mark.runtimes]
 
 ALL = pytest.mark.parametrize("rt", RUNTIMES, ids=lambda r: r.id)
-SID_ONLY = pytest.mark.parametrize("rt", [SID_RT], ids=lambda r: r.id)
+SID_ONLY = pytest.mark.parametrize("rt", [SID_RT, SID23_RT], ids=lambda r: r.id)
 
 
 def published_stack(stack_factory, rt: Runtime, reg, img, layers, *, delete_blobs: bool = True) -> Stack:
