@@ -9,8 +9,10 @@ names one of the layer dirs with that diffID; the reader checks that dir's layer
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable
 
+from cvmfs_common.fsutil.beneath import parent_beneath
 from cvmfs_common.fsutil.entries import readlink
 from cvmfs_common.oci.digest import Digest, parse_digest
 from cvmfs_common.repo.lookup import find_layer, find_layer_by_diff_id
@@ -25,9 +27,8 @@ def ensure_diffid_link(layout: RepositoryLayout, diff_id: "str | Digest", layer_
     found = find_layer(layout, layer_digest)
     if found is None or found.metadata is None or found.metadata.diff_digest != str(parse_digest(diff_id)):
         raise ValueError(f"layer {layer_digest} is not a published layer with diffID {diff_id}")
-    link = layout.diffid_link(diff_id)
-    link.parent.mkdir(parents=True, exist_ok=True)
-    layout.atomic_symlink(layout.diffid_link_target(layer_digest), link)
+    # (its parent dirs are made below the root, no symlink followed)
+    layout.atomic_symlink(layout.diffid_link_target(layer_digest), layout.diffid_link(diff_id))
     return True
 
 
@@ -48,5 +49,9 @@ def retarget_or_drop(layout: RepositoryLayout, diff_id: "str | Digest", gone: It
         if found is not None and found.metadata is not None and found.metadata.diff_digest == str(parse_digest(diff_id)):
             layout.atomic_symlink(layout.diffid_link_target(other), link)
             return "retargeted"
-    link.unlink(missing_ok=True)
+    try:
+        with parent_beneath(layout.root, link) as (parent_fd, name):
+            os.unlink(name, dir_fd=parent_fd)
+    except FileNotFoundError:
+        pass
     return "removed"

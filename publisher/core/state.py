@@ -611,6 +611,10 @@ class State:
             "SELECT manifest_digest, position, layer_digest, chain_id FROM image_layers "
             "ORDER BY manifest_digest, position")]
 
+    def layer_diff_ids(self) -> dict[str, str]:
+        """Every recorded layer digest and its diffID."""
+        return {r[0]: r[1] for r in self.conn.execute("SELECT digest, diff_id FROM layers")}
+
     def layer_rows(self) -> dict[str, float]:
         """Every recorded layer digest and when an image last needed it."""
         return {r[0]: float(r[1]) for r in self.conn.execute("SELECT digest, last_seen FROM layers")}

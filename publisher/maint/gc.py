@@ -39,6 +39,7 @@ from pathlib import Path
 from cvmfs_common.fsutil.beneath import open_dir_beneath, parent_beneath
 from cvmfs_common.fsutil.fdtree import DIR_FLAGS, lstat_tree, remove_tree_at
 from cvmfs_common.oci.reference import InvalidReference, parse_reference
+from cvmfs_common.repo.diffids import retarget_or_drop
 from cvmfs_common.repo.paths import METADATA_DIR, RepositoryLayout
 
 from publisher.backend.base import Backend
@@ -370,7 +371,7 @@ def collect(root: Path, state_db: Path, *, older_than: float, dry_run: bool, pod
         backend.start(layout)  # work a crash left in .tmp/ (cvmfs: an open transaction)
         rm = _Remover(layout)
         with backend.unit("gc"):
-            _remove(plan, layout, rm, podman)
+            _remove(plan, layout, rm, podman, state.layer_diff_ids())
         report.errors = rm.errors
         if not rm.errors:
             try:
@@ -386,7 +387,8 @@ def collect(root: Path, state_db: Path, *, older_than: float, dry_run: bool, pod
         return report
 
 
-def _remove(plan: GcPlan, layout: RepositoryLayout, rm: _Remover, podman: bool) -> None:
+def _remove(plan: GcPlan, layout: RepositoryLayout, rm: _Remover, podman: bool,
+            diff_ids: dict[str, str] | None = None) -> None:
     """Names first (nothing visible leads to what goes next), then content top down."""
     for t in plan.tags:
         if t.manifest_digest is None:
@@ -416,3 +418,11 @@ def _remove(plan: GcPlan, layout: RepositoryLayout, rm: _Remover, podman: bool) 
         rm.retire(layout.chain_dir(c))
     for d in plan.layers:
         rm.retire(layout.layer_dir(d))
+    # A .diffids link naming a removed dir: to another compression of that layer that stays, else gone.
+    gone = set(plan.layers)
+    by_diff: dict[str, list[str]] = {}
+    for d, diff in (diff_ids or {}).items():
+        by_diff.setdefault(diff, []).append(d)
+    for diff in sorted({(diff_ids or {})[d] for d in gone if d in (diff_ids or {})}):
+        others = sorted(d for d in by_diff[diff] if d not in gone)
+        rm.attempt(f"the .diffids link of {diff}", retarget_or_drop, layout, diff, gone, others)

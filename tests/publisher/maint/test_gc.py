@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from cvmfs_common.oci.digest import chain_ids
+from cvmfs_common.repo.lookup import find_layer_by_diff_id
 from cvmfs_common.repo.paths import RepositoryLayout
 from publisher.maint.gc import freed_bytes
 from publisher.core.runlock import exclusive, lock_path_for
@@ -130,8 +131,12 @@ def test_dropped_tags_go_after_the_grace_period_shared_layers_stay(standard_imag
         assert not os.path.lexists(lay.link_path(host, "test/tagged", tag))
         assert not lay.image_metadata_dir(host, "test/tagged", tag).exists()
         assert f"{host}/test/tagged:{tag}" not in _podman_names(lay)
+    diff_of = {d: diff for t in (imgs.multilayer, t10, t11, t20) for d, diff in zip(t.layers, t.diff_ids)}
     for d in gone_layers:
         assert not lay.layer_dir(d).exists()
+        assert not os.path.lexists(lay.diffid_link(diff_of[d]))  # its .diffids link goes with it
+    for d in keep_layers:
+        assert find_layer_by_diff_id(lay, diff_of[d]).digest == d
     for c in gone_chains:
         assert not lay.chain_dir(c).exists()
     for t in (t11, t20):
