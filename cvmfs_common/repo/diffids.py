@@ -13,8 +13,8 @@ import os
 from collections.abc import Iterable
 
 from cvmfs_common.fsutil.beneath import parent_beneath
-from cvmfs_common.fsutil.entries import readlink
-from cvmfs_common.oci.digest import Digest, parse_digest
+from cvmfs_common.fsutil.entries import readlink, scandir
+from cvmfs_common.oci.digest import Digest, InvalidDigest, parse_digest, parse_hex
 from cvmfs_common.repo.lookup import find_layer, find_layer_by_diff_id
 from cvmfs_common.repo.paths import RepositoryLayout
 
@@ -55,3 +55,24 @@ def retarget_or_drop(layout: RepositoryLayout, diff_id: "str | Digest", gone: It
     except FileNotFoundError:
         pass
     return "removed"
+
+
+def missing_diffid_links(layout: RepositoryLayout) -> list[tuple[str, str]]:
+    """(diffID, layer digest) of every sound layer dir in ``.layers`` whose diffID has no
+    working link (read-only): what :func:`ensure_diffid_link` would write."""
+    missing: dict[str, str] = {}
+    for prefix in sorted(e.name for e in scandir(layout.layers_dir) if e.is_dir(follow_symlinks=False)):
+        for entry in sorted(scandir(layout.layers_dir / prefix), key=lambda e: e.name):
+            try:
+                digest = parse_hex(entry.name)
+            except InvalidDigest:
+                continue
+            if digest.prefix != prefix:
+                continue
+            found = find_layer(layout, digest)
+            if found is None or found.metadata is None:
+                continue
+            diff = found.metadata.diff_digest
+            if diff not in missing and find_layer_by_diff_id(layout, diff) is None:
+                missing[diff] = str(digest)
+    return sorted(missing.items())

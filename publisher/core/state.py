@@ -415,6 +415,15 @@ class State:
                 self.conn.execute("INSERT INTO meta (key, value) VALUES ('default_platform', ?)", (proposed,))
         return proposed
 
+    def flag(self, key: str) -> str | None:
+        """A one-time task's mark in ``meta`` (e.g. ``diffids``: the links were backfilled)."""
+        row = self.conn.execute("SELECT value FROM meta WHERE key=?", ("flag:" + key,)).fetchone()
+        return None if row is None else str(row[0])
+
+    def set_flag(self, key: str, value: str) -> None:
+        with self.transaction():
+            self.conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", ("flag:" + key, value))
+
     # -- runs -----------------------------------------------------------------
     def begin_run(self, command: str, now: float | None = None) -> int:
         with self.transaction():

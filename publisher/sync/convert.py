@@ -20,6 +20,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from cvmfs_common.oci.digest import parse_digest
+from cvmfs_common.repo.diffids import ensure_diffid_link, missing_diffid_links
 from cvmfs_common.repo.paths import INDEX_JSON, RepositoryLayout, multiarch_aliases
 from cvmfs_common.oci.reference import InvalidReference, Reference
 from cvmfs_common.registry.errors import NotFound, PlatformNotInIndex
@@ -41,6 +42,8 @@ from publisher.sync.wishlist import Target, WishlistEntry
 from publisher.write import podman_format as fmt
 from publisher.write.podman_store import PodmanBatch, PodmanStore
 
+
+DIFFIDS_BACKFILL = "1"  # the state flag once every layer dir has its .diffids link
 log = logging.getLogger(__name__)
 
 # HEADs in flight at once (a re-sync is one HEAD per tag, latency-bound); the CLI's
@@ -132,6 +135,7 @@ class Converter:
                     self._flush_podman(summary, unflushed)
                     flushed = time.monotonic()
             self._backfill_indexes()
+            self._backfill_diffids()
             complete = not self._unfinished
             if self._unfinished:
                 log.warning("this run does not count as a full look at the wishlists for gc: %s",
@@ -370,6 +374,26 @@ class Converter:
             log.warning("writing index.json of %d tag(s) failed: %s", len(fetched), e)
         else:
             log.info("wrote index.json of %d tag(s) published before it was kept", len(fetched))
+
+    def _backfill_diffids(self) -> None:
+        """Once per repository: a ``.diffids`` link for every sound layer dir in ``.layers``,
+        published before the links existed or written by DUCC (its layers.json names the
+        diffID), all in one unit. One readdir per ``.layers/<xx>`` and one readlink per layer;
+        a failure is logged and the next run tries again."""
+        if self.state.flag("diffids") == DIFFIDS_BACKFILL:
+            return
+        try:
+            missing = missing_diffid_links(self.layout)
+            if missing:
+                assert self.backend is not None
+                with self.backend.unit(f".diffids links of {len(missing)} layer(s)"):
+                    for diff_id, digest in missing:
+                        ensure_diffid_link(self.layout, diff_id, digest)
+                log.info("wrote the .diffids links of %d layer(s) published before they existed", len(missing))
+        except Exception as e:  # noqa: BLE001 - only the lookup by diffID is missing until the next run
+            log.warning("writing .diffids links failed (tried again next run): %s", e)
+            return
+        self.state.set_flag("diffids", DIFFIDS_BACKFILL)
 
     def _damage(self, manifest_digest: str | None) -> str | None:
         """What of a published image's content is not there (a layer dir without

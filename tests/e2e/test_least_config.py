@@ -81,3 +81,17 @@ def test_cri_pull_with_least_config_layers_without_chains(setup):
     assert gets == [0] + [1] * (len(img.layers) - 1)
     assert sn.log().count("served from") == 1, sn.log()
     check_tree(cd, img)
+
+
+def test_ctr_image_pull_on_1_6_fetches_and_unpacks_every_layer(setup):
+    """Why the README sends 1.6 users to CRI or our pull: 1.6's ctr downloads the whole image,
+    then unpacks it itself (rootfs.ApplyLayers: its Prepare carries no ref label at all)."""
+    reg, img, repo, start = setup
+    publish_layers(reg.host, img, repo, range(len(img.layers)))
+    publish_chains(img, repo)
+    sn, cd = start()
+    cd.pull(img.ref)
+    gets = [reg.blob_get_count(d) for d in img.layers]
+    print(f"layer blob GETs: {gets}")
+    assert gets == [1] * len(img.layers)
+    assert sn.log().count("served from") == 0, sn.log()

@@ -437,3 +437,33 @@ def test_an_index_tag_published_without_index_json_gets_it_at_the_next_resync(st
     registry.clear_log()
     assert run_cli("convert-image", img.ref, "--repository-root", root, "--state-db", db).rc == 0
     assert registry.manifest_get_count() == 0
+
+
+def test_layers_published_before_the_diffid_links_gain_them_once(standard_images: StandardImages, registry,
+                                                                 tmp_path: Path) -> None:
+    """The first convert with a state that has not done it links every sound layer dir in
+    .layers by its diffID (also dirs DUCC wrote: its layers.json names the diffID), once."""
+    from cvmfs_common.repo.lookup import find_layer_by_diff_id
+    from cvmfs_common.repo.metadata import LayerMetadata, write_layers_json
+
+    img = standard_images.multilayer
+    root, db = tmp_path / "repo", tmp_path / "state.db"
+    lay = RepositoryLayout(root)
+    assert run_cli("convert-image", img.ref, "--repository-root", root, "--state-db", db).rc == 0
+    assert [find_layer_by_diff_id(lay, d).digest for d in img.diff_ids] == img.layers
+    shutil.rmtree(lay.diffids_dir)  # as an older version left it
+    ducc_blob, ducc_diff = "sha256:" + "ab" * 32, "sha256:" + "cd" * 32
+    lay.layerfs(ducc_blob).mkdir(parents=True)
+    write_layers_json(lay.layers_json(ducc_blob), LayerMetadata("cd" * 32, ducc_blob, ducc_diff, 1, None))
+    with State.open(db, root) as st:
+        st.conn.execute("DELETE FROM meta WHERE key='flag:diffids'")
+    registry.clear_log()
+    again = run_cli("convert-image", img.ref, "--repository-root", root, "--state-db", db)
+    assert again.rc == 0 and "1 unchanged" in again.stdout, again.stdout
+    assert registry.blob_get_count() == 0
+    assert [find_layer_by_diff_id(lay, d).digest for d in img.diff_ids] == img.layers
+    assert find_layer_by_diff_id(lay, ducc_diff).digest == ducc_blob
+    # once: a later run does not walk .layers again
+    os.unlink(lay.diffid_link(ducc_diff))
+    assert run_cli("convert-image", img.ref, "--repository-root", root, "--state-db", db).rc == 0
+    assert not os.path.lexists(lay.diffid_link(ducc_diff))
