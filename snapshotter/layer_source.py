@@ -26,7 +26,7 @@ class LayerRequest:
     has_parent: bool
     parent_chain_id: str | None
     ducc_ids: DuccIds | None  # DUCC's chain ids up to this layer
-    diff_id: str | None = None  # the layer's diffID, when containerd (2.3+) told us
+    diff_id: str | None = None  # the layer's diffID: containerd 2.3's label, or a bottom layer's chainID
 
 
 @dataclass(frozen=True)

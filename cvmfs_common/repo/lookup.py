@@ -60,7 +60,7 @@ def find_layer_by_diff_id(layout: RepositoryLayout, diff_id: "str | Digest") -> 
     d = _digest(diff_id)
     try:
         target = os.readlink(layout.diffid_link(d))
-    except (FileNotFoundError, NotADirectoryError, OSError):
+    except OSError:  # no link (or not a link)
         return None
     layer = layout.layer_digest_of_link_target(target)
     if layer is None:

@@ -1,5 +1,7 @@
 """Which repository directory, if any, may stand in for a layer (docs/DESIGN.md#whiteouts).
 
+The layer dir is found by the blob digest (CRI's or our pull's label) or else by the diffID
+(containerd 2.3's label, or a bottom layer's chainID) through `.diffids/<xx>/<hex>`.
 A layer dir (`.layers/<xx>/<hex>/layerfs`) is an overlay lower ONLY when its
 layers.json says whiteouts none|overlay AND it has no `parent-chain` or that equals
 the chain below AND its diffID continues the parent's chain to exactly the chainID
@@ -19,7 +21,6 @@ from typing import Callable, Sequence
 from cvmfs_common.oci.digest import InvalidDigest, next_chain_id, parse_digest
 from cvmfs_common.oci.platform import Platform
 from cvmfs_common.registry.published import PublishedFiles
-
 from cvmfs_common.repo.lookup import LayerPresence
 
 from ..layer_source import LayerMatch, LayerRequest
