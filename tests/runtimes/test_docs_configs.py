@@ -41,7 +41,9 @@ def test_the_files_parse_and_say_what_the_runtimes_need():
     assert proxy["exports"]["root"] == "/var/lib/containerd-cvmfs-grpc"
     unpack = v3["plugins"]["io.containerd.transfer.v1.local"]["unpack_config"]
     assert {"platform": proxy["platform"], "snapshotter": "cvmfs-snapshotter"} in unpack
-    assert v3["plugins"]["io.containerd.cri.v1.images"]["disable_snapshot_annotations"] is False
+    # 2.x: CRI pulls through the transfer service (the exports label the layers); setting
+    # disable_snapshot_annotations would send it back to the local pull.
+    assert "disable_snapshot_annotations" not in v3["plugins"]["io.containerd.cri.v1.images"]
     v2 = tomllib.loads(CONFIG_V2.read_text())
     assert v2["version"] == 2
     assert v2["plugins"]["io.containerd.grpc.v1.cri"]["containerd"]["snapshotter"] == "cvmfs-snapshotter"
