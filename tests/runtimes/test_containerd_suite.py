@@ -78,7 +78,7 @@ def test_containerd_snapshotter_suite(rt, rootfs_factory):
                       "CVMFS_SUITE_NAME": "overlayfs"},
                  check=False, timeout=1700)
     output = res.stdout + res.stderr
-    (CACHE / f"last-run-{rt.release}.log").write_text(output)
+    (CACHE / f"last-run-{rt.id}.log").write_text(output)
     results = parse_results(output)
     subtests = {k: v for k, v in results.items() if "/" in k}
     failed = sorted(k for k, v in subtests.items() if v == "FAIL")
