@@ -76,6 +76,8 @@ TRIXIE_RT = Runtime("trixie", TRIXIE, "1.7", "5.4", CONFIG_V2, CONFIG_V2_MINIMAL
 SID_RT = Runtime("sid", SID, "2.1", "5.8", CONFIG_V3)
 SID23_RT = Runtime("sid", SID, "2.3", "5.8", CONFIG_V3, tarball=CONTAINERD23_TARBALL)
 RUNTIMES = (SID_RT, SID23_RT, TRIXIE_RT)
+# One per root fs: what does not depend on the containerd in front (podman).
+ROOTFS_RUNTIMES = tuple(r for r in RUNTIMES if not r.tarball)
 
 
 def shared_containerd_dir() -> Path | None:

@@ -18,7 +18,7 @@ import pytest
 from tests.fixtures.rootfs import BOOKWORM_PODMAN, RootfsSpec
 from tests.fixtures.tree import LISTING_COMMAND, RUNTIME_MOUNTS, compare_trees, parse_listing
 
-from .stack import RUNTIMES, SID_RT
+from .stack import ROOTFS_RUNTIMES, SID_RT
 
 pytestmark = [pytest.mark.e2e, pytest.mark.runtimes]
 
@@ -30,7 +30,7 @@ PODMAN_FILES = frozenset({"/etc/hostname", "/etc/hosts", "/etc/resolv.conf", "/e
 # The documented rootless setting (docs/podman.md): fuse-overlayfs for the store's layers.
 MOUNT_PROGRAM = '[storage.options.overlay]\nmount_program = "/usr/bin/fuse-overlayfs"\n'
 
-ROOTLESS = [(rt.spec, rt.podman_id) for rt in RUNTIMES] + [(BOOKWORM_PODMAN, "bookworm-podman4.3")]
+ROOTLESS = [(rt.spec, rt.podman_id) for rt in ROOTFS_RUNTIMES] + [(BOOKWORM_PODMAN, "bookworm-podman4.3")]
 
 
 def publish(reg_host: str, image, host_w: Path) -> Path:
@@ -58,8 +58,8 @@ def assert_tree(image, listing: str) -> None:
     assert not problems, "\n".join(problems)
 
 
-@pytest.mark.parametrize("spec, podman_id", [(rt.spec, rt.podman_id) for rt in RUNTIMES],
-                         ids=[rt.podman_id for rt in RUNTIMES])
+@pytest.mark.parametrize("spec, podman_id", [(rt.spec, rt.podman_id) for rt in ROOTFS_RUNTIMES],
+                         ids=[rt.podman_id for rt in ROOTFS_RUNTIMES])
 def test_root_podman_runs_from_podman_store(spec: RootfsSpec, podman_id, registry, standard_images,
                                             rootfs_factory):
     img = standard_images.multilayer
