@@ -89,3 +89,40 @@ def test_least_config_pulls_no_layer_the_repository_serves(rt, kind, own_registr
         # dockerd pulls with its own containerd client and always adds the blob digest labels
         # (moby: snapshotters.AppendInfoHandlerWrapper), whatever containerd's config.
         assert gets == ([0] * n if path == "docker pull" else want), (path, gets)
+
+
+@pytest.mark.parametrize("rt, kind", [(SID_RT, "publisher"), (SID23_RT, "publisher"), (SID23_RT, "layers")],
+                         ids=["sid-containerd2.1-publisher", "sid-containerd2.3-publisher", "sid-containerd2.3-layers"])
+def test_least_config_serves_the_image_recompressed(rt, kind, own_registry, stack_factory, tmp_path):
+    """The repository has the gzip image; the registry serves it again with zstd layers (other
+    blob digests, the same diffIDs and chainIDs; their blobs deleted: a GET fails the pull).
+    "publisher": written by `cvmfs-publisher convert-image`, found by chainID (.chains) on
+    every release. "layers": layer dirs and .diffids only, found by diffID on 2.3."""
+    from tests.fixtures.images import push_zstd_multilayer
+    from tests.publisher.clirun import run_cli
+
+    reg, images = own_registry
+    img = images.multilayer
+    zimg = push_zstd_multilayer(reg.host, tmp_path)
+    assert zimg.diff_ids == img.diff_ids and not set(zimg.layers) & set(img.layers)
+
+    def publish(c) -> None:
+        repo = repo_in(c)
+        if kind == "publisher":
+            res = run_cli("convert-image", img.ref, "--repository-root", repo.root,
+                          "--state-db", tmp_path / "state.db")
+            assert res.rc == 0, res.stdout
+        else:
+            publish_layers(reg.host, img, repo, range(len(img.layers)))
+
+    stack = stack_factory(rt, registries=[reg.url], before_start=publish, config=rt.minimal)
+    for digest in zimg.layers:
+        reg.delete_blob_files(digest)
+    reg.clear_log()
+    stack.ctr(f"image pull --plain-http --snapshotter cvmfs-snapshotter {zimg.ref}")
+    assert layer_gets(reg, zimg) == [0] * len(zimg.layers)
+    stack.assert_tree(zimg)
+    reg.clear_log()
+    assert stack.cri_pull(zimg.ref).startswith("sha256:")
+    assert layer_gets(reg, zimg) == [0] * len(zimg.layers)
+    stack.assert_tree(zimg, namespace="k8s.io")
