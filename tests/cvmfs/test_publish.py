@@ -145,11 +145,13 @@ def test_catalogs_where_design_puts_them(published: Published) -> None:
     catalogs = {p.split()[0] if p else p for p in listed}
     lay = published.layout
     client = published.client()
-    want = {"/.layers", "/.chains", "/.flat", "/podmanStore"}
+    want = {"/.layers", "/.chains", "/.diffids", "/.flat", "/podmanStore"}
     for img in published.images.values():
         for digest in img.layers:
             d = lay.layer_dir(digest)
             want |= {"/" + str(d.relative_to(client)), "/" + str(d.parent.relative_to(client))}
+        for diff in img.diff_ids:
+            want.add("/" + str(lay.diffid_link(diff).parent.relative_to(client)))
         for chain in chain_ids(img.diff_ids):
             d = lay.chain_dir(chain)
             want |= {"/" + str(d.relative_to(client)), "/" + str(d.parent.relative_to(client))}
@@ -260,15 +262,19 @@ def test_publish_drops_the_layers_whiteout_files(published: Published) -> None:
     assert not os.path.lexists(top / "data/delete-me.txt") and not os.path.lexists(top / "opaque/old1")
 
 
-def test_cri_pull_through_the_snapshotter_on_the_client_mount(published: Published, registry: Registry) -> None:
+@pytest.mark.parametrize("annotations", [True, False], ids=["cri-labels", "least-config"])
+def test_cri_pull_through_the_snapshotter_on_the_client_mount(published: Published, registry: Registry,
+                                                              annotations: bool) -> None:
     """Kubernetes' path: CRI PullImage (containerd's unpacker) takes every layer from the
-    client mount; the socket is on /w, so the CRI client runs on the host."""
+    client mount; the socket is on /w, so the CRI client runs on the host. With CRI's default
+    (no layer labels: the least config) containerd 1.6 names each layer by chainID only, and
+    the published chains serve (the layer dirs hold raw whiteouts here)."""
     from tests.e2e.test_cri_pull import cri_pull
     from tests.fixtures.containerd import CriOptions
 
     img = published.images["tagged:2.0"]
-    rt = InnerRuntime(published.s0, "rt-cri", [published.repo.client],
-                      cri=CriOptions(plain_http_registries=[registry.host])).start()
+    rt = InnerRuntime(published.s0, f"rt-cri-{annotations}", [published.repo.client],
+                      cri=CriOptions(plain_http_registries=[registry.host], snapshot_annotations=annotations)).start()
     try:
         registry.clear_log()
         assert cri_pull(rt.host_dir / "cd" / "containerd.sock", img.ref).startswith("sha256:")
