@@ -78,6 +78,10 @@ class Backend:
         """Inside the unit, after convert wrote its batch of podman store entries (cvmfs:
         the stores' catalog markers)."""
 
+    def after_links(self, dirs: "list[Path]") -> None:
+        """Inside the unit, after convert wrote links of its own (``.diffids``) into ``dirs``
+        (cvmfs: their catalog markers)."""
+
     def clone_tree(self, src: Path, dst: Path) -> bool:
         """Inside the unit: make ``dst`` a clone of the published tree ``src`` by the
         backend's own means (cvmfs: a template transaction); False when it has none, and

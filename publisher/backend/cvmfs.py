@@ -229,6 +229,9 @@ class CvmfsBackend(Backend):
     def after_podman_stores(self, stores: "list[Path]") -> None:
         ensure_markers(stores, self.root)
 
+    def after_links(self, dirs: "list[Path]") -> None:
+        ensure_markers(dirs)
+
     def clone_tree(self, top_chain: Path, flat: Path) -> bool:
         """``flat`` = a clone of ``top_chain`` by a template transaction, when one is open
         and ``flat`` does not exist yet. Publish what the unit wrote so far (layers and

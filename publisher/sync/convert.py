@@ -389,6 +389,8 @@ class Converter:
                 with self.backend.unit(f".diffids links of {len(missing)} layer(s)"):
                     for diff_id, digest in missing:
                         ensure_diffid_link(self.layout, diff_id, digest)
+                    dirs = {self.layout.diffid_link(diff_id).parent for diff_id, _ in missing}
+                    self.backend.after_links([self.layout.diffids_dir, *sorted(dirs)])
                 log.info("wrote the .diffids links of %d layer(s) published before they existed", len(missing))
         except Exception as e:  # noqa: BLE001 - only the lookup by diffID is missing until the next run
             log.warning("writing .diffids links failed (tried again next run): %s", e)

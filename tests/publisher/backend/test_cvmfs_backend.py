@@ -539,3 +539,33 @@ def test_older_podman_entries_stacking_raw_layer_dirs_are_upgraded(cvmfs_standin
     assert checked.rc == 0 and ": 0 problems" in checked.stdout, checked.stdout
     s.clear_log()
     assert convert(repo, db, wl).rc == 0 and s.commands() == [["list"]]  # now current: no transaction
+
+
+def test_diffid_links_of_an_older_repository_in_one_transaction(cvmfs_standin: CvmfsStandin, standard_images,
+                                                                tmp_path: Path) -> None:
+    """Layer dirs published before the .diffids links existed gain them at the next convert,
+    in one transaction with their catalog markers, once."""
+    from cvmfs_common.repo.lookup import find_layer_by_diff_id
+    from publisher.core.state import State
+
+    s = cvmfs_standin
+    repo = s.mkfs(REPO)
+    img = standard_images.multilayer
+    wl = wishlist(tmp_path / "wl.yaml", [img.ref])
+    db = tmp_path / "state.db"
+    assert convert(repo, db, wl).rc == 0
+    lay = RepositoryLayout(repo)
+    assert s.run("transaction", REPO).returncode == 0
+    remove_tree(lay.diffids_dir)
+    assert s.run("publish", REPO).returncode == 0
+    with State.open(db, repo) as st:
+        st.conn.execute("DELETE FROM meta WHERE key='flag:diffids'")
+    s.clear_log()
+    res = convert(repo, db, wl)
+    assert res.rc == 0, res.stdout
+    assert s.commands() == [["list"], *txn()]
+    assert [find_layer_by_diff_id(lay, d).digest for d in img.diff_ids] == img.layers
+    for d in [lay.diffids_dir, *(lay.diffid_link(diff).parent for diff in img.diff_ids)]:
+        assert (d / CATALOG_MARKER).is_file(), d
+    s.clear_log()
+    assert convert(repo, db, wl).rc == 0 and s.commands() == [["list"]]
