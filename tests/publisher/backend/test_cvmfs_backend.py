@@ -541,7 +541,7 @@ def test_older_podman_entries_stacking_raw_layer_dirs_are_upgraded(cvmfs_standin
     assert convert(repo, db, wl).rc == 0 and s.commands() == [["list"]]  # now current: no transaction
 
 
-def test_diffid_links_of_an_older_repository_in_one_transaction(cvmfs_standin: CvmfsStandin, standard_images,
+def test_diffid_links_of_an_older_repository_in_one_transaction(cvmfs_standin: CvmfsStandin, standard_images,  # noqa: F811
                                                                 tmp_path: Path) -> None:
     """Layer dirs published before the .diffids links existed gain them at the next convert,
     in one transaction with their catalog markers, once."""
