@@ -276,7 +276,12 @@ def run_check(args: argparse.Namespace) -> int:
     from publisher.maint.check import check
 
     root, state_db = _existing_state(args)
-    report = check(root, state_db, podman=not args.no_podman_store, lock_wait=args.lock_wait)
+    backend_class: type[Backend] = Backend
+    if args.backend == "cvmfs":  # (not made: check reads, it opens no transaction)
+        from publisher.backend.cvmfs import CvmfsBackend
+        backend_class = CvmfsBackend
+    report = check(root, state_db, podman=not args.no_podman_store, lock_wait=args.lock_wait,
+                   variant_links=backend_class.variant_links)
     print(report.render(), flush=True)
     return EXIT_OK if report.ok else EXIT_FAILED
 

@@ -69,11 +69,14 @@ RESERVED_TOP_LEVEL = frozenset(
 
 # Variants Go/containerd assume when an index names none (platforms.Normalize).
 DEFAULT_VARIANTS = {"arm64": "v8", "arm": "v7"}
-# `uname -m` (CVMFS_ARCH) and other spellings -> the OCI name, as DUCC links them (docs/DESIGN.md#layout).
+# `uname -m` (what a CernVM-FS client >= 2.11 sets CVMFS_ARCH to) and other spellings -> the
+# OCI name, as DUCC links them (docs/DESIGN.md#layout); armv7l and i686: uname names DUCC lacks.
 MULTIARCH_ALIASES: dict[str, str] = {
     "x86_64": "amd64", "x86-64": "amd64", "aarch64": "arm64:v8", "arm64": "arm64:v8",
-    "armel": "arm:v6", "i386": "386",
+    "armel": "arm:v6", "armv7l": "arm:v7", "i386": "386", "i686": "386",
 }
+# The variable a CernVM-FS client expands in a variant symlink's target (SqlDirent::ExpandSymlink).
+VARIANT_VARIABLE = "CVMFS_ARCH"
 _MULTIARCH_RE = re.compile(r"[a-z0-9_]{1,32}(:[a-z0-9_]{1,32})?")
 
 
@@ -132,6 +135,14 @@ def multiarch_name_of_dir(platform_dir: str) -> str:
 def multiarch_aliases(name: str) -> list[str]:
     """The alias links that point at ``.multiarch/<name>``."""
     return sorted(a for a, target in MULTIARCH_ALIASES.items() if target == name and a != name)
+
+
+def variant_default_arch(multiarch: str) -> str:
+    """What DUCC writes after ``:-`` in a variant link: the publisher's Go architecture
+    (``amd64``, ``arm64``: no variant), a name under ``.multiarch/`` (the arch dir itself or
+    its alias); the full ``<arch>:<variant>`` name where the bare arch has no link."""
+    arch = multiarch.split(":", 1)[0]
+    return arch if arch == multiarch or arch in multiarch_aliases(multiarch) else multiarch
 
 
 @dataclass(frozen=True)
@@ -289,6 +300,18 @@ class RepositoryLayout:
             raise LayoutError(f"invalid .multiarch name: {multiarch!r}")
         registry, repository, tag = self._name_parts(registry, repository, tag)
         return self._under_root(self.multiarch_dir / multiarch / registry / f"{repository}:{tag}")
+
+    def variant_link_target(self, default_arch: str, registry: str, repository: str, tag: str) -> str:
+        """The target of the public link ``<registry>/<repo>:<tag>`` as a CernVM-FS variant
+        symlink, byte for byte as DUCC writes it (``GetVariantSymlinkTarget``):
+        ``../../.multiarch/$(CVMFS_ARCH:-<default_arch>)/<registry>/<repo>:<tag>``, one ``../``
+        per directory above the link. The client expands it when the link is read."""
+        if not _MULTIARCH_RE.fullmatch(default_arch):
+            raise LayoutError(f"invalid default arch for a variant link: {default_arch!r}")
+        registry, repository, tag = self._name_parts(registry, repository, tag)
+        public = f"{registry}/{repository}:{tag}"
+        up = "../" * (public.count("/"))
+        return f"{up}{MULTIARCH_DIR}/$({VARIANT_VARIABLE}:-{default_arch})/{public}"
 
     def image_metadata_dir(self, registry: str, repository: str, tag: str) -> Path:
         registry, repository, tag = self._name_parts(registry, repository, tag)

@@ -57,6 +57,9 @@ class Backend:
 
     name = "local"
     whiteouts = WhiteoutMode.OVERLAY  # how layer dirs store deletions (docs/DESIGN.md#whiteouts)
+    # Whether readers expand $(VAR) in link targets: a CernVM-FS client does (variant symlinks),
+    # a plain directory has no client, so its public links point straight at the flat dir.
+    variant_links = False
 
     def __init__(self, root: Path) -> None:
         self.root = Path(os.path.abspath(root))

@@ -19,6 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from cvmfs_common.fsutil.entries import readlink
 from cvmfs_common.oci.digest import parse_digest
 from cvmfs_common.repo.diffids import ensure_diffid_link, missing_diffid_links
 from cvmfs_common.repo.paths import INDEX_JSON, RepositoryLayout, multiarch_aliases
@@ -31,7 +32,7 @@ from cvmfs_common.registry.manifest import ResolvedImage
 from publisher.backend.base import Backend
 from publisher.write.flat import is_complete
 from publisher.write.image import ImagePublisher
-from publisher.write.names import Placement, multiarch_name_for, podman_names
+from publisher.write.names import Placement, multiarch_name_for, podman_names, public_link_target
 from publisher.core.outcome import FailureKind, Outcome, failure_kind_of
 from publisher.core.progress import ItemResult, Progress, Summary
 from publisher.core.runlock import exclusive, exclusive_repository, lock_path_for
@@ -93,6 +94,8 @@ class Converter:
         self._missing_indexes: list[tuple[Path, Reference, str]] = []
         self._publisher: ImagePublisher | None = None
         self._unfinished: list[str] = []  # why a run did not see every entry's tags (see run)
+        # tags this run also publishes for a non-default Linux platform (variant public links)
+        self._multi_refs: set[tuple] = set()
 
     @property
     def publisher(self) -> ImagePublisher:
@@ -119,6 +122,8 @@ class Converter:
         complete = False
         try:
             targets = self._expand(entries, default_platform, summary)
+            self._multi_refs = {_ref_key(t.reference) for t in targets
+                                if not t.default and multiarch_name_for(str(t.platform)) is not None}
             heads = self._heads(targets)
             for i, target in enumerate(targets, 1):
                 self.progress.start_item(f"{i}/{len(targets)}", target.name)
@@ -288,7 +293,8 @@ class Converter:
             if (known is not None and known.published and known.top_digest == head
                     and known.platform_dir == placement.platform_dir
                     and placement.layout.manifest_json(key.registry, key.repository, key.tag).is_file()
-                    and self._names_current(target, placement, known.config_digest)
+                    and self._names_current(target, placement, known.config_digest,
+                                            known.top_digest != known.manifest_digest)
                     and self._podman_current(target, placement, known.config_digest, known.manifest_digest)):
                 damage = self._damage(known.manifest_digest)
                 if damage is None:
@@ -312,7 +318,8 @@ class Converter:
             # One unit of work (cvmfs: one transaction); recorded only once it is published.
             with self.backend.unit(target.name):
                 published = self.publisher.publish(target.reference, image, config_bytes, config, placement,
-                                                   str(target.platform))
+                                                   str(target.platform),
+                                                   variant_link=self._variant(target, image.index_bytes is not None))
                 self.backend.after_image(self.layout, published.record, placement)
             self.state.record_published(key, placement.platform_dir, target.entry_id, head, published.record)
         except Exception as e:  # noqa: BLE001 - one failing image never stops the others
@@ -412,13 +419,27 @@ class Converter:
             self._sound.add((layer.digest, layer.chain_id))
         return None
 
-    def _names_current(self, target: Target, placement: Placement, config_digest: str | None) -> bool:
+    def _variant(self, target: Target, is_index: bool) -> bool:
+        """Is the tag's public link a variant link (names.public_link_target)? On a backend whose
+        clients expand variables, for the default platform of a tag that points at an index and
+        that this run also publishes for another Linux platform: as DUCC's multi-arch mode."""
+        assert self.backend is not None
+        return (self.backend.variant_links and target.default and is_index
+                and _ref_key(target.reference) in self._multi_refs)
+
+    def _names_current(self, target: Target, placement: Placement, config_digest: str | None,
+                       is_index: bool = False) -> bool:
         """Does the repository have what this version writes for a published tag (a flat
         DIRECTORY with .singularity.d, the .multiarch link)? A repository an older version
         wrote lacks them: the tag is published again (no blob is fetched, the layers are
         there), which upgrades it in place."""
         if config_digest is None or not is_complete(self.layout.flat_dir(config_digest)):
             return False
+        registry, repository, tag = target.reference.link_components
+        link = placement.layout.link_path(registry, repository, tag)
+        if readlink(link) != public_link_target(placement.layout, registry, repository, tag, str(target.platform),
+                                                config_digest, variant=self._variant(target, is_index)):
+            return False  # e.g. a plain link where the tag became multi-platform, or the reverse
         name = multiarch_name_for(str(target.platform))
         if name is None:
             return True
@@ -426,7 +447,6 @@ class Converter:
         if any(not os.path.lexists(self.layout.multiarch_dir / a) for a in multiarch_aliases(name)):
             return False
         if placement.is_default:
-            registry, repository, tag = target.reference.link_components
             return os.path.islink(self.layout.multiarch_link(name, registry, repository, tag))
         return True
 

@@ -33,7 +33,7 @@ from cvmfs_common.registry.manifest import ResolvedImage
 
 from publisher.core.state import ImageRecord, LayerRecord
 from publisher.write import podman_format as fmt
-from publisher.write.names import Placement, multiarch_name_for, podman_names
+from publisher.write.names import Placement, multiarch_name_for, podman_names, public_link_target
 from publisher.write.podman_store import PodmanBatch, PodmanImage, PodmanLayer, PodmanRoot
 
 # The unpacker, chains and flat copies are imported where an image is published (deliberately
@@ -88,7 +88,9 @@ class ImagePublisher:
 
     # -- the whole image ---------------------------------------------------------------
     def publish(self, ref: Reference, image: ResolvedImage, config_bytes: bytes, config: dict,
-                placement: Placement, platform: str) -> Published:
+                placement: Placement, platform: str, *, variant_link: bool = False) -> Published:
+        """``variant_link``: the public link is a CernVM-FS variant link (names.public_link_target);
+        the caller decides (the cvmfs backend, the default platform of a multi-platform tag)."""
         from publisher.write.flat import build_flat
 
         specs = layer_specs(image, config)
@@ -97,7 +99,7 @@ class ImagePublisher:
         top_chain = self.layout.chain_dir(chains[-1])
         build_flat(self.layout, self.layout.flat_dir(image.config_digest), top_chain, config,
                    clone=self.clone_tree)
-        self._link(ref, image.config_digest, placement)
+        self._link(ref, image.config_digest, placement, platform, variant_link)
         self._multiarch_link(ref, image.config_digest, placement, platform)
         if self.podman_store is not None:
             self._podman(ref, image, config_bytes, layers, chains, placement)
@@ -202,11 +204,13 @@ class ImagePublisher:
         return path, private.result.compressed_size
 
     # -- names ---------------------------------------------------------------------------
-    def _link(self, ref: Reference, config_digest: str, placement: Placement) -> None:
+    def _link(self, ref: Reference, config_digest: str, placement: Placement, platform: str,
+              variant: bool) -> None:
         registry, repository, tag = ref.link_components
         lay = placement.layout
         link = lay.link_path(registry, repository, tag)
-        target = relative_link_target(link, self.layout.flat_dir(config_digest))
+        target = public_link_target(lay, registry, repository, tag, platform, config_digest,
+                                    variant=variant and placement.is_default)
         if readlink(link) != target:
             lay.atomic_symlink(target, link)  # a moved tag switches here, atomically
 

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from cvmfs_common.fsutil.atomic import relative_link_target
 from cvmfs_common.oci.platform import Platform
 from cvmfs_common.oci.reference import Reference
-from cvmfs_common.repo.paths import RepositoryLayout, multiarch_name
+from cvmfs_common.repo.paths import RepositoryLayout, multiarch_name, variant_default_arch
 
 from publisher.core.state import TagKey
 
@@ -60,3 +61,16 @@ def podman_name_choices(key: TagKey, top_digest: str | None) -> list[set[str]]:
 
 def placement(root: RepositoryLayout, platform_dir: str) -> RepositoryLayout:
     return RepositoryLayout(root.root, platform_dir or None)
+
+
+def public_link_target(layout: RepositoryLayout, registry: str, repository: str, tag: str, platform: str,
+                       config_digest: str, *, variant: bool) -> str:
+    """What ``<image_root>/<registry>/<repo>:<tag>`` holds. ``variant`` (the default platform of
+    a multi-platform tag, on a backend whose clients expand variables, docs/cvmfs-backend.md):
+    DUCC's CernVM-FS variant link ``../../.multiarch/$(CVMFS_ARCH:-<arch>)/<registry>/<repo>:<tag>``,
+    which each client resolves to its own architecture's ``.multiarch`` link; otherwise the
+    relative path of the flat dir (a plain directory has no client to expand a variable)."""
+    name = multiarch_name_for(platform) if variant else None
+    if name is not None:
+        return layout.variant_link_target(variant_default_arch(name), registry, repository, tag)
+    return relative_link_target(layout.link_path(registry, repository, tag), layout.flat_dir(config_digest))

@@ -11,7 +11,8 @@ import pytest
 from cvmfs_common.oci.digest import InvalidDigest
 from cvmfs_common.repo.metadata import (LayerMetadata, MetadataError, add_origin, read_layers_json, read_origin_json,
     write_layers_json, write_origin_json)
-from cvmfs_common.repo.paths import LayoutError, RepositoryLayout, multiarch_aliases, multiarch_name
+from cvmfs_common.repo.paths import (LayoutError, RepositoryLayout, multiarch_aliases, multiarch_name,
+                                     variant_default_arch)
 from cvmfs_common.fsutil.atomic import (atomic_symlink, atomic_write_file, exchange_dirs, fsync_dir, publish_dir,
     relative_link_target, syncfs)
 from cvmfs_common.repo.diffids import ensure_diffid_link, retarget_or_drop
@@ -82,7 +83,8 @@ def test_multiarch_names_and_aliases(tmp_path):
         L.multiarch_link("../..", "docker.io", "library/debian", "12")
     assert multiarch_aliases("amd64") == ["x86-64", "x86_64"]
     assert multiarch_aliases("arm64:v8") == ["aarch64", "arm64"]
-    assert multiarch_aliases("arm:v6") == ["armel"] and multiarch_aliases("386") == ["i386"]
+    assert multiarch_aliases("arm:v6") == ["armel"] and multiarch_aliases("386") == ["i386", "i686"]
+    assert multiarch_aliases("arm:v7") == ["armv7l"]  # uname -m: what CVMFS_ARCH is on such a client
     assert multiarch_aliases("s390x") == []
     (tmp_path / ".multiarch/arm64:v8").mkdir(parents=True)
     made = L.ensure_multiarch_aliases("arm64:v8")
@@ -91,6 +93,24 @@ def test_multiarch_names_and_aliases(tmp_path):
     assert L.ensure_multiarch_aliases("arm64:v8") == []
     with pytest.raises(LayoutError):
         L.link_path("podmanstore", "a", "b")
+
+
+def test_variant_link_target_is_duccs_byte_for_byte(tmp_path) -> None:
+    """DUCC's GetVariantSymlinkTarget: one ../ per directory of <registry>/<repo> above the
+    link, then .multiarch/$(CVMFS_ARCH:-<GOARCH>)/<registry>/<repo>:<tag>."""
+    L = RepositoryLayout(tmp_path)
+    assert L.variant_link_target("amd64", "docker.io", "user/myimage", "latest") == \
+        "../../.multiarch/$(CVMFS_ARCH:-amd64)/docker.io/user/myimage:latest"
+    assert L.variant_link_target("amd64", "ghcr.io", "org/team/tool", "1.0") == \
+        "../../../.multiarch/$(CVMFS_ARCH:-amd64)/ghcr.io/org/team/tool:1.0"
+    assert L.variant_link_target("arm64", "127.0.0.1:5000", "x", "v1") == \
+        "../.multiarch/$(CVMFS_ARCH:-arm64)/127.0.0.1:5000/x:v1"
+    # the default names a .multiarch entry: the Go arch where it is the dir or an alias
+    assert [variant_default_arch(n) for n in ("amd64", "arm64:v8", "arm:v7", "ppc64le")] == \
+        ["amd64", "arm64", "arm:v7", "ppc64le"]
+    for bad in ("$(X)", "../x", ""):
+        with pytest.raises(LayoutError):
+            L.variant_link_target(bad, "docker.io", "a", "b")
 
 
 HOSTILE_DIGESTS = [

@@ -299,9 +299,16 @@ def test_two_platform_index_converted_for_both(published: Published) -> None:
     lay = published.layout
     native = published.images.multiarch.images[HOST]
     other = published.images.multiarch.images[f"linux/{OTHER_ARCH}"]
-    assert (lay.link_path(native.host, native.name, "v1") / "platform").read_text() == host_arch() + "\n"
+    # The public link is DUCC's variant link, verbatim (a CernVM-FS client expands it; the
+    # stand-in's plain directory cannot: tests/cvmfs reads it through a real client).
+    link = lay.link_path(native.host, native.name, "v1")
+    assert os.readlink(link) == f"../../.multiarch/$(CVMFS_ARCH:-{host_arch()})/{native.host}/test/multiarch:v1"
+    expanded = link.parent / os.readlink(link).replace("$(CVMFS_ARCH:-amd64)", "x86_64").replace(
+        "$(CVMFS_ARCH:-arm64)", "aarch64")
+    assert (expanded / "platform").read_text() == host_arch() + "\n"
     plat = lay.for_platform("linux", OTHER_ARCH)
     assert plat.image_root == published.repo / ".multiarch" / ("arm64:v8" if OTHER_ARCH == "arm64" else OTHER_ARCH)
+    assert os.readlink(plat.link_path(other.host, other.name, "v1")).startswith("../../../../.flat/")
     assert (plat.link_path(other.host, other.name, "v1") / "platform").read_text() == OTHER_ARCH + "\n"
     assert lay.manifest_json(native.host, native.name, "v1").is_file()
     assert plat.manifest_json(other.host, other.name, "v1").is_file()
@@ -311,6 +318,42 @@ def test_two_platform_index_converted_for_both(published: Published) -> None:
         assert lay.flat_dir(img.config_digest).is_dir() and not lay.flat_dir(img.config_digest).is_symlink()
     images = json.loads((plat.podman_store / "overlay-images/images.json").read_text())
     assert [i["id"] for i in images] == [other.config_digest[7:]]
+
+
+def test_check_knows_the_variant_link(published: Published, tmp_path: Path) -> None:
+    """`check --backend cvmfs` expects the variant link of a multi-platform tag; a plain link
+    there (or the variant link checked as a local repository) is reported."""
+    args = ["--repository-root", published.repo, "--state-db", published.db]
+    assert run_cli("check", "--backend", "cvmfs", *args).rc == 0
+    local = run_cli("check", *args)
+    assert local.rc == 1 and "check with --backend cvmfs" in local.stdout, local.stdout
+
+
+def test_public_link_follows_the_platforms_asked_for(cvmfs_standin: CvmfsStandin, standard_images, registry,
+                                                     tmp_path: Path) -> None:
+    """A multi-platform tag published for the default platform only has a plain link; once a
+    wishlist also asks for another platform the next convert makes it the variant link, and
+    back when that platform is dropped -- no layer GET either way."""
+    s = cvmfs_standin
+    repo = s.mkfs(REPO)
+    img = standard_images.multiarch
+    native = img.images[HOST]
+    one = wishlist(tmp_path / "one.yaml", [img.ref], platforms=[HOST])
+    two = wishlist(tmp_path / "two.yaml", [img.ref], platforms=[HOST, f"linux/{OTHER_ARCH}"])
+    db = tmp_path / "state.db"
+    link = RepositoryLayout(repo).link_path(native.host, native.name, "v1")
+    variant = f"../../.multiarch/$(CVMFS_ARCH:-{host_arch()})/{native.host}/test/multiarch:v1"
+    assert convert(repo, db, one).rc == 0
+    assert os.readlink(link).startswith("../../.flat/")
+    registry.clear_log()
+    assert convert(repo, db, two).rc == 0
+    assert os.readlink(link) == variant
+    res = convert(repo, db, one)
+    assert res.rc == 0 and "0 layers fetched" in res.stdout, res.stdout  # the same image: only the link
+    assert os.readlink(link).startswith("../../.flat/")
+    assert all(registry.blob_get_count(d) == 0 for d in native.layers)
+    checked = run_cli("check", "--backend", "cvmfs", "--repository-root", repo, "--state-db", db)
+    assert checked.rc == 0, checked.stdout
 
 
 # ------------------------------------------------------------------ failures
