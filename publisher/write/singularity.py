@@ -7,7 +7,7 @@ conversion (and DUCC's ``ducc/singularity``) writes::
 
     .singularity.d/env/10-docker2singularity.sh   the config's Env, single-quoted
     .singularity.d/runscript                      ENTRYPOINT + CMD, args
-    .singularity.d/labels.json                    the config's Labels
+    .singularity.d/labels.json                    the config's Labels + its platform (as apptainer's build)
     .singularity.d/actions/{exec,run,shell,start,test}, env/{01-base,90-environment,
     95-apps,99-base,99-runtimevars}.sh, startscript, libs/
     /.exec /.run /.shell /.test /singularity /environment   links (when the image has none)
@@ -236,11 +236,37 @@ def runscript(config: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def labels_json(config: dict) -> str:
+# What apptainer's build adds for the platform it built (internal/pkg/build/metadata.go
+# addBuildLabels: build-arch since 1.x, architecture and variant in 1.5's successor), over the
+# image's own labels of the same name.
+ARCH_LABEL = "org.opencontainers.image.architecture"
+VARIANT_LABEL = "org.opencontainers.image.variant"
+BUILD_ARCH_LABEL = "org.label-schema.build-arch"
+
+
+def platform_labels(image_config: dict) -> dict[str, str]:
+    """The platform labels of an image whose config states its architecture (every image of a
+    multi-platform index does). Not base.name/base.digest: a flat dir is shared by every tag
+    with this config, so nothing per tag goes into it; not the build dates (not reproducible)."""
+    arch = image_config.get("architecture")
+    if not isinstance(arch, str) or not arch:
+        return {}
+    labels = {ARCH_LABEL: arch, BUILD_ARCH_LABEL: arch}
+    variant = image_config.get("variant")
+    if isinstance(variant, str) and variant:
+        labels[VARIANT_LABEL] = variant
+    return labels
+
+
+def labels_json(config: dict, image_config: dict | None = None) -> str:
+    """``config``: the image config's ``config`` object (its Labels); ``image_config``: the
+    whole image config (its platform, platform_labels)."""
     labels = config.get("Labels")
     if not isinstance(labels, dict):
         labels = {}
-    return json.dumps({str(k): str(v) for k, v in labels.items()}, indent="\t", sort_keys=True) + "\n"
+    out = {str(k): str(v) for k, v in labels.items()}
+    out.update(platform_labels(image_config or {}))
+    return json.dumps(out, indent="\t", sort_keys=True) + "\n"
 
 
 @dataclass
@@ -366,7 +392,8 @@ def write_singularity(root: "os.PathLike[str] | str", config: dict) -> Singulari
         try:
             w.file(fd, "runscript", runscript(cfg), 0o755, f"{SINGULARITY_DIR}/runscript")
             w.file(fd, "startscript", "#!/bin/sh\n", 0o755, f"{SINGULARITY_DIR}/startscript")
-            w.file(fd, "labels.json", labels_json(cfg), 0o644, f"{SINGULARITY_DIR}/labels.json")
+            w.file(fd, "labels.json", labels_json(cfg, config if isinstance(config, dict) else None), 0o644,
+                   f"{SINGULARITY_DIR}/labels.json")
             os.fchmod(fd, 0o755)
         finally:
             os.close(fd)

@@ -168,6 +168,12 @@ def test_inspect_labels_carry_the_image_labels(sid_apptainer):
     ours = json.loads(_app(c, f"inspect --json --labels {_link(plain)}"))["data"]["attributes"]["labels"]
     for k, v in PLAIN_CONFIG.labels.items():
         assert ours.get(k) == v == ref_labels.get(k)
+    # The platform as apptainer's build labels it (1.4 writes build-arch; 1.5's successor also
+    # org.opencontainers.image.architecture, which must then agree with ours).
+    plain_ours = ours
+    assert plain_ours["org.label-schema.build-arch"] == ref_labels["org.label-schema.build-arch"] == host_arch()
+    assert plain_ours["org.opencontainers.image.architecture"] == \
+        ref_labels.get("org.opencontainers.image.architecture", host_arch())
     ours = json.loads(_app(c, f"inspect --json --labels {_link(nasty)}"))["data"]["attributes"]["labels"]
     assert {k: ours.get(k) for k in APPTAINER_CONFIG.labels} == APPTAINER_CONFIG.labels
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from publisher.write.singularity import env_script, has_singularity, sh_quote, write_singularity
+from publisher.write.singularity import env_script, has_singularity, labels_json, sh_quote, write_singularity
 
 from tests.publisher.conftest import requires_root
 
@@ -144,7 +144,7 @@ def test_layout_labels_links_and_mount_points(tmp_path: Path) -> None:
     root = rootfs(tmp_path)
     write_singularity(root, CONFIG)
     sd = root / ".singularity.d"
-    assert json.loads((sd / "labels.json").read_text()) == CONFIG["config"]["Labels"]
+    assert json.loads((sd / "labels.json").read_text()) == CONFIG["config"]["Labels"]  # (no platform in CONFIG)
     for rel in ("actions/exec", "actions/run", "actions/shell", "actions/start", "actions/test", "runscript",
                 "startscript", "env/01-base.sh", "env/10-docker2singularity.sh", "env/90-environment.sh",
                 "env/95-apps.sh", "env/99-base.sh", "env/99-runtimevars.sh"):
@@ -216,3 +216,15 @@ def test_converted_apptainer_image_runs_from_its_flat_dir(standard_images, tmp_p
     assert r.stdout.decode() == "cwd=/\narg=[given arg]\n"
     labels = json.loads((link / ".singularity.d/labels.json").read_text())
     assert labels["maintainer"] == "Ann <ann@example.org>"
+
+
+def test_platform_labels_as_apptainers_build_writes_them() -> None:
+    """apptainer's addBuildLabels: org.opencontainers.image.architecture (+ .variant when there
+    is one) and org.label-schema.build-arch, over the image's own labels of those names."""
+    cfg = {"Labels": {"a": "b", "org.opencontainers.image.architecture": "wrong"}}
+    got = json.loads(labels_json(cfg, {"architecture": "arm64", "variant": "v8", "os": "linux"}))
+    assert got == {"a": "b", "org.opencontainers.image.architecture": "arm64",
+                   "org.opencontainers.image.variant": "v8", "org.label-schema.build-arch": "arm64"}
+    assert json.loads(labels_json(cfg, {"architecture": "amd64"}))["org.label-schema.build-arch"] == "amd64"
+    assert "org.opencontainers.image.variant" not in json.loads(labels_json(cfg, {"architecture": "amd64"}))
+    assert json.loads(labels_json({}, {})) == {}  # a config without a platform: nothing invented
