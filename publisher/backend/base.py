@@ -60,6 +60,9 @@ class Backend:
     # Whether readers expand $(VAR) in link targets: a CernVM-FS client does (variant symlinks),
     # a plain directory has no client, so its public links point straight at the flat dir.
     variant_links = False
+    # Whether a layer dir keeps its raw `.wh.` files once published (CernVM-FS drops them at
+    # publish, so a chain built later from such a dir must unpack the layer again).
+    published_raw_whiteouts = True
 
     def __init__(self, root: Path) -> None:
         self.root = Path(os.path.abspath(root))

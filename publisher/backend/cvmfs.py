@@ -87,6 +87,7 @@ class CvmfsBackend(Backend):
     whiteouts = WhiteoutMode.RAW
     flat_template = True  # .flat by `transaction -T` (faster than a hard-link copy, measured)
     variant_links = True  # clients expand $(CVMFS_ARCH:-...) in the public link (DUCC's layout)
+    published_raw_whiteouts = False  # publish drops `.wh.` files (docs/cvmfs-backend.md)
 
     def __init__(self, root: Path, repository: str, command: str = "cvmfs_server") -> None:
         super().__init__(root)

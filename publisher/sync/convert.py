@@ -109,7 +109,8 @@ class Converter:
                                           on_bytes=self.progress.add_bytes)
             self._publisher = ImagePublisher(self.layout, self.ingester, jobs=self.options.jobs,
                                              podman_store=self._podman_class, clone_tree=self.backend.clone_tree,
-                                             podman_batch=self.podman_batch)
+                                             podman_batch=self.podman_batch,
+                                             published_raw_whiteouts=self.backend.published_raw_whiteouts)
         return self._publisher
 
     # -- the run ---------------------------------------------------------------------------

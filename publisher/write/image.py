@@ -78,8 +78,10 @@ class ImagePublisher:
     def __init__(self, layout: RepositoryLayout, ingester: LayerIngester, *, jobs: int = 4,
                  podman_store: Callable[[RepositoryLayout], object] | None = None,
                  clone_tree: Callable[[Path, Path], bool] | None = None,
-                 podman_batch: "PodmanBatch | None" = None) -> None:
+                 podman_batch: "PodmanBatch | None" = None, published_raw_whiteouts: bool = True) -> None:
         self.layout = layout
+        # False (cvmfs): a published layer dir has lost its `.wh.` files (Backend.published_raw_whiteouts)
+        self.published_raw_whiteouts = published_raw_whiteouts
         self.clone_tree = clone_tree  # Backend.clone_tree: .flat without copying (cvmfs)
         self.ingester = ingester
         self.jobs = max(1, jobs)
@@ -189,13 +191,20 @@ class ImagePublisher:
         dest = self.layout.chain_dir(chain_id)
         if dest.is_dir():
             return dest, 0
-        if layer.meta.parent_chain is None or layer.meta.parent_chain == parent_chain:
+        # A raw-whiteout layer published in an earlier unit has no deletions left on CernVM-FS
+        # (its .wh. files are dropped at publish): a chain built from it would show deleted files.
+        lost = (not self.published_raw_whiteouts and layer.meta.whiteouts == "raw" and not layer.downloaded)
+        if not lost and (layer.meta.parent_chain is None or layer.meta.parent_chain == parent_chain):
             path, _ = build_chain(self.layout, chain_id, parent, self.layout.layer_dir(spec.digest) / LAYERFS)
             return path, 0
-        # The published dir was completed on another parent chain: its implicit
-        # directories would carry that chain's attributes. Unpack a private copy here.
-        log.info("layer %s was completed on chain %s; unpacking it on %s for chain %s",
-                 spec.digest, layer.meta.parent_chain, parent_chain, chain_id)
+        # The published dir lost its deletions, or was completed on another parent chain (its
+        # implicit directories would carry that chain's attributes). Unpack a private copy here.
+        if lost:
+            log.info("layer %s: its published dir holds no deletions; unpacking it again for chain %s",
+                     spec.digest, chain_id)
+        else:
+            log.info("layer %s was completed on chain %s; unpacking it on %s for chain %s",
+                     spec.digest, layer.meta.parent_chain, parent_chain, chain_id)
         private = self.ingester.unpack_private(ref, spec, [parent] if parent else [])
         try:
             path, _ = build_chain(self.layout, chain_id, parent, private.layerfs)
