@@ -170,3 +170,32 @@ def test_a_lost_layerfs_is_found_by_check_and_repaired_by_the_next_convert(stand
     remove_tree(stray)
     res = run_proc("check", *args)
     assert res.rc == 0 and ": 0 problems" in res.stdout, res.stdout
+
+
+def test_lost_dotfiles_and_chains_are_found_and_repaired_without_a_layer_download(
+        standard_images: StandardImages, registry, tmp_path: Path) -> None:
+    """After a cleanup (the local backend; tests/cvmfs does it on CernVM-FS): a flat dir without
+    .singularity.d and lost chains are reported by check and rebuilt by the next convert from
+    the layer dirs there (local layer dirs keep their deletions): no layer GET."""
+    img = standard_images.multilayer
+    root, db = tmp_path / "repo", tmp_path / "state.db"
+    args = ("--repository-root", root, "--state-db", db)
+    lay = RepositoryLayout(root)
+    wishlist = write_wishlist(tmp_path / "w.yaml", [img.ref])
+    assert run_proc("convert", wishlist, *args).rc == 0
+    chains = chain_ids(img.diff_ids)
+    flat = lay.flat_dir(img.config_digest)
+    remove_tree(flat / ".singularity.d")
+    for c in chains[1:]:
+        remove_tree(lay.chain_dir(c))
+    lines = _problem_lines(_check(root, db).stdout)
+    assert any(f"{os.path.relpath(flat, root)} has no .singularity.d" in l for l in lines), lines
+    assert all(any(f"chain {c}" in l for l in lines) for c in chains[1:]), lines
+
+    registry.clear_log()
+    again = run_proc("convert", wishlist, *args)
+    assert again.rc == 0, again.stdout + again.stderr
+    assert all(registry.blob_get_count(d) == 0 for d in img.layers), registry.access_log()
+    assert (flat / ".singularity.d/runscript").is_file()
+    assert not os.path.lexists(lay.chain_dir(chains[-1]) / "data/delete-me.txt")
+    assert _check(root, db).rc == 0
