@@ -7,7 +7,8 @@ layers.json says whiteouts none|overlay AND it has no `parent-chain` or that equ
 the chain below AND its diffID continues the parent's chain to exactly the chainID
 containerd asked for. Otherwise (raw whiteouts, DUCC-written, other parent) the chain
 dir (`.chains/<xx>/<id>`, by OCI chainID or DUCC's ids) serves as the snapshot's whole
-lower stack. With neither, containerd pulls and unpacks the layer as usual. A deleted
+lower stack. Without a chain, a DUCC-written layer dir that holds no `.wh.` name at all
+serves as a lower (ducc_layers.py). Otherwise containerd pulls and unpacks the layer as usual. A deleted
 file never reappears and a directory never changes its mode.
 """
 
@@ -24,6 +25,7 @@ from cvmfs_common.registry.published import PublishedFiles
 from cvmfs_common.repo.lookup import LayerPresence
 
 from ..layer_source import LayerMatch, LayerRequest
+from .ducc_layers import DuccLayers
 from .repository import BoundedRepository, RepositoryUnavailable
 
 log = logging.getLogger(__name__)
@@ -34,6 +36,7 @@ class RemoteLayers:
     """The LayerSource of repository directories, tried in order."""
 
     repositories: Sequence[BoundedRepository]
+    ducc: DuccLayers | None = None  # chain-less DUCC layer dirs without whiteouts (ducc_layers.py)
 
     def repository_for(self, path: str) -> BoundedRepository | None:
         return next((r for r in self.repositories if r.owns(path)), None)
@@ -72,6 +75,8 @@ class RemoteLayers:
             path = repo.chain(chain)
             if path is not None:
                 return LayerMatch(str(path), True, repo.root)
+        if presence is not None and self.ducc is not None and self.ducc.serves(repo.root, req, presence):
+            return LayerMatch(str(presence.layerfs), False, repo.root)
         return None
 
     def published(self, registry: str, repository: str, tag: str, want: Platform) -> list[PublishedFiles]:
@@ -112,6 +117,8 @@ class RemoteLayers:
     def close(self) -> None:
         for r in self.repositories:
             r.close()
+        if self.ducc is not None:
+            self.ducc.close()
 
 
 def _layer_match(presence: LayerPresence, req: LayerRequest, root: Path) -> LayerMatch | None:
@@ -137,5 +144,6 @@ def build_remote_layers(
     repositories: Sequence[str], timeout: float, cache_ttl: float, on_failure: Callable[[str], None] | None = None
 ) -> RemoteLayers:
     return RemoteLayers(
-        [BoundedRepository(Path(p), timeout, cache_ttl, on_failure=on_failure) for p in repositories]
+        [BoundedRepository(Path(p), timeout, cache_ttl, on_failure=on_failure) for p in repositories],
+        DuccLayers(timeout),
     )

@@ -60,15 +60,19 @@ def publish_chains(image, layout: RepositoryLayout) -> list[Path]:
     return made
 
 
-def publish_ducc_style(host: str, image, layout: RepositoryLayout) -> list[Path]:
+def publish_ducc_style(host: str, image, layout: RepositoryLayout, chains: bool = True) -> list[Path]:
     """As DUCC writes unpacked.cern.ch: raw `.wh.` files in `.layers` (no `whiteouts` field,
-    DUCC's layers.json has none), and `.chains/<DUCC id>` holding each converted chain."""
+    DUCC's layers.json has none), and `.chains/<DUCC id>` holding each converted chain
+    (`chains=False`: none, as DUCC's flats merged from layer dirs leave it)."""
     publish_layers(host, image, layout, range(len(image.layers)), whiteouts="raw", diffid_links=False)
     for digest in image.layers:  # DUCC's metadata carries no whiteouts field: unknown
         path = layout.layers_json(digest)
         meta = LayerMetadata.from_bytes(path.read_bytes())
         meta.whiteouts = None
+        meta.parent_chain = None  # DUCC records none
         write_layers_json(path, meta)
+    if not chains:
+        return []
     # Chains: the merged view of converted layers, copied (what CVMFS's sync produces).
     converted = RepositoryLayout(Path(tempfile.mkdtemp(dir=layout.tmp_dir)) / "converted")
     publish_layers(host, image, converted, range(len(image.layers)), whiteouts="overlay")

@@ -127,6 +127,52 @@ def test_ducc_written_repository_keeps_deleted_files_deleted(own_registry, repo,
     check_tree(cd, img)  # whiteouted files absent, opaque dir content, modes as expected
 
 
+def _raw(repo: RepositoryLayout, digest: str) -> bool:
+    return any(p.name.startswith(".wh.") for p in repo.layerfs(digest).rglob("*"))
+
+
+@pytest.mark.parametrize("name", ["multilayer", "tagged:2.0"])
+def test_ducc_repository_without_chains(own_registry, repo, snapshotter_factory, containerd_factory, name):
+    """DUCC's layer dirs (raw `.wh.` files, layers.json without `whiteouts`) and no `.chains`:
+    a layer dir without any `.wh.` name is served (looked at once), a layer with whiteouts is
+    pulled normally -- also between served ones -- and the tree is the image's: deleted files
+    stay deleted. The cost (layers pulled, seconds) is printed against the same repository
+    with its chains (nothing pulled), in the same run."""
+    reg, images = own_registry
+    img = images.multilayer if name == "multilayer" else images.tagged[name.split(":")[1]]
+    publish_ducc_style(reg.host, img, repo, chains=False)
+    assert not repo.chains_dir.exists()
+    raw = [d for d in img.layers if _raw(repo, d)]
+    clean = [d for d in img.layers if d not in raw]
+    assert raw and clean  # both kinds in each image
+    sn = snapshotter_factory(repositories=[repo.root])
+    cd = containerd_factory(sn.address)
+    reg.clear_log()
+    t0 = time.monotonic()
+    res = cvmfs_pull(cd, img.ref)
+    no_chains = time.monotonic() - t0
+    assert f"{len(clean)} layers from the repository, {len(raw)} downloaded" in res.stderr, res.stderr
+    assert all(reg.blob_get_count(d) == 0 for d in clean) and all(reg.blob_get_count(d) == 1 for d in raw)
+    check_tree(cd, img)
+    scans = [l for l in sn.log().splitlines() if "DUCC layer" in l and "entries looked at" in l]
+    assert len(scans) == len(img.layers), scans  # each layer looked at once
+
+    # the same-run peer: the repository as DUCC wrote it before, with its chains
+    from tests.fixtures.workdirs import new_workdir
+
+    peer_repo = RepositoryLayout(new_workdir("repo-", repo.root.parent))
+    publish_ducc_style(reg.host, img, peer_repo)
+    peer_sn = snapshotter_factory(repositories=[peer_repo.root])
+    peer_cd = containerd_factory(peer_sn.address)
+    t0 = time.monotonic()
+    peer = cvmfs_pull(peer_cd, img.ref)
+    with_chains = time.monotonic() - t0
+    assert f"{len(img.layers)} layers from the repository, 0 downloaded" in peer.stderr
+    print(f"DUCC repository without chains, {name}: {len(raw)} of {len(img.layers)} layers pulled, pull "
+          f"{no_chains:.2f}s vs {with_chains:.2f}s with chains ({no_chains / with_chains:.2f}x); scans: "
+          + "; ".join(l.split("DUCC layer ", 1)[1][:120] for l in scans))
+
+
 def test_restart_keeps_remote_snapshots(own_registry, repo, snapshotter_factory, containerd_factory):
     reg, images = own_registry
     img = images.multilayer
