@@ -137,3 +137,59 @@ def test_check_finds_lost_dotfiles_and_chains_and_convert_repairs_them(ducc: Rep
     assert ducc.cli("check").returncode == 0
 
 
+
+
+def test_snapshotter_on_a_ducc_repository_without_chains(stratum0: Stratum0, registry: Registry,
+                                                        standard_images: StandardImages) -> None:
+    """DUCC's way on a real CernVM-FS: each layer `cvmfs_server ingest`ed from its tar (which
+    keeps the `.wh.` files), layers.json without `whiteouts`, no `.chains`. The snapshotter,
+    reading the client mount, serves the layer without whiteouts and containerd pulls the two
+    that delete something; the container's tree is the image's."""
+    import gzip
+    import urllib.request
+
+    from cvmfs_common.repo.metadata import LayerMetadata
+
+    from tests.fixtures.tree import LISTING_SCRIPT, RUNTIME_MOUNTS, parse_listing
+    from .runtime import InnerRuntime
+
+    img = standard_images.multilayer
+    repo = stratum0.mkfs("unpacked.duccraw.test")
+    lay = RepositoryLayout(Path(repo.root))
+    for i, digest in enumerate(img.layers):
+        with urllib.request.urlopen(f"http://{img.host}/v2/{img.name}/blobs/{digest}") as r:
+            tar = gzip.decompress(r.read())
+        (stratum0.host_w / f"ducc-{i}.tar").write_bytes(tar)
+        meta = LayerMetadata(img.diff_ids[i][7:], digest, img.diff_ids[i], len(tar), None)  # DUCC: no whiteouts
+        (stratum0.host_w / f"ducc-{i}.json").write_bytes(meta.to_bytes())
+    repo.server("transaction", repo.name)
+    stratum0.sh("\n".join(f"mkdir -p {lay.layers_json(d).parent} && cp /w/ducc-{i}.json {lay.layers_json(d)}"
+                          for i, d in enumerate(img.layers)))
+    repo.server("publish", repo.name)
+    for i, digest in enumerate(img.layers):
+        rel = os.path.relpath(lay.layerfs(digest), lay.root)
+        # -k: the tar's owners (without it 2.12 gives every file the repository owner, as DUCC's
+        # call -- no -k -- does on unpacked.cern.ch: a matter of its layer dirs, not of whiteouts)
+        repo.server("ingest", "-k", "-t", f"/w/ducc-{i}.tar", "-b", rel, repo.name)
+    client = RepositoryLayout(stratum0.host_view(repo.client))
+    assert os.path.lexists(client.layerfs(img.layers[1]) / "data/.wh.delete-me.txt")  # ingest keeps them
+    assert not os.path.lexists(client.chains_dir)
+
+    rt = InnerRuntime(stratum0, "rt-ducc", [repo.client]).start()
+    try:
+        registry.clear_log()
+        res = rt.pull(img.ref)
+        assert "1 layers from the repository, 2 downloaded" in res.stderr, res.stderr
+        assert registry.blob_get_count(img.layers[0]) == 0
+        out = parse_listing(rt.run(img.ref, "/bin/sh", "-c", LISTING_SCRIPT).stdout)
+        # (a hard link of the served layer is split by CernVM-FS, those of pulled layers are kept)
+        problems = compare_trees(img.tree, out, ignore=RUNTIME_MOUNTS | IGNORE)
+        assert [p for p in problems if not p.startswith("hardlinks broken")] == [], problems
+        for group in img.tree.hardlinks:
+            assert len({out.entries[p].size for p in group}) == 1, group
+        assert not os.path.lexists(client.layerfs(img.layers[0]) / "data/.wh.delete-me.txt")
+        scans = [line.split("DUCC layer ", 1)[1] for line in rt.log().splitlines() if "entries looked at" in line]
+        assert len(scans) == len(img.layers), rt.log()[-3000:]
+        print("DUCC layers on the client mount:", "; ".join(s[:110] for s in scans))
+    finally:
+        rt.stop()
