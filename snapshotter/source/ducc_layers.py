@@ -98,7 +98,10 @@ class WhiteoutScanner:
             if job is None:
                 return
             digest, layerfs, future = job
-            result = scan_layer(layerfs, self.max_entries)
+            try:
+                result = scan_layer(layerfs, self.max_entries)
+            except Exception as e:  # noqa: BLE001 - this layer is pulled; the thread lives on
+                result = Scan(Verdict.UNKNOWN, 0, 0.0, f"{type(e).__name__}: {e}")
             with self._lock:
                 self._running.pop(digest, None)
                 self._done[digest] = result

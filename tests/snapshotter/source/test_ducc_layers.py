@@ -84,3 +84,19 @@ def test_a_slow_walk_is_not_waited_for_and_its_verdict_serves_the_next_ask(tmp_p
         assert len(calls) == 1
     finally:
         s.close()
+
+
+def test_a_failing_walk_means_a_pull_and_the_scanner_goes_on(tmp_path: Path, monkeypatch) -> None:
+    def broken(layerfs, max_entries):
+        if "bad" in str(layerfs):
+            raise RuntimeError("boom")
+        return real(layerfs, max_entries)
+
+    real = ducc_layers.scan_layer
+    monkeypatch.setattr(ducc_layers, "scan_layer", broken)
+    s = WhiteoutScanner("t", wait=5)
+    try:
+        assert s.verdict(BLOB, tmp_path / "bad").verdict == Verdict.UNKNOWN
+        assert s.verdict("sha256:" + "e" * 64, _tree(tmp_path / "good", "f")).verdict == Verdict.CLEAN
+    finally:
+        s.close()
