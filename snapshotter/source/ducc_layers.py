@@ -13,9 +13,9 @@ no longer count on `.chains` -- the layer's dir is looked at once:
 
 The look is a walk of the layer's names (on CernVM-FS: the layer's catalog, no file data),
 stopping at the first `.wh.` name. It runs on a thread of its own per repository, never
-on the bounded prober (a big layer must not make the repository look hung); a request
-waits for it at most the stat timeout, and a layer whose walk is not done by then is pulled
-normally this once. Verdicts are kept in memory for the process's life (one walk per layer
+on the bounded prober (a big layer must not make the repository look hung); the request
+that starts a walk waits for it at most the stat timeout, and the layer is pulled normally
+while its walk is not done. Verdicts are kept in memory for the process's life (one walk per layer
 per snapshotter start).
 """
 
@@ -112,16 +112,17 @@ class WhiteoutScanner:
             future.set_result(result)
 
     def verdict(self, digest: str, layerfs: Path) -> Scan | None:
-        """The layer's verdict; None when its walk did not end within `wait` (it goes on)."""
+        """The layer's verdict; None when its walk did not end within `wait` (it goes on), or
+        is under way for an earlier request."""
         with self._lock:
             done = self._done.get(digest)
             if done is not None:
                 self._done.move_to_end(digest)
                 return done
-            future = self._running.get(digest)
-            if future is None:
-                future = self._running[digest] = Future()
-                self._jobs.put((digest, layerfs, future))
+            if digest in self._running:
+                return None  # the request that started the walk waited; later ones do not
+            future = self._running[digest] = Future()
+            self._jobs.put((digest, layerfs, future))
         try:
             return future.result(timeout=self.wait)
         except FutureTimeout:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from pathlib import Path
 
 from cvmfs_common.oci.digest import next_chain_id
@@ -76,10 +77,15 @@ def test_a_slow_walk_is_not_waited_for_and_its_verdict_serves_the_next_ask(tmp_p
     try:
         layer = _tree(tmp_path / "l", "f")
         assert s.verdict(BLOB, layer) is None  # not waited for: pulled this time
-        assert s.verdict(BLOB, layer) is None  # one walk, not two
+        s.wait = 30
+        t0 = time.monotonic()
+        assert s.verdict(BLOB, layer) is None  # one walk, not two, and not waited for again
+        assert time.monotonic() - t0 < 5
         gate.set()
-        s.wait = 5
-        assert s.verdict(BLOB, layer).verdict == Verdict.CLEAN
+        end = time.monotonic() + 10
+        while (got := s.verdict(BLOB, layer)) is None and time.monotonic() < end:
+            time.sleep(0.05)
+        assert got is not None and got.verdict == Verdict.CLEAN
         assert s.verdict(BLOB, layer).verdict == Verdict.CLEAN
         assert len(calls) == 1
     finally:
