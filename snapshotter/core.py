@@ -12,15 +12,17 @@ import os
 from pathlib import Path
 from typing import Sequence
 
-from .errors import AlreadyExists, InvalidArgument, Unavailable
+from .errors import AlreadyExists, FailedPrecondition, InvalidArgument, Unavailable
 from .filters import FilterSyntaxError, parse_all
 from .fs import Doomed, SnapshotDirs, disk_usage, overlay_supports_index
+from .idmap import IdMap, IdMapError, IdmapUnsupported
+from .idmapped import IdmappedLowers
 from .labels import (CRI_LAYER_DIGEST_LABEL, CVMFS_LAYER_DIGEST_LABEL, DIFF_ID_LABEL, SNAPSHOT_REF_LABEL, SOURCE_LABEL,
                      validate_labels)
 from .layer_source import LayerRequest, LayerSource, SourceUnavailable
 from .lineage import Lineage, next_ducc_ids
 from .metrics import Metrics
-from .model import Info, Kind, Lower, Mount, Usage
+from .model import Info, Kind, Lower, Mount, Snapshot, Usage
 from .store import ParentFacts, Store
 
 log = logging.getLogger(__name__)
@@ -37,6 +39,7 @@ class Snapshotter:
         options = ("index=off",) if overlay_supports_index() else ()
         self.dirs = SnapshotDirs(self.root, options)
         self.store = Store(str(self.root / "metadata.db"))
+        self.idmapped = IdmappedLowers(self.root)
         self.remote = remote
 
     def close(self) -> None:
@@ -60,6 +63,13 @@ class Snapshotter:
         facts = self.store.parent_facts(parent) if parent else None
         return self._create(key, parent, Kind.VIEW, labels, None, facts)
 
+    @staticmethod
+    def _idmap(labels: dict[str, str]) -> IdMap | None:
+        try:
+            return IdMap.from_labels(labels)
+        except IdMapError as e:
+            raise InvalidArgument(str(e)) from None
+
     def _create(
         self,
         key: str,
@@ -72,19 +82,45 @@ class Snapshotter:
         # Stat the parent's dir before the write transaction: on a slow repository the
         # (bounded) stat must not hold the database lock. A bad parent is reported by
         # store.create, which re-checks everything inside the transaction.
+        idmap = self._idmap(labels)
         root_attrs = self._root_attributes(facts) if facts is not None and facts.kind == Kind.COMMITTED else None
+        if idmap is not None:
+            # As containerd's overlay snapshotter: the upper dir belongs to the pod's root.
+            mode = root_attrs[0] if root_attrs is not None else 0o40755
+            root_attrs = (mode, *idmap.root())
 
         stale: list[Doomed] = []
 
         def make_dirs(snapshot_id: int, lowers: tuple[Lower, ...]) -> None:
-            self.dirs.create(snapshot_id, kind, root_attrs if lowers else None, stale)
+            attrs = root_attrs if lowers or idmap is not None else None
+            self.dirs.create(snapshot_id, kind, attrs, stale, idmap.encode() if idmap is not None else None)
 
         try:
             created = self.store.create(key, parent, kind, labels, make_dirs, lineage)
         finally:
             self._delete(stale)
         self._count("snapshots", kind.filter_name)
+        if idmap is not None and created.snapshot.lowers:
+            try:
+                return self.dirs.mounts(created.snapshot, self._idmapped_lowers(key, created.snapshot, idmap))
+            except BaseException:
+                self.remove(key)  # a user-namespaced snapshot without its mounts is of no use
+                raise
         return self.dirs.mounts(created.snapshot)
+
+    def _idmapped_lowers(self, key: str, snap: Snapshot, idmap: IdMap) -> list[str]:
+        lowers = [(lower.id, self.dirs.lower_dir(lower.id, lower.source)) for lower in snap.lowers]
+        try:
+            return self.idmapped.ensure(snap.id, idmap, lowers)
+        except IdmapUnsupported as e:
+            raise FailedPrecondition(
+                f"snapshot {key!r}: user namespace: {e.filename} cannot be idmapped ({e.strerror}); "
+                "a CernVM-FS (FUSE) repository cannot: on this host declare the proxy plugin's "
+                'capabilities = ["only-remap-ids"] (containerd refuses user-namespaced pods) or none '
+                "(containerd copies and chowns each pod's root fs), not \"remap-ids\"") from None
+        except OSError as e:
+            raise Unavailable(f"snapshot {key!r}: user namespace: idmapped mount of {e.filename} failed: "
+                              f"{e.strerror}") from None
 
     def _count(self, counter: str, label: str) -> None:
         if self.metrics is not None:
@@ -159,6 +195,9 @@ class Snapshotter:
     def mounts(self, key: str) -> list[Mount]:
         snap = self.store.snapshot(key)
         self._revalidate(key, snap.lowers)
+        encoded = self.dirs.read_idmap(snap.id) if snap.lowers else None
+        if encoded is not None:
+            return self.dirs.mounts(snap, self._idmapped_lowers(key, snap, IdMap.decode(encoded)))
         return self.dirs.mounts(snap)
 
     def _revalidate(self, key: str, lowers: Sequence[Lower]) -> None:
@@ -193,12 +232,23 @@ class Snapshotter:
 
     def remove(self, key: str) -> None:
         detached: list[Doomed] = []
+        removed: list[int] = []
+
+        def detach(snapshot_id: int) -> None:
+            self.dirs.detach(snapshot_id, detached)
+            removed.append(snapshot_id)
+
         try:
-            self.store.remove(key, lambda snapshot_id: self.dirs.detach(snapshot_id, detached))
+            self.store.remove(key, detach)
         except BaseException:
             self.dirs.reattach(detached)  # the row is still there: give it its dir back
             raise
         self._delete(detached)
+        for snapshot_id in removed:
+            try:
+                self.idmapped.release(snapshot_id)
+            except OSError as e:
+                log.warning("could not release the idmapped lowers of %s (Cleanup retries): %s", key, e)
 
     def _delete(self, doomed: list[Doomed]) -> list[tuple[str, Exception]]:
         """Delete doomed entries; a failure is logged and left to the next Cleanup (as
@@ -235,10 +285,18 @@ class Snapshotter:
     def cleanup(self) -> None:
         # Decided and renamed away under the write lock, deleted after it (see fs.py).
         doomed: list[Doomed] = []
+        idmap_failures: list[tuple[str, Exception]] = []
+
+        def orphans(ids: set[int]) -> None:
+            # Under the write lock: no snapshot is being created meanwhile.
+            idmap_failures.extend(self.idmapped.release_orphans(ids))
+            self.dirs.doom_orphans(ids, doomed)
+
         try:
-            self.store.with_all_ids_locked(lambda ids: self.dirs.doom_orphans(ids, doomed))
+            self.store.with_all_ids_locked(orphans)
         finally:
             failures = self._delete(doomed)  # even after a failure midway: they are orphans
+        failures += idmap_failures
         if len(doomed) > len(failures):
             log.info("cleanup removed %d orphaned entries", len(doomed) - len(failures))
         if failures:

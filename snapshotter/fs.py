@@ -2,6 +2,7 @@
 
     <root>/snapshots/<id>/fs     upper dir (active) or content (committed)
     <root>/snapshots/<id>/work   overlay work dir (active only)
+    <root>/snapshots/<id>/idmap  the user namespace mapping of its lowers (idmapped.py)
     <root>/l/<id>                link to the directory a lower shows (ours or a repository's)
 
 Every overlay lower is named `<root>/l/<id>`: the lowers then share one short common
@@ -105,7 +106,12 @@ class SnapshotDirs:
     # or claimed them) are deleted outside, where it may take long.
 
     def create(
-        self, snapshot_id: int, kind: Kind, root_attrs: tuple[int, int, int] | None, doomed: list[Doomed]
+        self,
+        snapshot_id: int,
+        kind: Kind,
+        root_attrs: tuple[int, int, int] | None,
+        doomed: list[Doomed],
+        idmap: str | None = None,
     ) -> None:
         """Create <id>/fs (and work) under a temporary name, then rename into place,
         so a crash never leaves a half-made snapshot dir under its final name. What a
@@ -125,7 +131,16 @@ class SnapshotDirs:
             os.chmod(fs, stat.S_IMODE(mode))
         if kind == Kind.ACTIVE:
             (tmp / "work").mkdir(mode=0o711)
+        if idmap is not None:
+            (tmp / "idmap").write_text(idmap)
         os.rename(tmp, final)
+
+    def read_idmap(self, snapshot_id: int) -> str | None:
+        try:
+            with open(f"{self._snapshots_str}/{snapshot_id}/idmap") as f:
+                return f.read()
+        except FileNotFoundError:
+            return None
 
     def link_committed(self, snapshot_id: int) -> None:
         """The lower link of a local snapshot being committed (see the module doc)."""
@@ -221,8 +236,9 @@ class SnapshotDirs:
 
     # -- mounts ----------------------------------------------------------------------
 
-    def mounts(self, snap: Snapshot) -> list[Mount]:
-        """The same mount specs as containerd's overlayfs snapshotter."""
+    def mounts(self, snap: Snapshot, lower_paths: list[str] | None = None) -> list[Mount]:
+        """The same mount specs as containerd's overlayfs snapshotter; `lower_paths` (for
+        idmapped lowers) replace the lowers' own paths."""
         if not snap.lowers:
             flag = "ro" if snap.kind == Kind.VIEW else "rw"
             return [Mount("bind", self.fs_dir(snap.id), (flag, "rbind"))]
@@ -232,8 +248,12 @@ class SnapshotDirs:
             options.append(f"upperdir={self.fs_dir(snap.id)}")
         elif len(snap.lowers) == 1:
             lower = snap.lowers[0]
-            return [Mount("bind", self.lower_dir(lower.id, lower.source), ("ro", "rbind"))]
-        options.append("lowerdir=" + ":".join(self.link(lower.id) for lower in snap.lowers))
+            path = lower_paths[0] if lower_paths else self.lower_dir(lower.id, lower.source)
+            return [Mount("bind", path, ("ro", "rbind"))]
+        if lower_paths:
+            options.append("lowerdir=" + ":".join(lower_paths))
+        else:
+            options.append("lowerdir=" + ":".join(self.link(lower.id) for lower in snap.lowers))
         return [Mount("overlay", "overlay", tuple(options))]
 
 
