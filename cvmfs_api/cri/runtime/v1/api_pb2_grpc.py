@@ -138,3 +138,376 @@ class ImageService(object):
             timeout,
             metadata,
             _registered_method=True)
+
+
+class RuntimeServiceStub(object):
+    """Missing associated documentation comment in .proto file."""
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.RunPodSandbox = channel.unary_unary(
+                '/runtime.v1.RuntimeService/RunPodSandbox',
+                request_serializer=cvmfs__api_dot_cri_dot_runtime_dot_v1_dot_api__pb2.RunPodSandboxRequest.SerializeToString,
+                response_deserializer=cvmfs__api_dot_cri_dot_runtime_dot_v1_dot_api__pb2.RunPodSandboxResponse.FromString,
+                _registered_method=True)
+        self.StopPodSandbox = channel.unary_unary(
+                '/runtime.v1.RuntimeService/StopPodSandbox',
+                request_serializer=cvmfs__api_dot_cri_dot_runtime_dot_v1_dot_api__pb2.StopPodSandboxRequest.SerializeToString,
+                response_deserializer=cvmfs__api_dot_cri_dot_runtime_dot_v1_dot_api__pb2.StopPodSandboxResponse.FromString,
+                _registered_method=True)
+        self.RemovePodSandbox = channel.unary_unary(
+                '/runtime.v1.RuntimeService/RemovePodSandbox',
+                request_serializer=cvmfs__api_dot_cri_dot_runtime_dot_v1_dot_api__pb2.RemovePodSandboxRequest.SerializeToString,
+                response_deserializer=cvmfs__api_dot_cri_dot_runtime_dot_v1_dot_api__pb2.RemovePodSandboxResponse.FromString,
+                _registered_method=True)
+        self.CreateContainer = channel.unary_unary(
+                '/runtime.v1.RuntimeService/CreateContainer',
+                request_serializer=cvmfs__api_dot_cri_dot_runtime_dot_v1_dot_api__pb2.CreateContainerRequest.SerializeToString,
+                response_deserializer=cvmfs__api_dot_cri_dot_runtime_dot_v1_dot_api__pb2.CreateContainerResponse.FromString,
+                _registered_method=True)
+        self.StartContainer = channel.unary_unary(
+                '/runtime.v1.RuntimeService/StartContainer',
+                request_serializer=cvmfs__api_dot_cri_dot_runtime_dot_v1_dot_api__pb2.StartContainerRequest.SerializeToString,
+                response_deserializer=cvmfs__api_dot_cri_dot_runtime_dot_v1_dot_api__pb2.StartContainerResponse.FromString,
+                _registered_method=True)
+        self.StopContainer = channel.unary_unary(
+                '/runtime.v1.RuntimeService/StopContainer',
+                request_serializer=cvmfs__api_dot_cri_dot_runtime_dot_v1_dot_api__pb2.StopContainerRequest.SerializeToString,
+                response_deserializer=cvmfs__api_dot_cri_dot_runtime_dot_v1_dot_api__pb2.StopContainerResponse.FromString,
+                _registered_method=True)
+        self.RemoveContainer = channel.unary_unary(
+                '/runtime.v1.RuntimeService/RemoveContainer',
+                request_serializer=cvmfs__api_dot_cri_dot_runtime_dot_v1_dot_api__pb2.RemoveContainerRequest.SerializeToString,
+                response_deserializer=cvmfs__api_dot_cri_dot_runtime_dot_v1_dot_api__pb2.RemoveContainerResponse.FromString,
+                _registered_method=True)
+        self.ContainerStatus = channel.unary_unary(
+                '/runtime.v1.RuntimeService/ContainerStatus',
+                request_serializer=cvmfs__api_dot_cri_dot_runtime_dot_v1_dot_api__pb2.ContainerStatusRequest.SerializeToString,
+                response_deserializer=cvmfs__api_dot_cri_dot_runtime_dot_v1_dot_api__pb2.ContainerStatusResponse.FromString,
+                _registered_method=True)
+
+
+class RuntimeServiceServicer(object):
+    """Missing associated documentation comment in .proto file."""
+
+    def RunPodSandbox(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def StopPodSandbox(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RemovePodSandbox(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CreateContainer(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def StartContainer(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def StopContainer(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RemoveContainer(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ContainerStatus(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_RuntimeServiceServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'RunPodSandbox': grpc.unary_unary_rpc_method_handler(
+                    servicer.RunPodSandbox,
+                    request_deserializer=cvmfs__api_dot_cri_dot_runtime_dot_v1_dot_api__pb2.RunPodSandboxRequest.FromString,
+                    response_serializer=cvmfs__api_dot_cri_dot_runtime_dot_v1_dot_api__pb2.RunPodSandboxResponse.SerializeToString,
+            ),
+            'StopPodSandbox': grpc.unary_unary_rpc_method_handler(
+                    servicer.StopPodSandbox,
+                    request_deserializer=cvmfs__api_dot_cri_dot_runtime_dot_v1_dot_api__pb2.StopPodSandboxRequest.FromString,
+                    response_serializer=cvmfs__api_dot_cri_dot_runtime_dot_v1_dot_api__pb2.StopPodSandboxResponse.SerializeToString,
+            ),
+            'RemovePodSandbox': grpc.unary_unary_rpc_method_handler(
+                    servicer.RemovePodSandbox,
+                    request_deserializer=cvmfs__api_dot_cri_dot_runtime_dot_v1_dot_api__pb2.RemovePodSandboxRequest.FromString,
+                    response_serializer=cvmfs__api_dot_cri_dot_runtime_dot_v1_dot_api__pb2.RemovePodSandboxResponse.SerializeToString,
+            ),
+            'CreateContainer': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateContainer,
+                    request_deserializer=cvmfs__api_dot_cri_dot_runtime_dot_v1_dot_api__pb2.CreateContainerRequest.FromString,
+                    response_serializer=cvmfs__api_dot_cri_dot_runtime_dot_v1_dot_api__pb2.CreateContainerResponse.SerializeToString,
+            ),
+            'StartContainer': grpc.unary_unary_rpc_method_handler(
+                    servicer.StartContainer,
+                    request_deserializer=cvmfs__api_dot_cri_dot_runtime_dot_v1_dot_api__pb2.StartContainerRequest.FromString,
+                    response_serializer=cvmfs__api_dot_cri_dot_runtime_dot_v1_dot_api__pb2.StartContainerResponse.SerializeToString,
+            ),
+            'StopContainer': grpc.unary_unary_rpc_method_handler(
+                    servicer.StopContainer,
+                    request_deserializer=cvmfs__api_dot_cri_dot_runtime_dot_v1_dot_api__pb2.StopContainerRequest.FromString,
+                    response_serializer=cvmfs__api_dot_cri_dot_runtime_dot_v1_dot_api__pb2.StopContainerResponse.SerializeToString,
+            ),
+            'RemoveContainer': grpc.unary_unary_rpc_method_handler(
+                    servicer.RemoveContainer,
+                    request_deserializer=cvmfs__api_dot_cri_dot_runtime_dot_v1_dot_api__pb2.RemoveContainerRequest.FromString,
+                    response_serializer=cvmfs__api_dot_cri_dot_runtime_dot_v1_dot_api__pb2.RemoveContainerResponse.SerializeToString,
+            ),
+            'ContainerStatus': grpc.unary_unary_rpc_method_handler(
+                    servicer.ContainerStatus,
+                    request_deserializer=cvmfs__api_dot_cri_dot_runtime_dot_v1_dot_api__pb2.ContainerStatusRequest.FromString,
+                    response_serializer=cvmfs__api_dot_cri_dot_runtime_dot_v1_dot_api__pb2.ContainerStatusResponse.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'runtime.v1.RuntimeService', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('runtime.v1.RuntimeService', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class RuntimeService(object):
+    """Missing associated documentation comment in .proto file."""
+
+    @staticmethod
+    def RunPodSandbox(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/runtime.v1.RuntimeService/RunPodSandbox',
+            cvmfs__api_dot_cri_dot_runtime_dot_v1_dot_api__pb2.RunPodSandboxRequest.SerializeToString,
+            cvmfs__api_dot_cri_dot_runtime_dot_v1_dot_api__pb2.RunPodSandboxResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StopPodSandbox(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/runtime.v1.RuntimeService/StopPodSandbox',
+            cvmfs__api_dot_cri_dot_runtime_dot_v1_dot_api__pb2.StopPodSandboxRequest.SerializeToString,
+            cvmfs__api_dot_cri_dot_runtime_dot_v1_dot_api__pb2.StopPodSandboxResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RemovePodSandbox(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/runtime.v1.RuntimeService/RemovePodSandbox',
+            cvmfs__api_dot_cri_dot_runtime_dot_v1_dot_api__pb2.RemovePodSandboxRequest.SerializeToString,
+            cvmfs__api_dot_cri_dot_runtime_dot_v1_dot_api__pb2.RemovePodSandboxResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateContainer(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/runtime.v1.RuntimeService/CreateContainer',
+            cvmfs__api_dot_cri_dot_runtime_dot_v1_dot_api__pb2.CreateContainerRequest.SerializeToString,
+            cvmfs__api_dot_cri_dot_runtime_dot_v1_dot_api__pb2.CreateContainerResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StartContainer(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/runtime.v1.RuntimeService/StartContainer',
+            cvmfs__api_dot_cri_dot_runtime_dot_v1_dot_api__pb2.StartContainerRequest.SerializeToString,
+            cvmfs__api_dot_cri_dot_runtime_dot_v1_dot_api__pb2.StartContainerResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StopContainer(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/runtime.v1.RuntimeService/StopContainer',
+            cvmfs__api_dot_cri_dot_runtime_dot_v1_dot_api__pb2.StopContainerRequest.SerializeToString,
+            cvmfs__api_dot_cri_dot_runtime_dot_v1_dot_api__pb2.StopContainerResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RemoveContainer(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/runtime.v1.RuntimeService/RemoveContainer',
+            cvmfs__api_dot_cri_dot_runtime_dot_v1_dot_api__pb2.RemoveContainerRequest.SerializeToString,
+            cvmfs__api_dot_cri_dot_runtime_dot_v1_dot_api__pb2.RemoveContainerResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ContainerStatus(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/runtime.v1.RuntimeService/ContainerStatus',
+            cvmfs__api_dot_cri_dot_runtime_dot_v1_dot_api__pb2.ContainerStatusRequest.SerializeToString,
+            cvmfs__api_dot_cri_dot_runtime_dot_v1_dot_api__pb2.ContainerStatusResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
