@@ -108,12 +108,16 @@ class Stack:
     """The snapshotter and containerd (and dockerd on demand) inside `c`."""
 
     def __init__(self, c: RootfsContainer, runtime: Runtime, repositories: list[str] = ("/w/repo",),
-                 registries: list[str] = (), config: Path | None = None) -> None:
+                 registries: list[str] = (), config: Path | None = None, capabilities: list[str] | None = None,
+                 sandbox_image: str | None = None, snapshotter_args: str = "") -> None:
         self.c = c
         self.rt = runtime
         self.config = config or runtime.config
         self.repositories = list(repositories)
         self.registries = list(registries)   # "http://127.0.0.1:PORT": hosts.toml for each
+        self.capabilities = capabilities     # the proxy plugin's `capabilities` (docs/kubernetes.md)
+        self.sandbox_image = sandbox_image   # CRI's pinned sandbox (pause) image
+        self.snapshotter_args = snapshotter_args
 
     # -- lifecycle -------------------------------------------------------------------
     def start(self) -> "Stack":
@@ -124,7 +128,7 @@ class Stack:
         self.check_versions()
         binds = " && ".join(f"mkdir -p /w/{d} {p} && mount --bind /w/{d} {p}" for p, d in STATE_DIRS.items())
         self.c.exec(binds)
-        self.write_file("/etc/containerd/config.toml", self.config.read_text() + CONFIG_TEST_TAIL)
+        self.write_file("/etc/containerd/config.toml", self.containerd_config())
         for url in self.registries:
             host = url.split("://", 1)[1]
             self.write_file(f"/etc/containerd/certs.d/{host}/hosts.toml", hosts_toml(url))
@@ -134,6 +138,24 @@ class Stack:
         self.wait(f"ctr version >/dev/null 2>&1", "containerd answering")
         self.wait_snapshotter_ready()
         return self
+
+    def containerd_config(self) -> str:
+        text = self.config.read_text()
+        if self.capabilities is not None:
+            header = f"[proxy_plugins.{SNAPSHOTTER}]\n"
+            assert header in text, "the documented config no longer declares the proxy plugin"
+            caps = json.dumps(self.capabilities)
+            text = text.replace(header, f"{header}  capabilities = {caps}\n", 1)
+        tail = CONFIG_TEST_TAIL
+        if self.sandbox_image is not None:
+            # Pods: the pause image from the loopback registry. This machine grants no
+            # CAP_SYS_RESOURCE, so the pause container's oom_score_adj (-998) cannot be
+            # lowered below containerd's own: CRI's option for such hosts clamps it.
+            tail += (f'\n[plugins."io.containerd.cri.v1.images".pinned_images]\n'
+                     f'  sandbox = "{self.sandbox_image}"\n'
+                     '\n[plugins."io.containerd.cri.v1.runtime"]\n'
+                     '  restrict_oom_score_adj = true\n')
+        return text + tail
 
     def check_versions(self) -> None:
         for binary in ("containerd", "ctr"):
@@ -147,6 +169,7 @@ class Stack:
     def start_snapshotter(self) -> None:
         repos = " ".join(f"--repository {shlex.quote(r)}" for r in self.repositories)
         self.c.exec(f"echo $$ > /w/sn.pid; exec cvmfs-snapshotter serve {repos} --log-level debug "
+                    f"{self.snapshotter_args} "
                     f">> /w/snapshotter.log 2>&1", detach=True)
         self.wait(f"test -S {SN_SOCKET}", "snapshotter socket")
 
