@@ -84,7 +84,7 @@ def run_serve(args: argparse.Namespace) -> int:
     remote.warn_about_missing_roots()
     control = None
     try:
-        snapshotter = Snapshotter(cfg.root, remote, metrics)
+        snapshotter = Snapshotter(cfg.root, remote, metrics, metacopy=cfg.overlay_metacopy)
         if cfg.control_address:
             from .pull_server import PullControlServer
 

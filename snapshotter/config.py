@@ -40,6 +40,9 @@ class ServeConfig:
     control_address: Path | None = None
     pull_jobs: int = 4  # pulls run at once; more wait for a slot
     pull_timeout: float = 3600.0  # seconds one pull may run before it is cancelled
+    # overlay metacopy=on: a chown in a container, and containerd's chown of a whole root fs
+    # for user namespaces (no remap-ids declared), copies up metadata only (docs/userns.md).
+    overlay_metacopy: bool = False
 
 
 _KEYS = {
@@ -56,6 +59,7 @@ _KEYS = {
     "control-address",
     "pull-jobs",
     "pull-timeout",
+    "overlay-metacopy",
 }
 
 
@@ -149,6 +153,10 @@ def load_toml(path: Path, cfg: ServeConfig) -> set[str]:
         cfg.pull_jobs = _jobs(data["pull-jobs"], "pull-jobs", where)
     if "pull-timeout" in data:
         cfg.pull_timeout = _duration(data["pull-timeout"], "pull-timeout", where, allow_zero=False)
+    if "overlay-metacopy" in data:
+        if not isinstance(data["overlay-metacopy"], bool):
+            raise ConfigError(f"{where}: overlay-metacopy must be true or false, not {data['overlay-metacopy']!r}")
+        cfg.overlay_metacopy = data["overlay-metacopy"]
     return set(data)
 
 
@@ -184,6 +192,9 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
                         "(default: the --address socket + .ctl; \"\" for none)")
     p.add_argument("--pull-jobs", help="pulls the daemon runs at once (default 4)")
     p.add_argument("--pull-timeout", help="bound on one pull through the daemon, e.g. 1h (default 1h)")
+    p.add_argument("--overlay-metacopy", action="store_true", default=None,
+                   help="mount overlays with metacopy=on: chowns copy up metadata only (for "
+                        "containerd's user-namespace chown where remap-ids cannot be declared)")
 
 
 def serve_config(args: argparse.Namespace) -> ServeConfig:
@@ -217,6 +228,8 @@ def serve_config(args: argparse.Namespace) -> ServeConfig:
         cfg.pull_jobs = _jobs(args.pull_jobs, "--pull-jobs", "command line")
     if args.pull_timeout is not None:
         cfg.pull_timeout = _duration(args.pull_timeout, "--pull-timeout", "command line", allow_zero=False)
+    if args.overlay_metacopy:
+        cfg.overlay_metacopy = True
     if cfg.control_address is not None and not cfg.control_address.is_absolute():
         raise ConfigError(f"control-address must be an absolute path, not {str(cfg.control_address)!r}")
     if not cfg.root.is_absolute() or not cfg.address.is_absolute():

@@ -33,10 +33,16 @@ class CleanupIncomplete(RuntimeError):
 
 
 class Snapshotter:
-    def __init__(self, root: Path, remote: LayerSource | None = None, metrics: Metrics | None = None) -> None:
+    def __init__(
+        self, root: Path, remote: LayerSource | None = None, metrics: Metrics | None = None, metacopy: bool = False
+    ) -> None:
         self.root = Path(root)
         self.metrics = metrics
         options = ("index=off",) if overlay_supports_index() else ()
+        if metacopy:
+            # On every overlay: a lower holding metacopy files (a committed upper) is
+            # refused by a mount without it.
+            options += ("metacopy=on",)
         self.dirs = SnapshotDirs(self.root, options)
         self.store = Store(str(self.root / "metadata.db"))
         self.idmapped = IdmappedLowers(self.root)
@@ -87,7 +93,12 @@ class Snapshotter:
         if idmap is not None:
             # As containerd's overlay snapshotter: the upper dir belongs to the pod's root.
             mode = root_attrs[0] if root_attrs is not None else 0o40755
-            root_attrs = (mode, *idmap.root())
+            pod_root = idmap.root()
+            if root_attrs is not None and root_attrs[1:] == pod_root:
+                # containerd chowned the image already (remap-ids not declared): its
+                # "<id>-remap" snapshot is the parent, shown as it is.
+                idmap = None
+            root_attrs = (mode, *pod_root)
 
         stale: list[Doomed] = []
 

@@ -133,11 +133,23 @@ class Stack:
             host = url.split("://", 1)[1]
             self.write_file(f"/etc/containerd/certs.d/{host}/hosts.toml", hosts_toml(url))
         self.start_snapshotter()
-        self.c.exec(f"containerd --config /etc/containerd/config.toml >> /w/containerd.log 2>&1",
-                    detach=True)
-        self.wait(f"ctr version >/dev/null 2>&1", "containerd answering")
+        self.start_containerd()
         self.wait_snapshotter_ready()
         return self
+
+    def start_containerd(self) -> None:
+        self.c.exec("echo $$ > /w/cd.pid; exec containerd --config /etc/containerd/config.toml "
+                    ">> /w/containerd.log 2>&1", detach=True)
+        self.wait("ctr version >/dev/null 2>&1", "containerd answering")
+
+    def restart_containerd(self) -> None:
+        """Stop containerd, write its config again (after a change of this Stack's settings),
+        start it; running containers go on (their shims outlive containerd)."""
+        self.c.exec("kill $(cat /w/cd.pid); "
+                    "for i in $(seq 200); do kill -0 $(cat /w/cd.pid) 2>/dev/null || exit 0; sleep 0.1; done; exit 1")
+        self.write_file("/etc/containerd/config.toml", self.containerd_config())
+        self.start_containerd()
+        self.wait_snapshotter_ready()
 
     def containerd_config(self) -> str:
         text = self.config.read_text()

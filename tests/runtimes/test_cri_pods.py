@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import shlex
+import time
 from pathlib import Path
 
 import pytest
@@ -17,7 +18,7 @@ import pytest
 from cvmfs_api.cri.runtime.v1 import api_pb2 as cri
 from tests.e2e.repo_writer import publish_layers
 from tests.fixtures.images import Pusher, busybox_entries, host_arch
-from tests.fixtures.layers import Layer
+from tests.fixtures.layers import Entry, Layer
 from tests.fixtures.oci_layout import ImageConfig, OciLayout, Platform
 from tests.fixtures.tree import LISTING_SCRIPT, RUNTIME_MOUNTS, compare_trees, parse_listing
 
@@ -147,7 +148,76 @@ def test_user_namespaced_pod_runs_from_the_repository(rt, own_registry, stack_fa
         assert "slow_chown" not in stack.logs() and "-remap" not in stack.logs()
         api.remove_pod(pod)
         # containerd's garbage collector removes the snapshots a little later.
-        stack.wait(f"test -z \"$(ls /var/lib/containerd-cvmfs-grpc/idmap)\"", "the pod's idmapped lowers to go")
+        stack.wait("test -z \"$(ls /var/lib/containerd-cvmfs-grpc/idmap)\"", "the pod's idmapped lowers to go")
         assert "/var/lib/containerd-cvmfs-grpc/idmap/" not in stack.sh("cat /proc/self/mountinfo").stdout
     finally:
         api.close()
+
+
+def push_big_image(reg, work: Path, files: int = 2000, size: int = 40_000):
+    """busybox and a layer of `files` incompressible files (~80 MB: a Debian image's size)."""
+    data = [Entry.dir("/data")] + [Entry.dir(f"/data/{d:02d}") for d in range(files // 100)]
+    data += [Entry.file(f"/data/{i // 100:02d}/f{i}", os.urandom(size), 0o644, i % 3 * 1000, i % 3 * 1000)
+             for i in range(files)]
+    layers = [Layer.from_entries(busybox_entries()), Layer.from_entries(data)]
+    layout = OciLayout(work / "big-layout")
+    layout.tag("big", layout.add_image(layers, ImageConfig(platform=Platform("linux", host_arch()))))
+    pusher = Pusher(reg.host)
+    pusher.copy(work / "big-layout", "big", "test/big", "v1", fmt="oci")
+    return pusher.describe("test/big", "v1", layer_tars=[layer.tar for layer in layers])
+
+
+def start_cost(api: Cri, stack: Stack, img, userns: UserNs, name: str) -> tuple[int, float]:
+    """(bytes written under the snapshotter's snapshots/, seconds) of one user-namespaced
+    container's CreateContainer + StartContainer in a pod of its own; its tree checked."""
+    pod = api.run_pod(name, userns)
+    du = "du -sB1 /var/lib/containerd-cvmfs-grpc/snapshots | cut -f1"
+    before = int(stack.sh(du).stdout)
+    t0 = time.monotonic()
+    cid = api.create(pod, "lister", img.ref, ["/bin/sh", "-c", listing()])
+    api.start(cid)
+    seconds = time.monotonic() - t0
+    written = int(stack.sh(du).stdout) - before
+    st = api.wait_exit(cid)
+    out = api.output(pod, "lister")
+    assert st.exit_code == 0, out[-3000:]
+    problems = compare_trees(img.tree, parse_listing(out), ignore=CRI_FILES)
+    assert not problems, "\n".join(problems[:20])
+    return written, seconds
+
+
+@CONTAINERDS
+@pytest.mark.timeout(1800)
+def test_userns_start_cost_against_containerds_chown(rt, registry_factory, stack_factory, tmp_path):
+    """Bytes written and time per user-namespaced container start of an ~80 MB image served
+    from the repository: idmapped lowers (remap-ids) vs containerd's chown of the root fs
+    (no capability declared), plain and with overlay-metacopy. Times are printed, not asserted."""
+    reg = registry_factory()
+    img = push_big_image(reg, tmp_path)
+    stack = cri_stack(stack_factory, rt, reg, img, capabilities=["remap-ids"], work=tmp_path)
+    api = Cri(stack)
+    try:
+        api.pull(img.ref)
+        rows = {"remap-ids: idmapped lowers": start_cost(api, stack, img, UserNs(100000, 100000), "ours")}
+        stack.capabilities = []
+        stack.restart_containerd()
+        api.close()
+        api = Cri(stack)
+        rows["no capability: containerd's chown"] = start_cost(api, stack, img, UserNs(200000, 200000), "chown")
+        stack.snapshotter_args = "--overlay-metacopy"
+        stack.restart_snapshotter()
+        stack.restart_containerd()  # a fresh connection to the restarted snapshotter
+        api.close()
+        api = Cri(stack)
+        rows["no capability, overlay-metacopy"] = start_cost(api, stack, img, UserNs(300000, 300000), "metacopy")
+        assert layer_gets(reg, img) == 0
+    finally:
+        api.close()
+    print(f"\ncontainerd {rt.containerd}, ~80 MB image ({len(img.tree.entries)} paths): "
+          "user-namespaced container start (CreateContainer + StartContainer)")
+    for label, (written, seconds) in rows.items():
+        print(f"  {label:36s} {written / 1e6:9.2f} MB written {seconds:7.2f} s")
+    chown = rows["no capability: containerd's chown"][0]
+    assert chown > 80e6  # the chown copied the image up
+    assert rows["remap-ids: idmapped lowers"][0] < chown / 100
+    assert rows["no capability, overlay-metacopy"][0] < chown / 5  # one xattr block per file

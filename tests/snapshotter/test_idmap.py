@@ -158,3 +158,21 @@ def test_a_lower_on_fuse_fails_fast_with_the_capability_to_declare(sn, tmp_path)
         assert _mounts_under(sn.root / "idmap") == [] and os.listdir(sn.root / "idmap") == []
     finally:
         subprocess.run(["umount", str(fuse)], check=False)
+
+
+@needs_root
+def test_a_parent_containerd_chowned_already_is_not_idmapped_again(sn, tmp_path):
+    """No remap-ids declared: containerd prepares "<id>-remap", chowns it all, commits it, and
+    still sends the labels on the container's Prepare: its lowers are shown as they are."""
+    _committed(sn, "a", "", {"f": (0, 0)})
+    (m,) = sn.prepare("x-remap", "a", {})
+    upper = Path(_opt(m.options, "upperdir"))
+    for p in (upper, upper / "f"):
+        if p != upper:
+            p.write_text("f")
+        os.chown(p, 100000, 200000)
+    sn.commit("remapped", "x-remap", {})
+    (c,) = sn.prepare("ctr", "remapped", dict(MAP))
+    assert all(not p.startswith(str(sn.root / "idmap")) for p in _opt(c.options, "lowerdir").split(":"))
+    assert Path(_opt(c.options, "upperdir")).stat().st_uid == 100000
+    assert os.listdir(sn.root / "idmap") == []
