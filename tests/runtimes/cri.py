@@ -1,10 +1,10 @@
 """A kubelet's part, as far as the tests need it: CRI calls to the containerd of a Stack,
 from the host through the container's root (/proc/<pid>/root/run/containerd/...).
 
-Pods use the host network, except user-namespaced ones: containerd pins a pod's user
-namespace to its network namespace, so those get one from a no-op CNI plugin (install_noop_cni:
-a loopback-only netns, the address reported but never configured). Logs go under /w/pods, so
-a container's output is read on the host once it has exited."""
+Pods get a network namespace from a no-op CNI plugin (install_noop_cni: loopback only, the
+address reported but never configured): containerd pins a pod's user namespace to it, so a
+user-namespaced pod cannot use the host network. Logs go under /w/pods, so a container's
+output is read on the host once it has exited."""
 from __future__ import annotations
 
 import subprocess
@@ -84,7 +84,7 @@ class Cri:
         return self.images.PullImage(req, timeout=TIMEOUT).image_ref
 
     def _ns(self, userns: UserNs | None) -> cri.NamespaceOption:
-        return cri.NamespaceOption(network=cri.POD if userns else cri.NODE, pid=cri.CONTAINER, ipc=cri.POD,
+        return cri.NamespaceOption(network=cri.POD, pid=cri.CONTAINER, ipc=cri.POD,
                                    userns_options=userns.pb() if userns else None)
 
     def run_pod(self, name: str, userns: UserNs | None = None) -> Pod:
