@@ -13,6 +13,7 @@ import shlex
 import time
 from pathlib import Path
 
+import grpc
 import pytest
 
 from cvmfs_api.cri.runtime.v1 import api_pb2 as cri
@@ -281,5 +282,57 @@ def test_image_volume_unpacked_without_cri_labels(rt, own_registry, stack_factor
         problems = compare_trees(img.tree, parse_listing(strip_prefix(out, "/vol")), ignore=frozenset())
         assert not problems, "\n".join(problems)
         assert layer_gets(reg, img) == 0
+    finally:
+        api.close()
+
+
+@CONTAINERDS
+@pytest.mark.timeout(1200)
+def test_userns_on_a_fuse_repository(rt, registry_factory, stack_factory, tmp_path):
+    """A repository on a FUSE mount that does not allow idmapping (as a CernVM-FS client's):
+    with remap-ids declared the Prepare fails fast naming the capabilities to declare instead;
+    with only-remap-ids containerd refuses user-namespaced pods; with no capability and
+    overlay-metacopy, containerd's chown copies metadata only and the pod runs.
+    fuse-overlayfs over the repository stands in for the CernVM-FS client."""
+    reg = registry_factory()
+    img = push_big_image(reg, tmp_path, files=300, size=20_000)   # no whiteouts: fuse-overlayfs keeps it exact
+    pause = push_pause(reg, tmp_path)
+
+    def before(c) -> None:
+        install_noop_cni(c)
+        publish_layers(reg.host, img, repo_in(c), range(len(img.layers)))
+        c.exec("mkdir -p /w/fuse-repo && fuse-overlayfs -o lowerdir=/w/repo /w/fuse-repo && "
+               "grep -q ' /w/fuse-repo fuse' /proc/self/mounts")
+
+    stack = stack_factory(rt, registries=[reg.url], before_start=before, repositories=["/w/fuse-repo"],
+                          capabilities=["remap-ids"], sandbox_image=pause)
+    for digest in img.layers:
+        reg.delete_blob_files(digest)
+    reg.clear_log()
+    api = Cri(stack)
+    try:
+        api.pull(img.ref)
+        assert stack.served_from_repository() == len(img.layers)
+        with pytest.raises(grpc.RpcError) as e:   # the pause image shares its busybox layer
+            api.run_pod("fuse", UserNs())
+        assert "cannot be idmapped" in e.value.details() and "only-remap-ids" in e.value.details(), e.value
+        stack.capabilities = ["only-remap-ids"]
+        stack.restart_containerd()
+        api.close()
+        api = Cri(stack)
+        with pytest.raises(grpc.RpcError) as e:
+            api.run_pod("refused", UserNs(300000, 300000))
+        assert "slow_chown" in e.value.details(), e.value
+        stack.capabilities = []
+        stack.snapshotter_args = "--overlay-metacopy"
+        stack.restart_snapshotter()
+        stack.restart_containerd()
+        api.close()
+        api = Cri(stack)
+        written, seconds = start_cost(api, stack, img, UserNs(400000, 400000), "metacopy")
+        print(f"\ncontainerd {rt.containerd}, FUSE repository, {len(img.tree.entries)} paths, 6 MB: "
+              f"containerd's chown with overlay-metacopy wrote {written / 1e6:.2f} MB in {seconds:.2f} s")
+        assert written < 6e6 / 2
+        assert sum(reg.blob_get_count(d) for d in img.layers) == 0
     finally:
         api.close()
