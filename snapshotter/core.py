@@ -115,7 +115,10 @@ class Snapshotter:
             try:
                 return self.dirs.mounts(created.snapshot, self._idmapped_lowers(key, created.snapshot, idmap))
             except BaseException:
-                self.remove(key)  # a user-namespaced snapshot without its mounts is of no use
+                try:
+                    self.remove(key)  # a user-namespaced snapshot without its mounts is of no use
+                except Exception as e:  # noqa: BLE001 - the first error is the one to report
+                    log.warning("could not remove %s after its failed Prepare: %s", key, e)
                 raise
         return self.dirs.mounts(created.snapshot)
 

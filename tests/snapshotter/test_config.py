@@ -45,6 +45,14 @@ def test_every_key_of_the_file(tmp_path):
                               "json", "127.0.0.1:9102", control_address=Path("/a.sock.ctl"))
 
 
+def test_overlay_metacopy_from_the_file_or_the_flag(tmp_path):
+    f = tmp_path / "c.toml"
+    f.write_text("overlay-metacopy = true\n")
+    assert config("--config", str(f)).overlay_metacopy is True
+    assert config("--overlay-metacopy").overlay_metacopy is True
+    assert config().overlay_metacopy is False
+
+
 def test_flags_win_over_the_file(tmp_path):
     f = tmp_path / "c.toml"
     f.write_text('root = "/r"\nrepositories = ["/x"]\nstat-timeout = "3s"\nlog-level = "error"\n')
@@ -67,6 +75,7 @@ def test_flags_win_over_the_file(tmp_path):
     ('log-level = "loud"\n', "log-level must be one of debug, info, warning, error, not 'loud'"),
     ('log-format = "xml"\n', "log-format must be one of text, json"),
     ('metrics-address = "9102"\n', "metrics-address must be HOST:PORT"),
+    ('overlay-metacopy = "yes"\n', "overlay-metacopy must be true or false"),
     ("colour = 1\n", "unknown keys ['colour']"),
 ])
 def test_a_bad_file_exits_2_naming_file_and_key(tmp_path, capsys, text, message):

@@ -176,3 +176,14 @@ def test_a_parent_containerd_chowned_already_is_not_idmapped_again(sn, tmp_path)
     assert all(not p.startswith(str(sn.root / "idmap")) for p in _opt(c.options, "lowerdir").split(":"))
     assert Path(_opt(c.options, "upperdir")).stat().st_uid == 100000
     assert os.listdir(sn.root / "idmap") == []
+
+
+def test_overlay_metacopy_on_every_overlay(tmp_path):
+    s = Snapshotter(tmp_path / "root", metacopy=True)
+    try:
+        _committed(s, "a", "", {})
+        _committed(s, "b", "a", {})
+        for m in (s.prepare("c", "b", {})[0], s.view("v", "b", {})[0]):
+            assert m.type == "overlay" and "metacopy=on" in m.options
+    finally:
+        s.close()
