@@ -336,3 +336,27 @@ def test_userns_on_a_fuse_repository(rt, registry_factory, stack_factory, tmp_pa
         assert sum(reg.blob_get_count(d) for d in img.layers) == 0
     finally:
         api.close()
+
+
+@CONTAINERDS
+def test_image_volume_in_a_user_namespaced_pod(rt, own_registry, stack_factory, tmp_path):
+    """As the kubelet asks for a pod with hostUsers: false: the image volume's Mount carries
+    the pod's mappings. The volume shows the image's owners inside, no blob GET."""
+    reg, images = own_registry
+    img = images.multilayer
+    stack = cri_stack(stack_factory, rt, reg, img, capabilities=["remap-ids"], work=tmp_path)
+    api = Cri(stack)
+    try:
+        api.pull(img.ref)
+        userns = UserNs()
+        pod = api.run_pod("userns-volume", userns)
+        ns = userns.pb()
+        mounts = [cri.Mount(container_path="/vol", image=cri.ImageSpec(image=img.ref), readonly=True,
+                            uidMappings=list(ns.uids), gidMappings=list(ns.gids))]
+        st, out = api.run(pod, "reader", img.ref, ["/bin/sh", "-c", listing("/vol")], mounts=mounts)
+        assert st.exit_code == 0, out[-3000:]
+        problems = compare_trees(img.tree, parse_listing(strip_prefix(out, "/vol")), ignore=frozenset())
+        assert not problems, "\n".join(problems) + "\n" + stack.logs()
+        assert layer_gets(reg, img) == 0
+    finally:
+        api.close()
