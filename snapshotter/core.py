@@ -85,10 +85,10 @@ class Snapshotter:
         lineage: Lineage | None,
         facts: ParentFacts | None,
     ) -> list[Mount]:
+        idmap = self._idmap(labels)
         # Stat the parent's dir before the write transaction: on a slow repository the
         # (bounded) stat must not hold the database lock. A bad parent is reported by
         # store.create, which re-checks everything inside the transaction.
-        idmap = self._idmap(labels)
         root_attrs = self._root_attributes(facts) if facts is not None and facts.kind == Kind.COMMITTED else None
         if idmap is not None:
             # As containerd's overlay snapshotter: the upper dir belongs to the pod's root.
