@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -285,3 +286,27 @@ def test_cri_pull_through_the_snapshotter_on_the_client_mount(published: Publish
         assert split_hardlinks(img, out, compare_trees(img.tree, out, ignore=RUNTIME_MOUNTS | IGNORE)) == []
     finally:
         rt.stop()
+
+
+def test_the_client_mount_cannot_be_idmapped(published: Published) -> None:
+    """Why `remap-ids` is not for CernVM-FS clients (docs/kubernetes.md): the snapshotter's
+    idmapped mount of a layer dir on the client mount is refused, a local dir's is not."""
+    img = published.images["multilayer"]
+    layerfs = f"{published.repo.client}/{published.layout.layerfs(img.layers[0]).relative_to(published.client())}"
+    script = (
+        "import sys\n"
+        "from snapshotter.idmap import IdMap, IdmapUnsupported, detach, idmapped_bind, userns_fd\n"
+        "ns = userns_fd(IdMap(((0, 100000, 65536),), ((0, 100000, 65536),)))\n"
+        "for src in sys.argv[1:]:\n"
+        "    try:\n"
+        "        idmapped_bind(src, '/w/idmap-target', ns)\n"
+        "        detach('/w/idmap-target')\n"
+        "        print(src, 'mounted')\n"
+        "    except IdmapUnsupported as e:\n"
+        "        print(src, 'refused', e.errno)\n"
+    )
+    published.s0.sh("mkdir -p /w/idmap-target /w/local-dir")
+    out = published.s0.sh(f"cd / && /opt/venv/bin/python -c {shlex.quote(script)} {shlex.quote(layerfs)} "
+                          "/w/local-dir").stdout
+    assert f"{layerfs} refused 22" in out, out
+    assert "/w/local-dir mounted" in out, out
