@@ -256,14 +256,14 @@ def test_image_volumes_from_the_repository_and_from_the_registry(rt, own_registr
 
 
 @CONTAINERDS
-@pytest.mark.xfail(strict=True, reason="the repository lookup needs a layer digest (a CRI or our pull's label); "
-                   "the chain id alone (containerd.io/snapshot.ref) finds no layer yet, so containerd reads "
-                   "the blob from its content store, which a pull served from the repository never filled")
-def test_image_volume_unpacked_without_cri_labels(rt, own_registry, stack_factory, tmp_path):
-    """The volume's image is known but not unpacked in the snapshotter (its snapshots were
-    removed; with the repository's layers its blobs were never fetched): CRI's Unpack then
-    asks for each layer with the chain id label only (containerd.io/snapshot.ref), no CRI
-    labels. The repository must serve it from the chain id: no blob GET, tree exact."""
+def test_image_volume_whose_snapshots_are_gone(rt, own_registry, stack_factory, tmp_path):
+    """The volume's image is known to containerd but no longer unpacked in the snapshotter
+    (its snapshots removed). CRI then unpacks it with containerd's client Unpack
+    (pkg/rootfs ApplyLayerWithOpts): Prepare "extract-<n> <chainID>" with no label at all,
+    and another key after ALREADY_EXISTS, so no snapshotter can serve it from elsewhere; it
+    reads the blobs from the content store, which a pull served from the repository never
+    filled. The mount fails with containerd's "not found"; a PullImage (the kubelet's, e.g.
+    imagePullPolicy: Always) unpacks it again from the repository, and then it mounts."""
     reg, images = own_registry
     img = images.multilayer
     stack = cri_stack(stack_factory, rt, reg, img, capabilities=None, work=tmp_path)
@@ -277,6 +277,10 @@ def test_image_volume_unpacked_without_cri_labels(rt, own_registry, stack_factor
         mounts = [cri.Mount(container_path="/vol", image=cri.ImageSpec(image=img.ref), readonly=True)]
         # The container's own image is another: its root fs must not unpack the volume's layers.
         pause = f"{reg.host}/{PAUSE}:v1"
+        with pytest.raises(grpc.RpcError) as e:
+            api.create(pod, "first", pause, ["/bin/true"], mounts=mounts)
+        assert "failed to unpack image volume" in e.value.details() and "not found" in e.value.details(), e.value
+        api.pull(img.ref)
         st, out = api.run(pod, "reader", pause, ["/bin/sh", "-c", listing("/vol")], mounts=mounts)
         assert st.exit_code == 0, out[-3000:]
         problems = compare_trees(img.tree, parse_listing(strip_prefix(out, "/vol")), ignore=frozenset())
