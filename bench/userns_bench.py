@@ -34,12 +34,16 @@ def main() -> int:
     from tests.fixtures.rootfs import start_container, stop_container
     from tests.runtimes.conftest import repo_in
     from tests.runtimes.cri import Cri, UserNs, install_noop_cni
-    from tests.runtimes.stack import SID_CD23_RT, SID_RT, Stack, containerd23_tarball
+    from tests.runtimes.stack import DIST_IN_CONTAINER, SID23_RT, SID_RT, Stack, shared_containerd_dir
     from tests.runtimes.test_cri_pods import push_big_image, push_pause, start_cost
 
-    rt = SID_CD23_RT if args.containerd == "2.3" else SID_RT
-    if rt is SID_CD23_RT and containerd23_tarball() is None:
-        sys.exit("../shared/containerd (containerd 2.3.4 binaries) is absent")
+    rt = SID23_RT if args.containerd == "2.3" else SID_RT
+    binds = []
+    if rt.tarball:
+        dist = shared_containerd_dir()
+        if dist is None or not (dist / rt.tarball).is_file():
+            sys.exit(f"containerd {rt.containerd} needs {rt.tarball} in ../shared/containerd")
+        binds.append((str(dist), DIST_IN_CONTAINER, True))
     variants = [("remap-ids (idmapped lowers)", ["remap-ids"], ""),
                 ("containerd's chown", [], ""),
                 ("containerd's chown + metacopy", [], "--overlay-metacopy")]
@@ -50,7 +54,7 @@ def main() -> int:
         try:
             img = push_big_image(reg, base)
             pause = push_pause(reg, base)
-            c = start_container(rt.spec, base, "usernsb-")
+            c = start_container(rt.spec, base, "usernsb-", binds=binds)
             install_noop_cni(c)
             publish_layers(reg.host, img, repo_in(c), range(len(img.layers)))
             stack = Stack(c, rt, registries=[reg.url], capabilities=["remap-ids"], sandbox_image=pause).start()
