@@ -15,6 +15,7 @@ from tests.publisher.clirun import run_proc, write_wishlist
 from tests.publisher.conftest import requires_root
 from tests.publisher.looprun import Images
 from tests.publisher.treeview import tree_snapshot
+from tests.snapshotter.deep_tree import make_chain, remove_everything
 
 pytestmark = requires_root
 
@@ -106,7 +107,7 @@ def test_a_read_only_repository_is_a_clean_error(registry, tmp_path: Path, small
     assert gc.rc in (0, 1) and "Traceback" not in gc.stderr, gc.stdout + gc.stderr
 
 
-def test_state_rebuild_skips_hostile_metadata_without_hanging(registry, tmp_path: Path) -> None:
+def test_state_rebuild_skips_hostile_metadata_without_hanging(registry, tmp_path: Path, request) -> None:
     """Forged .metadata: JSON nested beyond the parser, a tree deeper than any tag name, a
     manifest.json that is a symlink to /dev/zero, a config.json that is a FIFO. The
     rebuild skips each (naming it), keeps the real tag, and never blocks on the FIFO."""
@@ -134,15 +135,10 @@ def test_state_rebuild_skips_hostile_metadata_without_hanging(registry, tmp_path
     os.mkfifo(fifo / "config.json")
     deep = lay.metadata_root / "deep.example.org"
     deep.mkdir()
-    fd = os.open(deep, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        for _ in range(3000):  # far deeper than PATH_MAX allows as one path
-            os.mkdir("d", dir_fd=fd)
-            nxt = os.open("d", os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
-            os.close(fd)
-            fd = nxt
-    finally:
-        os.close(fd)
+    # far deeper than PATH_MAX allows as one path; removed here, as pytest's own clean-up of
+    # old base temp dirs recurses per level and would fail on it in a later run
+    request.addfinalizer(lambda: remove_everything(str(deep)))
+    make_chain(str(deep), 3000)
 
     res = run_proc("state", "rebuild", *args[:4], timeout=120)
     assert res.rc == 1 and "Traceback" not in res.stderr, res.stdout + res.stderr
