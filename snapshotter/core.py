@@ -23,9 +23,12 @@ from .layer_source import LayerRequest, LayerSource, SourceUnavailable
 from .lineage import Lineage, next_ducc_ids
 from .metrics import Metrics
 from .model import Info, Kind, Lower, Mount, Snapshot, Usage
+from .readcache import KeyedCache
 from .store import ParentFacts, Store
 
 log = logging.getLogger(__name__)
+
+MOUNTS_CACHE_SIZE = 1024  # Mounts answers of active/view snapshots kept in memory
 
 
 class CleanupIncomplete(RuntimeError):
@@ -47,6 +50,8 @@ class Snapshotter:
         self.store = Store(str(self.root / "metadata.db"))
         self.idmapped = IdmappedLowers(self.root)
         self.remote = remote
+        # key -> (lowers, mounts): a snapshot's mounts never change while it exists
+        self._mounts: KeyedCache[tuple[tuple[Lower, ...], list[Mount]]] = KeyedCache(MOUNTS_CACHE_SIZE)
 
     def close(self) -> None:
         self.store.close()
@@ -106,6 +111,7 @@ class Snapshotter:
             attrs = root_attrs if lowers or idmap is not None else None
             self.dirs.create(snapshot_id, kind, attrs, stale, idmap.encode() if idmap is not None else None)
 
+        generation = self._mounts.generation()
         try:
             created = self.store.create(key, parent, kind, labels, make_dirs, lineage)
         finally:
@@ -120,7 +126,9 @@ class Snapshotter:
                 except Exception as e:  # noqa: BLE001 - the first error is the one to report
                     log.warning("could not remove %s after its failed Prepare: %s", key, e)
                 raise
-        return self.dirs.mounts(created.snapshot)
+        mounts = self.dirs.mounts(created.snapshot)
+        self._mounts.put(key, (created.snapshot.lowers, mounts), generation)  # the unpacker asks next
+        return mounts
 
     def _idmapped_lowers(self, key: str, snap: Snapshot, idmap: IdMap) -> list[str]:
         lowers = [(lower.id, self.dirs.lower_dir(lower.id, lower.source)) for lower in snap.lowers]
@@ -207,12 +215,20 @@ class Snapshotter:
     # -- the rest --------------------------------------------------------------------
 
     def mounts(self, key: str) -> list[Mount]:
+        """The same list object while the snapshot exists (callers must not modify it)."""
+        cached = self._mounts.get(key)
+        if cached is not None:
+            self._revalidate(key, cached[0])
+            return cached[1]
+        generation = self._mounts.generation()
         snap = self.store.snapshot(key)
         self._revalidate(key, snap.lowers)
         encoded = self.dirs.read_idmap(snap.id) if snap.lowers else None
-        if encoded is not None:
+        if encoded is not None:  # not kept: its idmapped lowers are ensured on every call
             return self.dirs.mounts(snap, self._idmapped_lowers(key, snap, IdMap.decode(encoded)))
-        return self.dirs.mounts(snap)
+        mounts = self.dirs.mounts(snap)
+        self._mounts.put(key, (snap.lowers, mounts), generation)
+        return mounts
 
     def _revalidate(self, key: str, lowers: Sequence[Lower]) -> None:
         """Repository dirs can vanish (unpublished, unmounted): fail clearly, never hang."""
@@ -242,7 +258,10 @@ class Snapshotter:
         # The link is made in the commit's transaction, before the row says "committed":
         # a committed snapshot always has its link. Should the commit fail, the active
         # snapshot keeps a harmless link until Remove.
-        self.store.commit(name, key, labels, usage, self.dirs.link_committed)
+        try:
+            self.store.commit(name, key, labels, usage, self.dirs.link_committed)
+        finally:
+            self._mounts.drop(key)
 
     def remove(self, key: str) -> None:
         detached: list[Doomed] = []
@@ -257,6 +276,8 @@ class Snapshotter:
         except BaseException:
             self.dirs.reattach(detached)  # the row is still there: give it its dir back
             raise
+        finally:
+            self._mounts.drop(key)
         self._delete(detached)
         for snapshot_id in removed:
             try:

@@ -34,6 +34,7 @@ _STATUS = {
     errors.Unavailable: grpc.StatusCode.UNAVAILABLE,
 }
 
+RESPONSE_MEMO_SIZE = 4096  # Stat/Mounts responses, kept for the objects the core keeps (see Stat)
 LIST_BATCH = 100  # at most this many infos per List message, as containerd's own service sends them
 LIST_BATCH_BYTES = 1 << 20  # and about this many bytes: well under gRPC's default 4 MiB limit
 
@@ -66,6 +67,12 @@ def list_batches(infos: list[Info]) -> Iterator[list[pb.Info]]:
         yield batch
 
 
+def _remember(memo: dict[str, T], key: str, value: T) -> None:
+    if len(memo) >= RESPONSE_MEMO_SIZE:
+        memo.clear()  # a bound: refilled by the next calls
+    memo[key] = value
+
+
 def _namespace(context: grpc.ServicerContext) -> str:
     for key, value in context.invocation_metadata() or ():
         if key == "containerd-namespace":
@@ -77,6 +84,8 @@ class SnapshotsService(pb_grpc.SnapshotsServicer):
     def __init__(self, snapshotter: Snapshotter, metrics: Metrics | None = None) -> None:
         self.sn = snapshotter
         self.metrics = metrics
+        self._stat_memo: dict[str, tuple[Info, pb.StatSnapshotResponse]] = {}
+        self._mounts_memo: dict[str, tuple[list[Mount], pb.MountsResponse]] = {}
 
     def _call(self, name: str, context: grpc.ServicerContext, key: str, fn: Callable[[], T]) -> T:
         start = time.perf_counter()
@@ -112,8 +121,14 @@ class SnapshotsService(pb_grpc.SnapshotsServicer):
         return pb.ViewSnapshotResponse(mounts=_mounts(mounts))
 
     def Mounts(self, request, context):  # noqa: N802
-        mounts = self._call("Mounts", context, request.key, lambda: self.sn.mounts(request.key))
-        return pb.MountsResponse(mounts=_mounts(mounts))
+        key = request.key
+        mounts = self._call("Mounts", context, key, lambda: self.sn.mounts(key))
+        memo = self._mounts_memo.get(key)  # the same list object while the snapshot exists
+        if memo is not None and memo[0] is mounts:
+            return memo[1]
+        response = pb.MountsResponse(mounts=_mounts(mounts))
+        _remember(self._mounts_memo, key, (mounts, response))
+        return response
 
     def Commit(self, request, context):  # noqa: N802
         self._call(
@@ -126,8 +141,16 @@ class SnapshotsService(pb_grpc.SnapshotsServicer):
         return empty_pb2.Empty()
 
     def Stat(self, request, context):  # noqa: N802
-        info = self._call("Stat", context, request.key, lambda: self.sn.stat(request.key))
-        return pb.StatSnapshotResponse(info=info_to_pb(info))
+        key = request.key
+        info = self._call("Stat", context, key, lambda: self.sn.stat(key))
+        # The store hands out the same Info object while the snapshot is unchanged, so its
+        # response is built once (the messages are only read, by the serializer, afterwards).
+        memo = self._stat_memo.get(key)
+        if memo is not None and memo[0] is info:
+            return memo[1]
+        response = pb.StatSnapshotResponse(info=info_to_pb(info))
+        _remember(self._stat_memo, key, (info, response))
+        return response
 
     def Update(self, request, context):  # noqa: N802
         wanted = Info(request.info.name, "", Kind.COMMITTED, 0, 0, dict(request.info.labels))

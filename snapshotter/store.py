@@ -18,11 +18,13 @@ from .errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from .filters import EQUAL, Filter, Selector
 from .lineage import DuccIds, Lineage
 from .model import Info, Kind, Lower, Snapshot, Usage
+from .readcache import KeyedCache
 
 T = TypeVar("T")
 
 SCHEMA_VERSION = 1
 STACK_CACHE_SIZE = 256  # lower stacks of committed snapshots kept in memory
+INFO_CACHE_SIZE = 4096  # Stat answers kept in memory (containerd's List Stats every snapshot)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS snapshots (
@@ -104,6 +106,7 @@ class Store:
         self._path = path
         self._local = threading.local()
         self._stacks: dict[int, tuple[Lower, ...]] = {}  # see _lowers
+        self._infos: KeyedCache[Info] = KeyedCache(INFO_CACHE_SIZE)  # see stat
         db = self._conn()
         db.executescript(_SCHEMA)  # runs in its own implicit transaction
         db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
@@ -136,22 +139,30 @@ class Store:
     # for every List.
 
     @contextmanager
-    def _tx(self, write: bool = True, durable: bool = True) -> Iterator[sqlite3.Connection]:
+    def _tx(
+        self, write: bool = True, durable: bool = True, keys: tuple[str, ...] = ()
+    ) -> Iterator[sqlite3.Connection]:
+        """`keys`: the snapshots whose Info the transaction may change; their cached Stat
+        answers are dropped once it has ended (see readcache.py)."""
         db = self._conn()
-        if write:
-            self._sync_mode(db, durable)
-        db.execute("BEGIN IMMEDIATE" if write else "BEGIN")
         try:
-            yield db
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
-        try:
-            db.execute("COMMIT")
-        except BaseException:
-            if db.in_transaction:  # e.g. an I/O error: never leave the connection mid-transaction
+            if write:
+                self._sync_mode(db, durable)
+            db.execute("BEGIN IMMEDIATE" if write else "BEGIN")
+            try:
+                yield db
+            except BaseException:
                 db.execute("ROLLBACK")
-            raise
+                raise
+            try:
+                db.execute("COMMIT")
+            except BaseException:
+                if db.in_transaction:  # e.g. an I/O error: never leave the connection mid-transaction
+                    db.execute("ROLLBACK")
+                raise
+        finally:
+            if keys:
+                self._infos.drop(*keys)
 
     def close(self) -> None:
         conn = getattr(self._local, "conn", None)
@@ -231,7 +242,7 @@ class Store:
         transaction, so the row only becomes visible once its directories exist."""
         if not key:
             raise InvalidArgument("snapshot key must not be empty")
-        with self._tx() as db:
+        with self._tx(keys=(key,)) as db:
             parent_id = self._new_row_checks(db, key, parent)
             now = _now_ns()
             lin = lineage or Lineage()
@@ -260,7 +271,7 @@ class Store:
         lineage: Lineage | None = None,
     ) -> Info:
         """Insert a committed snapshot whose content is a repository directory."""
-        with self._tx() as db:
+        with self._tx(keys=(name,)) as db:
             parent_id = self._new_row_checks(db, name, parent)
             now = _now_ns()
             lin = lineage or Lineage()
@@ -316,7 +327,7 @@ class Store:
         `make_link(id)` runs inside the transaction, once the commit is known to be valid."""
         if not name:
             raise InvalidArgument("commit name must not be empty")
-        with self._tx() as db:
+        with self._tx(keys=(key, name)) as db:
             snapshot_id, kind, _ = self._row(db, key)
             if kind != Kind.ACTIVE:
                 raise FailedPrecondition(f"snapshot {key!r} is not active")
@@ -335,7 +346,7 @@ class Store:
     def remove(self, key: str, detach: Callable[[int], None]) -> tuple[int, Kind]:
         """Delete a snapshot's row; `detach(id)` runs inside the transaction (it gives
         up the snapshot's directory names, which Cleanup then never sees row-less)."""
-        with self._tx(durable=False) as db:
+        with self._tx(durable=False, keys=(key,)) as db:
             snapshot_id, kind, _ = self._row(db, key)
             if db.execute("SELECT 1 FROM snapshots WHERE parent_id = ? LIMIT 1", (snapshot_id,)).fetchone():
                 raise FailedPrecondition(f"cannot remove snapshot {key!r}: it has children")
@@ -345,17 +356,25 @@ class Store:
         return snapshot_id, Kind(kind)
 
     def stat(self, key: str) -> Info:
+        """The snapshot's Info; the same object while it is unchanged (callers must not
+        modify it). Served from memory after the first read: a List is a Stat per snapshot."""
+        info = self._infos.get(key)
+        if info is not None:
+            return info
+        generation = self._infos.generation()
         rows = self._conn().execute(_STAT_SQL, (key,)).fetchall()
         if not rows:
             raise NotFound(f"snapshot {key!r} does not exist")
         name, parent, kind, created, updated = rows[0][:5]
         labels = {row[5]: row[6] for row in rows if row[5] is not None}
-        return Info(name, parent or "", Kind(kind), created, updated, labels)
+        info = Info(name, parent or "", Kind(kind), created, updated, labels)
+        self._infos.put(key, info, generation)
+        return info
 
     def update(self, name: str, labels: dict[str, str], fieldpaths: Sequence[str]) -> Info:
         """Update labels as containerd's metastore does: no paths replaces all labels,
         `labels` replaces all, `labels.KEY` sets or (absent in `labels`) deletes one."""
-        with self._tx() as db:
+        with self._tx(keys=(name,)) as db:
             snapshot_id, _, _ = self._row(db, name)
             current = self._labels(db, snapshot_id)
             if not fieldpaths:
