@@ -216,11 +216,18 @@ class Store:
         """The stack a child of committed `snapshot_id` sees, nearest first. It never
         changes while that snapshot exists (ids are never reused, a parent cannot be
         removed while it has children, source and whole_stack are never updated), so it
-        is cached: a 200-layer chain is a 200-step recursive query per Prepare/Mounts."""
+        is cached: a 200-layer chain is a 200-step recursive query per Prepare/Mounts.
+        An unpacker prepares each layer on the one it just committed, whose parent's
+        stack is cached: then the stack is one row read on top of it. Empty: gone."""
         hit = self._stacks.get(snapshot_id)
         if hit is not None:
             return hit
-        lowers = tuple(Lower(i, s) for i, s in db.execute(_CHAIN_SQL, (snapshot_id,)))
+        row = db.execute("SELECT parent_id, source, whole_stack FROM snapshots WHERE id = ?", (snapshot_id,)).fetchone()
+        below = self._stacks.get(row[0]) if row is not None and row[0] is not None and not row[2] else None
+        if below is not None:
+            lowers = (Lower(snapshot_id, row[1]), *below)
+        else:  # also when the row is gone: the query then finds nothing
+            lowers = tuple(Lower(i, s) for i, s in db.execute(_CHAIN_SQL, (snapshot_id,)))
         if lowers:
             if len(self._stacks) >= STACK_CACHE_SIZE:
                 self._stacks.clear()
