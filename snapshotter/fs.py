@@ -26,11 +26,12 @@ from pathlib import Path
 
 from cvmfs_common.fsutil.atomic import remove_tree
 
-from .model import Kind, Mount, Snapshot, Usage
+from .model import Kind, Lower, Mount, Snapshot, Usage
 
 _NEW_PREFIX = "new-"
 _DOOMED_PREFIX = "rm-"
 LOCK_FILE = "lock"
+LOWERDIR_CACHE_SIZE = 256  # lowerdir strings of stacks kept in memory
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +77,7 @@ class SnapshotDirs:
         # str() of a Path is not free; mount options name up to hundreds of lowers.
         self._snapshots_str = str(self.snapshots)
         self._links_str = str(self.links)
+        self._lowerdirs: dict[tuple[int, int], str] = {}  # see _lowerdir
 
     def close(self) -> None:
         if self._lock_fd >= 0:
@@ -253,8 +255,27 @@ class SnapshotDirs:
         if lower_paths:
             options.append("lowerdir=" + ":".join(lower_paths))
         else:
-            options.append("lowerdir=" + ":".join(self.link(lower.id) for lower in snap.lowers))
+            options.append("lowerdir=" + self._lowerdir(snap.lowers))
         return [Mount("overlay", "overlay", tuple(options))]
+
+
+    def _lowerdir(self, lowers: tuple[Lower, ...]) -> str:
+        """The lowerdir value: each lower's link, nearest first. A stack is fixed by its
+        top id and depth (ids are never reused), and an unpacker's next layer sits on the
+        stack it asked for last: so the string is that one's with one link in front."""
+        key = (lowers[0].id, len(lowers))
+        hit = self._lowerdirs.get(key)
+        if hit is not None:
+            return hit
+        below = self._lowerdirs.get((lowers[1].id, len(lowers) - 1)) if len(lowers) > 1 else None
+        if below is not None:
+            hit = f"{self.link(lowers[0].id)}:{below}"
+        else:
+            hit = ":".join(self.link(lower.id) for lower in lowers)
+        if len(self._lowerdirs) >= LOWERDIR_CACHE_SIZE:
+            self._lowerdirs.clear()
+        self._lowerdirs[key] = hit
+        return hit
 
 
 def disk_usage(path: str) -> Usage:

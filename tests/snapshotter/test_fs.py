@@ -116,6 +116,18 @@ def test_overlays_name_every_lower_by_its_link_nearest_first(dirs):
         Mount("overlay", "overlay", ("index=off", f"lowerdir={root}/l/3:{root}/l/2"))]
 
 
+def test_a_stack_built_on_a_known_one_names_every_lower(dirs):
+    """The lowerdir of a stack one layer above a stack asked for before reuses its string."""
+    for depth in range(1, 40):
+        stack = tuple(Lower(i, None) for i in range(depth, 0, -1))  # a chain 1..depth, top first
+        (m,) = dirs.mounts(Snapshot(1000 + depth, Kind.ACTIVE, stack))
+        lowerdir = next(o for o in m.options if o.startswith("lowerdir="))
+        assert lowerdir == "lowerdir=" + ":".join(dirs.link(i) for i in range(depth, 0, -1))
+    other = (Lower(77, "/repo/chain"), Lower(5, None))  # another stack over 5: its own string
+    (m,) = dirs.mounts(Snapshot(2000, Kind.ACTIVE, other))
+    assert f"lowerdir={dirs.link(77)}:{dirs.link(5)}" in m.options
+
+
 def test_links_point_at_our_dir_or_the_repository(dirs):
     dirs.create(1, Kind.ACTIVE, None, [])
     dirs.link_committed(1)
