@@ -22,6 +22,9 @@ a Python snapshots server doing nothing but dict updates. It separates the cost 
 proxy hop itself (containerd → unix socket → grpcio) from our own work. Our snapshotter
 gets an (empty) repository, so every Prepare also runs its repository lookup, as on a
 node where the repository is mounted but lacks the layer.
+`--syscalls` runs `strace -c -f` on each proxy backend over the timed rounds and prints
+its syscalls per layer (fsyncs, directory operations, futex handoffs); the times of such
+a run are distorted, only the counts are meant.
 Prints p50/p99 per method and, LAST, the ratios (targets: cvmfs / overlay-proxy <= 0.8x;
 cvmfs / built-in overlayfs <= 1.0x).
 Nothing is asserted.
@@ -184,6 +187,47 @@ def cpu_seconds(pid: int | None) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+SYSCALLS = ("fdatasync", "fsync", "mkdir", "mkdirat", "rename", "renameat", "symlink", "symlinkat", "unlinkat",
+            "openat", "getdents64", "newfstatat", "pwrite64", "futex", "total")
+
+
+def start_strace(base: Path, pids: dict[str, int | None]) -> dict[str, tuple[subprocess.Popen, Path]]:
+    tracers = {}
+    for name, pid in pids.items():
+        if pid is not None:
+            out = base / f"strace-{name}.txt"
+            tracers[name] = (subprocess.Popen(["strace", "-c", "-f", "-o", str(out), "-p", str(pid)],
+                                              stderr=subprocess.DEVNULL), out)
+    time.sleep(2)  # attached to every thread before the rounds start
+    return tracers
+
+
+def stop_strace(tracers: dict[str, tuple[subprocess.Popen, Path]]) -> dict[str, dict[str, int]]:
+    """{backend: {syscall: calls}} from strace -c's table."""
+    import signal
+
+    counts: dict[str, dict[str, int]] = {}
+    for name, (proc, out) in tracers.items():
+        proc.send_signal(signal.SIGINT)
+        proc.wait(60)
+        calls: dict[str, int] = {}
+        for line in out.read_text().splitlines():
+            f = line.split()
+            if len(f) >= 5 and f[0][0].isdigit() and f[3].isdigit():
+                calls[f[-1]] = int(f[3])
+        counts[name] = calls
+    return counts
+
+
+def report_syscalls(counts: dict[str, dict[str, int]], layers: int) -> None:
+    """Per layer: its Prepare, Mounts, Commit, Stat, Remove and its share of the Lists."""
+    print(f"\nsyscalls per layer ({layers} layers; strace -c -f of each backend over the timed rounds):")
+    print(f"{'syscall':12}" + "".join(f"{name:>15}" for name in counts))
+    for sc in SYSCALLS:
+        if any(sc in c for c in counts.values()):
+            print(f"{sc:12}" + "".join(f"{c.get(sc, 0) / layers:15.1f}" for c in counts.values()))
+
+
 def overlay_backend_count(cd: Containerd) -> int:
     snaps = cd.root / "io.containerd.snapshotter.v1.overlayfs" / "snapshots"
     return len(list(snaps.iterdir())) if snaps.exists() else 0
@@ -227,6 +271,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-overlay-proxy", action="store_true",
                     help="skip containerd's overlayfs snapshotter served as a Go proxy plugin")
     ap.add_argument("--log-level", default="info", help="the snapshotter's --log-level")
+    ap.add_argument("--syscalls", action="store_true",
+                    help="count each proxy backend's syscalls (strace -c -f) over the timed rounds")
     ap.add_argument("--keep", action="store_true")
     args = ap.parse_args(argv)
     require_root()
@@ -262,11 +308,15 @@ def main(argv: list[str] | None = None) -> int:
             # A short warm-up round each (connections, containerd's lazy proxy dial), not counted.
             for client in clients.values():
                 client.round(defaultdict(list), 2, 0, 1)
+            pids = {"overlay-proxy": goproxy.pid if goproxy else None, "null-proxy": null.pid if null else None,
+                    "cvmfs": sn.pid}
+            tracers = start_strace(base, pids) if args.syscalls else {}
             for r in range(args.rounds):
                 for name, client in clients.items():
                     start = time.monotonic()
                     client.round(samples[name], args.layers, args.files, args.lists)
                     print(f"round {r + 1} {name}: {time.monotonic() - start:.1f}s", file=sys.stderr)
+            syscalls = stop_strace(tracers)
             left = {"overlayfs": overlay_backend_count(cds["overlayfs"]), "cvmfs": len(sn.list_snapshots())}
             if any(left.values()):
                 print(f"warning: snapshots left in the backends after GC: {left}", file=sys.stderr)
@@ -282,6 +332,8 @@ def main(argv: list[str] | None = None) -> int:
             terminate(null)
             terminate(goproxy)
     report(samples)
+    if args.syscalls:
+        report_syscalls(syscalls, args.layers * args.rounds)
     print("CPU seconds of each proxy backend process over the run: "
           + ", ".join(f"{k} {v:.2f}" for k, v in backend_cpu.items() if v == v))
     print("inside cvmfs-snapshotter's handlers (its rpc_seconds histogram, warm-up included), mean ms: "
