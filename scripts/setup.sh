@@ -13,6 +13,9 @@ APT_PACKAGES=(
   busybox-static
   debootstrap
   ca-certificates
+  # Programs tests run directly: curl (a TLS registry's readiness), openssl (its certificate),
+  # systemd-analyze (the units' check; nothing is started).
+  curl openssl systemd
 )
 
 missing=()

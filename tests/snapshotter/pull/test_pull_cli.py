@@ -235,11 +235,12 @@ def tls_registry(registry_factory, push_standard_images, tmp_path):
                             stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
 
     def answers() -> bool:
+        # curl not installed raises FileNotFoundError, which ends the wait naming it.
         r = subprocess.run(["curl", "-sk", "-o", "/dev/null", "-w", "%{http_code}", f"https://{host}/v2/"],
-                           capture_output=True, text=True)
+                           capture_output=True, text=True, timeout=10)
         return r.stdout == "200"
     try:
-        wait_until(answers, 30, "TLS registry", proc, tmp_path / "tls.log")
+        wait_until(answers, 30, "TLS registry", proc, tmp_path / "tls.log", retry_on=(subprocess.TimeoutExpired,))
         yield host, cert, img
     finally:
         terminate(proc)
