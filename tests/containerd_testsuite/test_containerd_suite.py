@@ -25,6 +25,9 @@ CONTAINERD_SRC = GOCODE / "src/github.com/containerd/containerd"
 # Debian packages the build needs (the rest come in as their dependencies).
 GO_PACKAGES = "golang-go golang-github-containerd-containerd-dev golang-github-gotestyourself-gotest.tools-dev"
 
+# Builds and runs containerd's own code against a real snapshotter process.
+pytestmark = pytest.mark.real
+
 
 def _go_env(gopath: Path) -> dict[str, str]:
     env = dict(os.environ)

@@ -1,4 +1,7 @@
-"""publisher.unpack: a layer blob becomes a layer dir, exactly and safely."""
+"""publisher.unpack: a layer blob becomes a layer dir, exactly and safely.
+
+Tests that need root (owners, whiteout device nodes, trusted and security xattrs) are marked
+one by one; the hostile-member, bomb, limit and digest tests run as any user."""
 from __future__ import annotations
 
 import hashlib
@@ -21,7 +24,6 @@ from tests.publisher.conftest import requires_root
 from tests.publisher.layertar import (ACL_ACCESS, ACL_DEFAULT, CAP_NET_BIND, MTIME, blob, blob_of_tar, dir_, hard,
     header_only, node, reg, sym, tar_bytes)
 
-pytestmark = requires_root
 
 
 def unpack(b, work, **kw):
@@ -30,6 +32,7 @@ def unpack(b, work, **kw):
 
 # ------------------------------------------------------------------------- a faithful tree
 
+@requires_root
 @pytest.mark.parametrize("compression", ["gzip", "zstd", "none"])
 def test_tree_metadata_is_kept(work: Path, compression: str) -> None:
     b = blob([
@@ -154,6 +157,7 @@ def test_device_nodes_are_skipped_and_fifos_kept(work: Path) -> None:
     assert r.counts.skipped == 2 and r.counts.fifos == 1
 
 
+@requires_root
 def test_fifo_attributes_are_kept(work: Path) -> None:
     fifo = node("run/pipe", tarfile.FIFOTYPE)
     fifo[0].mode, fifo[0].uid, fifo[0].gid = 0o620, 7, 8
@@ -184,6 +188,7 @@ WHITEOUT_LAYER = [
 ]
 
 
+@requires_root
 def test_overlay_whiteouts_are_converted(work: Path) -> None:
     r = unpack(blob(WHITEOUT_LAYER), work, whiteouts="overlay")
     st = os.lstat(work / "etc/motd")
@@ -207,6 +212,7 @@ def test_no_whiteouts_means_mode_none(work: Path) -> None:
     assert unpack(blob([reg("a")]), work, whiteouts="raw").whiteouts == "none"
 
 
+@requires_root
 def test_whiteout_never_deletes_this_layers_own_entries(work: Path) -> None:
     b = blob([reg("f", b"mine"), reg(".wh.f"), dir_("d"), reg("d/x"), reg(".wh.d")])
     unpack(b, work)
@@ -216,6 +222,7 @@ def test_whiteout_never_deletes_this_layers_own_entries(work: Path) -> None:
     assert os.getxattr(work / "d", "trusted.overlay.opaque") == b"y"
 
 
+@requires_root
 def test_directory_replacing_a_whiteout_is_opaque(work: Path) -> None:
     b = blob([reg(".wh.d"), dir_("d"), reg("d/x"), reg(".wh.e"), reg("e/y")])
     unpack(b, work)
@@ -244,6 +251,7 @@ def _lower_rootfs(root: Path) -> Path:
     return root
 
 
+@requires_root
 def test_omitted_parents_copy_the_parent_chain(work: Path, tmp_path: Path) -> None:
     lower = _lower_rootfs(tmp_path / "chain")
     r = unpack(blob([reg("opt/app/bin/tool", b"t"), reg("new/dir/f")]), work, lowers=[lower])
@@ -259,6 +267,7 @@ def test_omitted_parents_copy_the_parent_chain(work: Path, tmp_path: Path) -> No
     assert r.depends_on_parent_chain
 
 
+@requires_root
 def test_explicit_entry_after_implicit_parent_wins(work: Path, tmp_path: Path) -> None:
     lower = _lower_rootfs(tmp_path / "chain")
     r = unpack(blob([reg("opt/app/f"), dir_("opt/app", mode=0o700)]), work, lowers=[lower])
@@ -267,6 +276,7 @@ def test_explicit_entry_after_implicit_parent_wins(work: Path, tmp_path: Path) -
     assert r.implicit_parents == ("/opt",)
 
 
+@requires_root
 def test_omitted_parents_without_lowers_are_root_0755(work: Path) -> None:
     r = unpack(blob([reg("a/b/c", uid=9)]), work)
     for d in ("a", "a/b"):
@@ -275,6 +285,7 @@ def test_omitted_parents_without_lowers_are_root_0755(work: Path) -> None:
     assert r.implicit_parents == ("/a", "/a/b") and r.parents_from_lower == ()
 
 
+@requires_root
 def test_parents_from_layer_dirs_honour_their_whiteouts(work: Path, tmp_path: Path) -> None:
     bottom, middle = tmp_path / "l1", tmp_path / "l2"
     for d, mode in ((bottom / "x", 0o701), (bottom / "y", 0o702), (bottom / "z/sub", 0o703)):
@@ -295,6 +306,7 @@ def test_parents_from_layer_dirs_honour_their_whiteouts(work: Path, tmp_path: Pa
     assert r.parents_from_lower == ("/z",)
 
 
+@requires_root
 def test_symlinks_of_the_parent_chain_are_followed_inside_the_root(work: Path, tmp_path: Path) -> None:
     """As containerd's applier does (fs.RootPath): lib -> usr/lib in the chain."""
     lower = _lower_rootfs(tmp_path / "chain")
@@ -314,6 +326,7 @@ def test_root_takes_the_chain_root_unless_the_layer_has_one(work: Path, tmp_path
     assert r.implicit_parents == ("/",) and r.depends_on_parent_chain
 
 
+@requires_root
 def test_a_usual_chain_root_does_not_tie_the_layer(work: Path, tmp_path: Path) -> None:
     lower = tmp_path / "chain"
     lower.mkdir(mode=0o755)
@@ -520,6 +533,7 @@ def test_file_data_cut_short_is_an_error(repo: Path, work: Path) -> None:
     _assert_rejected(repo, work, b, LayerError, match="unexpected end")
 
 
+@requires_root
 def test_symlink_xattrs_are_set_on_the_link_itself(work: Path) -> None:
     ti, data = sym("l", "/nonexistent/target")
     ti.pax_headers = {"SCHILY.xattr.trusted.note": "on-link"}
@@ -541,6 +555,7 @@ def test_a_failing_download_propagates_unchanged(repo: Path, work: Path) -> None
     assert list((repo / ".tmp").iterdir()) == []
 
 
+@requires_root
 def test_unpack_without_owners(work: Path) -> None:
     r = unpack(blob([reg("f", b"x", uid=123, gid=456)]), work, preserve_owners=False)
     st = os.stat(work / "f")
@@ -569,6 +584,7 @@ def test_sparse_members_written_by_gnu_tar(work: Path, tmp_path: Path, fmt: str)
     assert data[4:-4].count(0) == len(data) - 8
 
 
+@requires_root
 def test_parents_omitted_deeper_than_path_max_come_from_the_lowers(work: Path, tmp_path: Path) -> None:
     depth = 3000  # 6 000-byte paths: PATH_MAX is 4096
     lower = tmp_path / "chain"
