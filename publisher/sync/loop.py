@@ -29,7 +29,6 @@ import fnmatch
 import logging
 import signal
 import threading
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +36,7 @@ from pathlib import Path
 from cvmfs_common.oci.platform import Platform
 
 from publisher.sync.metrics import PublisherMetrics
+from publisher.core.clock import Clock, SystemClock
 from publisher.core.progress import ItemHooksProgress, Progress, Summary
 from publisher.sync.ratelog import RateLimitedLog
 from publisher.core.runlock import Busy, LockError, exclusive
@@ -165,8 +165,9 @@ class Loop:
     def __init__(self, settings: LoopSettings, convert: ConvertFn, wishlist: Wishlist, *,
                  metrics: PublisherMetrics | None = None, live_progress: bool | None = False,
                  on_abort: Callable[[str], None] | None = None,
-                 on_item: Callable[[str | None], None] | None = None) -> None:
+                 on_item: Callable[[str | None], None] | None = None, clock: Clock | None = None) -> None:
         self.settings = settings
+        self._clock = clock or SystemClock()
         self._convert = convert
         self._wishlist = wishlist  # the last valid one
         self.metrics = metrics
@@ -202,7 +203,7 @@ class Loop:
     def request_stop(self, signum: int = signal.SIGTERM, _frame: object = None) -> None:
         self._signals += 1
         if not self.stopping:
-            self._stop_requested_at = time.monotonic()
+            self._stop_requested_at = self._clock.monotonic()
         self.stopping = True
         if self._signals > 1:
             raise KeyboardInterrupt  # asked twice: do not wait for the current image (the watchdog aborts its I/O)
@@ -214,7 +215,7 @@ class Loop:
         while not done.wait(STOP_POLL):
             if not self.stopping or not self._converting:
                 continue
-            waited = time.monotonic() - self._stop_requested_at
+            waited = self._clock.monotonic() - self._stop_requested_at
             if self._signals > 1 or waited >= self.settings.stop_timeout:
                 why = "a second stop signal" if self._signals > 1 else \
                     f"stop requested {waited:.0f} s ago (--stop-timeout)"
@@ -225,9 +226,9 @@ class Loop:
 
     # -- the loop ------------------------------------------------------------------------
     def run(self) -> None:
-        self._next_round = time.monotonic()
+        self._next_round = self._clock.monotonic()
         while not self.stopping:
-            now = time.monotonic()
+            now = self._clock.monotonic()
             try:
                 if self._pending and now >= self._pending_at:
                     self._pushes()
@@ -243,18 +244,18 @@ class Loop:
         log.info("loop stopped after %d rounds", self.rounds)
 
     def _wait(self, timeout: float) -> None:
-        if not self._inbox.wait(max(0.0, min(timeout, WAIT_SLICE))):
+        if not self._clock.wait(self._inbox.wait, max(0.0, min(timeout, WAIT_SLICE))):
             return
         events, dropped = self._inbox.take()
         if events and not self._pending:
-            self._pending_at = time.monotonic() + PUSH_SETTLE
+            self._pending_at = self._clock.monotonic() + PUSH_SETTLE
         for ev in events:
             if len(self._pending) >= self.settings.max_pending and ev not in self._pending:
                 dropped += 1
                 continue
             self._pending[ev] = None
         if dropped:  # some pushes were not kept: a round looks at every wishlist entry
-            self._next_round = min(self._next_round, time.monotonic())
+            self._next_round = min(self._next_round, self._clock.monotonic())
 
     def _progress(self) -> Progress:
         return _StoppableProgress(lambda: self.stopping, self._live, self._on_item)
@@ -294,7 +295,7 @@ class Loop:
             self._converting = False
 
     def _round(self) -> None:
-        started = time.monotonic()
+        started = self._clock.monotonic()
         self._next_round = started + self.settings.interval
         wishlist = self._read_wishlists()
         n = self.rounds + 1
@@ -303,7 +304,7 @@ class Loop:
         if result == "stopped":
             return
         if result == "busy":
-            self._next_round = time.monotonic() + BUSY_RETRY
+            self._next_round = self._clock.monotonic() + BUSY_RETRY
             return
         self.rounds = n
         ok = isinstance(result, Summary) and result.ok
@@ -322,9 +323,9 @@ class Loop:
         that failed keeps an earlier planned round)."""
         self._failures += 1
         delay = min(self.settings.interval, self.settings.backoff * 2 ** (self._failures - 1))
-        retry = time.monotonic() + delay
+        retry = self._clock.monotonic() + delay
         self._next_round = retry if after_round else min(self._next_round, retry)
-        log.info("failures: next round in %.0f s", self._next_round - time.monotonic())
+        log.info("failures: next round in %.0f s", self._next_round - self._clock.monotonic())
 
     def _pushes(self) -> None:
         events = list(self._pending)
@@ -349,16 +350,16 @@ class Loop:
                 entries[entry.key] = WishlistEntry(entry.reference, plats, entry.source)
         if not entries:
             return
-        started = time.monotonic()
+        started = self._clock.monotonic()
         result = self._run(wishlist, list(entries.values()), "loop-push")
         if result == "busy":
             for ev in events:
                 self._pending[ev] = None
-            self._pending_at = time.monotonic() + BUSY_RETRY
+            self._pending_at = self._clock.monotonic() + BUSY_RETRY
             return
         if isinstance(result, Summary):
             names = ", ".join(e.reference.spelling for e in entries.values())
-            log.info("pushed %s: %s (%.1f s)", names, result.render().splitlines()[0], time.monotonic() - started)
+            log.info("pushed %s: %s (%.1f s)", names, result.render().splitlines()[0], self._clock.monotonic() - started)
             for line in result.render().splitlines()[1:]:
                 log.warning("pushed: %s", line.strip())
             if self.metrics is not None:
@@ -382,7 +383,7 @@ class Loop:
             log.info("trying the failed pushes again in %.0f s", delay)
             for _, ev in again:
                 self._pending[ev] = None
-            self._pending_at = time.monotonic() + delay
+            self._pending_at = self._clock.monotonic() + delay
         else:
             self._retry_soon(after_round=False)  # the next round retries it
 
