@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import os
 import signal
-import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -36,20 +35,43 @@ def _entry(text: str) -> WishlistEntry:
     return WishlistEntry(parse_reference(text), (HOST_PLATFORM,), "w.yaml:1")
 
 
+class FakeClock:
+    """Time that passes only when the loop waits: a wait with nothing ready takes its whole
+    timeout at once. `stop_at` ends the loop (as SIGTERM would) once that time is reached."""
+
+    def __init__(self, stop_at: float = float("inf")) -> None:
+        self.now = 1000.0
+        self.stop_at = 1000.0 + stop_at
+        self.loop: Loop | None = None
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def wait(self, ready, timeout: float) -> bool:
+        if ready(0):
+            return True
+        self.now += timeout
+        if self.loop is not None and self.now >= self.stop_at:
+            self.loop.stopping = True
+        return False
+
+
 class FakeConvert:
-    """Stands in for convert(): records calls, answers from a script of results."""
+    """Stands in for convert(): records calls (with the fake clock's time), answers from a
+    script of results."""
 
     def __init__(self, script: list) -> None:
         self.script = script
         self.calls: list[tuple[str, list[str], float]] = []
         self.active = 0
         self.overlapped = False
+        self.clock = FakeClock()
 
     def __call__(self, wishlist, entries, default, progress, command):
         self.active += 1
         self.overlapped |= self.active > 1
         try:
-            self.calls.append((command, [e.reference.spelling for e in entries], time.monotonic()))
+            self.calls.append((command, [e.reference.spelling for e in entries], self.clock.monotonic()))
             for i, _ in enumerate(entries):
                 progress.start_item(f"{i + 1}/{len(entries)}", "x")
             what = self.script.pop(0) if self.script else "ok"
@@ -64,40 +86,48 @@ class FakeConvert:
 
 
 def _loop(tmp_path: Path, fake: FakeConvert, entries: list[str], interval: float = 0.2,
-          backoff: float = 0.05) -> Loop:
+          backoff: float = 0.05, max_pending: int = 1000) -> Loop:
     wl = tmp_path / "w.yaml"
     write_wishlist(wl, entries)
-    return Loop(LoopSettings([wl], interval, backoff), fake, load_wishlists([wl]))
+    loop = Loop(LoopSettings([wl], interval, backoff, max_pending=max_pending), fake, load_wishlists([wl]),
+                clock=fake.clock)
+    fake.clock.loop = loop
+    return loop
 
 
-def _run_for(loop: Loop, seconds: float) -> None:
-    timer = threading.Timer(seconds, lambda: setattr(loop, "stopping", True))
-    timer.start()
-    try:
-        loop.run()
-    finally:
-        timer.cancel()
+def _run_for(loop: Loop, fake: FakeConvert, seconds: float) -> None:
+    """Run the loop until `seconds` have passed on the fake clock (no wall-clock time)."""
+    fake.clock.stop_at = fake.clock.now + seconds
+    loop.run()
 
 
 def test_failing_rounds_back_off_then_the_interval_resumes(tmp_path: Path) -> None:
     fake = FakeConvert(["fail", "fail", "fail", "ok", "ok"])
-    loop = _loop(tmp_path, fake, ["127.0.0.1:1/x/y:1"], interval=0.6, backoff=0.1)
-    _run_for(loop, 1.6)
+    loop = _loop(tmp_path, fake, ["127.0.0.1:1/x/y:1"], interval=6, backoff=1)
+    _run_for(loop, fake, 20)
     times = [t for _, _, t in fake.calls]
     gaps = [b - a for a, b in zip(times, times[1:])]
-    # 0.1, 0.2, 0.4 after the failures, then the interval (0.6) after the good round
-    assert len(gaps) >= 4, gaps
-    for got, want in zip(gaps, [0.1, 0.2, 0.4, 0.6]):
-        assert want - 0.02 <= got <= want + 0.15, gaps
+    # 1, 2, 4 after the failures, then the interval (6) after the good rounds
+    assert gaps == pytest.approx([1, 2, 4, 6, 6]), gaps
     assert not fake.overlapped
+
+
+def test_backoff_doubles_up_to_the_interval(tmp_path: Path) -> None:
+    fake = FakeConvert(["fail"] * 6)
+    loop = _loop(tmp_path, fake, ["127.0.0.1:1/x/y:1"], interval=10, backoff=1)
+    _run_for(loop, fake, 40)
+    times = [t for _, _, t in fake.calls]
+    gaps = [b - a for a, b in zip(times, times[1:])]
+    assert gaps[:6] == pytest.approx([1, 2, 4, 8, 10, 10]), gaps
 
 
 def test_busy_lock_and_errors_never_end_the_loop(tmp_path: Path, monkeypatch) -> None:
     fake = FakeConvert([Busy("another cvmfs-publisher"), OSError(28, "No space left on device"), "ok"])
-    loop = _loop(tmp_path, fake, ["127.0.0.1:1/x/y:1"], interval=5, backoff=0.05)
-    monkeypatch.setattr("publisher.sync.loop.BUSY_RETRY", 0.05)
-    _run_for(loop, 0.6)
+    loop = _loop(tmp_path, fake, ["127.0.0.1:1/x/y:1"], interval=5, backoff=1)
+    _run_for(loop, fake, 4)  # BUSY_RETRY (2 s) after the busy one, the backoff (1 s) after the error
     assert len(fake.calls) == 3 and loop.rounds == 2  # busy was no round; the error was one
+    times = [t for _, _, t in fake.calls]
+    assert [b - a for a, b in zip(times, times[1:])] == pytest.approx([2, 1])
 
 
 def test_stop_request_ends_the_round_between_images(tmp_path: Path) -> None:
@@ -111,7 +141,7 @@ def test_stop_request_ends_the_round_between_images(tmp_path: Path) -> None:
 def test_pushes_convert_only_what_the_wishlists_name(tmp_path: Path) -> None:
     fake = FakeConvert([])
     loop = _loop(tmp_path, fake, ["127.0.0.1:5000/team/app:*", "127.0.0.1:5000/team/tool:stable"], interval=60)
-    loop._next_round = time.monotonic() + 60  # as if the first round had run
+    loop._next_round = fake.clock.now + 60  # as if the first round had run
     loop.push([PushEvent("127.0.0.1:5000", "team/app", "2.1", "sha256:" + "a" * 64),
                PushEvent("127.0.0.1:5000", "team/tool", "latest", None),
                PushEvent("127.0.0.1:5001", "team/app", "2.1", None)])
@@ -122,16 +152,14 @@ def test_pushes_convert_only_what_the_wishlists_name(tmp_path: Path) -> None:
 
 def test_pending_pushes_are_bounded_and_an_overflow_brings_a_round(tmp_path: Path, monkeypatch) -> None:
     fake = FakeConvert([])
-    wl = tmp_path / "w.yaml"
-    write_wishlist(wl, ["127.0.0.1:5000/team/app:*"])
-    loop = Loop(LoopSettings([wl], 60, 0.05, max_pending=100), fake, load_wishlists([wl]))
-    loop._next_round = time.monotonic() + 60  # as if the first round had run
+    loop = _loop(tmp_path, fake, ["127.0.0.1:5000/team/app:*"], interval=60, max_pending=100)
+    loop._next_round = fake.clock.now + 60  # as if the first round had run
     junk = [PushEvent("127.0.0.1:5000", "junk/x", f"t{i}", None) for i in range(10_000)]
     loop.push(junk[:50] * 3)  # duplicates count once
     loop.push(junk)
     assert len(loop._inbox) == 100
     loop._wait(0.5)
-    assert loop._next_round <= time.monotonic()  # the dropped ones: a full round looks at everything
+    assert loop._next_round <= fake.clock.now  # the dropped ones: a full round looks at everything
     monkeypatch.setattr("publisher.sync.loop.PUSH_SETTLE", 0.0)
     loop.stopping = False
     loop._pushes()
@@ -139,16 +167,17 @@ def test_pending_pushes_are_bounded_and_an_overflow_brings_a_round(tmp_path: Pat
 
 
 def test_invalid_event_and_failed_push_do_not_end_the_loop(tmp_path: Path, monkeypatch) -> None:
-    monkeypatch.setattr("publisher.sync.loop.PUSH_RETRIES", (0.05, 0.05))
-    monkeypatch.setattr("publisher.sync.loop.PUSH_SETTLE", 0.0)
     fake = FakeConvert(["ok", "fail", "fail", "ok"])
     loop = _loop(tmp_path, fake, ["127.0.0.1:5000/team/app:*"], interval=60)
     # a tag that could never be a reference (a listener bug would let it through): dropped, not fatal
     loop.push([PushEvent("127.0.0.1:5000", "team/app", "ok/x", None),
                PushEvent("127.0.0.1:5000", "team/app", "2.0", None)])
-    _run_for(loop, 1.0)
-    pushes = [names for c, names, _ in fake.calls if c == "loop-push"]
-    assert pushes == [["127.0.0.1:5000/team/app:2.0"]] * 3  # failed twice, tried again soon, then done
+    _run_for(loop, fake, 30)
+    pushes = [(names, t) for c, names, t in fake.calls if c == "loop-push"]
+    assert [n for n, _ in pushes] == [["127.0.0.1:5000/team/app:2.0"]] * 3  # failed twice, tried again soon, then done
+    # after the settle time, then PUSH_RETRIES' first two delays (1 s, 3 s) on the fake clock
+    first_round = fake.calls[0][2]
+    assert [t - first_round for _, t in pushes] == pytest.approx([0.3, 1.3, 4.3])
 
 
 def test_wanted_by_matches_host_repository_tag_globs_and_digests() -> None:
