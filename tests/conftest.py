@@ -9,6 +9,7 @@ from tests.fixtures.plugin import (  # noqa: F401  (pytest finds fixtures by nam
     containerd,
     containerd_factory,
     e2e_base,
+    own_registry,
     push_standard_images,
     pytest_runtest_makereport,
     registry,

@@ -6,11 +6,10 @@ overlay upper dirs cannot live on the container's overlay root)."""
 from __future__ import annotations
 
 import shlex
-import time
 import uuid
-from pathlib import Path
 
 from tests.fixtures.containerd import Containerd, CriOptions
+from tests.fixtures.polling import wait_until
 
 from .stratum0 import Stratum0
 
@@ -40,7 +39,8 @@ class InnerRuntime:
         self.start_snapshotter()
         self.s0.sh(f"cd /; containerd --config {self.dir}/cd/config.toml >>{self.dir}/containerd.log 2>&1 &\n"
                    f"echo $! >{self.dir}/containerd.pid")
-        self._wait(lambda: self.ctr("version", check=False).returncode == 0, "containerd")
+        wait_until(lambda: self.ctr("version", check=False).returncode == 0, 60, "containerd did not start",
+                   interval=0.3, detail=lambda: self.log("containerd")[-3000:])
         return self
 
     def start_snapshotter(self) -> None:
@@ -48,15 +48,8 @@ class InnerRuntime:
         self.s0.sh(f"cd /; cvmfs-snapshotter --root {self.dir}/sn --address {self.sn_address} {repos} "
                    f"--stat-timeout {self.stat_timeout} >>{self.dir}/sn.log 2>&1 &\n"
                    f"echo $! >{self.dir}/sn.pid")
-        self._wait(lambda: (self.host_dir / "sn.sock").exists(), "cvmfs-snapshotter")
-
-    def _wait(self, ready, what: str, timeout: float = 60) -> None:
-        end = time.monotonic() + timeout
-        while time.monotonic() < end:
-            if ready():
-                return
-            time.sleep(0.3)
-        raise AssertionError(f"{what} did not start:\n{self.log(what)[-3000:]}")
+        wait_until(lambda: (self.host_dir / "sn.sock").exists(), 60, "cvmfs-snapshotter did not start",
+                   interval=0.3, detail=lambda: self.log()[-3000:])
 
     def log(self, what: str = "cvmfs-snapshotter") -> str:
         name = "sn.log" if what == "cvmfs-snapshotter" else "containerd.log"

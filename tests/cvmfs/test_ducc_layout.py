@@ -23,8 +23,8 @@ from tests.publisher.clirun import write_wishlist
 from tests.publisher.repotree import flat_tree_problems, observed_tree
 
 from .client import WorkerClient, build_shim
+from .publishing import IGNORE, convert, split_hardlinks
 from .stratum0 import Repository, Stratum0
-from .test_publish import IGNORE, convert, split_hardlinks
 
 pytestmark = pytest.mark.e2e
 

@@ -15,9 +15,9 @@ from tests.fixtures.tree import LISTING_SCRIPT, RUNTIME_MOUNTS, compare_trees, p
 from tests.publisher.clirun import write_wishlist
 from tests.publisher.repotree import flat_tree_problems, observed_tree
 
+from .publishing import IGNORE, convert, split_hardlinks
 from .runtime import InnerRuntime
 from .stratum0 import Repository, Stratum0
-from .test_publish import IGNORE, convert, split_hardlinks
 
 pytestmark = pytest.mark.e2e
 

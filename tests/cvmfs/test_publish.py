@@ -17,7 +17,6 @@ import pytest
 
 from cvmfs_common.oci.digest import chain_ids
 from cvmfs_common.repo.paths import RepositoryLayout
-from publisher.backend.catalogs import CATALOG_MARKER
 from tests.fixtures.images import BuiltImage, StandardImages
 from tests.fixtures.registry import Registry
 from tests.fixtures.tree import LISTING_SCRIPT, RUNTIME_MOUNTS, compare_trees, parse_listing
@@ -26,12 +25,12 @@ from tests.publisher.repotree import flat_tree_problems, observed_tree
 
 from .images import GETFACL_USER, push_attrs_image
 from .runtime import InnerRuntime
+from .publishing import IGNORE, convert, split_hardlinks
 from .stratum0 import Repository, Stratum0
 
 pytestmark = pytest.mark.e2e
 
 REPO = "unpacked.publish.test"
-IGNORE = frozenset({"/" + CATALOG_MARKER})
 XATTR_IMAGES = {"attrs"}  # images whose chains carry extended attributes
 
 
@@ -52,18 +51,6 @@ class Published:
     @property
     def layout(self) -> RepositoryLayout:
         return RepositoryLayout(self.client())
-
-
-def convert(s0: Stratum0, repo: Repository, wishlist: str, db: str = "/w/state/publish.db"):
-    """One convert run; its output also goes to /w/convert-REPO.log (kept with CVMFS_TEST_KEEP=1)."""
-    log = f"/w/convert-{repo.name}.log"
-    r = s0.c.exec(f"cd / && cvmfs-publisher convert {wishlist} --backend cvmfs --repository-root {repo.root} "
-                  f"--state-db {db} --log-level debug >/w/convert.out 2>&1; rc=$?; "
-                  f"cat /w/convert.out >>{log}; exit $rc", timeout=900, check=False)
-    out = (s0.host_w / "convert.out").read_text(errors="replace")
-    assert r.returncode == 0, f"convert failed ({r.returncode}), see {log}:\n{out[-8000:]}"
-    r.stdout = "\n".join(line for line in out.splitlines() if " DEBUG " not in line)
-    return r
 
 
 @pytest.fixture(scope="module")
@@ -125,19 +112,6 @@ def test_flat_and_chains_through_the_client_mount(published: Published, key: str
     link = lay.link_path(img.host, img.name, img.tag)
     target = os.path.normpath(link.parent / os.readlink(link))
     assert target == str(lay.flat_dir(img.config_digest))
-
-
-def split_hardlinks(img: BuiltImage, tree, problems: list[str]) -> list[str]:
-    """CernVM-FS (CVMFS_IGNORE_XDIR_HARDLINKS=true) turns every hard-link group that spans
-    directories into separate files; chains and flat dirs share their files' inodes with the
-    layer dirs, so on a client NO hard link of an image survives: each member is a file of its
-    own with the same content (the storage keeps one copy). Returns the other problems."""
-    for group in img.tree.hardlinks:
-        inos = [tree.inodes[p] for p in group]
-        assert len(set(inos)) == len(inos), f"{sorted(group)} kept a hard link: {inos}"
-        sizes = {tree.entries[p].size for p in group}
-        assert len(sizes) == 1, (group, sizes)
-    return [p for p in problems if not p.startswith("hardlinks broken")]
 
 
 def test_catalogs_where_design_puts_them(published: Published) -> None:
@@ -270,7 +244,7 @@ def test_cri_pull_through_the_snapshotter_on_the_client_mount(published: Publish
     client mount; the socket is on /w, so the CRI client runs on the host. With CRI's default
     (no layer labels: the least config) containerd 1.6 names each layer by chainID only, and
     the published chains serve (the layer dirs hold raw whiteouts here)."""
-    from tests.e2e.test_cri_pull import cri_pull
+    from tests.e2e.pulls import cri_pull
     from tests.fixtures.containerd import CriOptions
 
     img = published.images["tagged:2.0"]

@@ -2,22 +2,14 @@
 
 from __future__ import annotations
 
-import grpc
 import pytest
 
-from cvmfs_api.cri.runtime.v1 import api_pb2, api_pb2_grpc
+from tests.e2e.pulls import cri_pull
 from tests.e2e.repo_writer import publish_layers
 from tests.fixtures.containerd import CriOptions
 from tests.fixtures.tree import LISTING_COMMAND, compare_trees, parse_listing
 
 pytestmark = pytest.mark.e2e
-
-
-def cri_pull(address, image: str) -> str:
-    with grpc.insecure_channel(f"unix:{address}") as channel:
-        stub = api_pb2_grpc.ImageServiceStub(channel)
-        resp = stub.PullImage(api_pb2.PullImageRequest(image=api_pb2.ImageSpec(image=image)), timeout=300)
-    return resp.image_ref
 
 
 def test_cri_pull_uses_repository_layers(registry_factory, push_standard_images, e2e_base, snapshotter_factory,

@@ -14,7 +14,7 @@ import pytest
 from cvmfs_common.oci.digest import chain_ids
 from cvmfs_common.repo.paths import RepositoryLayout
 from tests.publisher.treeview import diff_trees, tree_snapshot
-from tests.e2e.test_remote_layers import cvmfs_pull
+from tests.e2e.pulls import cvmfs_pull
 from tests.fixtures.tree import LISTING_COMMAND, RUNTIME_MOUNTS, compare_trees, parse_listing
 from tests.fixtures.workdirs import new_workdir
 from tests.publisher.clirun import run_cli

@@ -11,7 +11,7 @@ import time
 import pytest
 
 from cvmfs_common.repo.paths import RepositoryLayout
-from tests.e2e.test_pull_daemon import check_tree, control, pull
+from tests.e2e.daemonpull import check_tree, control, pull
 
 pytestmark = pytest.mark.e2e
 
@@ -58,9 +58,9 @@ HANG_SECONDS = 60
 def hang_at(e2e_base):
     """hangfs (every getattr below its root sleeps) mounted on a directory inside a repository:
     one entry that hangs, the rest of the repository fine."""
-    from tests.e2e.test_hung_repository import _fuse_available
+    from tests.fixtures.marks import fuse_missing
 
-    why = _fuse_available()
+    why = fuse_missing()
     if why:
         pytest.skip(why)
     mounted: list[tuple] = []
@@ -70,7 +70,7 @@ def hang_at(e2e_base):
         import sys
         from pathlib import Path
 
-        from tests.fixtures._proc import wait_until
+        from tests.fixtures.polling import wait_until
 
         log = open(new_log(e2e_base), "w")
         proc = subprocess.Popen([sys.executable, str(Path(__file__).with_name("hangfs.py")), str(where),

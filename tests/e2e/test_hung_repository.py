@@ -10,8 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.test_remote_layers import cvmfs_pull
-from tests.fixtures._proc import wait_until
+from tests.e2e.pulls import cvmfs_pull
+from tests.fixtures.marks import fuse_missing
+from tests.fixtures.polling import wait_until
 from tests.fixtures.tree import LISTING_COMMAND, compare_trees, parse_listing
 from tests.fixtures.workdirs import new_workdir
 
@@ -21,19 +22,9 @@ HANG_SECONDS = 60
 STAT_TIMEOUT = 1.0
 
 
-def _fuse_available() -> str | None:
-    if not Path("/dev/fuse").exists():
-        return "no /dev/fuse"
-    try:
-        import fuse  # noqa: F401
-    except (ImportError, OSError) as e:  # OSError: libfuse2 missing
-        return f"fusepy/libfuse2 unavailable: {e}"
-    return None
-
-
 @pytest.fixture
 def hung_repo(e2e_base):
-    why = _fuse_available()
+    why = fuse_missing()
     if why:
         pytest.skip(why)
     mnt = new_workdir("hung-", e2e_base) / "mnt"

@@ -10,7 +10,7 @@ import pytest
 
 from cvmfs_common.repo.paths import RepositoryLayout
 from tests.e2e.repo_writer import publish_chains, publish_layers
-from tests.e2e.test_cri_pull import cri_pull
+from tests.e2e.pulls import cri_pull
 from tests.fixtures.containerd import CriOptions
 from tests.fixtures.images import push_zstd_multilayer
 from tests.fixtures.tree import LISTING_COMMAND, compare_trees, parse_listing

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.test_pull_daemon import check_tree, control, daemon_pulls, pull
+from tests.e2e.daemonpull import check_tree, control, daemon_pulls, pull
 
 pytestmark = pytest.mark.e2e
 

@@ -7,77 +7,21 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import signal
 import subprocess
-import sys
 import time
-from pathlib import Path
 
 import pytest
 
 from cvmfs_common.repo.paths import RepositoryLayout
 from tests.cvmfs_common.netfaults import TricklingProxy
 from tests.e2e.repo_writer import publish_layers
-from tests.fixtures._proc import free_port, wait_until
-from tests.fixtures.tree import LISTING_COMMAND, compare_trees, parse_listing
+from tests.fixtures._proc import free_port
+from tests.fixtures.polling import wait_until
+
+from .daemonpull import after_first_line, check_tree, clean_env, control, daemon_pulls, normalized, pull, pull_command
 
 pytestmark = pytest.mark.e2e
-
-SNAPSHOTTER_BIN = Path(sys.executable).with_name("cvmfs-snapshotter")
-
-
-def control(sn) -> str:
-    return f"{sn.address}.ctl"
-
-
-def pull_command(cd, ref: str, *extra: str, namespace: str = "default") -> list[str]:
-    return [str(SNAPSHOTTER_BIN), "pull", "-a", str(cd.address), "-n", namespace, *extra, ref]
-
-
-def clean_env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("CONTAINERD_ADDRESS", "CONTAINERD_NAMESPACE", "REGISTRY_AUTH_FILE", "DOCKER_CONFIG",
-                        "XDG_RUNTIME_DIR", "CVMFS_SNAPSHOTTER_CONTROL")}
-    env.update(extra)
-    return env
-
-
-def pull(cd, ref: str, *extra: str, namespace: str = "default", env: dict | None = None,
-         check: bool = True) -> subprocess.CompletedProcess:
-    res = subprocess.run(pull_command(cd, ref, *extra, namespace=namespace), capture_output=True, text=True,
-                         timeout=300, env=env or clean_env(), stdin=subprocess.DEVNULL)
-    if check:
-        assert res.returncode == 0, f"pull failed ({res.returncode}): {res.stdout}\n{res.stderr}"
-    return res
-
-
-def daemon_pulls(sn) -> int:
-    return len(re.findall(r"pull of \S+ into namespace", sn.log()))
-
-
-def check_tree(cd, image, ref: str | None = None, namespace: str = "default") -> None:
-    out = cd.run(ref or image.ref, *LISTING_COMMAND, namespace=namespace).stdout
-    problems = compare_trees(image.tree, parse_listing(out))
-    assert not problems, "\n".join(problems)
-
-
-def normalized(text: str) -> str:
-    return re.sub(r"done in [0-9.]+s", "done in Xs", text)
-
-
-def after_first_line(res: subprocess.CompletedProcess, sn) -> str:
-    """A daemon pull's output after the line saying it went through the daemon."""
-    first, _, rest = res.stderr.partition("\n")
-    assert first.startswith(f"pulling through the snapshotter daemon ({control(sn)}, from "), res.stderr
-    return rest
-
-
-@pytest.fixture
-def own_registry(registry_factory, push_standard_images):
-    reg = registry_factory()
-    return reg, push_standard_images(reg)
-
 
 @pytest.fixture
 def repo(e2e_base):
@@ -263,7 +207,7 @@ def test_errors_and_exit_codes_are_the_same_in_both_modes(registry_factory, push
 
 def test_credential_helper_runs_with_the_callers_environment(registry_factory, push_standard_images,
                                                              snapshotter_factory, containerd_factory, tmp_path):
-    from tests.snapshotter.pull.test_pull_cli import write_helper
+    from tests.snapshotter.pull.credhelper import write_helper
 
     reg = registry_factory(users={"alice": "s3cret"})
     img = push_standard_images(reg).multilayer

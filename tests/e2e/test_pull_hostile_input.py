@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.test_pull_daemon import after_first_line, check_tree, clean_env, control, daemon_pulls, pull, pull_command
-from tests.fixtures._proc import wait_until
+from tests.e2e.daemonpull import after_first_line, check_tree, clean_env, control, daemon_pulls, pull, pull_command
+from tests.fixtures.polling import wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -149,8 +149,9 @@ def test_a_helper_that_prints_for_ever_or_never_answers_is_cut_off(stack, tmp_pa
     for proc in procs:
         proc.kill()
         proc.wait(10)
+    # FileNotFoundError: a process exiting between gone()'s kill and its /proc read
     wait_until(lambda: all(gone(p) for p in pids), 20, "the helpers killed after the clients left", None,
-               sn.log_path)
+               sn.log_path, retry_on=(FileNotFoundError,))
     # A helper with a good answer still works through the same daemon.
     good = helper_env(tmp_path, reg.host, "good", """read server
 echo '{"ServerURL": "x", "Username": "alice", "Secret": "s3cret"}'""")
@@ -171,7 +172,7 @@ def test_the_pull_timeout_stops_a_silent_helper(registry_factory, push_standard_
     res = pull(cd, img.ref, "--plain-http", "--daemon", "--control-socket", control(sn), env=env, check=False)
     assert res.returncode == 1 and "timed out after 3s" in res.stderr, res.stderr
     assert time.monotonic() - started < 20  # the timeout, not the helper's own 30 s
-    wait_until(lambda: gone(pid_file), 10, "the helper killed")
+    wait_until(lambda: gone(pid_file), 10, "the helper killed", retry_on=(FileNotFoundError,))
     pull(cd, img.ref, "--plain-http", "-u", "alice:s3cret", "--daemon", "--control-socket", control(sn),
          env=clean_env())
     check_tree(cd, img)

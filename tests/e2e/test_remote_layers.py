@@ -5,37 +5,16 @@ published layers deleted from the registry, and a containerd root of the test's 
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import pytest
 
 from cvmfs_common.repo.paths import RepositoryLayout
+from tests.e2e.pulls import cvmfs_pull
 from tests.e2e.repo_writer import publish_ducc_style, publish_layers
 from tests.fixtures.tree import LISTING_COMMAND, compare_trees, parse_listing
 
 pytestmark = pytest.mark.e2e
-
-SNAPSHOTTER_BIN = Path(sys.executable).with_name("cvmfs-snapshotter")
-
-
-def cvmfs_pull(cd, ref: str, namespace: str = "default") -> subprocess.CompletedProcess:
-    res = subprocess.run(
-        [str(SNAPSHOTTER_BIN), "pull", "--containerd-address", str(cd.address), "--namespace", namespace,
-         "--plain-http", ref],
-        capture_output=True, text=True, timeout=300,
-    )
-    assert res.returncode == 0, f"pull failed: {res.stdout}\n{res.stderr}"
-    return res
-
-
-@pytest.fixture
-def own_registry(registry_factory, push_standard_images):
-    reg = registry_factory()
-    return reg, push_standard_images(reg)
-
 
 @pytest.fixture
 def repo(e2e_base, tmp_path_factory):

@@ -15,7 +15,7 @@ from cvmfs_api.containerd.services.snapshots.v1 import snapshots_pb2 as pb
 from cvmfs_api.containerd.services.snapshots.v1 import snapshots_pb2_grpc as pb_grpc
 from cvmfs_common.repo.paths import RepositoryLayout
 from tests.e2e.repo_writer import publish_layers
-from tests.e2e.test_remote_layers import SNAPSHOTTER_BIN, cvmfs_pull
+from tests.e2e.pulls import SNAPSHOTTER_BIN, cvmfs_pull
 from tests.fixtures.tree import LISTING_COMMAND, compare_trees, parse_listing
 from tests.fixtures.workdirs import new_workdir
 from tests.snapshotter.deep_tree import remove_everything

@@ -3,12 +3,12 @@ pull + run through `ctr`, the tree a container sees, snapshot listing/removal,
 namespaces, containerd's garbage collector, and restarts of both processes."""
 from __future__ import annotations
 
-import time
 
 import pytest
 
 from tests.fixtures.containerd import Containerd
 from tests.fixtures.images import BuiltImage
+from tests.fixtures.polling import wait_until
 from tests.fixtures.snapshotter import SnapshotterProcess
 from tests.fixtures.tree import LISTING_COMMAND, compare_trees, parse_listing
 
@@ -25,16 +25,6 @@ def assert_tree(cd: Containerd, img: BuiltImage, namespace: str = "default") -> 
 
 def committed_names(cd: Containerd, namespace: str = "default") -> set[str]:
     return {s["key"] for s in cd.snapshots(namespace) if s["kind"] == "Committed"}
-
-
-def wait_for(check, timeout: float = 15):
-    """Poll until `check()` is truthy; returns its last value (GC runs asynchronously)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value or time.monotonic() > deadline:
-            return value
-        time.sleep(0.2)
 
 
 @pytest.mark.parametrize("which", ["multilayer", "multilayer_docker"])
@@ -83,7 +73,8 @@ def test_snapshots_ls_prepare_and_rm(containerd, snapshotter, standard_images):
     # garbage collector, asynchronously (metadata/snapshot.go, Remove → db dirty → GC).
     def gone() -> bool:
         return not [s for s in snapshotter.list_snapshots() if s["name"].endswith("/my-active")]
-    assert wait_for(gone), snapshotter.list_snapshots()
+    wait_until(gone, 15, "the backend's snapshot gone (containerd's GC)", interval=0.2,
+               detail=snapshotter.list_snapshots)
 
 
 def test_image_in_two_namespaces(containerd, snapshotter, standard_images):
@@ -104,9 +95,11 @@ def test_gc_removes_snapshots_of_a_removed_image(containerd, snapshotter, standa
     assert_tree(containerd, img)
     assert committed_names(containerd)
     containerd.ctr("image", "rm", "--sync", img.ref)
-    assert wait_for(lambda: not containerd.snapshots()), containerd.snapshots()
-    assert wait_for(lambda: not snapshotter.list_snapshots()), \
-        f"backend still holds {snapshotter.list_snapshots()}"
+    # containerd's GC runs asynchronously after the image is gone
+    wait_until(lambda: not containerd.snapshots(), 15, "containerd's snapshots gone", interval=0.2,
+               detail=containerd.snapshots)
+    wait_until(lambda: not snapshotter.list_snapshots(), 15, "the backend's snapshots gone", interval=0.2,
+               detail=snapshotter.list_snapshots)
 
 
 def test_images_sharing_layers(containerd, snapshotter, standard_images):
@@ -120,7 +113,8 @@ def test_images_sharing_layers(containerd, snapshotter, standard_images):
     out = containerd.run(t11.ref, "/bin/sh", "-c", "cat /version; test -e /etc/motd || echo gone").stdout
     assert out == "1.1\ngone\n"
     containerd.ctr("image", "rm", "--sync", t20.ref)
-    assert wait_for(lambda: committed_names(containerd) == set(t11.chain_ids())), committed_names(containerd)
+    wait_until(lambda: committed_names(containerd) == set(t11.chain_ids()), 15, "only 1.1's snapshots left",
+               interval=0.2, detail=lambda: committed_names(containerd))
 
 
 def test_multi_platform_index(containerd, standard_images):

@@ -1,3 +1,4 @@
+"""Fixtures of the publisher's tests: repository dirs, the cvmfs_server stand-in, a big image."""
 from __future__ import annotations
 
 import os
@@ -5,6 +6,9 @@ from pathlib import Path
 
 import pytest
 
+from tests.fixtures.images import BuiltImage
+from tests.publisher.cvmfs_standin import STANDIN_DIR, CvmfsStandin
+from tests.publisher.inflight import push_big_image
 from tests.publisher.treeview import tree_snapshot
 
 
@@ -33,9 +37,6 @@ def outside(tmp_path: Path):
     assert tree_snapshot(victim) == before
 
 
-requires_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (chown, mknod, trusted xattrs)")
-
-
 @pytest.fixture(autouse=True, scope="session")
 def _repository_locks(tmp_path_factory: pytest.TempPathFactory):
     """Repository lock files of the tests (and the CLI processes they start) go to a temp
@@ -49,3 +50,21 @@ def _repository_locks(tmp_path_factory: pytest.TempPathFactory):
         os.environ.pop(LOCK_DIR_ENV, None)
     else:
         os.environ[LOCK_DIR_ENV] = before
+
+
+@pytest.fixture
+def cvmfs_standin(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> CvmfsStandin:
+    """`cvmfs_server` first on PATH (inherited by subprocesses), repositories under tmp."""
+    s = CvmfsStandin(tmp_path / "cvmfs", tmp_path / "standin-state")
+    s.root.mkdir()
+    monkeypatch.setenv("CVMFS_STANDIN_ROOT", str(s.root))
+    monkeypatch.setenv("CVMFS_STANDIN_STATE", str(s.state))
+    monkeypatch.setenv("PATH", f"{STANDIN_DIR}{os.pathsep}{os.environ.get('PATH', '')}")
+    monkeypatch.delenv("CVMFS_SERVER", raising=False)
+    return s
+
+
+@pytest.fixture(scope="module")
+def big_image(registry, tmp_path_factory: pytest.TempPathFactory) -> BuiltImage:
+    """An image whose middle layer takes a moment to unpack (inflight.py), on `registry`."""
+    return push_big_image(registry.host, tmp_path_factory.mktemp("big"))

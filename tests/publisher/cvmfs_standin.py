@@ -1,4 +1,5 @@
-"""The strict `cvmfs_server` stand-in (standin/cvmfs_server) as a pytest fixture.
+"""The strict `cvmfs_server` stand-in (standin/cvmfs_server); the `cvmfs_standin` fixture
+(tests/publisher/conftest.py) puts it first on PATH.
 
     def test_x(cvmfs_standin):
         repo = cvmfs_standin.mkfs("unpacked.example.org")     # the stand-in for /cvmfs/<name>
@@ -8,12 +9,9 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
-
-import pytest
 
 STANDIN_DIR = Path(__file__).resolve().parent / "standin"
 STANDIN = STANDIN_DIR / "cvmfs_server"
@@ -57,14 +55,3 @@ class CvmfsStandin:
     def in_transaction(self, name: str) -> bool:
         return (self.state / "repos" / name / "in_transaction").exists()
 
-
-@pytest.fixture
-def cvmfs_standin(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> CvmfsStandin:
-    """`cvmfs_server` first on PATH (inherited by subprocesses), repositories under tmp."""
-    s = CvmfsStandin(tmp_path / "cvmfs", tmp_path / "standin-state")
-    s.root.mkdir()
-    monkeypatch.setenv("CVMFS_STANDIN_ROOT", str(s.root))
-    monkeypatch.setenv("CVMFS_STANDIN_STATE", str(s.state))
-    monkeypatch.setenv("PATH", f"{STANDIN_DIR}{os.pathsep}{os.environ.get('PATH', '')}")
-    monkeypatch.delenv("CVMFS_SERVER", raising=False)
-    return s

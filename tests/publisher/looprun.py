@@ -12,25 +12,9 @@ from typing import Callable
 from tests.fixtures.images import Pusher, host_arch
 from tests.fixtures.layers import Entry, Layer
 from tests.fixtures.oci_layout import ImageConfig, OciLayout, Platform
+from tests.fixtures.polling import wait_until
 
 from .clirun import popen_cli
-
-
-def wait_for(check: Callable[[], bool], timeout: float, what: str, proc: subprocess.Popen | None = None,
-             log: Path | None = None, interval: float = 0.02) -> float:
-    """Poll until `check()`; returns the time.monotonic() it became true."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():
-            return time.monotonic()
-        if proc is not None and proc.poll() is not None:
-            raise AssertionError(f"{what}: the loop exited with {proc.returncode}\n{_tail(log)}")
-        time.sleep(interval)
-    raise AssertionError(f"{what}: not after {timeout} s\n{_tail(log)}")
-
-
-def _tail(log: Path | None) -> str:
-    return log.read_text(errors="replace")[-6000:] if log is not None and log.exists() else ""
 
 
 @dataclass
@@ -46,10 +30,13 @@ class LoopProcess:
         return self.log.read_text(errors="replace")
 
     def wait_log(self, needle: str, timeout: float = 60, count: int = 1) -> None:
-        wait_for(lambda: self.text().count(needle) >= count, timeout, f"log line {needle!r}", self.proc, self.log)
+        wait_until(lambda: self.text().count(needle) >= count, timeout, f"log line {needle!r}", self.proc, self.log,
+                   interval=0.02)
 
     def wait_path(self, check: Callable[[], bool], what: str, timeout: float = 60) -> float:
-        return wait_for(check, timeout, what, self.proc, self.log)
+        """Until `check()`; returns the time.monotonic() it was seen true."""
+        wait_until(check, timeout, what, self.proc, self.log, interval=0.02)
+        return time.monotonic()
 
     @property
     def running(self) -> bool:

@@ -10,7 +10,7 @@ import pytest
 from tests.publisher.treeview import diff_trees, merge_view, tree_snapshot
 from publisher.unpack.unpack import unpack_layer
 
-from .conftest import requires_root
+from tests.fixtures.marks import requires_root
 from .layertar import blob, dir_, reg, sym
 
 BASE = [dir_("etc"), reg("etc/a", b"a"), reg("etc/b", b"b"), dir_("etc/sub"), reg("etc/sub/c"),

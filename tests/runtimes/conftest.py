@@ -1,22 +1,13 @@
-"""Fixtures of the runtime matrix: a Debian release's root fs running our stack, a fresh
-loopback registry with the standard images, repositories written on the host into the
-container's /w."""
+"""Fixtures of the runtime matrix: a Debian release's root fs running our stack (a fresh
+loopback registry with the standard images is `own_registry`, tests/fixtures; repositories
+are written on the host into the container's /w: stack.repo_in)."""
 from __future__ import annotations
 
 from typing import Callable, Iterator
 
 import pytest
 
-from cvmfs_common.repo.paths import RepositoryLayout
-
 from .stack import DIST_IN_CONTAINER, Runtime, Stack, shared_containerd_dir
-
-
-@pytest.fixture
-def own_registry(registry_factory, push_standard_images):
-    """A registry of the test's own (its blobs may be deleted) with the standard images."""
-    reg = registry_factory()
-    return reg, push_standard_images(reg)
 
 
 @pytest.fixture
@@ -45,11 +36,3 @@ def stack_factory(request: pytest.FixtureRequest, rootfs_factory) -> Iterator[Ca
     if rep is not None and rep.failed:
         for s in made:
             print(s.logs())
-
-
-def repo_in(stack_or_container) -> RepositoryLayout:
-    """The repository at /w/repo inside the container, written from the host."""
-    c = getattr(stack_or_container, "c", stack_or_container)
-    root = c.host_w / "repo"
-    root.mkdir(parents=True, exist_ok=True)
-    return RepositoryLayout(root)

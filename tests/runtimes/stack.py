@@ -16,6 +16,7 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
+from cvmfs_common.repo.paths import RepositoryLayout
 from tests.fixtures.rootfs import SID, TRIXIE, RootfsContainer, RootfsSpec
 from tests.fixtures.tree import LISTING_COMMAND, RUNTIME_MOUNTS, compare_trees, parse_listing
 
@@ -263,3 +264,11 @@ class Stack:
         self.write_file("/etc/docker/daemon.json", json.dumps(conf, indent=2))
         self.c.exec(f"dockerd --containerd {CD_SOCKET} >> /w/dockerd.log 2>&1", detach=True)
         self.wait("docker info >/dev/null 2>&1", "dockerd")
+
+
+def repo_in(stack_or_container) -> RepositoryLayout:
+    """The repository at /w/repo inside the container, written from the host."""
+    c = getattr(stack_or_container, "c", stack_or_container)
+    root = c.host_w / "repo"
+    root.mkdir(parents=True, exist_ok=True)
+    return RepositoryLayout(root)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.containerd_testsuite.test_containerd_suite import failure_report, parse_results
+from tests.containerd_testsuite.gosuite import failure_report, parse_results
 
 from .stack import RUNTIMES, Runtime
 

@@ -23,9 +23,8 @@ from tests.fixtures.layers import Entry, Layer
 from tests.fixtures.oci_layout import ImageConfig, OciLayout, Platform
 from tests.fixtures.tree import LISTING_SCRIPT, RUNTIME_MOUNTS, compare_trees, parse_listing
 
-from .conftest import repo_in
 from .cri import Cri, UserNs, install_noop_cni
-from .stack import SID23_RT, SID_RT, Runtime, Stack
+from .stack import SID23_RT, SID_RT, Runtime, Stack, repo_in
 
 pytestmark = [pytest.mark.e2e, pytest.mark.runtimes]
 

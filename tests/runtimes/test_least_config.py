@@ -15,8 +15,7 @@ import pytest
 
 from tests.e2e.repo_writer import publish_chains, publish_layers
 
-from .conftest import repo_in
-from .stack import DOCKER_RUNTIME_FILES, SID23_RT, SID_RT, TRIXIE_RT, Stack
+from .stack import DOCKER_RUNTIME_FILES, SID23_RT, SID_RT, TRIXIE_RT, Stack, repo_in
 
 pytestmark = [pytest.mark.e2e, pytest.mark.runtimes]
 

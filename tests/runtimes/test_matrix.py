@@ -12,8 +12,7 @@ import pytest
 
 from tests.e2e.repo_writer import publish_ducc_style, publish_layers
 
-from .conftest import repo_in
-from .stack import DOCKER_RUNTIME_FILES, RUNTIMES, SID23_RT, SID_RT, Runtime, Stack
+from .stack import DOCKER_RUNTIME_FILES, RUNTIMES, SID23_RT, SID_RT, Runtime, Stack, repo_in
 
 pytestmark = [pytest.mark.e2e, pytest.mark.runtimes]
 

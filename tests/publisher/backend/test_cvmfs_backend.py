@@ -12,7 +12,6 @@ import re
 import os
 import signal
 import subprocess
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,14 +22,14 @@ from cvmfs_common.repo.paths import RepositoryLayout
 from cvmfs_common.repo.metadata import read_layers_json
 from cvmfs_common.fsutil.atomic import remove_tree
 from publisher.backend.catalogs import CATALOG_MARKER
-from tests.fixtures.images import BuiltImage, Pusher, StandardImages, busybox_entries, host_arch
+from tests.fixtures.images import BuiltImage, StandardImages, busybox_entries, host_arch
 from tests.fixtures.layers import Entry, Layer
-from tests.fixtures.oci_layout import ImageConfig, OciLayout, Platform
 from tests.fixtures.tree import compare_trees
 
 from tests.publisher.clirun import CliResult, popen_cli, push_image, run_cli
-from tests.publisher.conftest import requires_root
-from tests.publisher.cvmfs_standin import STANDIN_DIR, CvmfsStandin, cvmfs_standin  # noqa: F401 (fixture)
+from tests.fixtures.marks import requires_root
+from tests.publisher.cvmfs_standin import STANDIN_DIR, CvmfsStandin
+from tests.publisher.inflight import wait_for_work
 from tests.publisher.repotree import flat_minus_chain, observed_tree
 
 pytestmark = requires_root
@@ -412,38 +411,6 @@ def test_a_leftover_tmp_is_removed_in_a_transaction_of_its_own(cvmfs_standin: Cv
 
 # ------------------------------------------------------------------ kill -9
 
-FILES = 2_000
-
-
-@pytest.fixture(scope="module")
-def big_image(registry, tmp_path_factory: pytest.TempPathFactory) -> BuiltImage:
-    work = tmp_path_factory.mktemp("cvmfs-big")
-    many = [Entry.dir("/many")] + [Entry.dir(f"/many/d{i:03d}") for i in range(100)]
-    many += [Entry.file(f"/many/d{i % 100:03d}/f{i:05d}", f"{i}\n" * 20) for i in range(FILES)]
-    top = Layer.from_entries([Entry.file("/etc/top", "top\n"), Entry.whiteout("/etc/group")])
-    layers = [Layer.from_entries(busybox_entries()), Layer.from_entries(many), top]
-    oci = OciLayout(work / "layout")
-    oci.tag("big", oci.add_image(layers, ImageConfig(platform=Platform("linux", host_arch()))))
-    pusher = Pusher(registry.host)
-    pusher.copy(oci.root, "big", "test/cvmfs-big", "v1")
-    return pusher.describe("test/cvmfs-big", "v1", layer_tars=[l.tar for l in layers])
-
-
-def _wait_for_layer_work(tmp: Path, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            for entry in os.scandir(tmp):
-                if entry.name.startswith("layer-"):
-                    sub = Path(entry.path) / "layerfs"
-                    if sub.is_dir() and len(list(os.scandir(sub))) > 1:
-                        return
-        except FileNotFoundError:
-            pass
-        time.sleep(0.002)
-    raise TimeoutError(f"no layer work under {tmp}")
-
-
 def test_kill_9_mid_transaction_then_rerun(cvmfs_standin: CvmfsStandin, big_image: BuiltImage,
                                            tmp_path: Path) -> None:
     repo = cvmfs_standin.mkfs(REPO)
@@ -451,7 +418,7 @@ def test_kill_9_mid_transaction_then_rerun(cvmfs_standin: CvmfsStandin, big_imag
             "--state-db", tmp_path / "state.db", "--jobs", "2")
     proc = popen_cli(*args, log=tmp_path / "killed.log")
     try:
-        _wait_for_layer_work(repo / ".tmp")
+        wait_for_work(repo / ".tmp", "layer-")
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=30)
     finally:

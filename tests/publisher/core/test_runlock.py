@@ -17,8 +17,8 @@ from publisher.core.runlock import LOCK_DIR_ENV, exclusive_repository, repositor
 from tests.fixtures.images import BuiltImage
 
 from tests.publisher.clirun import popen_cli, run_cli, run_proc, write_wishlist
-from tests.publisher.conftest import requires_root
-from tests.publisher.sync.test_crash import _wait_for_work, big_image  # noqa: F401 (fixture)
+from tests.fixtures.marks import requires_root
+from tests.publisher.inflight import wait_for_work
 
 
 def test_the_lock_is_one_per_repository_whatever_its_spelling(tmp_path: Path, monkeypatch) -> None:
@@ -55,7 +55,7 @@ def test_two_converts_with_different_state_dbs_on_one_root(big_image: BuiltImage
     first = popen_cli("convert", wishlist, "--repository-root", root, "--state-db", tmp_path / "a.db",
                       log=tmp_path / "a.log")
     try:
-        _wait_for_work(lay.tmp_dir, "layer-")  # the first one is writing
+        wait_for_work(lay.tmp_dir, "layer-")  # the first one is writing
         second = run_proc("convert", wishlist, "--repository-root", root, "--state-db", tmp_path / "b.db")
         assert second.rc == 2, second.stdout + second.stderr
         assert f"is writing repository {os.path.realpath(root)}" in second.stderr, second.stderr

@@ -12,7 +12,7 @@ from publisher.core.state import ImageRecord, LayerRecord, State, StateError, Ta
 from tests.fixtures.images import StandardImages, host_arch
 
 from tests.publisher.clirun import run_cli, run_proc, write_wishlist
-from tests.publisher.conftest import requires_root
+from tests.fixtures.marks import requires_root
 
 OTHER_ARCH = "arm64" if host_arch() != "arm64" else "amd64"
 

@@ -21,8 +21,7 @@ from publisher.core.state import State
 from tests.fixtures.images import StandardImages
 
 from tests.publisher.clirun import run_cli, write_wishlist
-from tests.publisher.conftest import requires_root
-from tests.publisher.cvmfs_standin import cvmfs_standin  # noqa: F401 (fixture)
+from tests.fixtures.marks import requires_root
 from tests.publisher.looprun import Images
 from tests.publisher.repotree import fs_state
 

@@ -12,7 +12,7 @@ from cvmfs_common.repo.paths import RepositoryLayout
 from publisher.core.state import State, reserve_path
 
 from tests.publisher.clirun import run_proc, write_wishlist
-from tests.publisher.conftest import requires_root
+from tests.fixtures.marks import requires_root
 from tests.publisher.looprun import Images
 from tests.publisher.treeview import tree_snapshot
 from tests.snapshotter.deep_tree import make_chain, remove_everything

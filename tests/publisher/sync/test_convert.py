@@ -20,7 +20,7 @@ from tests.fixtures.layers import Entry, Layer
 from tests.fixtures.tree import compare_trees
 
 from tests.publisher.clirun import CliResult, push_image, run_cli, run_proc, write_wishlist
-from tests.publisher.conftest import requires_root
+from tests.fixtures.marks import requires_root
 from tests.publisher.layertar import dir_, reg, tar_bytes
 from tests.publisher.repotree import flat_minus_chain, fs_state, observed_tree, overlay_mount
 

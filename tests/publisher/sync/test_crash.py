@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import os
 import signal
-import time
 from pathlib import Path
 
 import pytest
@@ -11,50 +10,15 @@ import pytest
 from cvmfs_common.oci.digest import chain_ids
 from cvmfs_common.repo.paths import RepositoryLayout
 from cvmfs_common.repo.lookup import find_layer
-from tests.fixtures.images import BuiltImage, Pusher, busybox_entries, host_arch
-from tests.fixtures.layers import Entry, Layer
-from tests.fixtures.oci_layout import ImageConfig, OciLayout, Platform
+from tests.fixtures.images import BuiltImage
 from tests.fixtures.tree import compare_trees
 
 from tests.publisher.clirun import popen_cli, run_cli
-from tests.publisher.conftest import requires_root
+from tests.publisher.inflight import wait_for_work
+from tests.fixtures.marks import requires_root
 from tests.publisher.repotree import flat_minus_chain, observed_tree
 
 pytestmark = requires_root
-
-FILES = 2_000  # unpacking takes a moment (the kill lands mid-way); the suite stays fast
-
-
-@pytest.fixture(scope="module")
-def big_image(registry, tmp_path_factory: pytest.TempPathFactory) -> BuiltImage:
-    work = tmp_path_factory.mktemp("big")
-    base = Layer.from_entries(busybox_entries())
-    many = [Entry.dir("/many")] + [Entry.dir(f"/many/d{i:03d}") for i in range(100)]
-    many += [Entry.file(f"/many/d{i % 100:03d}/f{i:05d}", f"{i}\n" * 20) for i in range(FILES)]
-    top = Layer.from_entries([Entry.file("/etc/top", "top\n"), Entry.whiteout("/etc/group")])
-    layers = [base, Layer.from_entries(many), top]
-    oci = OciLayout(work / "layout")
-    oci.tag("big", oci.add_image(layers, ImageConfig(platform=Platform("linux", host_arch()))))
-    pusher = Pusher(registry.host)
-    pusher.copy(oci.root, "big", "test/big", "v1")
-    return pusher.describe("test/big", "v1", layer_tars=[l.tar for l in layers])
-
-
-def _wait_for_work(tmp: Path, prefix: str, timeout: float = 60) -> None:
-    """Until a work dir of that kind exists under .tmp/ and has some content."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            for entry in os.scandir(tmp):
-                if entry.name.startswith(prefix) and any(os.scandir(entry.path)):
-                    sub = next(os.scandir(entry.path))
-                    if sub.is_dir() and len(list(os.scandir(sub.path))) > 1:
-                        return
-        except FileNotFoundError:
-            pass
-        time.sleep(0.002)
-    raise TimeoutError(f"no {prefix} work dir appeared under {tmp}")
-
 
 def _assert_nothing_partial(lay: RepositoryLayout, img: BuiltImage) -> None:
     for xx in (lay.layers_dir.iterdir() if lay.layers_dir.exists() else []):
@@ -80,7 +44,7 @@ def test_kill_9_then_rerun_completes(big_image: BuiltImage, tmp_path: Path, phas
             "--log-level", "debug")
     proc = popen_cli(*args, log=tmp_path / "killed.log")
     try:
-        _wait_for_work(lay.tmp_dir, phase)
+        wait_for_work(lay.tmp_dir, phase)
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=30)
     finally:

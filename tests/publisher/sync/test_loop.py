@@ -20,11 +20,11 @@ from publisher.sync.webhook import PushEvent
 from publisher.sync.wishlist import WishlistEntry, load_wishlists
 from tests.cvmfs_common.netfaults import Frontend, HugeTokenServer, TricklingProxy, bearer_guard
 from tests.fixtures._proc import free_port
+from tests.fixtures.polling import wait_until
 
 from tests.publisher.clirun import popen_cli, write_wishlist
-from tests.publisher.conftest import requires_root
-from tests.publisher.looprun import Images, LoopProcess, link_exists, link_reads, wait_for
-from tests.publisher.sync.test_crash import big_image  # noqa: F401 - module fixture: an image that takes a moment to unpack
+from tests.fixtures.marks import requires_root
+from tests.publisher.looprun import Images, LoopProcess, link_exists, link_reads
 
 HOST_PLATFORM = Platform.host()
 
@@ -233,7 +233,7 @@ def test_sigterm_lets_the_current_image_finish_and_starts_no_other(big_image, re
     loop = LoopProcess.start(wishlist, "--repository-root", root, "--state-db", db, "--interval", "1h",
                              "--jobs", "1", log=tmp_path / "loop.log")
     try:
-        wait_for(lambda: any(p.name.startswith(("layer-", "chain-")) for p in _tmp_entries(lay)), 60,
+        wait_until(lambda: any(p.name.startswith(("layer-", "chain-")) for p in _tmp_entries(lay)), 60,
                  "a layer being unpacked", loop.proc, loop.log)
     finally:
         rc = loop.stop()
@@ -396,7 +396,7 @@ def test_one_sigterm_stops_a_loop_stuck_in_a_download(slow_setup, tmp_path: Path
                              "--min-transfer-rate", "0", "--image-timeout", "0", "--stop-timeout", "2s",
                              "--no-podman-store", log=tmp_path / "loop.log")
     try:
-        wait_for(lambda: proxy.trickling >= 1, 60, "the blob trickling", loop.proc, loop.log)
+        wait_until(lambda: proxy.trickling >= 1, 60, "the blob trickling", loop.proc, loop.log)
         time.sleep(1)
         started = time.monotonic()
         loop.proc.send_signal(signal.SIGTERM)  # once

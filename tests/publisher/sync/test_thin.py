@@ -20,7 +20,7 @@ from publisher.sync.thin import (DEFAULT_OUTPUT_FORMAT, build_thin_image, ducc_w
 from tests.fixtures.images import StandardImages
 
 from tests.publisher.clirun import run_cli
-from tests.publisher.conftest import requires_root
+from tests.fixtures.marks import requires_root
 
 HEX = "ab" + "0" * 62
 HEX2 = "cd" + "1" * 62

@@ -16,11 +16,12 @@ from cvmfs_common.repo.paths import RepositoryLayout
 from publisher.sync.webhook import ListenerLimits, PushEvent, WebhookListener, parse_envelope
 from cvmfs_common.address import parse_address
 from tests.fixtures._proc import free_port
+from tests.fixtures.polling import wait_until
 from tests.fixtures.registry import NotificationEndpoint
 
 from tests.publisher.clirun import run_cli, write_wishlist
-from tests.publisher.conftest import requires_root
-from tests.publisher.looprun import Images, LoopProcess, link_reads, wait_for
+from tests.fixtures.marks import requires_root
+from tests.publisher.looprun import Images, LoopProcess, link_reads
 
 DIGEST = "sha256:" + "c" * 64
 OCI = "application/vnd.oci.image.manifest.v1+json"
@@ -82,7 +83,7 @@ def test_listener_answers_at_once_on_any_path() -> None:
                                      headers={"Content-Type": "application/vnd.docker.distribution.events.v1+json"})
         with urllib.request.urlopen(req, timeout=5) as r:
             assert r.status == 200
-        wait_for(lambda: bool(got), 5, "the event handed over")  # just after the answer
+        wait_until(lambda: bool(got), 5, "the event handed over")  # just after the answer
         assert got == [PushEvent("reg:5000", "team/app", "v1", DIGEST)]
         with pytest.raises(urllib.error.HTTPError) as e:
             urllib.request.urlopen(urllib.request.Request(base + "/", data=b"garbage", method="POST"), timeout=5)
@@ -133,7 +134,7 @@ def test_token_size_and_junk_are_refused_cheaply_and_counted() -> None:
         assert _raw(listener.address, b"\x16\x03\x01 not http at all\r\n\r\n").startswith(b"HTTP/1.1 400 ")
         mixed = json.dumps({"events": [_event(tag="ok/x"), _event(tag="a" * 200), _event()]}).encode()
         assert _raw(listener.address, _post(mixed)).startswith(b"HTTP/1.1 200 ")
-        wait_for(lambda: bool(got), 5, "the valid event handed over")
+        wait_until(lambda: bool(got), 5, "the valid event handed over")
         assert got == [PushEvent("reg:5000", "team/app", "v1", DIGEST)]
         assert listener.stats["unauthorized"] == 3 and listener.stats["too_large"] == 1
         assert listener.stats["bad_request"] == 3 and listener.stats["invalid_event"] == 2
@@ -152,14 +153,14 @@ def test_idle_and_slow_connections_are_bounded_and_do_not_starve_a_real_post() -
             s = socket.create_connection(listener.address, timeout=5)
             s.sendall(b"POST / HTTP/1.1\r\n")  # a slowloris: the head never ends
             idle.append(s)
-        wait_for(lambda: listener.connections <= 16, 5, "connections bounded")
+        wait_until(lambda: listener.connections <= 16, 5, "connections bounded")
         started = time.monotonic()
         answer = _raw(listener.address, _post(json.dumps({"events": [_event()]}).encode()))
         assert answer.startswith(b"HTTP/1.1 200 "), answer[:100]
         print(f"\n200 idle connections against max 16: a real POST answered in {time.monotonic() - started:.3f} s")
-        wait_for(lambda: bool(got), 5, "the event handed over")
+        wait_until(lambda: bool(got), 5, "the event handed over")
         # the slow ones that are left are closed after request_timeout
-        wait_for(lambda: listener.connections == 0, 10, "slow connections timed out")
+        wait_until(lambda: listener.connections == 0, 10, "slow connections timed out")
         assert listener.stats["timeout"] >= 184
     finally:
         for s in idle:

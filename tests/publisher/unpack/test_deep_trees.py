@@ -11,7 +11,7 @@ from cvmfs_common.fsutil.atomic import remove_tree
 from tests.fixtures.layers import Entry, Layer
 
 from tests.publisher.clirun import push_image, run_proc, write_wishlist
-from tests.publisher.conftest import requires_root
+from tests.fixtures.marks import requires_root
 
 pytestmark = requires_root
 

@@ -20,7 +20,7 @@ from publisher.unpack.streams import INFLATE_ENV, StreamError, inflate_module
 from publisher.unpack.tarsafety import Limits
 from publisher.unpack.unpack import unpack_layer
 
-from tests.publisher.conftest import requires_root
+from tests.fixtures.marks import requires_root
 from tests.publisher.layertar import blob, blob_of_tar, reg, tar_bytes
 
 INSTALLED = [name for name, module in streams.INFLATERS.items()

@@ -20,7 +20,7 @@ from publisher.unpack.tarsafety import Limits
 from tests.publisher.treeview import tree_snapshot
 from publisher.unpack.unpack import unpack_layer
 
-from tests.publisher.conftest import requires_root
+from tests.fixtures.marks import requires_root
 from tests.publisher.layertar import (ACL_ACCESS, ACL_DEFAULT, CAP_NET_BIND, MTIME, blob, blob_of_tar, dir_, hard,
     header_only, node, reg, sym, tar_bytes)
 

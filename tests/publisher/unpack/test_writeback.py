@@ -20,7 +20,7 @@ from publisher.unpack.layererrors import DigestMismatchError, LayerError
 from publisher.unpack.unpack import unpack_layer
 from publisher.unpack.writeback import EarlyWriteback
 
-from tests.publisher.conftest import requires_root
+from tests.fixtures.marks import requires_root
 from tests.publisher.layertar import blob, reg
 
 REPO_ROOT = Path(__file__).resolve().parents[3]

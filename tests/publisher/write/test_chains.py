@@ -15,7 +15,7 @@ from publisher.write.chains import ChainMerger, build_chain
 from tests.publisher.treeview import merge_view, tree_snapshot, diff_trees
 from publisher.unpack.whiteouts import OPAQUE_XATTR
 
-from tests.publisher.conftest import requires_root
+from tests.fixtures.marks import requires_root
 
 pytestmark = requires_root
 

@@ -14,7 +14,7 @@ from publisher.write.podman_store import PodmanStore
 from tests.fixtures.layers import Entry, Layer
 
 from tests.publisher.clirun import push_image, run_cli
-from tests.publisher.conftest import requires_root
+from tests.fixtures.marks import requires_root
 
 pytestmark = requires_root
 

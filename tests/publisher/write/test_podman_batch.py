@@ -4,10 +4,8 @@ the state says, and real podman then sees and runs every image."""
 from __future__ import annotations
 
 import json
-import os
 import signal
 import sqlite3
-import time
 from pathlib import Path
 
 import pytest
@@ -15,10 +13,12 @@ import pytest
 from cvmfs_common.repo.paths import RepositoryLayout
 from tests.fixtures.images import busybox_entries
 from tests.fixtures.layers import Entry, Layer
+from tests.fixtures.polling import wait_until
 from tests.fixtures.workdirs import new_workdir, remove_workdir
 
 from tests.publisher.clirun import popen_cli, push_image, run_cli, write_wishlist
-from tests.publisher.conftest import requires_root
+from tests.publisher.inflight import wait_for_work
+from tests.fixtures.marks import requires_root
 from tests.publisher.podmanenv import Podman, podman_missing
 
 pytestmark = requires_root
@@ -36,28 +36,6 @@ def _published_configs(db: Path) -> set[str]:
     finally:
         conn.close()
     return {r[0] for r in rows}
-
-
-def _wait_for(predicate, what: str, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.005)
-    raise TimeoutError(what)
-
-
-def _layer_work(tmp: Path) -> bool:
-    """A layer work dir under .tmp/ with files in it (the big layer is being unpacked)."""
-    try:
-        for entry in os.scandir(tmp):
-            if entry.name.startswith("layer-"):
-                for sub in os.scandir(entry.path):
-                    if sub.is_dir() and len(os.listdir(sub.path)) > 1:
-                        return True
-    except FileNotFoundError:
-        pass
-    return False
 
 
 def _store_json(lay: RepositoryLayout) -> tuple[list, list]:
@@ -85,8 +63,8 @@ def test_kill_9_between_images_then_next_run_repairs_the_store(registry, tmp_pat
 
     proc = popen_cli(*args, "--log-level", "debug", log=tmp_path / "killed.log")
     try:  # the small image is done (recorded in the state) once the big one's layer unpacks
-        _wait_for(lambda: db.exists() and _published_configs(db), "the small image was not recorded")
-        _wait_for(lambda: _layer_work(lay.tmp_dir), "no layer work dir appeared")
+        wait_until(lambda: db.exists() and _published_configs(db), 120, "the small image recorded", interval=0.005)
+        wait_for_work(lay.tmp_dir, "layer-", timeout=120)
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=30)
     finally:

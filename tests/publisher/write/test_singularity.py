@@ -14,7 +14,7 @@ import pytest
 
 from publisher.write.singularity import env_script, has_singularity, labels_json, sh_quote, write_singularity
 
-from tests.publisher.conftest import requires_root
+from tests.fixtures.marks import requires_root
 
 BUSYBOX = Path("/bin/busybox")
 

@@ -16,6 +16,8 @@ import pytest
 from tests.fixtures._proc import free_port
 from tests.fixtures.tree import LISTING_COMMAND, compare_trees, parse_listing
 
+from .credhelper import write_helper
+
 pytestmark = pytest.mark.e2e
 
 BIN = Path(sys.executable).parent
@@ -126,23 +128,6 @@ def auth_registry(registry_factory, push_standard_images):
     return reg, push_standard_images(reg).multilayer
 
 
-def write_helper(bin_dir: Path, name: str, host: str, log: Path) -> None:
-    """A docker-credential-helpers protocol helper: the server URL on stdin, JSON on stdout."""
-    bin_dir.mkdir(parents=True, exist_ok=True)
-    helper = bin_dir / f"docker-credential-{name}"
-    helper.write_text(f"""#!/bin/sh
-read server
-echo "$1 $server" >> {log}
-if [ "$1" = get ] && [ "$server" = "{host}" ]; then
-  echo '{{"ServerURL": "{host}", "Username": "alice", "Secret": "s3cret"}}'
-  exit 0
-fi
-echo "credentials not found in native keychain"
-exit 1
-""")
-    helper.chmod(0o755)
-
-
 def test_credentials_need_to_be_found(containerd, auth_registry, tmp_path):
     reg, img = auth_registry
     res = pull("-a", str(containerd.address), "--plain-http", img.ref, env={"HOME": str(tmp_path)}, check=False)
@@ -218,7 +203,8 @@ def tls_registry(registry_factory, push_standard_images, tmp_path):
     """A second docker-registry serving the same storage over TLS with a self-signed cert."""
     import yaml
 
-    from tests.fixtures._proc import terminate, wait_until
+    from tests.fixtures._proc import terminate
+    from tests.fixtures.polling import wait_until
 
     reg = registry_factory()
     img = push_standard_images(reg).multilayer

@@ -1,6 +1,5 @@
 """Remote-layer decisions (docs/DESIGN.md#whiteouts) on a repository written with the layout module."""
 
-import hashlib
 import logging
 import threading
 import time
@@ -8,43 +7,16 @@ from pathlib import Path
 
 import pytest
 
-from cvmfs_common.oci.digest import chain_ids, ducc_chain_ids
-from cvmfs_common.repo.metadata import LayerMetadata, write_layers_json
+from cvmfs_common.oci.digest import ducc_chain_ids
 from cvmfs_common.repo.paths import RepositoryLayout
 from snapshotter.core import Snapshotter, remote_snapshot_name
 from snapshotter.errors import AlreadyExists, Unavailable
-from cvmfs_common.repo.diffids import ensure_diffid_link
 from snapshotter.labels import CVMFS_LAYER_DIGEST_LABEL, DIFF_ID_LABEL, SNAPSHOT_REF_LABEL
 from snapshotter.source.remote import build_remote_layers
 from snapshotter.source.repository import RepositoryUnavailable
 
 
-def d(text: str) -> str:
-    return "sha256:" + hashlib.sha256(text.encode()).hexdigest()
-
-
-BLOBS = [d("blob0"), d("blob1"), d("blob2")]
-DIFFS = [d("diff0"), d("diff1"), d("diff2")]
-CHAINS = chain_ids(DIFFS)
-
-
-def publish_layer(layout: RepositoryLayout, i: int, whiteouts="overlay", parent_chain=None, blob=None) -> Path:
-    blob = blob or BLOBS[i]
-    fs = layout.layerfs(blob)
-    fs.mkdir(parents=True)
-    (fs / f"file{i}").write_text(str(i))
-    layout.layers_json(blob).parent.mkdir(parents=True)
-    meta = LayerMetadata(DIFFS[i][7:], blob, DIFFS[i], 10, whiteouts, parent_chain=parent_chain)
-    write_layers_json(layout.layers_json(blob), meta)
-    ensure_diffid_link(layout, DIFFS[i], blob)
-    return fs
-
-
-def publish_chain(layout: RepositoryLayout, chain: str) -> Path:
-    p = layout.chain_dir(chain)
-    p.mkdir(parents=True)
-    (p / "from-chain").write_text(chain)
-    return p
+from .published import BLOBS, CHAINS, DIFFS, d, publish_chain, publish_layer
 
 
 @pytest.fixture

@@ -19,7 +19,7 @@ from snapshotter.lineage import DuccIds
 from snapshotter.source.remote import RemoteLayers, build_remote_layers
 from snapshotter.source.repository import BoundedRepository, RepositoryUnavailable
 
-from .test_remote import BLOBS, CHAINS, DIFFS, d, publish_chain, publish_layer
+from .published import BLOBS, CHAINS, DIFFS, d, publish_chain, publish_layer
 
 TIMEOUT = 0.5
 MARGIN = 10.0  # generous: the machine is shared; the hang itself lasts 60 s
