@@ -8,6 +8,7 @@ import pytest
 
 from snapshotter.fs import SnapshotDirs, disk_usage
 from snapshotter.model import Kind, Lower, Mount, Snapshot, Usage
+from tests.fixtures.marks import requires_root
 from tests.snapshotter.deep_tree import make_chain, remove_everything
 
 
@@ -79,6 +80,7 @@ def test_orphans_are_doomed_and_known_ids_kept(dirs):
     assert sorted(os.listdir(dirs.snapshots)) == ["1"] and os.listdir(dirs.links) == ["1"]
 
 
+@requires_root  # the copied root attributes include an owner
 def test_create_copies_the_root_attributes_and_replaces_leftovers(dirs):
     (dirs.snapshots / "7" / "fs").mkdir(parents=True)  # left by a crash before its row was committed
     (dirs.snapshots / "7" / "fs" / "stale").touch()

@@ -18,6 +18,7 @@ from snapshotter.layer_source import LayerMatch, LayerRequest, SourceUnavailable
 from snapshotter.lineage import DuccIds
 from snapshotter.source.remote import RemoteLayers, build_remote_layers
 from snapshotter.source.repository import BoundedRepository, RepositoryUnavailable
+from tests.fixtures.marks import requires_root
 
 from .published import BLOBS, CHAINS, DIFFS, d, publish_chain, publish_layer
 
@@ -101,6 +102,7 @@ def test_find_returns_the_layer_dir_or_the_chain(layout):
         source.close()
 
 
+@requires_root  # chowns the served dirs
 def test_root_attributes_of_served_dirs_only(layout, tmp_path):
     fs = publish_layer(layout, 0)
     os.chmod(fs, 0o751)
