@@ -3,6 +3,7 @@ unpacking thread, the unpack then fails cleanly, and kill -9 meanwhile leaves on
 from __future__ import annotations
 
 import errno
+import io
 import os
 import signal
 import subprocess
@@ -108,13 +109,39 @@ def _layer():
     return blob([reg(f"d/f{i:03d}", os.urandom(20_000)) for i in range(60)])
 
 
+class HeldStream(io.RawIOBase):
+    """The blob in small reads that stop, once `hold_at` bytes were read, until `release`
+    is set (at most 30 s): the unpack has written well past a step by then, so the
+    writeback thread gets to run before the unpack ends however loaded the machine is (a
+    close() that comes first rightly skips a sync the final syncfs makes redundant)."""
+
+    def __init__(self, data: bytes, hold_at: int, release: threading.Event) -> None:
+        self._inner = io.BytesIO(data)
+        self._hold_at = hold_at
+        self._release = release
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buf) -> int:
+        if self._inner.tell() >= self._hold_at:
+            self._release.wait(30)
+        data = self._inner.read(min(len(buf), 16 << 10))
+        buf[:len(data)] = data
+        return len(data)
+
+
+def _held(b, sync: Recorder) -> HeldStream:
+    return HeldStream(b.data, len(b.data) * 3 // 4, sync.called)
+
+
 @requires_root
 def test_unpack_syncs_while_writing(repo: Path, work: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     sync = Recorder()
     monkeypatch.setattr(writeback, "STEP", 100_000)
     monkeypatch.setattr(writeback, "syncfs_fd", sync)
     b = _layer()
-    r = unpack_layer(b.stream(), work, digest=b.digest, diff_id=b.diff_id)
+    r = unpack_layer(_held(b, sync), work, digest=b.digest, diff_id=b.diff_id)
     assert r.counts.files == 60
     assert sync.calls >= 1
     assert (work / "d/f059").stat().st_size == 20_000
@@ -140,7 +167,7 @@ def test_digest_mismatch_is_still_detected_with_writeback(repo: Path, work: Path
     monkeypatch.setattr(writeback, "syncfs_fd", sync)
     b = _layer()
     with pytest.raises(DigestMismatchError, match="diffID"):
-        unpack_layer(b.stream(), work, digest=b.digest, diff_id="sha256:" + "1" * 64)
+        unpack_layer(_held(b, sync), work, digest=b.digest, diff_id="sha256:" + "1" * 64)
     assert sync.calls >= 1
     assert not work.exists()
 
