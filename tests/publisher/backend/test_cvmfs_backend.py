@@ -32,8 +32,6 @@ from tests.publisher.cvmfs_standin import STANDIN_DIR, CvmfsStandin
 from tests.publisher.inflight import wait_for_work
 from tests.publisher.repotree import flat_minus_chain, observed_tree
 
-pytestmark = requires_root
-
 REPO = "unpacked.example.org"
 OTHER_ARCH = "arm64" if host_arch() != "arm64" else "amd64"
 HOST = f"linux/{host_arch()}"
@@ -163,6 +161,7 @@ def published(standard_images: StandardImages, tmp_path_factory: pytest.TempPath
                         rerun, rerun_calls)
 
 
+@requires_root
 def test_exact_transaction_sequence_for_two_images(published: Published) -> None:
     assert published.first.rc == 0, published.first.stdout
     assert "2 images: 2 new" in published.first.stdout
@@ -170,12 +169,14 @@ def test_exact_transaction_sequence_for_two_images(published: Published) -> None
     assert [c for c in published.standin.calls() if c["rc"] != 0] == []
 
 
+@requires_root
 def test_unchanged_rerun_opens_no_transaction(published: Published) -> None:
     assert published.rerun.rc == 0, published.rerun.stdout
     assert "0 new, 0 updated, 4 unchanged" in published.rerun.stdout
     assert published.rerun_calls == [["list"]]
 
 
+@requires_root
 def test_tmp_is_never_published(published: Published) -> None:
     assert not os.path.lexists(published.layout.tmp_dir)
     assert {p.name for p in published.repo.iterdir()} == {
@@ -183,6 +184,7 @@ def test_tmp_is_never_published(published: Published) -> None:
         published.images.multilayer.host}
 
 
+@requires_root
 def test_layers_keep_raw_whiteouts(published: Published) -> None:
     lay = published.layout
     ml = published.images.multilayer
@@ -202,6 +204,7 @@ def test_layers_keep_raw_whiteouts(published: Published) -> None:
     assert (lay.layerfs(t11.layers[-1]) / "etc/.wh.motd").is_file()
 
 
+@requires_root
 @pytest.mark.parametrize("name", ["multilayer", "tagged/1.1"])
 def test_chains_apply_the_deletions(published: Published, name: str) -> None:
     img = published.images.multilayer if name == "multilayer" else published.images.tagged["1.1"]
@@ -218,6 +221,7 @@ def test_chains_apply_the_deletions(published: Published, name: str) -> None:
         assert not os.path.lexists(top / "etc/motd")
 
 
+@requires_root
 @pytest.mark.parametrize("name", ["multilayer", "tagged/1.1"])
 def test_flat_is_a_directory_copy_of_the_chain(published: Published, name: str) -> None:
     img = published.images.multilayer if name == "multilayer" else published.images.tagged["1.1"]
@@ -234,6 +238,7 @@ def test_flat_is_a_directory_copy_of_the_chain(published: Published, name: str) 
     assert not os.path.isabs(os.readlink(link)) and os.path.realpath(link) == str(flat)
 
 
+@requires_root
 def test_catalog_markers(published: Published) -> None:
     lay = published.layout
     want = [lay.layers_dir, lay.chains_dir, lay.diffids_dir, lay.flat_root, lay.podman_store]
@@ -262,6 +267,7 @@ def test_catalog_markers(published: Published) -> None:
     assert not (lay.metadata_root / CATALOG_MARKER).exists()
 
 
+@requires_root
 def test_podman_store_never_references_a_raw_whiteout_layer_dir(published: Published) -> None:
     """A real CernVM-FS drops the layer dirs' `.wh.` files at publish (the stand-in keeps
     them): no podman layer may stack a raw-whiteout layer dir. An image with one is a
@@ -292,6 +298,7 @@ def test_podman_store_never_references_a_raw_whiteout_layer_dir(published: Publi
     assert (stores[0].layer_dir(top) / "diff").resolve() == lay.chain_dir(chain_ids(ml.diff_ids)[-1]).resolve()
 
 
+@requires_root
 def test_two_platform_index_converted_for_both(published: Published) -> None:
     assert published.platforms.rc == 0, published.platforms.stdout
     assert shape(published.platform_calls) == [["list"], *image_txn(), *image_txn(), *podman_txn()]
@@ -319,6 +326,7 @@ def test_two_platform_index_converted_for_both(published: Published) -> None:
     assert [i["id"] for i in images] == [other.config_digest[7:]]
 
 
+@requires_root
 def test_check_knows_the_variant_link(published: Published, tmp_path: Path) -> None:
     """`check --backend cvmfs` expects the variant link of a multi-platform tag; a plain link
     there (or the variant link checked as a local repository) is reported."""
@@ -328,6 +336,7 @@ def test_check_knows_the_variant_link(published: Published, tmp_path: Path) -> N
     assert local.rc == 1 and "check with --backend cvmfs" in local.stdout, local.stdout
 
 
+@requires_root
 def test_public_link_follows_the_platforms_asked_for(cvmfs_standin: CvmfsStandin, standard_images, registry,
                                                      tmp_path: Path) -> None:
     """A multi-platform tag published for the default platform only has a plain link; once a
@@ -363,6 +372,7 @@ def _hand_image(host: str, work: Path, name: str, marker: str) -> BuiltImage:
     return push_image(host, work, name, "v1", [base, top])
 
 
+@requires_root
 def test_failing_image_is_aborted_and_the_others_published(cvmfs_standin: CvmfsStandin, registry_factory,
                                                          tmp_path: Path) -> None:
     reg = registry_factory()
@@ -395,6 +405,7 @@ def test_wishlist_repository_must_match_the_root(cvmfs_standin: CvmfsStandin, tm
     assert cvmfs_standin.commands() == []
 
 
+@requires_root
 def test_a_leftover_tmp_is_removed_in_a_transaction_of_its_own(cvmfs_standin: CvmfsStandin, registry,
                                                                  tmp_path: Path) -> None:
     repo = cvmfs_standin.mkfs(REPO)
@@ -411,6 +422,7 @@ def test_a_leftover_tmp_is_removed_in_a_transaction_of_its_own(cvmfs_standin: Cv
 
 # ------------------------------------------------------------------ kill -9
 
+@requires_root
 def test_kill_9_mid_transaction_then_rerun(cvmfs_standin: CvmfsStandin, big_image: BuiltImage,
                                            tmp_path: Path) -> None:
     repo = cvmfs_standin.mkfs(REPO)
@@ -457,6 +469,7 @@ def test_markers_are_files_of_their_own(tmp_path: Path) -> None:
     assert ensure_markers([a, b]) == []
 
 
+@requires_root
 def test_markers_never_go_through_a_symlink_planted_in_the_repository(tmp_path: Path) -> None:
     from publisher.backend.catalogs import ensure_markers
 
@@ -470,6 +483,7 @@ def test_markers_never_go_through_a_symlink_planted_in_the_repository(tmp_path: 
     assert not (outside / "ab" / "cd" / CATALOG_MARKER).exists()
 
 
+@requires_root
 def test_older_flat_entries_are_upgraded_in_a_transaction(cvmfs_standin: CvmfsStandin, standard_images,
                                                           tmp_path: Path) -> None:
     """A repository an older version published (.flat symlinks, copies without
@@ -506,6 +520,7 @@ def test_older_flat_entries_are_upgraded_in_a_transaction(cvmfs_standin: CvmfsSt
     assert again.rc == 0 and s.commands() == [["list"]]  # now current: no transaction
 
 
+@requires_root
 def test_older_podman_entries_stacking_raw_layer_dirs_are_upgraded(cvmfs_standin: CvmfsStandin, standard_images,
                                                                    tmp_path: Path) -> None:
     """An older version stacked an image's raw-whiteout layer dirs in podmanStore (deleted
@@ -551,6 +566,7 @@ def test_older_podman_entries_stacking_raw_layer_dirs_are_upgraded(cvmfs_standin
     assert convert(repo, db, wl).rc == 0 and s.commands() == [["list"]]  # now current: no transaction
 
 
+@requires_root
 def test_diffid_links_of_an_older_repository_in_one_transaction(cvmfs_standin: CvmfsStandin, standard_images,  # noqa: F811
                                                                 tmp_path: Path) -> None:
     """Layer dirs published before the .diffids links existed gain them at the next convert,

@@ -13,8 +13,6 @@ from tests.fixtures.images import StandardImages, host_arch
 from tests.publisher.clirun import run_cli, run_proc, write_wishlist
 from tests.fixtures.marks import requires_root
 
-pytestmark = requires_root
-
 OTHER_ARCH = "arm64" if host_arch() != "arm64" else "amd64"
 
 
@@ -37,6 +35,7 @@ def _problem_lines(out: str) -> list[str]:
     return [l.strip() for l in out.splitlines() if l.strip().startswith("PROBLEM")]
 
 
+@requires_root
 def test_a_sound_repository_passes(standard_images: StandardImages, tmp_path: Path) -> None:
     root, db, _ = _convert(standard_images, tmp_path)
     res = _check(root, db)
@@ -45,6 +44,7 @@ def test_a_sound_repository_passes(standard_images: StandardImages, tmp_path: Pa
     assert ": 0 problems" in res.stdout and "tags" in res.stdout
 
 
+@requires_root
 def test_deleted_layer_is_reported_with_the_image_it_hurts(standard_images: StandardImages, tmp_path: Path) -> None:
     root, db, host = _convert(standard_images, tmp_path)
     lay = RepositoryLayout(root)
@@ -70,6 +70,7 @@ def test_deleted_layer_is_reported_with_the_image_it_hurts(standard_images: Stan
     assert _check(root, db).rc == 0
 
 
+@requires_root
 def test_each_kind_of_damage_names_its_image(standard_images: StandardImages, tmp_path: Path) -> None:
     root, db, host = _convert(standard_images, tmp_path)
     lay = RepositoryLayout(root)
@@ -142,6 +143,7 @@ def test_check_needs_an_existing_state(tmp_path: Path, capsys) -> None:
     assert "no state database" in capsys.readouterr().err
 
 
+@requires_root
 def test_a_lost_layerfs_is_found_by_check_and_repaired_by_the_next_convert(standard_images: StandardImages,
                                                                             tmp_path: Path) -> None:
     img = standard_images.multilayer
@@ -172,6 +174,7 @@ def test_a_lost_layerfs_is_found_by_check_and_repaired_by_the_next_convert(stand
     assert res.rc == 0 and ": 0 problems" in res.stdout, res.stdout
 
 
+@requires_root
 def test_lost_dotfiles_and_chains_are_found_and_repaired_without_a_layer_download(
         standard_images: StandardImages, registry, tmp_path: Path) -> None:
     """After a cleanup (the local backend; tests/cvmfs does it on CernVM-FS): a flat dir without

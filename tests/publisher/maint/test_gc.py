@@ -25,8 +25,6 @@ from tests.fixtures.marks import requires_root
 from tests.publisher.looprun import Images
 from tests.publisher.repotree import fs_state
 
-pytestmark = requires_root
-
 
 def _args(root: Path, db: Path) -> tuple:
     return ("--repository-root", root, "--state-db", db)
@@ -82,6 +80,7 @@ def test_freed_bytes_counts_each_inode_once_and_only_when_all_its_links_go(tmp_p
     assert _freed_by_removing([gone, stays]) == 1000 + 300 + 17  # the helper the tests below trust
 
 
+@requires_root
 def test_dropped_tags_go_after_the_grace_period_shared_layers_stay(standard_images: StandardImages,
                                                                    tmp_path: Path) -> None:
     imgs = standard_images
@@ -158,6 +157,7 @@ def test_dropped_tags_go_after_the_grace_period_shared_layers_stay(standard_imag
     assert again.rc == 0 and _figures(again.stdout)["bytes"] == 0 and _figures(again.stdout)["layer"] == 0
 
 
+@requires_root
 def test_gc_after_dropping_a_platform_removes_exactly_its_multiarch_entries(standard_images: StandardImages,
                                                                           tmp_path: Path) -> None:
     from tests.fixtures.images import host_arch
@@ -201,6 +201,7 @@ def test_gc_after_dropping_a_platform_removes_exactly_its_multiarch_entries(stan
     assert checked.rc == 0, checked.stdout
 
 
+@requires_root
 def test_the_image_a_moved_tag_left_goes_after_its_grace(registry, tmp_path: Path) -> None:
     images = Images(registry.host, tmp_path)
     root, db = tmp_path / "repo", tmp_path / "state.db"
@@ -223,6 +224,7 @@ def test_the_image_a_moved_tag_left_goes_after_its_grace(registry, tmp_path: Pat
     assert run_cli("check", *_args(root, db)).rc == 0
 
 
+@requires_root
 def test_gc_waits_for_a_running_convert(registry, tmp_path: Path, capsys) -> None:
     images = Images(registry.host, tmp_path)
     images.push("one", "gc/locked", "v1")
@@ -266,6 +268,7 @@ def test_gc_older_than_is_a_duration(tmp_path: Path, bad: str, capsys) -> None:
     assert "not a duration" in capsys.readouterr().err
 
 
+@requires_root
 def test_gc_on_the_cvmfs_backend_is_one_transaction(cvmfs_standin, standard_images: StandardImages,  # noqa: F811
                                                     tmp_path: Path) -> None:
     host = standard_images.multilayer.host

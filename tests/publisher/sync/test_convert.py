@@ -24,8 +24,6 @@ from tests.fixtures.marks import requires_root
 from tests.publisher.layertar import dir_, reg, tar_bytes
 from tests.publisher.repotree import flat_minus_chain, fs_state, observed_tree, overlay_mount
 
-pytestmark = requires_root
-
 OTHER_ARCH = "arm64" if host_arch() != "arm64" else "amd64"
 MISSING = "test/does-not-exist:nope"
 
@@ -87,6 +85,7 @@ def chain_of(p: Published, img: BuiltImage) -> Path:
 
 # ------------------------------------------------------------------------------ the run
 
+@requires_root
 def test_failing_image_does_not_stop_the_others(published: Published) -> None:
     assert published.first.rc == 1, published.first.stdout
     out = published.first.stdout
@@ -99,6 +98,7 @@ def test_failing_image_does_not_stop_the_others(published: Published) -> None:
 
 # ------------------------------------------------------------------------------ trees
 
+@requires_root
 @pytest.mark.parametrize("name", IMAGES)
 def test_flat_tree_is_the_image(published: Published, name: str) -> None:
     img = image_by_name(published.images, name)
@@ -111,6 +111,7 @@ def test_flat_tree_is_the_image(published: Published, name: str) -> None:
     assert not (chain_of(published, img) / ".singularity.d").exists()
 
 
+@requires_root
 @pytest.mark.parametrize("name", IMAGES)
 def test_overlay_stack_of_layers_equals_flat(published: Published, name: str) -> None:
     img = image_by_name(published.images, name)
@@ -121,6 +122,7 @@ def test_overlay_stack_of_layers_equals_flat(published: Published, name: str) ->
     assert diff_trees(flat, stacked) == []
 
 
+@requires_root
 @pytest.mark.parametrize("name", ["multilayer", "tagged/1.0", "tagged/1.1", "tagged/2.0"])
 def test_flat_tree_equals_umoci_unpack(published: Published, name: str, tmp_path: Path) -> None:
     img = image_by_name(published.images, name)
@@ -137,6 +139,7 @@ def test_flat_tree_equals_umoci_unpack(published: Published, name: str, tmp_path
     assert diff_trees(theirs, ours, ignore=("mtime_ns",)) == []
 
 
+@requires_root
 def test_hardlinks_whiteouts_and_odd_modes(published: Published) -> None:
     flat = flat_of(published, published.images.multilayer)
     assert os.stat(flat / "hl/base-file").st_ino == os.stat(flat / "hl/cross").st_ino
@@ -151,6 +154,7 @@ def test_hardlinks_whiteouts_and_odd_modes(published: Published) -> None:
 
 # ------------------------------------------------------------------------------ metadata
 
+@requires_root
 def test_layer_metadata_records_whiteouts_parent_chain_and_origin(published: Published) -> None:
     img = published.images.multilayer
     lay = published.layout
@@ -170,6 +174,7 @@ def test_layer_metadata_records_whiteouts_parent_chain_and_origin(published: Pub
         assert (lay.layer_dir(d) / ".metadata").stat().st_mode & 0o777 == 0o755
 
 
+@requires_root
 def test_links_metadata_and_platforms(published: Published) -> None:
     lay = published.layout
     img = published.images.multilayer
@@ -199,6 +204,7 @@ def test_links_metadata_and_platforms(published: Published) -> None:
     assert not lay.manifest_json(img.host, img.name, img.tag).with_name("index.json").exists()
 
 
+@requires_root
 def test_multiarch_links_for_every_platform(published: Published) -> None:
     """DUCC's .multiarch/<arch>[:<variant>]/<registry>/<repo>:<tag>, as DIRAC and CVMFS
     variant symlinks resolve them, with the uname -m aliases."""
@@ -225,6 +231,7 @@ def test_multiarch_links_for_every_platform(published: Published) -> None:
     assert not (lay.root / ".platforms").exists()
 
 
+@requires_root
 def test_podman_store_lists_images_with_names(published: Published) -> None:
     images = json.loads((published.layout.podman_store / "overlay-images/images.json").read_text())
     names = {n for i in images for n in i.get("names", [])}
@@ -235,6 +242,7 @@ def test_podman_store_lists_images_with_names(published: Published) -> None:
     assert [i["id"] for i in other] == [image_by_name(published.images, "multiarch/other").config_digest[7:]]
 
 
+@requires_root
 def test_state_records_tags_images_layers(published: Published) -> None:
     with State.open(published.state_db, published.root) as st:
         tags = {(t.key.repository, t.key.tag, t.key.platform): t for t in st.published_tags()}
@@ -253,6 +261,7 @@ def test_state_records_tags_images_layers(published: Published) -> None:
 
 # ------------------------------------------------------------------------------ re-sync
 
+@requires_root
 def test_resync_without_change_is_head_only_and_writes_nothing(published: Published, registry) -> None:
     before = fs_state(published.root)
     registry.clear_log()
@@ -267,6 +276,7 @@ def test_resync_without_change_is_head_only_and_writes_nothing(published: Publis
     assert not any(published.layout.tmp_dir.iterdir())
 
 
+@requires_root
 def test_default_platform_is_one_per_repository(published: Published, capsys) -> None:
     img = published.images.multiarch
     res = run_cli("convert-image", img.ref, "--platform", f"linux/{OTHER_ARCH}", "--repository-root",
@@ -277,6 +287,7 @@ def test_default_platform_is_one_per_repository(published: Published, capsys) ->
 
 # ------------------------------------------------------------------------------ other runs
 
+@requires_root
 def test_moved_tag_switches_link(registry, tmp_path: Path) -> None:
     from tests.fixtures.images import Pusher
     from tests.fixtures.layers import Entry, Layer
@@ -314,6 +325,7 @@ def test_moved_tag_switches_link(registry, tmp_path: Path) -> None:
     assert owners == [two.config_digest[7:]]
 
 
+@requires_root
 def test_an_older_repository_is_upgraded_in_place(standard_images: StandardImages, registry, tmp_path: Path) -> None:
     """.flat symlinks (what older versions wrote), flat dirs without .singularity.d and
     missing .multiarch links are replaced by the next convert, without a layer download
@@ -343,6 +355,7 @@ def test_an_older_repository_is_upgraded_in_place(standard_images: StandardImage
     assert run_cli("check", "--repository-root", root, "--state-db", db).rc == 0
 
 
+@requires_root
 def test_convert_image_of_missing_tag_fails(registry, tmp_path: Path) -> None:
     res = run_cli("convert-image", f"{registry.host}/{MISSING}", "--repository-root", tmp_path / "repo",
                   "--state-db", tmp_path / "state.db", "--no-podman-store")
@@ -369,6 +382,7 @@ def test_maintenance_commands_need_their_arguments(tmp_path: Path, capsys) -> No
         assert f"{cmd} needs --repository-root" in capsys.readouterr().err
 
 
+@requires_root
 def test_a_glob_skips_invalid_tags_of_the_tag_list(registry, tmp_path: Path) -> None:
     img = push_image(registry.host, tmp_path, "glob/invalid", "v1", [Layer.from_entries([Entry.file("/a", "a")])])
     # The registry lists whatever its storage has: plant tags no client could push.
@@ -384,6 +398,7 @@ def test_a_glob_skips_invalid_tags_of_the_tag_list(registry, tmp_path: Path) -> 
     assert os.path.islink(RepositoryLayout(root).link_path(registry.host, "glob/invalid", img.tag))
 
 
+@requires_root
 def test_a_name_too_long_for_the_file_system_fails_before_any_write(registry, tmp_path: Path) -> None:
     name, tag = "long/" + "n" * 200, "t" * 100  # "<repo>:<tag>" is one 301-byte file name
     push_image(registry.host, tmp_path, name, tag, [Layer.from_entries([Entry.file("/a", "a")])])
@@ -416,6 +431,7 @@ def test_overlay_xattrs_of_a_tar_are_dropped_user_namespace_too(registry, tmp_pa
     assert (chain / "data/below").read_text() == "b"  # no opaque dir forged over the lower one
 
 
+@requires_root
 def test_an_index_tag_published_without_index_json_gets_it_at_the_next_resync(standard_images: StandardImages,
                                                                               registry, tmp_path: Path) -> None:
     """Tags published before index.json was kept gain it without being published again:
@@ -439,6 +455,7 @@ def test_an_index_tag_published_without_index_json_gets_it_at_the_next_resync(st
     assert registry.manifest_get_count() == 0
 
 
+@requires_root
 def test_layers_published_before_the_diffid_links_gain_them_once(standard_images: StandardImages, registry,
                                                                  tmp_path: Path) -> None:
     """The first convert with a state that has not done it links every sound layer dir in

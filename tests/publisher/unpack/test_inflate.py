@@ -20,7 +20,6 @@ from publisher.unpack.streams import INFLATE_ENV, StreamError, inflate_module
 from publisher.unpack.tarsafety import Limits
 from publisher.unpack.unpack import unpack_layer
 
-from tests.fixtures.marks import requires_root
 from tests.publisher.layertar import blob, blob_of_tar, reg, tar_bytes
 
 INSTALLED = [name for name, module in streams.INFLATERS.items()
@@ -103,7 +102,6 @@ def test_broken_gzip_is_refused(inflater: str, damage: str) -> None:
 
 # ----------------------------------------------------------------- through the unpacker
 
-@requires_root
 def test_same_digests_and_files(inflater: str, work: Path) -> None:
     payload = os.urandom(1 << 20)
     b = blob([reg("a", payload), reg("b", b"b" * 100_000)])
@@ -112,7 +110,6 @@ def test_same_digests_and_files(inflater: str, work: Path) -> None:
     assert (work / "a").read_bytes() == payload
 
 
-@requires_root
 def test_decompression_bomb_stops_at_the_limit(inflater: str, repo: Path, work: Path) -> None:
     b = blob_of_tar(tar_bytes([reg("a")], raw_tail=bytes(64 << 20)))  # 64 MiB of zeros: ~64 KiB gzip
     with pytest.raises(HostileLayerError, match="limit"):
@@ -121,7 +118,6 @@ def test_decompression_bomb_stops_at_the_limit(inflater: str, repo: Path, work: 
     assert list((repo / ".tmp").iterdir()) == []
 
 
-@requires_root
 def test_corrupt_blob_reports_the_digest(inflater: str, repo: Path, work: Path) -> None:
     b = blob([reg("a", os.urandom(50_000)), reg("b", b"b")])
     data = bytearray(b.data)
@@ -131,7 +127,6 @@ def test_corrupt_blob_reports_the_digest(inflater: str, repo: Path, work: Path) 
     assert list((repo / ".tmp").iterdir()) == []
 
 
-@requires_root
 def test_multi_member_layer(inflater: str, work: Path) -> None:
     tar = tar_bytes([reg("a", b"1"), reg("b", b"2")])
     data = gzip.compress(tar[:700]) + gzip.compress(tar[700:])
@@ -140,7 +135,6 @@ def test_multi_member_layer(inflater: str, work: Path) -> None:
     assert (work / "b").read_bytes() == b"2"
 
 
-@requires_root
 def test_unknown_inflater_is_a_layer_error(repo: Path, work: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     b = blob([reg("a")])
     monkeypatch.setenv(INFLATE_ENV, "gunzip")

@@ -21,7 +21,6 @@ from publisher.unpack.layererrors import DigestMismatchError, LayerError
 from publisher.unpack.unpack import unpack_layer
 from publisher.unpack.writeback import EarlyWriteback
 
-from tests.fixtures.marks import requires_root
 from tests.publisher.layertar import blob, reg
 
 REPO_ROOT = Path(__file__).resolve().parents[3]
@@ -135,7 +134,6 @@ def _held(b, sync: Recorder) -> HeldStream:
     return HeldStream(b.data, len(b.data) * 3 // 4, sync.called)
 
 
-@requires_root
 def test_unpack_syncs_while_writing(repo: Path, work: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     sync = Recorder()
     monkeypatch.setattr(writeback, "STEP", 100_000)
@@ -147,7 +145,6 @@ def test_unpack_syncs_while_writing(repo: Path, work: Path, monkeypatch: pytest.
     assert (work / "d/f059").stat().st_size == 20_000
 
 
-@requires_root
 def test_a_writeback_error_fails_the_unpack_and_loses_nothing(repo: Path, work: Path,
                                                               monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(writeback, "STEP", 100_000)
@@ -159,7 +156,6 @@ def test_a_writeback_error_fails_the_unpack_and_loses_nothing(repo: Path, work: 
     assert list((repo / ".tmp").iterdir()) == []
 
 
-@requires_root
 def test_digest_mismatch_is_still_detected_with_writeback(repo: Path, work: Path,
                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     sync = Recorder()
@@ -192,7 +188,6 @@ _CHILD = textwrap.dedent("""
 """)
 
 
-@requires_root
 def test_kill_9_during_writeback_leaves_only_tmp(tmp_path: Path) -> None:
     layout = RepositoryLayout(tmp_path / "repo")
     work = layout.make_work_dir("layer-")

@@ -17,8 +17,6 @@ from publisher.unpack.whiteouts import OPAQUE_XATTR
 
 from tests.fixtures.marks import requires_root
 
-pytestmark = requires_root
-
 
 def mk(root: Path, spec: dict[str, object]) -> Path:
     """Files from a dict: "a/b": "text" | ("dir", mode) | ("link", target) | ("wh",) | ("opq",)."""
@@ -50,6 +48,7 @@ def merge(tmp: Path, lower: Path | None, upper: Path, **kw) -> Path:
     return out
 
 
+@requires_root
 def test_overlay_whiteouts_opaque_and_replacement(tmp_path: Path) -> None:
     lower = mk(tmp_path / "lower", {"a/keep": "k", "a/gone": "g", "d/x": "x", "o/old": "o", "f": "f",
                                     "s": ("link", "a"), "r/sub/deep": "deep"})
@@ -90,6 +89,7 @@ def test_entries_are_links_and_a_changed_entry_is_another_inode(tmp_path: Path) 
     assert not (out / "bin").samefile(lower / "bin")  # directories are the chain's own
 
 
+@requires_root
 def test_directory_attributes_and_times_come_from_the_topmost_copy(tmp_path: Path) -> None:
     lower = mk(tmp_path / "lower", {"d": ("dir", 0o750), "d/f": "f"})
     os.chown(lower / "d", 1000, 1000)
@@ -127,6 +127,7 @@ def test_emlink_copies_and_keeps_hardlink_groups(tmp_path: Path) -> None:
     assert os.readlink(out / "l") == "a"
 
 
+@requires_root
 def test_fifos_are_linked_and_copied_on_emlink(tmp_path: Path) -> None:
     upper = mk(tmp_path / "upper", {"run": ("dir", 0o755)})
     os.mkfifo(upper / "run/pipe", 0o620)
@@ -201,6 +202,7 @@ def _read_deep(top: Path, depth: int) -> dict[str, str]:
         os.close(fd)
 
 
+@requires_root
 @pytest.mark.skipif(os.geteuid() != 0, reason="whiteout devices need root")
 def test_merges_trees_deeper_than_path_max(tmp_path: Path) -> None:
     depth = 5000  # 10 000-byte paths

@@ -139,7 +139,6 @@ def test_no_command_is_a_clear_error(tmp_path: Path) -> None:
     assert chroot(root, "/.singularity.d/actions/run", "/bin/echo", "ok").stdout == b"ok\n"
 
 
-@requires_root
 def test_layout_labels_links_and_mount_points(tmp_path: Path) -> None:
     root = rootfs(tmp_path)
     write_singularity(root, CONFIG)
@@ -161,7 +160,6 @@ def test_layout_labels_links_and_mount_points(tmp_path: Path) -> None:
     assert has_singularity(root)
 
 
-@requires_root
 def test_never_writes_a_shared_inode_or_through_a_symlink(tmp_path: Path) -> None:
     """The flat tree is a hard-link copy of a chain, and the image decides its names."""
     outside = tmp_path / "outside"
