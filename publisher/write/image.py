@@ -49,6 +49,19 @@ class ImageError(RuntimeError):
 
 
 @dataclass(frozen=True)
+class Staged:
+    """An image whose new layers ``ImagePublisher.stage`` wrote; ``finish`` completes it."""
+
+    ref: Reference
+    image: ResolvedImage
+    config: dict
+    specs: "list[LayerSpec]"
+    chains: list[str]
+    done: "dict[int, Ingested]"  # index -> layer there (ingested now or before)
+    first: "dict[str, LayerSpec]"  # each distinct blob's first position
+
+
+@dataclass(frozen=True)
 class Published:
     record: ImageRecord
     layers_fetched: int
@@ -93,11 +106,24 @@ class ImagePublisher:
                 placement: Placement, platform: str, *, variant_link: bool = False) -> Published:
         """``variant_link``: the public link is a CernVM-FS variant link (names.public_link_target);
         the caller decides (the cvmfs backend, the default platform of a multi-platform tag)."""
-        from publisher.write.flat import build_flat
+        return self.finish(self.stage(ref, image, config), config_bytes, placement, platform,
+                           variant_link=variant_link)
 
+    def stage(self, ref: Reference, image: ResolvedImage, config: dict) -> "Staged":
+        """The first part of ``publish``: the image's layers that are not there yet, fetched
+        and unpacked (in parallel). ``finish`` does the rest (batched: in a later unit)."""
         specs = layer_specs(image, config)
         chains = chain_ids([s.diff_id for s in specs])
-        layers, fetched, nbytes = self._layers(ref, image, specs, chains)
+        done, first = self._ingest(ref, image, specs)
+        return Staged(ref, image, config, specs, chains, done, first)
+
+    def finish(self, staged: "Staged", config_bytes: bytes, placement: Placement, platform: str, *,
+               variant_link: bool = False) -> Published:
+        """Chains (and the layers ``stage`` deferred), ``.flat``, names, podman, metadata."""
+        from publisher.write.flat import build_flat
+
+        ref, image, config, chains = staged.ref, staged.image, staged.config, staged.chains
+        layers, fetched, nbytes = self._chains(staged)
         top_chain = self.layout.chain_dir(chains[-1])
         build_flat(self.layout, self.layout.flat_dir(image.config_digest), top_chain, config,
                    clone=self.clone_tree)
@@ -120,8 +146,8 @@ class ImagePublisher:
         return Published(record, fetched, nbytes)
 
     # -- layers and chains ---------------------------------------------------------------
-    def _layers(self, ref: Reference, image: ResolvedImage, specs: Sequence[LayerSpec],
-                chains: Sequence[str]) -> tuple[list[Ingested], int, int]:
+    def _ingest(self, ref: Reference, image: ResolvedImage,
+                specs: Sequence[LayerSpec]) -> tuple[dict[int, Ingested], dict[str, LayerSpec]]:
         from publisher.unpack.ingest import Ingested
 
         done: dict[int, Ingested] = {}
@@ -157,6 +183,13 @@ class ImagePublisher:
                     for _, fut in futures:
                         fut.cancel()
                     raise
+        return done, first
+
+    def _chains(self, staged: "Staged") -> tuple[list[Ingested], int, int]:
+        """The layers ``_ingest`` deferred (unpacked on their parent chain), then the chains."""
+        from publisher.unpack.ingest import Ingested
+
+        ref, image, specs, chains, done = staged.ref, staged.image, staged.specs, staged.chains, staged.done
         fetched = sum(1 for l in done.values() if l.downloaded)
         nbytes = sum(l.downloaded for l in done.values())
 
@@ -178,9 +211,9 @@ class ImagePublisher:
                 done[spec.index] = layer
             parent, extra = self._chain(ref, spec, layer, chains[spec.index], parent, parent_chain)
             nbytes += extra
-        for digest in first:
+        for digest in staged.first:
             self.ingester.add_origin(digest, image.config_digest)
-        for spec in first.values():  # containerd finds the layer by diffID (every compression)
+        for spec in staged.first.values():  # containerd finds the layer by diffID (every compression)
             ensure_diffid_link(self.layout, spec.diff_id, spec.digest)
         return [done[s.index] for s in specs], fetched, nbytes
 
@@ -299,4 +332,4 @@ def _read(path: Path) -> bytes | None:
         os.close(fd)
 
 
-__all__ = ["ImageError", "ImagePublisher", "Published", "layer_specs"]
+__all__ = ["ImageError", "ImagePublisher", "Published", "Staged", "layer_specs"]
