@@ -64,14 +64,18 @@ def _common(p: argparse.ArgumentParser) -> None:
     g.add_argument("--repository-root", metavar="DIR", type=Path,
                    help="repository to write (default for convert: /cvmfs/<cvmfs_repo of the wishlist>)")
     g.add_argument("--backend", choices=("local", "cvmfs"), default="local",
-                   help="local: a plain directory (default); cvmfs: every image in one cvmfs_server "
-                        "transaction, the repository root being /cvmfs/<name> (docs/cvmfs-backend.md)")
+                   help="local: a plain directory (default); cvmfs: through cvmfs_server transactions, a "
+                        "round's new images in two (their layers, then the rest), the repository root "
+                        "being /cvmfs/<name> (docs/cvmfs-backend.md)")
     g.add_argument("--no-thin-image", action="store_true",
                    help="do not push thin images to the wishlist's output_format")
     g.add_argument("--state-db", metavar="PATH", type=Path,
                    help="sqlite state (default: /var/lib/cvmfs-publisher/<repository name>/state.db)")
     g.add_argument("--jobs", metavar="N", type=int, default=4, help="layers fetched/unpacked in parallel (default 4)")
     g.add_argument("--no-podman-store", action="store_true", help="do not write podmanStore/")
+    g.add_argument("--one-unit-mb", metavar="MB", type=float, default=8,
+                   help="cvmfs: a round whose new layers are at most this big (compressed) is published "
+                        "in one transaction, not two (default 8)")
     g.add_argument("--credentials", metavar="AUTH_JSON", type=Path,
                    default=Path(os.environ["REGISTRY_AUTH_FILE"]) if os.environ.get("REGISTRY_AUTH_FILE") else None,
                    help="registry credentials, containers auth.json format (default: $REGISTRY_AUTH_FILE)")
@@ -191,7 +195,8 @@ def run_loop(args: argparse.Namespace) -> int:
     root = args.repository_root or Path("/cvmfs") / wishlist.cvmfs_repos[0]
     backend = _backend(args, root, wishlist.cvmfs_repos[0])
     state_db = args.state_db or default_state_db(root)
-    options = ConvertOptions(jobs=args.jobs, podman_store=not args.no_podman_store, head_timeout=args.head_timeout)
+    options = ConvertOptions(jobs=args.jobs, podman_store=not args.no_podman_store, head_timeout=args.head_timeout,
+                             one_unit_bytes=int(args.one_unit_mb * 1e6))
     thin_cache: dict[tuple, object] = {}
 
     def thin_for(wl) -> "ThinSettings | None":
@@ -407,7 +412,8 @@ def run_convert(args: argparse.Namespace) -> int:
             raise UsageError("convert-image needs --repository-root")
         thin, backend = None, _backend(args, root, None)
     state_db = args.state_db or default_state_db(root)
-    options = ConvertOptions(jobs=args.jobs, podman_store=not args.no_podman_store, head_timeout=args.head_timeout)
+    options = ConvertOptions(jobs=args.jobs, podman_store=not args.no_podman_store, head_timeout=args.head_timeout,
+                             one_unit_bytes=int(args.one_unit_mb * 1e6))
     from publisher.core.progress import ItemHooksProgress  # (not via loop: the webhook server and metrics)
 
     log.info("%s: %d wishlist entries into %s (state %s)", args.command, len(entries), root, state_db)

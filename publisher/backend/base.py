@@ -11,17 +11,20 @@
             ... podman store JSON ...
             backend.after_podman_stores(stores)
 
+    A ``batched`` backend (cvmfs) gets a round's images in two units instead: one for all
+    the layers they miss, one for everything else of all of them (podman entries included).
+
 * ``local`` -- a plain directory. ``unit()`` does nothing (every step is already
   an atomic rename), whiteouts are converted to overlay form.
 * ``cvmfs`` -- :class:`publisher.backend.cvmfs.CvmfsBackend`: every unit inside
   ``cvmfs_server transaction`` ... ``publish`` (``abort -f`` on failure), raw
   whiteouts, ``.cvmfscatalog`` markers.
 
-On both, ``.flat/<xx>/<config>`` is a directory (publisher/write/flat.py): a hard-link copy
-of the top chain, or what ``clone_tree`` makes (cvmfs: a template transaction).
+On both, ``.flat/<xx>/<config>`` is a directory (publisher/write/flat.py): a copy of the top
+chain by hard links (cvmfs: and grafts, publisher/write/grafts.py).
 
 A unit of work is one image publish (convert), a batch of podman store entries
-(convert) or one gc run. Units never nest.
+(convert), the layers or the rest of a batch of images (convert, batched) or one gc run. Units never nest.
 Everything that writes the repository must happen inside a unit; reading it is
 allowed at any time.
 """
@@ -63,6 +66,10 @@ class Backend:
     # Whether a layer dir keeps its raw `.wh.` files once published (CernVM-FS drops them at
     # publish, so a chain built later from such a dir must unpack the layer again).
     published_raw_whiteouts = True
+    # convert publishes a round's images together in one or two units (layers; the rest), not
+    # one unit per image (publisher/sync/convert.py: _publish_batch)
+    batched = False
+    grafts = False  # chains and flat dirs graft published files (publisher/write/grafts.py)
 
     def __init__(self, root: Path) -> None:
         self.root = Path(os.path.abspath(root))
@@ -80,6 +87,9 @@ class Backend:
     def after_image(self, layout: RepositoryLayout, record: "ImageRecord", placement: "Placement") -> None:
         """Inside the unit, after an image's files are in place (cvmfs: catalog markers)."""
 
+    def after_layers(self, layout: RepositoryLayout, digests: "list[str]") -> None:
+        """Inside the unit, after a batched image's layers are in place (cvmfs: catalog markers)."""
+
     def after_podman_stores(self, stores: "list[Path]") -> None:
         """Inside the unit, after convert wrote its batch of podman store entries (cvmfs:
         the stores' catalog markers)."""
@@ -87,12 +97,6 @@ class Backend:
     def after_links(self, dirs: "list[Path]") -> None:
         """Inside the unit, after convert wrote links of its own (``.diffids``) into ``dirs``
         (cvmfs: their catalog markers)."""
-
-    def clone_tree(self, src: Path, dst: Path) -> bool:
-        """Inside the unit: make ``dst`` a clone of the published tree ``src`` by the
-        backend's own means (cvmfs: a template transaction); False when it has none, and
-        the caller copies. The local backend has none."""
-        return False
 
     def describe(self) -> str:
         return f"{self.name} backend at {self.root}"

@@ -31,7 +31,7 @@ from cvmfs_common.registry.manifest import ResolvedImage
 
 from publisher.backend.base import Backend
 from publisher.write.flat import is_complete
-from publisher.write.image import ImagePublisher
+from publisher.write.image import ImagePublisher, Published, Staged
 from publisher.write.names import Placement, multiarch_name_for, podman_names, public_link_target
 from publisher.core.outcome import FailureKind, Outcome, failure_kind_of
 from publisher.core.progress import ItemResult, Progress, Summary
@@ -62,6 +62,10 @@ class ConvertOptions:
     # one tag's HEAD (token and retries included) ends within this: the HEADs of a run go
     # before any image, so a registry that never answers costs the run this, once
     head_timeout: float = 30.0
+    # a batching backend (cvmfs) publishes at most this many images per pair of units
+    batch_images: int = 100
+    # ... and all in one unit when the layers they miss are this small (compressed bytes)
+    one_unit_bytes: int = 8 << 20
 
 
 def _ref_key(ref: Reference) -> tuple:
@@ -108,9 +112,9 @@ class Converter:
             self.ingester = LayerIngester(self.layout, self.client, whiteouts=self.options.whiteouts,
                                           on_bytes=self.progress.add_bytes)
             self._publisher = ImagePublisher(self.layout, self.ingester, jobs=self.options.jobs,
-                                             podman_store=self._podman_class, clone_tree=self.backend.clone_tree,
-                                             podman_batch=self.podman_batch,
-                                             published_raw_whiteouts=self.backend.published_raw_whiteouts)
+                                             podman_store=self._podman_class, podman_batch=self.podman_batch,
+                                             published_raw_whiteouts=self.backend.published_raw_whiteouts,
+                                             grafts=self.backend.grafts)
         return self._publisher
 
     # -- the run ---------------------------------------------------------------------------
@@ -126,20 +130,32 @@ class Converter:
             self._multi_refs = {_ref_key(t.reference) for t in targets
                                 if not t.default and multiarch_name_for(str(t.platform)) is not None}
             heads = self._heads(targets)
+            assert self.backend is not None
+            batch: list[_Pending] = []  # batched backend: images waiting for their units
             for i, target in enumerate(targets, 1):
                 self.progress.start_item(f"{i}/{len(targets)}", target.name)
                 pending = len(self.podman_batch or ())
-                result = self._item(target, heads[_ref_key(target.reference)])
+                head = heads[_ref_key(target.reference)]
+                if self.backend.batched:
+                    prepared = self._prepare_item(target, head)
+                    self.progress.clear()
+                    if isinstance(prepared, _Pending):
+                        batch.append(prepared)
+                        if len(batch) >= self.options.batch_images:
+                            self._publish_batch(batch, summary, len(targets))
+                            batch = []
+                    else:
+                        self._report(summary, target, prepared, len(targets))
+                    continue
+                result = self._item(target, head)
                 self.progress.clear()
                 if len(self.podman_batch or ()) > pending and result.outcome != Outcome.FAILED:
                     unflushed.append(len(summary.results))
-                summary.add(result)
-                level = logging.ERROR if result.outcome == Outcome.FAILED else logging.INFO
-                log.log(level, "[%d/%d] %s: %s%s", i, len(targets), result.name, result.outcome,
-                        f" ({result.detail})" if result.detail else "")
+                self._report(summary, target, result, len(targets), hook=False)
                 if time.monotonic() - flushed >= self.options.podman_flush_seconds:
                     self._flush_podman(summary, unflushed)
                     flushed = time.monotonic()
+            self._publish_batch(batch, summary, len(targets))
             self._backfill_indexes()
             self._backfill_diffids()
             complete = not self._unfinished
@@ -168,6 +184,128 @@ class Converter:
             log.debug("%s failed", target.name, exc_info=True)
             self._unfinished.append(f"{target.name} could not be recorded")
             return ItemResult(target.name, Outcome.FAILED, f"{type(e).__name__}: {e}", failure=failure_kind_of(e))
+
+    def _report(self, summary: Summary, target: Target, result: ItemResult, total: int, hook: bool = True) -> None:
+        if hook and self.post_item is not None:
+            try:
+                result = self.post_item(target, result)
+            except Exception as e:  # noqa: BLE001 - one item never stops the others
+                log.debug("%s failed", target.name, exc_info=True)
+                result = ItemResult(target.name, Outcome.FAILED, f"{type(e).__name__}: {e}", failure=failure_kind_of(e))
+        summary.add(result)
+        level = logging.ERROR if result.outcome == Outcome.FAILED else logging.INFO
+        log.log(level, "[%d/%d] %s: %s%s", len(summary.results), total, result.name, result.outcome,
+                f" ({result.detail})" if result.detail else "")
+
+    def _publish_batch(self, batch: "list[_Pending]", summary: Summary, total: int) -> None:
+        """A batching backend's images in two units (cvmfs: two revisions), whatever their number:
+
+        1. every layer they miss (content-addressed: no name points at them yet);
+        2. chains and flat dirs -- which graft the layers published by 1 instead of copying
+           them -- names, metadata and the podman store entries of all of them.
+
+        When the layers they miss are small (``one_unit_bytes``), 1 is part of 2: the new
+        files are then hashed once more per chain and flat dir that holds them, which costs
+        less than a revision. An image is recorded in the state only after 2 is published.
+        One image failing fails only itself; a unit failing (e.g. its publish) fails every
+        image in it."""
+        if not batch:
+            return
+        assert self.backend is not None
+        results: list[tuple[_Pending, ItemResult]] = []
+        staged: list[_Pending] = []
+        missing_bytes: dict[str, int] = {}
+        missing: list[_Pending] = []
+        for p in batch:
+            layers = self._guard(p, results, lambda p: self.publisher.missing_layers(p.image, p.config))
+            if layers:
+                missing.append(p)
+                missing_bytes.update(layers)
+        todo = [p for p in batch if p not in missing and all(q is not p for q, _ in results)]
+        if missing and sum(missing_bytes.values()) <= self.options.one_unit_bytes:
+            todo, missing = missing + todo, []  # staged in the one unit
+        log.info("publishing %d image(s)%s", len(batch),
+                 f": the {len(missing_bytes)} layer(s) they miss first" if missing else "")
+        if missing:
+            try:
+                with self.backend.unit(f"layers of {len(missing)} image(s)"):
+                    self.publisher.fresh_layers.clear()
+                    for p in missing:
+                        self.progress.start_item("layers", p.target.name)
+                        if self._guard(p, results, lambda p: self._stage(p)):
+                            staged.append(p)
+                    self.progress.clear()
+            except Exception as e:  # noqa: BLE001 - nothing of the unit is published
+                results += [(p, self._failed(p, e)) for p in staged]
+                staged = []
+        staged += todo  # staged in the next unit (their layers are there, or few)
+        done: list[tuple[_Pending, Published]] = []
+        if staged:
+            stores: list[Path] = []
+            try:
+                with self.backend.unit(f"{len(staged)} image(s)"):
+                    self.publisher.fresh_layers.clear()
+                    for p in staged:
+                        self.progress.start_item("image", p.target.name)
+                        published = self._guard(p, results, lambda p: self._finish(p))
+                        if published is not None:
+                            done.append((p, published))
+                    self.progress.clear()
+                    if self.podman_batch is not None and len(self.podman_batch):
+                        stores = sorted({st.root for st in self.podman_batch.stores()})
+                        self.podman_batch.flush()
+                        self.backend.after_podman_stores(stores)
+            except Exception as e:  # noqa: BLE001 - nothing of the unit is published
+                results += [(p, self._failed(p, e)) for p, _ in done]
+                done = []
+            finally:
+                self._podman_names.clear()
+                if self.podman_batch is not None:
+                    self.podman_batch.clear()
+        for p, published in done:
+            try:
+                self.state.record_published(p.target.key, p.placement.platform_dir, p.target.entry_id, p.head,
+                                            published.record)
+            except Exception as e:  # noqa: BLE001
+                results.append((p, self._failed(p, e)))
+                continue
+            results.append((p, self._result(p, published)))
+        order = {id(p): n for n, p in enumerate(batch)}
+        for p, result in sorted(results, key=lambda pr: order[id(pr[0])]):
+            self._report(summary, p.target, result, total)
+
+    def _stage(self, p: "_Pending") -> bool:
+        p.staged = self.publisher.stage(p.target.reference, p.image, p.config)
+        assert self.backend is not None
+        self.backend.after_layers(self.layout, [s.digest for s in p.staged.specs])
+        return True
+
+    def _finish(self, p: "_Pending") -> Published:
+        if p.staged is None:
+            self._stage(p)
+        assert self.backend is not None and p.staged is not None
+        published = self.publisher.finish(p.staged, p.config_bytes, p.placement, str(p.target.platform),
+                                          variant_link=self._variant(p.target, p.image.index_bytes is not None))
+        self.backend.after_image(self.layout, published.record, p.placement)
+        return published
+
+    def _guard(self, p: "_Pending", results: "list[tuple[_Pending, ItemResult]]", step: Callable):
+        """``step(p)``, or None with p's failure in ``results``."""
+        try:
+            return step(p)
+        except Exception as e:  # noqa: BLE001 - one failing image never stops the others
+            results.append((p, self._failed(p, e)))
+            return None
+
+    def _failed(self, p: "_Pending", e: BaseException) -> ItemResult:
+        log.debug("%s failed", p.target.name, exc_info=True)
+        try:
+            self.state.record_failure(p.target.key, p.placement.platform_dir, p.target.entry_id, str(e))
+        except Exception as record_error:  # noqa: BLE001 - the report matters more
+            log.error("recording the failure of %s: %s", p.target.name, record_error)
+            self._unfinished.append(f"{p.target.name} could not be recorded")
+        return ItemResult(p.target.name, Outcome.FAILED, f"{type(e).__name__}: {e}",
+                          seconds=time.monotonic() - p.started, failure=failure_kind_of(e))
 
     def _flush_podman(self, summary: Summary, unflushed: list[int]) -> None:
         """Write the podman store entries of the images published since the last flush,
@@ -278,6 +416,37 @@ class Converter:
         return Placement(self.layout.for_platform(p.os, p.architecture, p.variant), p.dir_name)
 
     def _one(self, target: Target, head: str | Exception) -> ItemResult:
+        """One image in one unit of its own (the local backend)."""
+        prepared = self._prepare(target, head)
+        if not isinstance(prepared, _Pending):
+            return prepared
+        p = prepared
+        assert self.backend is not None
+        try:
+            # One unit of work (cvmfs: one transaction); recorded only once it is published.
+            with self.backend.unit(target.name):
+                published = self.publisher.publish(target.reference, p.image, p.config_bytes, p.config, p.placement,
+                                                   str(target.platform),
+                                                   variant_link=self._variant(target, p.image.index_bytes is not None))
+                self.backend.after_image(self.layout, published.record, p.placement)
+            self.state.record_published(target.key, p.placement.platform_dir, target.entry_id, p.head,
+                                        published.record)
+        except Exception as e:  # noqa: BLE001 - one failing image never stops the others
+            return self._failed(p, e)
+        return self._result(p, published)
+
+    def _prepare_item(self, target: Target, head: str | Exception) -> "ItemResult | _Pending":
+        """_prepare, whatever happens (as _item: an escaping error fails this item only)."""
+        try:
+            return self._prepare(target, head)
+        except Exception as e:  # noqa: BLE001 - one item never stops the others
+            log.debug("%s failed", target.name, exc_info=True)
+            self._unfinished.append(f"{target.name} could not be recorded")
+            return ItemResult(target.name, Outcome.FAILED, f"{type(e).__name__}: {e}", failure=failure_kind_of(e))
+
+    def _prepare(self, target: Target, head: str | Exception) -> "ItemResult | _Pending":
+        """What a target needs: its final result (unchanged, skipped, failed) or, when it
+        must be published, the resolved image with its config."""
         started = time.monotonic()
         key = target.key
         placement = self._placement(target)
@@ -315,14 +484,6 @@ class Converter:
                     return ItemResult(target.name, Outcome.SKIPPED, f"single-platform image is {found}")
                 log.warning("%s: the image is %s, not %s; publishing it for the default platform",
                             target.name, found, target.platform)
-            assert self.backend is not None
-            # One unit of work (cvmfs: one transaction); recorded only once it is published.
-            with self.backend.unit(target.name):
-                published = self.publisher.publish(target.reference, image, config_bytes, config, placement,
-                                                   str(target.platform),
-                                                   variant_link=self._variant(target, image.index_bytes is not None))
-                self.backend.after_image(self.layout, published.record, placement)
-            self.state.record_published(key, placement.platform_dir, target.entry_id, head, published.record)
         except Exception as e:  # noqa: BLE001 - one failing image never stops the others
             log.debug("%s failed", target.name, exc_info=True)
             try:
@@ -333,6 +494,10 @@ class Converter:
                 self._unfinished.append(f"{target.name} could not be recorded")
             return ItemResult(target.name, Outcome.FAILED, f"{type(e).__name__}: {e}", seconds=time.monotonic() - started,
                               failure=failure_kind_of(e))
+        return _Pending(target, head, image, config_bytes, config, placement, known, damage, started)
+
+    def _result(self, p: "_Pending", published: Published) -> ItemResult:
+        known, image, damage = p.known, p.image, p.damage
         if known is None or known.manifest_digest is None:
             outcome = Outcome.NEW
         elif known.manifest_digest != image.manifest_digest or damage is not None:
@@ -342,8 +507,8 @@ class Converter:
         n = len(image.layers)
         detail = f"{image.manifest_digest[:19]}, {n} layer{'' if n == 1 else 's'}" + (
             f"; repaired: {damage}" if damage is not None else "")
-        return ItemResult(target.name, outcome, detail, published.layers_fetched,
-                          published.bytes_fetched + len(config_bytes), time.monotonic() - started)
+        return ItemResult(p.target.name, outcome, detail, published.layers_fetched,
+                          published.bytes_fetched + len(p.config_bytes), time.monotonic() - p.started)
 
     def _note_missing_index(self, target: Target, placement: Placement, known: TagRecord) -> None:
         """An unchanged tag that points at an index but has no index.json (published by an
@@ -499,6 +664,22 @@ class Converter:
             if not target.default:
                 return None
             raise
+
+
+@dataclass(eq=False)
+class _Pending:
+    """A target to publish: resolved, its config fetched; ``staged`` once its layers are."""
+
+    target: Target
+    head: str
+    image: ResolvedImage
+    config_bytes: bytes
+    config: dict
+    placement: Placement
+    known: TagRecord | None
+    damage: str | None
+    started: float
+    staged: "Staged | None" = None
 
 
 def _config_matches(config: dict, platform: Platform) -> bool:

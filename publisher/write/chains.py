@@ -10,6 +10,12 @@ char-device 0:0 whiteouts, ``trusted.overlay.opaque``, or raw ``.wh.`` files, so
 DUCC-written and cvmfs-backend layers work too) are applied by not linking.
 When an inode has too many links (EMLINK, 65 000 on ext4) the entry is copied.
 
+With ``grafts`` (the cvmfs backend) a regular file that CernVM-FS already published is not
+linked -- through the transaction's union that copies it up and ``publish`` compresses and
+hashes it again -- but grafted (publisher/write/grafts.py): an empty file with its owner,
+mode and times plus a ``.cvmfsgraft-NAME`` file naming the published content. A graft made
+earlier in the same transaction is linked together with its ``.cvmfsgraft-`` file.
+
 Built under ``.tmp/`` and renamed into place (never replacing): a chain dir that
 exists is complete.
 """
@@ -30,6 +36,7 @@ from cvmfs_common.repo.lookup import find_chain
 from cvmfs_common.fsutil.atomic import publish_dir, remove_tree, syncfs
 
 from publisher.unpack.lowers import read_xattrs
+from publisher.write.grafts import GRAFT_PREFIX, graft_info, write_graft
 from publisher.unpack.whiteouts import OPAQUE_XATTR, NameKind, classify, is_whiteout_device, whited_out_name
 
 _COPY_CHUNK = 1 << 20
@@ -42,6 +49,7 @@ class ChainStats:
     dirs: int = 0
     linked: int = 0
     copied: int = 0
+    grafted: int = 0
     deleted: int = 0
 
 
@@ -98,6 +106,7 @@ class ChainMerger:
     """
 
     preserve_owners: bool = field(default_factory=lambda: os.geteuid() == 0)
+    grafts: bool = False  # cvmfs: graft published files instead of linking them (see above)
     # link(src_name, dst_name, *, src_dir_fd, dst_dir_fd, follow_symlinks): injectable, tests force EMLINK
     link: LinkFn = os.link
     stats: ChainStats = field(default_factory=ChainStats)
@@ -151,7 +160,8 @@ class ChainMerger:
         plain: dict[str, _Source] = {}
         deleted: set[str] = set()
         opaque = up.present and up.fd is not None and _is_opaque(up.fd)
-        for name, src in _scan(up).items():
+        up_entries, up_marks = self._split_marks(_scan(up))
+        for name, src in up_entries.items():
             kind = classify(name)
             if kind is NameKind.OPAQUE:
                 opaque = True
@@ -163,7 +173,7 @@ class ChainMerger:
                 deleted.add(name)
             else:
                 plain[name] = src
-        below = {} if opaque else _scan(low)
+        below, low_marks = ({}, {}) if opaque else self._split_marks(_scan(low))
         if opaque:
             self.stats.deleted += 1
         subdirs: list[_Child] = []
@@ -175,7 +185,7 @@ class ChainMerger:
                     merge_lower = low_src is not None and stat.S_ISDIR(low_src.st.st_mode)
                     subdirs.append(_Child(name, True, True, merge_lower))
                 else:
-                    self._place(src, dst.fd, name)
+                    self._place(src, dst.fd, name, up_marks.get(GRAFT_PREFIX + name))
             elif name in deleted:
                 self.stats.deleted += 1
             else:
@@ -183,8 +193,15 @@ class ChainMerger:
                 if stat.S_ISDIR(src.st.st_mode):
                     subdirs.append(_Child(name, False, False, True))
                 else:
-                    self._place(src, dst.fd, name)
+                    self._place(src, dst.fd, name, low_marks.get(GRAFT_PREFIX + name))
         return subdirs
+
+    def _split_marks(self, entries: dict[str, _Source]) -> tuple[dict[str, _Source], dict[str, _Source]]:
+        """With grafts: the ``.cvmfsgraft-`` files apart; they go only with their file."""
+        if not self.grafts:
+            return entries, {}
+        marks = {n: s for n, s in entries.items() if n.startswith(GRAFT_PREFIX)}
+        return ({n: s for n, s in entries.items() if n not in marks}, marks) if marks else (entries, {})
 
     # -- entries -----------------------------------------------------------------------
     def _dir_attrs(self, fd: int, src_fd: int) -> None:
@@ -193,7 +210,18 @@ class ChainMerger:
                     lambda u, g: os.fchown(fd, u, g))
         self.stats.dirs += 1
 
-    def _place(self, src: _Source, out_fd: int, name: str) -> None:
+    def _place(self, src: _Source, out_fd: int, name: str, mark: _Source | None = None) -> None:
+        if mark is not None:  # a graft made in this transaction: the file and its graft file
+            self.link(mark.name, mark.name, src_dir_fd=mark.dir_fd, dst_dir_fd=out_fd, follow_symlinks=False)
+        elif self.grafts and stat.S_ISREG(src.st.st_mode) and src.st.st_size > 0:
+            info = graft_info(proc_path(src.dir_fd, src.name), src.st.st_size)
+            if info is not None and len(GRAFT_PREFIX + name) <= 255:
+                write_graft(out_fd, name, info)
+                self._attrs(src.st, {}, lambda n, v: None, lambda m: os.chmod(name, m, dir_fd=out_fd),
+                            lambda u, g: os.chown(name, u, g, dir_fd=out_fd))
+                os.utime(name, ns=_times(src.st), dir_fd=out_fd)
+                self.stats.grafted += 1
+                return
         key = (src.st.st_dev, src.st.st_ino)
         # keep hardlink groups together after a copy
         from_fd, from_name = self._copies.get(key, (src.dir_fd, src.name))

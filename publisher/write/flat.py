@@ -15,7 +15,7 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
 from cvmfs_common.repo.paths import RepositoryLayout
 from cvmfs_common.fsutil.atomic import exchange_dirs, publish_dir, remove_tree, syncfs
@@ -42,21 +42,18 @@ def is_complete(flat: Path) -> bool:
 
 
 def build_flat(layout: RepositoryLayout, flat: Path, top_chain: Path, config: dict,
-               clone: Callable[[Path, Path], bool] | None = None) -> FlatResult:
-    """``clone(top_chain, flat)``: the backend's own copy of a published tree (cvmfs: a
-    template transaction, whose unit makes the result visible all at once); True when it
-    made ``flat``, which then only gets ``.singularity.d``."""
+               grafts: bool = False) -> FlatResult:
+    """``grafts``: the copy grafts published files (publisher/write/grafts.py) instead of
+    linking them."""
     if is_complete(flat):
         return FlatResult(flat, built=False)
-    if clone is not None and not os.path.lexists(flat) and clone(top_chain, flat):
-        return FlatResult(flat, built=True, singularity=write_singularity(flat, config))
 
     work = layout.make_work_dir("flat-")
     try:
         tree = work / "rootfs"
         from publisher.write.chains import ChainMerger  # late: a no-change re-sync only asks is_complete
 
-        copy = ChainMerger().merge(tree, None, top_chain)
+        copy = ChainMerger(grafts=grafts).merge(tree, None, top_chain)
         sing = write_singularity(tree, config)
         syncfs(work)  # data on disk before the rename makes it visible
         old = os.path.lexists(flat)

@@ -90,12 +90,15 @@ def layer_specs(image: ResolvedImage, config: dict) -> list[LayerSpec]:
 class ImagePublisher:
     def __init__(self, layout: RepositoryLayout, ingester: LayerIngester, *, jobs: int = 4,
                  podman_store: Callable[[RepositoryLayout], object] | None = None,
-                 clone_tree: Callable[[Path, Path], bool] | None = None,
-                 podman_batch: "PodmanBatch | None" = None, published_raw_whiteouts: bool = True) -> None:
+                 podman_batch: "PodmanBatch | None" = None, published_raw_whiteouts: bool = True,
+                 grafts: bool = False) -> None:
         self.layout = layout
         # False (cvmfs): a published layer dir has lost its `.wh.` files (Backend.published_raw_whiteouts)
         self.published_raw_whiteouts = published_raw_whiteouts
-        self.clone_tree = clone_tree  # Backend.clone_tree: .flat without copying (cvmfs)
+        # layers unpacked in the unit now open (the caller empties it when it opens one):
+        # their dirs still hold their .wh. files
+        self.fresh_layers: set[str] = set()
+        self.grafts = grafts  # chains and flat dirs graft published files (cvmfs: publisher/write/grafts.py)
         self.ingester = ingester
         self.jobs = max(1, jobs)
         self.podman_store = podman_store  # PodmanStore class (or None: --no-podman-store)
@@ -108,6 +111,11 @@ class ImagePublisher:
         the caller decides (the cvmfs backend, the default platform of a multi-platform tag)."""
         return self.finish(self.stage(ref, image, config), config_bytes, placement, platform,
                            variant_link=variant_link)
+
+    def missing_layers(self, image: ResolvedImage, config: dict) -> dict[str, int]:
+        """The layers ``stage`` would write (not there, or not usable): blob digest -> size."""
+        return {spec.digest: spec.size for spec in layer_specs(image, config)
+                if self.ingester.present(spec)[0] is None}
 
     def stage(self, ref: Reference, image: ResolvedImage, config: dict) -> "Staged":
         """The first part of ``publish``: the image's layers that are not there yet, fetched
@@ -125,8 +133,7 @@ class ImagePublisher:
         ref, image, config, chains = staged.ref, staged.image, staged.config, staged.chains
         layers, fetched, nbytes = self._chains(staged)
         top_chain = self.layout.chain_dir(chains[-1])
-        build_flat(self.layout, self.layout.flat_dir(image.config_digest), top_chain, config,
-                   clone=self.clone_tree)
+        build_flat(self.layout, self.layout.flat_dir(image.config_digest), top_chain, config, grafts=self.grafts)
         self._link(ref, image.config_digest, placement, platform, variant_link)
         self._multiarch_link(ref, image.config_digest, placement, platform)
         if self.podman_store is not None:
@@ -179,6 +186,7 @@ class ImagePublisher:
                         got = fut.result()
                         if got is not None:
                             done[spec.index] = got
+                            self.fresh_layers.add(spec.digest)
                 except BaseException:
                     for _, fut in futures:
                         fut.cancel()
@@ -206,10 +214,12 @@ class ImagePublisher:
                                                  lowers=[parent] if parent else [], parent_chain=parent_chain,
                                                  replace_invalid=os.path.lexists(self.layout.layer_dir(spec.digest)))
                     assert layer is not None
+                    self.fresh_layers.add(spec.digest)
                     fetched += 1
                     nbytes += layer.downloaded
                 done[spec.index] = layer
-            parent, extra = self._chain(ref, spec, layer, chains[spec.index], parent, parent_chain)
+            parent, extra = self._chain(ref, spec, layer, chains[spec.index], parent, parent_chain,
+                                        spec.digest in self.fresh_layers)
             nbytes += extra
         for digest in staged.first:
             self.ingester.add_origin(digest, image.config_digest)
@@ -218,17 +228,19 @@ class ImagePublisher:
         return [done[s.index] for s in specs], fetched, nbytes
 
     def _chain(self, ref: Reference, spec: LayerSpec, layer: Ingested, chain_id: str, parent: Path | None,
-               parent_chain: str | None) -> tuple[Path, int]:
-        from publisher.write.chains import build_chain
+               parent_chain: str | None, fresh: bool = True) -> tuple[Path, int]:
+        from publisher.write.chains import ChainMerger, build_chain
 
         dest = self.layout.chain_dir(chain_id)
         if dest.is_dir():
             return dest, 0
         # A raw-whiteout layer published in an earlier unit has no deletions left on CernVM-FS
         # (its .wh. files are dropped at publish): a chain built from it would show deleted files.
-        lost = (not self.published_raw_whiteouts and layer.meta.whiteouts == "raw" and not layer.downloaded)
+        # (Unpacked in this run is not enough: a batched round publishes its layers first.)
+        lost = not self.published_raw_whiteouts and not fresh and layer.meta.whiteouts == "raw"
         if not lost and (layer.meta.parent_chain is None or layer.meta.parent_chain == parent_chain):
-            path, _ = build_chain(self.layout, chain_id, parent, self.layout.layer_dir(spec.digest) / LAYERFS)
+            path, _ = build_chain(self.layout, chain_id, parent, self.layout.layer_dir(spec.digest) / LAYERFS,
+                                  ChainMerger(grafts=self.grafts))
             return path, 0
         # The published dir lost its deletions, or was completed on another parent chain (its
         # implicit directories would carry that chain's attributes). Unpack a private copy here.
@@ -240,7 +252,7 @@ class ImagePublisher:
                      spec.digest, layer.meta.parent_chain, parent_chain, chain_id)
         private = self.ingester.unpack_private(ref, spec, [parent] if parent else [])
         try:
-            path, _ = build_chain(self.layout, chain_id, parent, private.layerfs)
+            path, _ = build_chain(self.layout, chain_id, parent, private.layerfs, ChainMerger(grafts=self.grafts))
         finally:
             remove_tree(private.work)
         return path, private.result.compressed_size

@@ -467,6 +467,10 @@ class PodmanBatch:
     def stores(self) -> list[PodmanStore]:
         return [store for store, _ in self._pending.values()]
 
+    def clear(self) -> None:
+        """Forget what is pending (its unit was aborted)."""
+        self._pending = {}
+
     def flush(self) -> None:
         """Write every store's pending images; the pending list is empty afterwards even
         when a store failed (the first error is raised once all were tried: convert's

@@ -11,11 +11,11 @@ from .stratum0 import Repository, Stratum0
 IGNORE = frozenset({"/" + CATALOG_MARKER})
 
 
-def convert(s0: Stratum0, repo: Repository, wishlist: str, db: str = "/w/state/publish.db"):
+def convert(s0: Stratum0, repo: Repository, wishlist: str, db: str = "/w/state/publish.db", extra: str = ""):
     """One convert run; its output also goes to /w/convert-REPO.log (kept with CVMFS_TEST_KEEP=1)."""
     log = f"/w/convert-{repo.name}.log"
     r = s0.c.exec(f"cd / && cvmfs-publisher convert {wishlist} --backend cvmfs --repository-root {repo.root} "
-                  f"--state-db {db} --log-level debug >/w/convert.out 2>&1; rc=$?; "
+                  f"--state-db {db} --log-level debug {extra} >/w/convert.out 2>&1; rc=$?; "
                   f"cat /w/convert.out >>{log}; exit $rc", timeout=900, check=False)
     out = (s0.host_w / "convert.out").read_text(errors="replace")
     assert r.returncode == 0, f"convert failed ({r.returncode}), see {log}:\n{out[-8000:]}"

@@ -52,8 +52,8 @@ def test_moved_tag_then_gc_reclaims_objects(stratum0: Stratum0, registry: Regist
     before = repo.revision()
     out = convert(stratum0, repo, "/w/gc.yaml", db).stdout
     assert "1 updated" in out, out
-    # layers and chains, the template clone, the rest, the run's podman store entries
-    assert repo.revision() == before + 4
+    # its new layer is small: one unit for it and everything else (tests/cvmfs/test_batch.py)
+    assert repo.revision() == before + 1
     new = standard_images.tagged["2.0"]
     assert lay.flat_dir(new.config_digest).is_dir() and lay.flat_dir(old.config_digest).is_dir()
     assert_check_clean(repo)
