@@ -206,7 +206,9 @@ class Converter:
 
         When the layers they miss are small (``one_unit_bytes``), 1 is part of 2: the new
         files are then hashed once more per chain and flat dir that holds them, which costs
-        less than a revision. An image is recorded in the state only after 2 is published.
+        less than a revision. No stop point inside a unit (``progress.start_item`` is the
+        loop's): a stop requested meanwhile takes effect after the batch. An image is
+        recorded in the state only after 2 is published.
         One image failing fails only itself; a unit failing (e.g. its publish) fails every
         image in it."""
         if not batch:
@@ -231,10 +233,8 @@ class Converter:
                 with self.backend.unit(f"layers of {len(missing)} image(s)"):
                     self.publisher.fresh_layers.clear()
                     for p in missing:
-                        self.progress.start_item("layers", p.target.name)
                         if self._guard(p, results, lambda p: self._stage(p)):
                             staged.append(p)
-                    self.progress.clear()
             except Exception as e:  # noqa: BLE001 - nothing of the unit is published
                 results += [(p, self._failed(p, e)) for p in staged]
                 staged = []
@@ -246,11 +246,9 @@ class Converter:
                 with self.backend.unit(f"{len(staged)} image(s)"):
                     self.publisher.fresh_layers.clear()
                     for p in staged:
-                        self.progress.start_item("image", p.target.name)
                         published = self._guard(p, results, lambda p: self._finish(p))
                         if published is not None:
                             done.append((p, published))
-                    self.progress.clear()
                     if self.podman_batch is not None and len(self.podman_batch):
                         stores = sorted({st.root for st in self.podman_batch.stores()})
                         self.podman_batch.flush()
