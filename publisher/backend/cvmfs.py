@@ -259,7 +259,7 @@ class CvmfsBackend(Backend):
         for digest in digests:
             d = layout.layer_dir(digest)
             dirs += [d.parent, d]
-        ensure_markers(list(dict.fromkeys(dirs)))
+        ensure_markers(list(dict.fromkeys(dirs)), self.root)
 
     def after_podman_stores(self, stores: "list[Path]") -> None:
         ensure_markers(stores, self.root)
