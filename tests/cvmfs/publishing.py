@@ -23,6 +23,13 @@ def convert(s0: Stratum0, repo: Repository, wishlist: str, db: str = "/w/state/p
     return r
 
 
+def assert_check_clean(repo: Repository) -> None:
+    """`cvmfs_server check` finds nothing wrong and no transaction is left open."""
+    out = repo.check()
+    assert not repo.in_transaction()
+    assert "error" not in out.lower(), out
+
+
 def split_hardlinks(img: BuiltImage, tree, problems: list[str]) -> list[str]:
     """CernVM-FS (CVMFS_IGNORE_XDIR_HARDLINKS=true) turns every hard-link group that spans
     directories into separate files; chains and flat dirs share their files' inodes with the

@@ -19,9 +19,8 @@ from tests.fixtures.tree import compare_trees
 from tests.publisher.clirun import write_wishlist
 from tests.publisher.repotree import flat_tree_problems, observed_tree
 
+from .publishing import IGNORE, assert_check_clean, convert, split_hardlinks
 from .stratum0 import Repository, Stratum0
-from .test_operations import assert_check_clean
-from .test_publish import IGNORE, convert, split_hardlinks
 
 pytestmark = pytest.mark.e2e
 

@@ -15,9 +15,9 @@ from tests.fixtures.tree import LISTING_SCRIPT, RUNTIME_MOUNTS, compare_trees, p
 from tests.publisher.clirun import write_wishlist
 from tests.publisher.repotree import flat_tree_problems, observed_tree
 
-from .publishing import IGNORE, convert, split_hardlinks
+from .publishing import IGNORE, assert_check_clean, convert, split_hardlinks
 from .runtime import InnerRuntime
-from .stratum0 import Repository, Stratum0
+from .stratum0 import Stratum0
 
 pytestmark = pytest.mark.e2e
 
@@ -28,12 +28,6 @@ def retag(registry: Registry, src: str, dst: str) -> None:
     subprocess.run(["skopeo", "copy", "--quiet", "--src-tls-verify=false", "--dest-tls-verify=false",
                     f"docker://{registry.host}/{src}", f"docker://{registry.host}/{dst}"],
                    check=True, capture_output=True, text=True)
-
-
-def assert_check_clean(repo: Repository) -> None:
-    out = repo.check()
-    assert not repo.in_transaction()
-    assert "error" not in out.lower(), out
 
 
 def test_moved_tag_then_gc_reclaims_objects(stratum0: Stratum0, registry: Registry,
