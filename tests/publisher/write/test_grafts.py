@@ -9,7 +9,7 @@ from pathlib import Path
 from publisher.write.chains import ChainMerger
 from publisher.write.grafts import GRAFT_PREFIX, GraftInfo, graft_info, write_graft
 
-from tests.publisher.conftest import requires_root
+from tests.fixtures.marks import requires_root
 
 
 def test_graft_text_one_chunk_and_chunked() -> None:
