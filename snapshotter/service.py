@@ -34,6 +34,16 @@ _STATUS = {
     errors.Unavailable: grpc.StatusCode.UNAVAILABLE,
 }
 
+
+def status_of(e: errors.SnapshotterError) -> grpc.StatusCode:
+    """The code of the nearest class in `_STATUS` along e's class hierarchy: a subclass answers as its parent."""
+    for cls in type(e).__mro__:
+        status = _STATUS.get(cls)
+        if status is not None:
+            return status
+    raise KeyError(type(e))  # an error class outside the table: a programming error
+
+
 RESPONSE_MEMO_SIZE = 4096  # Stat/Mounts responses, kept for the objects the core keeps (see Stat)
 LIST_BATCH = 100  # at most this many infos per List message, as containerd's own service sends them
 LIST_BATCH_BYTES = 1 << 20  # and about this many bytes: well under gRPC's default 4 MiB limit
@@ -93,7 +103,7 @@ class SnapshotsService(pb_grpc.SnapshotsServicer):
         try:
             return fn()
         except errors.SnapshotterError as e:
-            status = _STATUS[type(e)]
+            status = status_of(e)
             code = status.name
             log.debug("%s %r (ns %s): %s", name, key, _namespace(context), e)
             context.abort(status, str(e))
