@@ -68,7 +68,8 @@ def run_serve(args: argparse.Namespace) -> int:
     setup_logging(cfg.log_level, cfg.log_format)
     from .core import Snapshotter
     from .fs import RootInUse
-    from .server import SocketInUse, serve
+    from .server import serve
+    from .sockets import SocketInUse
 
     from .metrics import Metrics
     from .source.remote import build_remote_layers
@@ -86,7 +87,7 @@ def run_serve(args: argparse.Namespace) -> int:
     try:
         snapshotter = Snapshotter(cfg.root, remote, metrics, metacopy=cfg.overlay_metacopy)
         if cfg.control_address:
-            from .pull_server import PullControlServer
+            from .pull.daemon import PullControlServer
 
             control = PullControlServer(cfg.control_address, cfg.pull_jobs, cfg.pull_timeout,
                                         published=remote.published).start()

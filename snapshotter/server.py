@@ -5,11 +5,8 @@ from __future__ import annotations
 import logging
 import os
 import signal
-import socket
-import stat
 import threading
 from concurrent import futures
-from pathlib import Path
 
 import grpc
 
@@ -20,33 +17,9 @@ from .core import Snapshotter
 from .metrics import Metrics
 from .sdnotify import notify
 from .service import SnapshotsService
+from .sockets import prepare_socket_path
 
 log = logging.getLogger(__name__)
-
-
-class SocketInUse(RuntimeError):
-    pass
-
-
-def prepare_socket_path(path: Path) -> None:
-    """Create parent dirs and replace a stale socket; refuse to steal a live one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        return
-    if not stat.S_ISSOCK(st.st_mode):
-        raise SocketInUse(f"{path} exists and is not a socket; refusing to replace it")
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        probe.settimeout(1.0)
-        probe.connect(str(path))
-    except OSError:
-        os.unlink(path)  # nobody listens: a crashed predecessor's socket
-        return
-    finally:
-        probe.close()
-    raise SocketInUse(f"another process is serving on {path}")
 
 
 def build_server(cfg: ServeConfig, snapshotter: Snapshotter, metrics: Metrics | None) -> grpc.Server:

@@ -18,8 +18,8 @@ from tests.e2e.daemonpull import check_tree, control, daemon_pulls, pull
 
 pytestmark = pytest.mark.e2e
 
-MAX_CONNECTIONS = 64  # pull_server.MAX_CONNECTIONS
-REQUEST_DEADLINE = 10  # pull_server.REQUEST_DEADLINE
+MAX_CONNECTIONS = 64  # pull.daemon.MAX_CONNECTIONS
+REQUEST_DEADLINE = 10  # pull.daemon.REQUEST_DEADLINE
 
 
 def connect(path: str) -> socket.socket:

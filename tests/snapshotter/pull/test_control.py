@@ -138,7 +138,7 @@ def test_the_accept_thread_outlives_a_thread_start_failure(tmp_path, monkeypatch
     (as under TasksMax) refuses that connection; the next one is served."""
     import threading
 
-    from snapshotter.pull_server import PullControlServer
+    from snapshotter.pull.daemon import PullControlServer
 
     server = PullControlServer(tmp_path / "c.ctl", request_deadline=1.0).start()
     real_start = threading.Thread.start

@@ -1,6 +1,6 @@
 """The serving daemon's pull control socket (docs/DESIGN.md#pull-daemon).
 
-`cvmfs-snapshotter pull` hands its request here (pull/control.py has the protocol) and the
+`cvmfs-snapshotter pull` hands its request here (control.py has the protocol) and the
 daemon runs the same pull code as the command would (pull.job.execute), with its imports and
 a gRPC channel to containerd already warm. Pulls run on a pool of their own, apart from the
 gRPC server's: containerd calls back into our snapshots service while a pull waits for it,
@@ -25,13 +25,13 @@ from typing import TYPE_CHECKING
 
 import grpc
 
-from .pull.control import HEARTBEAT, PROTOCOL, encode
-from .pull.request import PullFailure, PullRequest, network_env
-from .server import prepare_socket_path
+from ..sockets import prepare_socket_path
+from .control import HEARTBEAT, PROTOCOL, encode
+from .request import PullFailure, PullRequest, network_env
 
 if TYPE_CHECKING:
-    from .pull.containerd_client import ContainerdClient
-    from .pull.image import PublishedLookup
+    from .containerd_client import ContainerdClient
+    from .image import PublishedLookup
 
 log = logging.getLogger(__name__)
 
@@ -298,7 +298,7 @@ class PullControlServer:
     # -- warm channels to containerd -------------------------------------------------
 
     def _client(self, job: _Job, address: str, namespace: str) -> ContainerdClient:
-        from .pull.containerd_client import ContainerdClient, open_channel
+        from .containerd_client import ContainerdClient, open_channel
 
         with self._lock:
             entry = self._channels.get(address)
@@ -339,7 +339,7 @@ def _pull_code():
 
     from grpc import _channel  # noqa: F401
 
-    from .pull.job import execute
+    from .job import execute
 
     return execute
 
