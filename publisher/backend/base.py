@@ -1,6 +1,6 @@
 """Where the repository lives and how a unit of work reaches it (docs/DESIGN.md#backends).
 
-    backend = make_backend("cvmfs", root)      # or "local" (publisher/cli.py)
+    backend = make_backend("cvmfs", root)      # or "local" (backend/factory.py)
     with exclusive(lock):
         backend.start(layout)                   # recover from a crash, clean .tmp/
         with backend.unit("image registry/repo:tag"):

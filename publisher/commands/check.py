@@ -1,0 +1,31 @@
+"""``check``: verify the repository against the state."""
+
+from __future__ import annotations
+
+import argparse
+
+from publisher.backend.base import Backend
+from publisher.commands.common import EXIT_FAILED, EXIT_OK, add_common_options, duration, existing_state
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("check", help="verify the repository against the state")
+    g = p.add_argument_group("check options")
+    g.add_argument("--lock-wait", metavar="DURATION", type=duration, default="1h",
+                   help="wait this long for a running convert or loop round (default 1h)")
+    add_common_options(p)
+    p.set_defaults(run=run_check)
+
+
+def run_check(args: argparse.Namespace) -> int:
+    from publisher.maint.check import check
+
+    root, state_db = existing_state(args)
+    backend_class: type[Backend] = Backend
+    if args.backend == "cvmfs":  # (not made: check reads, it opens no transaction)
+        from publisher.backend.cvmfs import CvmfsBackend
+        backend_class = CvmfsBackend
+    report = check(root, state_db, podman=not args.no_podman_store, lock_wait=args.lock_wait,
+                   variant_links=backend_class.variant_links)
+    print(report.render(), flush=True)
+    return EXIT_OK if report.ok else EXIT_FAILED
