@@ -43,11 +43,24 @@ class _VersionAction(argparse.Action):
         parser.exit()
 
 
+class _Parser(argparse.ArgumentParser):
+    """Arguments no option of the subcommand takes (e.g. ``gc --jobs 2``) are refused with
+    that subcommand's usage, not the top-level one."""
+
+    subcommands: argparse._SubParsersAction
+
+    def parse_args(self, args=None, namespace=None):  # type: ignore[override]
+        parsed, extra = self.parse_known_args(args, namespace)
+        if extra:
+            self.subcommands.choices.get(parsed.command, self).error(f"unrecognized arguments: {' '.join(extra)}")
+        return parsed
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="cvmfs-publisher",
-                                     description="publish container images unpacked into a CernVM-FS repository")
+    parser = _Parser(prog="cvmfs-publisher",
+                     description="publish container images unpacked into a CernVM-FS repository")
     parser.add_argument("--version", action=_VersionAction)
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub = parser.subcommands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     convert.add_parsers(sub)
     loop.add_parser(sub)
     gc.add_parser(sub)

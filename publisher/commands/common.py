@@ -4,7 +4,6 @@ repository / logging options."""
 from __future__ import annotations
 
 import argparse
-import os
 from pathlib import Path
 
 from cvmfs_common.durations import parse_duration
@@ -27,41 +26,25 @@ def duration(text: str) -> float:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
-def add_common_options(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("common options")
+def add_repository_options(p: argparse.ArgumentParser, *, backend: bool = True, podman: bool = True) -> None:
+    """The repository and its state; ``backend``/``podman``: the subcommand writes or reads
+    through a backend / the podman store."""
+    g = p.add_argument_group("repository options")
     g.add_argument("--repository-root", metavar="DIR", type=Path,
-                   help="repository to write (default for convert: /cvmfs/<cvmfs_repo of the wishlist>)")
-    g.add_argument("--backend", choices=("local", "cvmfs"), default="local",
-                   help="local: a plain directory (default); cvmfs: through cvmfs_server transactions, a "
-                        "round's new images in two (their layers, then the rest), the repository root "
-                        "being /cvmfs/<name> (docs/cvmfs-backend.md)")
-    g.add_argument("--no-thin-image", action="store_true",
-                   help="do not push thin images to the wishlist's output_format")
+                   help="the repository (default for convert and loop: /cvmfs/<cvmfs_repo of the wishlist>)")
+    if backend:
+        g.add_argument("--backend", choices=("local", "cvmfs"), default="local",
+                       help="local: a plain directory (default); cvmfs: through cvmfs_server transactions, a "
+                            "round's new images in two (their layers, then the rest), the repository root "
+                            "being /cvmfs/<name> (docs/cvmfs-backend.md)")
     g.add_argument("--state-db", metavar="PATH", type=Path,
                    help="sqlite state (default: /var/lib/cvmfs-publisher/<repository name>/state.db)")
-    g.add_argument("--jobs", metavar="N", type=int, default=4, help="layers fetched/unpacked in parallel (default 4)")
-    g.add_argument("--no-podman-store", action="store_true", help="do not write podmanStore/")
-    g.add_argument("--one-unit-mb", metavar="MB", type=float, default=8,
-                   help="cvmfs: a round whose new layers are at most this big (compressed) is published "
-                        "in one transaction, not two (default 8)")
-    g.add_argument("--credentials", metavar="AUTH_JSON", type=Path,
-                   default=Path(os.environ["REGISTRY_AUTH_FILE"]) if os.environ.get("REGISTRY_AUTH_FILE") else None,
-                   help="registry credentials, containers auth.json format (default: $REGISTRY_AUTH_FILE)")
-    g.add_argument("--insecure-registry", metavar="HOST[:PORT]", action="append", default=[],
-                   help="use plain http for this registry (loopback registries always are)")
-    g.add_argument("--min-transfer-rate", metavar="KIB_PER_S", type=float, default=10,
-                   help="a registry answer arriving slower than this over --transfer-window fails "
-                        "(that image fails, the others go on; default 10, 0: off)")
-    g.add_argument("--transfer-window", metavar="DURATION", type=duration, default="60s",
-                   help="the window --min-transfer-rate is measured over (default 60s)")
-    g.add_argument("--blob-timeout", metavar="DURATION", type=duration, default="0",
-                   help="one blob's download may take this long at most, resumes included (default 0: no limit)")
-    g.add_argument("--head-timeout", metavar="DURATION", type=duration, default="30s",
-                   help="one tag's HEAD, retries included, must be answered within this (default 30s; "
-                        "the HEADs run in parallel before any image, so a registry that never answers "
-                        "delays the run by this once)")
-    g.add_argument("--image-timeout", metavar="DURATION", type=duration, default="2h",
-                   help="one image's registry transfers must end within this (default 2h, 0: no limit)")
+    if podman:
+        g.add_argument("--no-podman-store", action="store_true", help="do not write (or check) podmanStore/")
+
+
+def add_logging_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("logging options")
     g.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     g.add_argument("--log-format", default="text", choices=("text", "json"))
 

@@ -11,8 +11,9 @@ from typing import TYPE_CHECKING
 from cvmfs_common.oci.platform import Platform
 from cvmfs_common.oci.reference import InvalidReference, parse_reference
 
-from publisher.commands.common import EXIT_FAILED, EXIT_OK, UsageError, add_common_options, backend_for
-from publisher.commands.registry import image_deadline, make_client
+from publisher.commands.common import (EXIT_FAILED, EXIT_OK, UsageError, add_logging_options, add_repository_options,
+                                       backend_for)
+from publisher.commands.registry import add_registry_options, image_deadline, make_client
 from publisher.core.state import default_state_db
 
 # Deliberately lazy: yaml and the conversion modules are imported when a conversion runs.
@@ -26,15 +27,31 @@ log = logging.getLogger("cvmfs-publisher")
 def add_parsers(sub) -> None:
     p = sub.add_parser("convert", help="bring the repository in sync with wishlists")
     p.add_argument("wishlists", nargs="+", metavar="WISHLIST", type=Path)
-    add_common_options(p)
+    add_conversion_options(p)
     p.set_defaults(run=run_convert)
     p = sub.add_parser("convert-image", help="convert one image (no wishlist)")
     p.add_argument("image", metavar="REF")
     p.add_argument("--platform", action="append", default=[], metavar="OS/ARCH[/VARIANT]",
                    help="repeatable; the first must be the repository's default platform "
                         "(default: the repository's default platform, or the host's for a new repository)")
-    add_common_options(p)
+    add_conversion_options(p, thin=False)
     p.set_defaults(run=run_convert)
+
+
+def add_conversion_options(p: argparse.ArgumentParser, *, thin: bool = True) -> None:
+    """The options of the subcommands that convert (convert, convert-image, loop);
+    ``thin``: the subcommand reads wishlists, whose output_format asks for thin images."""
+    g = p.add_argument_group("conversion options")
+    g.add_argument("--jobs", metavar="N", type=int, default=4, help="layers fetched/unpacked in parallel (default 4)")
+    g.add_argument("--one-unit-mb", metavar="MB", type=float, default=8,
+                   help="cvmfs: a round whose new layers are at most this big (compressed) is published "
+                        "in one transaction, not two (default 8)")
+    if thin:
+        g.add_argument("--no-thin-image", action="store_true",
+                       help="do not push thin images to the wishlist's output_format")
+    add_repository_options(p)
+    add_registry_options(p)
+    add_logging_options(p)
 
 
 def thin_settings(args: argparse.Namespace, wishlist) -> "ThinSettings | None":

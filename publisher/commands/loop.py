@@ -11,8 +11,8 @@ from typing import TYPE_CHECKING
 from cvmfs_common.address import parse_address
 from cvmfs_common.oci.reference import is_loopback_host
 
-from publisher.commands.common import EXIT_OK, UsageError, add_common_options, backend_for, duration
-from publisher.commands.convert import thin_settings
+from publisher.commands.common import EXIT_OK, UsageError, backend_for, duration
+from publisher.commands.convert import add_conversion_options, thin_settings
 from publisher.commands.registry import image_deadline, make_client
 from publisher.core.state import State, default_state_db
 
@@ -39,7 +39,7 @@ def add_parser(sub) -> None:
                    help="on SIGTERM the current image may finish within this, then its downloads are "
                         "aborted (default 2m)")
     g.add_argument("--metrics-address", metavar="HOST:PORT", help="serve Prometheus metrics on /metrics")
-    add_common_options(p)
+    add_conversion_options(p)
     p.set_defaults(run=run_loop)
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from publisher.commands.common import EXIT_FAILED, EXIT_OK, UsageError, add_common_options
+from publisher.commands.common import EXIT_FAILED, EXIT_OK, UsageError, add_logging_options, add_repository_options
 from publisher.core.state import default_state_db
 
 
@@ -13,7 +13,8 @@ def add_parser(sub) -> None:
     p.add_argument("action", choices=("rebuild",),
                    help="rebuild: a new state DB from the repository's .metadata and layers.json "
                         "(the old one is kept as <state-db>.broken-<time>)")
-    add_common_options(p)
+    add_repository_options(p, backend=False, podman=False)
+    add_logging_options(p)
     p.set_defaults(run=run_state)
 
 

@@ -20,7 +20,7 @@ from publisher.core.runlock import exclusive, lock_path_for
 from publisher.core.state import State
 from tests.fixtures.images import StandardImages
 
-from tests.publisher.clirun import run_cli, write_wishlist
+from tests.publisher.clirun import run_cli, run_proc, write_wishlist
 from tests.fixtures.marks import requires_root
 from tests.publisher.looprun import Images
 from tests.publisher.repotree import fs_state
@@ -266,6 +266,27 @@ def test_gc_older_than_is_a_duration(tmp_path: Path, bad: str, capsys) -> None:
     with pytest.raises(SystemExit):
         run_cli("gc", "--older-than", bad, "--repository-root", tmp_path)
     assert "not a duration" in capsys.readouterr().err
+
+
+def test_gc_refuses_the_conversion_options_it_would_ignore(tmp_path: Path) -> None:
+    res = run_proc("gc", "--jobs", "2", "--repository-root", tmp_path, "--state-db", tmp_path / "state.db")
+    assert res.rc == 2, res
+    assert "usage: cvmfs-publisher gc" in res.stderr and "unrecognized arguments: --jobs 2" in res.stderr, res.stderr
+    assert "Traceback" not in res.stderr and not (tmp_path / "state.db").exists()
+
+
+@pytest.mark.parametrize("command, option", [
+    ("gc", ["--min-transfer-rate", "5"]), ("gc", ["--insecure-registry", "r.example.org"]),
+    ("check", ["--jobs", "2"]), ("check", ["--credentials", "auth.json"]), ("check", ["--no-thin-image"]),
+    ("state", ["--image-timeout", "1h"]), ("state", ["--backend", "cvmfs"]),
+])
+def test_maintenance_commands_take_only_their_options(tmp_path: Path, command: str, option: list[str],
+                                                      capsys) -> None:
+    extra = ["rebuild"] if command == "state" else []
+    with pytest.raises(SystemExit) as exited:
+        run_cli(command, *extra, *option, "--repository-root", tmp_path)
+    assert exited.value.code == 2
+    assert f"unrecognized arguments: {option[0]}" in capsys.readouterr().err
 
 
 @requires_root
