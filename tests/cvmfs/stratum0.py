@@ -4,7 +4,7 @@
   1. `$CVMFS_TEST_SHARED_DIR/cvmfs`, then `<project>/../shared/cvmfs` (CI clones the project
      beside `shared/`): either the upstream build `cvmfs-2.12.0-debian12-amd64.tar.xz` with its
      `install.sh`, or CERN's packages `cvmfs_*.deb` + `cvmfs-server_*.deb` (+ `cvmfs-config-*`)
-     for Debian 12 downloaded from cvmrepo.web.cern.ch;
+     for Debian 12 downloaded from CERN's CernVM-FS package repository;
   2. a `cvmfs_server` installed on the host is NOT used: the tier creates and destroys
      repositories (`mkfs`, overlay unions under /cvmfs, apache), which must not happen on a
      site's release manager; it is only named in the skip reason.
