@@ -85,7 +85,7 @@ def publish_dir(src: Path, dst: Path, root: Path | None = None) -> bool:
                     return False
                 if e.errno not in (errno.EINVAL, errno.ENOSYS):
                     raise
-                if _lexists_at(dst_fd, dst_name):
+                if lexists_at(dst_fd, dst_name):
                     return False
                 os.rename(src_name, dst_name, src_dir_fd=src_fd, dst_dir_fd=dst_fd)
             os.fsync(dst_fd)
@@ -107,7 +107,7 @@ def publish_dir(src: Path, dst: Path, root: Path | None = None) -> bool:
     return True
 
 
-def _lexists_at(dir_fd: int, name: str) -> bool:
+def lexists_at(dir_fd: int, name: str) -> bool:
     try:
         os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
         return True
@@ -118,7 +118,7 @@ def _lexists_at(dir_fd: int, name: str) -> bool:
 def _exchange_beneath(root: Path, new: Path, current: Path) -> None:
     with parent_beneath(root, new) as (new_fd, new_name), \
             parent_beneath(root, current, create=True) as (cur_fd, cur_name):
-        if not _lexists_at(cur_fd, cur_name) and publish_dir(new, current, root):
+        if not lexists_at(cur_fd, cur_name) and publish_dir(new, current, root):
             return
         try:
             _renameat2(new_name, cur_name, _RENAME_EXCHANGE, new_fd, cur_fd)

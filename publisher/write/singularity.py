@@ -41,6 +41,8 @@ import stat
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from cvmfs_common.fsutil.atomic import lexists_at
+
 log = logging.getLogger(__name__)
 
 SINGULARITY_DIR = ".singularity.d"
@@ -319,7 +321,7 @@ class _Writer:
 
     def file(self, dir_fd: int, name: str, text: str, mode: int, rel: str) -> None:
         """A new inode with ``text`` (an existing entry -- maybe a chain's inode -- is unlinked)."""
-        if _lexists_at(dir_fd, name):
+        if lexists_at(dir_fd, name):
             _remove_at(dir_fd, name)
             self.stats.replaced.append(rel)
         fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
@@ -335,17 +337,9 @@ class _Writer:
         self.stats.files += 1
 
     def link_if_missing(self, name: str, target: str) -> None:
-        if not _lexists_at(self.root_fd, name):
+        if not lexists_at(self.root_fd, name):
             os.symlink(target, name, dir_fd=self.root_fd)
             self.stats.links += 1
-
-
-def _lexists_at(dir_fd: int, name: str) -> bool:
-    try:
-        os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
-        return True
-    except FileNotFoundError:
-        return False
 
 
 def _remove_at(dir_fd: int, name: str) -> None:
@@ -410,7 +404,7 @@ def write_singularity(root: "os.PathLike[str] | str", config: dict) -> Singulari
             if fd is None:
                 continue
             try:
-                if not _lexists_at(fd, name):  # a symlink (localtime -> zoneinfo) stays as it is
+                if not lexists_at(fd, name):  # a symlink (localtime -> zoneinfo) stays as it is
                     w.file(fd, name, "", 0o644, rel)
             finally:
                 os.close(fd)
