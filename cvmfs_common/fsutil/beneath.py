@@ -91,21 +91,18 @@ def _temp_name(tmp_fd: int, stem: str, make) -> str:
     raise OSError(errno.EEXIST, "cannot create a temporary name", stem)  # pragma: no cover
 
 
-def write_file_beneath(root: Path, path: Path, data: bytes, *, tmp: Path, mode: int = 0o644) -> None:
-    """Atomically replace file ``path`` (below ``root``) with ``data``: a temp file in
-    ``tmp`` (below ``root``, same file system), fsynced, renamed over it fd-relative."""
+def _replace_beneath(root: Path, path: Path, tmp: Path, make, before_rename=None) -> None:
+    """Atomically put an entry at ``path`` (below ``root``): ``make(name, tmp_fd)`` creates it
+    under a temp name in ``tmp`` (below ``root``, same file system), ``before_rename(parent_fd, name)``
+    may fill it or refuse what is there now, then it is renamed over ``path`` fd-relative and the parent
+    fsynced; a failure leaves no temp entry behind."""
     tmp_fd = open_dir_beneath(root, tmp, create=True)
     try:
         with parent_beneath(root, path, create=True) as (parent_fd, name):
-            fds: list[int] = []
-            flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-            tmp_name = _temp_name(tmp_fd, name, lambda n: fds.append(os.open(n, flags, 0o600, dir_fd=tmp_fd)))
+            tmp_name = _temp_name(tmp_fd, name, lambda n: make(n, tmp_fd))
             try:
-                with os.fdopen(fds[0], "wb") as f:
-                    f.write(data)
-                    f.flush()
-                    os.fchmod(f.fileno(), mode)
-                    os.fsync(f.fileno())
+                if before_rename is not None:
+                    before_rename(parent_fd, name)
                 os.rename(tmp_name, name, src_dir_fd=tmp_fd, dst_dir_fd=parent_fd)
             except BaseException:
                 with contextlib.suppress(FileNotFoundError):
@@ -114,6 +111,23 @@ def write_file_beneath(root: Path, path: Path, data: bytes, *, tmp: Path, mode: 
             os.fsync(parent_fd)
     finally:
         os.close(tmp_fd)
+
+
+def write_file_beneath(root: Path, path: Path, data: bytes, *, tmp: Path, mode: int = 0o644) -> None:
+    """Atomically replace file ``path`` (below ``root``) with ``data``: a temp file in
+    ``tmp`` (below ``root``, same file system), fsynced, renamed over it fd-relative."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    fds: list[int] = []
+
+    def fill(_parent_fd: int, _name: str) -> None:  # inside the clean-up's reach
+        with os.fdopen(fds[0], "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fchmod(f.fileno(), mode)
+            os.fsync(f.fileno())
+
+    _replace_beneath(root, path, tmp, lambda name, tmp_fd: fds.append(os.open(name, flags, 0o600, dir_fd=tmp_fd)),
+                     fill)
 
 
 def symlink_beneath(root: Path, target: str, link: Path, *, tmp: Path) -> None:
@@ -121,24 +135,13 @@ def symlink_beneath(root: Path, target: str, link: Path, *, tmp: Path) -> None:
     a real directory there is refused (IsADirectoryError)."""
     if not target or "\x00" in target:
         raise ValueError(f"invalid symlink target: {target!r}")
-    tmp_fd = open_dir_beneath(root, tmp, create=True)
-    try:
-        with parent_beneath(root, link, create=True) as (parent_fd, name):
-            tmp_name = _temp_name(tmp_fd, name, lambda n: os.symlink(target, n, dir_fd=tmp_fd))
-            try:
-                try:
-                    st = os.stat(name, dir_fd=parent_fd, follow_symlinks=False)
-                except FileNotFoundError:
-                    pass
-                else:
-                    if stat.S_ISDIR(st.st_mode):
-                        raise IsADirectoryError(errno.EISDIR, "refusing to replace a directory with a symlink",
-                                                str(link))
-                os.rename(tmp_name, name, src_dir_fd=tmp_fd, dst_dir_fd=parent_fd)
-            except BaseException:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(tmp_name, dir_fd=tmp_fd)
-                raise
-            os.fsync(parent_fd)
-    finally:
-        os.close(tmp_fd)
+
+    def no_dir(parent_fd: int, name: str) -> None:
+        try:
+            st = os.stat(name, dir_fd=parent_fd, follow_symlinks=False)
+        except FileNotFoundError:
+            return
+        if stat.S_ISDIR(st.st_mode):
+            raise IsADirectoryError(errno.EISDIR, "refusing to replace a directory with a symlink", str(link))
+
+    _replace_beneath(root, link, tmp, lambda name, tmp_fd: os.symlink(target, name, dir_fd=tmp_fd), no_dir)
