@@ -154,7 +154,7 @@ def main() -> int:
                     args.resyncs + 1)
                 times = json.loads(box[0].out.strip().splitlines()[-1])
                 inproc += times
-                print(f"  in-process re-syncs (after one to warm up): "
+                print("  in-process re-syncs (after one to warm up): "
                       + " ".join(f"{t:.3f}s" for t in times)
                       + f"; registry: {g[0]} blob GETs, {g[1]} manifest GETs, {g[2]} HEADs per re-sync")
         finally:
