@@ -244,15 +244,29 @@ def remove_tree(path: str | os.PathLike[str]) -> None:
 def lstat_tree(path: str | os.PathLike[str]) -> Iterator[os.stat_result]:
     """lstat of ``path`` and of every entry below it (any depth; unreadable dirs are
     skipped; a missing path yields nothing)."""
+    path = os.fspath(path)
     try:
-        st = os.lstat(path)
+        parent = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return
+    try:
+        yield from lstat_tree_at(parent, os.path.basename(os.path.abspath(path)))
+    finally:
+        os.close(parent)
+
+
+def lstat_tree_at(dir_fd: int, name: str) -> Iterator[os.stat_result]:
+    """lstat_tree of ``name`` in the directory ``dir_fd``: ``name`` and everything below
+    it reached relative to fds, a symlink never followed (not even ``name`` itself)."""
+    try:
+        st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
     except FileNotFoundError:
         return
     yield st
     if not stat.S_ISDIR(st.st_mode):
         return
     try:
-        cur = DirCursor.open(path)
+        cur = DirCursor.at(dir_fd, name)
     except OSError:
         return
     with cur:
@@ -293,5 +307,5 @@ def lstat_tree(path: str | os.PathLike[str]) -> Iterator[os.stat_result]:
                 cur.up()
 
 
-__all__ = ["DIR_FLAGS", "DirCursor", "TreeMoved", "lstat_tree", "open_dir_at", "proc_path", "remove_tree",
+__all__ = ["DIR_FLAGS", "DirCursor", "TreeMoved", "lstat_tree", "lstat_tree_at", "open_dir_at", "proc_path", "remove_tree",
            "remove_tree_at"]

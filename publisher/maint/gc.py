@@ -32,12 +32,12 @@ import os
 import sqlite3
 import stat
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from cvmfs_common.fsutil.beneath import open_dir_beneath, parent_beneath
-from cvmfs_common.fsutil.fdtree import DIR_FLAGS, lstat_tree, remove_tree_at
+from cvmfs_common.fsutil.beneath import NotBeneath, open_dir_beneath, parent_beneath
+from cvmfs_common.fsutil.fdtree import DIR_FLAGS, lstat_tree, lstat_tree_at, remove_tree_at
 from cvmfs_common.oci.reference import InvalidReference, parse_reference
 from cvmfs_common.repo.diffids import retarget_or_drop
 from cvmfs_common.repo.paths import METADATA_DIR, RepositoryLayout
@@ -146,12 +146,15 @@ def make_plan(state: State, now: float, older_than: float) -> GcPlan:
 
 # -- bytes ------------------------------------------------------------------------------
 
-def sizes(paths: Iterable[Path]) -> tuple[int, int]:
+def sizes(paths: Iterable[Path], root: Path | None = None) -> tuple[int, int]:
     """(bytes deleting ``paths`` frees, bytes they hold): the size of every
-    non-directory inode all of whose links are inside them, and of every one."""
+    non-directory inode all of whose links are inside them, and of every one. With
+    ``root``, each path is reached from it as the removal reaches it (fsutil.beneath): a
+    symlink planted on the way counts nothing, where following it would count what the
+    removal never deletes (and walk wherever it points)."""
     inodes: dict[tuple[int, int], list[int]] = {}
     for path in dict.fromkeys(paths):
-        for st in lstat_tree(path):
+        for st in _lstat_beneath(root, path) if root is not None else lstat_tree(path):
             if stat.S_ISDIR(st.st_mode):
                 continue
             rec = inodes.setdefault((st.st_dev, st.st_ino), [0, st.st_nlink, st.st_size])
@@ -160,8 +163,16 @@ def sizes(paths: Iterable[Path]) -> tuple[int, int]:
     return freed, sum(size for _, _, size in inodes.values())
 
 
-def freed_bytes(paths: Iterable[Path]) -> int:
-    return sizes(paths)[0]
+def _lstat_beneath(root: Path, path: Path) -> Iterator[os.stat_result]:
+    try:
+        with parent_beneath(root, path) as (fd, name):
+            yield from lstat_tree_at(fd, name)
+    except (NotBeneath, FileNotFoundError):
+        return
+
+
+def freed_bytes(paths: Iterable[Path], root: Path | None = None) -> int:
+    return sizes(paths, root)[0]
 
 
 # -- removal ----------------------------------------------------------------------------
@@ -363,7 +374,7 @@ def collect(root: Path, state_db: Path, *, older_than: float, dry_run: bool, pod
             tag_paths.append(layout.platforms_dir)
         dirs = tag_paths + [layout.flat_dir(c) for c in plan.flats] + [layout.chain_dir(c) for c in plan.chains] \
             + [layout.layer_dir(d) for d in plan.layers]
-        report.bytes, report.held = sizes(dirs)
+        report.bytes, report.held = sizes(dirs, layout.root)
         if dry_run or plan.empty:
             report.seconds = time.monotonic() - started
             return report

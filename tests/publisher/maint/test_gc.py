@@ -80,6 +80,22 @@ def test_freed_bytes_counts_each_inode_once_and_only_when_all_its_links_go(tmp_p
     assert _freed_by_removing([gone, stays]) == 1000 + 300 + 17  # the helper the tests below trust
 
 
+def test_freed_bytes_below_a_root_follows_no_symlink_on_the_way(tmp_path: Path) -> None:
+    """A ``.layers/<xx>`` replaced by a symlink to elsewhere: the removal refuses to go
+    through it (fsutil.beneath), so the size count must not walk or count what it points at."""
+    root, outside = tmp_path / "repo", tmp_path / "outside"
+    (outside / "cdef").mkdir(parents=True)
+    (outside / "cdef" / "big").write_bytes(b"x" * 4096)
+    (root / ".layers").mkdir(parents=True)
+    os.symlink(outside, root / ".layers" / "ab")
+    (root / ".layers" / "cd" / "real").mkdir(parents=True)
+    (root / ".layers" / "cd" / "real" / "f").write_bytes(b"y" * 10)
+    os.symlink(outside / "cdef", root / ".layers" / "cd" / "link")  # the named path itself a symlink
+    planted, real, link = root / ".layers/ab/cdef", root / ".layers/cd/real", root / ".layers/cd/link"
+    assert freed_bytes([planted, real, link], root) == 10 + len(str(outside / "cdef"))
+    assert freed_bytes([planted]) == 4096  # without a root: by path, as for a path outside any repository
+
+
 @requires_root
 def test_dropped_tags_go_after_the_grace_period_shared_layers_stay(standard_images: StandardImages,
                                                                    tmp_path: Path) -> None:
