@@ -55,3 +55,17 @@ def test_light_modules_stay_light(modules: list[str], absent: list[str]) -> None
     r = _run([sys.executable, "-c", code])
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "[]", f"{modules} imported {r.stdout.strip()}"
+
+
+@pytest.mark.parametrize("package", ["cvmfs_common/registry"])
+def test_no_private_names_cross_modules(package: str) -> None:
+    """What the modules of a package share is public: none imports another's ``_name``."""
+    import ast
+
+    found = []
+    for path in sorted((ROOT / package).rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] in PRODUCT:
+                found += [f"{path.relative_to(ROOT)}:{node.lineno} {node.module}.{a.name}"
+                          for a in node.names if a.name.startswith("_")]
+    assert not found, found

@@ -1,12 +1,9 @@
-"""``WWW-Authenticate`` challenge parsing and the cached bearer token."""
+"""``WWW-Authenticate`` challenge parsing."""
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
 
-
-# auth challenge parsing -------------------------------------------------------
 _CHALLENGE_PARAM_RE = re.compile(r'([A-Za-z_]+)\s*=\s*(?:"((?:[^"\\]|\\.)*)"|([^\s,]*))')
 
 
@@ -15,9 +12,3 @@ def parse_www_authenticate(header: str) -> tuple[str, dict[str, str]]:
     scheme, _, rest = header.strip().partition(" ")
     params = {m.group(1).lower(): (m.group(2) if m.group(2) is not None else m.group(3)) for m in _CHALLENGE_PARAM_RE.finditer(rest)}
     return scheme.lower(), params
-
-
-@dataclass
-class _Token:
-    header: str
-    expires: float  # time.monotonic()

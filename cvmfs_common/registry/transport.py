@@ -1,115 +1,25 @@
-"""The HTTP side of the registry client: retry policy, transfer bounds and the watchdog's view of a
-body, transient failures, Retry-After, and the file object over a streamed blob."""
+"""The HTTP side of the registry client: one ``requests.Session``, retries with back-off on
+transient failures (``Retry-After`` honoured), timeouts and deadlines, the 401 round trip
+through an :class:`Authorizer`, and bodies read capped and watched (:mod:`.watchdog`)."""
 
 from __future__ import annotations
 
-import io
-import random
-import re
-import socket
+import json
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Callable, Iterator
+from typing import Any, Protocol
 
 import requests
 import urllib3.exceptions
 
 from cvmfs_common.oci.reference import Reference
-from cvmfs_common.registry.errors import Aborted, DeadlineExceeded, RegistryError, TransferTooSlow
+from cvmfs_common.registry.errors import (AuthenticationError, DeadlineExceeded, NotFound, RegistryError,
+                                          RetriesExhausted)
+from cvmfs_common.registry.limits import Deadline, RetryPolicy, TransferLimits
+from cvmfs_common.registry.watchdog import Transfer, Watchdog
 
-
-# urllib3 drops a partly filled read when the connection breaks, so a resume
-# restarts at most one chunk back: keep chunks moderate.
-DEFAULT_CHUNK = 256 * 1024
-
-
-# configuration ---------------------------------------------------------------
-@dataclass(frozen=True)
-class RetryPolicy:
-    """Backoff: delay = min(max_delay, base_delay * 2**attempt) (+ up to 10% jitter)."""
-
-    attempts: int = 5
-    base_delay: float = 0.5
-    max_delay: float = 30.0
-    max_retry_after: float = 120.0
-    connect_timeout: float = 10.0
-    read_timeout: float = 60.0
-
-    def delay(self, attempt: int) -> float:
-        d = min(self.max_delay, self.base_delay * (2**attempt))
-        return d + random.uniform(0, d / 10)
-
-
-@dataclass(frozen=True)
-class TransferLimits:
-    """Bounds on what a registry may make us wait for or hold in memory (the read
-    timeout alone does not bound a server sending one byte per timeout)."""
-
-    min_rate: int = 10 * 1024  # bytes/s every body must average over each rate_window; 0: off
-    rate_window: float = 60.0
-    blob_timeout: float = 0.0  # seconds for one blob, resumes included; 0: off
-    max_token_bytes: int = 1024 * 1024  # a token response (JWTs are a few kB)
-    max_error_bytes: int = 64 * 1024  # an error body (only its message is used)
-    max_tag_list_bytes: int = 32 * 1024 * 1024  # one page of a tag list
-    check_interval: float = 0.5  # how often the watchdog looks at the transfers
-
-
-class _Transfer:
-    """One body being read, as the watchdog sees it (counters updated by the reader)."""
-
-    def __init__(self, ref: Reference, what: str, limits: TransferLimits, blob: bool) -> None:
-        self.ref, self.what, self.limits, self.blob = ref, what, limits, blob
-        self.started = self.window_start = time.monotonic()
-        self.received = self.window_received = 0
-        self.resp: requests.Response | None = None
-        self.failure: RegistryError | None = None
-
-    def check(self, now: float, deadline: "tuple[float, str] | None", aborted: str | None) -> RegistryError | None:
-        lim = self.limits
-        if aborted is not None:
-            return Aborted(self.ref, f"{self.what}: {aborted} (after {self.received} bytes)")
-        if deadline is not None and now >= deadline[0]:
-            return DeadlineExceeded(self.ref, f"{self.what}: {deadline[1]} passed after {self.received} bytes")
-        if self.blob and lim.blob_timeout and now - self.started >= lim.blob_timeout:
-            return DeadlineExceeded(self.ref, f"{self.what}: not complete after {lim.blob_timeout:.0f} s "
-                                              f"({self.received} bytes)")
-        if lim.min_rate and now - self.window_start >= lim.rate_window:
-            got = self.received - self.window_received
-            if got < lim.min_rate * (now - self.window_start):
-                return TransferTooSlow(self.ref, f"{self.what}: {got} bytes in the last {now - self.window_start:.0f} s, "
-                                                 f"under the minimum of {lim.min_rate / 1024:g} KiB/s "
-                                                 f"({self.received} bytes in all)")
-            self.window_start, self.window_received = now, self.received
-        return None
-
-    def fail(self, error: RegistryError) -> None:
-        if self.failure is None:
-            self.failure = error
-            if self.resp is not None:
-                _shutdown_socket(self.resp)
-
-    def raise_failure(self) -> None:
-        if self.failure is not None:
-            raise self.failure
-
-
-def _shutdown_socket(resp: requests.Response) -> None:
-    """Wake a reader blocked on this response's socket (close() would not: the
-    blocked recv keeps the fd). The plain socket call, also for TLS sockets."""
-    raw = resp.raw
-    sock = getattr(getattr(raw, "_connection", None), "sock", None)
-    if sock is None:
-        sock = getattr(getattr(getattr(getattr(raw, "_fp", None), "fp", None), "raw", None), "_sock", None)
-    if sock is None:
-        return
-    try:
-        socket.socket.shutdown(sock, socket.SHUT_RDWR)  # not SSLSocket.shutdown: it unwraps under the reader
-    except (OSError, TypeError, ValueError):
-        pass
-
-
-_TRANSIENT_EXC = (
+# A connection that broke or timed out: worth another attempt (or a resume).
+TRANSIENT_ERRORS = (
     requests.exceptions.ConnectionError,
     requests.exceptions.Timeout,
     requests.exceptions.ChunkedEncodingError,
@@ -117,8 +27,173 @@ _TRANSIENT_EXC = (
     urllib3.exceptions.ReadTimeoutError,
 )
 
-
 _TIMEOUT_EXC = (requests.exceptions.Timeout, urllib3.exceptions.ReadTimeoutError)
+
+
+class Authorizer(Protocol):
+    """What the transport asks of the authorizer (authorizer.TokenAuthorizer)."""
+
+    def header(self, ref: Reference, scope: str, deadline: Deadline | None) -> str | None:
+        """The Authorization header for ``scope``, if the registry asked for one before."""
+
+    def challenged(self, ref: Reference, scope: str, challenge: str, what: str, deadline: Deadline | None) -> None:
+        """A 401 with this ``WWW-Authenticate``: prepare the next attempt's header, or raise
+        AuthenticationError."""
+
+
+class Transport:
+    """Requests with retries and bounds. Thread-safe (one session; the watchdog is locked)."""
+
+    def __init__(self, session: requests.Session, retry: RetryPolicy, limits: TransferLimits,
+                 sleep: Callable[[float], None] = time.sleep) -> None:
+        self.session = session
+        self.retry = retry
+        self.limits = limits
+        self.sleep = sleep
+        self.watchdog = Watchdog(limits)
+
+    def close(self) -> None:
+        self.watchdog.close()
+        self.session.close()
+
+    def send(
+        self,
+        ref: Reference,
+        method: str,
+        url: str,
+        *,
+        auth: Authorizer | None = None,
+        scope: str | None = None,
+        stream: bool = False,
+        headers: dict[str, str] | None = None,
+        deadline: Deadline | None = None,
+        **kwargs: Any,
+    ) -> requests.Response:
+        """One logical request: auth for ``scope`` (401 -> challenge -> retry once) and retries on
+        transient failures. Returns the final response (caller checks the status).
+        ``deadline``: the request, its token fetch and its retries all end by then
+        (DeadlineExceeded), whatever the timeouts allow."""
+        timeout = (self.retry.connect_timeout, self.retry.read_timeout)
+        # Bodies are always streamed, so that they are read through read_limited (capped),
+        # never whole by requests; HEADs have none (and keep their connection for reuse).
+        stream = stream or method != "HEAD"
+        attempt = 0
+        authed_after_challenge = False
+        while True:
+            self.watchdog.check_now(ref, f"{method} {url}")
+            if deadline is not None:
+                left = deadline[0] - time.monotonic()
+                if left <= 0:
+                    raise DeadlineExceeded(ref, f"{method} {url}: no answer within {deadline[1]}")
+                timeout = (min(self.retry.connect_timeout, left), min(self.retry.read_timeout, left))
+            hdrs = dict(headers or {})
+            if auth is not None and scope is not None and "Authorization" not in hdrs:
+                header = auth.header(ref, scope, deadline)
+                if header:
+                    hdrs["Authorization"] = header
+            try:
+                resp = self.session.request(method, url, headers=hdrs, stream=stream, timeout=timeout, **kwargs)
+            except TRANSIENT_ERRORS as e:
+                if attempt + 1 >= self.retry.attempts:
+                    raise RetriesExhausted(ref, f"{method} {url}: {type(e).__name__}: {e}") from e
+                delay = self.retry.delay(attempt)
+                if deadline is not None and time.monotonic() + delay >= deadline[0]:
+                    happened = "timed out" if isinstance(e, _TIMEOUT_EXC) else f"failed ({type(e).__name__})"
+                    raise DeadlineExceeded(ref, f"{method} {url}: {happened}, and no answer within "
+                                                f"{deadline[1]}") from e
+                self.sleep(delay)
+                attempt += 1
+                continue
+            except requests.RequestException as e:
+                raise RegistryError(ref, f"{method} {url}: {e}") from e
+
+            if resp.status_code == 401 and auth is not None and scope is not None and not authed_after_challenge:
+                challenge = resp.headers.get("WWW-Authenticate", "")
+                self.discard(ref, resp)
+                auth.challenged(ref, scope, challenge, f"{method} {url}", deadline)
+                authed_after_challenge = True
+                continue
+            if _is_transient_status(resp.status_code):
+                wait = _retry_after_seconds(resp)
+                if attempt + 1 >= self.retry.attempts:
+                    status = resp.status_code
+                    resp.close()
+                    raise RetriesExhausted(ref, f"{method} {url}: HTTP {status} after {attempt + 1} attempts", status=status)
+                self.discard(ref, resp)
+                delay = self.retry.delay(attempt) if wait is None else min(wait, self.retry.max_retry_after)
+                if deadline is not None and time.monotonic() + delay >= deadline[0]:
+                    raise DeadlineExceeded(ref, f"{method} {url}: HTTP {resp.status_code}, and no answer within "
+                                                f"{deadline[1]}", status=resp.status_code)
+                self.sleep(delay)
+                attempt += 1
+                continue
+            return resp
+
+    def raise_for_status(self, ref: Reference, resp: requests.Response, what: str) -> None:
+        """An error status as a RegistryError (401/403 AuthenticationError, 404 NotFound) with the
+        registry's own message when its body has one."""
+        code = resp.status_code
+        if code < 400:
+            return
+        detail = ""
+        try:
+            if resp.request is not None and resp.request.method != "HEAD":
+                errs = json.loads(self.read_limited(ref, resp, self.limits.max_error_bytes, f"HTTP {code} body"))
+                errs = errs.get("errors") or []
+                detail = "; ".join(f"{e.get('code')}: {e.get('message')}"[:500] for e in errs[:5] if isinstance(e, dict))
+        except (ValueError, AttributeError, TypeError, RecursionError, RegistryError, requests.RequestException):
+            pass  # the status alone says enough
+        resp.close()
+        msg = f"{what}: HTTP {code}" + (f" ({detail})" if detail else "")
+        if code in (401, 403):
+            raise AuthenticationError(ref, msg, status=code)
+        if code == 404:
+            raise NotFound(ref, msg, status=code)
+        raise RegistryError(ref, msg, status=code)
+
+    def read_body(self, t: Transfer, resp: requests.Response, size: int) -> Iterator[bytes]:
+        """The body as it arrives (one recv per chunk, so the counters are fine-grained)."""
+        t.resp = resp
+        t.raise_failure()  # the watchdog may have failed it before this response existed
+        read1 = getattr(resp.raw, "read1", None)
+        while True:
+            data = read1(size, decode_content=True) if read1 is not None else resp.raw.read(size, decode_content=True)
+            if not data:
+                resp._content_consumed = True  # read to the end: requests may pool the connection again
+                return
+            t.received += len(data)
+            yield data
+
+    def read_limited(self, ref: Reference, resp: requests.Response, limit: int, what: str) -> bytes:
+        """The whole body, or RegistryError when it is over ``limit`` bytes (read no
+        further) or arrives too slowly (TransferLimits: the watchdog)."""
+        declared = resp.headers.get("Content-Length", "")
+        if declared.isdigit() and int(declared) > limit:
+            raise RegistryError(ref, f"{what} is {declared} bytes, over the limit of {limit}")
+        buf = bytearray()
+        with self.watchdog.tracked(ref, what) as t:
+            try:
+                for chunk in self.read_body(t, resp, 64 * 1024):
+                    buf += chunk
+                    if len(buf) > limit:
+                        raise RegistryError(ref, f"{what} is larger than {limit} bytes")
+                t.raise_failure()
+            except TRANSIENT_ERRORS as e:
+                t.raise_failure()
+                raise RegistryError(ref, f"{what}: connection dropped: {e}") from e
+            finally:
+                t.resp = None
+        return bytes(buf)
+
+    def discard(self, ref: Reference, resp: requests.Response) -> None:
+        """Read and drop a small body (a challenge, a 5xx page) so that the connection
+        can be reused; a large or slow one just closes it."""
+        try:
+            self.read_limited(ref, resp, self.limits.max_error_bytes, f"HTTP {resp.status_code} body")
+        except (RegistryError, requests.RequestException):
+            pass
+        finally:
+            resp.close()
 
 
 def _is_transient_status(code: int) -> bool:
@@ -140,62 +215,3 @@ def _retry_after_seconds(resp: requests.Response) -> float | None:
         return max(0.0, when - time.time())
     except (TypeError, ValueError):
         return None
-
-
-def _content_range_start(value: str) -> int | None:
-    m = re.match(r"\s*bytes\s+(\d+)-", value)
-    return int(m.group(1)) if m else None
-
-
-class BlobStream(io.RawIOBase):
-    """File object over :meth:`RegistryClient.iter_blob` (see ``open_blob``)."""
-
-    def __init__(self, chunks: Iterator[bytes]) -> None:
-        self._chunks = chunks
-        self._buf = b""
-        self._eof = False
-        self.bytes_read = 0
-
-    def readable(self) -> bool:
-        return True
-
-    def read(self, size: int | None = -1, /) -> bytes:
-        """Whole chunks as the download yields them when they fit (no copy)."""
-        if size is None or size < 0:
-            return self.readall()
-        while not self._buf and not self._eof:
-            try:
-                self._buf = next(self._chunks)
-            except StopIteration:
-                self._eof = True
-        if len(self._buf) <= size:
-            out, self._buf = self._buf, b""
-        else:
-            out, self._buf = self._buf[:size], self._buf[size:]
-        self.bytes_read += len(out)
-        return out
-
-    def readinto(self, b: Any) -> int:
-        while not self._buf and not self._eof:
-            try:
-                self._buf = next(self._chunks)
-            except StopIteration:
-                self._eof = True  # the digest was verified by the generator
-        if not self._buf:
-            return 0
-        n = min(len(b), len(self._buf))
-        b[:n] = self._buf[:n]
-        self._buf = self._buf[n:]
-        self.bytes_read += n
-        return n
-
-    def finish(self) -> None:
-        """Drain what the consumer did not read and verify the digest."""
-        while self.readinto(bytearray(DEFAULT_CHUNK)):
-            pass
-
-    def close(self) -> None:
-        close = getattr(self._chunks, "close", None)
-        if close:
-            close()
-        super().close()

@@ -41,7 +41,7 @@ def add_registry_options(p: argparse.ArgumentParser) -> None:
 def make_client(args: argparse.Namespace) -> RegistryClient:
     from cvmfs_common.registry.credentials import Credentials
     from cvmfs_common.registry.client import RegistryClient
-    from cvmfs_common.registry.transport import TransferLimits
+    from cvmfs_common.registry.limits import TransferLimits
 
     creds = None
     if args.credentials is not None:

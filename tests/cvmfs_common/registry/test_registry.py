@@ -24,7 +24,7 @@ from cvmfs_common.registry.errors import (Aborted, DeadlineExceeded, Authenticat
 from cvmfs_common.registry.credentials import Credentials
 from cvmfs_common.oci.platform import Platform
 from cvmfs_common.registry.client import RegistryClient
-from cvmfs_common.registry.transport import RetryPolicy, TransferLimits
+from cvmfs_common.registry.limits import RetryPolicy, TransferLimits
 
 from tests.cvmfs_common.netfaults import (DroppingProxy, Frontend, HugeTokenServer, Seen, TokenServer, TricklingProxy,
     bearer_guard, paginating_tags)
