@@ -1,4 +1,5 @@
-"""The registry client, made from the registry options, and the per-image deadline hook."""
+"""The registry options, the client made from them (cvmfs_common.registry.factory), and the
+per-image deadline hook."""
 
 from __future__ import annotations
 
@@ -39,9 +40,12 @@ def add_registry_options(p: argparse.ArgumentParser) -> None:
 
 
 def make_client(args: argparse.Namespace) -> RegistryClient:
+    """The registry options checked, then the client from cvmfs_common.registry.factory."""
     from cvmfs_common.registry.credentials import Credentials
-    from cvmfs_common.registry.client import RegistryClient
+    from cvmfs_common.registry.factory import make_client as make_registry_client
     from cvmfs_common.registry.limits import TransferLimits
+
+    from publisher.sync.convert import HEAD_JOBS
 
     creds = None
     if args.credentials is not None:
@@ -55,15 +59,9 @@ def make_client(args: argparse.Namespace) -> RegistryClient:
         raise UsageError("--transfer-window must be more than 0")
     limits = TransferLimits(min_rate=int(args.min_transfer_rate * 1024), rate_window=args.transfer_window,
                             blob_timeout=args.blob_timeout)
-    client = RegistryClient(credentials=creds, insecure_registries=args.insecure_registry, limits=limits)
     # as many pooled (kept-alive) connections per registry as convert sends HEADs at once
-    from requests.adapters import HTTPAdapter
-
-    from publisher.sync.convert import HEAD_JOBS
-
-    for prefix in ("http://", "https://"):
-        client.session.mount(prefix, HTTPAdapter(pool_maxsize=HEAD_JOBS))
-    return client
+    return make_registry_client(credentials=creds, insecure_registries=args.insecure_registry, limits=limits,
+                                pool_size=HEAD_JOBS)
 
 
 def image_deadline(args: argparse.Namespace, client: RegistryClient):

@@ -9,7 +9,7 @@ from typing import Callable
 
 from cvmfs_common.oci.reference import InvalidReference, parse_reference
 from cvmfs_common.oci.platform import Platform
-from cvmfs_common.registry.client import RegistryClient
+from cvmfs_common.registry.factory import endpoint_client
 from cvmfs_common.registry.errors import RegistryError
 from cvmfs_common.registry.auth import CredentialError, load_credentials, parse_user, run_helper
 from cvmfs_common.registry.hosts import Endpoint, HostsConfigError, load_endpoints
@@ -58,7 +58,7 @@ def execute(req: PullRequest, progress: Progress, client_factory: ClientFactory 
 
     registry, source, errors = None, None, []
     for endpoint in endpoints:  # the first that has the image; later failures are the pull's
-        candidate = RegistryClient(credentials=credentials, session=endpoint.session(USER_AGENT))
+        candidate = endpoint_client(endpoint, credentials, USER_AGENT)
         try:
             if len(endpoints) == 1 or candidate.head_manifest(endpoint.reference(ref)) is not None:
                 registry, source = candidate, endpoint.reference(ref)
