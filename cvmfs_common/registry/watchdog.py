@@ -6,6 +6,7 @@ the reader, who then raises TransferTooSlow / DeadlineExceeded / Aborted."""
 from __future__ import annotations
 
 import contextlib
+import logging
 import socket
 import threading
 import time
@@ -16,6 +17,8 @@ import requests
 from cvmfs_common.oci.reference import Reference
 from cvmfs_common.registry.errors import Aborted, DeadlineExceeded, RegistryError, TransferTooSlow
 from cvmfs_common.registry.limits import Deadline, TransferLimits
+
+log = logging.getLogger(__name__)
 
 
 class Transfer:
@@ -69,7 +72,8 @@ def _shutdown_socket(resp: requests.Response) -> None:
     try:
         socket.socket.shutdown(sock, socket.SHUT_RDWR)  # not SSLSocket.shutdown: it unwraps under the reader
     except (OSError, TypeError, ValueError):
-        pass
+        # Expected: the reader ended and closed the connection meanwhile; nothing to wake.
+        log.debug("registry watchdog: no socket to shut down for %s", resp.url, exc_info=True)
 
 
 class Watchdog:
@@ -120,8 +124,11 @@ class Watchdog:
         while not self._closed.wait(self.limits.check_interval):
             try:
                 self.check_transfers()
-            except Exception:  # noqa: BLE001 - the watchdog must outlive anything
-                pass
+            except (OSError, RegistryError, requests.RequestException):
+                # a transfer ending under the check: it is the reader's to report
+                log.debug("registry watchdog: a transfer ended while being checked", exc_info=True)
+            except Exception:  # noqa: BLE001 - the watchdog must outlive anything, but say what it met
+                log.warning("registry watchdog: checking the transfers failed (it goes on)", exc_info=True)
 
     @contextlib.contextmanager
     def tracked(self, ref: Reference, what: str, *, blob: bool = False) -> Iterator[Transfer]:
