@@ -111,7 +111,6 @@ def test_a_helper_is_cut_off_by_its_limits(tmp_path, body, says):
 
 
 def test_a_cancelled_pull_kills_its_helper_and_the_helpers_children(tmp_path):
-    import os
     import time
 
     from cvmfs_common.registry.auth import run_helper
@@ -126,13 +125,19 @@ def test_a_cancelled_pull_kills_its_helper_and_the_helpers_children(tmp_path):
 
     with pytest.raises(KeyboardInterrupt):
         run_helper("t", "r.example.org", env=env, check=check)
-    for pid in map(int, pids.read_text().split()):
+    from tests.fixtures.polling import wait_until
+
+    def dead(pid: int) -> bool:  # gone, or a zombie nobody reaped yet
         try:
-            os.kill(pid, 0)
-            state = open(f"/proc/{pid}/stat").read().split()[2]
-            assert state == "Z", f"{pid} still runs"
-        except ProcessLookupError:
-            pass
+            return open(f"/proc/{pid}/stat").read().split()[2] == "Z"
+        except FileNotFoundError:
+            return True
+
+    # SIGKILL is delivered asynchronously: a killed process may still show R for a moment
+    # (a live one never turns Z, so a wait of seconds cannot hide one that survived).
+    for pid in map(int, pids.read_text().split()):
+        wait_until(lambda: dead(pid), 10, f"{pid} still runs after the cancel",
+                   detail=lambda: open(f"/proc/{pid}/stat").read())
 
 
 @pytest.mark.parametrize("text", ['{"auths": [1]}', '{"auths": {"r": {"auth": 5}}}', '{"credHelpers": [1]}',
