@@ -57,7 +57,7 @@ def test_light_modules_stay_light(modules: list[str], absent: list[str]) -> None
     assert r.stdout.strip() == "[]", f"{modules} imported {r.stdout.strip()}"
 
 
-@pytest.mark.parametrize("package", ["cvmfs_common/registry"])
+@pytest.mark.parametrize("package", ["cvmfs_common", "snapshotter", "publisher"])
 def test_no_private_names_cross_modules(package: str) -> None:
     """What the modules of a package share is public: none imports another's ``_name``."""
     import ast

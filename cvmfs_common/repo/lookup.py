@@ -7,9 +7,9 @@ import stat
 from dataclasses import dataclass
 from pathlib import Path
 
-from cvmfs_common.oci.digest import Digest
+from cvmfs_common.oci.digest import Digest, parse_digest
 from cvmfs_common.repo.metadata import LayerMetadata, MetadataError, read_layers_json
-from cvmfs_common.repo.paths import RepositoryLayout, _digest
+from cvmfs_common.repo.paths import RepositoryLayout
 
 
 @dataclass(frozen=True)
@@ -29,7 +29,7 @@ def find_layer(layout: RepositoryLayout, layer_digest: "str | Digest") -> LayerP
     layers.json gives ``metadata=None`` (with the reason) rather than an error:
     such a layer must not be served as a lower (docs/DESIGN.md#whiteouts) but may still exist.
     """
-    d = _digest(layer_digest)
+    d = parse_digest(layer_digest)
     fs = layout.layerfs(d)
     try:
         if not stat.S_ISDIR(os.stat(fs).st_mode):
@@ -57,7 +57,7 @@ def find_layer_by_diff_id(layout: RepositoryLayout, diff_id: "str | Digest") -> 
     readlink, then :func:`find_layer` of the dir it names. None when there is no link,
     the link names anything but a layer dir, or that layer's layers.json gives another
     diffID (a stale or forged link is never followed to the wrong content)."""
-    d = _digest(diff_id)
+    d = parse_digest(diff_id)
     try:
         target = os.readlink(layout.diffid_link(d))
     except OSError:  # no link (or not a link)
