@@ -28,7 +28,8 @@ import grpc  # noqa: E402
 from bench.benchlib import compiled_bytecode, machine, pss_kib, rss_kib, workdir  # noqa: E402
 from cvmfs_api.containerd.services.snapshots.v1 import snapshots_pb2 as pb  # noqa: E402
 from cvmfs_api.containerd.services.snapshots.v1 import snapshots_pb2_grpc as pb_grpc  # noqa: E402
-from tests.fixtures._proc import terminate, wait_until  # noqa: E402
+from tests.fixtures._proc import terminate  # noqa: E402
+from tests.fixtures.polling import wait_until  # noqa: E402
 from tests.fixtures.snapshotter import SnapshotterProcess, unix_socket_answers  # noqa: E402
 
 # The baseline: what `import grpc` + a started server with the same executor costs.

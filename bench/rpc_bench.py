@@ -51,7 +51,8 @@ from cvmfs_api.containerd.services.leases.v1 import leases_pb2, leases_pb2_grpc 
 from cvmfs_api.containerd.services.snapshots.v1 import snapshots_pb2 as pb  # noqa: E402
 from cvmfs_api.containerd.services.snapshots.v1 import snapshots_pb2_grpc as pb_grpc  # noqa: E402
 from tests.fixtures.containerd import Containerd  # noqa: E402
-from tests.fixtures._proc import terminate, wait_until  # noqa: E402
+from tests.fixtures._proc import terminate  # noqa: E402
+from tests.fixtures.polling import wait_until  # noqa: E402
 from tests.fixtures.snapshotter import SnapshotterProcess, unix_socket_answers  # noqa: E402
 
 METHODS = ("Prepare", "Mounts", "Commit", "Stat", "List", "Remove")
