@@ -14,6 +14,7 @@ from cvmfs_api.containerd.services.snapshots.v1 import snapshots_pb2_grpc as pb_
 
 from .config import ServeConfig
 from .core import Snapshotter
+from .dispatch import ReceiveFirstExecutor
 from .metrics import Metrics
 from .sdnotify import notify
 from .service import SnapshotsService
@@ -23,8 +24,9 @@ log = logging.getLogger(__name__)
 
 
 def build_server(cfg: ServeConfig, snapshotter: Snapshotter, metrics: Metrics | None) -> grpc.Server:
+    # Stat runs in grpcio's serving thread, everything else in the pool (dispatch.py).
     server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=16, thread_name_prefix="rpc"),
+        ReceiveFirstExecutor(futures.ThreadPoolExecutor(max_workers=16, thread_name_prefix="rpc")),
         options=[("grpc.max_receive_message_length", 16 << 20), ("grpc.so_reuseport", 0)],
     )
     pb_grpc.add_SnapshotsServicer_to_server(SnapshotsService(snapshotter, metrics), server)

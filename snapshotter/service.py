@@ -19,6 +19,7 @@ from cvmfs_api.containerd.types import mount_pb2
 
 from . import errors
 from .core import Snapshotter
+from .dispatch import non_blocking
 from .metrics import Metrics
 from .model import Info, Kind, Mount
 
@@ -150,6 +151,9 @@ class SnapshotsService(pb_grpc.SnapshotsServicer):
         self._call("Remove", context, request.key, lambda: self.sn.remove(request.key))
         return empty_pb2.Empty()
 
+    # In grpcio's serving thread: from memory, or one read of the local database (WAL: a
+    # read never waits for a writer). Never the repository. A List is a Stat per snapshot.
+    @non_blocking
     def Stat(self, request, context):  # noqa: N802
         key = request.key
         info = self._call("Stat", context, key, lambda: self.sn.stat(key))
