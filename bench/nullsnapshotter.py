@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """The floor of any Python proxy snapshotter: containerd's snapshots.v1 service served
 from in-memory dicts by the same grpcio server set-up as cvmfs-snapshotter (a unix
-socket, a 16-thread pool), with no files, no database and no checks. Every mount is a
-bind mount of one scratch directory. Only for rpc_bench.py: what it measures above
+socket, a 16-thread pool, Stat in grpcio's serving thread), with no files, no database
+and no checks. Every mount is a bind mount of one scratch directory. Only for rpc_bench.py: what it measures above
 this is our own work; what this costs above overlayfs is the proxy hop.
 
     python bench/nullsnapshotter.py SOCKET SCRATCH_DIR
@@ -25,6 +25,7 @@ from google.protobuf import empty_pb2  # noqa: E402
 from cvmfs_api.containerd.services.snapshots.v1 import snapshots_pb2 as pb  # noqa: E402
 from cvmfs_api.containerd.services.snapshots.v1 import snapshots_pb2_grpc as pb_grpc  # noqa: E402
 from cvmfs_api.containerd.types import mount_pb2  # noqa: E402
+from snapshotter.dispatch import ReceiveFirstExecutor, non_blocking  # noqa: E402
 
 
 class NullSnapshots(pb_grpc.SnapshotsServicer):
@@ -64,6 +65,7 @@ class NullSnapshots(pb_grpc.SnapshotsServicer):
                 context.abort(grpc.StatusCode.NOT_FOUND, f"snapshot {request.key} not found")
         return empty_pb2.Empty()
 
+    @non_blocking
     def Stat(self, request, context):  # noqa: N802
         info = self.infos.get(request.key)
         if info is None:
@@ -85,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("scratch", type=Path)
     args = ap.parse_args(argv)
     args.scratch.mkdir(parents=True, exist_ok=True)
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=16))
+    server = grpc.server(ReceiveFirstExecutor(futures.ThreadPoolExecutor(max_workers=16)))
     pb_grpc.add_SnapshotsServicer_to_server(NullSnapshots(args.scratch), server)
     server.add_insecure_port(f"unix:{args.socket}")
     stop = threading.Event()
