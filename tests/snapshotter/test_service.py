@@ -49,3 +49,11 @@ def test_an_error_and_its_subclass_get_the_parents_code(parent: type[errors.Snap
 
 def test_other_exceptions_are_internal() -> None:
     assert _code(RuntimeError("boom")) == grpc.StatusCode.INTERNAL
+
+
+def test_only_stat_runs_in_grpcios_serving_thread() -> None:
+    # Every other handler can wait (a repository stat, a tree walk, the write lock), and
+    # in the serving thread it would hold up every other call (docs/DESIGN.md#operations).
+    marked = {name for name in dir(SnapshotsService)
+              if getattr(getattr(SnapshotsService, name), "cvmfs_non_blocking", False)}
+    assert marked == {"Stat"}
