@@ -25,7 +25,7 @@ import fcntl
 import json
 import os
 import stat
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,7 +35,8 @@ from cvmfs_common.oci.digest import chain_ids, parse_digest, sha256_of
 from cvmfs_common.repo.paths import LAYERFS, LAYERS_JSON, METADATA_DIR, RepositoryLayout
 from cvmfs_common.repo.metadata import MetadataError, read_layers_json
 from cvmfs_common.fsutil.atomic import exchange_dirs, publish_dir, relative_link_target, remove_tree
-from cvmfs_common.fsutil.beneath import open_dir_beneath
+from cvmfs_common.fsutil.beneath import NotBeneath, open_dir_beneath, parent_beneath
+from cvmfs_common.fsutil.bounded import UnreadableFile, read_regular
 from cvmfs_common.fsutil.fdtree import remove_tree_at
 
 from publisher.write import podman_format as fmt
@@ -47,6 +48,8 @@ def _unlink_at(dir_fd: int, name: str) -> None:
     os.unlink(name, dir_fd=dir_fd)
 _DIR_MODE = 0o755   # podman may run rootless on the nodes: everything world-readable
 _FILE_MODE = 0o644
+_JSON_LIMIT = 256 << 20  # images.json of thousands of images is a few MB
+_TEXT_LIMIT = 64 << 10   # a layer's link / lower file: a few short ids
 
 
 class PodmanStoreError(ValueError):
@@ -118,11 +121,11 @@ class PodmanStore:
     # -- reading --------------------------------------------------------------------
     def images(self) -> list[dict]:
         """What images.json holds ([] when the store does not exist yet)."""
-        return _read_list(self.images_json)
+        return self._read_list(self.images_json)
 
     def layers(self) -> list[dict]:
         """What layers.json holds."""
-        return _read_list(self.layers_json)
+        return self._read_list(self.layers_json)
 
     def check(self) -> list[str]:
         """Problems a node would hit, as readable lines (empty when the store is sound):
@@ -148,7 +151,7 @@ class PodmanStore:
             if not (ldir / "diff").is_dir():
                 problems.append(f"layer {lid} ({entry.get('compressed-diff-digest')}): "
                                 f"{ldir / 'diff'} does not lead to a directory")
-            short = _read_text(ldir / "link")
+            short = self._read_text(ldir / "link")
             if not short or not (self._link_dir / short).is_symlink():
                 problems.append(f"layer {lid}: short link l/{short} is missing")
             whiteouts = _layer_dir_whiteouts(ldir / "diff")
@@ -341,7 +344,7 @@ class PodmanStore:
     def _publish_layer(self, plan: _LayerPlan, layers: dict[str, dict]) -> None:
         """overlay/<id>/{diff,link,lower}, l/<short>, and its layers.json entry."""
         ldir = self.layer_dir(plan.id)
-        existing = _layer_dir_state(ldir)
+        existing = _layer_dir_state(ldir, self._read_text)
         wanted = (plan.diff_target, plan.short, plan.lower)
         keep = existing is not None and (existing == wanted or
                                          (existing[1:] == wanted[1:] and (ldir / "diff").is_dir()))
@@ -416,7 +419,7 @@ class PodmanStore:
                 top = layers[top].get("parent")
         if set(layers) - needed:
             self._write_json(self.layers_json, [e for lid, e in layers.items() if lid in needed])
-        shorts = {_read_text(self.layer_dir(lid) / "link") for lid in needed}
+        shorts = {self._read_text(self.layer_dir(lid) / "link") for lid in needed}
         # Dot names are not ours to sweep (e.g. the cvmfs backend's .cvmfscatalog). Each
         # dir is reached without following a symlink, its entries removed fd-relative.
         keep_images = {i.get("id") for i in images} | {fmt.IMAGES_JSON, fmt.IMAGES_LOCK}
@@ -436,12 +439,36 @@ class PodmanStore:
 
     def _write_json(self, path: Path, obj: list) -> None:
         data = fmt.dump_json(obj)
-        try:
-            if path.read_bytes() == data:
-                return  # unchanged: no churn on the backend
-        except FileNotFoundError:
-            pass
+        if self._read(path, _JSON_LIMIT) == data:
+            return  # unchanged: no churn on the backend
         self.layout.atomic_write_file(path, data, mode=_FILE_MODE)
+
+    # -- reading files of the store ---------------------------------------------------
+    # Reached from the repository root one component at a time, no symlink followed, and
+    # only regular files of bounded size (fsutil.beneath, fsutil.bounded): a symlink to
+    # /dev/zero or a FIFO planted in the store is an error, never a hang or an endless read.
+    def _read(self, path: Path, limit: int) -> bytes | None:
+        """``path``'s content; None when it (or a directory on its way) does not exist."""
+        try:
+            with parent_beneath(self.layout.root, path) as (fd, name):
+                return read_regular(name, limit, dir_fd=fd)
+        except FileNotFoundError:
+            return None
+        except (NotBeneath, UnreadableFile) as e:
+            raise PodmanStoreError(f"{path}: {e}") from None
+
+    def _read_list(self, path: Path) -> list[dict]:
+        data = self._read(path, _JSON_LIMIT)
+        if data is None:
+            return []
+        obj = json.loads(data) if data.strip() else []
+        if not isinstance(obj, list) or not all(isinstance(e, dict) for e in obj):
+            raise PodmanStoreError(f"{path} is not a list of objects")
+        return obj
+
+    def _read_text(self, path: Path) -> str:
+        data = self._read(path, _TEXT_LIMIT)
+        return "" if data is None else data.decode(errors="replace").strip()
 
     def _work_dir(self, prefix: str) -> Path:
         work = self.layout.make_work_dir(prefix)
@@ -498,32 +525,14 @@ def _clean_names(names: list[str]) -> list[str]:
     return out
 
 
-def _read_list(path: Path) -> list[dict]:
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        return []
-    obj = json.loads(data) if data.strip() else []
-    if not isinstance(obj, list) or not all(isinstance(e, dict) for e in obj):
-        raise PodmanStoreError(f"{path} is not a list of objects")
-    return obj
-
-
-def _read_text(path: Path) -> str:
-    try:
-        return path.read_text().strip()
-    except (FileNotFoundError, NotADirectoryError):
-        return ""
-
-
-def _layer_dir_state(ldir: Path) -> tuple[str | None, str, str] | None:
+def _layer_dir_state(ldir: Path, read_text: Callable[[Path], str]) -> tuple[str | None, str, str] | None:
     """(diff target, link, lower) of an existing layer dir; None when there is none."""
     try:
         if not stat.S_ISDIR(os.lstat(ldir).st_mode):
             return None
     except FileNotFoundError:
         return None
-    return readlink(ldir / "diff"), _read_text(ldir / "link"), _read_text(ldir / "lower")
+    return readlink(ldir / "diff"), read_text(ldir / "link"), read_text(ldir / "lower")
 
 
 def _layer_dir_whiteouts(diff: Path) -> str | None:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from cvmfs_common.fsutil.beneath import NotBeneath
 from cvmfs_common.oci.digest import chain_ids
 from cvmfs_common.repo.metadata import LayerMetadata, write_layers_json
 from cvmfs_common.repo.paths import RepositoryLayout
@@ -252,6 +253,34 @@ def test_crash_leftovers_are_swept(layout: RepositoryLayout) -> None:
     assert not os.path.lexists(layout.podman_store / "overlay" / "l" / "STRAY")
     assert not (layout.podman_store / "overlay-images" / ("cd" * 32)).exists()
     assert len(store.images()) == 2 and store.check() == []
+
+
+@pytest.mark.parametrize("plant", ["fifo", "symlink-to-dev-zero", "symlink-to-a-file", "symlinked-dir"])
+def test_planted_store_files_are_errors_not_hangs_or_reads_elsewhere(layout: RepositoryLayout, tmp_path: Path,
+                                                                    plant: str) -> None:
+    """images.json (read by convert's unchanged test, gc and check, and compared before each
+    write) reached without following a symlink, and only as a bounded regular file."""
+    store = PodmanStore(layout)
+    store.add_image(fake_image(layout, ["a"], ["docker.io/x/a:1"]))
+    images_dir = store.images_json.parent
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / fmt.IMAGES_JSON).write_text("[]")
+    store.images_json.unlink()
+    if plant == "fifo":
+        os.mkfifo(store.images_json)
+    elif plant == "symlink-to-dev-zero":
+        os.symlink("/dev/zero", store.images_json)
+    elif plant == "symlink-to-a-file":
+        os.symlink(outside / fmt.IMAGES_JSON, store.images_json)
+    else:
+        shutil.rmtree(images_dir)
+        os.symlink(outside, images_dir)
+    with pytest.raises(PodmanStoreError, match="symbolic link|FIFO|no directory"):
+        store.images()
+    with pytest.raises((PodmanStoreError, NotBeneath)):
+        store.add_image(fake_image(layout, ["b"], ["docker.io/x/b:1"]))
+    assert (outside / fmt.IMAGES_JSON).read_text() == "[]"  # nothing written through the symlink
 
 
 def test_bad_images_are_refused_and_change_nothing(layout: RepositoryLayout, tmp_path: Path) -> None:
