@@ -11,10 +11,11 @@ item is recorded and reported, never stops the others.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -230,7 +231,7 @@ class Converter:
                  f": the {len(missing_bytes)} layer(s) they miss first" if missing else "")
         if missing:
             try:
-                with self.backend.unit(f"layers of {len(missing)} image(s)"):
+                with self._unit(f"layers of {len(missing)} image(s)"):
                     self.publisher.fresh_layers.clear()
                     for p in missing:
                         if self._guard(p, results, lambda p: self._stage(p)):
@@ -243,7 +244,7 @@ class Converter:
         if staged:
             stores: list[Path] = []
             try:
-                with self.backend.unit(f"{len(staged)} image(s)"):
+                with self._unit(f"{len(staged)} image(s)"):
                     self.publisher.fresh_layers.clear()
                     for p in staged:
                         published = self._guard(p, results, lambda p: self._finish(p))
@@ -317,7 +318,7 @@ class Converter:
         stores = sorted({s.root for s in batch.stores()})
         assert self.backend is not None
         try:
-            with self.backend.unit("podman store"):
+            with self._unit("podman store"):
                 batch.flush()
                 self.backend.after_podman_stores(stores)
         except Exception as e:  # noqa: BLE001 - reported on the images it concerns
@@ -330,6 +331,13 @@ class Converter:
         finally:
             self._podman_names.clear()  # the stores changed: read them again when asked
             unflushed.clear()
+
+    @contextlib.contextmanager
+    def _unit(self, what: str) -> Iterator[None]:
+        """One unit of the backend (cvmfs: one transaction): every write of a run goes through here."""
+        assert self.backend is not None
+        with self.backend.unit(what):
+            yield
 
     def _pool(self, n: int) -> ThreadPoolExecutor:
         return ThreadPoolExecutor(max_workers=max(1, min(self.options.jobs, n)), thread_name_prefix="registry")
@@ -422,7 +430,7 @@ class Converter:
         assert self.backend is not None
         try:
             # One unit of work (cvmfs: one transaction); recorded only once it is published.
-            with self.backend.unit(target.name):
+            with self._unit(target.name):
                 published = self.publisher.publish(target.reference, p.image, p.config_bytes, p.config, p.placement,
                                                    str(target.platform),
                                                    variant_link=self._variant(target, p.image.index_bytes is not None))
@@ -537,7 +545,7 @@ class Converter:
             return
         assert self.backend is not None
         try:
-            with self.backend.unit(f"index.json of {len(fetched)} tag(s)"):
+            with self._unit(f"index.json of {len(fetched)} tag(s)"):
                 for path, raw in fetched:
                     if path.parent.is_dir():  # (a tag gc removed meanwhile is not brought back)
                         self.layout.atomic_write_file(path, raw)
@@ -557,7 +565,7 @@ class Converter:
             missing = missing_diffid_links(self.layout)
             if missing:
                 assert self.backend is not None
-                with self.backend.unit(f".diffids links of {len(missing)} layer(s)"):
+                with self._unit(f".diffids links of {len(missing)} layer(s)"):
                     for diff_id, digest in missing:
                         ensure_diffid_link(self.layout, diff_id, digest)
                     dirs = {self.layout.diffid_link(diff_id).parent for diff_id, _ in missing}
