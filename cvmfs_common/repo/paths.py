@@ -52,6 +52,7 @@ MULTIARCH_DIR = ".multiarch"
 MULTIARCH_PODMAN_DIR = ".podman"  # .multiarch/.podman/<os>-<arch>[-<variant>]: no ':' (overlay lowerdir)
 PODMAN_STORE_DIR = "podmanStore"
 TMP_DIR = ".tmp"
+FORMAT_FILE = f"{METADATA_DIR}/.format"  # the repository's format version (publisher/sync/upgrade.py)
 LAYERFS = "layerfs"
 LAYERS_JSON = "layers.json"
 ORIGIN_JSON = "origin.json"

@@ -13,6 +13,10 @@
 * ``images``: one image manifest (config digest, platform, top chain).
 * ``image_layers``: its layers bottom first with the OCI chainID up to each.
 * ``layers``: one published ``.layers/<xx>/<hex>`` dir and what its layers.json says.
+* ``repairs``: published tags whose content ``check`` (or a repository format upgrade,
+  publisher/sync/upgrade.py) found damaged or outdated: the next convert publishes them
+  again; publishing a tag clears its row. convert's unchanged-tag test reads this instead
+  of the repository (docs/DESIGN.md#format).
 * ``runs``: one line per command run (for loop/metrics); ``interrupted_runs``: those
   that stopped part-way (gc trusts only complete runs over whole wishlists).
 
@@ -105,6 +109,11 @@ CREATE TABLE IF NOT EXISTS image_layers (
 );
 CREATE INDEX IF NOT EXISTS image_layers_layer ON image_layers (layer_digest);
 CREATE INDEX IF NOT EXISTS image_layers_chain ON image_layers (chain_id);
+CREATE TABLE IF NOT EXISTS repairs (   -- published tags to publish again, whatever their HEAD says
+    tag_id INTEGER PRIMARY KEY REFERENCES tags (id) ON DELETE CASCADE,
+    reason TEXT NOT NULL,                -- what check (or a format upgrade) found
+    since  REAL NOT NULL
+);
 CREATE TABLE IF NOT EXISTS runs (
     id        INTEGER PRIMARY KEY,
     command   TEXT NOT NULL,
@@ -229,6 +238,7 @@ class TagRecord:
     last_error: str | None
     absent_digest: str | None = None
     last_seen: float = 0.0
+    repair: str | None = None  # why the next convert must publish it again (``repairs``)
 
     @property
     def published(self) -> bool:
@@ -264,11 +274,12 @@ FULL_RUN_COMMANDS = ("convert", "loop")
 
 # every TagRecord field, in order (the config digest comes from the joined images row `i`)
 _TAG_SELECT = ("SELECT t.id, t.registry, t.repository, t.tag, t.platform, t.platform_dir, t.top_digest, "
-               "t.manifest_digest, i.config_digest, t.last_error, t.absent_digest, t.last_seen FROM tags t ")
+               "t.manifest_digest, i.config_digest, t.last_error, t.absent_digest, t.last_seen, r.reason "
+               "FROM tags t LEFT JOIN repairs r ON r.tag_id = t.id ")
 
 
 def _tag_record(r: tuple) -> TagRecord:
-    return TagRecord(r[0], TagKey(r[1], r[2], r[3], r[4]), r[5], r[6], r[7], r[8], r[9], r[10], r[11])
+    return TagRecord(r[0], TagKey(r[1], r[2], r[3], r[4]), r[5], r[6], r[7], r[8], r[9], r[10], r[11], r[12])
 
 
 @dataclass(frozen=True)
@@ -548,6 +559,19 @@ class State:
                 "absent_digest=NULL, last_error=NULL, last_error_at=NULL WHERE id=?",
                 (platform_dir, top_digest, image.manifest_digest, now, tag_id),
             )
+            self.conn.execute("DELETE FROM repairs WHERE tag_id=?", (tag_id,))
+
+    def mark_repairs(self, reasons: dict[int, str], now: float | None = None) -> int:
+        """Published tags (by id) the next convert must publish again, each with why (the
+        first reason given is kept); returns how many were not marked before."""
+        now = now or time.time()
+        with self.transaction():
+            before = self.conn.total_changes
+            self.conn.executemany(
+                "INSERT OR IGNORE INTO repairs (tag_id, reason, since) "
+                "SELECT id, ?, ? FROM tags WHERE id=? AND manifest_digest IS NOT NULL",
+                [(reason[:4000], now, tag_id) for tag_id, reason in reasons.items()])
+            return self.conn.total_changes - before
 
     # -- queries (check/gc build on these) ---------------------------------------------
     def published_tags(self) -> list[TagRecord]:

@@ -8,8 +8,11 @@ arch's alias links) lead to ``.flat/<xx>/<config>``, a directory with
 chain dir is there, and the podman store has the image under the tag's names with
 the right top layer (plus :meth:`PodmanStore.check` for the store as a whole).
 
-Every problem names the images (tags) it hurts. Read-only; it waits for the run
-lock so it never reports an image a convert is half-way through publishing.
+Every problem names the images (tags) it hurts, and check marks those tags in the
+state (``repairs``): convert's unchanged-tag test reads only the state, so the next
+convert publishes them again because of this mark (docs/DESIGN.md#format). The
+repository is only read; it waits for the run lock so it never reports an image a
+convert is half-way through publishing.
 """
 
 from __future__ import annotations
@@ -17,10 +20,12 @@ from __future__ import annotations
 import logging
 import os
 import re
+import sqlite3
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from cvmfs_common.fsutil.bounded import read_regular
 from cvmfs_common.fsutil.entries import scandir
 from cvmfs_common.oci.digest import sha256_of
 from cvmfs_common.repo.paths import (CONFIG_JSON, CHAINS_DIR, FLAT_DIR, LAYERFS, LAYERS_DIR, LAYERS_JSON, METADATA_DIR,
@@ -37,6 +42,7 @@ from publisher.core.state import LayerRecord, State, TagRecord
 
 log = logging.getLogger(__name__)
 
+METADATA_LIMIT = 16 << 20  # a manifest or config file larger than this is reported, not read
 _STORE_LINE = re.compile(r"^(image|layer) ([0-9a-f]{64})\b")
 
 
@@ -60,6 +66,8 @@ class CheckReport:
     problems: list[Problem] = field(default_factory=list)
     unknown: dict[str, int] = field(default_factory=dict)  # dirs on disk the state does not know
     seconds: float = 0.0
+    marked: int = 0  # hurt tags newly marked for the next convert to publish again
+    mark_error: str | None = None  # why they could not be marked (e.g. a read-only state)
 
     @property
     def ok(self) -> bool:
@@ -75,6 +83,11 @@ class CheckReport:
                  + (f" hurting {len(self.hurt())} tag{'' if len(self.hurt()) == 1 else 's'}" if n else "")
                  + f"; {self.seconds:.1f} s"]
         lines += [f"  {p}" for p in self.problems]
+        if self.mark_error is not None:
+            lines.append(f"  could not mark the hurt tags for the next convert: {self.mark_error}")
+        elif self.hurt():
+            lines.append(f"  the next convert publishes the {len(self.hurt())} hurt tag(s) again "
+                         f"({self.marked} newly marked)")
         unknown = {k: v for k, v in self.unknown.items() if v}
         if unknown:
             lines.append("  not in the state (written by another tool or an interrupted run; gc leaves them): "
@@ -93,6 +106,7 @@ class _Checker:
         self._by_what: dict[str, Problem] = {}
         self._layers: dict[str, list[LayerRecord]] = {}
         self._stores: dict[str, tuple[dict[str, dict] | None, list[str]]] = {}
+        self.repairs: dict[int, str] = {}  # tag id -> its first problem
 
     def problem(self, what: str, tag: TagRecord | None) -> None:
         p = self._by_what.get(what)
@@ -101,6 +115,7 @@ class _Checker:
             self.report.problems.append(p)
         if tag is not None and str(tag.key) not in p.images:
             p.images.append(str(tag.key))
+            self.repairs.setdefault(tag.id, what)
 
     def rel(self, path: Path) -> str:
         return os.path.relpath(path, self.layout.root)
@@ -168,7 +183,7 @@ class _Checker:
         meta = lay.manifest_json(k.registry, k.repository, k.tag)
         for path, digest in ((meta, tag.manifest_digest), (meta.parent / CONFIG_JSON, tag.config_digest)):
             try:
-                actual = sha256_of(path.read_bytes())
+                actual = sha256_of(read_regular(path, METADATA_LIMIT))  # (a FIFO is reported, not waited on)
             except OSError as e:
                 self.problem(f"{self.rel(path)}: {e.strerror or e}", tag)
                 continue
@@ -351,6 +366,12 @@ def check(root: Path, state_db: Path, *, podman: bool = True, lock_wait: float =
     started = time.monotonic()
     layout = RepositoryLayout(root)
     with run_locks_waiting(state_db, root, lock_wait), State.open(state_db, root) as state:
-        report = _Checker(layout, state, podman, variant_links).run()
+        checker = _Checker(layout, state, podman, variant_links)
+        report = checker.run()
+        if checker.repairs:
+            try:
+                report.marked = state.mark_repairs(checker.repairs)
+            except sqlite3.Error as e:
+                report.mark_error = str(e)
     report.seconds = time.monotonic() - started
     return report

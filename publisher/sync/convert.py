@@ -1,19 +1,21 @@
 """``convert``: keep a repository in sync with wishlist entries.
 
-    expand tag globs (tag lists)  ->  HEAD every tag (in parallel)
-      -> unchanged (state knows that digest, and its manifest.json is there): nothing
+    bring the repository to this format, once (upgrade.py)
+      -> expand tag globs (tag lists)  ->  HEAD every tag (in parallel)
+      -> unchanged (the state has that digest published, no repair marked): nothing
       -> otherwise resolve, fetch config, publish (image.py), record in the state
 
 A re-sync with nothing changed costs one HEAD per tag: no manifest GET, no blob
-GET, no write to the repository. Every tag and platform is one item; a failing
-item is recorded and reported, never stops the others.
+GET, no write to the repository, and no look into an image's directories (each a
+nested catalog on CernVM-FS): lost content is found by ``check``, which marks the
+tags it hurts for the next run (docs/DESIGN.md#format). Every tag and platform is
+one item; a failing item is recorded and reported, never stops the others.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -22,8 +24,7 @@ from pathlib import Path
 
 from cvmfs_common.fsutil.entries import readlink
 from cvmfs_common.oci.digest import parse_digest
-from cvmfs_common.repo.diffids import ensure_diffid_link, missing_diffid_links
-from cvmfs_common.repo.paths import INDEX_JSON, RepositoryLayout, multiarch_aliases
+from cvmfs_common.repo.paths import RepositoryLayout
 from cvmfs_common.oci.reference import InvalidReference, Reference
 from cvmfs_common.registry.errors import NotFound, PlatformNotInIndex
 from cvmfs_common.oci.platform import Platform
@@ -31,7 +32,6 @@ from cvmfs_common.registry.client import RegistryClient
 from cvmfs_common.registry.manifest import ResolvedImage
 
 from publisher.backend.base import Backend
-from publisher.write.flat import is_complete
 from publisher.write.image import ImagePublisher, Published, Staged
 from publisher.write.names import Placement, multiarch_name_for, podman_names, public_link_target
 from publisher.core.outcome import FailureKind, Outcome, failure_kind_of
@@ -39,13 +39,11 @@ from publisher.core.progress import ItemResult, Progress, Summary
 from publisher.core.runlock import exclusive, exclusive_repository, lock_path_for
 from publisher.core.state import State, TagRecord
 from publisher.unpack.whiteouts import WhiteoutMode
+from publisher.sync import upgrade
 from publisher.sync.thin import ThinPublisher, ThinSettings
 from publisher.sync.wishlist import Target, WishlistEntry
-from publisher.write import podman_format as fmt
 from publisher.write.podman_store import PodmanBatch, PodmanStore
 
-
-DIFFIDS_BACKFILL = "1"  # the state flag once every layer dir has its .diffids link
 log = logging.getLogger(__name__)
 
 # HEADs in flight at once (a re-sync is one HEAD per tag, latency-bound); the CLI's
@@ -94,9 +92,7 @@ class Converter:
             self.podman_batch = PodmanBatch()
         self._podman_names: dict[Path, dict[str, set[str]]] = {}  # store -> image id -> names
         self._podman_class = podman
-        self._sound: set[tuple[str, str]] = set()  # (layer, chain) found complete by _damage this run
-        # unchanged index tags published before index.json existed: (its path, the tag, the index digest)
-        self._missing_indexes: list[tuple[Path, Reference, str]] = []
+        self._format_due = False  # the repository format is written in the run's first unit
         self._publisher: ImagePublisher | None = None
         self._unfinished: list[str] = []  # why a run did not see every entry's tags (see run)
         # tags this run also publishes for a non-default Linux platform (variant public links)
@@ -127,6 +123,9 @@ class Converter:
         self._unfinished: list[str] = []  # why the run did not see every entry's tags
         complete = False
         try:
+            assert self.backend is not None
+            self._format_due = upgrade.prepare(self.layout, self.state, self.client, self.backend, self._unit,
+                                               podman_store=self.options.podman_store)
             targets = self._expand(entries, default_platform, summary)
             self._multi_refs = {_ref_key(t.reference) for t in targets
                                 if not t.default and multiarch_name_for(str(t.platform)) is not None}
@@ -157,8 +156,6 @@ class Converter:
                     self._flush_podman(summary, unflushed)
                     flushed = time.monotonic()
             self._publish_batch(batch, summary, len(targets))
-            self._backfill_indexes()
-            self._backfill_diffids()
             complete = not self._unfinished
             if self._unfinished:
                 log.warning("this run does not count as a full look at the wishlists for gc: %s",
@@ -337,7 +334,10 @@ class Converter:
         """One unit of the backend (cvmfs: one transaction): every write of a run goes through here."""
         assert self.backend is not None
         with self.backend.unit(what):
+            if self._format_due:
+                upgrade.write_format(self.layout)
             yield
+        self._format_due = False
 
     def _pool(self, n: int) -> ThreadPoolExecutor:
         return ThreadPoolExecutor(max_workers=max(1, min(self.options.jobs, n)), thread_name_prefix="registry")
@@ -466,17 +466,17 @@ class Converter:
             if known is not None and known.absent_digest == head:
                 self.state.touch_tag(key, placement.platform_dir, target.entry_id)
                 return ItemResult(target.name, Outcome.SKIPPED, f"no image for {target.platform}; unchanged")
+            # The state and one readlink in the root catalog: nothing under an image's dirs
+            # (on CernVM-FS each is a nested catalog the client would load, ~30 ms a tag).
             if (known is not None and known.published and known.top_digest == head
                     and known.platform_dir == placement.platform_dir
-                    and placement.layout.manifest_json(key.registry, key.repository, key.tag).is_file()
-                    and self._names_current(target, placement, known.config_digest,
-                                            known.top_digest != known.manifest_digest)
-                    and self._podman_current(target, placement, known.config_digest, known.manifest_digest)):
-                damage = self._damage(known.manifest_digest)
-                if damage is None:
-                    self._note_missing_index(target, placement, known)
+                    and self._link_current(target, placement, known.config_digest,
+                                           known.top_digest != known.manifest_digest)
+                    and self._podman_current(target, placement, known.config_digest)):
+                if known.repair is None:
                     self.state.touch_tag(key, placement.platform_dir, target.entry_id)
                     return ItemResult(target.name, Outcome.UNCHANGED, seconds=time.monotonic() - started)
+                damage = known.repair
                 log.warning("%s: %s; publishing it again", target.name, damage)
             image = self._resolve(target, head)
             if image is None:
@@ -516,81 +516,6 @@ class Converter:
         return ItemResult(p.target.name, outcome, detail, published.layers_fetched,
                           published.bytes_fetched + len(p.config_bytes), time.monotonic() - p.started)
 
-    def _note_missing_index(self, target: Target, placement: Placement, known: TagRecord) -> None:
-        """An unchanged tag that points at an index but has no index.json (published by an
-        older version): remember it for _backfill_indexes (one stat, for index tags only)."""
-        if known.top_digest is None or known.top_digest == known.manifest_digest:
-            return
-        key = target.key
-        path = placement.layout.manifest_json(key.registry, key.repository, key.tag).with_name(INDEX_JSON)
-        if not path.exists():
-            self._missing_indexes.append((path, target.reference, known.top_digest))
-
-    def _backfill_indexes(self) -> None:
-        """Write the index.json of the tags _note_missing_index found, all in one unit (cvmfs:
-        one transaction, not one per tag), so `cvmfs-snapshotter pull` can match their HEAD
-        digest. Each index is one GET by digest, once; a failure only costs that tag the
-        shortcut (the pull then resolves at the registry) and is tried again next run."""
-        todo, self._missing_indexes = self._missing_indexes, []
-        fetched: list[tuple[Path, bytes]] = []
-        for path, ref, digest in todo:
-            try:
-                index = self.client.get_manifest(ref, digest)  # checked against the digest
-            except Exception as e:  # noqa: BLE001 - best effort, see above
-                log.warning("%s: could not fetch its index %s for index.json: %s", ref.spelling, digest, e)
-                continue
-            if index.is_index:
-                fetched.append((path, index.raw))
-        if not fetched:
-            return
-        assert self.backend is not None
-        try:
-            with self._unit(f"index.json of {len(fetched)} tag(s)"):
-                for path, raw in fetched:
-                    if path.parent.is_dir():  # (a tag gc removed meanwhile is not brought back)
-                        self.layout.atomic_write_file(path, raw)
-        except Exception as e:  # noqa: BLE001 - the images are published; only the shortcut is missing
-            log.warning("writing index.json of %d tag(s) failed: %s", len(fetched), e)
-        else:
-            log.info("wrote index.json of %d tag(s) published before it was kept", len(fetched))
-
-    def _backfill_diffids(self) -> None:
-        """Once per repository: a ``.diffids`` link for every sound layer dir in ``.layers``,
-        published before the links existed or written by DUCC (its layers.json names the
-        diffID), all in one unit. One readdir per ``.layers/<xx>`` and one readlink per layer;
-        a failure is logged and the next run tries again."""
-        if self.state.flag("diffids") == DIFFIDS_BACKFILL:
-            return
-        try:
-            missing = missing_diffid_links(self.layout)
-            if missing:
-                assert self.backend is not None
-                with self._unit(f".diffids links of {len(missing)} layer(s)"):
-                    for diff_id, digest in missing:
-                        ensure_diffid_link(self.layout, diff_id, digest)
-                    dirs = {self.layout.diffid_link(diff_id).parent for diff_id, _ in missing}
-                    self.backend.after_links([self.layout.diffids_dir, *sorted(dirs)])
-                log.info("wrote the .diffids links of %d layer(s) published before they existed", len(missing))
-        except Exception as e:  # noqa: BLE001 - only the lookup by diffID is missing until the next run
-            log.warning("writing .diffids links failed (tried again next run): %s", e)
-            return
-        self.state.set_flag("diffids", DIFFIDS_BACKFILL)
-
-    def _damage(self, manifest_digest: str | None) -> str | None:
-        """What of a published image's content is not there (a layer dir without
-        layerfs/ or layers.json, a chain dir gone), or None: a few stats per image."""
-        for layer in self.state.image_layers(manifest_digest or ""):
-            if (layer.digest, layer.chain_id) in self._sound:
-                continue  # shared by an image checked before in this run
-            for what, path in ((f"layer {layer.digest}", self.layout.layerfs(layer.digest)),
-                               (f"chain {layer.chain_id}", self.layout.chain_dir(layer.chain_id))):
-                if not path.is_dir():
-                    return f"{what}: {os.path.relpath(path, self.layout.root)} is missing"
-            if not self.layout.layers_json(layer.digest).is_file():
-                return f"layer {layer.digest}: its layers.json is missing"
-            self._sound.add((layer.digest, layer.chain_id))
-        return None
-
     def _variant(self, target: Target, is_index: bool) -> bool:
         """Is the tag's public link a variant link (names.public_link_target)? On a backend whose
         clients expand variables, for the default platform of a tag that points at an index and
@@ -599,50 +524,28 @@ class Converter:
         return (self.backend.variant_links and target.default and is_index
                 and _ref_key(target.reference) in self._multi_refs)
 
-    def _names_current(self, target: Target, placement: Placement, config_digest: str | None,
-                       is_index: bool = False) -> bool:
-        """Does the repository have what this version writes for a published tag (a flat
-        DIRECTORY with .singularity.d, the .multiarch link)? A repository an older version
-        wrote lacks them: the tag is published again (no blob is fetched, the layers are
-        there), which upgrades it in place."""
-        if config_digest is None or not is_complete(self.layout.flat_dir(config_digest)):
+    def _link_current(self, target: Target, placement: Placement, config_digest: str | None,
+                      is_index: bool = False) -> bool:
+        """Is the tag's public link what this run would write? It changes with the wishlist:
+        a plain link where the tag became multi-platform, or the reverse (_variant)."""
+        if config_digest is None:
             return False
         registry, repository, tag = target.reference.link_components
         link = placement.layout.link_path(registry, repository, tag)
-        if readlink(link) != public_link_target(placement.layout, registry, repository, tag, str(target.platform),
-                                                config_digest, variant=self._variant(target, is_index)):
-            return False  # e.g. a plain link where the tag became multi-platform, or the reverse
-        name = multiarch_name_for(str(target.platform))
-        if name is None:
-            return True
-        # (an alias another tool made a real directory is left alone, here as when publishing)
-        if any(not os.path.lexists(self.layout.multiarch_dir / a) for a in multiarch_aliases(name)):
-            return False
-        if placement.is_default:
-            return os.path.islink(self.layout.multiarch_link(name, registry, repository, tag))
-        return True
+        return readlink(link) == public_link_target(placement.layout, registry, repository, tag, str(target.platform),
+                                                    config_digest, variant=self._variant(target, is_index))
 
-    def _podman_current(self, target: Target, placement: Placement, config_digest: str | None,
-                        manifest_digest: str | None) -> bool:
-        """Does the podman store have the image under the tag's names? Store entries are
-        written after the state records the image (``_flush_podman``), so a run killed in
-        between leaves tags the next run publishes again here. And an image whose layer
-        dirs are no sound overlay lowers has its top chain as its podman layer
-        (podman_format); an older version stacked the layer dirs, which on a real
-        CernVM-FS show deleted files. Such a tag is published again (one stat here)."""
+    def _podman_current(self, target: Target, placement: Placement, config_digest: str | None) -> bool:
+        """Does the podman store have the image under the tag's names (its images.json, read
+        once per run)? Store entries are written after the state records the image
+        (``_flush_podman``), so a run killed in between leaves tags the next run publishes
+        again here."""
         if not self.options.podman_store or self.podman_batch is None:
             return True
         if config_digest is None:
             return False
         names = self._store_names(placement).get(parse_digest(config_digest).hex)
-        if names is None or not names.issuperset(podman_names(target.reference)):
-            return False
-
-        layers = self.state.image_layers(manifest_digest or "")
-        chains = [l.chain_id for l in layers]
-        if not layers or fmt.per_layer_stack([l.whiteouts for l in layers], [l.parent_chain for l in layers], chains):
-            return True
-        return (placement.layout.podman_store / fmt.DRIVER_DIR / fmt.chain_layer_id(chains[-1])).is_dir()
+        return names is not None and names.issuperset(podman_names(target.reference))
 
     def _store_names(self, placement: Placement) -> dict[str, set[str]]:
         """images.json of the placement's store as image id -> names, read once per run

@@ -486,7 +486,8 @@ def test_markers_never_go_through_a_symlink_planted_in_the_repository(tmp_path: 
 def test_older_flat_entries_are_upgraded_in_a_transaction(cvmfs_standin: CvmfsStandin, standard_images,
                                                           tmp_path: Path) -> None:
     """A repository an older version published (.flat symlinks, copies without
-    .singularity.d, no .multiarch) is brought up to date by the next convert."""
+    .singularity.d, no .multiarch, no format version) is brought up to date by the next
+    convert: the format upgrade in one transaction marks the tags, one more publishes them."""
     s = cvmfs_standin
     repo = s.mkfs(REPO)
     imgs = [standard_images.multilayer, standard_images.tagged["1.1"]]
@@ -501,13 +502,15 @@ def test_older_flat_entries_are_upgraded_in_a_transaction(cvmfs_standin: CvmfsSt
     os.symlink(os.path.relpath(tops[0], flats[0].parent), flats[0])
     remove_tree(flats[1] / ".singularity.d")
     remove_tree(repo / ".multiarch")
+    (repo / ".metadata/.format").unlink()
     assert s.run("publish", REPO).returncode == 0
     s.clear_log()
 
     res = convert(repo, db, wl)
     assert res.rc == 0, res.stdout
-    # their layers are all there: one unit for both images (and their podman entries)
-    assert s.commands() == [["list"], *txn()]
+    # the upgrade; then, their layers all there, one unit for both images (and their podman entries)
+    assert s.commands() == [["list"], *txn(), *txn()]
+    assert "2 updated" in res.stdout, res.stdout
     assert s.refusals() == []
     for flat, top in zip(flats, tops):
         assert flat.is_dir() and not flat.is_symlink() and flat_minus_chain(flat, top) == []
@@ -568,10 +571,9 @@ def test_older_podman_entries_stacking_raw_layer_dirs_are_upgraded(cvmfs_standin
 @requires_root
 def test_diffid_links_of_an_older_repository_in_one_transaction(cvmfs_standin: CvmfsStandin, standard_images,  # noqa: F811
                                                                 tmp_path: Path) -> None:
-    """Layer dirs published before the .diffids links existed gain them at the next convert,
-    in one transaction with their catalog markers, once."""
+    """Layer dirs published before the .diffids links existed gain them at the next convert
+    (the format upgrade), in one transaction with their catalog markers, once."""
     from cvmfs_common.repo.lookup import find_layer_by_diff_id
-    from publisher.core.state import State
 
     s = cvmfs_standin
     repo = s.mkfs(REPO)
@@ -582,9 +584,8 @@ def test_diffid_links_of_an_older_repository_in_one_transaction(cvmfs_standin: C
     lay = RepositoryLayout(repo)
     assert s.run("transaction", REPO).returncode == 0
     remove_tree(lay.diffids_dir)
+    (repo / ".metadata/.format").unlink()  # as an older version left it
     assert s.run("publish", REPO).returncode == 0
-    with State.open(db, repo) as st:
-        st.conn.execute("DELETE FROM meta WHERE key='flag:diffids'")
     s.clear_log()
     res = convert(repo, db, wl)
     assert res.rc == 0, res.stdout

@@ -63,10 +63,33 @@ def test_deleted_layer_is_reported_with_the_image_it_hurts(standard_images: Stan
     assert any(l.startswith("PROBLEM podman store podmanStore: layer ") for l in mine), lines
     assert all(name in l for l in lines), lines  # nothing else is hurt
 
-    # the documented repair: drop the tag's manifest.json, convert again
-    lay.manifest_json(host, "test/tagged", "2.0").unlink()
+    assert "the next convert publishes the 1 hurt tag(s) again (1 newly marked)" in res.stdout, res.stdout
+
+    # check marked the tag: the next convert publishes it again, the others stay unchanged
+    again = run_proc("convert", tmp_path / "w.yaml", "--repository-root", root, "--state-db", db)
+    assert again.rc == 0 and "1 updated" in again.stdout, again.stdout
+    assert f"repaired: layer {top}: .layers/" in again.stderr, again.stderr
+    assert _check(root, db).rc == 0
     again = run_cli("convert", tmp_path / "w.yaml", "--repository-root", root, "--state-db", db)
-    assert again.rc == 0 and "1 updated" not in again.stdout, again.stdout
+    assert again.rc == 0 and "0 updated" in again.stdout, again.stdout
+
+
+@requires_root
+def test_convert_alone_trusts_the_state_check_marks_what_it_finds(standard_images: StandardImages,
+                                                                   tmp_path: Path) -> None:
+    """The unchanged-tag test reads the state, not the image's dirs (each a nested catalog
+    on CernVM-FS): a lost chain is not seen by convert until check marks its tag."""
+    root, db, host = _convert(standard_images, tmp_path)
+    lay = RepositoryLayout(root)
+    t20 = standard_images.tagged["2.0"]
+    remove_tree(lay.chain_dir(t20.chain_ids()[-1]))
+    args = (tmp_path / "w.yaml", "--repository-root", root, "--state-db", db)
+    again = run_cli("convert", *args)
+    assert again.rc == 0 and "0 updated" in again.stdout, again.stdout
+    assert _check(root, db).rc == 1
+    again = run_cli("convert", *args)
+    assert again.rc == 0 and "1 updated" in again.stdout, again.stdout
+    assert lay.chain_dir(t20.chain_ids()[-1]).is_dir()
     assert _check(root, db).rc == 0
 
 

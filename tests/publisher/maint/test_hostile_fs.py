@@ -247,6 +247,8 @@ def test_a_fifo_in_place_of_a_tags_manifest_json_is_replaced_not_waited_on(regis
     good = manifest.read_bytes()
     manifest.unlink()
     os.mkfifo(manifest)
+    res = run_proc("check", *args, timeout=120)  # found by check (convert trusts the state), not waited on
+    assert res.rc == 1 and "is a FIFO" in res.stdout, res.stdout + res.stderr
     res = run_proc("convert-image", f"{registry.host}/fifo/a:v1", *args, timeout=120)
     assert res.rc == 0, res.stdout + res.stderr
     assert manifest.is_file() and manifest.read_bytes() == good

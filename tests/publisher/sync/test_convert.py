@@ -328,8 +328,9 @@ def test_moved_tag_switches_link(registry, tmp_path: Path) -> None:
 @requires_root
 def test_an_older_repository_is_upgraded_in_place(standard_images: StandardImages, registry, tmp_path: Path) -> None:
     """.flat symlinks (what older versions wrote), flat dirs without .singularity.d and
-    missing .multiarch links are replaced by the next convert, without a layer download
-    and without a moment where the entry is missing (renameat2 RENAME_EXCHANGE)."""
+    missing .multiarch links in a repository without a format version are replaced by the
+    next convert (the format upgrade marks their tags), without a layer download and
+    without a moment where the entry is missing (renameat2 RENAME_EXCHANGE)."""
     img = standard_images.tagged["2.0"]
     root, db = tmp_path / "repo", tmp_path / "state.db"
     lay = RepositoryLayout(root)
@@ -340,6 +341,9 @@ def test_an_older_repository_is_upgraded_in_place(standard_images: StandardImage
     os.symlink(os.path.relpath(top, flat.parent), flat)
     mlink = next((root / ".multiarch").glob(f"*/{img.host}/test/tagged:2.0"))
     os.unlink(mlink)
+    format_file = root / ".metadata/.format"
+    assert format_file.read_text() == "1\n"
+    format_file.unlink()  # as an older version left the repository
     registry.clear_log()
     res = run_cli("convert-image", img.ref, "--repository-root", root, "--state-db", db)
     assert res.rc == 0, res.stdout
@@ -347,8 +351,10 @@ def test_an_older_repository_is_upgraded_in_place(standard_images: StandardImage
     assert flat.is_dir() and not flat.is_symlink() and flat_minus_chain(flat, top) == []
     assert os.path.islink(mlink) and os.path.samefile(mlink, flat)
     assert not any(lay.tmp_dir.iterdir())
+    assert format_file.read_text() == "1\n"
     # a flat dir without .singularity.d (the cvmfs backend's older copies) is redone too
     remove_tree(flat / ".singularity.d")
+    format_file.unlink()
     old_ino = os.lstat(flat).st_ino
     assert run_cli("convert-image", img.ref, "--repository-root", root, "--state-db", db).rc == 0
     assert (flat / ".singularity.d/runscript").is_file() and os.lstat(flat).st_ino != old_ino
@@ -434,13 +440,15 @@ def test_overlay_xattrs_of_a_tar_are_dropped_user_namespace_too(registry, tmp_pa
 @requires_root
 def test_an_index_tag_published_without_index_json_gets_it_at_the_next_resync(standard_images: StandardImages,
                                                                               registry, tmp_path: Path) -> None:
-    """Tags published before index.json was kept gain it without being published again:
-    one GET of the index by digest, written in one unit with the run's others."""
+    """Tags published before index.json was kept (a repository without a format version)
+    gain it without being published again: one GET of the index by digest, written in the
+    format upgrade's unit."""
     img = standard_images.multiarch
     root, db = tmp_path / "repo", tmp_path / "state.db"
     assert run_cli("convert-image", img.ref, "--repository-root", root, "--state-db", db).rc == 0
     index = RepositoryLayout(root).manifest_json(img.host, img.name, img.tag).with_name("index.json")
     index.unlink()
+    (root / ".metadata/.format").unlink()
     before = {p: p.stat().st_mtime_ns for p in index.parent.iterdir()}
     registry.clear_log()
     again = run_cli("convert-image", img.ref, "--repository-root", root, "--state-db", db)
@@ -458,8 +466,8 @@ def test_an_index_tag_published_without_index_json_gets_it_at_the_next_resync(st
 @requires_root
 def test_layers_published_before_the_diffid_links_gain_them_once(standard_images: StandardImages, registry,
                                                                  tmp_path: Path) -> None:
-    """The first convert with a state that has not done it links every sound layer dir in
-    .layers by its diffID (also dirs DUCC wrote: its layers.json names the diffID), once."""
+    """The first convert on a repository without a format version links every sound layer dir
+    in .layers by its diffID (also dirs DUCC wrote: its layers.json names the diffID), once."""
     from cvmfs_common.repo.lookup import find_layer_by_diff_id
     from cvmfs_common.repo.metadata import LayerMetadata, write_layers_json
 
@@ -472,8 +480,7 @@ def test_layers_published_before_the_diffid_links_gain_them_once(standard_images
     ducc_blob, ducc_diff = "sha256:" + "ab" * 32, "sha256:" + "cd" * 32
     lay.layerfs(ducc_blob).mkdir(parents=True)
     write_layers_json(lay.layers_json(ducc_blob), LayerMetadata("cd" * 32, ducc_blob, ducc_diff, 1, None))
-    with State.open(db, root) as st:
-        st.conn.execute("DELETE FROM meta WHERE key='flag:diffids'")
+    (root / ".metadata/.format").unlink()
     registry.clear_log()
     again = run_cli("convert-image", img.ref, "--repository-root", root, "--state-db", db)
     assert again.rc == 0 and "1 unchanged" in again.stdout, again.stdout
