@@ -9,7 +9,7 @@ from publisher.commands.common import EXIT_FAILED, EXIT_OK, add_logging_options,
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("check", help="verify the repository against the state")
+    p = sub.add_parser("check", help="verify the repository against the state; mark the tags a problem hurts for the next convert")
     g = p.add_argument_group("check options")
     g.add_argument("--lock-wait", metavar="DURATION", type=duration, default="1h",
                    help="wait this long for a running convert or loop round (default 1h)")
