@@ -419,20 +419,35 @@ class PodmanStore:
                 top = layers[top].get("parent")
         if set(layers) - needed:
             self._write_json(self.layers_json, [e for lid, e in layers.items() if lid in needed])
-        shorts = {self._read_text(self.layer_dir(lid) / "link") for lid in needed}
+        # The short links of the needed layers: ours are derived from the layer id; one
+        # another tool drew is kept when it leads to a needed layer. (Reading every layer's
+        # `link` file instead cost a file open per layer of the store on each write: on
+        # CernVM-FS ~10 ms each.)
+        derived = {fmt.short_link_id(lid) for lid in needed}
+        targets = {f"../{lid}/diff" for lid in needed}
+
+        def short_needed(fd: int, name: str) -> bool:
+            if name in derived:
+                return True
+            try:
+                return os.readlink(name, dir_fd=fd) in targets
+            except OSError:
+                return False
+
         # Dot names are not ours to sweep (e.g. the cvmfs backend's .cvmfscatalog). Each
         # dir is reached without following a symlink, its entries removed fd-relative.
         keep_images = {i.get("id") for i in images} | {fmt.IMAGES_JSON, fmt.IMAGES_LOCK}
-        for where, keep, remove in ((self.root / fmt.DRIVER_DIR, needed | {fmt.LINK_DIR}, remove_tree_at),
-                                    (self._link_dir, shorts, _unlink_at),
-                                    (self.root / fmt.IMAGES_DIR, keep_images, remove_tree_at)):
+        keep_layers = needed | {fmt.LINK_DIR}
+        for where, keep, remove in ((self.root / fmt.DRIVER_DIR, lambda fd, n: n in keep_layers, remove_tree_at),
+                                    (self._link_dir, short_needed, _unlink_at),
+                                    (self.root / fmt.IMAGES_DIR, lambda fd, n: n in keep_images, remove_tree_at)):
             try:
                 fd = open_dir_beneath(self.layout.root, where)
             except FileNotFoundError:
                 continue
             try:
                 for name in os.listdir(fd):
-                    if name not in keep and not name.startswith("."):
+                    if not name.startswith(".") and not keep(fd, name):
                         remove(fd, name)
             finally:
                 os.close(fd)

@@ -283,6 +283,24 @@ def test_planted_store_files_are_errors_not_hangs_or_reads_elsewhere(layout: Rep
     assert (outside / fmt.IMAGES_JSON).read_text() == "[]"  # nothing written through the symlink
 
 
+def test_a_short_link_another_tool_drew_is_kept_while_its_layer_is_needed(layout: RepositoryLayout) -> None:
+    """Ours are derived from the layer id (the sweep reads no `link` file); one drawn at
+    random, as containers/storage does, stays while it leads to a needed layer."""
+    store = PodmanStore(layout)
+    image = fake_image(layout, ["a"], ["docker.io/x/a:1"])
+    store.add_image(image)
+    [lid] = [l["id"] for l in store.layers()]
+    links = layout.podman_store / "overlay" / "l"
+    ours = fmt.short_link_id(lid)
+    (links / ours).rename(links / "RANDOMSHORTLINKDRAWNBYPODMN")
+    (layout.podman_store / "overlay" / lid / "link").write_text("RANDOMSHORTLINKDRAWNBYPODMN")
+    (links / "STALE").symlink_to("../" + "ef" * 32 + "/diff")
+    store.add_image(fake_image(layout, ["b"], ["docker.io/x/b:1"]))
+    assert os.readlink(links / "RANDOMSHORTLINKDRAWNBYPODMN") == f"../{lid}/diff"
+    assert not os.path.lexists(links / "STALE")
+    assert len(store.images()) == 2
+
+
 def test_bad_images_are_refused_and_change_nothing(layout: RepositoryLayout, tmp_path: Path) -> None:
     store = PodmanStore(layout)
     good = fake_image(layout, ["a"], ["docker.io/x/a:1"])
