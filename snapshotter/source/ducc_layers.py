@@ -1,4 +1,4 @@
-"""DUCC layer dirs without a chain: served when they hold no whiteouts (DESIGN §2a, §3).
+"""DUCC layer dirs without a chain: served when they hold no whiteouts (docs/DESIGN.md#ducc, #whiteouts).
 
 DUCC writes `layers.json` without a `whiteouts` field and keeps a layer's whiteouts raw
 (`.wh.NAME`, `.wh..wh..opq`: `cvmfs_server ingest` keeps them). Such a dir is no overlay
