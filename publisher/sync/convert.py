@@ -229,7 +229,7 @@ class Converter:
         if missing:
             try:
                 with self._unit(f"layers of {len(missing)} image(s)"):
-                    self.publisher.fresh_layers.clear()
+                    self.publisher.new_unit()
                     for p in missing:
                         if self._guard(p, results, lambda p: self._stage(p)):
                             staged.append(p)
@@ -242,7 +242,7 @@ class Converter:
             stores: list[Path] = []
             try:
                 with self._unit(f"{len(staged)} image(s)"):
-                    self.publisher.fresh_layers.clear()
+                    self.publisher.new_unit()
                     for p in staged:
                         published = self._guard(p, results, lambda p: self._finish(p))
                         if published is not None:

@@ -36,7 +36,7 @@ from cvmfs_common.repo.lookup import find_chain
 from cvmfs_common.fsutil.atomic import publish_dir, remove_tree, syncfs
 
 from publisher.unpack.lowers import read_xattrs
-from publisher.write.grafts import GRAFT_PREFIX, graft_info, write_graft
+from publisher.write.grafts import GRAFT_PREFIX, GraftCache, graft_info, write_graft
 from publisher.unpack.whiteouts import OPAQUE_XATTR, NameKind, classify, is_whiteout_device, whited_out_name
 
 _COPY_CHUNK = 1 << 20
@@ -107,6 +107,7 @@ class ChainMerger:
 
     preserve_owners: bool = field(default_factory=lambda: os.geteuid() == 0)
     grafts: bool = False  # cvmfs: graft published files instead of linking them (see above)
+    graft_cache: GraftCache | None = None  # the transaction's graft_info answers (grafts.GraftCache)
     # link(src_name, dst_name, *, src_dir_fd, dst_dir_fd, follow_symlinks): injectable, tests force EMLINK
     link: LinkFn = os.link
     stats: ChainStats = field(default_factory=ChainStats)
@@ -214,7 +215,9 @@ class ChainMerger:
         if mark is not None:  # a graft made in this transaction: the file and its graft file
             self.link(mark.name, mark.name, src_dir_fd=mark.dir_fd, dst_dir_fd=out_fd, follow_symlinks=False)
         elif self.grafts and stat.S_ISREG(src.st.st_mode) and src.st.st_size > 0:
-            info = graft_info(proc_path(src.dir_fd, src.name), src.st.st_size)
+            path = proc_path(src.dir_fd, src.name)
+            info = (self.graft_cache.info(path, src.st) if self.graft_cache is not None
+                    else graft_info(path, src.st.st_size))
             if info is not None and len(GRAFT_PREFIX + name) <= 255:
                 write_graft(out_fd, name, info)
                 self._attrs(src.st, {}, lambda n, v: None, lambda m: os.chmod(name, m, dir_fd=out_fd),

@@ -24,6 +24,7 @@ from publisher.write.singularity import SingularityStats, has_singularity, write
 
 if TYPE_CHECKING:  # pragma: no cover
     from publisher.write.chains import ChainStats
+    from publisher.write.grafts import GraftCache
 
 log = logging.getLogger(__name__)
 
@@ -42,9 +43,9 @@ def is_complete(flat: Path) -> bool:
 
 
 def build_flat(layout: RepositoryLayout, flat: Path, top_chain: Path, config: dict,
-               grafts: bool = False) -> FlatResult:
+               grafts: bool = False, graft_cache: "GraftCache | None" = None) -> FlatResult:
     """``grafts``: the copy grafts published files (publisher/write/grafts.py) instead of
-    linking them."""
+    linking them, asking ``graft_cache`` when given."""
     if is_complete(flat):
         return FlatResult(flat, built=False)
 
@@ -53,7 +54,7 @@ def build_flat(layout: RepositoryLayout, flat: Path, top_chain: Path, config: di
         tree = work / "rootfs"
         from publisher.write.chains import ChainMerger  # late: a no-change re-sync only asks is_complete
 
-        copy = ChainMerger(grafts=grafts).merge(tree, None, top_chain)
+        copy = ChainMerger(grafts=grafts, graft_cache=graft_cache).merge(tree, None, top_chain)
         sing = write_singularity(tree, config)
         syncfs(work)  # data on disk before the rename makes it visible
         old = os.path.lexists(flat)

@@ -23,7 +23,8 @@ from __future__ import annotations
 
 import errno
 import os
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 GRAFT_PREFIX = ".cvmfsgraft-"
 _CHUNK_LIST = "user.chunk_list"
@@ -71,6 +72,27 @@ def graft_info(path: str, size: int) -> GraftInfo | None:
     return GraftInfo(size, tuple(chunks))
 
 
+@dataclass
+class GraftCache:
+    """``graft_info`` per published file, for one transaction. Every chain of a round on the
+    same published parent grafts the parent's files again; asking the client for their
+    chunk lists each time (three xattr calls through FUSE per file) was 142 s of a 980 s
+    first round of 200 images. Keyed by the file's identity in the union, which holds only
+    while the union is not remounted: ``clear()`` whenever a transaction opens."""
+
+    lookup: Callable[[str, int], GraftInfo | None] = graft_info  # injectable: tests count the calls
+    _known: dict[tuple[int, ...], GraftInfo | None] = field(default_factory=dict)
+
+    def info(self, path: str, st: os.stat_result) -> GraftInfo | None:
+        key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+        if key not in self._known:
+            self._known[key] = self.lookup(path, st.st_size)
+        return self._known[key]
+
+    def clear(self) -> None:
+        self._known.clear()
+
+
 def write_graft(dir_fd: int, name: str, info: GraftInfo) -> None:
     """The empty file ``name`` (mode 0600 until the caller sets its attributes) and its graft file."""
     fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=dir_fd)
@@ -83,4 +105,4 @@ def write_graft(dir_fd: int, name: str, info: GraftInfo) -> None:
         os.close(fd)
 
 
-__all__ = ["GRAFT_PREFIX", "GraftInfo", "graft_info", "write_graft"]
+__all__ = ["GRAFT_PREFIX", "GraftCache", "GraftInfo", "graft_info", "write_graft"]

@@ -33,6 +33,7 @@ from cvmfs_common.registry.manifest import ResolvedImage
 
 from publisher.core.state import ImageRecord, LayerRecord
 from publisher.write import podman_format as fmt
+from publisher.write.grafts import GraftCache
 from publisher.write.names import Placement, multiarch_name_for, podman_names, public_link_target
 from publisher.write.podman_store import PodmanBatch, PodmanImage, PodmanLayer, PodmanRoot
 
@@ -99,10 +100,16 @@ class ImagePublisher:
         # their dirs still hold their .wh. files
         self.fresh_layers: set[str] = set()
         self.grafts = grafts  # chains and flat dirs graft published files (cvmfs: publisher/write/grafts.py)
+        self.graft_cache = GraftCache()  # valid for one unit, like fresh_layers
         self.ingester = ingester
         self.jobs = max(1, jobs)
         self.podman_store = podman_store  # PodmanStore class (or None: --no-podman-store)
         self.podman_batch = podman_batch  # set: store entries are collected there, written later
+
+    def new_unit(self) -> None:
+        """A unit (a transaction) opens: what the last one saw of the repository is stale."""
+        self.fresh_layers.clear()
+        self.graft_cache.clear()
 
     # -- the whole image ---------------------------------------------------------------
     def publish(self, ref: Reference, image: ResolvedImage, config_bytes: bytes, config: dict,
@@ -133,7 +140,8 @@ class ImagePublisher:
         ref, image, config, chains = staged.ref, staged.image, staged.config, staged.chains
         layers, fetched, nbytes = self._chains(staged)
         top_chain = self.layout.chain_dir(chains[-1])
-        build_flat(self.layout, self.layout.flat_dir(image.config_digest), top_chain, config, grafts=self.grafts)
+        build_flat(self.layout, self.layout.flat_dir(image.config_digest), top_chain, config, grafts=self.grafts,
+                   graft_cache=self.graft_cache)
         self._link(ref, image.config_digest, placement, platform, variant_link)
         self._multiarch_link(ref, image.config_digest, placement, platform)
         if self.podman_store is not None:
@@ -240,7 +248,7 @@ class ImagePublisher:
         lost = not self.published_raw_whiteouts and not fresh and layer.meta.whiteouts == "raw"
         if not lost and (layer.meta.parent_chain is None or layer.meta.parent_chain == parent_chain):
             path, _ = build_chain(self.layout, chain_id, parent, self.layout.layer_dir(spec.digest) / LAYERFS,
-                                  ChainMerger(grafts=self.grafts))
+                                  ChainMerger(grafts=self.grafts, graft_cache=self.graft_cache))
             return path, 0
         # The published dir lost its deletions, or was completed on another parent chain (its
         # implicit directories would carry that chain's attributes). Unpack a private copy here.
@@ -252,7 +260,8 @@ class ImagePublisher:
                      spec.digest, layer.meta.parent_chain, parent_chain, chain_id)
         private = self.ingester.unpack_private(ref, spec, [parent] if parent else [])
         try:
-            path, _ = build_chain(self.layout, chain_id, parent, private.layerfs, ChainMerger(grafts=self.grafts))
+            path, _ = build_chain(self.layout, chain_id, parent, private.layerfs,
+                                  ChainMerger(grafts=self.grafts, graft_cache=self.graft_cache))
         finally:
             remove_tree(private.work)
         return path, private.result.compressed_size

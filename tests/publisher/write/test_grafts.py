@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 
 from publisher.write.chains import ChainMerger
-from publisher.write.grafts import GRAFT_PREFIX, GraftInfo, graft_info, write_graft
+from publisher.write.grafts import GRAFT_PREFIX, GraftCache, GraftInfo, graft_info, write_graft
 
 from tests.fixtures.marks import requires_root
 
@@ -60,3 +60,45 @@ def test_merge_carries_grafts_with_their_files_only(tmp_path: Path) -> None:
     flat = tmp_path / "flat"
     ChainMerger(grafts=True).merge(flat, None, out)
     assert sorted(os.listdir(flat / "d")) == names
+
+
+def test_graft_cache_asks_once_per_file_until_cleared(tmp_path: Path) -> None:
+    asked: list[str] = []
+
+    def lookup(path: str, size: int) -> GraftInfo:
+        asked.append(os.path.basename(path))
+        return GraftInfo(size, (("h-" + os.path.basename(path), 0, size),))
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.write_bytes(b"aa")
+    b.write_bytes(b"bbb")
+    cache = GraftCache(lookup)
+    for _ in range(3):  # three chains on the same parent
+        assert cache.info(str(a), os.lstat(a)) == GraftInfo(2, (("h-a", 0, 2),))
+        assert cache.info(str(b), os.lstat(b)) == GraftInfo(3, (("h-b", 0, 3),))
+    assert asked == ["a", "b"]
+    a.write_bytes(b"changed")  # another file state is another question
+    assert cache.info(str(a), os.lstat(a)).size == 7
+    cache.clear()  # a new transaction: the union was remounted
+    cache.info(str(b), os.lstat(b))
+    assert asked == ["a", "b", "a", "b"]
+
+
+def test_chains_on_one_parent_ask_for_its_files_once(tmp_path: Path) -> None:
+    asked: list[str] = []
+
+    def lookup(path: str, size: int) -> GraftInfo:
+        asked.append(os.path.basename(path))
+        return GraftInfo(size, (("abc", 0, size),))
+
+    parent = tmp_path / "parent"
+    (parent / "d").mkdir(parents=True)
+    (parent / "d" / "f").write_text("published\n")
+    cache = GraftCache(lookup)
+    for i in range(3):
+        layer = tmp_path / f"layer{i}"
+        layer.mkdir()
+        (layer / f"own{i}").write_text("x\n")
+        ChainMerger(grafts=True, graft_cache=cache).merge(tmp_path / f"chain{i}", parent, layer)
+        assert (tmp_path / f"chain{i}" / "d" / (GRAFT_PREFIX + "f")).read_text() == "size=10\nchecksum=abc\n"
+    assert sorted(asked) == ["f", "own0", "own1", "own2"], asked
