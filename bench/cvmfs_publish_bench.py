@@ -2,7 +2,7 @@
 """Publishing into a real CernVM-FS 2.12 stratum 0: ours, DUCC and the floor, side by side.
 
     sudo CVMFS_TEST_SHARED_DIR=/work/shared .venv/bin/python bench/cvmfs_publish_bench.py
-    sudo ... bench/cvmfs_publish_bench.py --images 200          # unpacked.cern.ch-like scale
+    sudo ... bench/cvmfs_publish_bench.py --images 20,200 --gc  # cost per image at two sizes, one run
     sudo ... bench/cvmfs_publish_bench.py --no-ducc             # ours and the floor only
 
 One stratum 0 (tests/cvmfs/stratum0.py: the tier's Debian 12 container with CernVM-FS 2.12 and
@@ -10,6 +10,9 @@ DUCC from `$CVMFS_TEST_SHARED_DIR/ducc`), one loopback registry (storage cached 
 bench/out/cvmfs-publish/), one repository per side. The images: --images images sharing one
 --base-layers-layer base of --base-mb MB (generated, publib.write_layer) plus one layer of
 --own-kb kB each, as site images share bases; image number N (one more) is the "new tag".
+Several sizes (`--images 20,200`) run one after the other in the same container, each
+into repositories of its own; DUCC only at sizes up to --ducc-max-images (its first round
+of 20 images takes 2-30 min here, of 200 hours).
 
 Rounds, each side in turn (ours: `cvmfs-publisher convert --backend cvmfs`; DUCC:
 `cvmfs_ducc convert -i`):
@@ -17,13 +20,20 @@ Rounds, each side in turn (ours: `cvmfs-publisher convert --backend cvmfs`; DUCC
   first       the wishlist of --images images into an empty repository
   no change   the same wishlist again
   new tag     the wishlist plus one image on the known base
-  gc half     (--gc, ours only) a wishlist of half of them, then `cvmfs-publisher gc`
+  gc half     (--gc) drop the second half of the N+1 images. Ours: a convert of the shorter
+              wishlist, then `cvmfs-publisher gc`. DUCC (its convert never removes an image,
+              and its `garbage-collection REPO` removes the .flat dirs no public link points
+              at and the .layers no .metadata/**/manifest.json names, with `cvmfs_server
+              ingest --delete`, 50 paths per revision): what an operator does, one
+              transaction removing the dropped tags' public links and .metadata dirs, then
+              `cvmfs_ducc garbage-collection REPO`. Both sides count what is left.
   floor       every distinct layer of the round untarred in ONE transaction, one publish
               (for the first and the new-tag rounds): what no publisher can beat
 
 Prints wall seconds and revisions per round and side, the ratios ours/DUCC and ours/floor
-(same run), and where our time went: the seconds per `cvmfs_server` command (from the
-backend's debug log). Nothing is asserted.
+(same run), where our time went (the seconds per `cvmfs_server` command, from the backend's
+debug log) and, with several sizes, the cost per image (per dropped image for gc) of each
+size against the smallest's. Nothing is asserted.
 """
 from __future__ import annotations
 
@@ -106,6 +116,7 @@ class Side:
     repo: Repository
     rows: dict[str, Row] = field(default_factory=dict)
     calls: dict[str, dict[str, list[float]]] = field(default_factory=dict)  # round -> command -> seconds
+    left: str = ""  # what gc left (flat, layer and chain dirs)
 
 
 def wishlist(path: Path, refs: list[str], repo: str) -> str:
@@ -118,10 +129,10 @@ def wishlist(path: Path, refs: list[str], repo: str) -> str:
 CALL = re.compile(r"cvmfs_server (\S+?)(?: [^:\n]*)?: took ([0-9.]+) s")
 
 
-def run_ours(s0: Stratum0, side: Side, round_name: str, wl: str) -> None:
-    log = f"/w/ours-{round_name}.log"
+def run_ours(s0: Stratum0, side: Side, round_name: str, wl: str, state_db: str) -> None:
+    log = f"/w/{side.repo.name}-{round_name}.log"
     cmd = (f"cd / && cvmfs-publisher convert {wl} --backend cvmfs --repository-root {side.repo.root} "
-           f"--state-db /w/state/ours.db --log-level debug >{log} 2>&1")
+           f"--state-db {state_db} --log-level debug >{log} 2>&1")
     _timed(s0, side, round_name, cmd, log)
     calls: dict[str, list[float]] = defaultdict(list)
     for m in CALL.finditer((s0.host_w / Path(log).name).read_text(errors="replace")):
@@ -129,17 +140,39 @@ def run_ours(s0: Stratum0, side: Side, round_name: str, wl: str) -> None:
     side.calls[round_name] = dict(calls)
 
 
-def run_ours_gc(s0: Stratum0, side: Side, wl: str) -> None:
+def run_ours_gc(s0: Stratum0, side: Side, wl: str, state_db: str) -> None:
     """Drop half of the images: a convert of the shorter wishlist, then the publisher's gc."""
-    log = "/w/ours-gc.log"
+    log = f"/w/{side.repo.name}-gc.log"
     cmd = (f"cd / && cvmfs-publisher convert {wl} --backend cvmfs --repository-root {side.repo.root} "
-           f"--state-db /w/state/ours.db >{log} 2>&1 && sleep 1 && cvmfs-publisher gc --older-than 1s "
-           f"--backend cvmfs --repository-root {side.repo.root} --state-db /w/state/ours.db >>{log} 2>&1")
+           f"--state-db {state_db} >{log} 2>&1 && sleep 1 && cvmfs-publisher gc --older-than 1s "
+           f"--backend cvmfs --repository-root {side.repo.root} --state-db {state_db} >>{log} 2>&1")
     _timed(s0, side, "gc half", cmd, log)
 
 
+def run_ducc_gc(s0: Stratum0, side: Side, dropped: list[str]) -> None:
+    """Drop images as a DUCC operator does: its convert never removes one, so one transaction
+    removes their public links (<registry>/<repo>:<tag>) and `.metadata/<registry>/<repo>:<tag>`
+    dirs (`rm` without -f: a path that is not there fails the round), then DUCC's gc removes
+    the .flat dirs no link points at and the layers no manifest names."""
+    repo = side.repo
+    paths = " ".join(f"'{repo.root}/{d}' '{repo.root}/.metadata/{d}'" for d in dropped)
+    log = f"/w/{repo.name}-gc.log"
+    cmd = (f"cd / && {{ set -e; cvmfs_server transaction {repo.name}\n"
+           f"for p in {paths}; do rm -r \"$p\"; done\n"
+           f"cvmfs_server publish {repo.name}\n"
+           f"cd /w/ducc-work && cvmfs_ducc garbage-collection {repo.name}; }} >{log} 2>&1")
+    _timed(s0, side, "gc half", cmd, log)
+
+
+def left_after_gc(s0: Stratum0, repo: Repository) -> str:
+    """What the repository still holds: flat dirs, layer dirs, chain dirs (catalog level)."""
+    out = s0.sh(f"cd {repo.root} && for d in .flat .layers .chains; do "
+                f"echo \"$d $(find $d -mindepth 2 -maxdepth 2 -type d 2>/dev/null | wc -l)\"; done").stdout
+    return ", ".join(line for line in out.splitlines() if line)
+
+
 def run_ducc(s0: Stratum0, side: Side, round_name: str, wl: str) -> None:
-    log = f"/w/ducc-{round_name}.log"
+    log = f"/w/{side.repo.name}-{round_name}.log"
     _timed(s0, side, round_name, f"cd /w/ducc-work && cvmfs_ducc convert -i {wl} >{log} 2>&1", log)
 
 
@@ -153,14 +186,14 @@ def _timed(s0: Stratum0, side: Side, round_name: str, cmd: str, log: str) -> Non
         tail = (s0.host_w / Path(log).name).read_text(errors="replace")[-4000:]
         raise SystemExit(f"{side.name} {round_name} failed ({r.returncode}):\n{tail}")
     side.rows[round_name] = Row(seconds, side.repo.revision() - rev0)
-    print(f"  {side.name:5} {round_name:10} {seconds:8.1f} s  {side.rows[round_name].revisions:4d} revisions",
+    print(f"  {side.repo.name:22} {round_name:10} {seconds:8.1f} s  {side.rows[round_name].revisions:4d} revisions",
           file=sys.stderr, flush=True)
 
 
 def run_floor(s0: Stratum0, side: Side, round_name: str, blobs: list[LayerBlob]) -> None:
     """Every layer of `blobs` untarred into a dir of its own in one transaction, one publish."""
     names = " ".join(b.digest.split(":")[1] for b in blobs)
-    log = f"/w/floor-{round_name}.log"
+    log = f"/w/{side.repo.name}-{round_name}.log"
     cmd = (f"cd / && {{ set -e; cvmfs_server transaction {side.repo.name}\n"
            f"for h in {names}; do mkdir -p {side.repo.root}/{round_name}/$h; "
            f"tar -xzf /w/blobs/$h -C {side.repo.root}/{round_name}/$h; done\n"
@@ -180,12 +213,12 @@ def tree_files(imgs: BenchImages, n: int) -> tuple[int, int]:
 
 def report(rounds: list[str], ours: Side, ducc: Side | None, floor: Side, n: int, imgs: BenchImages) -> None:
     layers, trees = tree_files(imgs, n)
-    print(f"\n{n} images, {machine()}")
+    print(f"\n{n} images, {machine()}, load average {' '.join(open('/proc/loadavg').read().split()[:3])}")
     print(f"first round: {layers} files in the layers (the floor publishes these), {trees} more in the "
           f"chains and flat dirs")
     head = f"{'round':10} | {'ours s':>8} {'revs':>5} | {'DUCC s':>8} {'revs':>5} | {'floor s':>8} | ours/DUCC | ours/floor"
     print(head)
-    print("-" * len(head))
+    print("-" * len(head), flush=True)
     for r in rounds:
         o = ours.rows.get(r)
         d = ducc.rows.get(r) if ducc else None
@@ -201,33 +234,130 @@ def report(rounds: list[str], ours: Side, ducc: Side | None, floor: Side, n: int
         total = sum(sum(v) for v in calls.values())
         parts = ", ".join(f"{c} {len(v)}x {sum(v):.1f}s" for c, v in sorted(calls.items()))
         print(f"  {r:10} {parts}  (sum {total:.1f} s of {ours.rows[r].seconds:.1f} s)")
+    for side in (ours, ducc):
+        if side is not None and side.left:
+            print(f"{side.name} after gc: {side.left}")
+    sys.stdout.flush()
+
+
+def per_image(r: str, n: int) -> int:
+    """What a round's seconds are divided by: its images (gc: the dropped ones)."""
+    return {"first": n, "no-change": n, "new-tag": 1, "gc half": (n + 1) - (n + 1) // 2}[r]
+
+
+def report_scaling(sizes: list[int], runs: "dict[int, SizeRun]", rounds: list[str]) -> None:
+    """Seconds per image at each size, and each size's against the smallest's (same run)."""
+    small = sizes[0]
+    print(f"\nseconds per image (gc: per dropped image; new tag: the round), against {small} images")
+    for name in ("ours", "floor", "DUCC"):
+        for r in rounds:
+            cells = []
+            for n in sizes:
+                side = runs[n].side(name)
+                row = side.rows.get(r) if side else None
+                if row is None:
+                    cells.append(f"{n}: -")
+                    continue
+                cost = row.seconds / per_image(r, n)
+                base_side = runs[small].side(name)
+                base = base_side.rows.get(r) if base_side else None
+                ratio = f" ({cost / (base.seconds / per_image(r, small)):.2f}x)" if base and n != small else ""
+                cells.append(f"{n}: {cost:7.3f} s, {row.revisions} rev{ratio}")
+            if any(not c.endswith(": -") for c in cells):
+                print(f"  {name:5} {r:10} " + " | ".join(cells))
+    sys.stdout.flush()
+
+
+@dataclass
+class SizeRun:
+    n: int
+    ours: Side
+    floor: Side
+    ducc: Side | None
+    rounds: list[str] = field(default_factory=list)
+
+    def side(self, name: str) -> Side | None:
+        return {"ours": self.ours, "floor": self.floor, "DUCC": self.ducc}[name]
+
+
+def start_size(s0: Stratum0, refs: list[str], n: int, with_ducc: bool) -> SizeRun:
+    """Repositories and wishlists of one size, one repository per side."""
+    w = s0.host_w
+    run = SizeRun(n, Side("ours", s0.mkfs(f"ours{n}.bench.test")), Side("floor", s0.mkfs(f"floor{n}.bench.test")),
+                  Side("DUCC", s0.mkfs(f"ducc{n}.bench.test")) if with_ducc else None)
+    half = (n + 1) // 2
+    for side in [run.ours] + ([run.ducc] if run.ducc else []):
+        wishlist(w / f"{side.repo.name}-n.yaml", refs[:n], side.repo.name)
+        wishlist(w / f"{side.repo.name}-n1.yaml", refs[:n + 1], side.repo.name)
+        wishlist(w / f"{side.repo.name}-half.yaml", refs[:half], side.repo.name)
+    return run
+
+
+def run_ours_and_floor(s0: Stratum0, imgs: BenchImages, run: SizeRun, gc: bool) -> None:
+    n = run.n
+    state_db = f"/w/state/ours{n}.db"
+    rounds = [("first", "n", [*imgs.base, *imgs.own[:n]]), ("no-change", "n", None), ("new-tag", "n1", [imgs.own[n]])]
+    for round_name, wl_suffix, floor_blobs in rounds:
+        run_ours(s0, run.ours, round_name, f"/w/{run.ours.repo.name}-{wl_suffix}.yaml", state_db)
+        if floor_blobs:
+            run_floor(s0, run.floor, round_name, floor_blobs)
+    run.rounds = [r for r, _, _ in rounds]
+    if gc:
+        run_ours_gc(s0, run.ours, f"/w/{run.ours.repo.name}-half.yaml", state_db)
+        run.ours.left = left_after_gc(s0, run.ours.repo)
+        run.rounds.append("gc half")
+
+
+def run_ducc_rounds(s0: Stratum0, refs: list[str], run: SizeRun, gc: bool) -> None:
+    """DUCC's rounds at one size, after ours (its first round alone can take half an hour
+    here: the other sides' figures are in before it starts)."""
+    assert run.ducc is not None
+    n = run.n
+    for round_name, wl_suffix in (("first", "n"), ("no-change", "n"), ("new-tag", "n1")):
+        run_ducc(s0, run.ducc, round_name, f"/w/{run.ducc.repo.name}-{wl_suffix}.yaml")
+        procs = s0.sh("ps -e -o stat= | grep -c '^Z' || true", check=False).stdout.strip()
+        print(f"  (zombies in the container after DUCC's {round_name} round: {procs})", file=sys.stderr)
+    if gc:
+        # as its public links and .metadata name them: <registry>/<repo>:<tag>
+        run_ducc_gc(s0, run.ducc, [r.split("://", 1)[1] for r in refs[(n + 1) // 2:n + 1]])
+        run.ducc.left = left_after_gc(s0, run.ducc.repo)
+
+
+def check_clean(run: SizeRun) -> None:
+    for side in [run.ours] + ([run.ducc] if run.ducc else []):
+        out = side.repo.check()
+        print(f"cvmfs_server check {side.repo.name}: {'clean' if 'error' not in out.lower() else out[-500:]}",
+              flush=True)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--images", type=int, default=20)
+    ap.add_argument("--images", default="20", help="images per round; several sizes comma-separated (20,200)")
     ap.add_argument("--base-layers", type=int, default=8)
     ap.add_argument("--base-mb", type=float, default=80)
     ap.add_argument("--own-kb", type=float, default=200)
     ap.add_argument("--no-ducc", action="store_true", help="ours and the floor only")
+    ap.add_argument("--ducc-max-images", type=int, default=20, help="DUCC only at sizes up to this")
     ap.add_argument("--keep", action="store_true", help="keep the container's work dir (logs in w/)")
-    ap.add_argument("--gc", action="store_true", help="then drop half the images: convert + gc (ours only: "
-                    "DUCC's garbage-collection takes no wishlist)")
+    ap.add_argument("--gc", action="store_true", help="then drop half the images: ours convert + gc, DUCC "
+                    "links and .metadata removed + its garbage-collection")
     args = ap.parse_args()
     require_root()
-    n = args.images
-    print(f"images: {n} + 1, base {args.base_layers} layers / {args.base_mb:g} MB, own {args.own_kb:g} kB",
-          file=sys.stderr)
-    imgs = make_images(n, args.base_layers, args.base_mb, args.own_kb)
+    sizes = sorted({int(x) for x in args.images.split(",")})
+    top = sizes[-1]
+    print(f"images: {','.join(map(str, sizes))} + 1, base {args.base_layers} layers / {args.base_mb:g} MB, "
+          f"own {args.own_kb:g} kB", file=sys.stderr)
+    imgs = make_images(top, args.base_layers, args.base_mb, args.own_kb)
     dist = find_distribution()
     ducc_tar = dist.path.parent / "ducc" / DUCC_TARBALL
-    if not args.no_ducc and not ducc_tar.is_file():
+    with_ducc = not args.no_ducc and sizes[0] <= args.ducc_max_images
+    if with_ducc and not ducc_tar.is_file():
         raise SystemExit(f"no DUCC at {ducc_tar} (or run with --no-ducc)")
     base = new_workdir("cvmfs-b-")
     c = None
     try:
         with CachedRegistry(CACHE / "registry") as reg:
-            for i in range(n + 1):
+            for i in range(top + 1):
                 reg.push_layout(imgs.layout, imgs.tag(i), imgs.name(i), "v1")
             # --init: DUCC's cvmfs_server calls orphan ~1 process each; under `sleep` as PID 1
             # their zombies fill the container's pids limit (2048) within one round
@@ -237,44 +367,27 @@ def main() -> None:
             (w / "blobs").mkdir()
             (w / "state").mkdir()
             (w / "ducc-work").mkdir()
-            for b in [*imgs.base, *imgs.own[:n + 1]]:
+            for b in [*imgs.base, *imgs.own[:top + 1]]:
                 h = b.digest.split(":")[1]
                 (w / "blobs" / h).hardlink_to(imgs.layout / "blobs" / "sha256" / h)
-            if not args.no_ducc:
+            if with_ducc:
                 (w / DUCC_TARBALL).write_bytes(ducc_tar.read_bytes())
                 s0.sh(f"tar -xJf /w/{DUCC_TARBALL} -C /usr/local/bin && cvmfs_ducc --help >/dev/null")
-            ours = Side("ours", s0.mkfs("ours.bench.test"))
-            ducc = None if args.no_ducc else Side("DUCC", s0.mkfs("ducc.bench.test"))
-            floor = Side("floor", s0.mkfs("floor.bench.test"))
-            refs = [f"http://{reg.host}/{imgs.name(i)}:v1" for i in range(n + 1)]
-            sides = [ours] + ([ducc] if ducc else [])
-            for side in sides:  # the wishlists, one per side and size
-                tag = side.name.lower()
-                wishlist(w / f"{tag}-n.yaml", refs[:n], side.repo.name)
-                wishlist(w / f"{tag}-n1.yaml", refs[:n + 1], side.repo.name)
-                wishlist(w / f"{tag}-half.yaml", refs[:(n + 1) // 2], side.repo.name)
-
-            def one_round(round_name: str, wl_suffix: str, floor_blobs: list[LayerBlob] | None = None) -> None:
-                run_ours(s0, ours, round_name, f"/w/ours-{wl_suffix}.yaml")
-                if floor_blobs:
-                    run_floor(s0, floor, round_name, floor_blobs)
-                if ducc is not None:
-                    run_ducc(s0, ducc, round_name, f"/w/ducc-{wl_suffix}.yaml")
-                procs = s0.sh("ps -e -o stat= | grep -c '^Z' || true", check=False).stdout.strip()
-                print(f"  (zombies in the container after the {round_name} round: {procs})", file=sys.stderr)
-
-            one_round("first", "n", [*imgs.base, *imgs.own[:n]])
-            one_round("no-change", "n")
-            one_round("new-tag", "n1", [imgs.own[n]])
-            rounds = ["first", "no-change", "new-tag"]
-            if args.gc:
-                run_ours_gc(s0, ours, "/w/ours-half.yaml")
-                rounds.append("gc half")
-            report(rounds, ours, ducc, floor, n, imgs)
-            for side in sides:
-                out = side.repo.check()
-                print(f"cvmfs_server check {side.repo.name}: "
-                      f"{'clean' if 'error' not in out.lower() else out[-500:]}")
+            refs = [f"http://{reg.host}/{imgs.name(i)}:v1" for i in range(top + 1)]
+            runs = {n: start_size(s0, refs, n, with_ducc and n <= args.ducc_max_images) for n in sizes}
+            for n in sizes:  # ours and the floor at every size, then DUCC
+                print(f"-- {n} images: ours, the floor", file=sys.stderr)
+                run_ours_and_floor(s0, imgs, runs[n], args.gc)
+                report(runs[n].rounds, runs[n].ours, None, runs[n].floor, n, imgs)
+            if len(sizes) > 1:
+                report_scaling(sizes, runs, runs[sizes[0]].rounds)
+            for n in sizes:
+                if runs[n].ducc is not None:
+                    print(f"-- {n} images: DUCC", file=sys.stderr)
+                    run_ducc_rounds(s0, refs, runs[n], args.gc)
+                    report(runs[n].rounds, runs[n].ours, runs[n].ducc, runs[n].floor, n, imgs)
+            for n in sizes:
+                check_clean(runs[n])
     finally:
         if c is not None:
             c.stop()  # (stop_container would remove its work dir too)
