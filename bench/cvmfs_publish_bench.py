@@ -134,6 +134,11 @@ def run_ours(s0: Stratum0, side: Side, round_name: str, wl: str, state_db: str) 
     cmd = (f"cd / && cvmfs-publisher convert {wl} --backend cvmfs --repository-root {side.repo.root} "
            f"--state-db {state_db} --log-level debug >{log} 2>&1")
     _timed(s0, side, round_name, cmd, log)
+    _calls(s0, side, round_name, log)
+
+
+def _calls(s0: Stratum0, side: Side, round_name: str, log: str) -> None:
+    """The seconds of each cvmfs_server call the round's debug log records."""
     calls: dict[str, list[float]] = defaultdict(list)
     for m in CALL.finditer((s0.host_w / Path(log).name).read_text(errors="replace")):
         calls[m.group(1)].append(float(m.group(2)))
@@ -144,9 +149,11 @@ def run_ours_gc(s0: Stratum0, side: Side, wl: str, state_db: str) -> None:
     """Drop half of the images: a convert of the shorter wishlist, then the publisher's gc."""
     log = f"/w/{side.repo.name}-gc.log"
     cmd = (f"cd / && cvmfs-publisher convert {wl} --backend cvmfs --repository-root {side.repo.root} "
-           f"--state-db {state_db} >{log} 2>&1 && sleep 1 && cvmfs-publisher gc --older-than 1s "
-           f"--backend cvmfs --repository-root {side.repo.root} --state-db {state_db} >>{log} 2>&1")
+           f"--state-db {state_db} --log-level debug >{log} 2>&1 && sleep 1 && cvmfs-publisher gc "
+           f"--older-than 1s --backend cvmfs --repository-root {side.repo.root} --state-db {state_db} "
+           f"--log-level debug >>{log} 2>&1")
     _timed(s0, side, "gc half", cmd, log)
+    _calls(s0, side, "gc half", log)
 
 
 def run_ducc_gc(s0: Stratum0, side: Side, dropped: list[str]) -> None:
