@@ -468,7 +468,6 @@ def test_markers_are_files_of_their_own(tmp_path: Path) -> None:
     assert ensure_markers([a, b]) == []
 
 
-@requires_root
 def test_markers_never_go_through_a_symlink_planted_in_the_repository(tmp_path: Path) -> None:
     from publisher.backend.catalogs import ensure_markers
 

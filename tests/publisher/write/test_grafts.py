@@ -9,7 +9,6 @@ from pathlib import Path
 from publisher.write.chains import ChainMerger
 from publisher.write.grafts import GRAFT_PREFIX, GraftCache, GraftInfo, graft_info, write_graft
 
-from tests.fixtures.marks import requires_root
 
 
 def test_graft_text_one_chunk_and_chunked() -> None:
@@ -40,7 +39,6 @@ def test_write_graft_makes_an_empty_file_and_its_graft_file(tmp_path: Path) -> N
     assert (tmp_path / (GRAFT_PREFIX + "big")).read_text() == "size=6\nchecksum=abc\n"
 
 
-@requires_root
 def test_merge_carries_grafts_with_their_files_only(tmp_path: Path) -> None:
     lower, upper, out = tmp_path / "lower", tmp_path / "upper", tmp_path / "out"
     (lower / "d").mkdir(parents=True)
