@@ -5,7 +5,6 @@ import gzip
 import hashlib
 import io
 import json
-import subprocess
 import tarfile
 from pathlib import Path
 
@@ -17,7 +16,7 @@ from cvmfs_common.registry.credentials import Credentials
 from cvmfs_common.registry.client import RegistryClient
 from publisher.sync.thin import (DEFAULT_OUTPUT_FORMAT, build_thin_image, ducc_whole_name, format_output,
     go_json_indent, thin_json)
-from tests.fixtures.images import StandardImages
+from tests.fixtures.images import StandardImages, skopeo
 
 from tests.publisher.clirun import run_cli
 from tests.fixtures.marks import requires_root
@@ -140,8 +139,8 @@ def test_thin_images_pushed_and_readable(standard_images: StandardImages, regist
         assert [l["digest"] for l in t["layers"]] == [d[7:] for d in img.layers]
         assert t["origin"] == f"http://{host}/test/tagged:{tag}"
 
-    inspect = subprocess.run(["skopeo", "inspect", "--tls-verify=false", "--creds", "u:p",
-                              f"docker://{out.host}/thin/test/multilayer:v1"], capture_output=True, text=True)
+    inspect = skopeo("inspect", "--tls-verify=false", "--creds", "u:p",
+                     f"docker://{out.host}/thin/test/multilayer:v1", check=False)
     assert inspect.returncode == 0, inspect.stderr
     assert len(json.loads(inspect.stdout)["Layers"]) == 1
 
