@@ -10,7 +10,7 @@ import pytest
 from tests.publisher.treeview import diff_trees, merge_view, tree_snapshot
 from publisher.unpack.unpack import unpack_layer
 
-from tests.fixtures.marks import requires_root
+from tests.fixtures.marks import needs_root, requires_root
 from .layertar import blob, dir_, reg, sym
 
 BASE = [dir_("etc"), reg("etc/a", b"a"), reg("etc/b", b"b"), dir_("etc/sub"), reg("etc/sub/c"),
@@ -55,7 +55,7 @@ def test_merge_view_applies_both_whiteout_forms(tmp_path: Path) -> None:
     assert overlay["/opq"].mode == 0o700 and overlay["/tofile"].type == "file"
 
 
-@requires_root
+@needs_root("an overlay mount")
 def test_merge_view_matches_a_kernel_overlay_mount(tmp_path: Path) -> None:
     layers = _layers(tmp_path, "overlay")
     mnt = tmp_path / "mnt"

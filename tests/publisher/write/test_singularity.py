@@ -14,7 +14,7 @@ import pytest
 
 from publisher.write.singularity import env_script, has_singularity, labels_json, sh_quote, write_singularity
 
-from tests.fixtures.marks import requires_root
+from tests.fixtures.marks import needs_root
 
 BUSYBOX = Path("/bin/busybox")
 
@@ -44,6 +44,8 @@ CONFIG = {"config": {
     "Labels": {"org.opencontainers.image.title": "nasty", "maintainer": "Ann <a@b>"},
 }}
 
+needs_chroot = needs_root("chroot into the written tree")
+
 
 def rootfs(tmp_path: Path) -> Path:
     root = tmp_path / "rootfs"
@@ -67,7 +69,7 @@ def test_sh_quote_round_trips_every_string(tmp_path: Path) -> None:
         assert out.decode() == value
 
 
-@requires_root
+@needs_chroot
 def test_env_values_round_trip_exactly(tmp_path: Path) -> None:
     root = rootfs(tmp_path)
     write_singularity(root, CONFIG)
@@ -87,7 +89,7 @@ def test_env_values_round_trip_exactly(tmp_path: Path) -> None:
     assert {k: alone[k] for k in NASTY} == NASTY
 
 
-@requires_root
+@needs_chroot
 def test_host_values_win_except_path_as_in_apptainer(tmp_path: Path) -> None:
     root = rootfs(tmp_path)
     write_singularity(root, CONFIG)
@@ -97,7 +99,7 @@ def test_host_values_win_except_path_as_in_apptainer(tmp_path: Path) -> None:
     assert got["FOO"] == "from host" and got["BARE"] == "kept" and got["PATH"] == "/custom/bin:/bin"
 
 
-@requires_root
+@needs_chroot
 def test_runscript_runs_entrypoint_and_cmd_in_the_callers_dir_and_passes_args(tmp_path: Path) -> None:
     root = rootfs(tmp_path)
     write_singularity(root, CONFIG)
@@ -113,7 +115,7 @@ def test_runscript_runs_entrypoint_and_cmd_in_the_callers_dir_and_passes_args(tm
     assert r.stdout.decode() == "/\n[x]\n"
 
 
-@requires_root
+@needs_chroot
 @pytest.mark.parametrize("config, args, want", [
     ({"Cmd": ["/bin/echo", "cmd only"]}, [], "cmd only\n"),
     ({"Cmd": ["/bin/echo", "cmd only"]}, ["/bin/echo", "replaced"], "replaced\n"),
@@ -130,7 +132,7 @@ def test_runscript_forms(tmp_path: Path, config: dict, args: list[str], want: st
     assert r.stdout.decode() == want
 
 
-@requires_root
+@needs_chroot
 def test_no_command_is_a_clear_error(tmp_path: Path) -> None:
     root = rootfs(tmp_path)
     write_singularity(root, {"config": {}})
@@ -189,7 +191,7 @@ def test_env_script_is_plain_posix() -> None:
     assert text.splitlines()[2:] == ['if [ -z "${A:-}" ]; then A=\'1\'; fi', "export A", 'B="${B:-}"', "export B"]
 
 
-@requires_root
+@needs_chroot
 def test_converted_apptainer_image_runs_from_its_flat_dir(standard_images, tmp_path: Path) -> None:
     """The standard test/apptainer:v1 image through `convert-image`: its flat link, chrooted
     as apptainer would enter it, gives the image's exact Env and runs ENTRYPOINT + CMD
