@@ -335,7 +335,6 @@ def test_check_knows_the_variant_link(published: Published, tmp_path: Path) -> N
     assert local.rc == 1 and "check with --backend cvmfs" in local.stdout, local.stdout
 
 
-@requires_root
 def test_public_link_follows_the_platforms_asked_for(cvmfs_standin: CvmfsStandin, standard_images, registry,
                                                      tmp_path: Path) -> None:
     """A multi-platform tag published for the default platform only has a plain link; once a
@@ -404,7 +403,6 @@ def test_wishlist_repository_must_match_the_root(cvmfs_standin: CvmfsStandin, tm
     assert cvmfs_standin.commands() == []
 
 
-@requires_root
 def test_a_leftover_tmp_is_removed_in_a_transaction_of_its_own(cvmfs_standin: CvmfsStandin, registry,
                                                                  tmp_path: Path) -> None:
     repo = cvmfs_standin.mkfs(REPO)
@@ -567,7 +565,6 @@ def test_older_podman_entries_stacking_raw_layer_dirs_are_upgraded(cvmfs_standin
     assert convert(repo, db, wl).rc == 0 and s.commands() == [["list"]]  # now current: no transaction
 
 
-@requires_root
 def test_diffid_links_of_an_older_repository_in_one_transaction(cvmfs_standin: CvmfsStandin, standard_images,  # noqa: F811
                                                                 tmp_path: Path) -> None:
     """Layer dirs published before the .diffids links existed gain them at the next convert

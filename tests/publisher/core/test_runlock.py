@@ -46,7 +46,6 @@ def test_gc_and_convert_with_another_state_db_meet_the_lock(tmp_path: Path, caps
         assert res.rc == 2 and "is writing repository" in capsys.readouterr().err
 
 
-@requires_root
 def test_two_converts_with_different_state_dbs_on_one_root(big_image: BuiltImage,  # noqa: F811
                                                            tmp_path: Path) -> None:
     root = tmp_path / "repo"

@@ -217,7 +217,6 @@ def test_gc_after_dropping_a_platform_removes_exactly_its_multiarch_entries(stan
     assert checked.rc == 0, checked.stdout
 
 
-@requires_root
 def test_the_image_a_moved_tag_left_goes_after_its_grace(registry, tmp_path: Path) -> None:
     images = Images(registry.host, tmp_path)
     root, db = tmp_path / "repo", tmp_path / "state.db"
@@ -240,7 +239,6 @@ def test_the_image_a_moved_tag_left_goes_after_its_grace(registry, tmp_path: Pat
     assert run_cli("check", *_args(root, db)).rc == 0
 
 
-@requires_root
 def test_gc_waits_for_a_running_convert(registry, tmp_path: Path, capsys) -> None:
     images = Images(registry.host, tmp_path)
     images.push("one", "gc/locked", "v1")

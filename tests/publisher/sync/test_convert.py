@@ -276,7 +276,6 @@ def test_resync_without_change_is_head_only_and_writes_nothing(published: Publis
     assert not any(published.layout.tmp_dir.iterdir())
 
 
-@requires_root
 def test_default_platform_is_one_per_repository(published: Published, capsys) -> None:
     img = published.images.multiarch
     res = run_cli("convert-image", img.ref, "--platform", f"linux/{OTHER_ARCH}", "--repository-root",
@@ -287,7 +286,6 @@ def test_default_platform_is_one_per_repository(published: Published, capsys) ->
 
 # ------------------------------------------------------------------------------ other runs
 
-@requires_root
 def test_moved_tag_switches_link(registry, tmp_path: Path) -> None:
     from tests.fixtures.images import Pusher
     from tests.fixtures.layers import Entry, Layer
@@ -325,7 +323,6 @@ def test_moved_tag_switches_link(registry, tmp_path: Path) -> None:
     assert owners == [two.config_digest[7:]]
 
 
-@requires_root
 def test_an_older_repository_is_upgraded_in_place(standard_images: StandardImages, registry, tmp_path: Path) -> None:
     """.flat symlinks (what older versions wrote), flat dirs without .singularity.d and
     missing .multiarch links in a repository without a format version are replaced by the
@@ -361,7 +358,6 @@ def test_an_older_repository_is_upgraded_in_place(standard_images: StandardImage
     assert run_cli("check", "--repository-root", root, "--state-db", db).rc == 0
 
 
-@requires_root
 def test_convert_image_of_missing_tag_fails(registry, tmp_path: Path) -> None:
     res = run_cli("convert-image", f"{registry.host}/{MISSING}", "--repository-root", tmp_path / "repo",
                   "--state-db", tmp_path / "state.db", "--no-podman-store")
@@ -388,7 +384,6 @@ def test_maintenance_commands_need_their_arguments(tmp_path: Path, capsys) -> No
         assert f"{cmd} needs --repository-root" in capsys.readouterr().err
 
 
-@requires_root
 def test_a_glob_skips_invalid_tags_of_the_tag_list(registry, tmp_path: Path) -> None:
     img = push_image(registry.host, tmp_path, "glob/invalid", "v1", [Layer.from_entries([Entry.file("/a", "a")])])
     # The registry lists whatever its storage has: plant tags no client could push.
@@ -404,7 +399,6 @@ def test_a_glob_skips_invalid_tags_of_the_tag_list(registry, tmp_path: Path) -> 
     assert os.path.islink(RepositoryLayout(root).link_path(registry.host, "glob/invalid", img.tag))
 
 
-@requires_root
 def test_a_name_too_long_for_the_file_system_fails_before_any_write(registry, tmp_path: Path) -> None:
     name, tag = "long/" + "n" * 200, "t" * 100  # "<repo>:<tag>" is one 301-byte file name
     push_image(registry.host, tmp_path, name, tag, [Layer.from_entries([Entry.file("/a", "a")])])
@@ -417,7 +411,6 @@ def test_a_name_too_long_for_the_file_system_fails_before_any_write(registry, tm
     assert list(root.iterdir()) == []  # no layer, chain, .flat, link or metadata
 
 
-@requires_root
 def test_overlay_xattrs_of_a_tar_are_dropped_user_namespace_too(registry, tmp_path: Path) -> None:
     forged = {"user.overlay.opaque": b"y", "user.overlay.redirect": b"/etc", "trusted.overlay.opaque": b"y",
               "user.kept": b"1"}
@@ -437,7 +430,6 @@ def test_overlay_xattrs_of_a_tar_are_dropped_user_namespace_too(registry, tmp_pa
     assert (chain / "data/below").read_text() == "b"  # no opaque dir forged over the lower one
 
 
-@requires_root
 def test_an_index_tag_published_without_index_json_gets_it_at_the_next_resync(standard_images: StandardImages,
                                                                               registry, tmp_path: Path) -> None:
     """Tags published before index.json was kept (a repository without a format version)

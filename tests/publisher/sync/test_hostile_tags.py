@@ -13,9 +13,6 @@ from publisher.core.state import RunCounts, State
 from tests.fixtures.layers import Entry, Layer
 
 from tests.publisher.clirun import push_image, run_proc, write_wishlist
-from tests.fixtures.marks import requires_root
-
-pytestmark = requires_root
 
 
 def _plant_tags(registry, repository: str, source_tag: str, names: list[str]) -> None:

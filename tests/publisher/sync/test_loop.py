@@ -23,7 +23,6 @@ from tests.fixtures._proc import free_port
 from tests.fixtures.polling import wait_until
 
 from tests.publisher.clirun import popen_cli, write_wishlist
-from tests.fixtures.marks import requires_root
 from tests.publisher.looprun import Images, LoopProcess, link_exists, link_reads
 
 HOST_PLATFORM = Platform.host()
@@ -193,7 +192,6 @@ def test_wanted_by_matches_host_repository_tag_globs_and_digests() -> None:
 
 # ------------------------------------------------------------------------------ the real thing
 
-@requires_root
 def test_registry_down_and_back_moved_tag_and_sigterm(registry_factory, tmp_path: Path) -> None:
     reg = registry_factory()
     images = Images(reg.host, tmp_path)
@@ -223,7 +221,6 @@ def test_registry_down_and_back_moved_tag_and_sigterm(registry_factory, tmp_path
     assert set(commands) == {"loop"} and len(commands) >= 3
 
 
-@requires_root
 def test_sigterm_lets_the_current_image_finish_and_starts_no_other(big_image, registry, tmp_path: Path) -> None:  # noqa: F811
     small = Images(registry.host, tmp_path)
     small.push("small", "test/after-big", "v1")
@@ -252,7 +249,6 @@ def _tmp_entries(lay: RepositoryLayout) -> list[Path]:
         return []
 
 
-@requires_root
 def test_idle_sigterm_exits_0_and_metrics_are_served(registry_factory, tmp_path: Path) -> None:
     reg = registry_factory()
     images = Images(reg.host, tmp_path)
@@ -280,7 +276,6 @@ def test_idle_sigterm_exits_0_and_metrics_are_served(registry_factory, tmp_path:
     assert rc == 0 and time.monotonic() - started < 5, loop.text()[-3000:]
 
 
-@requires_root
 def test_second_loop_on_the_same_state_refuses(registry_factory, tmp_path: Path) -> None:
     reg = registry_factory()
     Images(reg.host, tmp_path).push("one", "test/app", "v1")
@@ -334,7 +329,6 @@ def slow_setup(registry_factory, tmp_path: Path):
         yield reg, proxy, front, tokens
 
 
-@requires_root
 def test_trickling_blob_and_huge_token_fail_their_images_and_the_round_goes_on(slow_setup, tmp_path: Path) -> None:
     reg, proxy, front, tokens = slow_setup
     root, db = tmp_path / "repo", tmp_path / "state.db"
@@ -365,7 +359,6 @@ def test_trickling_blob_and_huge_token_fail_their_images_and_the_round_goes_on(s
     assert took < 60
 
 
-@requires_root
 def test_image_deadline_fails_a_stuck_image_in_convert(slow_setup, tmp_path: Path) -> None:
     reg, proxy, _, _ = slow_setup
     root, db = tmp_path / "repo", tmp_path / "state.db"
@@ -386,7 +379,6 @@ def test_image_deadline_fails_a_stuck_image_in_convert(slow_setup, tmp_path: Pat
     assert link_exists(RepositoryLayout(root).link_path(reg.host, "test/fast", "v1"))()
 
 
-@requires_root
 def test_one_sigterm_stops_a_loop_stuck_in_a_download(slow_setup, tmp_path: Path) -> None:
     reg, proxy, _, _ = slow_setup
     root, db = tmp_path / "repo", tmp_path / "state.db"

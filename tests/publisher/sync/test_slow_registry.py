@@ -16,10 +16,7 @@ from tests.fixtures.layers import Layer
 from tests.fixtures.oci_layout import ImageConfig, OciLayout, Platform
 
 from tests.publisher.clirun import run_proc, write_wishlist
-from tests.fixtures.marks import requires_root
 from tests.publisher.looprun import Images
-
-pytestmark = requires_root
 
 
 @pytest.fixture

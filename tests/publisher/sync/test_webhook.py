@@ -20,7 +20,6 @@ from tests.fixtures.polling import wait_until
 from tests.fixtures.registry import NotificationEndpoint
 
 from tests.publisher.clirun import run_cli, write_wishlist
-from tests.fixtures.marks import requires_root
 from tests.publisher.looprun import Images, LoopProcess, link_reads
 
 DIGEST = "sha256:" + "c" * 64
@@ -192,7 +191,6 @@ def _measure(loop: LoopProcess, images: Images, link: Path, label: str, name: st
     return copied - started, live - started
 
 
-@requires_root
 def test_pushed_tag_is_live_within_seconds_without_waiting_for_the_interval(registry_factory,
                                                                             tmp_path: Path) -> None:
     port = free_port()
@@ -228,7 +226,6 @@ def test_pushed_tag_is_live_within_seconds_without_waiting_for_the_interval(regi
     assert rc == 0
 
 
-@requires_root
 def test_polling_latency_for_comparison(registry_factory, tmp_path: Path) -> None:
     """Without --listen a push waits for the next round: up to --interval (here 3 s)."""
     reg = registry_factory()
@@ -286,7 +283,6 @@ def _junk_envelopes(n_events: int, per_envelope: int, host: str) -> list[bytes]:
     return out
 
 
-@requires_root
 def test_forged_invalid_and_slow_traffic_never_stop_real_pushes(registry_factory, tmp_path: Path) -> None:
     token = "tok-" + os.urandom(16).hex()
     token_file = tmp_path / "token"

@@ -11,9 +11,7 @@ from cvmfs_common.fsutil.atomic import remove_tree
 from tests.fixtures.layers import Entry, Layer
 
 from tests.publisher.clirun import push_image, run_proc, write_wishlist
-from tests.fixtures.marks import requires_root
 
-pytestmark = requires_root
 
 DEPTH = 5000  # "d/" per level: 10 000-byte paths (PATH_MAX is 4096)
 

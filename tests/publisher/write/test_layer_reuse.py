@@ -16,9 +16,8 @@ from tests.fixtures.layers import Entry, Layer
 from tests.publisher.clirun import push_image, run_cli
 from tests.fixtures.marks import requires_root
 
-pytestmark = requires_root
 
-
+@requires_root
 def test_shared_layer_on_two_different_parents(registry, tmp_path: Path) -> None:
     # The same top layer (it omits /app and /lib) on two bases that disagree about them.
     top = Layer.from_entries([Entry.file("/app/new", "n\n"), Entry.file("/lib/libx.so", "x\n")])

@@ -18,10 +18,8 @@ from tests.fixtures.workdirs import new_workdir, remove_workdir
 
 from tests.publisher.clirun import popen_cli, push_image, run_cli, write_wishlist
 from tests.publisher.inflight import wait_for_work
-from tests.fixtures.marks import requires_root
 from tests.publisher.podmanenv import Podman, podman_missing
 
-pytestmark = requires_root
 
 FILES = 2_000  # the second image unpacks for a moment: the kill lands in it
 
@@ -100,7 +98,6 @@ def test_kill_9_between_images_then_next_run_repairs_the_store(registry, tmp_pat
     # now current: a re-sync publishes nothing again
     third = run_cli(*args)
     assert third.rc == 0 and "2 unchanged" in third.stdout, third.stdout
-
 
 
 def test_a_failed_store_write_fails_its_images_and_the_next_run_repairs(registry, tmp_path: Path) -> None:
