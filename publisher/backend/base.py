@@ -70,6 +70,12 @@ class Backend:
     # one unit per image (publisher/sync/convert.py: _publish_batch)
     batched = False
     grafts = False  # chains and flat dirs graft published files (publisher/write/grafts.py)
+    # gc hands the content trees it drops to delete_trees() after its unit, instead of removing
+    # them entry by entry inside it (cvmfs: at catalog level, `cvmfs_server ingest --delete`)
+    deletes_trees = False
+    # Whether removing a file frees its storage (cvmfs: content is stored once per revision
+    # set, only `cvmfs_server gc` frees it), so gc counts bytes only where this holds.
+    frees_storage = True
 
     def __init__(self, root: Path) -> None:
         self.root = Path(os.path.abspath(root))
@@ -97,6 +103,11 @@ class Backend:
     def after_links(self, dirs: "list[Path]") -> None:
         """Inside the unit, after convert wrote links of its own (``.diffids``) into ``dirs``
         (cvmfs: their catalog markers)."""
+
+    def delete_trees(self, paths: "list[Path]") -> None:
+        """Outside any unit: delete the directory trees ``paths`` (under the root) at once.
+        Only a backend with ``deletes_trees`` implements it."""
+        raise NotImplementedError(f"the {self.name} backend deletes trees inside its unit")
 
     def describe(self) -> str:
         return f"{self.name} backend at {self.root}"

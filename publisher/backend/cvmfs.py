@@ -51,6 +51,8 @@ log = logging.getLogger(__name__)
 ALREADY_IN_TRANSACTION = "already in a transaction"
 IN_TRANSACTION = "in transaction"
 _OUTPUT_TAIL = 2000
+# Paths per `cvmfs_server ingest --delete` call: one revision each (an argv far below ARG_MAX)
+DELETE_BATCH = 500
 # cvmfs_server >= 2.8 tells the kind of failure by exit code (CVM-1873); EEXIST: in a transaction
 _EEXIST = 17
 
@@ -90,6 +92,8 @@ class CvmfsBackend(Backend):
     published_raw_whiteouts = False  # publish drops `.wh.` files (docs/cvmfs-backend.md)
     batched = True  # a round in one or two revisions (docs/cvmfs-backend.md)
     grafts = True
+    deletes_trees = True  # gc: `cvmfs_server ingest -d PATH ...` (catalog level, no union walk)
+    frees_storage = False  # only `cvmfs_server gc` frees storage
 
     def __init__(self, root: Path, repository: str, command: str = "cvmfs_server") -> None:
         super().__init__(root)
@@ -248,6 +252,28 @@ class CvmfsBackend(Backend):
         tmp = self.root / ".tmp"
         if os.path.lexists(tmp):
             remove_tree(tmp)
+
+    def delete_trees(self, paths: "list[Path]") -> None:
+        """``cvmfs_server ingest -d P1 -d P2 ... REPO``: a transaction and a publish of its own
+        that drop each tree from the catalogs without walking it through the union (a tree with
+        a nested catalog goes with it). Each path relative to the root: ingest refuses a leading
+        ``/``; a missing path still costs a revision (the caller passes existing dirs only);
+        ``:`` separates the paths inside cvmfs_server, so a path holding one is refused here."""
+        if self._open is not None:
+            raise BackendError(f"cannot delete trees inside the unit {self._open!r} (ingest is a transaction)")
+        rel = []
+        for p in paths:
+            r = os.path.relpath(os.path.abspath(p), self.root)
+            if r == "." or r.startswith("..") or ":" in r:
+                raise BackendError(f"refusing to delete {p}: not a path below {self.root} that ingest takes")
+            rel.append(r)
+        for i in range(0, len(rel), DELETE_BATCH):
+            args = ["ingest"]
+            for r in rel[i:i + DELETE_BATCH]:
+                args += ["-d", r]
+            self._leave_repository()
+            self._call(*args, self.repository)
+            log.info("deleted %d trees from %s (ingest --delete)", len(rel[i:i + DELETE_BATCH]), self.repository)
 
     def after_image(self, layout: RepositoryLayout, record: "ImageRecord", placement: "Placement") -> None:
         made = ensure_markers(catalog_dirs(layout, record, [placement.layout.podman_store]), self.root)
