@@ -185,6 +185,7 @@ class GcReport:
     held: int = 0  # in the removed entries, counting what stays hard-linked elsewhere
     errors: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    frees_storage: bool = True  # False (cvmfs): bytes are not counted, `cvmfs_server gc` frees them
 
     @property
     def ok(self) -> bool:
@@ -202,10 +203,12 @@ class GcReport:
         p = self.plan
         verb = "would remove" if self.dry_run else "removed"
         counts = ", ".join(f"{n} {one if n == 1 else many}" for n, one, many in self.counts())
-        head = f"gc{' (dry run)' if self.dry_run else ''}: {verb} {counts}; " \
-               f"{'would free' if self.dry_run else 'freed'} {human_bytes(self.bytes)} ({self.bytes} bytes) " \
-               f"of {human_bytes(self.held)} they hold (the rest is hard-linked from what stays); " \
-               f"{self.seconds:.1f} s"
+        if self.frees_storage:
+            space = f"{'would free' if self.dry_run else 'freed'} {human_bytes(self.bytes)} ({self.bytes} bytes) " \
+                    f"of {human_bytes(self.held)} they hold (the rest is hard-linked from what stays)"
+        else:
+            space = "storage is freed by `cvmfs_server gc`"
+        head = f"gc{' (dry run)' if self.dry_run else ''}: {verb} {counts}; {space}; {self.seconds:.1f} s"
         lines = [head]
         since = "never" if p.last_full_run is None else _when(p.last_full_run)
         lines.append(f"  (unused since {_when(p.cutoff)}; latest full run started {since})")
@@ -302,6 +305,21 @@ class _Remover:
         self.attempt(f"removing {path}", run)
 
 
+def _queue_tree(layout: RepositoryLayout, rm: _Remover, path: Path, trees: list[Path]) -> None:
+    """A dir reached from the root without following a symlink goes to ``trees``; anything
+    else there (a file, a symlink) is removed now, as retire does; nothing there: done
+    (a crashed gc's delete may have taken it already)."""
+    try:
+        with parent_beneath(layout.root, path) as (parent_fd, name):
+            st = os.stat(name, dir_fd=parent_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return
+    if stat.S_ISDIR(st.st_mode):
+        trees.append(path)
+    else:
+        rm.retire(path)
+
+
 def prune_empty(directory: Path, stop: Path, root: Path) -> None:
     """rmdir ``directory`` and its parents while empty, up to (not including) ``stop``;
     each reached from ``root`` without following a symlink."""
@@ -362,7 +380,7 @@ def collect(root: Path, state_db: Path, *, older_than: float, dry_run: bool, pod
     with run_locks_waiting(state_db, root, lock_wait), State.open(state_db, root, use_reserve=True) as state:
         plan = make_plan(state, time.time() if now is None else now, older_than)
         plan.old_platforms_dir = os.path.lexists(layout.platforms_dir)
-        report = GcReport(plan, dry_run)
+        report = GcReport(plan, dry_run, frees_storage=backend.frees_storage)
         tag_paths = []
         for t in plan.tags:
             if t.manifest_digest is None:
@@ -374,15 +392,19 @@ def collect(root: Path, state_db: Path, *, older_than: float, dry_run: bool, pod
             tag_paths.append(layout.platforms_dir)
         dirs = tag_paths + [layout.flat_dir(c) for c in plan.flats] + [layout.chain_dir(c) for c in plan.chains] \
             + [layout.layer_dir(d) for d in plan.layers]
-        report.bytes, report.held = sizes(dirs, layout.root)
+        if backend.frees_storage:  # (elsewhere walking every dropped tree would tell nothing true)
+            report.bytes, report.held = sizes(dirs, layout.root)
         if dry_run or plan.empty:
             report.seconds = time.monotonic() - started
             return report
 
         backend.start(layout)  # work a crash left in .tmp/ (cvmfs: an open transaction)
         rm = _Remover(layout)
+        trees: list[Path] | None = [] if backend.deletes_trees else None
         with backend.unit("gc"):
-            _remove(plan, layout, rm, podman, state.layer_diff_ids())
+            _remove(plan, layout, rm, podman, state.layer_diff_ids(), trees)
+        if trees and not rm.errors:  # (a name left in place may still lead to its tree: keep the trees)
+            rm.attempt(f"deleting {len(trees)} trees", backend.delete_trees, trees)
         report.errors = rm.errors
         if not rm.errors:
             try:
@@ -399,8 +421,9 @@ def collect(root: Path, state_db: Path, *, older_than: float, dry_run: bool, pod
 
 
 def _remove(plan: GcPlan, layout: RepositoryLayout, rm: _Remover, podman: bool,
-            diff_ids: dict[str, str] | None = None) -> None:
-    """Names first (nothing visible leads to what goes next), then content top down."""
+            diff_ids: dict[str, str] | None = None, trees: list[Path] | None = None) -> None:
+    """Names first (nothing visible leads to what goes next), then content top down. With
+    ``trees``, the content dirs are appended to it for the backend's ``delete_trees`` instead."""
     for t in plan.tags:
         if t.manifest_digest is None:
             continue
@@ -423,12 +446,13 @@ def _remove(plan: GcPlan, layout: RepositoryLayout, rm: _Remover, podman: bool,
             configs = sorted(plan.podman_images.get(pdir, ()))
             if configs:
                 rm.attempt(f"{len(configs)} podman images in {store.root}", store.remove_images, configs)
-    for c in plan.flats:
-        rm.retire(layout.flat_dir(c))
-    for c in plan.chains:
-        rm.retire(layout.chain_dir(c))
-    for d in plan.layers:
-        rm.retire(layout.layer_dir(d))
+    content = [layout.flat_dir(c) for c in plan.flats] + [layout.chain_dir(c) for c in plan.chains] \
+        + [layout.layer_dir(d) for d in plan.layers]
+    for path in content:
+        if trees is None:
+            rm.retire(path)
+        else:
+            rm.attempt(f"looking at {path}", _queue_tree, layout, rm, path, trees)
     # A .diffids link naming a removed dir: to another compression of that layer that stays, else gone.
     gone = set(plan.layers)
     by_diff: dict[str, list[str]] = {}
