@@ -65,7 +65,7 @@ def syncfs(path: Path) -> None:
         os.close(fd)
 
 
-def publish_dir(src: Path, dst: Path, root: Path | None = None) -> bool:
+def publish_dir(src: Path, dst: Path, root: Path | None = None, durable: bool = True) -> bool:
     """Rename a finished work dir into place, never replacing an existing ``dst``.
 
     Uses renameat2(RENAME_NOREPLACE) (plain rename() would silently replace an
@@ -73,6 +73,7 @@ def publish_dir(src: Path, dst: Path, root: Path | None = None) -> bool:
     someone published the same content first, which is fine for content-addressed
     dirs. Parent directories of ``dst`` are created; the parent is fsynced.
     ``root``: both are below it and reached without following a symlink (beneath.py).
+    ``durable=False``: no fsync of the parent (the caller's file system makes it durable otherwise).
     """
     src, dst = Path(src), Path(dst)
     if root is not None:
@@ -88,7 +89,8 @@ def publish_dir(src: Path, dst: Path, root: Path | None = None) -> bool:
                 if lexists_at(dst_fd, dst_name):
                     return False
                 os.rename(src_name, dst_name, src_dir_fd=src_fd, dst_dir_fd=dst_fd)
-            os.fsync(dst_fd)
+            if durable:
+                os.fsync(dst_fd)
         return True
     dst.parent.mkdir(parents=True, exist_ok=True)
     try:
@@ -103,7 +105,8 @@ def publish_dir(src: Path, dst: Path, root: Path | None = None) -> bool:
         if os.path.lexists(dst):
             return False
         os.rename(src, dst)
-    fsync_dir(dst.parent)
+    if durable:
+        fsync_dir(dst.parent)
     return True
 
 

@@ -76,6 +76,9 @@ class Backend:
     # Whether removing a file frees its storage (cvmfs: content is stored once per revision
     # set, only `cvmfs_server gc` frees it), so gc counts bytes only where this holds.
     frees_storage = True
+    # Whether each finished dir must be on disk before its rename makes it visible (syncfs,
+    # fsync of the parent): a plain directory has only the renames against kill -9 and power loss.
+    durable_renames = True
 
     def __init__(self, root: Path) -> None:
         self.root = Path(os.path.abspath(root))

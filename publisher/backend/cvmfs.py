@@ -94,6 +94,9 @@ class CvmfsBackend(Backend):
     grafts = True
     deletes_trees = True  # gc: `cvmfs_server ingest -d PATH ...` (catalog level, no union walk)
     frees_storage = False  # only `cvmfs_server gc` frees storage
+    # A transaction's writes become durable with `publish` or are aborted after a crash
+    # (start()), never read half-written: a sync per rename would only wait on the disk.
+    durable_renames = False
 
     def __init__(self, root: Path, repository: str, command: str = "cvmfs_server") -> None:
         super().__init__(root)

@@ -107,11 +107,13 @@ class Converter:
 
             assert self.backend is not None
             self.ingester = LayerIngester(self.layout, self.client, whiteouts=self.options.whiteouts,
-                                          on_bytes=self.progress.add_bytes)
+                                          on_bytes=self.progress.add_bytes,
+                                          durable=self.backend.durable_renames)
             self._publisher = ImagePublisher(self.layout, self.ingester, jobs=self.options.jobs,
                                              podman_store=self._podman_class, podman_batch=self.podman_batch,
                                              published_raw_whiteouts=self.backend.published_raw_whiteouts,
-                                             grafts=self.backend.grafts)
+                                             grafts=self.backend.grafts,
+                                             durable=self.backend.durable_renames)
         return self._publisher
 
     # -- the run ---------------------------------------------------------------------------

@@ -86,6 +86,7 @@ class LayerIngester:
     whiteouts: WhiteoutMode = WhiteoutMode.OVERLAY  # local backend; the cvmfs backend keeps them raw
     limits: Limits = Limits()
     on_bytes: Callable[[int], None] | None = None
+    durable: bool = True  # synced before the rename into place (Backend.durable_renames)
 
     def __post_init__(self) -> None:
         self._origin_lock = threading.Lock()
@@ -118,6 +119,7 @@ class LayerIngester:
             result = unpack_layer(
                 counted, dest, digest=spec.digest, diff_id=spec.diff_id, media_type=spec.media_type or None,
                 whiteouts=self.whiteouts, lowers=list(lowers), limits=self.limits,
+                early_writeback=self.durable,
             )
             blob.finish()  # the registry client's own end-of-stream verification
         finally:
@@ -158,11 +160,12 @@ class LayerIngester:
             (md / LAYERS_JSON).write_bytes(meta.to_bytes())
             (md / ORIGIN_JSON).write_bytes(origin_json_bytes([config_digest]))
             os.chmod(work, 0o755)  # mkdtemp made it 0700; readers are not all root
-            syncfs(work)
+            if self.durable:
+                syncfs(work)
             dest = self.layout.layer_dir(spec.digest)
             if replace_invalid and os.path.lexists(dest):
                 exchange_dirs(work, dest, self.layout.root)  # work now holds the old, unusable dir
-            elif not publish_dir(work, dest, self.layout.root):
+            elif not publish_dir(work, dest, self.layout.root, durable=self.durable):
                 # Published meanwhile by someone else: theirs is as good as ours.
                 theirs, why = self.present(spec)
                 if theirs is None:

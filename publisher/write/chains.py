@@ -308,8 +308,10 @@ def _copy_data(fin: int, fout: int, size: int) -> None:
 
 
 def build_chain(layout: RepositoryLayout, chain_id: str | Digest, parent: Path | None, layer_dir: Path,
-                merger: ChainMerger | None = None) -> tuple[Path, ChainStats | None]:
+                merger: ChainMerger | None = None, durable: bool = True) -> tuple[Path, ChainStats | None]:
     """Publish ``.chains/<xx>/<chain_id>`` = ``parent`` chain + ``layer_dir``.
+
+    ``durable``: synced before the rename (Backend.durable_renames).
 
     Returns (chain dir, stats); stats is None when the chain already existed.
     """
@@ -323,8 +325,9 @@ def build_chain(layout: RepositoryLayout, chain_id: str | Digest, parent: Path |
         root = work / "rootfs"
         merger = merger or ChainMerger()
         stats = merger.merge(root, parent, layer_dir)
-        syncfs(work)  # data on disk before the rename makes it visible
-        publish_dir(root, dest, layout.root)  # False: someone else published the same chain first; fine
+        if durable:
+            syncfs(work)  # data on disk before the rename makes it visible
+        publish_dir(root, dest, layout.root, durable=durable)  # False: someone else published the same chain first; fine
     finally:
         remove_tree(work)
     return dest, stats

@@ -43,9 +43,10 @@ def is_complete(flat: Path) -> bool:
 
 
 def build_flat(layout: RepositoryLayout, flat: Path, top_chain: Path, config: dict,
-               grafts: bool = False, graft_cache: "GraftCache | None" = None) -> FlatResult:
+               grafts: bool = False, graft_cache: "GraftCache | None" = None, durable: bool = True) -> FlatResult:
     """``grafts``: the copy grafts published files (publisher/write/grafts.py) instead of
-    linking them, asking ``graft_cache`` when given."""
+    linking them, asking ``graft_cache`` when given. ``durable``: synced before the rename
+    (Backend.durable_renames)."""
     if is_complete(flat):
         return FlatResult(flat, built=False)
 
@@ -56,13 +57,14 @@ def build_flat(layout: RepositoryLayout, flat: Path, top_chain: Path, config: di
 
         copy = ChainMerger(grafts=grafts, graft_cache=graft_cache).merge(tree, None, top_chain)
         sing = write_singularity(tree, config)
-        syncfs(work)  # data on disk before the rename makes it visible
+        if durable:
+            syncfs(work)  # data on disk before the rename makes it visible
         old = os.path.lexists(flat)
         if old:
             log.info("upgrading %s (%s) to a directory with .singularity.d", flat,
                      "a symlink" if flat.is_symlink() else "no .singularity.d")
             exchange_dirs(tree, flat, layout.root)  # the old entry lands in work/ and goes with it
-        elif not publish_dir(tree, flat, layout.root):
+        elif not publish_dir(tree, flat, layout.root, durable=durable):
             return FlatResult(flat, built=False)  # someone else published it first
         return FlatResult(flat, built=True, upgraded=old, copy=copy, singularity=sing)
     finally:

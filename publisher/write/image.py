@@ -92,7 +92,7 @@ class ImagePublisher:
     def __init__(self, layout: RepositoryLayout, ingester: LayerIngester, *, jobs: int = 4,
                  podman_store: Callable[[RepositoryLayout], object] | None = None,
                  podman_batch: "PodmanBatch | None" = None, published_raw_whiteouts: bool = True,
-                 grafts: bool = False) -> None:
+                 grafts: bool = False, durable: bool = True) -> None:
         self.layout = layout
         # False (cvmfs): a published layer dir has lost its `.wh.` files (Backend.published_raw_whiteouts)
         self.published_raw_whiteouts = published_raw_whiteouts
@@ -101,6 +101,7 @@ class ImagePublisher:
         self.fresh_layers: set[str] = set()
         self.grafts = grafts  # chains and flat dirs graft published files (cvmfs: publisher/write/grafts.py)
         self.graft_cache = GraftCache()  # valid for one unit, like fresh_layers
+        self.durable = durable  # chains and flat dirs synced before their rename (Backend.durable_renames)
         self.ingester = ingester
         self.jobs = max(1, jobs)
         self.podman_store = podman_store  # PodmanStore class (or None: --no-podman-store)
@@ -141,7 +142,7 @@ class ImagePublisher:
         layers, fetched, nbytes = self._chains(staged)
         top_chain = self.layout.chain_dir(chains[-1])
         build_flat(self.layout, self.layout.flat_dir(image.config_digest), top_chain, config, grafts=self.grafts,
-                   graft_cache=self.graft_cache)
+                   graft_cache=self.graft_cache, durable=self.durable)
         self._link(ref, image.config_digest, placement, platform, variant_link)
         self._multiarch_link(ref, image.config_digest, placement, platform)
         if self.podman_store is not None:
@@ -248,7 +249,8 @@ class ImagePublisher:
         lost = not self.published_raw_whiteouts and not fresh and layer.meta.whiteouts == "raw"
         if not lost and (layer.meta.parent_chain is None or layer.meta.parent_chain == parent_chain):
             path, _ = build_chain(self.layout, chain_id, parent, self.layout.layer_dir(spec.digest) / LAYERFS,
-                                  ChainMerger(grafts=self.grafts, graft_cache=self.graft_cache))
+                                  ChainMerger(grafts=self.grafts, graft_cache=self.graft_cache),
+                                  durable=self.durable)
             return path, 0
         # The published dir lost its deletions, or was completed on another parent chain (its
         # implicit directories would carry that chain's attributes). Unpack a private copy here.
@@ -261,7 +263,8 @@ class ImagePublisher:
         private = self.ingester.unpack_private(ref, spec, [parent] if parent else [])
         try:
             path, _ = build_chain(self.layout, chain_id, parent, private.layerfs,
-                                  ChainMerger(grafts=self.grafts, graft_cache=self.graft_cache))
+                                  ChainMerger(grafts=self.grafts, graft_cache=self.graft_cache),
+                                  durable=self.durable)
         finally:
             remove_tree(private.work)
         return path, private.result.compressed_size

@@ -591,3 +591,42 @@ def test_diffid_links_of_an_older_repository_in_one_transaction(cvmfs_standin: C
         assert (d / CATALOG_MARKER).is_file(), d
     s.clear_log()
     assert convert(repo, db, wl).rc == 0 and s.commands() == [["list"]]
+
+
+@pytest.fixture
+def syncs(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
+    """How often each writer synced its file system (the real syncfs still runs)."""
+    import publisher.unpack.ingest as ingest
+    import publisher.unpack.writeback as writeback
+    import publisher.write.chains as chains
+    import publisher.write.flat as flat
+
+    counts: dict[str, int] = {}
+    for module, name in ((chains, "syncfs"), (flat, "syncfs"), (ingest, "syncfs"), (writeback, "syncfs_fd")):
+        real, site = getattr(module, name), module.__name__.rsplit(".", 1)[1]
+        counts[site] = 0
+
+        def counted(*args, _real=real, _site=site):
+            counts[_site] += 1
+            return _real(*args)
+
+        monkeypatch.setattr(module, name, counted)
+    return counts
+
+
+@requires_root
+def test_no_syncfs_inside_a_transaction_the_local_backend_syncs(cvmfs_standin: CvmfsStandin, standard_images,
+                                                                 tmp_path: Path, syncs: dict[str, int]) -> None:
+    """A transaction is made durable by its publish (or aborted after a crash): its layer, chain
+    and flat dirs are renamed into place unsynced. A plain directory has only the renames."""
+    img = standard_images.multilayer
+    wl = wishlist(tmp_path / "wl.yaml", [img.ref])
+    res = convert(cvmfs_standin.mkfs(REPO), tmp_path / "state.db", wl, one_unit_mb=0)
+    assert res.rc == 0 and "1 new" in res.stdout, res.stdout
+    assert syncs == {"chains": 0, "flat": 0, "ingest": 0, "writeback": 0}
+
+    local = tmp_path / "local"
+    res = run_cli("convert", wl, "--backend", "local", "--repository-root", local, "--state-db",
+                  tmp_path / "local.db", "--jobs", "3")
+    assert res.rc == 0 and "1 new" in res.stdout, res.stdout
+    assert syncs["chains"] == len(img.layers) and syncs["flat"] == 1 and syncs["ingest"] == len(img.layers), syncs
