@@ -14,7 +14,8 @@ With ``grafts`` (the cvmfs backend) a regular file that CernVM-FS already publis
 linked -- through the transaction's union that copies it up and ``publish`` compresses and
 hashes it again -- but grafted (publisher/write/grafts.py): an empty file with its owner,
 mode and times plus a ``.cvmfsgraft-NAME`` file naming the published content. A graft made
-earlier in the same transaction is linked together with its ``.cvmfsgraft-`` file.
+earlier in the same transaction is linked together with its ``.cvmfsgraft-`` file: one in the
+parent chain, or one another tree on the same published parent wrote (GraftCache.donor).
 
 Built under ``.tmp/`` and renamed into place (never replacing): a chain dir that
 exists is complete.
@@ -36,7 +37,7 @@ from cvmfs_common.repo.lookup import find_chain
 from cvmfs_common.fsutil.atomic import publish_dir, remove_tree, syncfs
 
 from publisher.unpack.lowers import read_xattrs
-from publisher.write.grafts import GRAFT_PREFIX, GraftCache, graft_info, write_graft
+from publisher.write.grafts import GRAFT_PREFIX, FileKey, GraftCache, file_key, graft_info, write_graft
 from publisher.unpack.whiteouts import OPAQUE_XATTR, NameKind, classify, is_whiteout_device, whited_out_name
 
 _COPY_CHUNK = 1 << 20
@@ -111,7 +112,10 @@ class ChainMerger:
     # link(src_name, dst_name, *, src_dir_fd, dst_dir_fd, follow_symlinks): injectable, tests force EMLINK
     link: LinkFn = os.link
     stats: ChainStats = field(default_factory=ChainStats)
+    # the grafts this merge wrote (file, path in the tree): GraftCache.placed once the tree is in place
+    written: list[tuple[FileKey, str]] = field(default_factory=list)
     _copies: dict[tuple[int, int], tuple[int, str]] = field(default_factory=dict)  # inode -> (dir fd, name)
+    _path: list[str] = field(default_factory=list)  # the directory being merged, below the top
 
     def merge(self, out: Path, lower: Path | None, upper: Path) -> ChainStats:
         os.mkdir(out, 0o700)
@@ -138,6 +142,7 @@ class ChainMerger:
                 os.utime(dst.fd, ns=times)
                 frames.pop()
                 if frames:
+                    self._path.pop()
                     dst.up()
                     low.up()
                     up.up()
@@ -151,6 +156,7 @@ class ChainMerger:
             assert dst.fd is not None and src.fd is not None
             os.mkdir(child.name, 0o700, dir_fd=dst.fd)
             dst.down(child.name)
+            self._path.append(child.name)
             assert dst.fd is not None
             self._dir_attrs(dst.fd, src.fd)
             frames.append((self._merge_dir(dst, low, up), _times(os.fstat(src.fd))))
@@ -215,6 +221,10 @@ class ChainMerger:
         if mark is not None:  # a graft made in this transaction: the file and its graft file
             self.link(mark.name, mark.name, src_dir_fd=mark.dir_fd, dst_dir_fd=out_fd, follow_symlinks=False)
         elif self.grafts and stat.S_ISREG(src.st.st_mode) and src.st.st_size > 0:
+            rel = "/".join((*self._path, name))
+            if self.graft_cache is not None and self._link_donor(src.st, out_fd, name, rel):
+                self.stats.grafted += 1
+                return
             path = proc_path(src.dir_fd, src.name)
             info = (self.graft_cache.info(path, src.st) if self.graft_cache is not None
                     else graft_info(path, src.st.st_size))
@@ -223,6 +233,8 @@ class ChainMerger:
                 self._attrs(src.st, {}, lambda n, v: None, lambda m: os.chmod(name, m, dir_fd=out_fd),
                             lambda u, g: os.chown(name, u, g, dir_fd=out_fd))
                 os.utime(name, ns=_times(src.st), dir_fd=out_fd)
+                if self.graft_cache is not None:
+                    self.written.append((file_key(src.st), rel))
                 self.stats.grafted += 1
                 return
         key = (src.st.st_dev, src.st.st_ino)
@@ -238,6 +250,38 @@ class ChainMerger:
         self._copy(src, out_fd, name)
         self._copies[key] = (os.dup(out_fd), name)
         self.stats.copied += 1
+
+    def _link_donor(self, st: os.stat_result, out_fd: int, name: str, rel: str) -> bool:
+        """Link the graft of this file another tree of the transaction wrote, with its graft
+        file; False (nothing placed) when there is none or it is not what a graft here would be."""
+        assert self.graft_cache is not None
+        donor = self.graft_cache.donor(st, rel)
+        if donor is None:
+            return False
+        try:
+            have = os.lstat(donor)
+        except FileNotFoundError:
+            return False
+        if not (stat.S_ISREG(have.st_mode) and have.st_size == 0 and have.st_mode == st.st_mode
+                and have.st_mtime_ns == st.st_mtime_ns
+                and (not self.preserve_owners or (have.st_uid, have.st_gid) == (st.st_uid, st.st_gid))):
+            return False
+        head, tail = os.path.split(donor)
+        try:
+            self.link(donor, name, src_dir_fd=None, dst_dir_fd=out_fd, follow_symlinks=False)
+        except OSError as e:
+            if e.errno in (errno.EMLINK, errno.ENOENT):
+                return False
+            raise
+        try:
+            self.link(os.path.join(head, GRAFT_PREFIX + tail), GRAFT_PREFIX + name, src_dir_fd=None,
+                      dst_dir_fd=out_fd, follow_symlinks=False)
+        except OSError as e:
+            os.unlink(name, dir_fd=out_fd)  # never a file without its graft file
+            if e.errno in (errno.EMLINK, errno.ENOENT):
+                return False
+            raise
+        return True
 
     def _copy(self, src: _Source, out_fd: int, name: str) -> None:
         mode = src.st.st_mode
@@ -327,7 +371,9 @@ def build_chain(layout: RepositoryLayout, chain_id: str | Digest, parent: Path |
         stats = merger.merge(root, parent, layer_dir)
         if durable:
             syncfs(work)  # data on disk before the rename makes it visible
-        publish_dir(root, dest, layout.root, durable=durable)  # False: someone else published the same chain first; fine
+        if publish_dir(root, dest, layout.root, durable=durable) and merger.graft_cache is not None:
+            merger.graft_cache.placed(dest, merger.written)
+        # (False: someone else published the same chain first; fine)
     finally:
         remove_tree(work)
     return dest, stats

@@ -55,7 +55,8 @@ def build_flat(layout: RepositoryLayout, flat: Path, top_chain: Path, config: di
         tree = work / "rootfs"
         from publisher.write.chains import ChainMerger  # late: a no-change re-sync only asks is_complete
 
-        copy = ChainMerger(grafts=grafts, graft_cache=graft_cache).merge(tree, None, top_chain)
+        merger = ChainMerger(grafts=grafts, graft_cache=graft_cache)
+        copy = merger.merge(tree, None, top_chain)
         sing = write_singularity(tree, config)
         if durable:
             syncfs(work)  # data on disk before the rename makes it visible
@@ -66,6 +67,8 @@ def build_flat(layout: RepositoryLayout, flat: Path, top_chain: Path, config: di
             exchange_dirs(tree, flat, layout.root)  # the old entry lands in work/ and goes with it
         elif not publish_dir(tree, flat, layout.root, durable=durable):
             return FlatResult(flat, built=False)  # someone else published it first
+        if graft_cache is not None:
+            graft_cache.placed(flat, merger.written)
         return FlatResult(flat, built=True, upgraded=old, copy=copy, singularity=sing)
     finally:
         remove_tree(work)

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import errno
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 GRAFT_PREFIX = ".cvmfsgraft-"
@@ -72,25 +72,53 @@ def graft_info(path: str, size: int) -> GraftInfo | None:
     return GraftInfo(size, tuple(chunks))
 
 
+FileKey = tuple[int, int, int, int, int]
+
+
+def file_key(st: os.stat_result) -> FileKey:
+    """A published file's identity in the union (holds while the union is not remounted)."""
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
+
+
 @dataclass
 class GraftCache:
-    """``graft_info`` per published file, for one transaction. Every chain of a round on the
-    same published parent grafts the parent's files again; asking the client for their
-    chunk lists each time (three xattr calls through FUSE per file) was 142 s of a 980 s
-    first round of 200 images. Keyed by the file's identity in the union, which holds only
-    while the union is not remounted: ``clear()`` whenever a transaction opens."""
+    """What one transaction knows of grafting published files. ``clear()`` whenever a
+    transaction opens: the union is remounted, and the grafts written are published.
+
+    ``info``: ``graft_info`` per published file. Every chain of a round on the same published
+    parent grafts the parent's files again; asking the client for their chunk lists each time
+    (three xattr calls through FUSE per file) was 142 s of a 980 s first round of 200 images.
+
+    ``donor``: the graft of that file at that place in its tree which a chain or flat dir of
+    this transaction already wrote (``placed``), to be hard-linked with its graft file instead
+    of written again -- as a chain links the grafts of a parent built in the same transaction.
+    A graft is a hard link only of a graft of the same file at the same path: a hard-link group
+    of the parent stays separate grafts, as when written."""
 
     lookup: Callable[[str, int], GraftInfo | None] = graft_info  # injectable: tests count the calls
-    _known: dict[tuple[int, ...], GraftInfo | None] = field(default_factory=dict)
+    _known: dict[FileKey, GraftInfo | None] = field(default_factory=dict)
+    _placed: dict[tuple[FileKey, str], str] = field(default_factory=dict)  # (file, path in tree) -> tree
 
     def info(self, path: str, st: os.stat_result) -> GraftInfo | None:
-        key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+        key = file_key(st)
         if key not in self._known:
             self._known[key] = self.lookup(path, st.st_size)
         return self._known[key]
 
+    def placed(self, tree: str | os.PathLike[str], grafts: Iterable[tuple[FileKey, str]]) -> None:
+        """``grafts`` (file, path in the tree) were written in ``tree``, now in its place."""
+        root = os.fspath(tree)
+        for graft in grafts:
+            self._placed.setdefault(graft, root)
+
+    def donor(self, st: os.stat_result, rel: str) -> str | None:
+        """The path of a graft of the file ``st`` at ``rel`` written in this transaction."""
+        root = self._placed.get((file_key(st), rel))
+        return None if root is None else os.path.join(root, rel)
+
     def clear(self) -> None:
         self._known.clear()
+        self._placed.clear()
 
 
 def write_graft(dir_fd: int, name: str, info: GraftInfo) -> None:
@@ -105,4 +133,4 @@ def write_graft(dir_fd: int, name: str, info: GraftInfo) -> None:
         os.close(fd)
 
 
-__all__ = ["GRAFT_PREFIX", "GraftCache", "GraftInfo", "graft_info", "write_graft"]
+__all__ = ["GRAFT_PREFIX", "FileKey", "GraftCache", "GraftInfo", "file_key", "graft_info", "write_graft"]

@@ -4,9 +4,12 @@ with its file (tests/cvmfs/test_batch.py publishes grafts on a real stratum 0)."
 from __future__ import annotations
 
 import os
+import stat
 from pathlib import Path
 
-from publisher.write.chains import ChainMerger
+from cvmfs_common.oci.digest import sha256_of
+from cvmfs_common.repo.paths import RepositoryLayout
+from publisher.write.chains import ChainMerger, build_chain
 from publisher.write.grafts import GRAFT_PREFIX, GraftCache, GraftInfo, graft_info, write_graft
 
 
@@ -100,3 +103,54 @@ def test_chains_on_one_parent_ask_for_its_files_once(tmp_path: Path) -> None:
         ChainMerger(grafts=True, graft_cache=cache).merge(tmp_path / f"chain{i}", parent, layer)
         assert (tmp_path / f"chain{i}" / "d" / (GRAFT_PREFIX + "f")).read_text() == "size=10\nchecksum=abc\n"
     assert sorted(asked) == ["f", "own0", "own1", "own2"], asked
+
+
+def test_chains_on_one_published_parent_link_the_grafts_the_first_wrote(tmp_path: Path) -> None:
+    """A round's second batch: each chain on the published base links, file and graft file,
+    the grafts the first chain of the transaction wrote, as the first batch links its parent's."""
+    def lookup(path: str, size: int) -> GraftInfo:
+        return GraftInfo(size, (("abc", 0, size),))
+
+    lay = RepositoryLayout(tmp_path / "repo")
+    parent = tmp_path / "parent"  # stands for a published chain
+    (parent / "d").mkdir(parents=True)
+    for name in ("f", "g", "moved"):
+        (parent / "d" / name).write_text(f"published {name}\n")
+    os.link(parent / "d" / "f", parent / "d" / "f2")  # a hard-link group of the parent
+    cache = GraftCache(lookup)
+    chains = []
+    for i in range(3):
+        layer = tmp_path / f"layer{i}"
+        (layer / "d").mkdir(parents=True)
+        (layer / "d" / f"own{i}").write_text("x\n")
+        path, stats = build_chain(lay, sha256_of(f"chain{i}".encode()), parent, layer,
+                                  ChainMerger(grafts=True, graft_cache=cache), durable=False)
+        assert stats is not None and stats.grafted == 5 and stats.linked == 0, stats
+        chains.append(path / "d")
+    for name in ("f", "f2", "g", "moved"):
+        for item in (name, GRAFT_PREFIX + name):
+            inodes = {os.lstat(c / item).st_ino for c in chains}
+            assert len(inodes) == 1, (item, inodes)  # one graft, linked by the later chains
+    assert os.lstat(chains[0] / "f").st_ino != os.lstat(chains[0] / "f2").st_ino  # the group stays apart
+    assert (chains[2] / (GRAFT_PREFIX + "f")).read_text() == "size=12\nchecksum=abc\n"
+
+    # A graft that is not what one here would be (its mode changed) is written anew, as is one
+    # whose tree went away.
+    os.chmod(chains[0] / "g", 0o600)
+    os.unlink(chains[0] / "moved")
+    layer = tmp_path / "layer3"
+    (layer / "d").mkdir(parents=True)
+    path, _ = build_chain(lay, sha256_of(b"chain3"), parent, layer, ChainMerger(grafts=True, graft_cache=cache),
+                          durable=False)
+    assert os.lstat(path / "d/f").st_ino == os.lstat(chains[0] / "f").st_ino
+    assert os.lstat(path / "d/g").st_ino != os.lstat(chains[0] / "g").st_ino
+    assert stat.S_IMODE(os.lstat(path / "d/g").st_mode) == stat.S_IMODE(os.lstat(parent / "d/g").st_mode)
+    assert os.lstat(path / "d/moved").st_ino != os.lstat(chains[1] / "moved").st_ino
+    assert sorted(os.listdir(path / "d")) == sorted(n for f in ("f", "f2", "g", "moved") for n in (f, GRAFT_PREFIX + f))
+
+    cache.clear()  # a new transaction: those grafts are published, no longer grafts
+    layer = tmp_path / "layer4"
+    (layer / "d").mkdir(parents=True)
+    path, _ = build_chain(lay, sha256_of(b"chain4"), parent, layer, ChainMerger(grafts=True, graft_cache=cache),
+                          durable=False)
+    assert os.lstat(path / "d/f").st_ino != os.lstat(chains[0] / "f").st_ino
