@@ -5,7 +5,7 @@
         backend.start(layout)                   # recover from a crash, clean .tmp/
         with backend.unit("image registry/repo:tag"):
             ... write the repository ...         # layers, chains, flat, links, metadata
-            backend.after_image(layout, record, placement)
+            backend.after_image(layout, published, placement)
         # only now record in the state: the unit is published
         with backend.unit("podman store"):          # convert: the run's podman entries at once
             ... podman store JSON ...
@@ -44,7 +44,7 @@ from publisher.unpack.whiteouts import WhiteoutMode
 
 if TYPE_CHECKING:  # pragma: no cover
     from publisher.write.names import Placement
-    from publisher.core.state import ImageRecord
+    from publisher.write.image import Published
 
 log = logging.getLogger(__name__)
 
@@ -93,11 +93,13 @@ class Backend:
         """One unit of work (one image publish, one gc run)."""
         yield
 
-    def after_image(self, layout: RepositoryLayout, record: "ImageRecord", placement: "Placement") -> None:
-        """Inside the unit, after an image's files are in place (cvmfs: catalog markers)."""
+    def after_image(self, layout: RepositoryLayout, published: "Published", placement: "Placement") -> None:
+        """Inside the unit, after an image's files are in place (cvmfs: catalog markers in the
+        dirs it put there, ``published.new_dirs``)."""
 
-    def after_layers(self, layout: RepositoryLayout, digests: "list[str]") -> None:
-        """Inside the unit, after a batched image's layers are in place (cvmfs: catalog markers)."""
+    def after_layers(self, layout: RepositoryLayout, dirs: "list[Path]") -> None:
+        """Inside the unit, after a batched image's new layer dirs ``dirs`` are in place (cvmfs:
+        catalog markers)."""
 
     def after_podman_stores(self, stores: "list[Path]") -> None:
         """Inside the unit, after convert wrote its batch of podman store entries (cvmfs:

@@ -21,13 +21,9 @@ import os
 import stat
 from collections.abc import Iterable
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from cvmfs_common.fsutil.beneath import NotBeneath, open_dir_beneath
 from cvmfs_common.repo.paths import RepositoryLayout
-
-if TYPE_CHECKING:  # pragma: no cover
-    from publisher.core.state import ImageRecord
 
 CATALOG_MARKER = ".cvmfscatalog"
 
@@ -39,16 +35,15 @@ def _is_real_dir(path: Path) -> bool:
         return False
 
 
-def catalog_dirs(layout: RepositoryLayout, record: "ImageRecord", podman_stores: Iterable[Path] = ()) -> list[Path]:
-    """The directories that must carry a marker for one published image."""
-    dirs: list[Path] = [layout.layers_dir, layout.chains_dir, layout.diffids_dir, layout.flat_root]
-    for layer in record.layers:
-        d = layout.layer_dir(layer.digest)
-        dirs += [d.parent, d, layout.diffid_link(layer.diff_id).parent]
-        c = layout.chain_dir(layer.chain_id)
-        dirs += [c.parent, c]
-    flat = layout.flat_dir(record.config_digest)
-    dirs += [flat.parent, flat]
+def catalog_dirs(layout: RepositoryLayout, new_dirs: Iterable[Path], podman_stores: Iterable[Path] = ()) -> list[Path]:
+    """The directories that must carry a marker after a publish put ``new_dirs`` in place (layer,
+    chain, flat dirs, ``.diffids/<xx>`` of new links): those and the dirs above them below the
+    root. A dir published before is left alone: it has its marker, and opening it would make a
+    CernVM-FS client load its catalog (for a known base: a dozen catalogs per image)."""
+    dirs: list[Path] = []
+    for d in new_dirs:
+        up = [a for a in reversed(d.parents) if a != layout.root and a.is_relative_to(layout.root)]
+        dirs += [*up, d]
     dirs += list(podman_stores)
     return list(dict.fromkeys(dirs))
 

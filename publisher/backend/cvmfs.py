@@ -44,7 +44,7 @@ from publisher.unpack.whiteouts import WhiteoutMode
 
 if TYPE_CHECKING:  # pragma: no cover
     from publisher.write.names import Placement
-    from publisher.core.state import ImageRecord
+    from publisher.write.image import Published
 
 log = logging.getLogger(__name__)
 
@@ -278,17 +278,13 @@ class CvmfsBackend(Backend):
             self._call(*args, self.repository)
             log.info("deleted %d trees from %s (ingest --delete)", len(rel[i:i + DELETE_BATCH]), self.repository)
 
-    def after_image(self, layout: RepositoryLayout, record: "ImageRecord", placement: "Placement") -> None:
-        made = ensure_markers(catalog_dirs(layout, record, [placement.layout.podman_store]), self.root)
+    def after_image(self, layout: RepositoryLayout, published: "Published", placement: "Placement") -> None:
+        made = ensure_markers(catalog_dirs(layout, published.new_dirs, [placement.layout.podman_store]), self.root)
         if made:
             log.debug("catalog markers: %s", ", ".join(str(m.relative_to(self.root)) for m in made))
 
-    def after_layers(self, layout: RepositoryLayout, digests: "list[str]") -> None:
-        dirs = [layout.layers_dir]
-        for digest in digests:
-            d = layout.layer_dir(digest)
-            dirs += [d.parent, d]
-        ensure_markers(list(dict.fromkeys(dirs)), self.root)
+    def after_layers(self, layout: RepositoryLayout, dirs: "list[Path]") -> None:
+        ensure_markers(catalog_dirs(layout, dirs), self.root)
 
     def after_podman_stores(self, stores: "list[Path]") -> None:
         ensure_markers(stores, self.root)

@@ -275,7 +275,7 @@ class Converter:
     def _stage(self, p: "_Pending") -> bool:
         p.staged = self.publisher.stage(p.target.reference, p.image, p.config)
         assert self.backend is not None
-        self.backend.after_layers(self.layout, [s.digest for s in p.staged.specs])
+        self.backend.after_layers(self.layout, list(p.staged.new_dirs))
         return True
 
     def _finish(self, p: "_Pending") -> Published:
@@ -284,7 +284,7 @@ class Converter:
         assert self.backend is not None and p.staged is not None
         published = self.publisher.finish(p.staged, p.config_bytes, p.placement, str(p.target.platform),
                                           variant_link=self._variant(p.target, p.image.index_bytes is not None))
-        self.backend.after_image(self.layout, published.record, p.placement)
+        self.backend.after_image(self.layout, published, p.placement)
         return published
 
     def _guard(self, p: "_Pending", results: "list[tuple[_Pending, ItemResult]]", step: Callable):
@@ -436,7 +436,7 @@ class Converter:
                 published = self.publisher.publish(target.reference, p.image, p.config_bytes, p.config, p.placement,
                                                    str(target.platform),
                                                    variant_link=self._variant(target, p.image.index_bytes is not None))
-                self.backend.after_image(self.layout, published.record, p.placement)
+                self.backend.after_image(self.layout, published, p.placement)
             self.state.record_published(target.key, p.placement.platform_dir, target.entry_id, p.head,
                                         published.record)
         except Exception as e:  # noqa: BLE001 - one failing image never stops the others

@@ -17,7 +17,7 @@ import os
 import stat
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -60,6 +60,7 @@ class Staged:
     chains: list[str]
     done: "dict[int, Ingested]"  # index -> layer there (ingested now or before)
     first: "dict[str, LayerSpec]"  # each distinct blob's first position
+    new_dirs: "tuple[Path, ...]" = ()  # the layer dirs stage put in place (not there before)
 
 
 @dataclass(frozen=True)
@@ -67,6 +68,9 @@ class Published:
     record: ImageRecord
     layers_fetched: int
     bytes_fetched: int
+    # the layer, chain and flat dirs (and .diffids/<xx> of new links) this publish put in place
+    # (finish; publish: stage's too): only these need a catalog marker (cvmfs backend)
+    new_dirs: "tuple[Path, ...]" = ()
 
 
 def layer_specs(image: ResolvedImage, config: dict) -> list[LayerSpec]:
@@ -117,8 +121,9 @@ class ImagePublisher:
                 placement: Placement, platform: str, *, variant_link: bool = False) -> Published:
         """``variant_link``: the public link is a CernVM-FS variant link (names.public_link_target);
         the caller decides (the cvmfs backend, the default platform of a multi-platform tag)."""
-        return self.finish(self.stage(ref, image, config), config_bytes, placement, platform,
-                           variant_link=variant_link)
+        staged = self.stage(ref, image, config)
+        published = self.finish(staged, config_bytes, placement, platform, variant_link=variant_link)
+        return replace(published, new_dirs=staged.new_dirs + published.new_dirs)
 
     def missing_layers(self, image: ResolvedImage, config: dict) -> dict[str, int]:
         """The layers ``stage`` would write (not there, or not usable): blob digest -> size."""
@@ -130,8 +135,8 @@ class ImagePublisher:
         and unpacked (in parallel). ``finish`` does the rest (batched: in a later unit)."""
         specs = layer_specs(image, config)
         chains = chain_ids([s.diff_id for s in specs])
-        done, first = self._ingest(ref, image, specs)
-        return Staged(ref, image, config, specs, chains, done, first)
+        done, first, new = self._ingest(ref, image, specs)
+        return Staged(ref, image, config, specs, chains, done, first, tuple(self.layout.layer_dir(d) for d in new))
 
     def finish(self, staged: "Staged", config_bytes: bytes, placement: Placement, platform: str, *,
                variant_link: bool = False) -> Published:
@@ -139,10 +144,12 @@ class ImagePublisher:
         from publisher.write.flat import build_flat
 
         ref, image, config, chains = staged.ref, staged.image, staged.config, staged.chains
-        layers, fetched, nbytes = self._chains(staged)
+        layers, fetched, nbytes, new_dirs = self._chains(staged)
         top_chain = self.layout.chain_dir(chains[-1])
-        build_flat(self.layout, self.layout.flat_dir(image.config_digest), top_chain, config, grafts=self.grafts,
-                   graft_cache=self.graft_cache, durable=self.durable)
+        flat = build_flat(self.layout, self.layout.flat_dir(image.config_digest), top_chain, config,
+                          grafts=self.grafts, graft_cache=self.graft_cache, durable=self.durable)
+        if flat.built:
+            new_dirs.append(flat.path)
         self._link(ref, image.config_digest, placement, platform, variant_link)
         self._multiarch_link(ref, image.config_digest, placement, platform)
         if self.podman_store is not None:
@@ -159,16 +166,18 @@ class ImagePublisher:
                 for i, l in enumerate(layers)
             ],
         )
-        return Published(record, fetched, nbytes)
+        return Published(record, fetched, nbytes, tuple(new_dirs))
 
     # -- layers and chains ---------------------------------------------------------------
     def _ingest(self, ref: Reference, image: ResolvedImage,
-                specs: Sequence[LayerSpec]) -> tuple[dict[int, Ingested], dict[str, LayerSpec]]:
+                specs: Sequence[LayerSpec]) -> tuple[dict[int, Ingested], dict[str, LayerSpec], list[str]]:
+        """(index -> layer there, each blob's first position, the digests ingested now)"""
         from publisher.unpack.ingest import Ingested
 
         done: dict[int, Ingested] = {}
         todo: list[tuple[LayerSpec, bool]] = []  # (spec, replace an unusable dir)
         first: dict[str, LayerSpec] = {}  # an image may carry one blob twice (empty layers)
+        new: list[str] = []
         for spec in specs:
             if spec.digest in first:
                 continue
@@ -196,20 +205,23 @@ class ImagePublisher:
                         if got is not None:
                             done[spec.index] = got
                             self.fresh_layers.add(spec.digest)
+                            new.append(spec.digest)
                 except BaseException:
                     for _, fut in futures:
                         fut.cancel()
                     raise
-        return done, first
+        return done, first, new
 
-    def _chains(self, staged: "Staged") -> tuple[list[Ingested], int, int]:
-        """The layers ``_ingest`` deferred (unpacked on their parent chain), then the chains."""
+    def _chains(self, staged: "Staged") -> tuple[list[Ingested], int, int, list[Path]]:
+        """The layers ``_ingest`` deferred (unpacked on their parent chain), then the chains;
+        also the layer and chain dirs put in place."""
         from publisher.unpack.ingest import Ingested
 
         ref, image, specs, chains, done = staged.ref, staged.image, staged.specs, staged.chains, staged.done
         fetched = sum(1 for l in done.values() if l.downloaded)
         nbytes = sum(l.downloaded for l in done.values())
 
+        new_dirs: list[Path] = []
         parent: Path | None = None
         for spec in specs:
             parent_chain = chains[spec.index - 1] if spec.index else None
@@ -224,34 +236,39 @@ class ImagePublisher:
                                                  replace_invalid=os.path.lexists(self.layout.layer_dir(spec.digest)))
                     assert layer is not None
                     self.fresh_layers.add(spec.digest)
+                    new_dirs.append(self.layout.layer_dir(spec.digest))
                     fetched += 1
                     nbytes += layer.downloaded
                 done[spec.index] = layer
-            parent, extra = self._chain(ref, spec, layer, chains[spec.index], parent, parent_chain,
-                                        spec.digest in self.fresh_layers)
+            parent, extra, built = self._chain(ref, spec, layer, chains[spec.index], parent, parent_chain,
+                                               spec.digest in self.fresh_layers)
             nbytes += extra
+            if built:
+                new_dirs.append(parent)
         for digest in staged.first:
             self.ingester.add_origin(digest, image.config_digest)
         for spec in staged.first.values():  # containerd finds the layer by diffID (every compression)
-            ensure_diffid_link(self.layout, spec.diff_id, spec.digest)
-        return [done[s.index] for s in specs], fetched, nbytes
+            if ensure_diffid_link(self.layout, spec.diff_id, spec.digest):
+                new_dirs.append(self.layout.diffid_link(spec.diff_id).parent)
+        return [done[s.index] for s in specs], fetched, nbytes, new_dirs
 
     def _chain(self, ref: Reference, spec: LayerSpec, layer: Ingested, chain_id: str, parent: Path | None,
-               parent_chain: str | None, fresh: bool = True) -> tuple[Path, int]:
+               parent_chain: str | None, fresh: bool = True) -> tuple[Path, int, bool]:
+        """(the chain dir, compressed bytes fetched for it, whether it was put in place now)"""
         from publisher.write.chains import ChainMerger, build_chain
 
         dest = self.layout.chain_dir(chain_id)
         if dest.is_dir():
-            return dest, 0
+            return dest, 0, False
         # A raw-whiteout layer published in an earlier unit has no deletions left on CernVM-FS
         # (its .wh. files are dropped at publish): a chain built from it would show deleted files.
         # (Unpacked in this run is not enough: a batched round publishes its layers first.)
         lost = not self.published_raw_whiteouts and not fresh and layer.meta.whiteouts == "raw"
         if not lost and (layer.meta.parent_chain is None or layer.meta.parent_chain == parent_chain):
-            path, _ = build_chain(self.layout, chain_id, parent, self.layout.layer_dir(spec.digest) / LAYERFS,
-                                  ChainMerger(grafts=self.grafts, graft_cache=self.graft_cache),
-                                  durable=self.durable)
-            return path, 0
+            path, stats = build_chain(self.layout, chain_id, parent, self.layout.layer_dir(spec.digest) / LAYERFS,
+                                      ChainMerger(grafts=self.grafts, graft_cache=self.graft_cache),
+                                      durable=self.durable)
+            return path, 0, stats is not None
         # The published dir lost its deletions, or was completed on another parent chain (its
         # implicit directories would carry that chain's attributes). Unpack a private copy here.
         if lost:
@@ -262,12 +279,12 @@ class ImagePublisher:
                      spec.digest, layer.meta.parent_chain, parent_chain, chain_id)
         private = self.ingester.unpack_private(ref, spec, [parent] if parent else [])
         try:
-            path, _ = build_chain(self.layout, chain_id, parent, private.layerfs,
-                                  ChainMerger(grafts=self.grafts, graft_cache=self.graft_cache),
-                                  durable=self.durable)
+            path, stats = build_chain(self.layout, chain_id, parent, private.layerfs,
+                                      ChainMerger(grafts=self.grafts, graft_cache=self.graft_cache),
+                                      durable=self.durable)
         finally:
             remove_tree(private.work)
-        return path, private.result.compressed_size
+        return path, private.result.compressed_size, stats is not None
 
     # -- names ---------------------------------------------------------------------------
     def _link(self, ref: Reference, config_digest: str, placement: Placement, platform: str,

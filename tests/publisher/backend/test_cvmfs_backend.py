@@ -630,3 +630,37 @@ def test_no_syncfs_inside_a_transaction_the_local_backend_syncs(cvmfs_standin: C
                   tmp_path / "local.db", "--jobs", "3")
     assert res.rc == 0 and "1 new" in res.stdout, res.stdout
     assert syncs["chains"] == len(img.layers) and syncs["flat"] == 1 and syncs["ingest"] == len(img.layers), syncs
+
+
+@requires_root
+def test_a_new_tag_on_a_known_base_marks_only_the_dirs_it_made(cvmfs_standin: CvmfsStandin, standard_images,
+                                                                 tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """On CernVM-FS each open of a published nested-catalog dir loads that catalog: the known
+    base's layer, chain and flat dirs have their markers and are not opened for them again."""
+    import publisher.backend.cvmfs as cvmfs
+
+    base, top = standard_images.tagged["1.0"], standard_images.tagged["1.1"]
+    assert top.layers[:len(base.layers)] == base.layers  # 1.1 = 1.0 + one layer
+    repo, db = cvmfs_standin.mkfs(REPO), tmp_path / "state.db"
+    assert convert(repo, db, wishlist(tmp_path / "one.yaml", [base.ref])).rc == 0
+    seen: list[Path] = []
+
+    def spy(dirs, root=None):
+        dirs = list(dirs)
+        seen.extend(dirs)
+        return cvmfs_ensure(dirs, root)
+
+    cvmfs_ensure = cvmfs.ensure_markers
+    monkeypatch.setattr(cvmfs, "ensure_markers", spy)
+    res = convert(repo, db, wishlist(tmp_path / "two.yaml", [base.ref, top.ref]))
+    assert res.rc == 0 and "1 new" in res.stdout, res.stdout
+
+    lay = RepositoryLayout(repo)
+    known = {lay.flat_dir(base.config_digest)}
+    known |= {lay.layer_dir(d) for d in base.layers} | {lay.chain_dir(c) for c in chain_ids(base.diff_ids)}
+    assert sorted(map(str, known & set(seen))) == []
+    made = [lay.layer_dir(top.layers[-1]), lay.chain_dir(chain_ids(top.diff_ids)[-1]),
+            lay.flat_dir(top.config_digest)]
+    for d in made + [lay.diffid_link(top.diff_ids[-1]).parent]:
+        assert d in seen and (d / CATALOG_MARKER).is_file(), d
