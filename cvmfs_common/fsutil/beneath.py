@@ -91,11 +91,11 @@ def _temp_name(tmp_fd: int, stem: str, make) -> str:
     raise OSError(errno.EEXIST, "cannot create a temporary name", stem)  # pragma: no cover
 
 
-def _replace_beneath(root: Path, path: Path, tmp: Path, make, before_rename=None) -> None:
+def _replace_beneath(root: Path, path: Path, tmp: Path, make, before_rename=None, *, durable: bool = True) -> None:
     """Atomically put an entry at ``path`` (below ``root``): ``make(name, tmp_fd)`` creates it
     under a temp name in ``tmp`` (below ``root``, same file system), ``before_rename(parent_fd, name)``
     may fill it or refuse what is there now, then it is renamed over ``path`` fd-relative and the parent
-    fsynced; a failure leaves no temp entry behind."""
+    fsynced (``durable``); a failure leaves no temp entry behind."""
     tmp_fd = open_dir_beneath(root, tmp, create=True)
     try:
         with parent_beneath(root, path, create=True) as (parent_fd, name):
@@ -108,14 +108,18 @@ def _replace_beneath(root: Path, path: Path, tmp: Path, make, before_rename=None
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(tmp_name, dir_fd=tmp_fd)
                 raise
-            os.fsync(parent_fd)
+            if durable:
+                os.fsync(parent_fd)
     finally:
         os.close(tmp_fd)
 
 
-def write_file_beneath(root: Path, path: Path, data: bytes, *, tmp: Path, mode: int = 0o644) -> None:
+def write_file_beneath(root: Path, path: Path, data: bytes, *, tmp: Path, mode: int = 0o644,
+                       durable: bool = True) -> None:
     """Atomically replace file ``path`` (below ``root``) with ``data``: a temp file in
-    ``tmp`` (below ``root``, same file system), fsynced, renamed over it fd-relative."""
+    ``tmp`` (below ``root``, same file system), fsynced, renamed over it fd-relative.
+    ``durable`` False: no fsync of the file or its parent, for a writer whose work is made
+    durable as a whole (a CernVM-FS transaction by its publish)."""
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
     fds: list[int] = []
 
@@ -124,15 +128,16 @@ def write_file_beneath(root: Path, path: Path, data: bytes, *, tmp: Path, mode: 
             f.write(data)
             f.flush()
             os.fchmod(f.fileno(), mode)
-            os.fsync(f.fileno())
+            if durable:
+                os.fsync(f.fileno())
 
     _replace_beneath(root, path, tmp, lambda name, tmp_fd: fds.append(os.open(name, flags, 0o600, dir_fd=tmp_fd)),
-                     fill)
+                     fill, durable=durable)
 
 
-def symlink_beneath(root: Path, target: str, link: Path, *, tmp: Path) -> None:
+def symlink_beneath(root: Path, target: str, link: Path, *, tmp: Path, durable: bool = True) -> None:
     """Create or atomically replace symlink ``link`` (below ``root``) -> ``target``;
-    a real directory there is refused (IsADirectoryError)."""
+    a real directory there is refused (IsADirectoryError). ``durable``: as write_file_beneath."""
     if not target or "\x00" in target:
         raise ValueError(f"invalid symlink target: {target!r}")
 
@@ -144,4 +149,5 @@ def symlink_beneath(root: Path, target: str, link: Path, *, tmp: Path) -> None:
         if stat.S_ISDIR(st.st_mode):
             raise IsADirectoryError(errno.EISDIR, "refusing to replace a directory with a symlink", str(link))
 
-    _replace_beneath(root, link, tmp, lambda name, tmp_fd: os.symlink(target, name, dir_fd=tmp_fd), no_dir)
+    _replace_beneath(root, link, tmp, lambda name, tmp_fd: os.symlink(target, name, dir_fd=tmp_fd), no_dir,
+                     durable=durable)

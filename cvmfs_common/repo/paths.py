@@ -159,6 +159,9 @@ class RepositoryLayout:
 
     root: Path
     platform: str | None = None
+    # atomic_write_file/atomic_symlink fsync what they write (False: the publisher inside a
+    # CernVM-FS transaction, which its publish makes durable; Backend.durable_renames)
+    durable: bool = True
 
     def __post_init__(self) -> None:
         root = Path(os.path.abspath(os.fspath(self.root)))
@@ -173,7 +176,7 @@ class RepositoryLayout:
 
     # -- structure ---------------------------------------------------------
     def for_platform(self, os_name: str, architecture: str, variant: str | None = None) -> "RepositoryLayout":
-        return RepositoryLayout(self.root, platform_dir_name(os_name, architecture, variant))
+        return RepositoryLayout(self.root, platform_dir_name(os_name, architecture, variant), self.durable)
 
     @property
     def image_root(self) -> Path:
@@ -338,12 +341,14 @@ class RepositoryLayout:
     def atomic_write_file(self, path: Path, data: bytes, mode: int = 0o644) -> None:
         """atomic_write_file with the temp file under ``.tmp/``; path must be under root,
         reached without following a symlink planted inside the repository (beneath.py)."""
-        write_file_beneath(self.root, self._under_root(Path(path)), data, tmp=self.tmp_dir, mode=mode)
+        write_file_beneath(self.root, self._under_root(Path(path)), data, tmp=self.tmp_dir, mode=mode,
+                           durable=self.durable)
 
     def atomic_symlink(self, target_rel: str, link_path: Path) -> None:
         """atomic_symlink with the temp link under ``.tmp/``; link must be under root,
         reached as atomic_write_file's path."""
-        symlink_beneath(self.root, target_rel, self._under_root(Path(link_path)), tmp=self.tmp_dir)
+        symlink_beneath(self.root, target_rel, self._under_root(Path(link_path)), tmp=self.tmp_dir,
+                        durable=self.durable)
 
     def ensure_multiarch_aliases(self, multiarch: str) -> list[Path]:
         """The alias links (``x86_64 -> amd64``, ...) for an existing ``.multiarch/<multiarch>``;

@@ -611,8 +611,8 @@ def convert(entries: Sequence[WishlistEntry], default_platform: Platform | None,
     (publisher/sync/thin.py) for the default platform's images."""
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
-    layout = RepositoryLayout(root)
     backend = backend or Backend(root)
+    layout = RepositoryLayout(root, durable=backend.durable_renames)
     options = replace(options, whiteouts=backend.whiteouts)
     with exclusive(lock_path_for(state_db)), exclusive_repository(root):
         removed = backend.start(layout)

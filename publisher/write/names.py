@@ -60,7 +60,7 @@ def podman_name_choices(key: TagKey, top_digest: str | None) -> list[set[str]]:
 
 
 def placement(root: RepositoryLayout, platform_dir: str) -> RepositoryLayout:
-    return RepositoryLayout(root.root, platform_dir or None)
+    return RepositoryLayout(root.root, platform_dir or None, root.durable)
 
 
 def public_link_target(layout: RepositoryLayout, registry: str, repository: str, tag: str, platform: str,

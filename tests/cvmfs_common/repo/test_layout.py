@@ -439,3 +439,21 @@ def test_sync_helpers(tmp_path):
     syncfs(tmp_path)
     with pytest.raises(FileNotFoundError):
         syncfs(tmp_path / "missing")
+
+
+def test_durable_false_writes_files_and_links_unsynced_on_every_platform_view(tmp_path, monkeypatch) -> None:
+    """The publisher inside a CernVM-FS transaction: its publish makes the writes durable.
+    Every other layout (the snapshotter's included) fsyncs the file and its parent."""
+    calls: list[int] = []
+    real = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (calls.append(fd), real(fd))[1])
+    for layout in (RepositoryLayout(tmp_path, durable=False),
+                   RepositoryLayout(tmp_path, durable=False).for_platform("linux", "arm64")):
+        assert layout.durable is False
+        layout.atomic_write_file(layout.image_root / "a/file", b"x")
+        layout.atomic_symlink("file", layout.image_root / "a/link")
+        assert (layout.image_root / "a/file").read_bytes() == b"x"
+        assert os.readlink(layout.image_root / "a/link") == "file"
+    assert calls == []
+    RepositoryLayout(tmp_path).atomic_write_file(tmp_path / "b", b"y")
+    assert len(calls) == 2  # the file, then its parent

@@ -664,3 +664,32 @@ def test_a_new_tag_on_a_known_base_marks_only_the_dirs_it_made(cvmfs_standin: Cv
             lay.flat_dir(top.config_digest)]
     for d in made + [lay.diffid_link(top.diff_ids[-1]).parent]:
         assert d in seen and (d / CATALOG_MARKER).is_file(), d
+
+
+@requires_root
+def test_no_fsync_of_files_and_links_inside_a_transaction(cvmfs_standin: CvmfsStandin, standard_images,
+                                                          tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """origin.json, .metadata files and links are written unsynced inside a transaction (its
+    publish makes them durable); the local backend fsyncs each file and its parent."""
+    import sys
+
+    import cvmfs_common.fsutil.beneath as beneath
+
+    counts = {"beneath": 0}
+    real = os.fsync
+
+    def counted(fd: int) -> None:
+        if sys._getframe(1).f_code.co_filename == beneath.__file__:
+            counts["beneath"] += 1
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", counted)
+    wl = wishlist(tmp_path / "wl.yaml", [standard_images.multilayer.ref])
+    res = convert(cvmfs_standin.mkfs(REPO), tmp_path / "state.db", wl, one_unit_mb=0)
+    assert res.rc == 0 and "1 new" in res.stdout, res.stdout
+    assert counts == {"beneath": 0}
+
+    res = run_cli("convert", wl, "--backend", "local", "--repository-root", tmp_path / "local", "--state-db",
+                  tmp_path / "local.db")
+    assert res.rc == 0 and "1 new" in res.stdout, res.stdout
+    assert counts["beneath"] > 0
