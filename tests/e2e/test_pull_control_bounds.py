@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from tests.e2e.daemonpull import check_tree, control, daemon_pulls, pull
+from tests.fixtures.polling import wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -39,6 +40,22 @@ def answer(s: socket.socket, within: float) -> dict | None:
             return None
         data += chunk
     return json.loads(data)
+
+
+def admitted(path: str) -> socket.socket | None:
+    """A connection the daemon took (it waits for the request); None when it refused it as
+    busy, the connection closed."""
+    s = connect(path)
+    s.settimeout(0.5)
+    try:
+        data = s.recv(4096, socket.MSG_PEEK)
+    except TimeoutError:
+        s.settimeout(30)
+        return s
+    s.close()
+    if b"busy" in data:
+        return None
+    raise AssertionError(f"the daemon answered a connection before its request: {data!r}")
 
 
 @pytest.fixture
@@ -68,7 +85,9 @@ def test_connections_beyond_the_bound_are_refused_and_slow_ones_dropped(stack):
         # that trickles its request (a byte a second).
         for s in idle[1:]:
             s.close()
-        drip = connect(control(sn))
+        # (the daemon counts a closed connection out when its reader sees EOF: until
+        # then a new one is still refused as busy)
+        drip = wait_until(lambda: admitted(control(sn)), 10, "a connection admitted after 63 closed")
         started = time.monotonic()
         for byte in b'{"v": 1, "pull": {"image": "x"':
             drip.send(bytes([byte]))
