@@ -21,12 +21,15 @@ Rounds, each side in turn (ours: `cvmfs-publisher convert --backend cvmfs`; DUCC
   no change   the same wishlist again
   new tag     the wishlist plus one image on the known base
   gc half     (--gc) drop the second half of the N+1 images. Ours: a convert of the shorter
-              wishlist, then `cvmfs-publisher gc`. DUCC (its convert never removes an image,
-              and its `garbage-collection REPO` removes the .flat dirs no public link points
-              at and the .layers no .metadata/**/manifest.json names, with `cvmfs_server
-              ingest --delete`, 50 paths per revision): what an operator does, one
-              transaction removing the dropped tags' public links and .metadata dirs, then
-              `cvmfs_ducc garbage-collection REPO`. Both sides count what is left.
+              wishlist, then `cvmfs-publisher gc --older-than 0s`. DUCC (its convert never
+              removes an image, and its `garbage-collection REPO` removes the .flat dirs no
+              public link points at and the .layers no .metadata/**/manifest.json names, with
+              `cvmfs_server ingest --delete`, 50 paths per revision): what an operator does,
+              one transaction removing the dropped tags' public links and .metadata dirs, then
+              `cvmfs_ducc garbage-collection REPO`. Every side counts the dirs left and the
+              catalog entries removed (`list-catalogs -e`). At EVERY size (DUCC's own first
+              round of 200 takes hours) DUCC's gc also runs on a repository of the same layout
+              that ours filled with the same N+1 images ("DUCC gc"): same content, same drop.
   floor       every distinct layer of the round untarred in ONE transaction, one publish
               (for the first and the new-tag rounds): what no publisher can beat
 
@@ -117,6 +120,7 @@ class Side:
     rows: dict[str, Row] = field(default_factory=dict)
     calls: dict[str, dict[str, list[float]]] = field(default_factory=dict)  # round -> command -> seconds
     left: str = ""  # what gc left (flat, layer and chain dirs)
+    removed: int = 0  # catalog entries gc removed
 
 
 def wishlist(path: Path, refs: list[str], repo: str) -> str:
@@ -146,13 +150,16 @@ def _calls(s0: Stratum0, side: Side, round_name: str, log: str) -> None:
 
 
 def run_ours_gc(s0: Stratum0, side: Side, wl: str, state_db: str) -> None:
-    """Drop half of the images: a convert of the shorter wishlist, then the publisher's gc."""
+    """Drop half of the images: a convert of the shorter wishlist, then the publisher's gc
+    (`--older-than 0s`: no grace period, as DUCC's gc has none by default)."""
     log = f"/w/{side.repo.name}-gc.log"
     cmd = (f"cd / && cvmfs-publisher convert {wl} --backend cvmfs --repository-root {side.repo.root} "
-           f"--state-db {state_db} --log-level debug >{log} 2>&1 && sleep 1 && cvmfs-publisher gc "
-           f"--older-than 1s --backend cvmfs --repository-root {side.repo.root} --state-db {state_db} "
+           f"--state-db {state_db} --log-level debug >{log} 2>&1 && cvmfs-publisher gc "
+           f"--older-than 0s --backend cvmfs --repository-root {side.repo.root} --state-db {state_db} "
            f"--log-level debug >>{log} 2>&1")
+    before = catalog_entries(side.repo)
     _timed(s0, side, "gc half", cmd, log)
+    side.removed = before - catalog_entries(side.repo)
     _calls(s0, side, "gc half", log)
 
 
@@ -168,7 +175,27 @@ def run_ducc_gc(s0: Stratum0, side: Side, dropped: list[str]) -> None:
            f"for p in {paths}; do rm -r \"$p\"; done\n"
            f"cvmfs_server publish {repo.name}\n"
            f"cd /w/ducc-work && cvmfs_ducc garbage-collection {repo.name}; }} >{log} 2>&1")
+    before = catalog_entries(repo)
     _timed(s0, side, "gc half", cmd, log)
+    side.removed = before - catalog_entries(repo)
+
+
+def run_ducc_gc_on_ours(s0: Stratum0, refs: list[str], run: "SizeRun") -> None:
+    """DUCC's gc where its own first round takes hours: DUCC's garbage-collection on a repository
+    of the same layout (links, .metadata/**/manifest.json, .flat, .layers, .chains) that ours
+    published with the same N+1 images, dropping the same half as the other sides."""
+    n = run.n
+    side = run.ducc_gc_on_ours = Side("DUCC gc on ours' repository", run.s0_repo(f"duccgc{n}.bench.test"))
+    wl = wishlist(run.w / f"{side.repo.name}-n1.yaml", refs[:n + 1], side.repo.name)
+    run_ours(s0, side, "fill", wl, f"/w/state/duccgc{n}.db")
+    run_ducc_gc(s0, side, [r.split("://", 1)[1] for r in refs[(n + 1) // 2:n + 1]])
+    side.left = left_after_gc(s0, side.repo)
+
+
+def catalog_entries(repo: Repository) -> int:
+    """Entries in all of the repository's catalogs (`list-catalogs -e`: no walk of the tree)."""
+    out = repo.server("list-catalogs", "-e", "-x", repo.name).stdout
+    return sum(int(m.group(1)) for m in re.finditer(r"^\s*(\d+)\s", out, re.M))
 
 
 def left_after_gc(s0: Stratum0, repo: Repository) -> str:
@@ -218,7 +245,8 @@ def tree_files(imgs: BenchImages, n: int) -> tuple[int, int]:
     return layers, chains + 2 * tops
 
 
-def report(rounds: list[str], ours: Side, ducc: Side | None, floor: Side, n: int, imgs: BenchImages) -> None:
+def report(rounds: list[str], ours: Side, ducc: Side | None, floor: Side, n: int, imgs: BenchImages,
+           ducc_gc: Side | None = None) -> None:
     layers, trees = tree_files(imgs, n)
     print(f"\n{n} images, {machine()}, load average {' '.join(open('/proc/loadavg').read().split()[:3])}")
     print(f"first round: {layers} files in the layers (the floor publishes these), {trees} more in the "
@@ -241,9 +269,17 @@ def report(rounds: list[str], ours: Side, ducc: Side | None, floor: Side, n: int
         total = sum(sum(v) for v in calls.values())
         parts = ", ".join(f"{c} {len(v)}x {sum(v):.1f}s" for c, v in sorted(calls.items()))
         print(f"  {r:10} {parts}  (sum {total:.1f} s of {ours.rows[r].seconds:.1f} s)")
-    for side in (ours, ducc):
+    for side in (ours, ducc, ducc_gc):
         if side is not None and side.left:
-            print(f"{side.name} after gc: {side.left}")
+            print(f"{side.name} after gc: {side.left}; {side.removed} catalog entries removed in "
+                  f"{side.rows['gc half'].seconds:.1f} s ({1e3 * side.rows['gc half'].seconds / max(side.removed, 1):.3f} ms "
+                  f"per entry), {side.rows['gc half'].revisions} revisions")
+    o = ours.rows.get("gc half")
+    for peer in (ducc, ducc_gc):
+        d = peer.rows.get("gc half") if peer is not None else None
+        if o and d and peer is not None:
+            print(f"gc half, ours / {peer.name}: {o.seconds / d.seconds:.2f}x the time; per entry removed "
+                  f"{(o.seconds / max(ours.removed, 1)) / (d.seconds / max(peer.removed, 1)):.2f}x")
     sys.stdout.flush()
 
 
@@ -256,7 +292,7 @@ def report_scaling(sizes: list[int], runs: "dict[int, SizeRun]", rounds: list[st
     """Seconds per image at each size, and each size's against the smallest's (same run)."""
     small = sizes[0]
     print(f"\nseconds per image (gc: per dropped image; new tag: the round), against {small} images")
-    for name in ("ours", "floor", "DUCC"):
+    for name in ("ours", "floor", "DUCC", "DUCC gc"):
         for r in rounds:
             cells = []
             for n in sizes:
@@ -271,7 +307,7 @@ def report_scaling(sizes: list[int], runs: "dict[int, SizeRun]", rounds: list[st
                 ratio = f" ({cost / (base.seconds / per_image(r, small)):.2f}x)" if base and n != small else ""
                 cells.append(f"{n}: {cost:7.3f} s, {row.revisions} rev{ratio}")
             if any(not c.endswith(": -") for c in cells):
-                print(f"  {name:5} {r:10} " + " | ".join(cells))
+                print(f"  {name:7} {r:10} " + " | ".join(cells))
     sys.stdout.flush()
 
 
@@ -281,17 +317,26 @@ class SizeRun:
     ours: Side
     floor: Side
     ducc: Side | None
+    s0: Stratum0
     rounds: list[str] = field(default_factory=list)
+    ducc_gc_on_ours: Side | None = None  # DUCC's gc on a repository ours filled (run_ducc_gc_on_ours)
+
+    @property
+    def w(self) -> Path:
+        return self.s0.host_w
+
+    def s0_repo(self, name: str) -> Repository:
+        return self.s0.mkfs(name)
 
     def side(self, name: str) -> Side | None:
-        return {"ours": self.ours, "floor": self.floor, "DUCC": self.ducc}[name]
+        return {"ours": self.ours, "floor": self.floor, "DUCC": self.ducc, "DUCC gc": self.ducc_gc_on_ours}[name]
 
 
 def start_size(s0: Stratum0, refs: list[str], n: int, with_ducc: bool) -> SizeRun:
     """Repositories and wishlists of one size, one repository per side."""
     w = s0.host_w
     run = SizeRun(n, Side("ours", s0.mkfs(f"ours{n}.bench.test")), Side("floor", s0.mkfs(f"floor{n}.bench.test")),
-                  Side("DUCC", s0.mkfs(f"ducc{n}.bench.test")) if with_ducc else None)
+                  Side("DUCC", s0.mkfs(f"ducc{n}.bench.test")) if with_ducc else None, s0)
     half = (n + 1) // 2
     for side in [run.ours] + ([run.ducc] if run.ducc else []):
         wishlist(w / f"{side.repo.name}-n.yaml", refs[:n], side.repo.name)
@@ -331,7 +376,9 @@ def run_ducc_rounds(s0: Stratum0, refs: list[str], run: SizeRun, gc: bool) -> No
 
 
 def check_clean(run: SizeRun) -> None:
-    for side in [run.ours] + ([run.ducc] if run.ducc else []):
+    for side in [run.ours, run.ducc, run.ducc_gc_on_ours]:
+        if side is None:
+            continue
         out = side.repo.check()
         print(f"cvmfs_server check {side.repo.name}: {'clean' if 'error' not in out.lower() else out[-500:]}",
               flush=True)
@@ -357,7 +404,7 @@ def main() -> None:
     imgs = make_images(top, args.base_layers, args.base_mb, args.own_kb)
     dist = find_distribution()
     ducc_tar = dist.path.parent / "ducc" / DUCC_TARBALL
-    with_ducc = not args.no_ducc and sizes[0] <= args.ducc_max_images
+    with_ducc = not args.no_ducc  # its rounds at sizes up to --ducc-max-images, its gc at every size
     if with_ducc and not ducc_tar.is_file():
         raise SystemExit(f"no DUCC at {ducc_tar} (or run with --no-ducc)")
     base = new_workdir("cvmfs-b-")
@@ -385,14 +432,17 @@ def main() -> None:
             for n in sizes:  # ours and the floor at every size, then DUCC
                 print(f"-- {n} images: ours, the floor", file=sys.stderr)
                 run_ours_and_floor(s0, imgs, runs[n], args.gc)
-                report(runs[n].rounds, runs[n].ours, None, runs[n].floor, n, imgs)
+                if args.gc and with_ducc:
+                    print(f"-- {n} images: DUCC's gc on a repository ours filled", file=sys.stderr)
+                    run_ducc_gc_on_ours(s0, refs, runs[n])
+                report(runs[n].rounds, runs[n].ours, None, runs[n].floor, n, imgs, runs[n].ducc_gc_on_ours)
             if len(sizes) > 1:
                 report_scaling(sizes, runs, runs[sizes[0]].rounds)
             for n in sizes:
                 if runs[n].ducc is not None:
                     print(f"-- {n} images: DUCC", file=sys.stderr)
                     run_ducc_rounds(s0, refs, runs[n], args.gc)
-                    report(runs[n].rounds, runs[n].ours, runs[n].ducc, runs[n].floor, n, imgs)
+                    report(runs[n].rounds, runs[n].ours, runs[n].ducc, runs[n].floor, n, imgs, runs[n].ducc_gc_on_ours)
             for n in sizes:
                 check_clean(runs[n])
     finally:
