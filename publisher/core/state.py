@@ -269,6 +269,9 @@ class ImageRecord:
         return self.layers[-1].chain_id
 
 
+# flag set while a gc removes dirs whose rows it has not forgotten yet (State.trusted_layers)
+GC_UNFINISHED = "gc-unfinished"
+
 # Runs that go over whole wishlists (a loop round is one); gc trusts what they touched.
 FULL_RUN_COMMANDS = ("convert", "loop")
 
@@ -647,6 +650,22 @@ class State:
     def layer_diff_ids(self) -> dict[str, str]:
         """Every recorded layer digest and its diffID."""
         return {r[0]: r[1] for r in self.conn.execute("SELECT digest, diff_id FROM layers")}
+
+    def trusted_layers(self) -> list[tuple[str, str, int, str | None, str | None]]:
+        """(digest, diffID, diff size, whiteouts, parent chain) of every recorded layer convert
+        may take as published without looking at its dir: all of them, except those of an
+        image a tag marked for repair points at, and none while a gc is unfinished (it
+        removes dirs before it forgets their rows)."""
+        if self.flag(GC_UNFINISHED) is not None:
+            return []
+        return [tuple(r) for r in self.conn.execute(
+            "SELECT digest, diff_id, diff_size, whiteouts, parent_chain FROM layers WHERE digest NOT IN ("
+            "SELECT il.layer_digest FROM repairs r JOIN tags t ON t.id = r.tag_id "
+            "JOIN image_layers il ON il.manifest_digest = t.manifest_digest)")]
+
+    def clear_flag(self, key: str) -> None:
+        with self.transaction():
+            self.conn.execute("DELETE FROM meta WHERE key=?", ("flag:" + key,))
 
     def layer_rows(self) -> dict[str, float]:
         """Every recorded layer digest and when an image last needed it."""

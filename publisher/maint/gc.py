@@ -45,7 +45,7 @@ from cvmfs_common.repo.paths import METADATA_DIR, RepositoryLayout
 from publisher.backend.base import Backend
 from publisher.maint.lockwait import run_locks_waiting
 from publisher.core.progress import human_bytes
-from publisher.core.state import ImageRow, State, TagKey, TagRecord
+from publisher.core.state import GC_UNFINISHED, ImageRow, State, TagKey, TagRecord
 from publisher.write.names import multiarch_name_for, placement, podman_name_choices
 from publisher.write.podman_store import PodmanStore
 
@@ -399,6 +399,8 @@ def collect(root: Path, state_db: Path, *, older_than: float, dry_run: bool, pod
             return report
 
         backend.start(layout)  # work a crash left in .tmp/ (cvmfs: an open transaction)
+        # until the rows are forgotten, convert must not take a recorded layer's dir as there
+        state.set_flag(GC_UNFINISHED, str(time.time()))
         rm = _Remover(layout)
         trees: list[Path] | None = [] if backend.deletes_trees else None
         with backend.unit("gc"):
@@ -410,6 +412,7 @@ def collect(root: Path, state_db: Path, *, older_than: float, dry_run: bool, pod
             try:
                 state.forget(tag_ids=[t.id for t in plan.tags], manifests=[i.manifest_digest for i in plan.images],
                              layers=plan.layers, entry_ids=[e[0] for e in plan.entries])
+                state.clear_flag(GC_UNFINISHED)
             except sqlite3.OperationalError as e:  # e.g. still no space for the state's own disk
                 log.error("gc: the removals are done, but the state could not forget them: %s", e)
                 report.errors.append(f"the state {state.path} could not forget the removed rows ({e}); "

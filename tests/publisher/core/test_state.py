@@ -7,7 +7,7 @@ import pytest
 
 from cvmfs_common.oci.digest import sha256_of
 from publisher.core.runlock import lock_path_for, exclusive
-from publisher.core.state import ImageRecord, LayerRecord, State, StateError, TagKey
+from publisher.core.state import GC_UNFINISHED, ImageRecord, LayerRecord, State, StateError, TagKey
 
 from tests.fixtures.images import StandardImages, host_arch
 
@@ -58,6 +58,24 @@ def test_publish_touch_fail_and_move(tmp_path: Path) -> None:
         orphans = st.conn.execute("SELECT manifest_digest FROM images WHERE manifest_digest NOT IN "
                                   "(SELECT manifest_digest FROM tags WHERE manifest_digest IS NOT NULL)").fetchall()
         assert orphans == [(one.manifest_digest,)]
+
+
+def test_trusted_layers_leave_out_repairs_and_an_unfinished_gc(tmp_path: Path) -> None:
+    """convert takes these layers as published without opening their dirs."""
+    with State.open(tmp_path / "s.db", tmp_path / "repo") as st:
+        for name in ("one", "two"):
+            st.record_published(TagKey("reg.example.org", "lib/x", name, "linux/amd64"), "", None, d(name),
+                                image(name))
+        all_four = {l.digest for n in ("one", "two") for l in image(n).layers}
+        assert {r[0] for r in st.trusted_layers()} == all_four
+        assert st.trusted_layers()[0][1:] == (d("one-diff0"), 20, "none", None)
+        (tag_id,), = st.conn.execute("SELECT id FROM tags WHERE tag='one'").fetchall()
+        st.mark_repairs({tag_id: "a layer dir is gone"})  # its dirs may be gone: looked at
+        assert {r[0] for r in st.trusted_layers()} == {l.digest for l in image("two").layers}
+        st.set_flag(GC_UNFINISHED, "1")  # it may have removed dirs whose rows it still has
+        assert st.trusted_layers() == []
+        st.clear_flag(GC_UNFINISHED)
+        assert len(st.trusted_layers()) == 2
 
 
 def test_state_belongs_to_one_repository(tmp_path: Path) -> None:

@@ -17,7 +17,7 @@ from cvmfs_common.repo.lookup import find_layer_by_diff_id
 from cvmfs_common.repo.paths import RepositoryLayout
 from publisher.maint.gc import freed_bytes
 from publisher.core.runlock import exclusive, lock_path_for
-from publisher.core.state import State
+from publisher.core.state import GC_UNFINISHED, State
 from tests.fixtures.images import StandardImages
 
 from tests.publisher.clirun import run_cli, run_proc, write_wishlist
@@ -171,6 +171,7 @@ def test_dropped_tags_go_after_the_grace_period_shared_layers_stay(standard_imag
     with State.open(db, root) as st:
         assert st.counts()["tags"] == 2 and st.counts()["images"] == 2
         assert st.counts()["wishlist_entries"] == 2
+        assert st.flag(GC_UNFINISHED) is None and st.trusted_layers()  # convert trusts the rows again
     again = run_cli("gc", "--older-than", "0s", *_args(root, db))
     assert again.rc == 0 and _figures(again.stdout)["bytes"] == 0 and _figures(again.stdout)["layer"] == 0
 
