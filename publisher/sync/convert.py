@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING
 from pathlib import Path
 
 from cvmfs_common.fsutil.entries import readlink
@@ -37,12 +38,15 @@ from publisher.write.names import Placement, multiarch_name_for, podman_names, p
 from publisher.core.outcome import FailureKind, Outcome, failure_kind_of
 from publisher.core.progress import ItemResult, Progress, Summary
 from publisher.core.runlock import exclusive, exclusive_repository, lock_path_for
-from publisher.core.state import State, TagRecord
+from publisher.core.state import ImageRecord, State, TagRecord
 from publisher.unpack.whiteouts import WhiteoutMode
 from publisher.sync import upgrade
 from publisher.sync.thin import ThinPublisher, ThinSettings
 from publisher.sync.wishlist import Target, WishlistEntry
 from publisher.write.podman_store import PodmanBatch, PodmanStore
+
+if TYPE_CHECKING:  # pragma: no cover
+    from cvmfs_common.repo.metadata import LayerMetadata
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +98,7 @@ class Converter:
         self._podman_class = podman
         self._format_due = False  # the repository format is written in the run's first unit
         self._publisher: ImagePublisher | None = None
+        self._known: "dict[str, LayerMetadata] | None" = None  # State.trusted_layers, read when first asked
         self._unfinished: list[str] = []  # why a run did not see every entry's tags (see run)
         # tags this run also publishes for a non-default Linux platform (variant public links)
         self._multi_refs: set[tuple] = set()
@@ -113,8 +118,34 @@ class Converter:
                                              podman_store=self._podman_class, podman_batch=self.podman_batch,
                                              published_raw_whiteouts=self.backend.published_raw_whiteouts,
                                              grafts=self.backend.grafts,
-                                             durable=self.backend.durable_renames)
+                                             durable=self.backend.durable_renames,
+                                             known_layer=self._known_layer)
         return self._publisher
+
+    def _known_layer(self, digest: str) -> "LayerMetadata | None":
+        """A layer the state records as published (State.trusted_layers): its dir is not
+        opened. Read once per run, on the first image published, and kept up to date."""
+        if self._known is None:
+            from cvmfs_common.repo.metadata import LayerMetadata
+
+            self._known = {}
+            for digest_, diff_id, diff_size, whiteouts, parent_chain in self.state.trusted_layers():
+                try:
+                    self._known[digest_] = LayerMetadata(parse_digest(diff_id).hex, digest_, diff_id, diff_size,
+                                                         whiteouts, parent_chain=parent_chain)  # type: ignore[arg-type]
+                except ValueError:
+                    continue  # a row nothing valid can be made of: its dir is looked at
+        return self._known.get(digest)
+
+    def _recorded(self, record: ImageRecord) -> None:
+        """The state now records ``record``: later units may trust its layers too."""
+        if self._known is None:
+            return
+        from cvmfs_common.repo.metadata import LayerMetadata
+
+        for l in record.layers:
+            self._known[l.digest] = LayerMetadata(parse_digest(l.diff_id).hex, l.digest, l.diff_id, l.diff_size,
+                                                  l.whiteouts, parent_chain=l.parent_chain)  # type: ignore[arg-type]
 
     # -- the run ---------------------------------------------------------------------------
     def run(self, entries: Sequence[WishlistEntry], default_platform: Platform, command: str = "convert") -> Summary:
@@ -219,7 +250,8 @@ class Converter:
         missing_bytes: dict[str, int] = {}
         missing: list[_Pending] = []
         for p in batch:
-            layers = self._guard(p, results, lambda p: self.publisher.missing_layers(p.image, p.config))
+            layers = self._guard(p, results, lambda p: self.publisher.missing_layers(p.image, p.config,
+                                                                                   trust_known=p.damage is None))
             if layers:
                 missing.append(p)
                 missing_bytes.update(layers)
@@ -267,13 +299,14 @@ class Converter:
             except Exception as e:  # noqa: BLE001
                 results.append((p, self._failed(p, e)))
                 continue
+            self._recorded(published.record)
             results.append((p, self._result(p, published)))
         order = {id(p): n for n, p in enumerate(batch)}
         for p, result in sorted(results, key=lambda pr: order[id(pr[0])]):
             self._report(summary, p.target, result, total)
 
     def _stage(self, p: "_Pending") -> bool:
-        p.staged = self.publisher.stage(p.target.reference, p.image, p.config)
+        p.staged = self.publisher.stage(p.target.reference, p.image, p.config, trust_known=p.damage is None)
         assert self.backend is not None
         self.backend.after_layers(self.layout, list(p.staged.new_dirs))
         return True
@@ -433,12 +466,15 @@ class Converter:
         try:
             # One unit of work (cvmfs: one transaction); recorded only once it is published.
             with self._unit(target.name):
+                self.publisher.new_unit()
                 published = self.publisher.publish(target.reference, p.image, p.config_bytes, p.config, p.placement,
                                                    str(target.platform),
-                                                   variant_link=self._variant(target, p.image.index_bytes is not None))
+                                                   variant_link=self._variant(target, p.image.index_bytes is not None),
+                                                   trust_known=p.damage is None)
                 self.backend.after_image(self.layout, published, p.placement)
             self.state.record_published(target.key, p.placement.platform_dir, target.entry_id, p.head,
                                         published.record)
+            self._recorded(published.record)
         except Exception as e:  # noqa: BLE001 - one failing image never stops the others
             return self._failed(p, e)
         return self._result(p, published)

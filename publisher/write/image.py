@@ -40,6 +40,7 @@ from publisher.write.podman_store import PodmanBatch, PodmanImage, PodmanLayer, 
 # The unpacker, chains and flat copies are imported where an image is published (deliberately
 # late): a no-change re-sync uses only Placement and the names, and starts ~30 ms faster.
 if TYPE_CHECKING:  # pragma: no cover
+    from cvmfs_common.repo.metadata import LayerMetadata
     from publisher.unpack.ingest import Ingested, LayerIngester, LayerSpec
 
 log = logging.getLogger(__name__)
@@ -61,6 +62,8 @@ class Staged:
     done: "dict[int, Ingested]"  # index -> layer there (ingested now or before)
     first: "dict[str, LayerSpec]"  # each distinct blob's first position
     new_dirs: "tuple[Path, ...]" = ()  # the layer dirs stage put in place (not there before)
+    trust_known: bool = True  # known_layer answers for its layers (False: a repair looks at the dirs)
+    known: frozenset[str] = frozenset()  # the blobs known_layer answered for
 
 
 @dataclass(frozen=True)
@@ -96,8 +99,12 @@ class ImagePublisher:
     def __init__(self, layout: RepositoryLayout, ingester: LayerIngester, *, jobs: int = 4,
                  podman_store: Callable[[RepositoryLayout], object] | None = None,
                  podman_batch: "PodmanBatch | None" = None, published_raw_whiteouts: bool = True,
-                 grafts: bool = False, durable: bool = True) -> None:
+                 grafts: bool = False, durable: bool = True,
+                 known_layer: "Callable[[str], LayerMetadata | None] | None" = None) -> None:
         self.layout = layout
+        # a layer published in an earlier unit, as recorded (the caller's state): taken as there
+        # without opening its dir -- on CernVM-FS a nested catalog the client would load
+        self.known_layer = known_layer
         # False (cvmfs): a published layer dir has lost its `.wh.` files (Backend.published_raw_whiteouts)
         self.published_raw_whiteouts = published_raw_whiteouts
         # layers unpacked in the unit now open (the caller empties it when it opens one):
@@ -118,25 +125,37 @@ class ImagePublisher:
 
     # -- the whole image ---------------------------------------------------------------
     def publish(self, ref: Reference, image: ResolvedImage, config_bytes: bytes, config: dict,
-                placement: Placement, platform: str, *, variant_link: bool = False) -> Published:
+                placement: Placement, platform: str, *, variant_link: bool = False,
+                trust_known: bool = True) -> Published:
         """``variant_link``: the public link is a CernVM-FS variant link (names.public_link_target);
         the caller decides (the cvmfs backend, the default platform of a multi-platform tag)."""
-        staged = self.stage(ref, image, config)
+        staged = self.stage(ref, image, config, trust_known=trust_known)
         published = self.finish(staged, config_bytes, placement, platform, variant_link=variant_link)
         return replace(published, new_dirs=staged.new_dirs + published.new_dirs)
 
-    def missing_layers(self, image: ResolvedImage, config: dict) -> dict[str, int]:
+    def missing_layers(self, image: ResolvedImage, config: dict, *, trust_known: bool = True) -> dict[str, int]:
         """The layers ``stage`` would write (not there, or not usable): blob digest -> size."""
         return {spec.digest: spec.size for spec in layer_specs(image, config)
-                if self.ingester.present(spec)[0] is None}
+                if self._present(spec, trust_known)[0] is None}
 
-    def stage(self, ref: Reference, image: ResolvedImage, config: dict) -> "Staged":
+    def _present(self, spec: LayerSpec, trust_known: bool) -> tuple[LayerMetadata | None, str | None, bool]:
+        """ingester.present, answered by ``known_layer`` where it may; also whether it was."""
+        if trust_known and self.known_layer is not None:
+            meta = self.known_layer(spec.digest)
+            if meta is not None and meta.diff_digest == spec.diff_id:
+                return meta, None, True
+        return *self.ingester.present(spec), False
+
+    def stage(self, ref: Reference, image: ResolvedImage, config: dict, *, trust_known: bool = True) -> "Staged":
         """The first part of ``publish``: the image's layers that are not there yet, fetched
-        and unpacked (in parallel). ``finish`` does the rest (batched: in a later unit)."""
+        and unpacked (in parallel). ``finish`` does the rest (batched: in a later unit).
+        ``trust_known`` False (a repair): every layer dir is looked at, none taken from
+        ``known_layer``."""
         specs = layer_specs(image, config)
         chains = chain_ids([s.diff_id for s in specs])
-        done, first, new = self._ingest(ref, image, specs)
-        return Staged(ref, image, config, specs, chains, done, first, tuple(self.layout.layer_dir(d) for d in new))
+        done, first, new, known = self._ingest(ref, image, specs, trust_known)
+        return Staged(ref, image, config, specs, chains, done, first, tuple(self.layout.layer_dir(d) for d in new),
+                      trust_known, frozenset(known))
 
     def finish(self, staged: "Staged", config_bytes: bytes, placement: Placement, platform: str, *,
                variant_link: bool = False) -> Published:
@@ -169,22 +188,28 @@ class ImagePublisher:
         return Published(record, fetched, nbytes, tuple(new_dirs))
 
     # -- layers and chains ---------------------------------------------------------------
-    def _ingest(self, ref: Reference, image: ResolvedImage,
-                specs: Sequence[LayerSpec]) -> tuple[dict[int, Ingested], dict[str, LayerSpec], list[str]]:
-        """(index -> layer there, each blob's first position, the digests ingested now)"""
+    def _ingest(self, ref: Reference, image: ResolvedImage, specs: Sequence[LayerSpec],
+                trust_known: bool) -> tuple[dict[int, Ingested], dict[str, LayerSpec], list[str], list[str]]:
+        """(index -> layer there, each blob's first position, the digests ingested now, the
+        digests known_layer answered for)"""
         from publisher.unpack.ingest import Ingested
 
         done: dict[int, Ingested] = {}
         todo: list[tuple[LayerSpec, bool]] = []  # (spec, replace an unusable dir)
         first: dict[str, LayerSpec] = {}  # an image may carry one blob twice (empty layers)
         new: list[str] = []
+        known: list[str] = []
         for spec in specs:
             if spec.digest in first:
                 continue
             first[spec.digest] = spec
-            meta, why = self.ingester.present(spec)
+            meta, why, from_known = self._present(spec, trust_known)
             if meta is not None:
                 done[spec.index] = Ingested(spec, meta, self.layout.layerfs(spec.digest), 0)
+                if from_known:
+                    known.append(spec.digest)
+                else:
+                    self._add_origin(spec.digest, image.config_digest)
             else:
                 if why:
                     log.warning("layer %s: %s; ingesting it again", spec.digest, why)
@@ -210,7 +235,13 @@ class ImagePublisher:
                     for _, fut in futures:
                         fut.cancel()
                     raise
-        return done, first, new
+        return done, first, new, known
+
+    def _add_origin(self, digest: str, config_digest: str) -> None:
+        """origin.json lists the images that used a layer in the unit that created it, never
+        more: appending later would rewrite a published layer's catalog (docs/DESIGN.md#origin)."""
+        if digest in self.fresh_layers:
+            self.ingester.add_origin(digest, config_digest)
 
     def _chains(self, staged: "Staged") -> tuple[list[Ingested], int, int, list[Path]]:
         """The layers ``_ingest`` deferred (unpacked on their parent chain), then the chains;
@@ -227,9 +258,10 @@ class ImagePublisher:
             parent_chain = chains[spec.index - 1] if spec.index else None
             layer = done.get(spec.index)
             if layer is None:
-                meta, _ = self.ingester.present(spec)
+                meta, _, _ = self._present(spec, staged.trust_known)
                 if meta is not None:  # published meanwhile, e.g. for an earlier position
                     layer = Ingested(spec, meta, self.layout.layerfs(spec.digest), 0)
+                    self._add_origin(spec.digest, image.config_digest)
                 else:  # deferred: needs the parent chain as its lower
                     layer = self.ingester.ingest(ref, spec, config_digest=image.config_digest,
                                                  lowers=[parent] if parent else [], parent_chain=parent_chain,
@@ -245,9 +277,9 @@ class ImagePublisher:
             nbytes += extra
             if built:
                 new_dirs.append(parent)
-        for digest in staged.first:
-            self.ingester.add_origin(digest, image.config_digest)
         for spec in staged.first.values():  # containerd finds the layer by diffID (every compression)
+            if spec.digest in staged.known:
+                continue  # its link was made in the unit that published it (or by the format upgrade)
             if ensure_diffid_link(self.layout, spec.diff_id, spec.digest):
                 new_dirs.append(self.layout.diffid_link(spec.diff_id).parent)
         return [done[s.index] for s in specs], fetched, nbytes, new_dirs
