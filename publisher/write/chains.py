@@ -238,6 +238,16 @@ class ChainMerger:
                 self.stats.grafted += 1
                 return
         key = (src.st.st_dev, src.st.st_ino)
+        if (self.grafts and mark is None and key not in self._copies
+                and (stat.S_ISLNK(src.st.st_mode) or stat.S_ISFIFO(src.st.st_mode)
+                     or (stat.S_ISREG(src.st.st_mode) and src.st.st_size == 0))):
+            # Written anew, never linked: a link to a published entry copies it up with its
+            # parent dirs, and publish then rewrites the catalog of the tree it came from
+            # (a known base chain's, for every new image). These have no content to hash.
+            self._copy(src, out_fd, name)
+            self._copies[key] = (os.dup(out_fd), name)
+            self.stats.copied += 1
+            return
         # keep hardlink groups together after a copy
         from_fd, from_name = self._copies.get(key, (src.dir_fd, src.name))
         try:

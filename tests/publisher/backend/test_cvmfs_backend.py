@@ -510,7 +510,7 @@ def test_older_flat_entries_are_upgraded_in_a_transaction(cvmfs_standin: CvmfsSt
     assert "2 updated" in res.stdout, res.stdout
     assert s.refusals() == []
     for flat, top in zip(flats, tops):
-        assert flat.is_dir() and not flat.is_symlink() and flat_minus_chain(flat, top) == []
+        assert flat.is_dir() and not flat.is_symlink() and flat_minus_chain(flat, top, hard_links=False) == []
         assert (flat / CATALOG_MARKER).is_file()
     assert (repo / ".multiarch").is_dir()
     assert not os.path.lexists(lay.tmp_dir)

@@ -56,6 +56,7 @@ def test_merge_carries_grafts_with_their_files_only(tmp_path: Path) -> None:
     names = sorted(os.listdir(out / "d"))
     assert names == [GRAFT_PREFIX + "kept", "kept", "replaced"], names
     assert os.stat(out / "d" / (GRAFT_PREFIX + "kept")).st_ino == os.stat(lower / "d" / (GRAFT_PREFIX + "kept")).st_ino
+    assert os.stat(out / "d" / "kept").st_ino == os.stat(lower / "d" / "kept").st_ino  # with its file
     assert (out / "d" / "replaced").read_text() == "new content\n"
     # and a flat copy of that chain takes the graft along as well
     flat = tmp_path / "flat"
@@ -83,6 +84,28 @@ def test_graft_cache_asks_once_per_file_until_cleared(tmp_path: Path) -> None:
     cache.clear()  # a new transaction: the union was remounted
     cache.info(str(b), os.lstat(b))
     assert asked == ["a", "b", "a", "b"]
+
+
+def test_published_empty_files_symlinks_and_fifos_are_written_anew(tmp_path: Path) -> None:
+    """A link would copy the published entry up with its dirs, and publish would rewrite the
+    parent tree's catalog (tests/cvmfs/test_known_base.py); these have no content to hash."""
+    parent, layer, out = tmp_path / "parent", tmp_path / "layer", tmp_path / "out"
+    (parent / "d").mkdir(parents=True)
+    layer.mkdir()
+    (parent / "d" / "empty").write_bytes(b"")
+    os.link(parent / "d" / "empty", parent / "d" / "empty2")
+    os.chmod(parent / "d" / "empty", 0o4711)
+    os.symlink("empty", parent / "d" / "sym")
+    os.mkfifo(parent / "d" / "fifo", 0o640)
+    ChainMerger(grafts=True).merge(out, parent, layer)
+    for name in ("empty", "empty2", "sym", "fifo"):
+        assert os.lstat(out / "d" / name).st_ino != os.lstat(parent / "d" / name).st_ino, name
+    assert os.lstat(out / "d" / "empty").st_ino == os.lstat(out / "d" / "empty2").st_ino  # the group stays
+    assert stat.S_IMODE(os.lstat(out / "d" / "empty").st_mode) == 0o4711
+    assert os.readlink(out / "d" / "sym") == "empty" and stat.S_ISFIFO(os.lstat(out / "d" / "fifo").st_mode)
+    # without grafts (the local backend) they are linked as before
+    ChainMerger(grafts=False).merge(tmp_path / "plain", parent, layer)
+    assert os.lstat(tmp_path / "plain/d/empty").st_ino == os.lstat(parent / "d" / "empty").st_ino
 
 
 def test_chains_on_one_parent_ask_for_its_files_once(tmp_path: Path) -> None:
