@@ -54,14 +54,39 @@ class ChainStats:
     deleted: int = 0
 
 
-@dataclass(frozen=True)
 class _Source:
     """An entry of a source dir: its name in the directory ``dir_fd`` (valid while
-    the walk is in that directory) and its lstat."""
+    the walk is in that directory), its type and, when asked, its lstat.
 
-    dir_fd: int
-    name: str
-    st: os.stat_result
+    The lstat is taken only when asked: an entry linked with its ``.cvmfsgraft-`` file (most
+    of a tree built on a chain of the same transaction) and the graft file itself need only
+    the type readdir gave; one lstat per entry through the union was 1.1 s of 6.6 s of chain
+    and flat building (first round of 20 images)."""
+
+    __slots__ = ("dir_fd", "name", "_entry")
+
+    def __init__(self, dir_fd: int, entry: os.DirEntry[str]) -> None:
+        self.dir_fd = dir_fd
+        self.name = entry.name
+        self._entry = entry
+
+    @property
+    def st(self) -> os.stat_result:
+        return self._entry.stat(follow_symlinks=False)  # the entry keeps it
+
+    @property
+    def is_dir(self) -> bool:
+        return self._entry.is_dir(follow_symlinks=False)
+
+    @property
+    def is_file(self) -> bool:
+        return self._entry.is_file(follow_symlinks=False)
+
+    @property
+    def maybe_device(self) -> bool:
+        """Neither a file, a directory nor a symlink: possibly a whiteout (a character device)."""
+        e = self._entry
+        return not (e.is_file(follow_symlinks=False) or e.is_dir(follow_symlinks=False) or e.is_symlink())
 
 
 @dataclass(frozen=True)
@@ -82,7 +107,7 @@ def _scan(cur: DirCursor) -> dict[str, _Source]:
     out: dict[str, _Source] = {}
     with os.scandir(cur.fd) as it:
         for e in it:
-            out[e.name] = _Source(cur.fd, e.name, e.stat(follow_symlinks=False))
+            out[e.name] = _Source(cur.fd, e)
     return out
 
 
@@ -115,6 +140,7 @@ class ChainMerger:
     # the grafts this merge wrote (file, path in the tree): GraftCache.placed once the tree is in place
     written: list[tuple[FileKey, str]] = field(default_factory=list)
     _copies: dict[tuple[int, int], tuple[int, str]] = field(default_factory=dict)  # inode -> (dir fd, name)
+    _graft_copies: dict[tuple[int, int], tuple[int, str]] = field(default_factory=dict)  # the same, of grafts
     _path: list[str] = field(default_factory=list)  # the directory being merged, below the top
 
     def merge(self, out: Path, lower: Path | None, upper: Path) -> ChainStats:
@@ -123,9 +149,10 @@ class ChainMerger:
             try:
                 self._walk(dst, low, up)
             finally:
-                for fd, _ in self._copies.values():
-                    os.close(fd)
-                self._copies.clear()
+                for copies in (self._copies, self._graft_copies):
+                    for fd, _ in copies.values():
+                        os.close(fd)
+                    copies.clear()
         return self.stats
 
     def _walk(self, dst: DirCursor, low: DirCursor, up: DirCursor) -> None:
@@ -176,7 +203,7 @@ class ChainMerger:
                 deleted.add(whited_out_name(name))
             elif kind is NameKind.META:
                 continue
-            elif is_whiteout_device(src.st):
+            elif src.maybe_device and is_whiteout_device(src.st):
                 deleted.add(name)
             else:
                 plain[name] = src
@@ -187,9 +214,9 @@ class ChainMerger:
         for name in sorted(plain.keys() | below.keys(), reverse=True):  # popped in order
             if name in plain:
                 src = plain[name]
-                if stat.S_ISDIR(src.st.st_mode):
+                if src.is_dir:
                     low_src = below.get(name) if name not in deleted else None
-                    merge_lower = low_src is not None and stat.S_ISDIR(low_src.st.st_mode)
+                    merge_lower = low_src is not None and low_src.is_dir
                     subdirs.append(_Child(name, True, True, merge_lower))
                 else:
                     self._place(src, dst.fd, name, up_marks.get(GRAFT_PREFIX + name))
@@ -197,7 +224,7 @@ class ChainMerger:
                 self.stats.deleted += 1
             else:
                 src = below[name]
-                if stat.S_ISDIR(src.st.st_mode):
+                if src.is_dir:
                     subdirs.append(_Child(name, False, False, True))
                 else:
                     self._place(src, dst.fd, name, low_marks.get(GRAFT_PREFIX + name))
@@ -220,7 +247,7 @@ class ChainMerger:
     def _place(self, src: _Source, out_fd: int, name: str, mark: _Source | None = None) -> None:
         if mark is not None:  # a graft made in this transaction: the file and its graft file
             self.link(mark.name, mark.name, src_dir_fd=mark.dir_fd, dst_dir_fd=out_fd, follow_symlinks=False)
-        elif self.grafts and stat.S_ISREG(src.st.st_mode) and src.st.st_size > 0:
+        elif self.grafts and src.is_file and src.st.st_size > 0:
             rel = "/".join((*self._path, name))
             if self.graft_cache is not None and self._link_donor(src.st, out_fd, name, rel):
                 self.stats.grafted += 1
@@ -237,19 +264,23 @@ class ChainMerger:
                     self.written.append((file_key(src.st), rel))
                 self.stats.grafted += 1
                 return
-        key = (src.st.st_dev, src.st.st_ino)
-        if (self.grafts and mark is None and key not in self._copies
-                and (stat.S_ISLNK(src.st.st_mode) or stat.S_ISFIFO(src.st.st_mode)
-                     or (stat.S_ISREG(src.st.st_mode) and src.st.st_size == 0))):
+        # A graft of this transaction (mark) is an inode none of the other entries has: they
+        # are linked or written anew without a graft file. Its own copies are apart, so that
+        # its lstat is taken only once a graft was copied (EMLINK).
+        copies = self._copies if mark is None else self._graft_copies
+        if (self.grafts and mark is None and (stat.S_ISLNK(src.st.st_mode) or stat.S_ISFIFO(src.st.st_mode)
+                                              or (stat.S_ISREG(src.st.st_mode) and src.st.st_size == 0))
+                and (src.st.st_dev, src.st.st_ino) not in copies):
             # Written anew, never linked: a link to a published entry copies it up with its
             # parent dirs, and publish then rewrites the catalog of the tree it came from
             # (a known base chain's, for every new image). These have no content to hash.
             self._copy(src, out_fd, name)
-            self._copies[key] = (os.dup(out_fd), name)
+            copies[(src.st.st_dev, src.st.st_ino)] = (os.dup(out_fd), name)
             self.stats.copied += 1
             return
-        # keep hardlink groups together after a copy
-        from_fd, from_name = self._copies.get(key, (src.dir_fd, src.name))
+        # keep hardlink groups together after a copy (none copied: no lstat needed)
+        from_fd, from_name = (copies.get((src.st.st_dev, src.st.st_ino), (src.dir_fd, src.name))
+                              if copies else (src.dir_fd, src.name))
         try:
             self.link(from_name, name, src_dir_fd=from_fd, dst_dir_fd=out_fd, follow_symlinks=False)
             self.stats.linked += 1
@@ -258,7 +289,7 @@ class ChainMerger:
             if e.errno != errno.EMLINK:
                 raise
         self._copy(src, out_fd, name)
-        self._copies[key] = (os.dup(out_fd), name)
+        copies[(src.st.st_dev, src.st.st_ino)] = (os.dup(out_fd), name)
         self.stats.copied += 1
 
     def _link_donor(self, st: os.stat_result, out_fd: int, name: str, rel: str) -> bool:

@@ -64,6 +64,42 @@ def test_merge_carries_grafts_with_their_files_only(tmp_path: Path) -> None:
     assert sorted(os.listdir(flat / "d")) == names
 
 
+def test_grafts_linked_with_their_graft_files_take_no_lstat(tmp_path: Path, monkeypatch) -> None:
+    """A tree of grafts made earlier in the transaction (a flat copy of a chain) is linked by the
+    names readdir gave: one lstat per entry through the union was most of the merge's own time.
+    After a graft is copied (EMLINK) its other names still go to that copy, with their graft files."""
+    import errno
+
+    from publisher.write import chains
+
+    src, out = tmp_path / "src", tmp_path / "out"
+    (src / "d").mkdir(parents=True)
+    for name in ("a", "b"):
+        (src / "d" / name).write_bytes(b"")
+        (src / "d" / (GRAFT_PREFIX + name)).write_text(f"size=1\nchecksum={name}\n")
+    os.link(src / "d" / "a", src / "d" / "a2")  # a hard-link group of grafts, each with its graft file
+    os.link(src / "d" / (GRAFT_PREFIX + "a"), src / "d" / (GRAFT_PREFIX + "a2"))
+    lstats = []
+    real_st = chains._Source.st
+    monkeypatch.setattr(chains._Source, "st", property(lambda self: lstats.append(self.name) or real_st.fget(self)))
+    ChainMerger(grafts=True).merge(out, None, src)
+    assert lstats == []
+    assert os.stat(out / "d" / "a").st_ino == os.stat(src / "d" / "a").st_ino
+    assert os.stat(out / "d" / (GRAFT_PREFIX + "b")).st_ino == os.stat(src / "d" / (GRAFT_PREFIX + "b")).st_ino
+
+    def link(src_name, dst_name, **kw):  # the group's inode is full: the first name is copied
+        if src_name in ("a", "a2") and kw.get("src_dir_fd") is not None and dst_name in ("a", "a2"):
+            if not getattr(link, "failed", False):
+                link.failed = True
+                raise OSError(errno.EMLINK, "Too many links")
+        os.link(src_name, dst_name, **kw)
+
+    ChainMerger(grafts=True, link=link).merge(tmp_path / "out2", None, src)
+    d = tmp_path / "out2" / "d"
+    assert os.stat(d / "a").st_ino == os.stat(d / "a2").st_ino != os.stat(src / "d" / "a").st_ino
+    assert sorted(os.listdir(d)) == sorted(n for f in ("a", "a2", "b") for n in (f, GRAFT_PREFIX + f))
+
+
 def test_graft_cache_asks_once_per_file_until_cleared(tmp_path: Path) -> None:
     asked: list[str] = []
 
