@@ -7,6 +7,7 @@ import contextlib
 import ctypes
 import ctypes.util
 import errno
+import functools
 import os
 import tempfile
 from collections.abc import Iterator
@@ -26,7 +27,9 @@ _RENAME_EXCHANGE = 2
 _AT_FDCWD = -100
 
 
+@functools.lru_cache(maxsize=1)
 def _libc() -> ctypes.CDLL:
+    # once per process: find_library runs `ldconfig -p` (a fork and exec) on every call
     return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 
 
