@@ -147,12 +147,9 @@ def read_origin_json(path: Path) -> list[str]:
 
 
 def origin_json_bytes(origins: Iterable["str | Digest"]) -> bytes:
-    seen: list[str] = []
-    for o in origins:
-        s = str(parse_digest(o))
-        if s not in seen:
-            seen.append(s)
-    return (json.dumps({"origin": seen}, indent=1) + "\n").encode()
+    # a dict keeps the first occurrence's order; a list's `in` made this O(n^2)
+    seen = dict.fromkeys(str(parse_digest(o)) for o in origins)
+    return (json.dumps({"origin": list(seen)}, indent=1) + "\n").encode()
 
 
 def write_origin_json(path: Path, origins: Iterable["str | Digest"]) -> None:
