@@ -267,6 +267,7 @@ class Converter:
                     for p in missing:
                         if self._guard(p, results, lambda p: self._stage(p)):
                             staged.append(p)
+                    self.publisher.end_unit()
             except Exception as e:  # noqa: BLE001 - nothing of the unit is published
                 results += [(p, self._failed(p, e)) for p in staged]
                 staged = []
@@ -281,6 +282,7 @@ class Converter:
                         published = self._guard(p, results, lambda p: self._finish(p))
                         if published is not None:
                             done.append((p, published))
+                    self.publisher.end_unit()
                     if self.podman_batch is not None and len(self.podman_batch):
                         stores = sorted({st.root for st in self.podman_batch.stores()})
                         self.podman_batch.flush()
@@ -472,6 +474,7 @@ class Converter:
                                                    variant_link=self._variant(target, p.image.index_bytes is not None),
                                                    trust_known=p.damage is None)
                 self.backend.after_image(self.layout, published, p.placement)
+                self.publisher.end_unit()
             self.state.record_published(target.key, p.placement.platform_dir, target.entry_id, p.head,
                                         published.record)
             self._recorded(published.record)

@@ -187,9 +187,9 @@ class LayerIngester:
         return PrivateUnpack(work, work / LAYERFS, result)
 
     # -- back-links ---------------------------------------------------------------------
-    def add_origin(self, layer_digest: str, config_digest: str) -> bool:
-        """Add the image's config digest to the layer's origin.json (DUCC compatibility);
-        True when the file changed."""
+    def add_origins(self, layer_digest: str, config_digests: Sequence[str]) -> bool:
+        """Add images' config digests to the layer's origin.json (DUCC compatibility), in
+        one write; True when the file changed."""
         path = self.layout.origin_json(layer_digest)
         with self._origin_lock:
             try:
@@ -199,10 +199,11 @@ class LayerIngester:
             except ValueError as e:
                 log.warning("layer %s: rewriting unreadable origin.json (%s)", layer_digest, e)
                 current = []
-            if config_digest in current:
+            had = set(current)
+            if all(c in had for c in config_digests):
                 return False
             # via the layout: the temp file lives under .tmp, never next to the real one
-            self.layout.atomic_write_file(path, origin_json_bytes(current + [config_digest]))
+            self.layout.atomic_write_file(path, origin_json_bytes([*current, *config_digests]))
             return True
 
 

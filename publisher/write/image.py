@@ -112,6 +112,9 @@ class ImagePublisher:
         self.fresh_layers: set[str] = set()
         self.grafts = grafts  # chains and flat dirs graft published files (cvmfs: publisher/write/grafts.py)
         self.graft_cache = GraftCache()  # valid for one unit, like fresh_layers
+        # fresh layer -> the images that used it in this unit, in order (a dict as an ordered
+        # set): written by end_unit, one origin.json write per layer instead of one per image
+        self._origins: dict[str, dict[str, None]] = {}
         self.durable = durable  # chains and flat dirs synced before their rename (Backend.durable_renames)
         self.ingester = ingester
         self.jobs = max(1, jobs)
@@ -122,6 +125,14 @@ class ImagePublisher:
         """A unit (a transaction) opens: what the last one saw of the repository is stale."""
         self.fresh_layers.clear()
         self.graft_cache.clear()
+        self._origins.clear()  # an aborted unit's images are not listed in the next one's layers
+
+    def end_unit(self) -> None:
+        """The unit's writes are done (its publish is next): each fresh layer's origin.json
+        gets the images that used it. Not called when the unit fails: it is aborted anyway."""
+        pending, self._origins = self._origins, {}
+        for digest, configs in pending.items():
+            self.ingester.add_origins(digest, list(configs))
 
     # -- the whole image ---------------------------------------------------------------
     def publish(self, ref: Reference, image: ResolvedImage, config_bytes: bytes, config: dict,
@@ -241,7 +252,7 @@ class ImagePublisher:
         """origin.json lists the images that used a layer in the unit that created it, never
         more: appending later would rewrite a published layer's catalog (docs/DESIGN.md#origin)."""
         if digest in self.fresh_layers:
-            self.ingester.add_origin(digest, config_digest)
+            self._origins.setdefault(digest, {})[config_digest] = None
 
     def _chains(self, staged: "Staged") -> tuple[list[Ingested], int, int, list[Path]]:
         """The layers ``_ingest`` deferred (unpacked on their parent chain), then the chains;
