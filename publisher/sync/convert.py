@@ -269,7 +269,7 @@ class Converter:
                             staged.append(p)
                     self.publisher.end_unit()
             except Exception as e:  # noqa: BLE001 - nothing of the unit is published
-                results += [(p, self._failed(p, e)) for p in staged]
+                self._fail_unit(results, missing, e)
                 staged = []
         staged += todo  # staged in the next unit (their layers are there, or few)
         done: list[tuple[_Pending, Published]] = []
@@ -288,7 +288,7 @@ class Converter:
                         self.podman_batch.flush()
                         self.backend.after_podman_stores(stores)
             except Exception as e:  # noqa: BLE001 - nothing of the unit is published
-                results += [(p, self._failed(p, e)) for p, _ in done]
+                self._fail_unit(results, staged, e)
                 done = []
             finally:
                 self._podman_names.clear()
@@ -329,6 +329,14 @@ class Converter:
         except Exception as e:  # noqa: BLE001 - one failing image never stops the others
             results.append((p, self._failed(p, e)))
             return None
+
+    def _fail_unit(self, results: "list[tuple[_Pending, ItemResult]]", images: "Sequence[_Pending]",
+                   e: BaseException) -> None:
+        """A unit failed as a whole (e.g. its transaction could not be opened, or its publish
+        failed): every image of it without a result of its own fails with that error; none
+        may go unreported."""
+        reported = {id(q) for q, _ in results}
+        results += [(p, self._failed(p, e)) for p in images if id(p) not in reported]
 
     def _failed(self, p: "_Pending", e: BaseException) -> ItemResult:
         log.debug("%s failed", p.target.name, exc_info=True)
