@@ -8,7 +8,8 @@
   or, when anything failed:
     cvmfs_server abort -f REPO         (everything of the unit is discarded; -f: no prompt)
 
-At start (under the publisher lock) a transaction a crashed run left open is
+At start (under the publisher lock) a ``cvmfs_server`` call a killed run left running
+is waited for, then a transaction a crashed run left open is
 found with ``cvmfs_server list`` (``NAME (stratum0 / ... - in transaction)``) and
 aborted; a ``transaction`` refused with "already in a transaction" is aborted and
 retried once as well. Before every transaction, publish and abort the process
@@ -55,10 +56,35 @@ _OUTPUT_TAIL = 2000
 DELETE_BATCH = 500
 # cvmfs_server >= 2.8 tells the kind of failure by exit code (CVM-1873); EEXIST: in a transaction
 _EEXIST = 17
+# The programs a `cvmfs_server` call runs as (the script, and what it starts for a transaction,
+# publish or ingest): one of them still running at start is a killed run's orphan.
+SERVER_PROGRAMS = frozenset({"cvmfs_server", "cvmfs_publish", "cvmfs_swissknife"})
+# How long start() waits for such an orphan (a publish of a big round takes minutes).
+ORPHAN_WAIT_SECONDS = 3600.0
 
 
 def _under(path: str, root: str) -> bool:
     return path == root or path.startswith(root.rstrip("/") + "/")
+
+
+def server_processes(repository: str, programs: frozenset[str] = SERVER_PROGRAMS) -> list[int]:
+    """Pids (not this process) running one of ``programs`` on ``repository``: its name or a
+    path of its under /cvmfs among the arguments (/proc/*/cmdline)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                argv = f.read(64 << 10).split(b"\0")
+        except OSError:
+            continue  # gone meanwhile, or not ours to read
+        args = [a.decode(errors="replace") for a in argv if a]
+        if not any(os.path.basename(a) in programs for a in args[:2]):
+            continue
+        if any(a == repository or a.startswith(repository + "/") or f"/cvmfs/{repository}" in a for a in args):
+            found.append(int(entry))
+    return found
 
 
 def open_paths_under(root: Path, pid: str = "self") -> list[str]:
@@ -203,8 +229,26 @@ class CvmfsBackend(Backend):
                 found = fields[5].split(",")  # the last mount on the point is the one seen
         return None if found is None else "rw" in found
 
+    def wait_for_orphans(self, timeout: float = ORPHAN_WAIT_SECONDS, poll: float = 0.2) -> None:
+        """A run killed while ``cvmfs_server`` worked leaves that call running (its own
+        process): a ``transaction`` half open, a ``publish`` or ``ingest`` still writing. We
+        hold the publisher lock, so such a process on the repository is an orphan: wait for
+        it to end, then ``start`` sees what it left (an open transaction is aborted)."""
+        deadline = time.monotonic() + timeout
+        told = False
+        while pids := server_processes(self.repository):
+            if not told:
+                log.warning("waiting for %s on %s left running by an earlier run (pid %s)", self.command,
+                            self.repository, ", ".join(map(str, pids)))
+                told = True
+            if time.monotonic() > deadline:
+                raise BackendError(f"{self.command} on {self.repository} still running after {timeout:.0f} s "
+                                   f"(pid {', '.join(map(str, pids))}): not starting beside it")
+            time.sleep(poll)
+
     def start(self, layout: RepositoryLayout) -> int:
         self._leave_repository()
+        self.wait_for_orphans()
         # (a transaction left open but mounted ro is found by `transaction` itself: EEXIST)
         writable = self.union_writable()
         if writable if writable is not None else self.in_transaction():

@@ -95,6 +95,33 @@ def test_kill9_inside_a_transaction_then_recovery(stratum0: Stratum0, registry: 
     assert_check_clean(repo)
 
 
+def test_kill9_during_publish_then_the_next_run_waits_for_it(stratum0: Stratum0, registry: Registry,
+                                                             standard_images: StandardImages) -> None:
+    """A kill -9 while `cvmfs_server publish` runs leaves that publish running on its own: the
+    next run, started at once, recovers (it waits for the orphan: wait_for_orphans, whose
+    own test is in tests/publisher/backend), and nothing goes unreported."""
+    name = "unpacked.crashpub.test"
+    repo = stratum0.mkfs(name)
+    db = "/w/state/crashpub.db"
+    images = [standard_images.multilayer, standard_images.tagged["2.0"]]
+    write_wishlist(stratum0.host_w / "crashpub.yaml", [i.ref for i in images], repo=name)
+    stratum0.sh(f"cd / && cvmfs-publisher convert /w/crashpub.yaml --backend cvmfs --repository-root {repo.root} "
+                f"--state-db {db} >/w/crashpub.log 2>&1 & echo $! >/w/crashpub.pid")
+    pid = (stratum0.host_w / "crashpub.pid").read_text().strip()
+    end = time.monotonic() + 120
+    while stratum0.sh(f"pgrep -f 'cvmfs_server publish {name}'", check=False).returncode != 0:
+        assert time.monotonic() < end, (stratum0.host_w / "crashpub.log").read_text()
+        time.sleep(0.02)
+    stratum0.sh(f"kill -9 {pid}")
+    out = convert(stratum0, repo, "/w/crashpub.yaml", db).stdout
+    assert "0 failed" in out, out
+    lay = RepositoryLayout(stratum0.host_view(repo.client))
+    for img in images:
+        assert lay.flat_dir(img.config_digest).is_dir()
+    assert not repo.in_transaction()
+    assert_check_clean(repo)
+
+
 def signal_apache(sig: str) -> str:
     """The apache the fixture started: its master (pid file) and that master's children."""
     return ("m=$(cat /var/run/apache2/apache2.pid); "

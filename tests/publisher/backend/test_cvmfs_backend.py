@@ -12,6 +12,7 @@ import re
 import os
 import signal
 import subprocess
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -693,3 +694,35 @@ def test_no_fsync_of_files_and_links_inside_a_transaction(cvmfs_standin: CvmfsSt
                   tmp_path / "local.db")
     assert res.rc == 0 and "1 new" in res.stdout, res.stdout
     assert counts["beneath"] > 0
+
+
+def _orphan(repo_name: str, seconds: float) -> subprocess.Popen:
+    """A process that looks like a `cvmfs_server` call on the repository (argv[0] is the name)."""
+    # (`; true`: bash would otherwise exec sleep in its place, and the name would be gone)
+    return subprocess.Popen(["bash", "-c", f"exec -a cvmfs_server bash -c 'sleep {seconds}; true' publish {repo_name}"])
+
+
+def test_start_waits_for_a_cvmfs_server_call_a_killed_run_left(cvmfs_standin: CvmfsStandin, tmp_path: Path) -> None:
+    """A kill -9 during `cvmfs_server publish` (or a transaction half open) leaves that call
+    running: the next run waits for it instead of racing it, and says so."""
+    from publisher.backend.base import BackendError
+    from publisher.backend.cvmfs import CvmfsBackend, server_processes
+
+    repo = cvmfs_standin.mkfs("unpacked.example.org")
+    backend = CvmfsBackend(repo, "unpacked.example.org")
+    assert server_processes("unpacked.example.org") == []
+    orphan = _orphan("unpacked.example.org", 1.5)
+    try:
+        deadline = time.monotonic() + 10
+        while orphan.pid not in server_processes("unpacked.example.org"):
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        assert server_processes("other.example.org") == []
+        with pytest.raises(BackendError, match="still running"):
+            backend.wait_for_orphans(timeout=0.2, poll=0.05)
+        t0 = time.monotonic()
+        backend.start(RepositoryLayout(repo))  # waits for it
+        assert orphan.poll() is not None and time.monotonic() - t0 > 0.5
+    finally:
+        orphan.kill()
+        orphan.wait()
