@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import subprocess
 import time
+from collections.abc import Callable
 
 import pytest
 
@@ -66,33 +67,44 @@ def test_moved_tag_then_gc_reclaims_objects(stratum0: Stratum0, registry: Regist
     assert split_hardlinks(new, tree, flat_tree_problems(new.tree, tree, IGNORE)) == []
 
 
-def test_kill9_inside_a_transaction_then_recovery(stratum0: Stratum0, registry: Registry,
-                                                  standard_images: StandardImages) -> None:
-    name = "unpacked.crash.test"
-    repo = stratum0.mkfs(name)
-    db = "/w/state/crash.db"
-    images = [standard_images.multilayer, standard_images.tagged["2.0"]]
-    write_wishlist(stratum0.host_w / "crash.yaml", [i.ref for i in images], repo=name)
-    stratum0.sh(f"cd / && cvmfs-publisher convert /w/crash.yaml --backend cvmfs --repository-root {repo.root} "
-                f"--state-db {db} >/w/crash.log 2>&1 & echo $! >/w/crash.pid")
-    pid = (stratum0.host_w / "crash.pid").read_text().strip()
+def kill9_convert(stratum0: Stratum0, repo, images: list, until: Callable[[], bool]) -> str:
+    """Start a convert of ``images`` into ``repo`` in the background, kill -9 it as soon as
+    ``until()`` holds; returns the wishlist's path in the container."""
+    name = repo.name
+    write_wishlist(stratum0.host_w / f"{name}.yaml", [i.ref for i in images], repo=name)
+    stratum0.sh(f"cd / && cvmfs-publisher convert /w/{name}.yaml --backend cvmfs --repository-root {repo.root} "
+                f"--state-db /w/state/{name}.db >/w/{name}.log 2>&1 & echo $! >/w/{name}.pid")
+    pid = (stratum0.host_w / f"{name}.pid").read_text().strip()
     end = time.monotonic() + 120
-    while not repo.in_transaction():
-        assert time.monotonic() < end, (stratum0.host_w / "crash.log").read_text()
-        time.sleep(0.05)
+    while not until():
+        assert time.monotonic() < end, (stratum0.host_w / f"{name}.log").read_text()
+        time.sleep(0.02)
     stratum0.sh(f"kill -9 {pid}")
-    # The transaction stays open after the crash (or a publish already running completes).
-    time.sleep(1)
-    left_open = repo.in_transaction()
-    out = convert(stratum0, repo, "/w/crash.yaml", db).stdout
-    if left_open:
-        assert "aborting it" in out, out
+    return f"/w/{name}.yaml"
+
+
+def assert_recovered(stratum0: Stratum0, repo, images: list, out: str) -> None:
     assert "0 failed" in out, out
     lay = RepositoryLayout(stratum0.host_view(repo.client))
     for img in images:
         assert lay.flat_dir(img.config_digest).is_dir()
-        assert not (lay.root / ".tmp").exists()
+    assert not (lay.root / ".tmp").exists()
+    assert not repo.in_transaction()
     assert_check_clean(repo)
+
+
+def test_kill9_inside_a_transaction_then_recovery(stratum0: Stratum0, registry: Registry,
+                                                  standard_images: StandardImages) -> None:
+    repo = stratum0.mkfs("unpacked.crash.test")
+    images = [standard_images.multilayer, standard_images.tagged["2.0"]]
+    wishlist = kill9_convert(stratum0, repo, images, repo.in_transaction)
+    # The transaction stays open after the crash (or a publish already running completes).
+    time.sleep(1)
+    left_open = repo.in_transaction()
+    out = convert(stratum0, repo, wishlist, f"/w/state/{repo.name}.db").stdout
+    if left_open:  # aborted by the next run (after it waited for the publish, if one ran)
+        assert "aborting it" in out or "waiting for" in out, out
+    assert_recovered(stratum0, repo, images, out)
 
 
 def test_kill9_during_publish_then_the_next_run_waits_for_it(stratum0: Stratum0, registry: Registry,
@@ -100,26 +112,13 @@ def test_kill9_during_publish_then_the_next_run_waits_for_it(stratum0: Stratum0,
     """A kill -9 while `cvmfs_server publish` runs leaves that publish running on its own: the
     next run, started at once, recovers (it waits for the orphan: wait_for_orphans, whose
     own test is in tests/publisher/backend), and nothing goes unreported."""
-    name = "unpacked.crashpub.test"
-    repo = stratum0.mkfs(name)
-    db = "/w/state/crashpub.db"
+    repo = stratum0.mkfs("unpacked.crashpub.test")
     images = [standard_images.multilayer, standard_images.tagged["2.0"]]
-    write_wishlist(stratum0.host_w / "crashpub.yaml", [i.ref for i in images], repo=name)
-    stratum0.sh(f"cd / && cvmfs-publisher convert /w/crashpub.yaml --backend cvmfs --repository-root {repo.root} "
-                f"--state-db {db} >/w/crashpub.log 2>&1 & echo $! >/w/crashpub.pid")
-    pid = (stratum0.host_w / "crashpub.pid").read_text().strip()
-    end = time.monotonic() + 120
-    while stratum0.sh(f"pgrep -f 'cvmfs_server publish {name}'", check=False).returncode != 0:
-        assert time.monotonic() < end, (stratum0.host_w / "crashpub.log").read_text()
-        time.sleep(0.02)
-    stratum0.sh(f"kill -9 {pid}")
-    out = convert(stratum0, repo, "/w/crashpub.yaml", db).stdout
-    assert "0 failed" in out, out
-    lay = RepositoryLayout(stratum0.host_view(repo.client))
-    for img in images:
-        assert lay.flat_dir(img.config_digest).is_dir()
-    assert not repo.in_transaction()
-    assert_check_clean(repo)
+    publishing = f"pgrep -f 'cvmfs_server publish {repo.name}'"
+    wishlist = kill9_convert(stratum0, repo, images,
+                             lambda: stratum0.sh(publishing, check=False).returncode == 0)
+    out = convert(stratum0, repo, wishlist, f"/w/state/{repo.name}.db").stdout
+    assert_recovered(stratum0, repo, images, out)
 
 
 def signal_apache(sig: str) -> str:
