@@ -126,13 +126,10 @@ class Converter:
         """A layer the state records as published (State.trusted_layers): its dir is not
         opened. Read once per run, on the first image published, and kept up to date."""
         if self._known is None:
-            from cvmfs_common.repo.metadata import LayerMetadata
-
             self._known = {}
-            for digest_, diff_id, diff_size, whiteouts, parent_chain in self.state.trusted_layers():
+            for row in self.state.trusted_layers():
                 try:
-                    self._known[digest_] = LayerMetadata(parse_digest(diff_id).hex, digest_, diff_id, diff_size,
-                                                         whiteouts, parent_chain=parent_chain)  # type: ignore[arg-type]
+                    self._known[row[0]] = _layer_metadata(*row)
                 except ValueError:
                     continue  # a row nothing valid can be made of: its dir is looked at
         return self._known.get(digest)
@@ -141,11 +138,8 @@ class Converter:
         """The state now records ``record``: later units may trust its layers too."""
         if self._known is None:
             return
-        from cvmfs_common.repo.metadata import LayerMetadata
-
         for l in record.layers:
-            self._known[l.digest] = LayerMetadata(parse_digest(l.diff_id).hex, l.digest, l.diff_id, l.diff_size,
-                                                  l.whiteouts, parent_chain=l.parent_chain)  # type: ignore[arg-type]
+            self._known[l.digest] = _layer_metadata(l.digest, l.diff_id, l.diff_size, l.whiteouts, l.parent_chain)
 
     # -- the run ---------------------------------------------------------------------------
     def run(self, entries: Sequence[WishlistEntry], default_platform: Platform, command: str = "convert") -> Summary:
@@ -638,6 +632,15 @@ class _Pending:
     damage: str | None
     started: float
     staged: "Staged | None" = None
+
+
+def _layer_metadata(digest: str, diff_id: str, diff_size: int, whiteouts: str | None,
+                    parent_chain: str | None) -> "LayerMetadata":
+    """What a layer's layers.json says, as the state recorded it (a trusted layer)."""
+    from cvmfs_common.repo.metadata import LayerMetadata  # (late: see Converter.publisher)
+
+    return LayerMetadata(parse_digest(diff_id).hex, digest, diff_id, diff_size, whiteouts,  # type: ignore[arg-type]
+                         parent_chain=parent_chain)
 
 
 def _config_matches(config: dict, platform: Platform) -> bool:
