@@ -30,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import subprocess
 import time
 from collections.abc import Iterator
@@ -63,13 +64,17 @@ SERVER_PROGRAMS = frozenset({"cvmfs_server", "cvmfs_publish", "cvmfs_swissknife"
 ORPHAN_WAIT_SECONDS = 3600.0
 
 
+_PATH_PARTS = re.compile(r"[/=:,]")  # what separates a repository name inside an argument
+
+
 def _under(path: str, root: str) -> bool:
     return path == root or path.startswith(root.rstrip("/") + "/")
 
 
 def server_processes(repository: str, programs: frozenset[str] = SERVER_PROGRAMS) -> list[int]:
-    """Pids (not this process) running one of ``programs`` on ``repository``: its name or a
-    path of its under /cvmfs among the arguments (/proc/*/cmdline)."""
+    """Pids (not this process) running one of ``programs`` on ``repository``: its name among
+    the arguments, alone or as a path component (``/cvmfs/REPO/x``, ``REPO/subdir``,
+    ``-T /cvmfs/REPO/a=...``), from /proc/*/cmdline; ``REPO.old`` is another repository."""
     found = []
     for entry in os.listdir("/proc"):
         if not entry.isdigit() or int(entry) == os.getpid():
@@ -82,7 +87,7 @@ def server_processes(repository: str, programs: frozenset[str] = SERVER_PROGRAMS
         args = [a.decode(errors="replace") for a in argv if a]
         if not any(os.path.basename(a) in programs for a in args[:2]):
             continue
-        if any(a == repository or a.startswith(repository + "/") or f"/cvmfs/{repository}" in a for a in args):
+        if any(repository in _PATH_PARTS.split(a) for a in args):
             found.append(int(entry))
     return found
 

@@ -718,6 +718,16 @@ def test_start_waits_for_a_cvmfs_server_call_a_killed_run_left(cvmfs_standin: Cv
             assert time.monotonic() < deadline
             time.sleep(0.05)
         assert server_processes("other.example.org") == []
+        # a name is matched whole: a call on /cvmfs/unpacked.example.org.old is another repository's
+        other = _orphan("/cvmfs/unpacked.example.org.old/x", 5)
+        try:
+            while other.pid not in server_processes("unpacked.example.org.old"):
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+            assert other.pid not in server_processes("unpacked.example.org")
+        finally:
+            other.kill()
+            other.wait()
         with pytest.raises(BackendError, match="still running"):
             backend.wait_for_orphans(timeout=0.2, poll=0.05)
         t0 = time.monotonic()
