@@ -133,11 +133,15 @@ def wishlist(path: Path, refs: list[str], repo: str) -> str:
 CALL = re.compile(r"cvmfs_server (\S+?)(?: [^:\n]*)?: took ([0-9.]+) s")
 
 
+def _ours(side: Side, command: str, state_db: str, log: str, redirect: str = ">") -> str:
+    """The shell command running ``cvmfs-publisher COMMAND`` on the side's repository."""
+    return (f"cvmfs-publisher {command} --backend cvmfs --repository-root {side.repo.root} --state-db {state_db} "
+            f"--log-level debug {redirect}{log} 2>&1")
+
+
 def run_ours(s0: Stratum0, side: Side, round_name: str, wl: str, state_db: str) -> None:
     log = f"/w/{side.repo.name}-{round_name}.log"
-    cmd = (f"cd / && cvmfs-publisher convert {wl} --backend cvmfs --repository-root {side.repo.root} "
-           f"--state-db {state_db} --log-level debug >{log} 2>&1")
-    _timed(s0, side, round_name, cmd, log)
+    _timed(s0, side, round_name, "cd / && " + _ours(side, f"convert {wl}", state_db, log), log)
     _calls(s0, side, round_name, log)
 
 
@@ -153,13 +157,9 @@ def run_ours_gc(s0: Stratum0, side: Side, wl: str, state_db: str) -> None:
     """Drop half of the images: a convert of the shorter wishlist, then the publisher's gc
     (`--older-than 0s`: no grace period, as DUCC's gc has none by default)."""
     log = f"/w/{side.repo.name}-gc.log"
-    cmd = (f"cd / && cvmfs-publisher convert {wl} --backend cvmfs --repository-root {side.repo.root} "
-           f"--state-db {state_db} --log-level debug >{log} 2>&1 && cvmfs-publisher gc "
-           f"--older-than 0s --backend cvmfs --repository-root {side.repo.root} --state-db {state_db} "
-           f"--log-level debug >>{log} 2>&1")
-    before = catalog_entries(side.repo)
-    _timed(s0, side, "gc half", cmd, log)
-    side.removed = before - catalog_entries(side.repo)
+    cmd = (f"cd / && {_ours(side, f'convert {wl}', state_db, log)} && "
+           f"{_ours(side, 'gc --older-than 0s', state_db, log, '>>')}")
+    _timed_gc(s0, side, cmd, log)
     _calls(s0, side, "gc half", log)
 
 
@@ -175,9 +175,20 @@ def run_ducc_gc(s0: Stratum0, side: Side, dropped: list[str]) -> None:
            f"for p in {paths}; do rm -r \"$p\"; done\n"
            f"cvmfs_server publish {repo.name}\n"
            f"cd /w/ducc-work && cvmfs_ducc garbage-collection {repo.name}; }} >{log} 2>&1")
-    before = catalog_entries(repo)
+    _timed_gc(s0, side, cmd, log)
+
+
+def _timed_gc(s0: Stratum0, side: Side, cmd: str, log: str) -> None:
+    """The gc round, and the catalog entries it removed."""
+    before = catalog_entries(side.repo)
     _timed(s0, side, "gc half", cmd, log)
-    side.removed = before - catalog_entries(repo)
+    side.removed = before - catalog_entries(side.repo)
+
+
+def dropped(refs: list[str], n: int) -> list[str]:
+    """The images every side's gc drops (the second half of the N+1), as public links and
+    .metadata name them: <registry>/<repo>:<tag>."""
+    return [r.split("://", 1)[1] for r in refs[(n + 1) // 2:n + 1]]
 
 
 def run_ducc_gc_on_ours(s0: Stratum0, refs: list[str], run: "SizeRun") -> None:
@@ -185,10 +196,10 @@ def run_ducc_gc_on_ours(s0: Stratum0, refs: list[str], run: "SizeRun") -> None:
     of the same layout (links, .metadata/**/manifest.json, .flat, .layers, .chains) that ours
     published with the same N+1 images, dropping the same half as the other sides."""
     n = run.n
-    side = run.ducc_gc_on_ours = Side("DUCC gc on ours' repository", run.s0_repo(f"duccgc{n}.bench.test"))
-    wl = wishlist(run.w / f"{side.repo.name}-n1.yaml", refs[:n + 1], side.repo.name)
+    side = run.ducc_gc_on_ours = Side("DUCC gc on ours' repository", s0.mkfs(f"duccgc{n}.bench.test"))
+    wl = wishlist(s0.host_w / f"{side.repo.name}-n1.yaml", refs[:n + 1], side.repo.name)
     run_ours(s0, side, "fill", wl, f"/w/state/duccgc{n}.db")
-    run_ducc_gc(s0, side, [r.split("://", 1)[1] for r in refs[(n + 1) // 2:n + 1]])
+    run_ducc_gc(s0, side, dropped(refs, n))
     side.left = left_after_gc(s0, side.repo)
 
 
@@ -317,16 +328,8 @@ class SizeRun:
     ours: Side
     floor: Side
     ducc: Side | None
-    s0: Stratum0
     rounds: list[str] = field(default_factory=list)
     ducc_gc_on_ours: Side | None = None  # DUCC's gc on a repository ours filled (run_ducc_gc_on_ours)
-
-    @property
-    def w(self) -> Path:
-        return self.s0.host_w
-
-    def s0_repo(self, name: str) -> Repository:
-        return self.s0.mkfs(name)
 
     def side(self, name: str) -> Side | None:
         return {"ours": self.ours, "floor": self.floor, "DUCC": self.ducc, "DUCC gc": self.ducc_gc_on_ours}[name]
@@ -336,7 +339,7 @@ def start_size(s0: Stratum0, refs: list[str], n: int, with_ducc: bool) -> SizeRu
     """Repositories and wishlists of one size, one repository per side."""
     w = s0.host_w
     run = SizeRun(n, Side("ours", s0.mkfs(f"ours{n}.bench.test")), Side("floor", s0.mkfs(f"floor{n}.bench.test")),
-                  Side("DUCC", s0.mkfs(f"ducc{n}.bench.test")) if with_ducc else None, s0)
+                  Side("DUCC", s0.mkfs(f"ducc{n}.bench.test")) if with_ducc else None)
     half = (n + 1) // 2
     for side in [run.ours] + ([run.ducc] if run.ducc else []):
         wishlist(w / f"{side.repo.name}-n.yaml", refs[:n], side.repo.name)
@@ -370,8 +373,7 @@ def run_ducc_rounds(s0: Stratum0, refs: list[str], run: SizeRun, gc: bool) -> No
         procs = s0.sh("ps -e -o stat= | grep -c '^Z' || true", check=False).stdout.strip()
         print(f"  (zombies in the container after DUCC's {round_name} round: {procs})", file=sys.stderr)
     if gc:
-        # as its public links and .metadata name them: <registry>/<repo>:<tag>
-        run_ducc_gc(s0, run.ducc, [r.split("://", 1)[1] for r in refs[(n + 1) // 2:n + 1]])
+        run_ducc_gc(s0, run.ducc, dropped(refs, n))
         run.ducc.left = left_after_gc(s0, run.ducc.repo)
 
 
