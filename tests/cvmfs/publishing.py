@@ -3,6 +3,9 @@ and what a client mount legitimately shows differently from the image (the catal
 hard links split across directories)."""
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
+
 from publisher.backend.catalogs import CATALOG_MARKER
 from tests.fixtures.images import BuiltImage
 
@@ -41,3 +44,17 @@ def split_hardlinks(img: BuiltImage, tree, problems: list[str]) -> list[str]:
         sizes = {tree.entries[p].size for p in group}
         assert len(sizes) == 1, (group, sizes)
     return [p for p in problems if not p.startswith("hardlinks broken")]
+
+
+def kill9_when(s0: Stratum0, name: str, cmd: str, until: Callable[[], bool], *, group: bool = False,
+               timeout: float = 300, poll: float = 0.2) -> None:
+    """Run ``cmd`` in the container in the background (its output in /w/NAME.log) and kill -9
+    it as soon as ``until()`` holds; ``group``: its whole process group (``cmd`` started with
+    setsid), the ``cvmfs_server`` calls it is waiting on included."""
+    s0.sh(f"cd / && {cmd} >/w/{name}.log 2>&1 & echo $! >/w/{name}.pid")
+    end = time.monotonic() + timeout
+    while not until():
+        assert time.monotonic() < end, (s0.host_w / f"{name}.log").read_text(errors="replace")[-4000:]
+        time.sleep(poll)
+    pid = (s0.host_w / f"{name}.pid").read_text().strip()
+    s0.sh(f"bash -c 'kill -9 -- -{pid}'" if group else f"kill -9 {pid}")

@@ -7,7 +7,6 @@ a `kill -9` inside the second (the batched) transaction must leave a repository 
 round repairs."""
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import pytest
@@ -19,7 +18,7 @@ from tests.fixtures.tree import compare_trees
 from tests.publisher.clirun import write_wishlist
 from tests.publisher.repotree import flat_tree_problems, observed_tree
 
-from .publishing import IGNORE, assert_check_clean, convert, split_hardlinks
+from .publishing import IGNORE, assert_check_clean, convert, kill9_when, split_hardlinks
 from .stratum0 import Repository, Stratum0
 
 pytestmark = pytest.mark.e2e
@@ -102,15 +101,10 @@ def test_kill9_inside_the_batched_transaction_then_the_next_round_repairs(
     (stratum0.host_w / "slow-server").write_text(SLOW_SERVER)
     stratum0.sh("chmod 755 /w/slow-server; rm -f /w/slow-count /w/slow-publisher")
     start = repo.revision()
-    stratum0.sh(f"cd / && CVMFS_SERVER=/w/slow-server setsid cvmfs-publisher convert /w/batchkill.yaml "
-                f"--backend cvmfs --repository-root {repo.root} --state-db {db} --log-level debug {TWO_UNITS} "
-                f">/w/batchkill.log 2>&1 & echo $! >/w/batchkill.pid")
-    end = time.monotonic() + 600
-    while not (stratum0.host_w / "slow-publisher").is_file():
-        assert time.monotonic() < end, (stratum0.host_w / "batchkill.log").read_text()[-4000:]
-        time.sleep(0.2)
-    pid = (stratum0.host_w / "batchkill.pid").read_text().strip()
-    stratum0.sh(f"bash -c 'kill -9 -- -{pid}'")  # the publisher and the waiting publish (its group)
+    # killed with its group: the publisher and the publish it waits on
+    kill9_when(stratum0, "batchkill", f"CVMFS_SERVER=/w/slow-server setsid cvmfs-publisher convert "
+               f"/w/batchkill.yaml --backend cvmfs --repository-root {repo.root} --state-db {db} --log-level debug "
+               f"{TWO_UNITS}", (stratum0.host_w / "slow-publisher").is_file, group=True, timeout=600)
     assert repo.in_transaction()
     assert repo.revision() == start + 1  # the layers were published; the rest was not
     log = (stratum0.host_w / "batchkill.log").read_text(errors="replace")

@@ -14,7 +14,7 @@ from cvmfs_common.repo.paths import RepositoryLayout
 from tests.fixtures.images import BuiltImage, StandardImages
 from tests.publisher.clirun import write_wishlist
 
-from .publishing import assert_check_clean, convert
+from .publishing import assert_check_clean, convert, kill9_when
 from .stratum0 import Repository, Stratum0
 from .test_batch import assert_whole
 
@@ -108,14 +108,9 @@ def test_a_failed_or_killed_ingest_then_the_next_gc_deletes_the_trees(
 
     # kill -9 while ingest waits to start
     stratum0.sh("echo wait >/w/gc-ingest")
-    stratum0.sh(f"cd / && CVMFS_SERVER=/w/gc-server setsid cvmfs-publisher gc --older-than 1s --backend cvmfs "
-                f"--repository-root {repo.root} --state-db {db} >/w/gckill.log 2>&1 & echo $! >/w/gckill.pid")
-    end = time.monotonic() + 300
-    while not (stratum0.host_w / "gc-waiting").is_file():
-        assert time.monotonic() < end, (stratum0.host_w / "gckill.log").read_text()[-4000:]
-        time.sleep(0.2)
-    pid = (stratum0.host_w / "gckill.pid").read_text().strip()
-    stratum0.sh(f"bash -c 'kill -9 -- -{pid}'")
+    kill9_when(stratum0, "gckill", f"CVMFS_SERVER=/w/gc-server setsid cvmfs-publisher gc --older-than 1s "
+               f"--backend cvmfs --repository-root {repo.root} --state-db {db}",
+               (stratum0.host_w / "gc-waiting").is_file, group=True)
     assert all(t.is_dir() for t in trees)
 
     # the next gc finds the trees again (the state kept their rows) and deletes them

@@ -16,7 +16,7 @@ from tests.fixtures.tree import LISTING_SCRIPT, RUNTIME_MOUNTS, compare_trees, p
 from tests.publisher.clirun import write_wishlist
 from tests.publisher.repotree import flat_tree_problems, observed_tree
 
-from .publishing import IGNORE, assert_check_clean, convert, split_hardlinks
+from .publishing import IGNORE, assert_check_clean, convert, kill9_when, split_hardlinks
 from .runtime import InnerRuntime
 from .stratum0 import Stratum0
 
@@ -72,14 +72,8 @@ def kill9_convert(stratum0: Stratum0, repo, images: list, until: Callable[[], bo
     ``until()`` holds; returns the wishlist's path in the container."""
     name = repo.name
     write_wishlist(stratum0.host_w / f"{name}.yaml", [i.ref for i in images], repo=name)
-    stratum0.sh(f"cd / && cvmfs-publisher convert /w/{name}.yaml --backend cvmfs --repository-root {repo.root} "
-                f"--state-db /w/state/{name}.db >/w/{name}.log 2>&1 & echo $! >/w/{name}.pid")
-    pid = (stratum0.host_w / f"{name}.pid").read_text().strip()
-    end = time.monotonic() + 120
-    while not until():
-        assert time.monotonic() < end, (stratum0.host_w / f"{name}.log").read_text()
-        time.sleep(0.02)
-    stratum0.sh(f"kill -9 {pid}")
+    kill9_when(stratum0, name, f"cvmfs-publisher convert /w/{name}.yaml --backend cvmfs --repository-root "
+               f"{repo.root} --state-db /w/state/{name}.db", until, timeout=120, poll=0.02)
     return f"/w/{name}.yaml"
 
 
