@@ -32,6 +32,7 @@ import logging
 import os
 import re
 import subprocess
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -156,9 +157,14 @@ class CvmfsBackend(Backend):
         t0 = time.monotonic()
         try:
             # stdin closed: a command that would prompt fails instead of hanging;
-            # cwd /: the child must not pin the repository either.
-            r = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                               cwd="/", text=True, errors="replace", check=False)
+            # cwd /: the child must not pin the repository either. Output into a file, not a
+            # pipe: if this process is killed, a pipe's next write kills the call with SIGPIPE
+            # halfway (a publish dies with the repository locked and its union read-only).
+            with tempfile.TemporaryFile("w+", encoding="utf-8", errors="replace") as out:
+                r = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                                   cwd="/", check=False)
+                out.seek(0)
+                r.stdout = out.read()
         except OSError as e:
             raise BackendError(f"cannot run {self.command}: {e}") from e
         # (bench/cvmfs_publish_bench.py sums these per command)
@@ -192,7 +198,7 @@ class CvmfsBackend(Backend):
         self._leave_repository()
         args = ["transaction", *(["-T", "=".join(template)] if template else []), self.repository]
         r = self._run(*args)
-        if r.returncode != 0 and (ALREADY_IN_TRANSACTION in r.stdout or r.returncode == _EEXIST):
+        if r.returncode != 0 and self._left_in_transaction(r):
             # We hold the publisher lock: an open transaction is a leftover (ours, crashed).
             log.warning("repository %s is already in a transaction; aborting it (left by a crash?)", self.repository)
             self._abort()
@@ -200,6 +206,14 @@ class CvmfsBackend(Backend):
         if r.returncode != 0:
             raise BackendError(f"{self.command} {' '.join(args)} failed (exit {r.returncode}): "
                                f"{r.stdout.strip()[-_OUTPUT_TAIL:]}")
+
+    def _left_in_transaction(self, refused: subprocess.CompletedProcess) -> bool:
+        """Was ``transaction`` refused because one is open? Open and writable: EEXIST. Locked
+        with the union read-only (a publish killed halfway), ``transaction`` fails with 1 and
+        asks for an abort: then ``list`` tells (only on this failure path)."""
+        if refused.returncode == _EEXIST or ALREADY_IN_TRANSACTION in refused.stdout:
+            return True
+        return bool(self.in_transaction())
 
     def _publish(self) -> None:
         self._leave_repository()
@@ -254,7 +268,7 @@ class CvmfsBackend(Backend):
     def start(self, layout: RepositoryLayout) -> int:
         self._leave_repository()
         self.wait_for_orphans()
-        # (a transaction left open but mounted ro is found by `transaction` itself: EEXIST)
+        # (one left locked with the union read-only is found when `transaction` is refused)
         writable = self.union_writable()
         if writable if writable is not None else self.in_transaction():
             log.warning("repository %s was left in a transaction (a crashed run?): aborting it", self.repository)

@@ -101,6 +101,22 @@ def test_kill9_inside_a_transaction_then_recovery(stratum0: Stratum0, registry: 
     assert_recovered(stratum0, repo, images, out)
 
 
+def test_a_transaction_left_locked_and_read_only_is_aborted(stratum0: Stratum0, registry: Registry,
+                                                            standard_images: StandardImages) -> None:
+    """A `publish` killed halfway leaves REPO locked in its transaction with the union
+    read-only: `cvmfs_server transaction` then exits 1 ("in a transaction but ... not mounted
+    read/write"), not 17. The next run aborts it (after `list` says so) and publishes."""
+    repo = stratum0.mkfs("unpacked.lockedro.test")
+    images = [standard_images.multilayer]
+    write_wishlist(stratum0.host_w / f"{repo.name}.yaml", [i.ref for i in images], repo=repo.name)
+    repo.server("transaction", repo.name)
+    stratum0.sh(f"mount -o remount,ro {repo.root}")
+    assert repo.in_transaction()
+    out = convert(stratum0, repo, f"/w/{repo.name}.yaml", f"/w/state/{repo.name}.db").stdout
+    assert "aborting it" in out, out
+    assert_recovered(stratum0, repo, images, out)
+
+
 def test_kill9_during_publish_then_the_next_run_waits_for_it(stratum0: Stratum0, registry: Registry,
                                                              standard_images: StandardImages) -> None:
     """A kill -9 while `cvmfs_server publish` runs leaves that publish running on its own: the

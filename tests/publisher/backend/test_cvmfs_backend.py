@@ -736,3 +736,28 @@ def test_start_waits_for_a_cvmfs_server_call_a_killed_run_left(cvmfs_standin: Cv
     finally:
         orphan.kill()
         orphan.wait()
+
+
+def test_a_call_outlives_its_killed_publisher(tmp_path: Path) -> None:
+    """kill -9 of the publisher while `cvmfs_server` runs: the call goes on to its end. Its
+    output goes to a file; through a pipe its next line after the kill would kill it with
+    SIGPIPE halfway (a real publish then leaves the repository locked and read-only)."""
+    done = tmp_path / "done"
+    started = tmp_path / "started"
+    server = tmp_path / "cvmfs_server"
+    server.write_text(f"#!/bin/bash\ntouch {started}\nsleep 1\n"
+                      f"for i in $(seq 2000); do echo \"line $i of a long publish\"; done\ntouch {done}\n")
+    server.chmod(0o755)
+    publisher = subprocess.Popen(
+        ["python3", "-c", "import sys; from pathlib import Path; from publisher.backend.cvmfs import CvmfsBackend; "
+         f"CvmfsBackend(Path('/'), 'unpacked.example.org', command={str(server)!r})._run('publish', 'x')"],
+        cwd=Path(__file__).resolve().parents[3])
+    deadline = time.monotonic() + 20
+    while not started.exists():
+        assert publisher.poll() is None and time.monotonic() < deadline
+        time.sleep(0.02)
+    publisher.kill()
+    publisher.wait()
+    while not done.exists():
+        assert time.monotonic() < deadline, "the cvmfs_server call died with its publisher"
+        time.sleep(0.05)
