@@ -5,14 +5,13 @@ from __future__ import annotations
 import argparse
 
 from publisher.backend.base import Backend
-from publisher.commands.common import EXIT_FAILED, EXIT_OK, add_logging_options, add_repository_options, duration, existing_state
+from publisher.commands.common import EXIT_FAILED, EXIT_OK, add_lock_wait_option, add_logging_options, add_repository_options, existing_state
 
 
 def add_parser(sub) -> None:
     p = sub.add_parser("check", help="verify the repository against the state; mark the tags a problem hurts for the next convert")
     g = p.add_argument_group("check options")
-    g.add_argument("--lock-wait", metavar="DURATION", type=duration, default="1h",
-                   help="wait this long for a running convert or loop round (default 1h)")
+    add_lock_wait_option(g)
     add_repository_options(p)
     add_logging_options(p)
     p.set_defaults(run=run_check)

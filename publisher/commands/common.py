@@ -43,6 +43,12 @@ def add_repository_options(p: argparse.ArgumentParser, *, backend: bool = True, 
         g.add_argument("--no-podman-store", action="store_true", help="do not write (or check) podmanStore/")
 
 
+def add_lock_wait_option(g: argparse._ArgumentGroup) -> None:
+    """For the maintenance commands, which wait for the repository lock a round holds."""
+    g.add_argument("--lock-wait", metavar="DURATION", type=duration, default="1h",
+                   help="wait this long for a running convert or loop round (default 1h)")
+
+
 def add_logging_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("logging options")
     g.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))

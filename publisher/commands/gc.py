@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from publisher.commands.common import EXIT_FAILED, EXIT_OK, add_logging_options, add_repository_options, backend_for, duration, existing_state
+from publisher.commands.common import EXIT_FAILED, EXIT_OK, add_lock_wait_option, add_logging_options, add_repository_options, backend_for, duration, existing_state
 
 
 def add_parser(sub) -> None:
@@ -13,8 +13,7 @@ def add_parser(sub) -> None:
     g.add_argument("--older-than", metavar="DURATION", type=duration, default="30d",
                    help="grace period: keep what a wishlist named (or a tag used) this recently (default 30d)")
     g.add_argument("--dry-run", action="store_true", help="only report what would be removed")
-    g.add_argument("--lock-wait", metavar="DURATION", type=duration, default="1h",
-                   help="wait this long for a running convert or loop round (default 1h)")
+    add_lock_wait_option(g)
     add_repository_options(p)
     add_logging_options(p)
     p.set_defaults(run=run_gc)
