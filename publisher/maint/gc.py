@@ -370,6 +370,12 @@ def prune_multiarch(layout: RepositoryLayout) -> None:
     prune_empty(layout.multiarch_dir, layout.root, layout.root)
 
 
+def content_dirs(plan: GcPlan, layout: RepositoryLayout) -> list[Path]:
+    """The dropped flat, chain and layer dirs, top down (what uses a dir comes before it)."""
+    return [layout.flat_dir(c) for c in plan.flats] + [layout.chain_dir(c) for c in plan.chains] \
+        + [layout.layer_dir(d) for d in plan.layers]
+
+
 def collect(root: Path, state_db: Path, *, older_than: float, dry_run: bool, podman: bool = True,
             lock_wait: float = 0.0, now: float | None = None, backend: Backend | None = None) -> GcReport:
     """Plan (and unless ``dry_run``, carry out) one gc under the run lock; the removal is
@@ -390,8 +396,7 @@ def collect(root: Path, state_db: Path, *, older_than: float, dry_run: bool, pod
                           lay.image_metadata_dir(t.key.registry, t.key.repository, t.key.tag)]
         if plan.old_platforms_dir:
             tag_paths.append(layout.platforms_dir)
-        dirs = tag_paths + [layout.flat_dir(c) for c in plan.flats] + [layout.chain_dir(c) for c in plan.chains] \
-            + [layout.layer_dir(d) for d in plan.layers]
+        dirs = tag_paths + content_dirs(plan, layout)
         if backend.frees_storage:  # (elsewhere walking every dropped tree would tell nothing true)
             report.bytes, report.held = sizes(dirs, layout.root)
         if dry_run or plan.empty:
@@ -449,9 +454,7 @@ def _remove(plan: GcPlan, layout: RepositoryLayout, rm: _Remover, podman: bool,
             configs = sorted(plan.podman_images.get(pdir, ()))
             if configs:
                 rm.attempt(f"{len(configs)} podman images in {store.root}", store.remove_images, configs)
-    content = [layout.flat_dir(c) for c in plan.flats] + [layout.chain_dir(c) for c in plan.chains] \
-        + [layout.layer_dir(d) for d in plan.layers]
-    for path in content:
+    for path in content_dirs(plan, layout):
         if trees is None:
             rm.retire(path)
         else:
