@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 from typing import Sequence
 
-from .errors import AlreadyExists, FailedPrecondition, InvalidArgument, Unavailable
+from .errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from .filters import FilterSyntaxError, parse_all
 from .fs import Doomed, SnapshotDirs, disk_usage, overlay_supports_index
 from .idmap import IdMap, IdMapError, IdmapUnsupported
@@ -133,7 +133,7 @@ class Snapshotter:
     def _idmapped_lowers(self, key: str, snap: Snapshot, idmap: IdMap) -> list[str]:
         lowers = [(lower.id, self.dirs.lower_dir(lower.id, lower.source)) for lower in snap.lowers]
         try:
-            return self.idmapped.ensure(snap.id, idmap, lowers)
+            paths = self.idmapped.ensure(snap.id, idmap, lowers)
         except IdmapUnsupported as e:
             raise FailedPrecondition(
                 f"snapshot {key!r}: user namespace: {e.filename} cannot be idmapped ({e.strerror}); "
@@ -143,6 +143,16 @@ class Snapshotter:
         except OSError as e:
             raise Unavailable(f"snapshot {key!r}: user namespace: idmapped mount of {e.filename} failed: "
                               f"{e.strerror}") from None
+        # A Remove between our read of the row and the mounts released nothing yet (it
+        # releases after the row is gone): the row, read again, says whether they are ours.
+        try:
+            still = self.store.lookup(key)[0] == snap.id
+        except NotFound:
+            still = False
+        if not still:
+            self.idmapped.release(snap.id)
+            raise NotFound(f"snapshot {key!r} does not exist (removed while its mounts were made)")
+        return paths
 
     def _count(self, counter: str, label: str) -> None:
         if self.metrics is not None:

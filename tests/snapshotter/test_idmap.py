@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from snapshotter.core import Snapshotter
-from snapshotter.errors import FailedPrecondition, InvalidArgument
+from snapshotter.errors import FailedPrecondition, InvalidArgument, NotFound
 from snapshotter.idmap import GIDMAP_LABEL, UIDMAP_LABEL, IdMap, IdMapError
 
 MAP = {UIDMAP_LABEL: "0:100000:65536", GIDMAP_LABEL: "0:200000:65536"}
@@ -132,6 +132,26 @@ def test_cleanup_releases_idmapped_lowers_a_crash_left(sn):
     sn.remove("ctr")
     assert len(_mounts_under(sn.root / "idmap")) == 2
     sn.cleanup()
+    assert _mounts_under(sn.root / "idmap") == [] and os.listdir(sn.root / "idmap") == []
+
+
+@needs_root
+def test_mounts_racing_remove_leaves_no_idmapped_mounts(sn):
+    """A Remove that ends between Mounts' read of the row and its idmapped mounts released
+    nothing yet: Mounts detaches what it made and answers NotFound."""
+    _committed(sn, "a", "", {"f": (0, 0)})
+    sn.prepare("ctr", "a", dict(MAP))
+    for lower in _mounts_under(sn.root / "idmap"):  # as after a reboot: Mounts makes them again
+        subprocess.run(["umount", lower], check=True)
+    ensure = sn.idmapped.ensure
+
+    def remove_first(*args):
+        sn.remove("ctr")
+        return ensure(*args)
+
+    sn.idmapped.ensure = remove_first
+    with pytest.raises(NotFound):
+        sn.mounts("ctr")
     assert _mounts_under(sn.root / "idmap") == [] and os.listdir(sn.root / "idmap") == []
 
 
