@@ -1,6 +1,7 @@
 """Fixtures of the real-CernVM-FS tier: one stratum 0 container per session (stratum0.py)."""
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Iterator
 
@@ -11,14 +12,21 @@ from tests.fixtures.rootfs import RootfsUnavailable, start_container, stop_conta
 from .stratum0 import DistributionMissing, Stratum0, bookworm_spec, find_distribution
 
 
-@pytest.fixture(scope="session")
-def stratum0(e2e_base: Path) -> Iterator[Stratum0]:
+@contextlib.contextmanager
+def running_stratum0(base: Path, **kw) -> Iterator[Stratum0]:
+    """A stratum 0 container booted under ``base`` (``kw``: RootfsContainer's), removed after."""
     try:
         spec = bookworm_spec(find_distribution())
-        c = start_container(spec, e2e_base, "s0-")
+        c = start_container(spec, base, "s0-", **kw)
     except (RootfsUnavailable, DistributionMissing) as e:
         pytest.skip(str(e))
     try:
         yield Stratum0(c).boot()
     finally:
         stop_container(c)
+
+
+@pytest.fixture(scope="session")
+def stratum0(e2e_base: Path) -> Iterator[Stratum0]:
+    with running_stratum0(e2e_base) as s0:
+        yield s0
