@@ -9,7 +9,8 @@
     cvmfs_server abort -f REPO         (everything of the unit is discarded; -f: no prompt)
 
 At start (under the publisher lock) a ``cvmfs_server`` call a killed run left running
-is waited for, then a transaction a crashed run left open is
+is waited for, a publishing lock a killed publish left to the client it remounted is
+removed, then a transaction a crashed run left open is
 found with ``cvmfs_server list`` (``NAME (stratum0 / ... - in transaction)``) and
 aborted; a ``transaction`` refused with "already in a transaction" is aborted and
 retried once as well. Before every transaction, publish and abort the process
@@ -28,6 +29,7 @@ them (publisher/write/grafts.py, docs/cvmfs-backend.md).
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import logging
 import os
 import re
@@ -63,6 +65,10 @@ _EEXIST = 17
 SERVER_PROGRAMS = frozenset({"cvmfs_server", "cvmfs_publish", "cvmfs_swissknife"})
 # How long start() waits for such an orphan (a publish of a big round takes minutes).
 ORPHAN_WAIT_SECONDS = 3600.0
+# Where cvmfs_server keeps a repository's configuration (its server.conf names the spool dir)
+REPOSITORIES_D = Path("/etc/cvmfs/repositories.d")
+# The lock `publish` and `ingest` hold (flock) in the spool dir while they write a revision
+PUBLISHING_LOCK = "is_publishing.lock"
 
 
 _PATH_PARTS = re.compile(r"[/=:,]")  # what separates a repository name inside an argument
@@ -117,6 +123,35 @@ def open_paths_under(root: Path, pid: str = "self") -> list[str]:
     return found
 
 
+def spool_dir(repository: str, conf_dir: Path = REPOSITORIES_D) -> Path:
+    """CVMFS_SPOOL_DIR of the repository's server.conf; cvmfs_server's default without one."""
+    try:
+        text = (conf_dir / repository / "server.conf").read_text(errors="replace")
+    except OSError:
+        text = ""
+    for line in text.splitlines():
+        key, _, value = line.strip().partition("=")
+        if key == "CVMFS_SPOOL_DIR" and value.strip("'\" "):
+            return Path(value.strip("'\" "))
+    return Path("/var/spool/cvmfs") / repository
+
+
+def lock_holders(path: Path) -> list[str]:
+    """``PID (COMM)`` of the processes with ``path`` open (/proc/*/fd), for the log."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            fds = os.listdir(f"/proc/{entry}/fd")
+            if any(os.readlink(f"/proc/{entry}/fd/{fd}") == str(path) for fd in fds):
+                with open(f"/proc/{entry}/comm", encoding="utf-8", errors="replace") as f:
+                    found.append(f"{entry} ({f.read().strip()})")
+        except OSError:
+            continue  # gone meanwhile, or not ours to read
+    return found
+
+
 class CvmfsBackend(Backend):
     name = "cvmfs"
     whiteouts = WhiteoutMode.RAW
@@ -130,10 +165,12 @@ class CvmfsBackend(Backend):
     # (start()), never read half-written: a sync per rename would only wait on the disk.
     durable_renames = False
 
-    def __init__(self, root: Path, repository: str, command: str = "cvmfs_server") -> None:
+    def __init__(self, root: Path, repository: str, command: str = "cvmfs_server",
+                 spool: Path | None = None) -> None:
         super().__init__(root)
         self.repository = repository
         self.command = command
+        self._spool = spool  # None: from the repository's server.conf, when first needed
         self._open: str | None = None  # what the open unit is for
 
     def describe(self) -> str:
@@ -265,9 +302,45 @@ class CvmfsBackend(Backend):
                                    f"(pid {', '.join(map(str, pids))}): not starting beside it")
             time.sleep(poll)
 
+    def release_stale_publishing_lock(self) -> None:
+        """``publish`` (and ``ingest``) flock SPOOL/is_publishing.lock on a shell fd, remount
+        the client (``cvmfs2``, which inherits that fd and lives on) and remove the file at
+        their very end. Their process group killed in between leaves the file locked by
+        ``cvmfs2`` for good: every ``publish`` then fails ("Another publish process is
+        active") and so does ``abort``. After wait_for_orphans no ``cvmfs_server`` works on
+        REPO, so a held lock is stale: remove the file, as the publish would have (cvmfs2
+        keeps the unlinked one, as after every publish). A lock nobody holds is cvmfs_server's
+        own business (its check removes the file)."""
+        if self._spool is None:
+            self._spool = spool_dir(self.repository)
+        lock = self._spool / PUBLISHING_LOCK
+        try:
+            fd = os.open(lock, os.O_RDONLY)
+        except FileNotFoundError:
+            return
+        except OSError as e:
+            log.debug("cannot open %s: %s", lock, e)
+            return
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            return  # (closing the fd releases it)
+        except BlockingIOError:
+            pass
+        finally:
+            os.close(fd)
+        log.warning("%s is held (by %s) with no %s on %s running, left by a killed publish: removing it",
+                    lock, ", ".join(lock_holders(lock)) or "another namespace", self.command, self.repository)
+        try:
+            lock.unlink()
+        except FileNotFoundError:
+            pass
+        except OSError as e:
+            raise BackendError(f"cannot remove the stale publishing lock {lock}: {e}") from e
+
     def start(self, layout: RepositoryLayout) -> int:
         self._leave_repository()
         self.wait_for_orphans()
+        self.release_stale_publishing_lock()
         # (one left locked with the union read-only is found when `transaction` is refused)
         writable = self.union_writable()
         if writable if writable is not None else self.in_transaction():

@@ -122,6 +122,25 @@ def test_a_transaction_left_locked_and_read_only_is_aborted(stratum0: Stratum0, 
     assert_recovered(stratum0, repo, images, out)
 
 
+def test_a_publishing_lock_the_client_kept_is_released(stratum0: Stratum0, registry: Registry,
+                                                      standard_images: StandardImages) -> None:
+    """`publish` flocks SPOOL/is_publishing.lock on its fd 9, remounts the client (cvmfs2,
+    which inherits the fd and lives on) and only then removes the file. Its process group
+    killed in between leaves the file locked by cvmfs2: every later `publish` fails with
+    "Another publish process is active" and `abort` with "currently publishing". Built here
+    as close_transaction does it; the next run removes the stale file and publishes."""
+    repo = stratum0.mkfs("unpacked.pubunlock.test")
+    images = [standard_images.multilayer]
+    write_wishlist(stratum0.host_w / f"{repo.name}.yaml", [i.ref for i in images], repo=repo.name)
+    lock = f"/var/spool/cvmfs/{repo.name}/is_publishing.lock"
+    stratum0.sh(f"bash -c 'exec 9<>{lock}; flock -n 9; for t in rw_umount rdonly_umount rdonly_mount rw_mount; "
+                f"do env -i /usr/bin/cvmfs_suid_helper $t {repo.name} >/dev/null; done'")
+    assert stratum0.sh(f"flock -n {lock} true", check=False).returncode != 0, "cvmfs2 does not hold the lock"
+    out = convert(stratum0, repo, f"/w/{repo.name}.yaml", f"/w/state/{repo.name}.db").stdout
+    assert "is_publishing.lock" in out, out
+    assert_recovered(stratum0, repo, images, out)
+
+
 def test_kill9_during_publish_then_the_next_run_waits_for_it(stratum0: Stratum0, registry: Registry,
                                                              standard_images: StandardImages) -> None:
     """A kill -9 while `cvmfs_server publish` runs leaves that publish running on its own: the

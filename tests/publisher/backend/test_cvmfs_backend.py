@@ -761,3 +761,30 @@ def test_a_call_outlives_its_killed_publisher(tmp_path: Path) -> None:
     while not done.exists():
         assert time.monotonic() < deadline, "the cvmfs_server call died with its publisher"
         time.sleep(0.05)
+
+
+def test_start_removes_a_publishing_lock_no_cvmfs_server_holds(cvmfs_standin: CvmfsStandin, tmp_path: Path) -> None:
+    """A publish whose process group was killed after it remounted the client leaves
+    is_publishing.lock flocked by that client (it inherited the fd) for good: start removes
+    the file (a lock nobody holds stays: cvmfs_server's own check removes it)."""
+    from publisher.backend.cvmfs import PUBLISHING_LOCK, CvmfsBackend
+
+    repo = cvmfs_standin.mkfs("unpacked.example.org")
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    lock = spool / PUBLISHING_LOCK
+    lock.touch()
+    backend = CvmfsBackend(repo, "unpacked.example.org", spool=spool)
+    backend.start(RepositoryLayout(repo))
+    assert lock.exists()
+    holder = subprocess.Popen(["flock", str(lock), "sleep", "60"])  # as the client holds it
+    try:
+        deadline = time.monotonic() + 10
+        while subprocess.run(["flock", "-n", str(lock), "true"]).returncode == 0:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        backend.start(RepositoryLayout(repo))
+        assert not lock.exists()
+    finally:
+        holder.kill()
+        holder.wait()
