@@ -379,9 +379,12 @@ class CvmfsBackend(Backend):
                 raise
             try:
                 self._publish()
-            except BaseException:
-                with contextlib.suppress(BackendError):
+            except BaseException as e:
+                try:
                     self._abort()
+                except BackendError as ae:  # said, not swallowed: REPO stays in the transaction
+                    log.error("%s", ae)
+                    e.add_note(str(ae))
                 raise
             log.info("published %s for %s", self.repository, what)
         finally:

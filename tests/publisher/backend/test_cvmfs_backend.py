@@ -788,3 +788,21 @@ def test_start_removes_a_publishing_lock_no_cvmfs_server_holds(cvmfs_standin: Cv
     finally:
         holder.kill()
         holder.wait()
+
+
+def test_an_abort_refused_after_a_failed_publish_is_reported(tmp_path: Path) -> None:
+    """A publish fails and the abort after it is refused too: the repository stays in the
+    transaction, and the error says why (the abort's refusal is not swallowed)."""
+    from publisher.backend.base import BackendError
+    from publisher.backend.cvmfs import CvmfsBackend
+
+    server = tmp_path / "cvmfs_server"
+    server.write_text('#!/bin/sh\ncase "$1" in\ntransaction) exit 0 ;;\n'
+                      'publish) echo "Another publish process is active for $2"; exit 1 ;;\n'
+                      'abort) echo "Repository is currently publishing"; exit 1 ;;\nesac\nexit 2\n')
+    server.chmod(0o755)
+    backend = CvmfsBackend(tmp_path, "unpacked.example.org", command=str(server))
+    with pytest.raises(BackendError, match="Another publish process") as raised:
+        with backend.unit("one image"):
+            pass
+    assert any("currently publishing" in note for note in raised.value.__notes__)
