@@ -10,7 +10,8 @@
 
 At start (under the publisher lock) a ``cvmfs_server`` call a killed run left running
 is waited for, a publishing lock a killed publish left to the client it remounted is
-removed, then a transaction a crashed run left open is
+removed and a client mount whose process died with that run is unmounted, then a
+transaction a crashed run left open is
 found with ``cvmfs_server list`` (``NAME (stratum0 / ... - in transaction)``) and
 aborted; a ``transaction`` refused with "already in a transaction" is aborted and
 retried once as well. Before every transaction, publish and abort the process
@@ -29,6 +30,7 @@ them (publisher/write/grafts.py, docs/cvmfs-backend.md).
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import logging
 import os
@@ -69,6 +71,8 @@ ORPHAN_WAIT_SECONDS = 3600.0
 REPOSITORIES_D = Path("/etc/cvmfs/repositories.d")
 # The lock `publish` and `ingest` hold (flock) in the spool dir while they write a revision
 PUBLISHING_LOCK = "is_publishing.lock"
+# CernVM-FS's mount helper (what cvmfs_server itself runs, with an empty environment)
+SUID_HELPER = "/usr/bin/cvmfs_suid_helper"
 
 
 _PATH_PARTS = re.compile(r"[/=:,]")  # what separates a repository name inside an argument
@@ -166,12 +170,19 @@ class CvmfsBackend(Backend):
     durable_renames = False
 
     def __init__(self, root: Path, repository: str, command: str = "cvmfs_server",
-                 spool: Path | None = None) -> None:
+                 spool: Path | None = None, suid_helper: str = SUID_HELPER) -> None:
         super().__init__(root)
         self.repository = repository
         self.command = command
+        self.suid_helper = suid_helper
         self._spool = spool  # None: from the repository's server.conf, when first needed
         self._open: str | None = None  # what the open unit is for
+
+    @property
+    def spool(self) -> Path:
+        if self._spool is None:
+            self._spool = spool_dir(self.repository)
+        return self._spool
 
     def describe(self) -> str:
         return f"cvmfs backend: repository {self.repository} at {self.root} ({self.command})"
@@ -311,9 +322,7 @@ class CvmfsBackend(Backend):
         REPO, so a held lock is stale: remove the file, as the publish would have (cvmfs2
         keeps the unlinked one, as after every publish). A lock nobody holds is cvmfs_server's
         own business (its check removes the file)."""
-        if self._spool is None:
-            self._spool = spool_dir(self.repository)
-        lock = self._spool / PUBLISHING_LOCK
+        lock = self.spool / PUBLISHING_LOCK
         try:
             fd = os.open(lock, os.O_RDONLY)
         except FileNotFoundError:
@@ -337,10 +346,36 @@ class CvmfsBackend(Backend):
         except OSError as e:
             raise BackendError(f"cannot remove the stale publishing lock {lock}: {e}") from e
 
+    def unmount_dead_client(self) -> None:
+        """``publish``, ``ingest`` and ``abort`` remount the client (SPOOL/rdonly); its
+        ``cvmfs2`` starts in the caller's process group and only then leaves it. That group
+        killed in between leaves a FUSE mount whose process is gone (ENOTCONN): every
+        ``cvmfs_server`` call's health check then fails to mount over it ("Mount point ...
+        does not exist"), abort included. Unmount it (lazily, with CernVM-FS's own helper,
+        as its forced remount does); the next call's health check mounts the client and the
+        union again."""
+        rdonly = self.spool / "rdonly"
+        try:
+            os.stat(rdonly)
+            return
+        except OSError as e:
+            if e.errno != errno.ENOTCONN:
+                return  # missing or unreadable: cvmfs_server's own business
+        log.warning("the client mount %s is dead (its cvmfs2 killed with an earlier run?): unmounting it", rdonly)
+        argv = [self.suid_helper, "rdonly_lazy_umount", self.repository]
+        try:
+            r = subprocess.run(argv, env={}, stdin=subprocess.DEVNULL, capture_output=True, text=True, cwd="/")
+        except OSError as e:
+            raise BackendError(f"cannot run {self.suid_helper}: {e}") from e
+        if r.returncode != 0:
+            raise BackendError(f"{' '.join(argv)} failed (exit {r.returncode}): "
+                               f"{(r.stdout + r.stderr).strip()[-_OUTPUT_TAIL:]}")
+
     def start(self, layout: RepositoryLayout) -> int:
         self._leave_repository()
         self.wait_for_orphans()
         self.release_stale_publishing_lock()
+        self.unmount_dead_client()
         # (one left locked with the union read-only is found when `transaction` is refused)
         writable = self.union_writable()
         if writable if writable is not None else self.in_transaction():

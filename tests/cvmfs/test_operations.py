@@ -141,6 +141,34 @@ def test_a_publishing_lock_the_client_kept_is_released(stratum0: Stratum0, regis
     assert_recovered(stratum0, repo, images, out)
 
 
+# A FUSE mount of the client whose process is gone before it answered: mounted on
+# /dev/fuse by a process that then exits, as a cvmfs2 killed with its caller's group leaves it.
+DEAD_FUSE_MOUNT = ("/opt/venv/bin/python -c \"import ctypes, os; fd = os.open('/dev/fuse', os.O_RDWR); "
+                   "opts = 'fd=%d,rootmode=40000,user_id=0,group_id=0,allow_other' % fd; "
+                   "assert ctypes.CDLL(None).mount(b'{name}', b'{path}', b'fuse', 1, opts.encode()) == 0\"")
+
+
+def test_a_client_whose_process_died_is_unmounted(stratum0: Stratum0, registry: Registry,
+                                                  standard_images: StandardImages) -> None:
+    """`publish`, `ingest` and `abort` remount the client; its cvmfs2 starts in the caller's
+    process group. That group killed then leaves SPOOL/rdonly a FUSE mount with no process
+    (ENOTCONN), REPO in its transaction and the union unmounted, and every cvmfs_server
+    call's own repair fails ("Mount point ... does not exist"). Built here as
+    close_transaction leaves it; the next run unmounts the dead client and recovers."""
+    repo = stratum0.mkfs("unpacked.deadclient.test")
+    images = [standard_images.multilayer]
+    write_wishlist(stratum0.host_w / f"{repo.name}.yaml", [i.ref for i in images], repo=repo.name)
+    repo.server("transaction", repo.name)
+    stratum0.sh(f"for t in rw_umount rdonly_umount; do env -i /usr/bin/cvmfs_suid_helper $t {repo.name}; done\n"
+                + DEAD_FUSE_MOUNT.format(name=repo.name, path=repo.client))
+    assert "not connected" in stratum0.sh(f"stat {repo.client} 2>&1", check=False).stdout
+    refused = repo.server("abort", "-f", repo.name, check=False)
+    assert refused.returncode != 0 and "does not exist" in refused.stdout, refused.stdout  # CernVM-FS cannot
+    out = convert(stratum0, repo, f"/w/{repo.name}.yaml", f"/w/state/{repo.name}.db").stdout
+    assert "is dead" in out, out
+    assert_recovered(stratum0, repo, images, out)
+
+
 def test_kill9_during_publish_then_the_next_run_waits_for_it(stratum0: Stratum0, registry: Registry,
                                                              standard_images: StandardImages) -> None:
     """A kill -9 while `cvmfs_server publish` runs leaves that publish running on its own: the

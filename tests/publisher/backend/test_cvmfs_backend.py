@@ -806,3 +806,45 @@ def test_an_abort_refused_after_a_failed_publish_is_reported(tmp_path: Path) -> 
         with backend.unit("one image"):
             pass
     assert any("currently publishing" in note for note in raised.value.__notes__)
+
+
+def _dead_fuse_mount(path: Path) -> None:
+    """A FUSE mount whose process is gone before it answered (as a cvmfs2 killed while it
+    started leaves it): mounted on a /dev/fuse fd that is then closed."""
+    import ctypes
+
+    fd = os.open("/dev/fuse", os.O_RDWR)
+    try:
+        opts = f"fd={fd},rootmode=40000,user_id=0,group_id=0".encode()
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.mount(b"dead", str(path).encode(), b"fuse", 1, opts) != 0:
+            pytest.skip(f"cannot mount FUSE here: {os.strerror(ctypes.get_errno())}")
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not Path("/dev/fuse").exists(), reason="needs root and /dev/fuse (a FUSE mount)")
+def test_start_unmounts_a_client_mount_whose_process_died(cvmfs_standin: CvmfsStandin, tmp_path: Path) -> None:
+    """SPOOL/rdonly a FUSE mount with no process (ENOTCONN): cvmfs_server's own repair fails
+    on it; start has CernVM-FS's helper unmount it (lazily), and leaves a live one alone."""
+    from publisher.backend.cvmfs import CvmfsBackend
+
+    repo = cvmfs_standin.mkfs("unpacked.example.org")
+    rdonly = tmp_path / "spool" / "rdonly"
+    rdonly.mkdir(parents=True)
+    calls = tmp_path / "helper-calls"
+    helper = tmp_path / "cvmfs_suid_helper"  # (run with an empty environment, as cvmfs_server does)
+    helper.write_text(f'#!/bin/sh\necho "$@" >>{calls}\nexec /bin/umount -l {rdonly}\n')
+    helper.chmod(0o755)
+    backend = CvmfsBackend(repo, "unpacked.example.org", spool=rdonly.parent, suid_helper=str(helper))
+    backend.start(RepositoryLayout(repo))
+    assert not calls.exists()  # a plain directory: nothing to do
+    _dead_fuse_mount(rdonly)
+    try:
+        with pytest.raises(OSError, match="not connected"):
+            os.stat(rdonly)
+        backend.start(RepositoryLayout(repo))
+        assert calls.read_text() == "rdonly_lazy_umount unpacked.example.org\n"
+        assert os.stat(rdonly) and not os.path.ismount(rdonly)
+    finally:
+        subprocess.run(["umount", "-l", str(rdonly)], capture_output=True)
