@@ -351,9 +351,11 @@ class CvmfsBackend(Backend):
         ``cvmfs2`` starts in the caller's process group and only then leaves it. That group
         killed in between leaves a FUSE mount whose process is gone (ENOTCONN): every
         ``cvmfs_server`` call's health check then fails to mount over it ("Mount point ...
-        does not exist"), abort included. Unmount it (lazily, with CernVM-FS's own helper,
-        as its forced remount does); the next call's health check mounts the client and the
-        union again."""
+        does not exist"), abort included. The same is left outside a transaction when the
+        client's ``cvmfs2`` is killed on its own: a service manager stopping the publisher
+        kills what its publishes started (docs/cvmfs-backend.md#service). Unmount it
+        (lazily, with CernVM-FS's own helper, as its forced remount does), then
+        ``cvmfs_server mount REPO`` mounts the client and the union again."""
         rdonly = self.spool / "rdonly"
         try:
             os.stat(rdonly)
@@ -370,6 +372,9 @@ class CvmfsBackend(Backend):
         if r.returncode != 0:
             raise BackendError(f"{' '.join(argv)} failed (exit {r.returncode}): "
                                f"{(r.stdout + r.stderr).strip()[-_OUTPUT_TAIL:]}")
+        # Outside a transaction no abort follows to mount it again, and the union on top
+        # still answers ENOTCONN: `mount` mounts the client and the union (in a transaction too).
+        self._call("mount", self.repository)
 
     def start(self, layout: RepositoryLayout) -> int:
         self._leave_repository()

@@ -169,6 +169,29 @@ def test_a_client_whose_process_died_is_unmounted(stratum0: Stratum0, registry: 
     assert_recovered(stratum0, repo, images, out)
 
 
+def test_a_client_a_service_stop_killed_is_mounted_again(stratum0: Stratum0, registry: Registry,
+                                                         standard_images: StandardImages) -> None:
+    """The client's cvmfs2 that a publish remounted runs in the publisher's process tree, so
+    a service manager stopping the publisher (systemd's default KillMode) sends it SIGTERM
+    too: it dies without unmounting, outside any transaction, and /cvmfs/REPO answers
+    ENOTCONN. The next run unmounts the dead client, mounts client and union again, publishes."""
+    repo = stratum0.mkfs("unpacked.svcstop.test")
+    first, second = standard_images.multilayer, standard_images.tagged["1.0"]
+    write_wishlist(stratum0.host_w / f"{repo.name}.yaml", [first.ref], repo=repo.name)
+    db = f"/w/state/{repo.name}.db"
+    convert(stratum0, repo, f"/w/{repo.name}.yaml", db)
+    stratum0.sh(f"kill -TERM $(pgrep -f '^cvmfs2 {repo.name} ')")
+    deadline = time.monotonic() + 30
+    while "not connected" not in stratum0.sh(f"ls {repo.root} 2>&1", check=False).stdout:
+        assert time.monotonic() < deadline, "cvmfs2 did not die of SIGTERM"
+        time.sleep(0.2)
+    assert not repo.in_transaction()
+    write_wishlist(stratum0.host_w / f"{repo.name}.yaml", [first.ref, second.ref], repo=repo.name)
+    out = convert(stratum0, repo, f"/w/{repo.name}.yaml", db).stdout
+    assert "is dead" in out, out
+    assert_recovered(stratum0, repo, [first, second], out)
+
+
 def test_kill9_during_publish_then_the_next_run_waits_for_it(stratum0: Stratum0, registry: Registry,
                                                              standard_images: StandardImages) -> None:
     """A kill -9 while `cvmfs_server publish` runs leaves that publish running on its own: the

@@ -61,3 +61,10 @@ def test_publisher_unit_shows_listen_and_metrics():
     commented = [line for line in text.splitlines() if line.startswith("#")]
     assert any("--listen" in line for line in commented)
     assert any("--metrics-address" in line for line in commented)
+
+
+def test_publisher_unit_leaves_the_cvmfs_client_alone_on_stop():
+    # The client's cvmfs2 that publish remounts runs in the unit's group; a stop that signals
+    # it leaves /cvmfs/REPO dead (tests/cvmfs/test_operations.py builds that state).
+    svc = _unit("cvmfs-publisher.service")
+    assert svc["Service"]["KillMode"] == "process"

@@ -826,7 +826,8 @@ def _dead_fuse_mount(path: Path) -> None:
 @pytest.mark.skipif(os.geteuid() != 0 or not Path("/dev/fuse").exists(), reason="needs root and /dev/fuse (a FUSE mount)")
 def test_start_unmounts_a_client_mount_whose_process_died(cvmfs_standin: CvmfsStandin, tmp_path: Path) -> None:
     """SPOOL/rdonly a FUSE mount with no process (ENOTCONN): cvmfs_server's own repair fails
-    on it; start has CernVM-FS's helper unmount it (lazily), and leaves a live one alone."""
+    on it; start has CernVM-FS's helper unmount it (lazily) and `cvmfs_server mount` mount it
+    again, and leaves a live one alone."""
     from publisher.backend.cvmfs import CvmfsBackend
 
     repo = cvmfs_standin.mkfs("unpacked.example.org")
@@ -846,5 +847,7 @@ def test_start_unmounts_a_client_mount_whose_process_died(cvmfs_standin: CvmfsSt
         backend.start(RepositoryLayout(repo))
         assert calls.read_text() == "rdonly_lazy_umount unpacked.example.org\n"
         assert os.stat(rdonly) and not os.path.ismount(rdonly)
+        # then cvmfs_server mounts the client and the union again
+        assert ["mount", "unpacked.example.org"] in cvmfs_standin.commands()
     finally:
         subprocess.run(["umount", "-l", str(rdonly)], capture_output=True)
