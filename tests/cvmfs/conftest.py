@@ -28,5 +28,7 @@ def running_stratum0(base: Path, **kw) -> Iterator[Stratum0]:
 
 @pytest.fixture(scope="session")
 def stratum0(e2e_base: Path) -> Iterator[Stratum0]:
-    with running_stratum0(e2e_base) as s0:
+    # init: every cvmfs_server mount leaves orphans; a PID 1 that reaps them keeps a long
+    # session below the container's process limit (sleep as PID 1 never does)
+    with running_stratum0(e2e_base, init=True) as s0:
         yield s0
