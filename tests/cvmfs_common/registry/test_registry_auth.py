@@ -129,8 +129,9 @@ def test_a_cancelled_pull_kills_its_helper_and_the_helpers_children(tmp_path):
 
     def dead(pid: int) -> bool:  # gone, or a zombie nobody reaped yet
         try:
-            return open(f"/proc/{pid}/stat").read().split()[2] == "Z"
-        except FileNotFoundError:
+            with open(f"/proc/{pid}/stat") as f:
+                return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+        except (FileNotFoundError, ProcessLookupError):  # reaped meanwhile (ENOENT or ESRCH)
             return True
 
     # SIGKILL is delivered asynchronously: a killed process may still show R for a moment
