@@ -8,12 +8,12 @@
   or, when anything failed:
     cvmfs_server abort -f REPO         (everything of the unit is discarded; -f: no prompt)
 
-At start (under the publisher lock) a ``cvmfs_server`` call a killed run left running
-is waited for, a publishing lock a killed publish left to the client it remounted is
-removed and a client mount whose process died with that run is unmounted, then a
-transaction a crashed run left open is
-found with ``cvmfs_server list`` (``NAME (stratum0 / ... - in transaction)``) and
-aborted; a ``transaction`` refused with "already in a transaction" is aborted and
+At start (under the publisher lock) the backend repairs what a killed run left
+(docs/cvmfs-backend.md#crash-recovery): it waits for a ``cvmfs_server`` call still
+running, removes a publishing lock a killed publish left to the client it remounted,
+unmounts and mounts again a client whose process died, and aborts a transaction left
+open (the union mounted read-write, or ``NAME (stratum0 / ... - in transaction)`` in
+``cvmfs_server list``); a ``transaction`` refused because one is open is aborted and
 retried once as well. Before every transaction, publish and abort the process
 leaves ``/cvmfs/REPO`` if its working directory is there, and it keeps no file
 open under it (``cvmfs_server`` refuses to publish or abort while one is).
@@ -346,7 +346,7 @@ class CvmfsBackend(Backend):
         except OSError as e:
             raise BackendError(f"cannot remove the stale publishing lock {lock}: {e}") from e
 
-    def unmount_dead_client(self) -> None:
+    def remount_dead_client(self) -> None:
         """``publish``, ``ingest`` and ``abort`` remount the client (SPOOL/rdonly); its
         ``cvmfs2`` starts in the caller's process group and only then leaves it. That group
         killed in between leaves a FUSE mount whose process is gone (ENOTCONN): every
@@ -380,7 +380,7 @@ class CvmfsBackend(Backend):
         self._leave_repository()
         self.wait_for_orphans()
         self.release_stale_publishing_lock()
-        self.unmount_dead_client()
+        self.remount_dead_client()
         # (one left locked with the union read-only is found when `transaction` is refused)
         writable = self.union_writable()
         if writable if writable is not None else self.in_transaction():
