@@ -144,15 +144,13 @@ def lock_holders(path: Path) -> list[str]:
     """``PID (COMM)`` of the processes with ``path`` open (/proc/*/fd), for the log."""
     found = []
     for entry in os.listdir("/proc"):
-        if not entry.isdigit():
+        if not entry.isdigit() or not open_paths_under(path, entry):
             continue
         try:
-            fds = os.listdir(f"/proc/{entry}/fd")
-            if any(os.readlink(f"/proc/{entry}/fd/{fd}") == str(path) for fd in fds):
-                with open(f"/proc/{entry}/comm", encoding="utf-8", errors="replace") as f:
-                    found.append(f"{entry} ({f.read().strip()})")
+            with open(f"/proc/{entry}/comm", encoding="utf-8", errors="replace") as f:
+                found.append(f"{entry} ({f.read().strip()})")
         except OSError:
-            continue  # gone meanwhile, or not ours to read
+            continue  # gone meanwhile
     return found
 
 
@@ -411,24 +409,25 @@ class CvmfsBackend(Backend):
                 self._discard_tmp()
             except BaseException as e:
                 log.info("aborting the transaction for %s: %s", what, e)
-                try:
-                    self._abort()
-                except BackendError as ae:  # the next transaction finds it open and aborts again
-                    log.error("%s", ae)
-                    e.add_note(str(ae))
+                self._abort_after(e)
                 raise
             try:
                 self._publish()
             except BaseException as e:
-                try:
-                    self._abort()
-                except BackendError as ae:  # said, not swallowed: REPO stays in the transaction
-                    log.error("%s", ae)
-                    e.add_note(str(ae))
+                self._abort_after(e)
                 raise
             log.info("published %s for %s", self.repository, what)
         finally:
             self._open = None
+
+    def _abort_after(self, e: BaseException) -> None:
+        """Abort the unit ``e`` failed; an abort refused is said and noted on ``e``, not
+        swallowed (REPO stays in the transaction; the next start aborts it again)."""
+        try:
+            self._abort()
+        except BackendError as ae:
+            log.error("%s", ae)
+            e.add_note(str(ae))
 
     def _discard_tmp(self) -> None:
         tmp = self.root / ".tmp"
